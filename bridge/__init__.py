@@ -1,0 +1,1 @@
+"""Codeplan bridge: the API the coding tools talk to."""

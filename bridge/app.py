@@ -1,0 +1,46 @@
+"""Litestar routes for the API surfaces: thin adapters that decode, call the journey, encode."""
+from __future__ import annotations
+
+from litestar import Request, Response, Router, post
+from litestar.response import Stream
+
+from .journey import Journey, Reply, Surface
+from .surfaces.chat import ChatSurface
+
+_chat = ChatSurface()
+
+
+def api_key(request: Request) -> str:
+    """The key from `Authorization: Bearer` or `x-api-key` (Claude Code may send both)."""
+    auth = request.headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return (request.headers.get("x-api-key") or "").strip()
+
+
+def respond(reply: Reply) -> Response:
+    if reply.stream is not None:
+        return Stream(reply.stream, status_code=reply.status, media_type=reply.media_type,
+                      headers=reply.headers)
+    return Response(reply.body, status_code=reply.status, media_type=reply.media_type,
+                    headers=reply.headers)
+
+
+async def _handle(surface: Surface, request: Request) -> Response:
+    journey: Journey = request.app.state.journey
+    return respond(await journey.handle(surface, api_key(request), await request.body()))
+
+
+# Tools whose base URL lacks /v1, and tools using a built-in Z.ai provider pointed at our host.
+CHAT_PATHS = ["/v1/chat/completions", "/chat/completions",
+              "/api/coding/paas/v4/chat/completions", "/api/paas/v4/chat/completions"]
+
+
+@post(CHAT_PATHS, status_code=200)
+async def chat_completions(request: Request) -> Response:
+    return await _handle(_chat, request)
+
+
+router = Router(path="/", route_handlers=[chat_completions])

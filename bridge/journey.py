@@ -1,0 +1,343 @@
+"""A request's whole journey, the same for every surface:
+
+    authenticate -> admit -> forward -> relay -> settle
+
+Surfaces differ only in their translator (bridge/surfaces/*). Every request that is admitted
+leaves exactly one ledger entry, settled exactly once, whatever happens to the client, the
+upstream or this process (the sweeper settles what a dead process left pending).
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Protocol
+
+import aiohttp
+import msgspec
+
+from service.accounts import Authenticator, Principal
+from service.config import Config
+from service.estimate import Calibration
+from service.ledger import Admission, Ledger, Usage
+
+from . import sse, wire
+from .errors import BridgeError, Kind
+from .metering import PromptEstimator, StreamMeter
+from .models import ModelInfo, ModelResolver
+from .upstream import Upstream
+
+log = logging.getLogger("codeplan.journey")
+
+
+class StreamTranslator(Protocol):
+    content_type: str
+    keepalive: bytes
+
+    def feed(self, chunk: wire.Chunk) -> bytes: ...
+    def finish(self, usage: wire.Usage) -> bytes: ...
+    def fail(self, error: BridgeError) -> bytes: ...
+
+
+class Surface(Protocol):
+    """What a client protocol gives the journey."""
+    name: str
+
+    def parse(self, body: bytes) -> tuple[wire.ChatRequest, int | None]:
+        """The GLM request (model as the client named it) and the client's max_tokens."""
+    def stream(self, model: str, request_id: str) -> StreamTranslator: ...
+    def complete(self, completion: wire.Completion, model: str, usage: wire.Usage) -> bytes: ...
+    def error(self, error: BridgeError) -> bytes: ...
+
+
+class Reply(msgspec.Struct):
+    status: int
+    headers: dict[str, str]
+    media_type: str = "application/json"
+    body: bytes = b""
+    stream: AsyncIterator[bytes] | None = None
+
+
+class _Admitted(msgspec.Struct):
+    """What settlement needs to know about an admitted request."""
+    entry: uuid.UUID
+    model: ModelInfo
+    shown_model: str
+    raw_prompt: int  # uncorrected o200k estimate, for calibration
+    prompt_estimate: int
+
+
+class _UpstreamDied(Exception):
+    pass
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Journey:
+    def __init__(self, *, config: Config, auth: Authenticator, ledger: Ledger,
+                 upstream: Upstream, calibration: Calibration) -> None:
+        self._config = config
+        self._auth = auth
+        self._ledger = ledger
+        self._upstream = upstream
+        self._calibration = calibration
+        self._models = ModelResolver(config.model_aliases)
+        self._estimator = PromptEstimator()
+        self._background: set[asyncio.Task] = set()
+        self._drains = 0
+
+    # ---- the journey ---------------------------------------------------------------------
+
+    async def handle(self, surface: Surface, key: str, body: bytes) -> Reply:
+        try:
+            principal = await self._auth.authenticate(key)
+            if principal is None:
+                raise BridgeError(Kind.authentication, "Invalid API key. Create one with "
+                                  "`codeplan keys create` and send it as a Bearer token.")
+            request, max_tokens = surface.parse(body)
+            admitted = await self._admit(surface, principal, request, max_tokens)
+        except BridgeError as error:
+            return self._error(surface, error)
+
+        # forwarded from here on: every exit settles `admitted.entry`
+        try:
+            response = await self._upstream.open(request, str(admitted.entry))
+        except BridgeError as error:
+            await self._ledger.void(admitted.entry, reason=f"upstream refused: {error.kind.value}")
+            return self._error(surface, error)
+        except BaseException:
+            self._spawn(self._ledger.void(admitted.entry, reason="cancelled before forwarding"))
+            raise
+        if request.stream:
+            translator = surface.stream(admitted.shown_model, "chatcmpl-" + admitted.entry.hex)
+            return Reply(status=200, media_type=translator.content_type,
+                         headers={"cache-control": "no-cache", "x-request-id": str(admitted.entry)},
+                         stream=self._relay(translator, response, admitted))
+        return await self._complete(surface, response, admitted)
+
+    async def _admit(self, surface: Surface, principal: Principal, request: wire.ChatRequest,
+                     max_tokens: int | None) -> _Admitted:
+        shown_model = request.model
+        model = self._models.resolve(request.model, principal.models)
+        request.model = model.id
+        from .surfaces.chat import prompt_text
+        raw = await self._estimator.count(prompt_text(request), len(request.messages))
+        prompt = self._calibration.correct(model.id, raw)
+        if prompt >= model.context_window:
+            raise BridgeError(
+                Kind.context_length,
+                f"This model's maximum context length is {model.context_window} tokens. However, "
+                f"your messages resulted in {prompt} tokens. Please reduce the length of the messages.",
+                param="messages", limit=model.context_window, requested=prompt)
+        # the reservation covers the most the upstream may produce: never more than it can
+        request.max_tokens = min(max_tokens or model.max_output, model.max_output,
+                                 model.context_window - prompt)
+        entry = uuid.uuid4()
+        admission = await self._ledger.admit(
+            entry, subscription_id=principal.subscription_id, api_key_id=principal.api_key_id,
+            surface=surface.name, model=model.id, prompt_estimate=prompt,
+            reserve=prompt + request.max_tokens)
+        if not admission.admitted:
+            raise self._refusal(admission)
+        return _Admitted(entry=entry, model=model, shown_model=shown_model, raw_prompt=raw,
+                         prompt_estimate=prompt)
+
+    @staticmethod
+    def _refusal(admission: Admission) -> BridgeError:
+        window = "5 hour" if admission.window_kind == "5h" else "weekly"
+        if admission.outcome == "window_full":
+            assert admission.resets_at is not None
+            wait = (admission.resets_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            return BridgeError(
+                Kind.quota_exhausted,
+                f"Usage limit reached for the {window} window. Your limit will reset at "
+                f"{_iso(admission.resets_at)} (UTC).",
+                code="1308" if admission.window_kind == "5h" else "1310", retry_after=max(1.0, wait))
+        if admission.outcome == "too_large":
+            return BridgeError(
+                Kind.too_large,
+                f"This request could reserve more tokens than the whole {window} window allows "
+                f"({admission.allowance}); lower max_tokens or shorten the prompt.", param="max_tokens")
+        if admission.outcome == "concurrency":
+            return BridgeError(Kind.concurrency,
+                               f"Too many requests in flight for this plan (at most {admission.allowance}).",
+                               code="1302", retry_after=1)
+        return BridgeError(Kind.permission, "This account has no active subscription.")
+
+    # ---- relay and settle ----------------------------------------------------------------
+
+    async def _relay(self, translator: StreamTranslator, response: aiohttp.ClientResponse,
+                     admitted: _Admitted) -> AsyncIterator[bytes]:
+        decoder = sse.SSEDecoder()
+        meter = StreamMeter()
+        content = response.content
+        settled = False
+        keepalive = self._config.keepalive_interval
+        idle_limit = self._config.upstream_timeout
+        heartbeat_every = self._config.heartbeat_interval
+        next_heartbeat = time.monotonic() + heartbeat_every
+        silence = 0.0
+        try:
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(keepalive):
+                            data = await content.readany()
+                    except TimeoutError:
+                        silence += keepalive
+                        if silence >= idle_limit:
+                            raise _UpstreamDied("upstream silent for too long") from None
+                        yield translator.keepalive
+                        continue
+                    if not data:
+                        break
+                    silence = 0.0
+                    out = b""
+                    for event in decoder.feed(data):
+                        if event.data == b"[DONE]":
+                            continue
+                        try:
+                            chunk = wire.chunk_decoder.decode(event.data)
+                        except msgspec.DecodeError:
+                            # one bad chunk is skipped; the rest of the stream is still good
+                            log.warning("malformed upstream chunk skipped",
+                                        extra={"entry": str(admitted.entry)})
+                            continue
+                        meter.observe(chunk, delivered=True)
+                        out += translator.feed(chunk)
+                    if out:
+                        yield out
+                    if time.monotonic() >= next_heartbeat:
+                        next_heartbeat = time.monotonic() + heartbeat_every
+                        await self._ledger.heartbeat(admitted.entry, meter.delivered_tokens())
+                response.release()
+            except (aiohttp.ClientError, OSError, _UpstreamDied) as exc:
+                log.warning("upstream died mid-stream",
+                            extra={"entry": str(admitted.entry), "error": type(exc).__name__})
+                response.close()
+            # (on cancellation the response stays open: _client_gone may drain it)
+
+            if meter.usage is not None:
+                await self._post_upstream(admitted, meter.usage, meter.upstream_id)
+                settled = True
+                yield translator.finish(meter.usage)
+            else:
+                # the upstream ended without its usage: bill what we can prove we delivered
+                await self._post_delivered(admitted, meter, reason="upstream ended without usage")
+                settled = True
+                yield translator.fail(BridgeError(
+                    Kind.upstream_error, "The model provider's stream broke off before it "
+                    f"finished (finish_reason: network_error). Request id {admitted.entry}.",
+                    code="network_error"))
+        finally:
+            if not settled:
+                # the client went away (or we were cancelled): settle without awaiting here
+                self._client_gone(response, decoder, meter, admitted)
+
+    def _client_gone(self, response: aiohttp.ClientResponse, decoder: sse.SSEDecoder,
+                     meter: StreamMeter, admitted: _Admitted) -> None:
+        if meter.usage is not None:
+            self._spawn(self._post_upstream(admitted, meter.usage, meter.upstream_id))
+        elif not meter.delivered_anything:
+            # nothing reached the client: stop the upstream, nothing was served
+            response.close()
+            self._spawn(self._ledger.void(admitted.entry, reason="client left before the first byte"))
+        elif self._drains >= self._config.max_drains:
+            response.close()
+            self._spawn(self._post_delivered(admitted, meter, reason="client left; drain capacity full"))
+        else:
+            self._spawn(self._drain(response, decoder, meter, admitted))
+
+    async def _drain(self, response: aiohttp.ClientResponse, decoder: sse.SSEDecoder,
+                     meter: StreamMeter, admitted: _Admitted) -> None:
+        """The client left mid-stream: keep reading the upstream, bounded, for its usage."""
+        self._drains += 1
+        try:
+            async with asyncio.timeout(self._config.drain_timeout):
+                while data := await response.content.readany():
+                    for event in decoder.feed(data):
+                        if event.data != b"[DONE]":
+                            try:
+                                meter.observe(wire.chunk_decoder.decode(event.data), delivered=False)
+                            except msgspec.DecodeError:
+                                continue
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+        finally:
+            self._drains -= 1
+            response.close()
+        if meter.usage is not None:
+            await self._post_upstream(admitted, meter.usage, meter.upstream_id)
+        else:
+            await self._post_delivered(admitted, meter, reason="client left; upstream gave no usage")
+
+    async def _complete(self, surface: Surface, response: aiohttp.ClientResponse,
+                        admitted: _Admitted) -> Reply:
+        try:
+            try:
+                body = await response.read()
+            finally:
+                response.release()
+            completion = wire.completion_decoder.decode(body)
+        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
+            await self._ledger.void(admitted.entry, reason=f"upstream failed: {type(exc).__name__}")
+            return self._error(surface, BridgeError(
+                Kind.upstream_error, f"The model provider failed to answer. Request id {admitted.entry}."))
+        except BaseException:
+            self._spawn(self._ledger.void(admitted.entry, reason="cancelled"))
+            raise
+        if isinstance(completion.usage, wire.Usage):
+            usage = completion.usage
+            await self._post_upstream(admitted, usage, completion.id or None)
+        else:
+            meter = StreamMeter()
+            for choice in completion.choices:
+                meter.observe(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(
+                    content=choice.message.content,
+                    reasoning_content=choice.message.reasoning_content))]), delivered=True)
+            usage = await self._post_delivered(admitted, meter, reason="upstream gave no usage")
+        return Reply(status=200, headers={"x-request-id": str(admitted.entry)},
+                     body=surface.complete(completion, admitted.shown_model, usage))
+
+    async def _post_upstream(self, admitted: _Admitted, usage: wire.Usage,
+                             upstream_id: str | None) -> None:
+        """Settle at the upstream's own numbers: they are what we are billed."""
+        self._calibration.observe(admitted.model.id, admitted.raw_prompt, usage.prompt_tokens)
+        await self._ledger.post(admitted.entry, Usage(
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens),
+            estimated=False, reason="upstream usage", upstream_request_id=upstream_id)
+
+    async def _post_delivered(self, admitted: _Admitted, meter: StreamMeter, *,
+                              reason: str) -> wire.Usage:
+        """No usage from the upstream: bill the prompt estimate and the tokens delivered."""
+        completion = meter.delivered_tokens()
+        await self._ledger.post(admitted.entry, Usage(
+            prompt_tokens=admitted.prompt_estimate, completion_tokens=completion),
+            estimated=True, reason=reason, upstream_request_id=meter.upstream_id)
+        return wire.Usage(prompt_tokens=admitted.prompt_estimate, completion_tokens=completion,
+                          total_tokens=admitted.prompt_estimate + completion)
+
+    # ---- plumbing ------------------------------------------------------------------------
+
+    def _error(self, surface: Surface, error: BridgeError) -> Reply:
+        return Reply(status=error.status, headers=error.headers(), body=surface.error(error))
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background settlement failed", exc_info=task.exception())
+
+    async def drain_background(self, timeout: float = 10.0) -> None:
+        """At shutdown: let settlements in flight finish (the sweeper covers the rest)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)

@@ -1,0 +1,93 @@
+"""Counting for the journey: prompt estimates before forwarding, and what a stream delivered."""
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+from service import estimate
+
+from . import wire
+
+# Texts this long are counted on a worker thread (tiktoken releases the GIL), so one big
+# prompt does not stall every other stream on the event loop.
+_OFFLOAD_CHARS = 32_000
+_CACHE_MIN_CHARS = 256
+
+
+class PromptEstimator:
+    """o200k counts of a request's prompt pieces. Coding agents resend the same long history
+    every turn, so counts of long pieces are kept in a bounded LRU keyed by the text."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self._cache: OrderedDict[str, int] = OrderedDict()
+        self._capacity = capacity
+        estimate.encoding()  # load the ranks at start-up, not on the first request
+
+    async def count(self, pieces: list[str], messages: int) -> int:
+        total = estimate.PER_REQUEST + estimate.PER_MESSAGE * messages
+        todo: list[str] = []
+        for piece in pieces:
+            if len(piece) < _CACHE_MIN_CHARS:
+                total += estimate.count(piece)
+                continue
+            cached = self._cache.get(piece)
+            if cached is None:
+                todo.append(piece)
+            else:
+                self._cache.move_to_end(piece)
+                total += cached
+        if todo:
+            if sum(map(len, todo)) >= _OFFLOAD_CHARS:
+                counts = await asyncio.to_thread(lambda: [estimate.count(p) for p in todo])
+            else:
+                counts = [estimate.count(p) for p in todo]
+            for piece, n in zip(todo, counts):
+                self._cache[piece] = n
+                total += n
+            while len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        return total
+
+
+class StreamMeter:
+    """What the upstream said about usage, and the completion text actually passed on."""
+
+    __slots__ = ("usage", "finish_reason", "_delivered", "upstream_id")
+
+    def __init__(self) -> None:
+        self.usage: wire.Usage | None = None
+        self.finish_reason: str | None = None
+        self.upstream_id: str | None = None
+        self._delivered: list[str] = []
+
+    def observe(self, chunk: wire.Chunk, *, delivered: bool) -> None:
+        if chunk.id and self.upstream_id is None:
+            self.upstream_id = chunk.id
+        if isinstance(chunk.usage, wire.Usage):
+            self.usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.finish_reason:
+                self.finish_reason = choice.finish_reason
+            if not delivered:
+                continue
+            delta = choice.delta
+            if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
+                self._delivered.append(delta.reasoning_content)
+            if isinstance(delta.content, str) and delta.content:
+                self._delivered.append(delta.content)
+            if isinstance(delta.tool_calls, list):
+                for call in delta.tool_calls:
+                    function = call.function
+                    if isinstance(function, wire.FunctionDelta):
+                        if isinstance(function.name, str):
+                            self._delivered.append(function.name)
+                        if isinstance(function.arguments, str):
+                            self._delivered.append(function.arguments)
+
+    @property
+    def delivered_anything(self) -> bool:
+        return bool(self._delivered)
+
+    def delivered_tokens(self) -> int:
+        """Completion tokens delivered, counted piece by piece as they went out."""
+        return sum(estimate.count(piece) for piece in self._delivered)

@@ -1,0 +1,46 @@
+"""The models the plans serve, their limits, and how a client's model id resolves to one."""
+from __future__ import annotations
+
+import msgspec
+
+from .errors import BridgeError, Kind
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    id: str
+    display_name: str
+    context_window: int
+    max_output: int
+
+
+# docs/glm-upstream.md §3: GLM-4.6 200K context (tools configure 204,800), 128K output;
+# GLM-4.5 and 4.5-Air 128K context, 96K output.
+CATALOG: dict[str, ModelInfo] = {
+    m.id: m for m in (
+        ModelInfo("glm-4.6", "GLM-4.6", 204_800, 131_072),
+        ModelInfo("glm-4.5", "GLM-4.5", 131_072, 98_304),
+        ModelInfo("glm-4.5-air", "GLM-4.5-Air", 131_072, 98_304),
+    )
+}
+
+
+class ModelResolver:
+    """Case-insensitive model ids plus operator aliases ("alias=model")."""
+
+    def __init__(self, aliases: tuple[str, ...] = ()) -> None:
+        self._aliases: dict[str, str] = {}
+        for pair in aliases:
+            alias, _, target = pair.partition("=")
+            self._aliases[alias.strip().lower()] = target.strip().lower()
+
+    def resolve(self, requested: str, allowed: tuple[str, ...]) -> ModelInfo:
+        wanted = requested.strip().lower()
+        wanted = self._aliases.get(wanted, wanted)
+        info = CATALOG.get(wanted)
+        if info is None:
+            raise BridgeError(Kind.not_found, f"The model `{requested}` does not exist or you do "
+                              f"not have access to it. Models: {', '.join(allowed)}", param="model")
+        if info.id not in allowed:
+            raise BridgeError(Kind.permission, f"The model `{requested}` is not included in your plan",
+                              param="model")
+        return info

@@ -1,0 +1,289 @@
+"""What the GLM simulator answers, decided without I/O.
+
+`plan(request)` turns a chat request into a `Script`: the pieces to send (reasoning, text, tool
+calls), how it ends and the usage to report. The server (server.py) only paces and frames it.
+
+Its token counts are its own honest count of what it sends, made with a tokenizer other than
+the bridge's estimator (cl100k_base, standing in for GLM's own), so estimates and reported
+counts differ the way they do against the real GLM-4.6.
+
+A request can steer the simulator with a directive anywhere in its last user message:
+``[[sim tokens=40 reasoning=20 ttft=200 tps=50 fault=reset tool=read_file tools=2 text="hi"]]``.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import shlex
+import threading
+from collections import OrderedDict
+
+import msgspec
+
+from service.estimate import offline_encoding
+
+from .. import wire
+
+FAULTS = {
+    # fault name -> (HTTP status, Z.ai business code, message) for faults answered before a token
+    "1113": (429, "1113", "Insufficient balance or no resource package. Please recharge."),
+    "1302": (429, "1302", "High concurrency usage of this API, please reduce concurrency or contact customer service to increase limits"),
+    "1305": (429, "1305", "The service may be temporarily overloaded, please try again later"),
+    "1308": (429, "1308", "Usage limit reached for 5 hour. Your limit will reset at 2025-10-09 05:38:28"),
+    "1309": (429, "1309", "Your GLM Coding Plan package has expired. Please renew at https://z.ai/subscribe"),
+    "1214": (400, "1214", "Incorrect role information"),
+    "1261": (400, "1261", "Prompt exceeds max length"),
+    "1301": (400, "1301", "System detected potentially unsafe or sensitive content in input or generation."),
+    "500": (500, "500", "Internal Error"),
+}
+# faults that strike mid-stream, after half of the pieces
+MID_STREAM_FAULTS = {"reset", "malformed", "silence", "sensitive", "network_error", "no_usage"}
+
+_WORDS = (
+    "the function returns a value after it reads the file and checks each line for errors "
+    "then we update the test so that it covers the edge case where input is empty and "
+    "refactor the loop into a helper with a clear name because small pieces are easier to "
+    "review while the build stays green and every module keeps one job"
+).split()
+_REASONING = (
+    "let me think about what the user wants first I should look at the code then decide "
+    "which change is smallest and safe the question seems to need a careful answer"
+).split()
+_DIRECTIVE = re.compile(r"\[\[sim\s+([^\]]*)\]\]")
+_PATHLIKE = re.compile(r"(?:[\w.\-]+/)*[\w\-]+\.[A-Za-z0-9]{1,8}\b")
+_PATH_KEYS = ("file_path", "path", "filePath", "absolute_path", "filename", "file", "target_file")
+
+
+class Directive(msgspec.Struct, kw_only=True):
+    tokens: int | None = None
+    reasoning: int | None = None
+    ttft: float | None = None
+    tps: float | None = None
+    fault: str | None = None
+    tool: str | None = None
+    tools: int = 1
+    text: str | None = None
+    empty_args: bool = False
+    silence: float = 30.0
+
+
+class Piece(msgspec.Struct, frozen=True):
+    kind: str  # reasoning | content | tool_start | tool_args
+    text: str = ""
+    index: int = 0
+    call_id: str = ""
+    name: str = ""
+
+
+class Script(msgspec.Struct):
+    pieces: list[Piece]
+    finish_reason: str
+    usage: wire.Usage
+    ttft: float  # seconds before the first piece
+    interval: float  # seconds between pieces
+    fault: str | None = None
+    fault_at: int = 0  # index in pieces where a mid-stream fault strikes
+    silence: float = 30.0
+
+
+class SimConfig(msgspec.Struct, kw_only=True, frozen=True):
+    seed: int = 0
+    ttft_ms: float = 0.0
+    tokens_per_second: float = 0.0  # 0: as fast as possible
+    output_tokens: int = 48
+    reasoning_tokens: int = 24
+    # accepted upstream keys; empty accepts any non-empty key
+    keys: tuple[str, ...] = ()
+
+
+class _Tokenizer:
+    @staticmethod
+    def count(text: str) -> int:
+        return len(offline_encoding("cl100k_base").encode_ordinary(text)) if text else 0
+
+
+class _PrefixCache:
+    """Implicit prefix caching, as Z.ai does it: a prompt whose leading messages were seen
+    before reports those messages' tokens as cached."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._seen: OrderedDict[bytes, int] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def cached_tokens(self, message_tokens: list[int], message_keys: list[bytes]) -> int:
+        cached = 0
+        running = 0
+        digest = hashlib.sha256()
+        with self._lock:
+            for i, key in enumerate(message_keys):
+                digest.update(key)
+                prefix = digest.copy().digest()
+                running += message_tokens[i]
+                if i < len(message_keys) - 1 and prefix in self._seen:
+                    cached = running
+                self._seen[prefix] = running
+                self._seen.move_to_end(prefix)
+            while len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+        return cached
+
+
+class Engine:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self._cache = _PrefixCache()
+
+    def directive(self, request: wire.ChatRequest) -> Directive:
+        for message in reversed(request.messages):
+            if message.role == "user":
+                found = _DIRECTIVE.search(message.text())
+                if not found:
+                    break
+                fields: dict[str, object] = {}
+                for token in shlex.split(found.group(1)):
+                    key, _, value = token.partition("=")
+                    fields[key] = value if value else "true"
+                return msgspec.convert(fields, Directive, strict=False)
+        return Directive()
+
+    def prompt_tokens(self, request: wire.ChatRequest) -> tuple[int, int]:
+        """(prompt tokens, cached prompt tokens) as the simulated GLM counts them."""
+        per_message: list[int] = []
+        keys: list[bytes] = []
+        for message in request.messages:
+            body = message.text()
+            if message.reasoning_content:
+                body += message.reasoning_content
+            if message.tool_calls:
+                body += "".join(c.function.name + c.function.arguments for c in message.tool_calls)
+            per_message.append(_Tokenizer.count(body) + 3)
+            keys.append(wire.encoder.encode(message))
+        tools = 0
+        if request.tools:
+            tools = _Tokenizer.count(wire.encoder.encode(request.tools).decode())
+        total = sum(per_message) + tools + 2
+        return total, self._cache.cached_tokens(per_message, keys)
+
+    def plan(self, request: wire.ChatRequest) -> Script:
+        directive = self.directive(request)
+        seed = int.from_bytes(hashlib.sha256(
+            self.config.seed.to_bytes(8, "big") + wire.encoder.encode(request.messages)).digest()[:8], "big")
+        rng = random.Random(seed)
+        budget = request.max_tokens if isinstance(request.max_tokens, int) else 1 << 30
+        thinking = not (isinstance(request.thinking, wire.Thinking) and request.thinking.type == "disabled")
+        pieces: list[Piece] = []
+        reasoning_n = directive.reasoning if directive.reasoning is not None else (
+            self.config.reasoning_tokens if thinking else 0)
+        for _ in range(min(reasoning_n, budget)):
+            pieces.append(Piece("reasoning", " " + rng.choice(_REASONING)))
+        spent = len(pieces)
+        finish = "stop"
+
+        calls = self._tool_calls(request, directive, rng)
+        if calls:
+            for index, (name, arguments) in enumerate(calls):
+                call_id = f"call_{seed % 10**12:012d}{index}"
+                pieces.append(Piece("tool_start", index=index, call_id=call_id, name=name))
+                # arguments arrive in fragments, as with tool_stream
+                step = max(1, len(arguments) // 3)
+                for start in range(0, len(arguments), step):
+                    pieces.append(Piece("tool_args", arguments[start:start + step], index=index))
+            finish = "tool_calls"
+        else:
+            if directive.text is not None:
+                words = [w for w in re.split(r"(\s+)", directive.text) if w]
+                content = words
+            else:
+                answer = self._answer_from_tool_result(request)
+                n = directive.tokens if directive.tokens is not None else self.config.output_tokens
+                content = ([answer] if answer else []) + [
+                    " " + rng.choice(_WORDS) for _ in range(n)]
+            room = max(0, budget - spent)
+            if len(content) > room:
+                content, finish = content[:room], "length"
+            pieces.extend(Piece("content", text) for text in content)
+
+        prompt, cached = self.prompt_tokens(request)
+        reasoning = sum(_Tokenizer.count(p.text) for p in pieces if p.kind == "reasoning")
+        completion = sum(_Tokenizer.count(p.text or p.name) for p in pieces)
+        fault = directive.fault
+        fault_at = len(pieces) // 2
+        if fault in MID_STREAM_FAULTS:
+            # the upstream reports what it actually sent before the fault
+            sent = pieces[:fault_at]
+            if fault in ("sensitive", "network_error"):
+                pieces = sent
+                finish = fault
+                completion = sum(_Tokenizer.count(p.text or p.name) for p in sent)
+                reasoning = sum(_Tokenizer.count(p.text) for p in sent if p.kind == "reasoning")
+        usage = wire.Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+            prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=cached),
+            completion_tokens_details=wire.CompletionTokensDetails(reasoning_tokens=reasoning))
+        ttft = (directive.ttft if directive.ttft is not None else self.config.ttft_ms) / 1000
+        tps = directive.tps if directive.tps is not None else self.config.tokens_per_second
+        return Script(pieces=pieces, finish_reason=finish, usage=usage, ttft=ttft,
+                      interval=1 / tps if tps > 0 else 0.0, fault=fault, fault_at=fault_at,
+                      silence=directive.silence)
+
+    @staticmethod
+    def _answer_from_tool_result(request: wire.ChatRequest) -> str:
+        """After a tool ran, answer from what it returned, so clients can check the loop."""
+        if request.messages and request.messages[-1].role == "tool":
+            result = request.messages[-1].text().strip()
+            return "From the tool result: " + result[:400]
+        return ""
+
+    def _tool_calls(self, request: wire.ChatRequest, directive: Directive,
+                    rng: random.Random) -> list[tuple[str, str]]:
+        if not request.tools or directive.tool == "none":
+            return []
+        last = request.messages[-1] if request.messages else None
+        if last is None or last.role != "user":
+            return []  # a tool result or assistant turn came last: answer instead
+        functions = [t.function for t in request.tools if isinstance(t.function, wire.FunctionDef)]
+        if not functions:
+            return []
+        if directive.tool:
+            chosen = [f for f in functions if f.name == directive.tool] or functions[:1]
+        else:
+            readers = [f for f in functions if re.search(r"read|view|cat", f.name, re.I)]
+            chosen = readers[:1] or functions[:1]
+        if directive.tools > 1:  # parallel calls: cycle through the tools offered
+            chosen = (functions * directive.tools)[:directive.tools]
+        text = last.text()
+        calls = []
+        for function in chosen:
+            if directive.empty_args:
+                calls.append((function.name, ""))
+                continue
+            calls.append((function.name, wire.encoder.encode(
+                self._arguments(wire.schema_of(function.parameters), text, rng)).decode()))
+        return calls
+
+    @staticmethod
+    def _arguments(schema: dict, user_text: str, rng: random.Random) -> dict:
+        properties = schema.get("properties") or {}
+        required = schema.get("required") or list(properties)[:1]
+        path = _PATHLIKE.search(_DIRECTIVE.sub("", user_text))
+        arguments: dict[str, object] = {}
+        for name in required:
+            spec = properties.get(name) or {}
+            kind = spec.get("type", "string")
+            if isinstance(kind, list):
+                kind = next((k for k in kind if k != "null"), "string")
+            if name in _PATH_KEYS or "path" in name.lower():
+                arguments[name] = path.group(0) if path else "README.md"
+            elif kind == "integer" or kind == "number":
+                arguments[name] = 1
+            elif kind == "boolean":
+                arguments[name] = False
+            elif kind == "array":
+                arguments[name] = []
+            elif kind == "object":
+                arguments[name] = {}
+            else:
+                arguments[name] = rng.choice(_WORDS)
+        return arguments

@@ -1,0 +1,119 @@
+"""The simulator's HTTP surface: Z.ai's chat completions, framed and paced from a Script."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import AsyncIterator
+
+import msgspec
+from litestar import Litestar, Request, Response, post
+from litestar.response import Stream
+
+from .. import sse, wire
+from .engine import FAULTS, Engine, Piece, Script, SimConfig
+
+
+def _error(status: int, code: str, message: str) -> Response[bytes]:
+    body = wire.encoder.encode(wire.ErrorBody(error=wire.ErrorDetail(code=code, message=message)))
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _delta(piece: Piece, first: bool) -> wire.Delta:
+    role = "assistant" if first else msgspec.UNSET
+    if piece.kind == "reasoning":
+        return wire.Delta(role=role, reasoning_content=piece.text)
+    if piece.kind == "content":
+        return wire.Delta(role=role, content=piece.text)
+    if piece.kind == "tool_start":
+        return wire.Delta(role=role, tool_calls=[wire.ToolCallDelta(
+            index=piece.index, id=piece.call_id, type="function",
+            function=wire.FunctionDelta(name=piece.name, arguments=""))])
+    return wire.Delta(role=role, tool_calls=[wire.ToolCallDelta(
+        index=piece.index, function=wire.FunctionDelta(arguments=piece.text))])
+
+
+async def _stream(script: Script, completion_id: str, model: str) -> AsyncIterator[bytes]:
+    created = int(time.time())
+
+    def chunk(delta: wire.Delta, finish: str | None = None,
+              usage: wire.Usage | msgspec.UnsetType = msgspec.UNSET) -> bytes:
+        return sse.frame(wire.encoder.encode(wire.Chunk(
+            id=completion_id, created=created, model=model,
+            choices=[wire.ChunkChoice(index=0, delta=delta, finish_reason=finish)], usage=usage)))
+
+    if script.ttft:
+        await asyncio.sleep(script.ttft)
+    for i, piece in enumerate(script.pieces):
+        if i == script.fault_at and script.fault:
+            if script.fault == "reset":
+                raise ConnectionResetError("simulated connection reset mid-stream")
+            if script.fault == "malformed":
+                yield b'data: {"id": "' + completion_id.encode() + b'", "choices": [{"delta": {"cont\n\n'
+            if script.fault == "silence":
+                await asyncio.sleep(script.silence)
+        if i and script.interval:
+            await asyncio.sleep(script.interval)
+        yield chunk(_delta(piece, i == 0))
+    final = wire.Delta(role="assistant", content="")
+    usage = msgspec.UNSET if script.fault == "no_usage" else script.usage
+    yield chunk(final, script.finish_reason, usage)
+    yield sse.DONE
+
+
+def _message(script: Script) -> wire.ResponseMessage:
+    reasoning = "".join(p.text for p in script.pieces if p.kind == "reasoning")
+    content = "".join(p.text for p in script.pieces if p.kind == "content")
+    calls: dict[int, wire.ToolCall] = {}
+    for p in script.pieces:
+        if p.kind == "tool_start":
+            calls[p.index] = wire.ToolCall(id=p.call_id, function=wire.FunctionCall(name=p.name))
+        elif p.kind == "tool_args":
+            calls[p.index].function.arguments += p.text
+    return wire.ResponseMessage(
+        content=None if calls else content,
+        reasoning_content=reasoning or msgspec.UNSET,
+        tool_calls=list(calls.values()) or msgspec.UNSET)
+
+
+def create_app(config: SimConfig | None = None) -> Litestar:
+    engine = Engine(config or SimConfig())
+
+    @post(["/api/paas/v4/chat/completions", "/api/coding/paas/v4/chat/completions"],
+          status_code=200)
+    async def chat_completions(request: Request) -> Response:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else auth.strip()
+        if not key or (engine.config.keys and key not in engine.config.keys):
+            return _error(401, "1000", "Authentication failed")
+        try:
+            chat = wire.request_decoder.decode(await request.body())
+        except msgspec.DecodeError as exc:
+            return _error(400, "1210", f"Invalid API parameter: {exc}")
+        if not chat.messages:
+            return _error(400, "1214", "messages must not be empty")
+        if isinstance(chat.stop, list) and len(chat.stop) > 1:
+            return _error(400, "1210", "Invalid API parameter: stop supports at most 1 stop word")
+        if isinstance(chat.tool_choice, str) and chat.tool_choice != "auto":
+            return _error(400, "1210", "Invalid API parameter: tool_choice only supports auto")
+        script = engine.plan(chat)
+        if script.fault in FAULTS:
+            status, code, message = FAULTS[script.fault]
+            return _error(status, code, message)
+        completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        headers = {"x-request-id": completion_id}
+        if chat.stream:
+            return Stream(_stream(script, completion_id, chat.model), media_type="text/event-stream",
+                          headers={**headers, "cache-control": "no-cache"})
+        if script.ttft:
+            await asyncio.sleep(script.ttft)
+        if script.fault == "reset":
+            raise ConnectionResetError("simulated connection reset")
+        body = wire.Completion(
+            id=completion_id, request_id=completion_id, created=int(time.time()), model=chat.model,
+            choices=[wire.Choice(message=_message(script), finish_reason=script.finish_reason)],
+            usage=msgspec.UNSET if script.fault == "no_usage" else script.usage)
+        return Response(wire.encoder.encode(body), media_type="application/json", headers=headers)
+
+    return Litestar(route_handlers=[chat_completions], debug=False, logging_config=None,
+                    openapi_config=None)

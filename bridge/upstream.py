@@ -1,0 +1,99 @@
+"""The GLM client: one pooled aiohttp session, the coding-plan key pool, Z.ai error mapping."""
+from __future__ import annotations
+
+import itertools
+import logging
+
+import aiohttp
+import msgspec
+
+from . import wire
+from .errors import BridgeError, Kind
+
+log = logging.getLogger("codeplan.upstream")
+
+
+def map_error(status: int, body: bytes, request_id: str) -> BridgeError:
+    """A Z.ai error response, as the taxonomy sees it. GLM's own wording is kept where clients
+    match on it; our upstream keys and plan state are never shown."""
+    try:
+        detail = wire.error_decoder.decode(body).error
+        code, message = detail.code, detail.message
+    except msgspec.DecodeError:
+        code, message = "", ""
+    message = message or f"upstream answered HTTP {status}"
+    if code in ("1113", "1309"):
+        return BridgeError(Kind.upstream_billing,
+                           f"The model provider refused the request for billing reasons ({code}); "
+                           f"this is not retryable. Request id {request_id}.", code=code)
+    if code in ("1302", "1303"):
+        return BridgeError(Kind.upstream_rate_limited, message, code=code, retry_after=2)
+    if code in ("1305",) or status == 529:
+        return BridgeError(Kind.upstream_overloaded, message, code=code, retry_after=5)
+    if code in ("1308", "1310", "1316", "1317", "1318", "1319", "1320", "1321"):
+        # our own upstream plan ran dry: a capacity problem on our side, retry later
+        return BridgeError(Kind.upstream_overloaded,
+                           f"The service is at capacity; retry shortly. Request id {request_id}.",
+                           code=code, retry_after=30)
+    if code == "1301":
+        return BridgeError(Kind.content_policy, message, code=code)
+    if code == "1261":
+        return BridgeError(Kind.context_length, message, code="context_length_exceeded")
+    if status == 401 or code in ("1000", "1001", "1002", "1003", "1004"):
+        log.error("upstream rejected our key", extra={"status": status, "code": code})
+        return BridgeError(Kind.upstream_error,
+                           f"The model provider rejected the service's credentials. Request id {request_id}.")
+    if 400 <= status < 500 and status != 429:
+        return BridgeError(Kind.invalid_request, message, code=code or None)
+    if status == 429:
+        return BridgeError(Kind.upstream_rate_limited, message, code=code or None, retry_after=2)
+    return BridgeError(Kind.upstream_error,
+                       f"The model provider failed (HTTP {status}). Request id {request_id}.",
+                       code=code or None)
+
+
+class Upstream:
+    def __init__(self, base_url: str, keys: tuple[str, ...], *, timeout: float) -> None:
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._keys = itertools.cycle(keys)
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=True,
+            json_serialize=lambda o: wire.encoder.encode(o).decode(), skip_auto_headers=("User-Agent",))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def open(self, request: wire.ChatRequest, request_id: str) -> aiohttp.ClientResponse:
+        """Send the request; return the response once its status is a success.
+
+        Raises BridgeError for an upstream refusal (the body is read and mapped) or when the
+        upstream cannot be reached. Nothing has been streamed to the client at that point.
+        """
+        assert self._session is not None, "Upstream.start() was not awaited"
+        headers = {
+            "authorization": "Bearer " + next(self._keys),
+            "content-type": "application/json",
+            "accept-language": "en-US,en",
+        }
+        try:
+            response = await self._session.post(
+                self._url, data=wire.encoder.encode(request), headers=headers)
+        except (aiohttp.ClientError, OSError) as exc:
+            log.warning("upstream unreachable", extra={"error": type(exc).__name__})
+            raise BridgeError(Kind.upstream_error,
+                              f"The model provider could not be reached. Request id {request_id}.") from None
+        if response.status >= 400:
+            try:
+                body = await response.read()
+            except (aiohttp.ClientError, OSError):
+                body = b""
+            finally:
+                response.release()
+            raise map_error(response.status, body, request_id)
+        return response

@@ -1,0 +1,191 @@
+"""GLM-4.6 chat-completions wire shapes (docs/glm-upstream.md §4-5), as msgspec Structs.
+
+Decoding is tolerant: unknown fields are ignored, so a new upstream field never breaks us.
+Fields passed through untouched (tool schemas, image parts) stay `msgspec.Raw`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import Raw, Struct, UNSET, UnsetType
+
+
+class FunctionDef(Struct, omit_defaults=True):
+    name: str
+    description: str | UnsetType = UNSET
+    parameters: Raw | UnsetType = UNSET
+
+
+class Tool(Struct, omit_defaults=True):
+    type: str = "function"
+    function: FunctionDef | UnsetType = UNSET
+
+
+class FunctionCall(Struct, omit_defaults=True):
+    name: str = ""
+    arguments: str = ""
+
+
+class ToolCall(Struct, omit_defaults=True):
+    id: str = ""
+    type: str = "function"
+    function: FunctionCall = msgspec.field(default_factory=FunctionCall)
+
+
+class ContentPart(Struct, omit_defaults=True):
+    type: str = "text"
+    text: str | UnsetType = UNSET
+    image_url: Raw | UnsetType = UNSET
+
+
+class Message(Struct, omit_defaults=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    reasoning_content: str | UnsetType | None = UNSET
+    tool_calls: list[ToolCall] | UnsetType | None = UNSET
+    tool_call_id: str | UnsetType | None = UNSET
+    name: str | UnsetType | None = UNSET
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if not self.content:
+            return ""
+        return "".join(p.text for p in self.content if isinstance(p.text, str))
+
+
+class Thinking(Struct, omit_defaults=True):
+    type: str = "enabled"
+
+
+class StreamOptions(Struct, omit_defaults=True):
+    include_usage: bool = True
+
+
+class ChatRequest(Struct, omit_defaults=True):
+    model: str
+    messages: list[Message]
+    stream: bool = False
+    thinking: Thinking | UnsetType = UNSET
+    tools: list[Tool] | UnsetType = UNSET
+    tool_choice: str | UnsetType = UNSET
+    tool_stream: bool | UnsetType = UNSET
+    max_tokens: int | UnsetType = UNSET
+    temperature: float | UnsetType = UNSET
+    top_p: float | UnsetType = UNSET
+    do_sample: bool | UnsetType = UNSET
+    stop: list[str] | UnsetType = UNSET
+    response_format: Raw | UnsetType = UNSET
+    request_id: str | UnsetType = UNSET
+    user_id: str | UnsetType = UNSET
+    stream_options: StreamOptions | UnsetType = UNSET
+
+
+class PromptTokensDetails(Struct, omit_defaults=True):
+    cached_tokens: int = 0
+
+
+class CompletionTokensDetails(Struct, omit_defaults=True):
+    reasoning_tokens: int = 0
+
+
+class Usage(Struct, omit_defaults=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | UnsetType | None = UNSET
+    completion_tokens_details: CompletionTokensDetails | UnsetType | None = UNSET
+
+    @property
+    def cached_tokens(self) -> int:
+        details = self.prompt_tokens_details
+        return details.cached_tokens if isinstance(details, PromptTokensDetails) else 0
+
+    @property
+    def reasoning_tokens(self) -> int:
+        details = self.completion_tokens_details
+        return details.reasoning_tokens if isinstance(details, CompletionTokensDetails) else 0
+
+
+class FunctionDelta(Struct, omit_defaults=True):
+    name: str | UnsetType | None = UNSET
+    arguments: str | UnsetType | None = UNSET
+
+
+class ToolCallDelta(Struct, omit_defaults=True):
+    index: int = 0
+    id: str | UnsetType | None = UNSET
+    type: str | UnsetType | None = UNSET
+    function: FunctionDelta | UnsetType | None = UNSET
+
+
+class Delta(Struct, omit_defaults=True):
+    role: str | UnsetType | None = UNSET
+    content: str | UnsetType | None = UNSET
+    reasoning_content: str | UnsetType | None = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType | None = UNSET
+
+
+class ChunkChoice(Struct, omit_defaults=True):
+    index: int = 0
+    delta: Delta = msgspec.field(default_factory=Delta)
+    finish_reason: str | None = None
+
+
+class Chunk(Struct, omit_defaults=True):
+    """One `data:` line of a GLM stream."""
+    id: str = ""
+    created: int = 0
+    model: str = ""
+    choices: list[ChunkChoice] = msgspec.field(default_factory=list)
+    usage: Usage | UnsetType | None = UNSET
+
+
+class ResponseMessage(Struct, omit_defaults=True):
+    role: str = "assistant"
+    content: str | None = None
+    reasoning_content: str | UnsetType | None = UNSET
+    tool_calls: list[ToolCall] | UnsetType | None = UNSET
+
+
+class Choice(Struct, omit_defaults=True):
+    index: int = 0
+    message: ResponseMessage = msgspec.field(default_factory=ResponseMessage)
+    finish_reason: str | None = None
+
+
+class Completion(Struct, omit_defaults=True):
+    """A non-streamed GLM response."""
+    id: str = ""
+    created: int = 0
+    model: str = ""
+    choices: list[Choice] = msgspec.field(default_factory=list)
+    usage: Usage | UnsetType | None = UNSET
+    request_id: str | UnsetType = UNSET
+
+
+class ErrorDetail(Struct, omit_defaults=True):
+    code: str = ""
+    message: str = ""
+
+
+class ErrorBody(Struct, omit_defaults=True):
+    """Z.ai's error body: `{"error": {"code": "1302", "message": "..."}}`, `code` a string."""
+    error: ErrorDetail = msgspec.field(default_factory=ErrorDetail)
+
+
+def schema_of(raw: Raw | UnsetType) -> dict[str, Any]:
+    """A tool's JSON schema, decoded only where something must look inside it."""
+    if isinstance(raw, Raw):
+        decoded = msgspec.json.decode(raw)
+        if isinstance(decoded, dict):
+            return decoded
+    return {}
+
+
+chunk_decoder = msgspec.json.Decoder(Chunk)
+completion_decoder = msgspec.json.Decoder(Completion)
+request_decoder = msgspec.json.Decoder(ChatRequest)
+error_decoder = msgspec.json.Decoder(ErrorBody)
+encoder = msgspec.json.Encoder()

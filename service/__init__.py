@@ -1,0 +1,1 @@
+"""Codeplan service: accounts, plans, keys, the usage ledger and its quota windows."""

@@ -1,0 +1,105 @@
+"""Accounts, their subscription and their keys; authentication of a key."""
+from __future__ import annotations
+
+import time
+
+import asyncpg
+import msgspec
+
+from . import keys
+
+
+class AccountError(Exception):
+    """A request about accounts that cannot be carried out, with a message for the operator."""
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who a request is from, as the ledger needs it."""
+    account_id: int
+    api_key_id: int
+    subscription_id: int
+    plan_id: str
+    models: tuple[str, ...]
+    max_concurrent: int | None
+
+
+class NewKey(msgspec.Struct, frozen=True):
+    account_id: int
+    key: str
+    prefix: str
+
+
+async def create_user(conn: asyncpg.Connection, email: str, plan: str) -> NewKey:
+    async with conn.transaction():
+        if not await conn.fetchval("SELECT 1 FROM plans WHERE id = $1", plan):
+            names = ", ".join(r["id"] for r in await conn.fetch("SELECT id FROM plans ORDER BY window_tokens"))
+            raise AccountError(f"unknown plan {plan!r}; plans are: {names}")
+        try:
+            account_id = await conn.fetchval(
+                "INSERT INTO accounts (email) VALUES ($1) RETURNING id", email)
+        except asyncpg.UniqueViolationError:
+            raise AccountError(f"an account with email {email!r} exists already") from None
+        except asyncpg.CheckViolationError:
+            raise AccountError(f"{email!r} is not an email address") from None
+        await conn.execute(
+            "INSERT INTO subscriptions (account_id, plan_id, status) VALUES ($1, $2, 'active')",
+            account_id, plan)
+        return await _insert_key(conn, account_id)
+
+
+async def create_key(conn: asyncpg.Connection, email: str, name: str = "") -> NewKey:
+    account_id = await conn.fetchval("SELECT id FROM accounts WHERE lower(email) = lower($1)", email)
+    if account_id is None:
+        raise AccountError(f"no account with email {email!r}")
+    return await _insert_key(conn, account_id, name)
+
+
+async def _insert_key(conn: asyncpg.Connection, account_id: int, name: str = "") -> NewKey:
+    key = keys.new_key()
+    await conn.execute(
+        "INSERT INTO api_keys (account_id, prefix, secret_hash, name) VALUES ($1, $2, $3, $4)",
+        account_id, keys.visible_prefix(key), keys.key_hash(key), name)
+    return NewKey(account_id=account_id, key=key, prefix=keys.visible_prefix(key))
+
+
+_AUTH_SQL = """
+SELECT k.id AS api_key_id, k.account_id, s.id AS subscription_id, s.plan_id, p.models,
+       p.max_concurrent
+  FROM api_keys k
+  JOIN subscriptions s ON s.account_id = k.account_id AND s.status = 'active'
+  JOIN plans p ON p.id = s.plan_id
+ WHERE k.secret_hash = $1 AND k.revoked_at IS NULL
+"""
+
+
+class Authenticator:
+    """Key -> Principal, with a short in-process cache so the hot path skips the database.
+
+    A revoked key or ended subscription keeps working for at most `ttl` seconds here; the
+    ledger's admission re-checks the subscription's state in the same transaction anyway.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, ttl: float) -> None:
+        self._pool = pool
+        self._ttl = ttl
+        self._cache: dict[bytes, tuple[float, Principal | None]] = {}
+
+    async def authenticate(self, key: str) -> Principal | None:
+        if not key:
+            return None
+        digest = keys.key_hash(key)
+        now = time.monotonic()
+        hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        row = await self._pool.fetchrow(_AUTH_SQL, digest)
+        principal = None if row is None else Principal(
+            account_id=row["account_id"], api_key_id=row["api_key_id"],
+            subscription_id=row["subscription_id"], plan_id=row["plan_id"],
+            models=tuple(row["models"]), max_concurrent=row["max_concurrent"])
+        # Unknown keys are not cached: a flood of made-up keys must not evict real ones.
+        if self._ttl > 0 and principal is not None:
+            if len(self._cache) > 100_000:
+                self._cache.clear()
+            self._cache[digest] = (now + self._ttl, principal)
+        return principal

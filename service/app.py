@@ -1,0 +1,107 @@
+"""The Codeplan application: the bridge's surfaces and the service's own API in one Litestar app."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator
+
+import asyncpg
+import msgspec
+from litestar import Litestar, MediaType, Request, Response, get
+from litestar.exceptions import HTTPException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from bridge import app as bridge_app
+from bridge.journey import Journey
+from bridge.upstream import Upstream
+
+from . import db
+from .accounts import Authenticator
+from .config import Config
+from .estimate import Calibration
+from .ledger import Ledger
+
+log = logging.getLogger("codeplan.app")
+
+
+class Problem(msgspec.Struct, omit_defaults=True):
+    """RFC 9457 problem details, for errors on our own API."""
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+
+
+def problem(status: int, title: str, detail: str | None = None) -> Response:
+    return Response(msgspec.json.encode(Problem(type="about:blank", title=title, status=status,
+                                                 detail=detail)),
+                    status_code=status, media_type="application/problem+json")
+
+
+def _http_exception(request: Request, exc: HTTPException) -> Response:
+    return problem(exc.status_code, exc.detail or "error")
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    # the detail stays in our log: exception text can carry secrets (URLs, keys)
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error",
+                   "The service failed unexpectedly; the failure was logged.")
+
+
+@get("/healthz", media_type=MediaType.JSON)
+async def healthz(request: Request) -> Response:
+    pool: asyncpg.Pool = request.app.state.pool
+    try:
+        async with asyncio.timeout(2):
+            await pool.fetchval("SELECT 1")
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return problem(503, "Database unreachable")
+    return Response(b'{"status":"ok"}', media_type=MediaType.JSON)
+
+
+async def _sweeper(ledger: Ledger, interval: float) -> None:
+    while True:
+        try:
+            while await ledger.expire_due() > 0:
+                pass
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("sweep failed", extra={"error": type(exc).__name__})
+        await asyncio.sleep(interval)
+
+
+def create_app(config: Config, database_url: str, upstream_url: str,
+               upstream_keys: tuple[str, ...]) -> Litestar:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        pool = await db.create_pool(database_url, size=config.db_pool_size)
+        upstream = Upstream(upstream_url, upstream_keys, timeout=config.upstream_timeout)
+        await upstream.start()
+        ledger = Ledger(pool, lease_seconds=config.reservation_lease)
+        calibration = Calibration()
+        journey = Journey(config=config, auth=Authenticator(pool, config.auth_cache_ttl),
+                          ledger=ledger, upstream=upstream, calibration=calibration)
+        app.state.pool = pool
+        app.state.ledger = ledger
+        app.state.journey = journey
+        app.state.calibration = calibration
+        app.state.config = config
+        sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await journey.drain_background()
+            await upstream.close()
+            await pool.close()
+
+    return Litestar(
+        route_handlers=[bridge_app.router, healthz],
+        lifespan=[lifespan],
+        exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
+        request_max_body_size=64 * 1024 * 1024,
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )

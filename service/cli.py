@@ -1,0 +1,185 @@
+"""The `codeplan` command."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+
+import asyncpg
+
+from . import config as config_module
+from . import db, logs
+from .accounts import AccountError, create_key, create_user
+
+log = logging.getLogger("codeplan")
+
+
+def _database_url(config: config_module.Config) -> str:
+    if config.database_url:
+        return config.database_url
+    from . import pgembed
+
+    return pgembed.start(config.data_dir)
+
+
+async def _with_conn(url: str, action):
+    conn = await asyncpg.connect(url)
+    try:
+        return await action(conn)
+    finally:
+        await conn.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _uvicorn(app, sock: socket.socket):
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(
+        app, loop="none", http="httptools", lifespan="on", log_config=None,
+        access_log=False, timeout_keep_alive=75, server_header=False))
+    return server, sock
+
+
+async def _run(config: config_module.Config) -> None:
+    from bridge.simulator.engine import SimConfig
+    from bridge.simulator.server import create_app as create_simulator
+
+    from .app import create_app
+
+    url = _database_url(config)
+    applied = await db.migrate(url)
+    log.info("database ready", extra={"migrations_applied": len(applied)})
+
+    simulator = None
+    upstream_url, upstream_keys = config.upstream_url, config.upstream_keys
+    if config.simulated:
+        sim_sock = _bind(config.simulator_host, config.simulator_port)
+        host, port = sim_sock.getsockname()[:2]
+        upstream_url = f"http://{host}:{port}/api/coding/paas/v4"
+        upstream_keys = ("simulator",)
+        simulator = _uvicorn(create_simulator(SimConfig()), sim_sock)
+        log.warning("NO UPSTREAM CONFIGURED: serving answers from the built-in GLM-4.6 SIMULATOR, "
+                    "not the real model. Set CODEPLAN_UPSTREAM_URL and CODEPLAN_UPSTREAM_KEYS "
+                    "to forward to Z.ai.", extra={"simulator": upstream_url})
+    main_server, main_sock = _uvicorn(create_app(config, url, upstream_url, upstream_keys),
+                                      _bind(config.host, config.port))
+    sim_task = None
+    if simulator is not None:
+        sim_server, sock = simulator
+        sim_server.config.lifespan = "off"
+        sim_task = asyncio.create_task(sim_server.serve(sockets=[sock]))
+    log.info("codeplan listening", extra={"url": f"http://{config.host}:{config.port}"})
+    try:
+        await main_server.serve(sockets=[main_sock])
+    finally:
+        if sim_task is not None:
+            simulator[0].should_exit = True
+            await sim_task
+
+
+async def _simulate(args: argparse.Namespace) -> None:
+    from bridge.simulator.engine import SimConfig
+    from bridge.simulator.server import create_app as create_simulator
+
+    sim = SimConfig(seed=args.seed, ttft_ms=args.ttft_ms, tokens_per_second=args.tps,
+                    output_tokens=args.tokens)
+    server, sock = _uvicorn(create_simulator(sim), _bind(args.host, args.port))
+    server.config.lifespan = "off"
+    host, port = sock.getsockname()[:2]
+    log.info("GLM simulator listening", extra={"url": f"http://{host}:{port}/api/coding/paas/v4"})
+    await server.serve(sockets=[sock])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="codeplan", description="Codeplan: a GLM-4.6 coding plan.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="migrate, then serve the bridge and the service")
+    commands.add_parser("migrate", help="apply the database migrations")
+    commands.add_parser("sweep", help="expire reservations whose process died, once")
+
+    users = commands.add_parser("users", help="manage accounts").add_subparsers(dest="action", required=True)
+    create = users.add_parser("create", help="create an account with an active subscription and a key")
+    create.add_argument("--email", required=True)
+    create.add_argument("--plan", default="pro")
+
+    keys = commands.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
+    key_create = keys.add_parser("create", help="add an API key to an account")
+    key_create.add_argument("--email", required=True)
+    key_create.add_argument("--name", default="")
+
+    sim = commands.add_parser("simulate", help="run the GLM-4.6 simulator alone")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8090)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--ttft-ms", type=float, default=0.0)
+    sim.add_argument("--tps", type=float, default=0.0, help="tokens per second; 0 is unpaced")
+    sim.add_argument("--tokens", type=int, default=48, help="completion tokens per answer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = config_module.load()
+    except config_module.ConfigError as exc:
+        print(f"codeplan: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        if args.command == "run":
+            asyncio.run(_run(config))
+        elif args.command == "simulate":
+            asyncio.run(_simulate(args))
+        elif args.command == "migrate":
+            applied = asyncio.run(db.migrate(_database_url(config)))
+            print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
+        elif args.command == "sweep":
+            from .ledger import Ledger
+
+            async def sweep(url: str) -> int:
+                pool = await db.create_pool(url, size=2)
+                try:
+                    return await Ledger(pool, lease_seconds=config.reservation_lease).expire_due()
+                finally:
+                    await pool.close()
+            print(f"expired {asyncio.run(sweep(_database_url(config)))} reservation(s)")
+        elif args.command == "users":
+            url = _database_url(config)
+            asyncio.run(db.migrate(url))
+            new = asyncio.run(_with_conn(url, lambda c: create_user(c, args.email, args.plan)))
+            print(f"account {new.account_id} created on plan {args.plan}; its API key (shown once):")
+            print(new.key)
+        elif args.command == "keys":
+            url = _database_url(config)
+            new = asyncio.run(_with_conn(url, lambda c: create_key(c, args.email, args.name)))
+            print(f"key {new.prefix}... added to account {new.account_id} (shown once):")
+            print(new.key)
+    except AccountError as exc:
+        print(f"codeplan: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"codeplan: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Configuration: CODEPLAN_* environment variables parsed into one msgspec Struct.
+
+A bad value stops start-up with one line naming the variable, never a traceback.
+"""
+from __future__ import annotations
+
+import os
+from typing import Annotated, Literal, Mapping
+
+import msgspec
+
+PREFIX = "CODEPLAN_"
+
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Config(msgspec.Struct, kw_only=True, frozen=True):
+    # Empty means: start the embedded PostgreSQL with its data in `data_dir`.
+    database_url: str = ""
+    data_dir: str = ".codeplan"
+    host: str = "127.0.0.1"
+    port: Port = 8080
+    # Empty means: start the built-in GLM simulator and forward to it.
+    upstream_url: str = ""
+    upstream_keys: tuple[str, ...] = ()
+    upstream_timeout: Seconds = 600.0
+    simulator_host: str = "127.0.0.1"
+    simulator_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # A pending reservation whose process stops heart-beating is expired after this long.
+    reservation_lease: Seconds = 120.0
+    # How often a live stream proves it is alive and records how much it delivered.
+    heartbeat_interval: Seconds = 15.0
+    sweep_interval: Seconds = 30.0
+    # After a client leaves mid-stream we keep reading the upstream for its usage, bounded.
+    drain_timeout: Seconds = 120.0
+    max_drains: Annotated[int, msgspec.Meta(ge=0)] = 256
+    # Seconds of upstream silence before a keep-alive is sent to the client.
+    keepalive_interval: Seconds = 10.0
+    auth_cache_ttl: Annotated[float, msgspec.Meta(ge=0)] = 5.0
+    db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    # operator-configurable model aliases: "alias=model,alias2=model2"
+    model_aliases: tuple[str, ...] = ()
+    # extra directory with a tokenizer rank file (see service/estimate.py)
+    tiktoken_cache_dir: str = ""
+
+    @property
+    def simulated(self) -> bool:
+        return not self.upstream_url
+
+
+class ConfigError(Exception):
+    """Raised with a message fit to print as the one line of a failed start-up."""
+
+
+_FIELDS = {name: name for name in Config.__struct_fields__}
+
+
+def _describe(field: str) -> str:
+    hints = {
+        "port": "an integer from 1 to 65535",
+        "simulator_port": "an integer from 0 to 65535 (0 picks a free port)",
+        "log_level": "one of debug, info, warning, error",
+        "db_pool_size": "an integer from 1 to 200",
+        "max_drains": "a non-negative integer",
+        "auth_cache_ttl": "a non-negative number of seconds",
+    }
+    return hints.get(field, "a positive number of seconds" if field in {
+        "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
+        "drain_timeout", "keepalive_interval"} else "a valid value")
+
+
+def load(environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    raw: dict[str, object] = {}
+    for name in _FIELDS:
+        value = environ.get(PREFIX + name.upper())
+        if value is None or value == "":
+            continue
+        if name in ("upstream_keys", "model_aliases"):
+            raw[name] = tuple(part.strip() for part in value.split(",") if part.strip())
+        else:
+            raw[name] = value.strip() if name != "log_level" else value.strip().lower()
+    try:
+        config = msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        # msgspec says "... - at `$.port`"; turn that path back into the variable's name.
+        message = str(exc)
+        field = message.rsplit("$.", 1)[-1].rstrip("`").split("[")[0] if "$." in message else ""
+        if field in _FIELDS:
+            shown = environ.get(PREFIX + field.upper(), "")
+            if field == "upstream_keys":
+                shown = "<hidden>"
+            raise ConfigError(
+                f"{PREFIX}{field.upper()}: expected {_describe(field)}, got {shown!r}"
+            ) from None
+        raise ConfigError(f"invalid configuration: {message}") from None
+    if config.upstream_url:
+        if not config.upstream_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{PREFIX}UPSTREAM_URL: expected an http:// or https:// base URL, "
+                f"got {config.upstream_url!r}")
+        if not config.upstream_keys:
+            raise ConfigError(
+                f"{PREFIX}UPSTREAM_KEYS: required when {PREFIX}UPSTREAM_URL is set "
+                "(comma-separated coding-plan keys)")
+    if config.database_url and not config.database_url.startswith(("postgres://", "postgresql://")):
+        raise ConfigError(
+            f"{PREFIX}DATABASE_URL: expected a postgresql:// URL, got a value of another form")
+    for alias in config.model_aliases:
+        if "=" not in alias:
+            raise ConfigError(
+                f"{PREFIX}MODEL_ALIASES: expected alias=model pairs separated by commas, got {alias!r}")
+    return config
