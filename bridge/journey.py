@@ -221,10 +221,11 @@ class Journey:
                 response.close()
             # (on cancellation the response stays open: _client_gone may drain it)
 
-            if meter.usage is not None:
-                await self._post_upstream(admitted, meter.usage, meter.upstream_id)
+            usage = meter.completed_usage()
+            if usage is not None:
+                await self._post_upstream(admitted, usage, meter.upstream_id)
                 settled = True
-                yield translator.finish(meter.usage)
+                yield translator.finish(usage)
             else:
                 # the upstream ended without its usage: bill what we can prove we delivered
                 await self._post_delivered(admitted, meter, reason="upstream ended without usage")
@@ -240,8 +241,9 @@ class Journey:
 
     def _client_gone(self, response: aiohttp.ClientResponse, decoder: sse.SSEDecoder,
                      meter: StreamMeter, admitted: _Admitted) -> None:
-        if meter.usage is not None:
-            self._spawn(self._post_upstream(admitted, meter.usage, meter.upstream_id))
+        usage = meter.completed_usage()
+        if usage is not None:
+            self._spawn(self._post_upstream(admitted, usage, meter.upstream_id))
         elif not meter.delivered_anything:
             # nothing reached the client: stop the upstream, nothing was served
             response.close()
@@ -270,8 +272,9 @@ class Journey:
         finally:
             self._drains -= 1
             response.close()
-        if meter.usage is not None:
-            await self._post_upstream(admitted, meter.usage, meter.upstream_id)
+        usage = meter.completed_usage()
+        if usage is not None:
+            await self._post_upstream(admitted, usage, meter.upstream_id)
         else:
             await self._post_delivered(admitted, meter, reason="client left; upstream gave no usage")
 
@@ -290,15 +293,14 @@ class Journey:
         except BaseException:
             self._spawn(self._ledger.void(admitted.entry, reason="cancelled"))
             raise
-        if isinstance(completion.usage, wire.Usage):
-            usage = completion.usage
+        meter = StreamMeter()
+        meter.observe(wire.Chunk(usage=completion.usage, choices=[wire.ChunkChoice(delta=wire.Delta(
+            content=choice.message.content, reasoning_content=choice.message.reasoning_content))
+            for choice in completion.choices]), delivered=True)
+        usage = meter.completed_usage()
+        if usage is not None:
             await self._post_upstream(admitted, usage, completion.id or None)
         else:
-            meter = StreamMeter()
-            for choice in completion.choices:
-                meter.observe(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(
-                    content=choice.message.content,
-                    reasoning_content=choice.message.reasoning_content))]), delivered=True)
             usage = await self._post_delivered(admitted, meter, reason="upstream gave no usage")
         return Reply(status=200, headers={"x-request-id": str(admitted.entry)},
                      body=surface.complete(completion, admitted.shown_model, usage))

@@ -52,13 +52,14 @@ class PromptEstimator:
 class StreamMeter:
     """What the upstream said about usage, and the completion text actually passed on."""
 
-    __slots__ = ("usage", "finish_reason", "_delivered", "upstream_id")
+    __slots__ = ("usage", "finish_reason", "_delivered", "_reasoning", "upstream_id")
 
     def __init__(self) -> None:
         self.usage: wire.Usage | None = None
         self.finish_reason: str | None = None
         self.upstream_id: str | None = None
         self._delivered: list[str] = []
+        self._reasoning: list[str] = []
 
     def observe(self, chunk: wire.Chunk, *, delivered: bool) -> None:
         if chunk.id and self.upstream_id is None:
@@ -73,6 +74,7 @@ class StreamMeter:
             delta = choice.delta
             if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
                 self._delivered.append(delta.reasoning_content)
+                self._reasoning.append(delta.reasoning_content)
             if isinstance(delta.content, str) and delta.content:
                 self._delivered.append(delta.content)
             if isinstance(delta.tool_calls, list):
@@ -91,3 +93,18 @@ class StreamMeter:
     def delivered_tokens(self) -> int:
         """Completion tokens delivered, counted piece by piece as they went out."""
         return sum(estimate.count(piece) for piece in self._delivered)
+
+    def reasoning_tokens(self) -> int:
+        return sum(estimate.count(piece) for piece in self._reasoning)
+
+    def completed_usage(self) -> wire.Usage | None:
+        """The upstream's usage, with the reasoning breakdown GLM leaves out filled in from our
+        own count of the reasoning relayed (informational: billing uses completion_tokens)."""
+        usage = self.usage
+        if usage is None or usage.reasoning_tokens or not self._reasoning:
+            return usage
+        return wire.Usage(
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+            total_tokens=usage.total_tokens, prompt_tokens_details=usage.prompt_tokens_details,
+            completion_tokens_details=wire.CompletionTokensDetails(
+                reasoning_tokens=min(self.reasoning_tokens(), usage.completion_tokens)))

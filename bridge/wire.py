@@ -82,11 +82,11 @@ class ChatRequest(Struct, omit_defaults=True):
     stream_options: StreamOptions | UnsetType = UNSET
 
 
-class PromptTokensDetails(Struct, omit_defaults=True):
+class PromptTokensDetails(Struct):
     cached_tokens: int = 0
 
 
-class CompletionTokensDetails(Struct, omit_defaults=True):
+class CompletionTokensDetails(Struct):
     reasoning_tokens: int = 0
 
 

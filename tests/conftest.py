@@ -1,0 +1,192 @@
+"""Real things only: one embedded PostgreSQL per session (a fresh database per module, cloned
+from a migrated template), the GLM simulator and the bridge as real servers on 127.0.0.1."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from service import accounts, db, pgembed
+
+ROOT = Path(__file__).resolve().parent.parent
+CODEPLAN = [sys.executable, "-m", "service.cli"]
+TEMPLATE = "codeplan_template"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_database(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    return base.rsplit("/", 1)[0] + "/" + name + ("?" + query if query else "")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def query(url: str, sql: str, *args):
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status < 500:
+                    return
+        except OSError as exc:
+            if getattr(exc, "code", None) and exc.code < 500:  # an HTTPError answer: it is up
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout}s")
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    folder = tempfile.mkdtemp(prefix="codeplan-test-pg-")
+    url = pgembed.start(folder, delete_on_exit=True)
+
+    async def prepare():
+        conn = await asyncpg.connect(url)
+        try:
+            # the tests create and drop many databases; durability is not what they test
+            await conn.execute("ALTER SYSTEM SET fsync = off")
+            await conn.execute("ALTER SYSTEM SET synchronous_commit = off")
+            await conn.execute("ALTER SYSTEM SET max_connections = 300")
+            await conn.execute("SELECT pg_reload_conf()")
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await conn.close()
+        await db.migrate(with_database(url, TEMPLATE))
+    run(prepare())
+    return url
+
+
+def _fresh_database(pg_url: str) -> str:
+    name = "t_" + uuid.uuid4().hex[:12]
+    run(query(pg_url, f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+    return with_database(pg_url, name)
+
+
+@pytest.fixture(scope="module")
+def database(pg_url) -> str:
+    return _fresh_database(pg_url)
+
+
+@pytest.fixture
+def fresh_database(pg_url) -> str:
+    return _fresh_database(pg_url)
+
+
+class Server:
+    def __init__(self, args: list[str], env: dict[str, str], port: int, ready_path: str) -> None:
+        self.args, self.env, self.port, self.ready_path = args, env, port, ready_path
+        self.process: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="codeplan-server-", suffix=".log", delete=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "Server":
+        self.process = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=self.log,
+                                        stderr=subprocess.STDOUT)
+        wait_http(self.url + self.ready_path, process=self.process)
+        return self
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
+    env.update(CODEPLAN_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def simulator():
+    port = free_port()
+    server = Server(CODEPLAN + ["simulate", "--port", str(port)], base_env(), port, "/")
+    server.start()
+    yield server
+    server.stop()
+
+
+def start_bridge(database: str, upstream: str, **env: str) -> Server:
+    port = free_port()
+    server = Server(CODEPLAN + ["run"], base_env(
+        CODEPLAN_DATABASE_URL=database, CODEPLAN_PORT=str(port),
+        CODEPLAN_UPSTREAM_URL=upstream, CODEPLAN_UPSTREAM_KEYS="sim-key-1,sim-key-2", **env),
+        port, "/healthz")
+    return server.start()
+
+
+@pytest.fixture(scope="module")
+def bridge(database, simulator):
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4")
+    yield server
+    server.stop()
+
+
+def new_user(database: str, plan: str = "pro") -> str:
+    async def create():
+        conn = await asyncpg.connect(database)
+        try:
+            return (await accounts.create_user(conn, f"{uuid.uuid4().hex[:10]}@example.com", plan)).key
+        finally:
+            await conn.close()
+    return run(create())
+
+
+def new_plan(database: str, window: int, weekly: int | None = None, **columns) -> str:
+    plan = "p_" + uuid.uuid4().hex[:8]
+    extra = {"max_concurrent": None, "cached_weight": 0.2, **columns}
+    run(query(database,
+              "INSERT INTO plans (id, name, window_tokens, weekly_tokens, max_concurrent, cached_weight,"
+              " monthly_price_cents, models) VALUES ($1, $1, $2, $3, $4, $5, 0,"
+              " ARRAY['glm-4.6', 'glm-4.5', 'glm-4.5-air'])",
+              plan, window, weekly or window * 5, extra["max_concurrent"], extra["cached_weight"]))
+    return plan
+
+
+@pytest.fixture
+def key(database) -> str:
+    return new_user(database)
