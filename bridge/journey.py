@@ -90,6 +90,10 @@ class Journey:
         self._background: set[asyncio.Task] = set()
         self._drains = 0
 
+    @property
+    def authenticator(self) -> Authenticator:
+        return self._auth
+
     # ---- the journey ---------------------------------------------------------------------
 
     async def handle(self, surface: Surface, key: str, body: bytes) -> Reply:

@@ -16,7 +16,7 @@ from bridge import app as bridge_app
 from bridge.journey import Journey
 from bridge.upstream import Upstream
 
-from . import db
+from . import db, usage
 from .accounts import Authenticator
 from .config import Config
 from .estimate import Calibration
@@ -97,7 +97,7 @@ def create_app(config: Config, database_url: str, upstream_url: str,
             await pool.close()
 
     return Litestar(
-        route_handlers=[bridge_app.router, healthz],
+        route_handlers=[bridge_app.router, healthz, *usage.routes],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
         request_max_body_size=64 * 1024 * 1024,

@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="migrate, then serve the bridge and the service")
     commands.add_parser("migrate", help="apply the database migrations")
     commands.add_parser("sweep", help="expire reservations whose process died, once")
+    rollup = commands.add_parser("rollup", help="move settled ledger rows into per-day totals")
+    rollup.add_argument("--older-than-days", type=int, default=35)
 
     users = commands.add_parser("users", help="manage accounts").add_subparsers(dest="action", required=True)
     create = users.add_parser("create", help="create an account with an active subscription and a key")
@@ -159,6 +161,19 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     await pool.close()
             print(f"expired {asyncio.run(sweep(_database_url(config)))} reservation(s)")
+        elif args.command == "rollup":
+            import datetime as dt
+
+            from .ledger import Ledger
+
+            async def roll(url: str) -> int:
+                pool = await db.create_pool(url, size=2)
+                try:
+                    before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=args.older_than_days)
+                    return await Ledger(pool, lease_seconds=config.reservation_lease).rollup(before)
+                finally:
+                    await pool.close()
+            print(f"rolled up {asyncio.run(roll(_database_url(config)))} ledger row(s)")
         elif args.command == "users":
             url = _database_url(config)
             asyncio.run(db.migrate(url))

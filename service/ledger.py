@@ -88,3 +88,7 @@ class Ledger:
         if rows:
             log.warning("expired pending reservations", extra={"count": len(rows)})
         return len(rows)
+
+    async def rollup(self, before: dt.datetime) -> int:
+        """Move settled rows created before `before` into per-day aggregates; totals unchanged."""
+        return await self._pool.fetchval("SELECT ledger_rollup($1)", before)

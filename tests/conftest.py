@@ -3,6 +3,7 @@ from a migrated template), the GLM simulator and the bridge as real servers on 1
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import socket
@@ -36,7 +37,13 @@ def with_database(url: str, name: str) -> str:
 
 
 def run(coro):
-    return asyncio.run(coro)
+    """Run a coroutine to completion, also from inside an async test (on a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 async def query(url: str, sql: str, *args):

@@ -82,8 +82,8 @@ class Script(msgspec.Struct):
     usage: wire.Usage
     ttft: float  # seconds before the first piece
     interval: float  # seconds between pieces
-    fault: str | None = None
-    fault_at: int = 0  # index in pieces where a mid-stream fault strikes
+    faults: frozenset[str] = frozenset()
+    fault_at: int = 0  # index in pieces where mid-stream faults strike
     silence: float = 30.0
 
 
@@ -207,15 +207,13 @@ class Engine:
 
         prompt, cached = self.prompt_tokens(request)
         completion = sum(_Tokenizer.count(p.text or p.name) for p in pieces)
-        fault = directive.fault
+        faults = frozenset(f for f in (directive.fault or "").split(",") if f)
         fault_at = len(pieces) // 2
-        if fault in MID_STREAM_FAULTS:
-            # the upstream reports what it actually sent before the fault
-            sent = pieces[:fault_at]
-            if fault in ("sensitive", "network_error"):
-                pieces = sent
-                finish = fault
-                completion = sum(_Tokenizer.count(p.text or p.name) for p in sent)
+        for stop in faults & {"sensitive", "network_error"}:
+            # GLM ends the answer early and reports what it actually sent
+            pieces = pieces[:fault_at]
+            finish = stop
+            completion = sum(_Tokenizer.count(p.text or p.name) for p in pieces)
         # Z.ai reports no reasoning breakdown (glm-upstream.md §5.4): reasoning is inside
         # completion_tokens, and so it is here.
         usage = wire.Usage(
@@ -224,7 +222,7 @@ class Engine:
         ttft = (directive.ttft if directive.ttft is not None else self.config.ttft_ms) / 1000
         tps = directive.tps if directive.tps is not None else self.config.tokens_per_second
         return Script(pieces=pieces, finish_reason=finish, usage=usage, ttft=ttft,
-                      interval=1 / tps if tps > 0 else 0.0, fault=fault, fault_at=fault_at,
+                      interval=1 / tps if tps > 0 else 0.0, faults=faults, fault_at=fault_at,
                       silence=directive.silence)
 
     @staticmethod

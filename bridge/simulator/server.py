@@ -45,18 +45,18 @@ async def _stream(script: Script, completion_id: str, model: str) -> AsyncIterat
     if script.ttft:
         await asyncio.sleep(script.ttft)
     for i, piece in enumerate(script.pieces):
-        if i == script.fault_at and script.fault:
-            if script.fault == "reset":
-                raise ConnectionResetError("simulated connection reset mid-stream")
-            if script.fault == "malformed":
+        if i == script.fault_at and script.faults:
+            if "malformed" in script.faults:
                 yield b'data: {"id": "' + completion_id.encode() + b'", "choices": [{"delta": {"cont\n\n'
-            if script.fault == "silence":
+            if "silence" in script.faults:
                 await asyncio.sleep(script.silence)
+            if "reset" in script.faults:
+                raise ConnectionResetError("simulated connection reset mid-stream")
         if i and script.interval:
             await asyncio.sleep(script.interval)
         yield chunk(_delta(piece, i == 0))
     final = wire.Delta(role="assistant", content="")
-    usage = msgspec.UNSET if script.fault == "no_usage" else script.usage
+    usage = msgspec.UNSET if "no_usage" in script.faults else script.usage
     yield chunk(final, script.finish_reason, usage)
     yield sse.DONE
 
@@ -97,8 +97,8 @@ def create_app(config: SimConfig | None = None) -> Litestar:
         if isinstance(chat.tool_choice, str) and chat.tool_choice != "auto":
             return _error(400, "1210", "Invalid API parameter: tool_choice only supports auto")
         script = engine.plan(chat)
-        if script.fault in FAULTS:
-            status, code, message = FAULTS[script.fault]
+        for fault in script.faults & FAULTS.keys():
+            status, code, message = FAULTS[fault]
             return _error(status, code, message)
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
         headers = {"x-request-id": completion_id}
@@ -107,12 +107,12 @@ def create_app(config: SimConfig | None = None) -> Litestar:
                           headers={**headers, "cache-control": "no-cache"})
         if script.ttft:
             await asyncio.sleep(script.ttft)
-        if script.fault == "reset":
+        if "reset" in script.faults:
             raise ConnectionResetError("simulated connection reset")
         body = wire.Completion(
             id=completion_id, request_id=completion_id, created=int(time.time()), model=chat.model,
             choices=[wire.Choice(message=_message(script), finish_reason=script.finish_reason)],
-            usage=msgspec.UNSET if script.fault == "no_usage" else script.usage)
+            usage=msgspec.UNSET if "no_usage" in script.faults else script.usage)
         return Response(wire.encoder.encode(body), media_type="application/json", headers=headers)
 
     return Litestar(route_handlers=[chat_completions], debug=False, logging_config=None,

@@ -1,0 +1,272 @@
+"""The quota API: `GET /v1/usage`, and Z.ai's own monitor endpoints so quota HUDs work unchanged.
+
+Window figures come from `quota_windows` (kept by the ledger's transitions); per-model totals
+from the settled ledger rows of the period plus the per-day rollups of older ones.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import asyncpg
+import msgspec
+from litestar import Request, Response, get
+
+from bridge.app import api_key
+
+from .accounts import Authenticator, Principal
+
+UTC = dt.timezone.utc
+
+
+class Window(msgspec.Struct):
+    kind: str  # "5h" | "week"
+    allowance: int
+    used: int
+    reserved: int
+    remaining: int
+    started_at: str | None
+    # null when no 5-hour window is open: the next request opens one
+    resets_at: str | None
+
+
+class ModelTotals(msgspec.Struct):
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    billed_tokens: int = 0
+
+
+class Plan(msgspec.Struct):
+    id: str
+    name: str
+    cached_weight: float
+    max_concurrent: int | None
+
+
+class EstimateQuality(msgspec.Struct):
+    samples: int
+    ratio: float
+    mean_abs_error: float
+
+
+class UsageReport(msgspec.Struct):
+    plan: Plan
+    windows: list[Window]
+    today: dict[str, ModelTotals]
+    week: dict[str, ModelTotals]
+    estimates: dict[str, EstimateQuality]
+
+
+def _iso(moment: dt.datetime | None) -> str | None:
+    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_WINDOWS_SQL = """
+SELECT DISTINCT ON (w.kind) w.kind, w.allowance, w.reserved, w.posted, w.starts_at, w.ends_at
+  FROM quota_windows w
+ WHERE w.subscription_id = $1 AND w.ends_at > now()
+ ORDER BY w.kind, w.starts_at DESC
+"""
+
+_PLAN_SQL = """
+SELECT p.id, p.name, p.window_tokens, p.weekly_tokens, p.cached_weight, p.max_concurrent, s.started_at
+  FROM subscriptions s JOIN plans p ON p.id = s.plan_id WHERE s.id = $1
+"""
+
+# settled rows of the period, plus rollups of whole days inside it
+_TOTALS_SQL = """
+SELECT model, sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS prompt_tokens,
+       sum(completion_tokens)::bigint AS completion_tokens, sum(cached_tokens)::bigint AS cached_tokens,
+       sum(reasoning_tokens)::bigint AS reasoning_tokens, sum(billed_tokens)::bigint AS billed_tokens
+  FROM (
+    SELECT model, count(*) AS requests, sum(prompt_tokens) AS prompt_tokens,
+           sum(completion_tokens) AS completion_tokens, sum(cached_tokens) AS cached_tokens,
+           sum(reasoning_tokens) AS reasoning_tokens, sum(billed_tokens) AS billed_tokens
+      FROM usage_ledger
+     WHERE subscription_id = $1 AND created_at >= $2 AND created_at < $3
+       AND state IN ('posted', 'expired')
+     GROUP BY model
+    UNION ALL
+    SELECT model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, billed_tokens
+      FROM usage_daily
+     WHERE subscription_id = $1 AND day >= ($2 AT TIME ZONE 'UTC')::date
+       AND day < ($3 AT TIME ZONE 'UTC')::date
+  ) t
+ GROUP BY model ORDER BY model
+"""
+
+
+async def totals(pool: asyncpg.Pool, subscription_id: int, start: dt.datetime,
+                 end: dt.datetime) -> dict[str, ModelTotals]:
+    rows = await pool.fetch(_TOTALS_SQL, subscription_id, start, end)
+    return {r["model"]: ModelTotals(**{k: r[k] for k in ModelTotals.__struct_fields__}) for r in rows}
+
+
+async def report(pool: asyncpg.Pool, principal: Principal, estimates: dict) -> UsageReport:
+    plan = await pool.fetchrow(_PLAN_SQL, principal.subscription_id)
+    open_windows = {r["kind"]: r for r in await pool.fetch(_WINDOWS_SQL, principal.subscription_id)}
+    now = dt.datetime.now(UTC)
+    windows = []
+    for kind, allowance in (("5h", plan["window_tokens"]), ("week", plan["weekly_tokens"])):
+        row = open_windows.get(kind)
+        if row is None:
+            windows.append(Window(kind=kind, allowance=allowance, used=0, reserved=0,
+                                  remaining=allowance, started_at=None, resets_at=None))
+        else:
+            windows.append(Window(
+                kind=kind, allowance=row["allowance"], used=row["posted"], reserved=row["reserved"],
+                remaining=max(0, row["allowance"] - row["posted"] - row["reserved"]),
+                started_at=_iso(row["starts_at"]), resets_at=_iso(row["ends_at"])))
+    day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    week_start = day_start - dt.timedelta(days=day_start.weekday())
+    tomorrow = day_start + dt.timedelta(days=1)
+    return UsageReport(
+        plan=Plan(id=plan["id"], name=plan["name"], cached_weight=float(plan["cached_weight"]),
+                  max_concurrent=plan["max_concurrent"]),
+        windows=windows,
+        today=await totals(pool, principal.subscription_id, day_start, tomorrow),
+        week=await totals(pool, principal.subscription_id, week_start, tomorrow),
+        estimates={m: EstimateQuality(**v) for m, v in estimates.items()})
+
+
+async def _principal(request: Request) -> Principal | None:
+    auth: Authenticator = request.app.state.journey.authenticator
+    key = api_key(request) or (request.headers.get("authorization") or "").strip()
+    return await auth.authenticate(key)
+
+
+def _problem_401() -> Response:
+    from .app import problem
+
+    return problem(401, "Invalid API key", "Send your Codeplan key as `Authorization: Bearer <key>`.")
+
+
+@get("/v1/usage")
+async def usage(request: Request) -> Response:
+    principal = await _principal(request)
+    if principal is None:
+        return _problem_401()
+    body = await report(request.app.state.pool, principal, request.app.state.calibration.report())
+    return Response(msgspec.json.encode(body), media_type="application/json")
+
+
+# ---- Z.ai monitor endpoints (glm-upstream.md §8) ----------------------------------------
+
+class ZaiEnvelope(msgspec.Struct):
+    code: int
+    msg: str
+    success: bool
+    data: object = None
+
+
+class ZaiLimit(msgspec.Struct):
+    type: str
+    unit: int
+    number: int
+    percentage: int
+    nextResetTime: int | None
+    usage: int
+    currentValue: int
+    remaining: int
+
+
+class ZaiQuota(msgspec.Struct):
+    level: str
+    limits: list[ZaiLimit]
+
+
+def _zai(data: object, code: int = 200, msg: str = "Operation successful") -> Response:
+    # Z.ai answers HTTP 200 and puts the outcome in the envelope; HUD plugins read `success`
+    return Response(msgspec.json.encode(ZaiEnvelope(code=code, msg=msg, success=code == 200, data=data)),
+                    media_type="application/json")
+
+
+@get("/api/monitor/usage/quota/limit")
+async def zai_quota_limit(request: Request) -> Response:
+    principal = await _principal(request)
+    if principal is None:
+        return _zai(None, 401, "token expired or incorrect")
+    current = await report(request.app.state.pool, principal, {})
+    limits = []
+    for window in current.windows:
+        unit, number = (3, 5) if window.kind == "5h" else (6, 1)
+        used = window.used + window.reserved
+        reset = None
+        if window.resets_at is not None:
+            reset = int(dt.datetime.strptime(window.resets_at, "%Y-%m-%dT%H:%M:%SZ")
+                        .replace(tzinfo=UTC).timestamp() * 1000)
+        limits.append(ZaiLimit(
+            type="TOKENS_LIMIT", unit=unit, number=number,
+            percentage=min(100, round(100 * used / window.allowance)) if window.allowance else 100,
+            nextResetTime=reset, usage=window.allowance, currentValue=used, remaining=window.remaining))
+    return _zai(ZaiQuota(level=current.plan.id, limits=limits))
+
+
+class ZaiModelSummary(msgspec.Struct):
+    modelName: str
+    totalTokens: int
+
+
+class ZaiTotalUsage(msgspec.Struct):
+    totalModelCallCount: int
+    totalTokensUsage: int
+    modelSummaryList: list[ZaiModelSummary]
+
+
+class ZaiModelUsage(msgspec.Struct):
+    x_time: list[str]
+    modelCallCount: list[int]
+    tokensUsage: list[int]
+    totalUsage: ZaiTotalUsage
+
+
+_HOURLY_SQL = """
+SELECT date_trunc('hour', created_at) AS hour, count(*) AS calls, sum(billed_tokens)::bigint AS tokens
+  FROM usage_ledger
+ WHERE subscription_id = $1 AND created_at >= $2 AND created_at < $3 AND state IN ('posted', 'expired')
+ GROUP BY 1 ORDER BY 1
+"""
+
+
+def _zai_time(value: str | None, fallback: dt.datetime) -> dt.datetime:
+    if not value:
+        return fallback
+    return dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+
+
+@get("/api/monitor/usage/model-usage")
+async def zai_model_usage(request: Request) -> Response:
+    principal = await _principal(request)
+    if principal is None:
+        return _zai(None, 401, "token expired or incorrect")
+    now = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    try:
+        # times are read as UTC (Z.ai's own are Beijing time); the official script's default
+        # range is yesterday HH:00:00 to today HH:59:59
+        start = _zai_time(request.query_params.get("startTime"), now - dt.timedelta(days=1))
+        end = _zai_time(request.query_params.get("endTime"), now + dt.timedelta(hours=1)) + dt.timedelta(seconds=1)
+    except ValueError:
+        return _zai(None, 400, "startTime and endTime take the form yyyy-MM-dd HH:mm:ss")
+    pool: asyncpg.Pool = request.app.state.pool
+    hourly = {r["hour"]: r for r in await pool.fetch(_HOURLY_SQL, principal.subscription_id, start, end)}
+    x_time, calls, tokens = [], [], []
+    hour = start.replace(minute=0, second=0, microsecond=0)
+    while hour < end and len(x_time) < 24 * 31:
+        row = hourly.get(hour)
+        x_time.append(hour.strftime("%Y-%m-%d %H:%M"))
+        calls.append(row["calls"] if row else 0)
+        tokens.append(row["tokens"] if row else 0)
+        hour += dt.timedelta(hours=1)
+    per_model = await totals(pool, principal.subscription_id, start, end)
+    return _zai(ZaiModelUsage(
+        x_time=x_time, modelCallCount=calls, tokensUsage=tokens,
+        totalUsage=ZaiTotalUsage(
+            totalModelCallCount=sum(t.requests for t in per_model.values()),
+            totalTokensUsage=sum(t.billed_tokens for t in per_model.values()),
+            modelSummaryList=[ZaiModelSummary(modelName=m, totalTokens=t.billed_tokens)
+                              for m, t in per_model.items()])))
+
+
+routes = [usage, zai_quota_limit, zai_model_usage]

@@ -1,0 +1,264 @@
+"""Each disconnect and fault rule, end to end through the bridge, with exact token counts."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from service.estimate import count
+
+from .conftest import new_plan, new_user, query, run
+from .test_skeleton import direct_usage
+
+
+def body(directive: str, **extra) -> dict:
+    prompt = f"[[sim {directive}]] task {uuid.uuid4().hex[:8]}"
+    return {"model": "glm-4.6", "messages": [{"role": "user", "content": prompt}], **extra}
+
+
+def settled_row(database: str, entry: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = run(query(database, "SELECT * FROM usage_ledger WHERE id = $1", uuid.UUID(entry)))
+        if rows and rows[0]["state"] != "pending":
+            return rows[0]
+        time.sleep(0.05)
+    raise AssertionError(f"ledger entry {entry} still pending after {timeout}s")
+
+
+def windows(database: str, key: str) -> dict:
+    rows = run(query(database, """SELECT w.kind, w.allowance, w.reserved, w.posted FROM quota_windows w
+        JOIN subscriptions s ON s.id = w.subscription_id JOIN api_keys k ON k.account_id = s.account_id
+        WHERE k.prefix = $1""", key[:10]))
+    return {r["kind"]: r for r in rows}
+
+
+def read_pieces(response: httpx.Response, n: int) -> list[str]:
+    """Read a chat stream until `n` text pieces arrived; return them."""
+    pieces: list[str] = []
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                delta = choice["delta"]
+                piece = delta.get("reasoning_content") or delta.get("content")
+                if piece:
+                    pieces.append(piece)
+            if len(pieces) >= n:
+                return pieces
+    raise AssertionError(f"stream ended after {len(pieces)} pieces")
+
+
+def stream(bridge, key: str, payload: dict):
+    return httpx.stream("POST", bridge.url + "/v1/chat/completions", json={**payload, "stream": True},
+                        headers={"authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_client_leaves_before_first_byte_voids(bridge, database, key):
+    with stream(bridge, key, body("ttft=3000 tokens=10 reasoning=0")) as response:
+        assert response.status_code == 200
+        entry = response.headers["x-request-id"]
+    row = settled_row(database, entry)
+    assert (row["state"], row["billed_tokens"], row["settle_reason"]) == (
+        "voided", 0, "client left before the first byte")
+    assert windows(database, key)["5h"]["reserved"] == 0
+
+
+def test_client_leaves_mid_stream_bills_upstream_usage(bridge, database, simulator, key):
+    payload = body("silence=1.5 fault=silence tokens=10 reasoning=0")
+    with stream(bridge, key, payload) as response:
+        entry = response.headers["x-request-id"]
+        assert len(read_pieces(response, 5)) == 5
+    row = settled_row(database, entry)
+    expected = direct_usage(simulator, payload)
+    assert row["state"] == "posted" and not row["estimated"]
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (expected["prompt_tokens"], expected["completion_tokens"])
+    assert row["settle_reason"] == "upstream usage"
+
+
+def test_client_leaves_and_upstream_never_reports_usage_bills_delivered(bridge, database, key):
+    with stream(bridge, key, body("silence=1 fault=silence,no_usage tokens=10 reasoning=0")) as response:
+        entry = response.headers["x-request-id"]
+        delivered = read_pieces(response, 5)
+    row = settled_row(database, entry)
+    assert row["state"] == "posted" and row["estimated"]
+    assert row["settle_reason"] == "client left; upstream gave no usage"
+    assert row["completion_tokens"] == sum(count(p) for p in delivered)
+    assert row["prompt_tokens"] == row["prompt_estimate"]
+
+
+@pytest.mark.parametrize("fault,status,kind,code", [
+    ("1302", 429, "rate_limit_error", "1302"),
+    ("1113", 403, "insufficient_quota", "1113"),
+    ("500", 502, "server_error", "500"),
+    ("1301", 400, "invalid_request_error", "1301"),
+])
+def test_upstream_error_before_any_token_voids(bridge, database, key, fault, status, kind, code):
+    before = run(query(database, "SELECT count(*) AS n FROM usage_ledger WHERE state = 'voided'"))[0]["n"]
+    response = httpx.post(bridge.url + "/v1/chat/completions", json=body(f"fault={fault}", stream=True),
+                          headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == (kind, code)
+    if fault == "1302":
+        assert response.headers["retry-after"] == "2" and response.headers["retry-after-ms"] == "2000"
+        assert response.headers["x-should-retry"] == "true"
+    if fault == "1113":
+        assert response.headers["x-should-retry"] == "false" and "not retryable" in error["message"]
+        assert "sim-key" not in error["message"]
+    after = run(query(database, "SELECT count(*) AS n FROM usage_ledger WHERE state = 'voided'"))[0]["n"]
+    assert after == before + 1
+    assert windows(database, key)["5h"]["reserved"] == 0
+
+
+def test_upstream_dies_mid_stream_bills_delivered_and_tells_client(bridge, database, key):
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
+    received: list[str] = []
+    with pytest.raises(openai.APIError, match="broke off"):
+        for chunk in client.chat.completions.create(**body("fault=reset tokens=10 reasoning=0"), stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+    assert len(received) == 5
+    row = run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1"))[0]
+    assert row["state"] == "posted" and row["estimated"]
+    assert row["completion_tokens"] == sum(count(p) for p in received)
+    assert row["prompt_tokens"] == row["prompt_estimate"]
+    assert row["settle_reason"] == "upstream ended without usage"
+
+
+def test_malformed_chunk_is_skipped_and_usage_still_exact(bridge, database, simulator, key):
+    payload = body("fault=malformed tokens=10 reasoning=0")
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key)
+    chunks = list(client.chat.completions.create(**payload, stream=True))
+    expected = direct_usage(simulator, payload)
+    assert chunks[-1].usage.completion_tokens == expected["completion_tokens"]
+    row = run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1"))[0]
+    assert (row["state"], row["estimated"], row["completion_tokens"]) == ("posted", False, expected["completion_tokens"])
+
+
+def test_upstream_reported_zero_is_billed_as_zero_not_estimated(bridge, database, key):
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key)
+    chunks = list(client.chat.completions.create(**body("tokens=0 reasoning=0"), stream=True))
+    assert chunks[-1].usage.completion_tokens == 0
+    row = run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1"))[0]
+    assert (row["completion_tokens"], row["estimated"]) == (0, False)
+
+
+def test_sensitive_stop_is_surfaced_and_billed_at_upstream_usage(bridge, database, key):
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key)
+    chunks = list(client.chat.completions.create(**body("fault=sensitive tokens=10 reasoning=0"), stream=True))
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["sensitive"]
+    row = run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1"))[0]
+    assert row["completion_tokens"] == chunks[-1].usage.completion_tokens and not row["estimated"]
+
+
+# ---- exhaustion ---------------------------------------------------------------------------
+
+@pytest.fixture
+def small_plan_key(database):
+    return new_user(database, new_plan(database, window=2_000, weekly=50_000))
+
+
+def test_full_five_hour_window_refused_with_1308_before_upstream(bridge, database, small_plan_key):
+    key = small_plan_key
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
+    client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=100)
+    run(query(database, "UPDATE quota_windows SET posted = allowance - 150 WHERE kind = '5h'"
+                        " AND id IN (SELECT window_id FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
+                        " WHERE k.prefix = $1)", key[:10]))
+    rows_before = run(query(database, "SELECT count(*) AS n FROM usage_ledger"))[0]["n"]
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=200)
+    response = caught.value.response
+    error = response.json()["error"]
+    assert error["code"] == "1308" and error["type"] == "rate_limit_error"
+    reset = windows(database, key)["5h"]
+    assert "5 hour window" in error["message"]
+    resets_at = run(query(database, "SELECT ends_at FROM quota_windows WHERE kind = '5h' ORDER BY id DESC LIMIT 1"))[0]["ends_at"]
+    assert resets_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") in error["message"]
+    wait = int(response.headers["retry-after"])
+    assert 4 * 3600 < wait <= 5 * 3600
+    assert response.headers["x-should-retry"] == "false"
+    # refused before reaching the upstream: no ledger row, nothing reserved
+    assert run(query(database, "SELECT count(*) AS n FROM usage_ledger"))[0]["n"] == rows_before
+    assert reset["reserved"] == 0
+    # a small request still fits
+    client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=60)
+
+
+def test_full_weekly_window_refused_with_1310(bridge, database, small_plan_key):
+    key = small_plan_key
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
+    client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=100)
+    run(query(database, "UPDATE quota_windows SET posted = allowance - 10 WHERE kind = 'week'"
+                        " AND id IN (SELECT week_window_id FROM usage_ledger l JOIN api_keys k"
+                        " ON k.id = l.api_key_id WHERE k.prefix = $1)", key[:10]))
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=100)
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "1310" and "weekly window" in error["message"]
+
+
+def test_request_bigger_than_a_whole_window_is_400(bridge, small_plan_key):
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=small_plan_key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**body("tokens=5"), max_tokens=5_000)
+    error = caught.value.response.json()["error"]
+    assert error["param"] == "max_tokens" and "whole 5 hour window" in error["message"]
+
+
+def test_context_overflow_is_400_with_the_words_clients_detect(bridge, key):
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
+    huge = "lorem ipsum " * 70_000  # ~140k tokens: over glm-4.5's 131,072
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="glm-4.5", messages=[{"role": "user", "content": huge}])
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "maximum context length is 131072 tokens" in error["message"]
+
+
+# ---- quota API ------------------------------------------------------------------------------
+
+def test_usage_api_and_zai_monitor_endpoints(bridge, database):
+    key = new_user(database, new_plan(database, window=100_000, weekly=400_000))
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key)
+    reported = []
+    for model in ("glm-4.6", "glm-4.6", "glm-4.5-air"):
+        reported.append((model, client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"hi {uuid.uuid4().hex}"}], max_tokens=200).usage))
+    total = sum(u.total_tokens for _, u in reported)
+    usage = httpx.get(bridge.url + "/v1/usage", headers={"authorization": f"Bearer {key}"}).json()
+    five, week = usage["windows"]
+    assert (five["kind"], five["allowance"], five["used"], five["reserved"], five["remaining"]) == (
+        "5h", 100_000, total, 0, 100_000 - total)
+    assert week["kind"] == "week" and week["used"] == total and week["allowance"] == 400_000
+    resets = dt.datetime.strptime(five["resets_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    assert dt.timedelta(hours=4, minutes=59) < resets - dt.datetime.now(dt.timezone.utc) <= dt.timedelta(hours=5)
+    assert usage["today"]["glm-4.6"]["requests"] == 2 and usage["today"]["glm-4.5-air"]["requests"] == 1
+    assert usage["today"]["glm-4.6"]["completion_tokens"] == sum(
+        u.completion_tokens for m, u in reported if m == "glm-4.6")
+    assert usage["week"] == usage["today"] or dt.datetime.now(dt.timezone.utc).weekday() > 0
+    assert usage["estimates"]["glm-4.6"]["samples"] >= 2
+    assert httpx.get(bridge.url + "/v1/usage").status_code == 401
+
+    # Z.ai's HUD plugins send the raw key, without Bearer
+    quota = httpx.get(bridge.url + "/api/monitor/usage/quota/limit", headers={"authorization": key}).json()
+    assert quota["success"] is True and quota["code"] == 200 and quota["data"]["level"].startswith("p_")
+    tokens_5h, tokens_week = quota["data"]["limits"]
+    assert (tokens_5h["type"], tokens_5h["unit"], tokens_5h["number"]) == ("TOKENS_LIMIT", 3, 5)
+    assert (tokens_week["unit"], tokens_week["number"]) == (6, 1)
+    assert tokens_5h["currentValue"] == total and tokens_5h["percentage"] == round(100 * total / 100_000)
+    assert abs(tokens_5h["nextResetTime"] / 1000 - resets.timestamp()) < 1
+    model_usage = httpx.get(bridge.url + "/api/monitor/usage/model-usage", headers={"authorization": key}).json()
+    summary = model_usage["data"]["totalUsage"]
+    assert summary["totalModelCallCount"] == 3 and summary["totalTokensUsage"] == total
+    assert sum(model_usage["data"]["tokensUsage"]) == total
+    assert len(model_usage["data"]["x_time"]) == len(model_usage["data"]["modelCallCount"])
+    bad = httpx.get(bridge.url + "/api/monitor/usage/quota/limit", headers={"authorization": "nope"}).json()
+    assert (bad["success"], bad["code"]) == (False, 401)
