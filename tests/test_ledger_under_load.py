@@ -1,0 +1,132 @@
+"""The allowance holds under load, and a killed bridge leaves nothing unsettled or settled twice."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import asyncpg
+import httpx
+import openai
+import pytest
+
+from .conftest import new_plan, new_user, query, run, start_bridge
+
+
+async def test_500_concurrent_requests_never_exceed_the_window(bridge, database):
+    # each request reserves ~prompt + 100 tokens and uses ~prompt + 30: room for only part of them
+    allowance = 12_000
+    key = new_user(database, new_plan(database, window=allowance, weekly=allowance * 10))
+    client = openai.AsyncOpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    violations: list[tuple[int, int]] = []
+    done = asyncio.Event()
+
+    async def watch() -> int:
+        conn = await asyncpg.connect(database)
+        polls = 0
+        try:
+            while not done.is_set():
+                for row in await conn.fetch(
+                        "SELECT w.allowance, w.reserved, w.posted FROM quota_windows w JOIN api_keys k"
+                        " ON k.prefix = $1 JOIN subscriptions s ON s.account_id = k.account_id"
+                        " AND s.id = w.subscription_id", key[:10]):
+                    polls += 1
+                    if row["reserved"] + row["posted"] > row["allowance"]:
+                        violations.append((row["reserved"], row["posted"]))
+                await asyncio.sleep(0.005)
+        finally:
+            await conn.close()
+        return polls
+
+    async def one(i: int):
+        try:
+            stream = await client.chat.completions.create(
+                model="glm-4.6", max_tokens=100, stream=True,
+                messages=[{"role": "user", "content": f"[[sim ttft=30 tps=300 tokens=30 reasoning=0]] job {i}"}])
+            last = None
+            async for chunk in stream:
+                last = chunk
+            return last.usage
+        except openai.RateLimitError as exc:
+            return exc.response.json()["error"]["code"]
+
+    watcher = asyncio.create_task(watch())
+    results = await asyncio.gather(*(one(i) for i in range(500)))
+    done.set()
+    polls = await watcher
+    served = [r for r in results if not isinstance(r, str)]
+    refused = [r for r in results if isinstance(r, str)]
+    assert polls > 10 and violations == []
+    assert set(refused) == {"1308"}
+    assert len(served) + len(refused) == 500 and served and refused
+    rows = await query(database, "SELECT l.state, l.billed_tokens FROM usage_ledger l JOIN api_keys k"
+                                 " ON k.id = l.api_key_id WHERE k.prefix = $1", key[:10])
+    assert len(rows) == len(served) and {r["state"] for r in rows} == {"posted"}
+    window = (await query(database, "SELECT w.* FROM quota_windows w JOIN usage_ledger l ON l.window_id = w.id"
+                                    " JOIN api_keys k ON k.id = l.api_key_id WHERE k.prefix = $1 LIMIT 1", key[:10]))[0]
+    # every prompt is a single message: nothing cached, so billed == what the simulator reported
+    assert window["reserved"] == 0
+    assert window["posted"] == sum(u.total_tokens for u in served) <= allowance
+
+
+def test_sigkill_during_20_streams_then_sweep_settles_each_once(database, simulator):
+    env = dict(CODEPLAN_RESERVATION_LEASE="2", CODEPLAN_HEARTBEAT_INTERVAL="0.3",
+               CODEPLAN_SWEEP_INTERVAL="0.5")
+    upstream = simulator.url + "/api/coding/paas/v4"
+    victim = start_bridge(database, upstream, **env)
+    key = new_user(database)
+    progress: list[int] = [0] * 20
+
+    def stream(i: int) -> None:
+        try:
+            with httpx.stream("POST", victim.url + "/v1/chat/completions", timeout=30,
+                              headers={"authorization": f"Bearer {key}"},
+                              json={"model": "glm-4.6", "stream": True, "messages": [{"role": "user",
+                                    "content": f"[[sim tps=25 tokens=100 reasoning=0]] stream {i}"}]}) as r:
+                for line in r.iter_lines():
+                    if '"content"' in line:
+                        progress[i] += 1
+        except httpx.HTTPError:
+            pass  # the bridge died under it
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while min(progress) < 15 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # at least one heartbeat after that
+    victim.kill()
+    for t in threads:
+        t.join(10)
+    assert min(progress) >= 15 and max(progress) < 100
+
+    rows = run(query(database, "SELECT state FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
+                               " WHERE k.prefix = $1", key[:10]))
+    assert len(rows) == 20 and {r["state"] for r in rows} == {"pending"}
+
+    survivor = start_bridge(database, upstream, **env)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = run(query(database, "SELECT l.* FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
+                                       " WHERE k.prefix = $1", key[:10]))
+            if all(r["state"] != "pending" for r in rows):
+                break
+            time.sleep(0.2)
+        assert {r["state"] for r in rows} == {"expired"}
+        for row in rows:
+            assert row["estimated"] and row["settle_reason"] == "lease expired"
+            # what the last heartbeat proved was delivered, plus the prompt estimate
+            assert row["delivered_tokens"] >= 10
+            assert row["billed_tokens"] == row["prompt_estimate"] + row["delivered_tokens"]
+        windows = run(query(database, "SELECT DISTINCT w.* FROM quota_windows w JOIN usage_ledger l"
+                                      " ON w.id IN (l.window_id, l.week_window_id) JOIN api_keys k"
+                                      " ON k.id = l.api_key_id WHERE k.prefix = $1", key[:10]))
+        assert len(windows) == 2
+        for window in windows:
+            assert window["reserved"] == 0
+            assert window["posted"] == sum(r["billed_tokens"] for r in rows)
+    finally:
+        survivor.stop()
