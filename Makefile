@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-unit bench migrate clean
+.PHONY: run test test-clients clients bench migrate clean venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,14 @@ migrate: $(STAMP)
 	$(BIN)/codeplan migrate
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests --ignore=tests/clients
+
+# The real coding tools from npm, in a cache outside the repository (CODEPLAN_CLIENTS_DIR).
+clients:
+	tests/clients/install.sh
+
+test-clients: $(STAMP) clients
+	$(BIN)/python -m pytest -q tests/clients
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,10 +1,14 @@
 """Litestar routes for the API surfaces: thin adapters that decode, call the journey, encode."""
 from __future__ import annotations
 
-from litestar import Request, Response, Router, post
+import msgspec
+from litestar import Request, Response, Router, get, head, post
 from litestar.response import Stream
 
+from . import errors
+from .errors import BridgeError, Kind
 from .journey import Journey, Reply, Surface
+from .models import CATALOG, model_list
 from .surfaces.chat import ChatSurface
 
 _chat = ChatSurface()
@@ -43,4 +47,24 @@ async def chat_completions(request: Request) -> Response:
     return await _handle(_chat, request)
 
 
-router = Router(path="/", route_handlers=[chat_completions])
+@get(["/v1/models", "/models", "/api/coding/paas/v4/models", "/api/paas/v4/models"])
+async def models(request: Request) -> Response:
+    """The plan's models; without a key, every model served (tools probe before configuring)."""
+    key = api_key(request)
+    allowed = tuple(CATALOG)
+    if key:
+        principal = await request.app.state.journey.authenticator.authenticate(key)
+        if principal is None:
+            error = BridgeError(Kind.authentication, "Invalid API key.")
+            return Response(msgspec.json.encode(errors.openai_error(error)), status_code=401,
+                            media_type="application/json")
+        allowed = principal.models
+    return Response(msgspec.json.encode(model_list(allowed)), media_type="application/json")
+
+
+@head(["/", "/api/hello"])
+async def hello() -> None:
+    """Claude Code probes `HEAD /` before its first request: answer at once."""
+
+
+router = Router(path="/", route_handlers=[chat_completions, models, hello])

@@ -44,3 +44,47 @@ class ModelResolver:
             raise BridgeError(Kind.permission, f"The model `{requested}` is not included in your plan",
                               param="model")
         return info
+
+
+class ListedModel(msgspec.Struct):
+    """One model, readable as an OpenAI model object and as an Anthropic one (Claude Code's
+    discovery reads `display_name`), with the limits tools configure themselves from."""
+    id: str
+    object: str
+    type: str
+    created: int
+    created_at: str
+    owned_by: str
+    display_name: str
+    context_window: int
+    context_length: int
+    max_output_tokens: int
+
+
+class ModelList(msgspec.Struct):
+    object: str
+    data: list[ListedModel]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+_RELEASED = {"glm-4.6": 1759190400, "glm-4.5": 1753747200, "glm-4.5-air": 1753747200}
+
+
+def model_list(allowed: tuple[str, ...]) -> ModelList:
+    import datetime as dt
+
+    listed = []
+    for model_id in allowed:
+        info = CATALOG.get(model_id)
+        if info is None:
+            continue
+        created = _RELEASED.get(info.id, 1759190400)
+        listed.append(ListedModel(
+            id=info.id, object="model", type="model", created=created,
+            created_at=dt.datetime.fromtimestamp(created, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            owned_by="zai", display_name=info.display_name, context_window=info.context_window,
+            context_length=info.context_window, max_output_tokens=info.max_output))
+    return ModelList(object="list", data=listed, has_more=False,
+                     first_id=listed[0].id if listed else None, last_id=listed[-1].id if listed else None)

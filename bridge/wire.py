@@ -1,7 +1,8 @@
 """GLM-4.6 chat-completions wire shapes (docs/glm-upstream.md §4-5), as msgspec Structs.
 
 Decoding is tolerant: unknown fields are ignored, so a new upstream field never breaks us.
-Fields passed through untouched (tool schemas, image parts) stay `msgspec.Raw`.
+Fields passed through untouched (tool schemas, image parts) stay `msgspec.Raw`, defaulting
+to an empty Raw (omitted on encode) since Raw cannot be part of a union.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from msgspec import Raw, Struct, UNSET, UnsetType
 class FunctionDef(Struct, omit_defaults=True):
     name: str
     description: str | UnsetType = UNSET
-    parameters: Raw | UnsetType = UNSET
+    parameters: Raw = Raw()  # passed through untouched; empty when absent
 
 
 class Tool(Struct, omit_defaults=True):
@@ -36,7 +37,7 @@ class ToolCall(Struct, omit_defaults=True):
 class ContentPart(Struct, omit_defaults=True):
     type: str = "text"
     text: str | UnsetType = UNSET
-    image_url: Raw | UnsetType = UNSET
+    image_url: Raw = Raw()
 
 
 class Message(Struct, omit_defaults=True):
@@ -76,7 +77,7 @@ class ChatRequest(Struct, omit_defaults=True):
     top_p: float | UnsetType = UNSET
     do_sample: bool | UnsetType = UNSET
     stop: list[str] | UnsetType = UNSET
-    response_format: Raw | UnsetType = UNSET
+    response_format: Raw = Raw()
     request_id: str | UnsetType = UNSET
     user_id: str | UnsetType = UNSET
     stream_options: StreamOptions | UnsetType = UNSET
@@ -113,7 +114,9 @@ class FunctionDelta(Struct, omit_defaults=True):
     arguments: str | UnsetType | None = UNSET
 
 
-class ToolCallDelta(Struct, omit_defaults=True):
+class ToolCallDelta(Struct):
+    # not omit_defaults: `index` 0 must be on the wire (clients key calls by it); UNSET
+    # fields are left out all the same
     index: int = 0
     id: str | UnsetType | None = UNSET
     type: str | UnsetType | None = UNSET
@@ -175,9 +178,14 @@ class ErrorBody(Struct, omit_defaults=True):
     error: ErrorDetail = msgspec.field(default_factory=ErrorDetail)
 
 
-def schema_of(raw: Raw | UnsetType) -> dict[str, Any]:
+def present(raw: Raw) -> bool:
+    """Whether a pass-through field was given (msgspec.Raw cannot sit in a union)."""
+    return bool(raw) and bytes(raw).strip() != b"null"
+
+
+def schema_of(raw: Raw) -> dict[str, Any]:
     """A tool's JSON schema, decoded only where something must look inside it."""
-    if isinstance(raw, Raw):
+    if present(raw):
         decoded = msgspec.json.decode(raw)
         if isinstance(decoded, dict):
             return decoded

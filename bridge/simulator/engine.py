@@ -51,7 +51,9 @@ _REASONING = (
     "which change is smallest and safe the question seems to need a careful answer"
 ).split()
 _DIRECTIVE = re.compile(r"\[\[sim\s+([^\]]*)\]\]")
-_PATHLIKE = re.compile(r"(?:[\w.\-]+/)*[\w\-]+\.[A-Za-z0-9]{1,8}\b")
+_PATHLIKE = re.compile(r"/?(?:[\w.\-]+/)*[\w\-]+\.[A-Za-z0-9]{1,8}\b")
+_ABSOLUTE_PATH = re.compile(r"/(?:[\w.\-]+/)+[\w\-]+\.[A-Za-z0-9]{1,8}\b")
+_READERS = ("read", "read_file", "readfile", "view", "view_file", "cat")
 _PATH_KEYS = ("file_path", "path", "filePath", "absolute_path", "filename", "file", "target_file")
 
 
@@ -226,28 +228,42 @@ class Engine:
                       silence=directive.silence)
 
     @staticmethod
-    def _answer_from_tool_result(request: wire.ChatRequest) -> str:
+    def _tool_results(request: wire.ChatRequest) -> list[str] | None:
+        """The results of the tool calls the last assistant turn made; None when that turn
+        made none (or there was none): then the model has yet to act on the user's words."""
+        for i in range(len(request.messages) - 1, -1, -1):
+            message = request.messages[i]
+            if message.role == "assistant":
+                if not message.tool_calls:
+                    return None
+                return [m.text() for m in request.messages[i + 1:] if m.role == "tool"]
+        return None
+
+    def _answer_from_tool_result(self, request: wire.ChatRequest) -> str:
         """After a tool ran, answer from what it returned, so clients can check the loop."""
-        if request.messages and request.messages[-1].role == "tool":
-            result = request.messages[-1].text().strip()
-            return "From the tool result: " + result[:400]
+        results = self._tool_results(request)
+        if results:
+            return "From the tool result: " + " ".join(r.strip() for r in results)[:400]
         return ""
 
     def _tool_calls(self, request: wire.ChatRequest, directive: Directive,
                     rng: random.Random) -> list[tuple[str, str]]:
         if not request.tools or directive.tool == "none":
             return []
-        last = request.messages[-1] if request.messages else None
-        if last is None or last.role != "user":
-            return []  # a tool result or assistant turn came last: answer instead
+        if self._tool_results(request) is not None:
+            return []  # the tools ran: answer from their results instead
+        last = next((m for m in reversed(request.messages) if m.role == "user"), None)
+        if last is None:
+            return []
         functions = [t.function for t in request.tools if isinstance(t.function, wire.FunctionDef)]
         if not functions:
             return []
         if directive.tool:
             chosen = [f for f in functions if f.name == directive.tool] or functions[:1]
         else:
+            exact = [f for f in functions if f.name.lower() in _READERS]
             readers = [f for f in functions if re.search(r"read|view|cat", f.name, re.I)]
-            chosen = readers[:1] or functions[:1]
+            chosen = exact[:1] or readers[:1] or functions[:1]
         if directive.tools > 1:  # parallel calls: cycle through the tools offered
             chosen = (functions * directive.tools)[:directive.tools]
         text = last.text()
@@ -262,25 +278,33 @@ class Engine:
 
     @staticmethod
     def _arguments(schema: dict, user_text: str, rng: random.Random) -> dict:
+        plain = _DIRECTIVE.sub("", user_text)
+        # an absolute path is what the user most likely meant; agents' reminders name others
+        found = _ABSOLUTE_PATH.search(plain) or _PATHLIKE.search(plain)
+        path = found.group(0) if found else "README.md"
+        value = _fill(schema, "", path, rng)
+        return value if isinstance(value, dict) else {}
+
+
+def _fill(schema: dict, name: str, path: str, rng: random.Random) -> object:
+    """A value that satisfies `schema`, with the path wherever a file path is asked for."""
+    kind = schema.get("type")
+    if kind is None and isinstance(schema.get("anyOf"), list):
+        options = [o for o in schema["anyOf"] if isinstance(o, dict) and o.get("type") != "null"]
+        return _fill(options[0], name, path, rng) if options else None
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "string")
+    pathlike = name in _PATH_KEYS or "path" in name.lower() or "file" in name.lower()
+    if kind == "object" or (kind is None and "properties" in schema):
         properties = schema.get("properties") or {}
         required = schema.get("required") or list(properties)[:1]
-        path = _PATHLIKE.search(_DIRECTIVE.sub("", user_text))
-        arguments: dict[str, object] = {}
-        for name in required:
-            spec = properties.get(name) or {}
-            kind = spec.get("type", "string")
-            if isinstance(kind, list):
-                kind = next((k for k in kind if k != "null"), "string")
-            if name in _PATH_KEYS or "path" in name.lower():
-                arguments[name] = path.group(0) if path else "README.md"
-            elif kind == "integer" or kind == "number":
-                arguments[name] = 1
-            elif kind == "boolean":
-                arguments[name] = False
-            elif kind == "array":
-                arguments[name] = []
-            elif kind == "object":
-                arguments[name] = {}
-            else:
-                arguments[name] = rng.choice(_WORDS)
-        return arguments
+        return {key: _fill(properties.get(key) or {}, key, path, rng) for key in required}
+    if kind == "array":
+        if not pathlike:
+            return []
+        return [_fill(schema.get("items") or {"type": "string"}, name, path, rng)]
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return False
+    return path if pathlike else rng.choice(_WORDS)

@@ -7,7 +7,7 @@ import uuid
 from typing import AsyncIterator
 
 import msgspec
-from litestar import Litestar, Request, Response, post
+from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
 from .. import sse, wire
@@ -76,8 +76,21 @@ def _message(script: Script) -> wire.ResponseMessage:
         tool_calls=list(calls.values()) or msgspec.UNSET)
 
 
+class Stats(msgspec.Struct):
+    """What the simulator served, so tests can check the bridge metered every request."""
+    requests: int = 0
+    completed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 def create_app(config: SimConfig | None = None) -> Litestar:
     engine = Engine(config or SimConfig())
+    stats = Stats()
+
+    @get("/_sim/stats")
+    async def sim_stats() -> Response:
+        return Response(msgspec.json.encode(stats), media_type="application/json")
 
     @post(["/api/paas/v4/chat/completions", "/api/coding/paas/v4/chat/completions"],
           status_code=200)
@@ -97,10 +110,15 @@ def create_app(config: SimConfig | None = None) -> Litestar:
         if isinstance(chat.tool_choice, str) and chat.tool_choice != "auto":
             return _error(400, "1210", "Invalid API parameter: tool_choice only supports auto")
         script = engine.plan(chat)
+        stats.requests += 1
         for fault in script.faults & FAULTS.keys():
             status, code, message = FAULTS[fault]
             return _error(status, code, message)
         completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        if not script.faults:
+            stats.completed += 1
+            stats.prompt_tokens += script.usage.prompt_tokens
+            stats.completion_tokens += script.usage.completion_tokens
         headers = {"x-request-id": completion_id}
         if chat.stream:
             return Stream(_stream(script, completion_id, chat.model), media_type="text/event-stream",
@@ -115,5 +133,5 @@ def create_app(config: SimConfig | None = None) -> Litestar:
             usage=msgspec.UNSET if "no_usage" in script.faults else script.usage)
         return Response(wire.encoder.encode(body), media_type="application/json", headers=headers)
 
-    return Litestar(route_handlers=[chat_completions], debug=False, logging_config=None,
+    return Litestar(route_handlers=[chat_completions, sim_stats], debug=False, logging_config=None,
                     openapi_config=None)

@@ -21,14 +21,14 @@ SURFACE = "chat"
 class ClientPart(Struct):
     type: str = "text"
     text: str | UnsetType = UNSET
-    image_url: Raw | UnsetType = UNSET
+    image_url: Raw = Raw()
     # cache_control and anything else on a part is accepted and dropped
 
 
 class ClientFunction(Struct):
     name: str
     description: str | UnsetType | None = UNSET
-    parameters: Raw | UnsetType | None = UNSET
+    parameters: Raw = Raw()
     strict: bool | UnsetType | None = UNSET
 
 
@@ -72,12 +72,12 @@ class ClientChatRequest(Struct):
     top_p: float | None = None
     stop: str | list[str] | None = None
     tools: list[ClientTool] | None = None
-    tool_choice: str | Raw | None = None
+    tool_choice: Raw = Raw()  # "auto", "none", "required" or {"type": "function", ...}
     parallel_tool_calls: bool | None = None
     thinking: ClientThinking | None = None
     reasoning: ClientReasoning | None = None
     reasoning_effort: str | None = None
-    response_format: Raw | None = None
+    response_format: Raw = Raw()
     user: str | None = None
     # every other field (seed, n, penalties, prompt_cache_key, chat_template_args...) is ignored
 
@@ -145,13 +145,13 @@ def to_upstream(request: ClientChatRequest, model: str, max_tokens: int) -> wire
     upstream = wire.ChatRequest(
         model=model, messages=[_message(m) for m in request.messages],
         stream=bool(request.stream), max_tokens=max_tokens, thinking=_thinking(request))
-    tool_choice_none = request.tool_choice == "none"
+    tool_choice_none = bytes(request.tool_choice).strip() == b'"none"'
     if request.tools and not tool_choice_none:
         upstream.tools = [
             wire.Tool(type="function", function=wire.FunctionDef(
                 name=t.function.name,
                 description=t.function.description if isinstance(t.function.description, str) else UNSET,
-                parameters=t.function.parameters if isinstance(t.function.parameters, Raw) else UNSET))
+                parameters=t.function.parameters if wire.present(t.function.parameters) else Raw()))
             for t in request.tools if isinstance(t.function, ClientFunction)]
         # GLM supports only "auto"; a forced choice cannot be honoured upstream
         upstream.tool_choice = "auto"
@@ -164,7 +164,7 @@ def to_upstream(request: ClientChatRequest, model: str, max_tokens: int) -> wire
     if request.stop:
         # GLM takes at most one stop word
         upstream.stop = [request.stop] if isinstance(request.stop, str) else request.stop[:1]
-    if request.response_format is not None:
+    if wire.present(request.response_format):
         upstream.response_format = request.response_format
     return upstream
 
@@ -271,6 +271,7 @@ class ChatStream:
         self.created = int(time.time())
         self._tools: dict[int, _ToolState] = {}
         self._sent_role = False
+        self._said_anything = False
 
     def _chunk(self, delta: wire.Delta, finish: str | None) -> bytes:
         return sse.frame(_encoder.encode(OutChunk(
@@ -296,6 +297,8 @@ class ChatStream:
                 out += self._close_tools()
                 if self._tools and finish == "stop":
                     finish = "tool_calls"
+            if _has_content(delta):
+                self._said_anything = True
             if finish is not None or _has_payload(delta):
                 out += self._chunk(delta, finish)
         return out
@@ -333,7 +336,16 @@ class ChatStream:
         return out
 
     def finish(self, usage: wire.Usage) -> bytes:
-        """The usage-only last chunk (`choices: []`), then [DONE]."""
+        """The usage-only last chunk (`choices: []`), then [DONE].
+
+        An answer with no text, reasoning or tool call is an error to every client (Cline
+        fails hard on it): it ends as a retryable error instead, after the usage."""
+        if not self._said_anything:
+            return sse.frame(_encoder.encode(OutChunk(
+                id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
+                choices=[], usage=out_usage(usage)))) + self.fail(BridgeError(
+                    Kind.upstream_error, "The model returned an empty answer; please retry.",
+                    code="empty_response"))
         return sse.frame(_encoder.encode(OutChunk(
             id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
             choices=[], usage=out_usage(usage)))) + sse.DONE
@@ -342,6 +354,10 @@ class ChatStream:
         """A failure after the stream began: an OpenAI error object in the stream (the SDKs raise
         it), and no [DONE], so no client mistakes the cut answer for a whole one."""
         return sse.frame(_encoder.encode(errors.openai_error(error)))
+
+
+def _has_content(delta: wire.Delta) -> bool:
+    return bool(delta.content) or bool(delta.reasoning_content) or bool(delta.tool_calls)
 
 
 def _has_payload(delta: wire.Delta) -> bool:

@@ -1,0 +1,133 @@
+"""The real coding tools, installed from npm, run headless against the bridge on 127.0.0.1.
+
+Each runs one task that needs a tool call (read a file, answer from it). The answer must carry
+the file's secret, and the ledger must hold one settled row for every request the simulator
+served (its own count, independent of the bridge's).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ..conftest import new_user, query, run, start_bridge
+
+CLIENTS = Path(os.environ.get("CODEPLAN_CLIENTS_DIR", Path.home() / ".cache" / "codeplan-clients"))
+SECRET = "PINEAPPLE-42"
+
+
+def binary(name: str, tool: str) -> str:
+    path = CLIENTS / name / "node_modules" / ".bin" / tool
+    assert path.exists(), f"{path} missing: run `make clients` (tests/clients/install.sh) first"
+    return str(path)
+
+
+def sim_stats(simulator) -> dict:
+    with urllib.request.urlopen(simulator.url + "/_sim/stats") as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def codeplan(database, simulator):
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    (work / "notes" / "secret.txt").write_text(f"The launch code is {SECRET}.\n")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], cwd=work, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=work, check=True)
+    subprocess.run(git + ["commit", "-qm", "fixture"], cwd=work, check=True)
+    home = tmp_path / "home"
+    home.mkdir()
+    return work, home
+
+
+def task(work: Path) -> str:
+    return f"Read the file {work / 'notes' / 'secret.txt'} and tell me the launch code."
+
+
+def run_client(argv: list[str], work: Path, home: Path, env: dict[str, str], timeout: int = 180) -> str:
+    environment = {k: v for k, v in os.environ.items()
+                   if not k.startswith(("CODEPLAN_", "ANTHROPIC_", "OPENAI_"))}
+    environment.update(HOME=str(home), **env)
+    result = subprocess.run(argv, cwd=work, env=environment, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=timeout)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    return output
+
+
+def check_metered(database: str, key: str, served: int) -> None:
+    rows = run(query(database, "SELECT l.state, l.estimated FROM usage_ledger l JOIN api_keys k"
+                               " ON k.id = l.api_key_id WHERE k.prefix = $1", key[:10]))
+    assert served >= 2, "a tool round trip takes at least two model calls"
+    assert len(rows) == served
+    assert all(r["state"] == "posted" and not r["estimated"] for r in rows), rows
+
+
+def opencode_config(path: Path, base: str, key: str) -> None:
+    path.write_text(json.dumps({
+        "$schema": "https://opencode.ai/config.json",
+        "provider": {"codeplan": {
+            "npm": "@ai-sdk/openai-compatible", "name": "Codeplan",
+            "options": {"baseURL": base + "/v1", "apiKey": key},
+            "models": {"glm-4.6": {"name": "GLM-4.6", "tool_call": True,
+                                   "limit": {"context": 204800, "output": 131072}}}}},
+        "model": "codeplan/glm-4.6", "small_model": "codeplan/glm-4.6",
+        # headless: nobody is there to approve a read
+        "permission": {"external_directory": "allow", "read": "allow"}}))
+
+
+def test_opencode(codeplan, database, simulator, workspace):
+    work, home = workspace
+    key = new_user(database)
+    opencode_config(home / "opencode.json", codeplan.url, key)
+    before = sim_stats(simulator)["requests"]
+    output = run_client([binary("opencode", "opencode"), "run", task(work)], work, home, {
+        "OPENCODE_CONFIG": str(home / "opencode.json"), "OPENCODE_DISABLE_AUTOUPDATE": "1",
+        "OPENCODE_DISABLE_MODELS_FETCH": "1", "OPENCODE_DISABLE_LSP_DOWNLOAD": "1",
+        "OPENCODE_DISABLE_DEFAULT_PLUGINS": "1", "OPENCODE_DISABLE_SHARE": "1",
+        "OPENCODE_DISABLE_CLAUDE_CODE": "1"})
+    assert SECRET in output.split("From the tool result:")[-1], output[-2000:]
+    check_metered(database, key, sim_stats(simulator)["requests"] - before)
+
+
+def test_kilo(codeplan, database, simulator, workspace):
+    work, home = workspace
+    key = new_user(database)
+    opencode_config(home / "kilo.json", codeplan.url, key)
+    before = sim_stats(simulator)["requests"]
+    flags = ["AUTOUPDATE", "MODELS_FETCH", "LSP_DOWNLOAD", "DEFAULT_PLUGINS", "SHARE", "CLAUDE_CODE",
+             "SESSION_INGEST", "PRESENCE", "CODEBASE_INDEXING"]
+    output = run_client([binary("kilo", "kilo"), "run", task(work)], work, home, {
+        "KILO_CONFIG": str(home / "kilo.json"), **{f"KILO_DISABLE_{f}": "1" for f in flags}})
+    assert SECRET in output.split("From the tool result:")[-1], output[-2000:]
+    check_metered(database, key, sim_stats(simulator)["requests"] - before)
+
+
+def test_cline(codeplan, database, simulator, workspace):
+    work, home = workspace
+    key = new_user(database)
+    cline = binary("cline", "cline")
+    dirs = ["--config", str(home / "cfg"), "--data-dir", str(home / "data")]
+    run_client([cline, "auth", "-p", "openai", "-k", key, "-m", "glm-4.6", "-b", codeplan.url + "/v1", *dirs],
+               work, home, {})
+    before = sim_stats(simulator)["requests"]
+    output = run_client([cline, *dirs, "--json", "-t", "120", task(work)], work, home, {})
+    result = [json.loads(line) for line in output.splitlines()
+              if line.startswith("{") and '"run_result"' in line]
+    assert result and result[-1]["finishReason"] == "completed", output[-2000:]
+    assert SECRET in result[-1]["text"]
+    check_metered(database, key, sim_stats(simulator)["requests"] - before)
