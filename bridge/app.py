@@ -9,9 +9,11 @@ from . import errors
 from .errors import BridgeError, Kind
 from .journey import Journey, Reply, Surface
 from .models import CATALOG, model_list
+from .surfaces import messages as anthropic
 from .surfaces.chat import ChatSurface
 
 _chat = ChatSurface()
+_messages = anthropic.MessagesSurface()
 
 
 def api_key(request: Request) -> str:
@@ -47,6 +49,32 @@ async def chat_completions(request: Request) -> Response:
     return await _handle(_chat, request)
 
 
+# Claude Code appends /v1/messages to ANTHROPIC_BASE_URL; Z.ai-style bases end in /api/anthropic
+MESSAGES_PATHS = ["/v1/messages", "/messages", "/api/anthropic/v1/messages"]
+
+
+@post(MESSAGES_PATHS, status_code=200)
+async def messages(request: Request) -> Response:
+    return await _handle(_messages, request)
+
+
+class InputTokens(msgspec.Struct):
+    input_tokens: int
+
+
+@post([p + "/count_tokens" for p in MESSAGES_PATHS], status_code=200)
+async def count_tokens(request: Request) -> Response:
+    journey: Journey = request.app.state.journey
+    try:
+        parsed, error = anthropic.count_request(await request.body()), None
+    except BridgeError as failure:
+        parsed, error = None, failure
+    reply, tokens = await journey.count_tokens(_messages, api_key(request), parsed, error)
+    if tokens is None:
+        return respond(reply)
+    return Response(msgspec.json.encode(InputTokens(input_tokens=tokens)), media_type="application/json")
+
+
 @get(["/v1/models", "/models", "/api/coding/paas/v4/models", "/api/paas/v4/models"])
 async def models(request: Request) -> Response:
     """The plan's models; without a key, every model served (tools probe before configuring)."""
@@ -67,4 +95,4 @@ async def hello() -> None:
     """Claude Code probes `HEAD /` before its first request: answer at once."""
 
 
-router = Router(path="/", route_handlers=[chat_completions, models, hello])
+router = Router(path="/", route_handlers=[chat_completions, messages, count_tokens, models, hello])

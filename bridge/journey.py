@@ -26,7 +26,8 @@ from service.ledger import Admission, Ledger, Usage
 from . import sse, wire
 from .errors import BridgeError, Kind
 from .metering import PromptEstimator, StreamMeter
-from .models import ModelInfo, ModelResolver
+from .models import CATALOG, ModelInfo, ModelResolver
+from .surfaces.chat import prompt_text
 from .upstream import Upstream
 
 log = logging.getLogger("codeplan.journey")
@@ -36,6 +37,8 @@ class StreamTranslator(Protocol):
     content_type: str
     keepalive: bytes
 
+    def start(self) -> bytes:
+        """What goes out before the first upstream byte (Anthropic's message_start)."""
     def feed(self, chunk: wire.Chunk) -> bytes: ...
     def finish(self, usage: wire.Usage) -> bytes: ...
     def fail(self, error: BridgeError) -> bytes: ...
@@ -47,9 +50,10 @@ class Surface(Protocol):
 
     def parse(self, body: bytes) -> tuple[wire.ChatRequest, int | None]:
         """The GLM request (model as the client named it) and the client's max_tokens."""
-    def stream(self, model: str, request_id: str) -> StreamTranslator: ...
+    def stream(self, model: str, request_id: str, prompt_estimate: int) -> StreamTranslator: ...
     def complete(self, completion: wire.Completion, model: str, usage: wire.Usage) -> bytes: ...
-    def error(self, error: BridgeError) -> bytes: ...
+    def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and body of an error in this protocol's own shape."""
 
 
 class Reply(msgspec.Struct):
@@ -85,7 +89,8 @@ class Journey:
         self._ledger = ledger
         self._upstream = upstream
         self._calibration = calibration
-        self._models = ModelResolver(config.model_aliases)
+        self._models = ModelResolver(config.model_aliases, claude=config.claude_model,
+                                     claude_haiku=config.claude_haiku_model)
         self._estimator = PromptEstimator()
         self._background: set[asyncio.Task] = set()
         self._drains = 0
@@ -117,18 +122,33 @@ class Journey:
             self._spawn(self._ledger.void(admitted.entry, reason="cancelled before forwarding"))
             raise
         if request.stream:
-            translator = surface.stream(admitted.shown_model, "chatcmpl-" + admitted.entry.hex)
+            translator = surface.stream(admitted.shown_model, admitted.entry.hex, admitted.prompt_estimate)
             return Reply(status=200, media_type=translator.content_type,
                          headers={"cache-control": "no-cache", "x-request-id": str(admitted.entry)},
                          stream=self._relay(translator, response, admitted))
         return await self._complete(surface, response, admitted)
+
+    async def count_tokens(self, surface: Surface, key: str, request: wire.ChatRequest | None,
+                           error: BridgeError | None = None) -> tuple[Reply, int | None]:
+        """The prompt estimate admission would reserve for this request, corrected by the
+        measured GLM ratio: what `count_tokens` answers."""
+        try:
+            if await self._auth.authenticate(key) is None:
+                raise BridgeError(Kind.authentication, "Invalid API key.")
+            if error is not None:
+                raise error
+            assert request is not None
+            model = self._models.resolve(request.model, tuple(CATALOG))
+            raw = await self._estimator.count(prompt_text(request), len(request.messages))
+            return Reply(status=200, headers={}), self._calibration.correct(model.id, raw)
+        except BridgeError as failure:
+            return self._error(surface, failure), None
 
     async def _admit(self, surface: Surface, principal: Principal, request: wire.ChatRequest,
                      max_tokens: int | None) -> _Admitted:
         shown_model = request.model
         model = self._models.resolve(request.model, principal.models)
         request.model = model.id
-        from .surfaces.chat import prompt_text
         raw = await self._estimator.count(prompt_text(request), len(request.messages))
         prompt = self._calibration.correct(model.id, raw)
         if prompt >= model.context_window:
@@ -186,6 +206,9 @@ class Journey:
         next_heartbeat = time.monotonic() + heartbeat_every
         silence = 0.0
         try:
+            opening = translator.start()
+            if opening:
+                yield opening
             try:
                 while True:
                     try:
@@ -331,7 +354,8 @@ class Journey:
     # ---- plumbing ------------------------------------------------------------------------
 
     def _error(self, surface: Surface, error: BridgeError) -> Reply:
-        return Reply(status=error.status, headers=error.headers(), body=surface.error(error))
+        status, headers, body = surface.error(error)
+        return Reply(status=status, headers=headers, body=body)
 
     def _spawn(self, coroutine) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

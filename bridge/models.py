@@ -27,7 +27,10 @@ CATALOG: dict[str, ModelInfo] = {
 class ModelResolver:
     """Case-insensitive model ids plus operator aliases ("alias=model")."""
 
-    def __init__(self, aliases: tuple[str, ...] = ()) -> None:
+    def __init__(self, aliases: tuple[str, ...] = (), *, claude: str = "glm-4.6",
+                 claude_haiku: str = "glm-4.5-air") -> None:
+        self._claude = claude.lower()
+        self._claude_haiku = claude_haiku.lower()
         self._aliases: dict[str, str] = {}
         for pair in aliases:
             alias, _, target = pair.partition("=")
@@ -36,6 +39,9 @@ class ModelResolver:
     def resolve(self, requested: str, allowed: tuple[str, ...]) -> ModelInfo:
         wanted = requested.strip().lower()
         wanted = self._aliases.get(wanted, wanted)
+        if wanted.startswith("claude"):
+            # Claude Code asks for its own ids: opus and sonnet get GLM-4.6, haiku the Air
+            wanted = self._claude_haiku if "haiku" in wanted else self._claude
         info = CATALOG.get(wanted)
         if info is None:
             raise BridgeError(Kind.not_found, f"The model `{requested}` does not exist or you do "

@@ -42,6 +42,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
     # operator-configurable model aliases: "alias=model,alias2=model2"
     model_aliases: tuple[str, ...] = ()
+    # what Claude Code's claude-* model ids are served by (Z.ai's own defaults)
+    claude_model: str = "glm-4.6"
+    claude_haiku_model: str = "glm-4.5-air"
     # extra directory with a tokenizer rank file (see service/estimate.py)
     tiktoken_cache_dir: str = ""
 

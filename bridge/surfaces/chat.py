@@ -265,13 +265,16 @@ class ChatStream:
     content_type = "text/event-stream"
     keepalive = sse.KEEPALIVE
 
-    def __init__(self, model: str, completion_id: str) -> None:
+    def __init__(self, model: str, request_id: str) -> None:
         self.model = model
-        self.id = completion_id
+        self.id = "chatcmpl-" + request_id
         self.created = int(time.time())
         self._tools: dict[int, _ToolState] = {}
         self._sent_role = False
         self._said_anything = False
+
+    def start(self) -> bytes:
+        return b""
 
     def _chunk(self, delta: wire.Delta, finish: str | None) -> bytes:
         return sse.frame(_encoder.encode(OutChunk(
@@ -399,11 +402,11 @@ class ChatSurface:
         request = parse_request(body)
         return to_upstream(request, request.model, 0), requested_max_tokens(request)
 
-    def stream(self, model: str, request_id: str) -> ChatStream:
+    def stream(self, model: str, request_id: str, prompt_estimate: int) -> ChatStream:
         return ChatStream(model, request_id)
 
     def complete(self, completion: wire.Completion, model: str, usage: wire.Usage) -> bytes:
         return completion_body(completion, model, usage)
 
-    def error(self, error: BridgeError) -> bytes:
-        return error_body(error)
+    def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
+        return error.status, error.headers(), error_body(error)

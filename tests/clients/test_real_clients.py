@@ -131,3 +131,18 @@ def test_cline(codeplan, database, simulator, workspace):
     assert result and result[-1]["finishReason"] == "completed", output[-2000:]
     assert SECRET in result[-1]["text"]
     check_metered(database, key, sim_stats(simulator)["requests"] - before)
+
+
+def test_claude_code(codeplan, database, simulator, workspace):
+    work, home = workspace
+    key = new_user(database)
+    before = sim_stats(simulator)["requests"]
+    output = run_client([binary("claude", "claude"), "-p", task(work), "--model", "glm-4.6",
+                         "--output-format", "json"], work, home, {
+        "ANTHROPIC_BASE_URL": codeplan.url, "ANTHROPIC_AUTH_TOKEN": key,
+        "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1",
+        "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1"})
+    result = json.loads(output[output.index("{"):output.rindex("}") + 1])
+    assert result["subtype"] == "success" and not result["is_error"], output[-2000:]
+    assert result["num_turns"] >= 2 and SECRET in result["result"]
+    check_metered(database, key, sim_stats(simulator)["requests"] - before)

@@ -1,0 +1,513 @@
+"""Anthropic Messages <-> GLM chat completions, sans I/O.
+
+`to_upstream` turns what Claude Code (and the Anthropic providers of Cline, Roo, OpenCode) send
+into a GLM request; `MessagesStream` turns GLM chunks into Anthropic's event stream:
+message_start, content blocks (thinking, text, tool_use) with increasing index, message_delta,
+message_stop. Fields GLM has no use for (cache_control, context_management, output_config,
+future ones) are accepted and dropped, never a 400.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import math
+
+import msgspec
+from msgspec import UNSET, Raw, Struct, UnsetType
+
+from .. import sse, wire
+from ..errors import BridgeError, Kind
+
+SURFACE = "messages"
+
+
+# ---- requests ---------------------------------------------------------------------------
+
+class ImageSource(Struct):
+    type: str = "base64"
+    media_type: str | None = None
+    data: str | None = None
+    url: str | None = None
+
+
+class Block(Struct):
+    type: str
+    text: str | None = None
+    # tool_use
+    id: str | None = None
+    name: str | None = None
+    input: Raw = Raw()
+    # tool_result
+    tool_use_id: str | None = None
+    content: str | list["Block"] | None = None
+    is_error: bool | None = None
+    # thinking
+    thinking: str | None = None
+    signature: str | None = None
+    # image
+    source: ImageSource | None = None
+
+
+class Message(Struct):
+    role: str
+    content: str | list[Block]
+
+
+class ToolDef(Struct):
+    name: str
+    description: str | None = None
+    input_schema: Raw = Raw()
+    type: str | None = None  # server tools (web_search...) have a type and no schema
+
+
+class ToolChoice(Struct):
+    type: str = "auto"  # auto | any | tool | none
+    name: str | None = None
+
+
+class ThinkingConfig(Struct):
+    type: str = "enabled"  # enabled | disabled | adaptive
+    budget_tokens: int | None = None
+
+
+class MessagesRequest(Struct):
+    model: str
+    messages: list[Message]
+    max_tokens: int | None = None
+    system: str | list[Block] | None = None
+    stream: bool | None = False
+    temperature: float | None = None
+    top_p: float | None = None
+    stop_sequences: list[str] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
+    # metadata, top_k, cache_control, context_management, output_config, service_tier and any
+    # future field are accepted and dropped
+
+
+class CountTokensRequest(Struct):
+    model: str
+    messages: list[Message]
+    system: str | list[Block] | None = None
+    tools: list[ToolDef] | None = None
+
+
+_decoder = msgspec.json.Decoder(MessagesRequest)
+
+
+def parse_request(body: bytes) -> MessagesRequest:
+    try:
+        request = _decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BridgeError(Kind.invalid_request, f"Invalid request body: {exc}") from None
+    except msgspec.DecodeError:
+        raise BridgeError(Kind.invalid_request, "The request body is not valid JSON.") from None
+    if not request.messages:
+        raise BridgeError(Kind.invalid_request, "messages: at least one message is required")
+    return request
+
+
+def _text_of(content: str | list[Block] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(b.text for b in content if b.type == "text" and b.text)
+
+
+def _image_part(block: Block) -> wire.ContentPart | None:
+    source = block.source
+    if source is None:
+        return None
+    if source.type == "url" and source.url:
+        url = source.url
+    elif source.data:
+        url = f"data:{source.media_type or 'image/png'};base64,{source.data}"
+    else:
+        return None
+    return wire.ContentPart(type="image_url", image_url=Raw(msgspec.json.encode({"url": url})))
+
+
+def _user_content(blocks: list[Block]) -> str | list[wire.ContentPart] | None:
+    parts: list[wire.ContentPart] = []
+    for block in blocks:
+        if block.type == "text" and block.text:
+            parts.append(wire.ContentPart(type="text", text=block.text))
+        elif block.type == "image":
+            image = _image_part(block)
+            if image is not None:
+                parts.append(image)
+    if not parts:
+        return None
+    if all(p.type == "text" for p in parts):
+        return "\n".join(p.text for p in parts if isinstance(p.text, str))
+    return parts
+
+
+def _messages(request: MessagesRequest) -> list[wire.Message]:
+    out: list[wire.Message] = []
+    system = _text_of(request.system) if request.system is not None else ""
+    if system:
+        out.append(wire.Message(role="system", content=system))
+    for message in request.messages:
+        blocks = [Block(type="text", text=message.content)] if isinstance(message.content, str) \
+            else message.content
+        if message.role == "assistant":
+            text = "".join(b.text or "" for b in blocks if b.type == "text")
+            reasoning = "".join(b.thinking or "" for b in blocks if b.type == "thinking")
+            calls = [wire.ToolCall(id=b.id or "", type="function", function=wire.FunctionCall(
+                name=b.name or "", arguments=bytes(b.input).decode() if wire.present(b.input) else "{}"))
+                for b in blocks if b.type == "tool_use"]
+            assistant = wire.Message(role="assistant", content=text or (None if calls else ""))
+            if reasoning:
+                assistant.reasoning_content = reasoning  # GLM wants its thinking replayed
+            if calls:
+                assistant.tool_calls = calls
+            out.append(assistant)
+        elif message.role == "system":
+            # Claude Code sends system turns mid-conversation; GLM takes them where they stand
+            out.append(wire.Message(role="system", content=_text_of(blocks)))
+        else:
+            # tool results answer the previous assistant turn, so they come first
+            for block in blocks:
+                if block.type == "tool_result":
+                    result = _text_of(block.content)
+                    if block.is_error:
+                        result = "Error: " + result
+                    out.append(wire.Message(role="tool", content=result, tool_call_id=block.tool_use_id or ""))
+            rest = _user_content([b for b in blocks if b.type != "tool_result"])
+            if rest is not None:
+                out.append(wire.Message(role="user", content=rest))
+    return out
+
+
+def _tools(tools: list[ToolDef] | None) -> list[wire.Tool]:
+    return [wire.Tool(type="function", function=wire.FunctionDef(
+        name=t.name, description=t.description if t.description else UNSET,
+        parameters=t.input_schema if wire.present(t.input_schema) else Raw(b'{"type":"object","properties":{}}')))
+        for t in tools or () if t.type in (None, "custom") or wire.present(t.input_schema)]
+
+
+def to_upstream(request: MessagesRequest) -> wire.ChatRequest:
+    upstream = wire.ChatRequest(model=request.model, messages=_messages(request), stream=bool(request.stream))
+    if request.thinking is not None:
+        upstream.thinking = wire.Thinking(type="disabled" if request.thinking.type == "disabled" else "enabled")
+    choice = request.tool_choice.type if request.tool_choice is not None else "auto"
+    tools = _tools(request.tools)
+    if tools and choice != "none":
+        upstream.tools = tools
+        upstream.tool_choice = "auto"  # GLM supports only auto
+        if request.stream:
+            upstream.tool_stream = True
+    if request.temperature is not None:
+        upstream.temperature = min(max(request.temperature, 0.0), 1.0)
+    if request.top_p is not None:
+        upstream.top_p = min(max(request.top_p, 0.01), 1.0)
+    if request.stop_sequences:
+        upstream.stop = request.stop_sequences[:1]
+    return upstream
+
+
+def count_request(body: bytes) -> wire.ChatRequest:
+    """count_tokens takes the same prompt fields as a message request, without max_tokens."""
+    try:
+        request = msgspec.json.decode(body, type=CountTokensRequest)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise BridgeError(Kind.invalid_request, f"Invalid request body: {exc}") from None
+    return to_upstream(MessagesRequest(model=request.model, messages=request.messages,
+                                       system=request.system, tools=request.tools))
+
+
+# ---- responses --------------------------------------------------------------------------
+
+class OutUsage(Struct):
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+def out_usage(usage: wire.Usage) -> OutUsage:
+    # Anthropic's input_tokens excludes cache reads; GLM's prompt_tokens includes them
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    return OutUsage(input_tokens=usage.prompt_tokens - cached, output_tokens=usage.completion_tokens,
+                    cache_read_input_tokens=cached)
+
+
+class OutMessage(Struct):
+    id: str
+    type: str
+    role: str
+    model: str
+    content: list[dict]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: OutUsage
+
+
+class MessageStart(Struct, tag="message_start", tag_field="type"):
+    message: OutMessage
+
+
+class TextStart(Struct, tag="text", tag_field="type"):
+    text: str = ""
+
+
+class ThinkingStart(Struct, tag="thinking", tag_field="type"):
+    thinking: str = ""
+    signature: str = ""
+
+
+class ToolUseStart(Struct, tag="tool_use", tag_field="type"):
+    id: str
+    name: str
+    input: dict = msgspec.field(default_factory=dict)
+
+
+class BlockStart(Struct, tag="content_block_start", tag_field="type"):
+    index: int
+    content_block: TextStart | ThinkingStart | ToolUseStart
+
+
+class TextDelta(Struct, tag="text_delta", tag_field="type"):
+    text: str
+
+
+class ThinkingDelta(Struct, tag="thinking_delta", tag_field="type"):
+    thinking: str
+
+
+class SignatureDelta(Struct, tag="signature_delta", tag_field="type"):
+    signature: str
+
+
+class JsonDelta(Struct, tag="input_json_delta", tag_field="type"):
+    partial_json: str
+
+
+class BlockDelta(Struct, tag="content_block_delta", tag_field="type"):
+    index: int
+    delta: TextDelta | ThinkingDelta | SignatureDelta | JsonDelta
+
+
+class BlockStop(Struct, tag="content_block_stop", tag_field="type"):
+    index: int
+
+
+class StopDelta(Struct):
+    stop_reason: str | None
+    stop_sequence: str | None = None
+
+
+class MessageDelta(Struct, tag="message_delta", tag_field="type"):
+    delta: StopDelta
+    usage: OutUsage
+
+
+class MessageStop(Struct, tag="message_stop", tag_field="type"):
+    pass
+
+
+class ErrorDetail(Struct):
+    type: str
+    message: str
+
+
+class ErrorEvent(Struct, tag="error", tag_field="type"):
+    error: ErrorDetail
+
+
+_encoder = msgspec.json.Encoder()
+
+STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens",
+                "model_context_window_exceeded": "max_tokens", "sensitive": "refusal"}
+
+
+def _event(name: str, payload: Struct) -> bytes:
+    return sse.frame(_encoder.encode(payload), event=name)
+
+
+def signature(text: str) -> str:
+    """An opaque signature for a thinking block; GLM does not check them, clients want one."""
+    return base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+
+
+class MessagesStream:
+    """GLM chunks in, Anthropic Messages SSE events out."""
+
+    content_type = "text/event-stream"
+    keepalive = _event("ping", msgspec.defstruct("Ping", [], tag="ping", tag_field="type")())
+
+    def __init__(self, model: str, request_id: str, prompt_estimate: int) -> None:
+        self.model = model
+        self.id = "msg_" + request_id
+        self.prompt_estimate = prompt_estimate
+        self._index = -1
+        self._open: str | None = None  # type of the open block
+        self._thinking: list[str] = []
+        self._tools: dict[int, int] = {}  # GLM tool index -> our block index
+        self._tool_args: dict[int, bool] = {}
+        self._finish: str | None = None
+        self._said_anything = False
+
+    def start(self) -> bytes:
+        return _event("message_start", MessageStart(message=OutMessage(
+            id=self.id, type="message", role="assistant", model=self.model, content=[],
+            stop_reason=None, stop_sequence=None,
+            usage=OutUsage(input_tokens=self.prompt_estimate, output_tokens=1))))
+
+    def _open_block(self, kind: str, start: TextStart | ThinkingStart | ToolUseStart) -> bytes:
+        out = self._close_block()
+        self._index += 1
+        self._open = kind
+        return out + _event("content_block_start", BlockStart(index=self._index, content_block=start))
+
+    def _close_block(self) -> bytes:
+        if self._open is None:
+            return b""
+        out = b""
+        if self._open == "thinking":
+            out += _event("content_block_delta", BlockDelta(
+                index=self._index, delta=SignatureDelta(signature=signature("".join(self._thinking)))))
+            self._thinking = []
+        elif self._open == "tool_use":
+            glm_index = next(k for k, v in self._tools.items() if v == self._index)
+            if not self._tool_args.get(glm_index):
+                out += _event("content_block_delta", BlockDelta(index=self._index, delta=JsonDelta(partial_json="{}")))
+        self._open = None
+        return out + _event("content_block_stop", BlockStop(index=self._index))
+
+    def feed(self, chunk: wire.Chunk) -> bytes:
+        out = b""
+        for choice in chunk.choices:
+            delta = choice.delta
+            if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
+                if self._open != "thinking":
+                    out += self._open_block("thinking", ThinkingStart())
+                self._thinking.append(delta.reasoning_content)
+                out += _event("content_block_delta", BlockDelta(
+                    index=self._index, delta=ThinkingDelta(thinking=delta.reasoning_content)))
+                self._said_anything = True
+            if isinstance(delta.content, str) and delta.content:
+                if self._open != "text":
+                    out += self._open_block("text", TextStart())
+                out += _event("content_block_delta", BlockDelta(index=self._index, delta=TextDelta(text=delta.content)))
+                self._said_anything = True
+            if isinstance(delta.tool_calls, list):
+                for call in delta.tool_calls:
+                    out += self._tool(call)
+            if choice.finish_reason:
+                self._finish = choice.finish_reason
+        return out
+
+    def _tool(self, call: wire.ToolCallDelta) -> bytes:
+        out = b""
+        function = call.function if isinstance(call.function, wire.FunctionDelta) else wire.FunctionDelta()
+        if call.index not in self._tools:
+            call_id = call.id if isinstance(call.id, str) and call.id else f"toolu_{self.id[-12:]}_{call.index}"
+            out += self._open_block("tool_use", ToolUseStart(
+                id=call_id, name=function.name if isinstance(function.name, str) else ""))
+            self._tools[call.index] = self._index
+            self._said_anything = True
+        if isinstance(function.arguments, str) and function.arguments:
+            if self._tools[call.index] != self._index or self._open != "tool_use":
+                # GLM streams one call at a time; a late fragment of a closed block cannot be sent
+                return out
+            self._tool_args[call.index] = True
+            out += _event("content_block_delta", BlockDelta(
+                index=self._index, delta=JsonDelta(partial_json=function.arguments)))
+        return out
+
+    def finish(self, usage: wire.Usage) -> bytes:
+        if not self._said_anything:
+            return self.fail(BridgeError(Kind.upstream_error, "The model returned an empty answer; please retry."))
+        finish = self._finish or "stop"
+        if self._tools and finish == "stop":
+            finish = "tool_calls"
+        return (self._close_block()
+                + _event("message_delta", MessageDelta(
+                    delta=StopDelta(stop_reason=STOP_REASONS.get(finish, "end_turn")), usage=out_usage(usage)))
+                + _event("message_stop", MessageStop()))
+
+    def fail(self, error: BridgeError) -> bytes:
+        return _event("error", ErrorEvent(error=ErrorDetail(type=_error_type(error), message=error.message)))
+
+
+def completion_body(completion: wire.Completion, model: str, usage: wire.Usage, request_id: str) -> bytes:
+    content: list[dict] = []
+    finish = "stop"
+    for choice in completion.choices[:1]:
+        message = choice.message
+        finish = choice.finish_reason or "stop"
+        if isinstance(message.reasoning_content, str) and message.reasoning_content:
+            content.append({"type": "thinking", "thinking": message.reasoning_content,
+                            "signature": signature(message.reasoning_content)})
+        if message.content:
+            content.append({"type": "text", "text": message.content})
+        if isinstance(message.tool_calls, list):
+            for call in message.tool_calls:
+                try:
+                    arguments = msgspec.json.decode(call.function.arguments or "{}")
+                except msgspec.DecodeError:
+                    arguments = {}
+                content.append({"type": "tool_use", "id": call.id, "name": call.function.name,
+                                "input": arguments if isinstance(arguments, dict) else {}})
+            if message.tool_calls and finish == "stop":
+                finish = "tool_calls"
+    return _encoder.encode(OutMessage(
+        id="msg_" + request_id, type="message", role="assistant", model=model, content=content,
+        stop_reason=STOP_REASONS.get(finish, "end_turn"), stop_sequence=None, usage=out_usage(usage)))
+
+
+# ---- errors -----------------------------------------------------------------------------
+
+_TYPES = {
+    Kind.authentication: ("authentication_error", 401), Kind.permission: ("permission_error", 403),
+    # invalid_request_error only for real request faults: Cline reads any of it as overflow
+    Kind.invalid_request: ("invalid_request_error", 400), Kind.not_found: ("not_found_error", 404),
+    Kind.context_length: ("invalid_request_error", 400), Kind.too_large: ("invalid_request_error", 400),
+    Kind.quota_exhausted: ("rate_limit_error", 429), Kind.concurrency: ("rate_limit_error", 429),
+    Kind.upstream_rate_limited: ("rate_limit_error", 429), Kind.upstream_overloaded: ("overloaded_error", 529),
+    Kind.upstream_billing: ("billing_error", 402), Kind.content_policy: ("permission_error", 403),
+    Kind.upstream_error: ("api_error", 502), Kind.upstream_timeout: ("timeout_error", 504),
+}
+
+
+def _error_type(error: BridgeError) -> str:
+    return _TYPES[error.kind][0]
+
+
+class ErrorBody(Struct, tag="error", tag_field="type"):
+    error: ErrorDetail
+
+
+def error_response(error: BridgeError) -> tuple[int, dict[str, str], bytes]:
+    kind, status = _TYPES[error.kind]
+    message = error.message
+    if error.kind is Kind.context_length and error.limit is not None:
+        message = f"prompt is too long: {error.requested} tokens > {error.limit} maximum"
+    headers = error.headers()
+    if error.retry_after is not None:
+        # Claude Code waits out retry-after; a quota reset hours away is said in the message
+        # instead, and x-should-retry tells the SDK not to loop on it
+        headers["retry-after"] = str(min(60, max(1, math.ceil(error.retry_after))))
+        headers.pop("retry-after-ms", None)
+    return status, headers, _encoder.encode(ErrorBody(error=ErrorDetail(type=kind, message=message)))
+
+
+class MessagesSurface:
+    name = SURFACE
+
+    def parse(self, body: bytes) -> tuple[wire.ChatRequest, int | None]:
+        request = parse_request(body)
+        return to_upstream(request), request.max_tokens
+
+    def stream(self, model: str, request_id: str, prompt_estimate: int) -> MessagesStream:
+        return MessagesStream(model, request_id, prompt_estimate)
+
+    def complete(self, completion: wire.Completion, model: str, usage: wire.Usage) -> bytes:
+        return completion_body(completion, model, usage, completion.id or "")
+
+    def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
+        return error_response(error)
