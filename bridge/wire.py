@@ -1,6 +1,8 @@
 """GLM-4.6 chat-completions wire shapes (docs/glm-upstream.md §4-5), as msgspec Structs.
 
 Decoding is tolerant: unknown fields are ignored, so a new upstream field never breaks us.
+Encoding: a struct uses omit_defaults only where no default carries meaning (UNSET fields are
+always left out); `type: "function"`, `index: 0` or `thinking.type` must reach the wire.
 Fields passed through untouched (tool schemas, image parts) stay `msgspec.Raw`, defaulting
 to an empty Raw (omitted on encode) since Raw cannot be part of a union.
 """
@@ -19,30 +21,31 @@ class FunctionDef(Struct, omit_defaults=True):
 
 
 class Tool(Struct, omit_defaults=True):
-    type: str = "function"
+    type: str
     function: FunctionDef | UnsetType = UNSET
 
 
-class FunctionCall(Struct, omit_defaults=True):
+class FunctionCall(Struct):
     name: str = ""
     arguments: str = ""
 
 
-class ToolCall(Struct, omit_defaults=True):
+class ToolCall(Struct):
     id: str = ""
     type: str = "function"
     function: FunctionCall = msgspec.field(default_factory=FunctionCall)
 
 
 class ContentPart(Struct, omit_defaults=True):
-    type: str = "text"
+    type: str
     text: str | UnsetType = UNSET
     image_url: Raw = Raw()
 
 
 class Message(Struct, omit_defaults=True):
     role: str
-    content: str | list[ContentPart] | None = None
+    # no default, so always on the wire: `null` on an assistant turn that only called tools
+    content: str | list[ContentPart] | None
     reasoning_content: str | UnsetType | None = UNSET
     tool_calls: list[ToolCall] | UnsetType | None = UNSET
     tool_call_id: str | UnsetType | None = UNSET
@@ -56,12 +59,8 @@ class Message(Struct, omit_defaults=True):
         return "".join(p.text for p in self.content if isinstance(p.text, str))
 
 
-class Thinking(Struct, omit_defaults=True):
+class Thinking(Struct):
     type: str = "enabled"
-
-
-class StreamOptions(Struct, omit_defaults=True):
-    include_usage: bool = True
 
 
 class ChatRequest(Struct, omit_defaults=True):
@@ -80,7 +79,6 @@ class ChatRequest(Struct, omit_defaults=True):
     response_format: Raw = Raw()
     request_id: str | UnsetType = UNSET
     user_id: str | UnsetType = UNSET
-    stream_options: StreamOptions | UnsetType = UNSET
 
 
 class PromptTokensDetails(Struct):
@@ -91,7 +89,7 @@ class CompletionTokensDetails(Struct):
     reasoning_tokens: int = 0
 
 
-class Usage(Struct, omit_defaults=True):
+class Usage(Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
@@ -130,10 +128,11 @@ class Delta(Struct, omit_defaults=True):
     tool_calls: list[ToolCallDelta] | UnsetType | None = UNSET
 
 
-class ChunkChoice(Struct, omit_defaults=True):
+class ChunkChoice(Struct):
     index: int = 0
     delta: Delta = msgspec.field(default_factory=Delta)
-    finish_reason: str | None = None
+    # GLM sends finish_reason on the last chunk only; UNSET keeps it off the others
+    finish_reason: str | UnsetType | None = UNSET
 
 
 class Chunk(Struct, omit_defaults=True):
@@ -145,14 +144,14 @@ class Chunk(Struct, omit_defaults=True):
     usage: Usage | UnsetType | None = UNSET
 
 
-class ResponseMessage(Struct, omit_defaults=True):
+class ResponseMessage(Struct):
     role: str = "assistant"
     content: str | None = None
     reasoning_content: str | UnsetType | None = UNSET
     tool_calls: list[ToolCall] | UnsetType | None = UNSET
 
 
-class Choice(Struct, omit_defaults=True):
+class Choice(Struct):
     index: int = 0
     message: ResponseMessage = msgspec.field(default_factory=ResponseMessage)
     finish_reason: str | None = None
@@ -168,12 +167,12 @@ class Completion(Struct, omit_defaults=True):
     request_id: str | UnsetType = UNSET
 
 
-class ErrorDetail(Struct, omit_defaults=True):
+class ErrorDetail(Struct):
     code: str = ""
     message: str = ""
 
 
-class ErrorBody(Struct, omit_defaults=True):
+class ErrorBody(Struct):
     """Z.ai's error body: `{"error": {"code": "1302", "message": "..."}}`, `code` a string."""
     error: ErrorDetail = msgspec.field(default_factory=ErrorDetail)
 

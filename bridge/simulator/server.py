@@ -36,7 +36,7 @@ def _delta(piece: Piece, first: bool) -> wire.Delta:
 async def _stream(script: Script, completion_id: str, model: str) -> AsyncIterator[bytes]:
     created = int(time.time())
 
-    def chunk(delta: wire.Delta, finish: str | None = None,
+    def chunk(delta: wire.Delta, finish: str | msgspec.UnsetType = msgspec.UNSET,
               usage: wire.Usage | msgspec.UnsetType = msgspec.UNSET) -> bytes:
         return sse.frame(wire.encoder.encode(wire.Chunk(
             id=completion_id, created=created, model=model,

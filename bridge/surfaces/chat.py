@@ -285,7 +285,7 @@ class ChatStream:
         out = b""
         for choice in chunk.choices:
             delta = choice.delta
-            finish = choice.finish_reason
+            finish = choice.finish_reason or None
             if isinstance(delta.tool_calls, list) and delta.tool_calls:
                 delta.tool_calls = [self._tool_delta(call) for call in delta.tool_calls]
             # GLM repeats role and sends an empty content on its last chunk: drop the noise
