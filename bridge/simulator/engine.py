@@ -9,6 +9,9 @@ counts differ the way they do against the real GLM-4.6.
 
 A request can steer the simulator with a directive anywhere in its last user message:
 ``[[sim tokens=40 reasoning=20 ttft=200 tps=50 fault=reset tool=read_file tools=2 text="hi"]]``.
+Faults, comma-separated: before any token 1113 1302 1305 1308 1309 1214 1261 1301 500; mid-stream
+reset, malformed, silence (for `silence` seconds), sensitive, network_error; at the end
+no_usage, usage_apart (usage in a chunk of its own).
 """
 from __future__ import annotations
 

@@ -57,7 +57,13 @@ async def _stream(script: Script, completion_id: str, model: str) -> AsyncIterat
         yield chunk(_delta(piece, i == 0))
     final = wire.Delta(role="assistant", content="")
     usage = msgspec.UNSET if "no_usage" in script.faults else script.usage
-    yield chunk(final, script.finish_reason, usage)
+    if "usage_apart" in script.faults:
+        # some OpenAI-style upstreams send usage in a chunk of its own, with no choices
+        yield chunk(final, script.finish_reason)
+        yield sse.frame(wire.encoder.encode(wire.Chunk(
+            id=completion_id, created=created, model=model, choices=[], usage=usage)))
+    else:
+        yield chunk(final, script.finish_reason, usage)
     yield sse.DONE
 
 
