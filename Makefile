@@ -30,7 +30,10 @@ clients:
 test-clients: $(STAMP) clients
 	$(BIN)/python -m pytest -q tests/clients
 
+# Needs wrk (Debian's package; installed here when missing) and py-spy for --profile.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -q && apt-get install -y -q wrk) >/dev/null
+	@test -x $(BIN)/py-spy || $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 clean:

@@ -248,14 +248,16 @@ class Journey:
                 response.close()
             # (on cancellation the response stays open: _client_gone may drain it)
 
+            # settled after the answer is out: the client does not wait for the database; a
+            # process that dies in between leaves a pending row the sweeper settles
             usage = meter.completed_usage()
             if usage is not None:
-                await self._post_upstream(admitted, usage, meter.upstream_id)
+                self._spawn(self._post_upstream(admitted, usage, meter.upstream_id))
                 settled = True
                 yield translator.finish(usage)
             else:
                 # the upstream ended without its usage: bill what we can prove we delivered
-                await self._post_delivered(admitted, meter, reason="upstream ended without usage")
+                self._spawn(self._post_delivered(admitted, meter, reason="upstream ended without usage"))
                 settled = True
                 yield translator.fail(BridgeError(
                     Kind.upstream_error, "The model provider's stream broke off before it "
@@ -326,9 +328,10 @@ class Journey:
             for choice in completion.choices]), delivered=True)
         usage = meter.completed_usage()
         if usage is not None:
-            await self._post_upstream(admitted, usage, completion.id or None)
+            self._spawn(self._post_upstream(admitted, usage, completion.id or None))
         else:
-            usage = await self._post_delivered(admitted, meter, reason="upstream gave no usage")
+            usage = self._delivered_usage(admitted, meter)
+            self._spawn(self._post_delivered(admitted, meter, reason="upstream gave no usage"))
         return Reply(status=200, headers={"x-request-id": str(admitted.entry)},
                      body=surface.complete(completion, admitted.shown_model, usage))
 
@@ -341,15 +344,18 @@ class Journey:
             cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens),
             estimated=False, reason="upstream usage", upstream_request_id=upstream_id)
 
-    async def _post_delivered(self, admitted: _Admitted, meter: StreamMeter, *,
-                              reason: str) -> wire.Usage:
-        """No usage from the upstream: bill the prompt estimate and the tokens delivered."""
+    @staticmethod
+    def _delivered_usage(admitted: _Admitted, meter: StreamMeter) -> wire.Usage:
         completion = meter.delivered_tokens()
-        await self._ledger.post(admitted.entry, Usage(
-            prompt_tokens=admitted.prompt_estimate, completion_tokens=completion),
-            estimated=True, reason=reason, upstream_request_id=meter.upstream_id)
         return wire.Usage(prompt_tokens=admitted.prompt_estimate, completion_tokens=completion,
                           total_tokens=admitted.prompt_estimate + completion)
+
+    async def _post_delivered(self, admitted: _Admitted, meter: StreamMeter, *, reason: str) -> None:
+        """No usage from the upstream: bill the prompt estimate and the tokens delivered."""
+        usage = self._delivered_usage(admitted, meter)
+        await self._ledger.post(admitted.entry, Usage(
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens),
+            estimated=True, reason=reason, upstream_request_id=meter.upstream_id)
 
     # ---- plumbing ------------------------------------------------------------------------
 

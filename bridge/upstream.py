@@ -61,9 +61,10 @@ class Upstream:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        # no Accept-Encoding: a compressed SSE stream costs CPU per chunk and may be buffered
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, auto_decompress=True,
-            json_serialize=lambda o: wire.encoder.encode(o).decode(), skip_auto_headers=("User-Agent",))
+            connector=connector, timeout=self._timeout, auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"))
 
     async def close(self) -> None:
         if self._session is not None:

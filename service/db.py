@@ -16,12 +16,19 @@ _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _MIGRATION_LOCK = 0x636F6465706C616E  # "codeplan"
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections carry no session state (no SET, LISTEN, advisory lock or cursor), so
+    the default reset query (`RESET ALL; UNLISTEN *; ...`), one more round trip on every
+    release, buys nothing. asyncpg still rolls back any transaction left open."""
+
+
 async def create_pool(url: str, *, size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         url, min_size=min(2, size), max_size=size,
         # The ledger's statements are few and fixed: let asyncpg keep them prepared.
         statement_cache_size=256,
         server_settings={"application_name": "codeplan"},
+        reset=_keep_session,
     )
 
 

@@ -54,6 +54,21 @@ async def query(url: str, sql: str, *args):
         await conn.close()
 
 
+def wait_settled(database: str, timeout: float = 15.0) -> None:
+    """Settlement follows the response by a moment: wait until nothing is pending."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if run(query(database, "SELECT count(*) AS n FROM usage_ledger WHERE state = 'pending'"))[0]["n"] == 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"ledger entries still pending after {timeout}s")
+
+
+def settled_query(database: str, sql: str, *args):
+    wait_settled(database)
+    return run(query(database, sql, *args))
+
+
 def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import new_plan, new_user, query, run, start_bridge
+from .conftest import new_plan, new_user, query, run, start_bridge, wait_settled
 
 
 async def test_500_concurrent_requests_never_exceed_the_window(bridge, database):
@@ -59,6 +59,7 @@ async def test_500_concurrent_requests_never_exceed_the_window(bridge, database)
     refused = [r for r in results if isinstance(r, str)]
     assert polls > 10 and violations == []
     assert set(refused) == {"1308"}
+    await asyncio.to_thread(wait_settled, database)
     assert len(served) + len(refused) == 500 and served and refused
     rows = await query(database, "SELECT l.state, l.billed_tokens FROM usage_ledger l JOIN api_keys k"
                                  " ON k.id = l.api_key_id WHERE k.prefix = $1", key[:10])

@@ -12,7 +12,7 @@ import pytest
 
 from service.estimate import count
 
-from .conftest import new_plan, new_user, query, run
+from .conftest import new_plan, new_user, query, run, settled_query, wait_settled
 from .test_skeleton import direct_usage
 
 
@@ -32,9 +32,9 @@ def settled_row(database: str, entry: str, timeout: float = 15.0):
 
 
 def windows(database: str, key: str) -> dict:
-    rows = run(query(database, """SELECT w.kind, w.allowance, w.reserved, w.posted FROM quota_windows w
+    rows = settled_query(database, """SELECT w.kind, w.allowance, w.reserved, w.posted FROM quota_windows w
         JOIN subscriptions s ON s.id = w.subscription_id JOIN api_keys k ON k.account_id = s.account_id
-        WHERE k.prefix = $1""", key[:10]))
+        WHERE k.prefix = $1""", key[:10])
     return {r["kind"]: r for r in rows}
 
 
@@ -99,7 +99,7 @@ def test_client_leaves_and_upstream_never_reports_usage_bills_delivered(bridge, 
     ("1301", 400, "invalid_request_error", "1301"),
 ])
 def test_upstream_error_before_any_token_voids(bridge, database, key, fault, status, kind, code):
-    before = run(query(database, "SELECT count(*) AS n FROM usage_ledger WHERE state = 'voided'"))[0]["n"]
+    before = settled_query(database, "SELECT count(*) AS n FROM usage_ledger WHERE state = 'voided'")[0]["n"]
     response = httpx.post(bridge.url + "/v1/chat/completions", json=body(f"fault={fault}", stream=True),
                           headers={"authorization": f"Bearer {key}"})
     assert response.status_code == status
@@ -111,7 +111,7 @@ def test_upstream_error_before_any_token_voids(bridge, database, key, fault, sta
     if fault == "1113":
         assert response.headers["x-should-retry"] == "false" and "not retryable" in error["message"]
         assert "sim-key" not in error["message"]
-    after = run(query(database, "SELECT count(*) AS n FROM usage_ledger WHERE state = 'voided'"))[0]["n"]
+    after = settled_query(database, "SELECT count(*) AS n FROM usage_ledger WHERE state = 'voided'")[0]["n"]
     assert after == before + 1
     assert windows(database, key)["5h"]["reserved"] == 0
 
@@ -124,7 +124,7 @@ def test_upstream_dies_mid_stream_bills_delivered_and_tells_client(bridge, datab
             if chunk.choices and chunk.choices[0].delta.content:
                 received.append(chunk.choices[0].delta.content)
     assert len(received) == 5
-    row = run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1"))[0]
+    row = settled_query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1")[0]
     assert row["state"] == "posted" and row["estimated"]
     assert row["completion_tokens"] == sum(count(p) for p in received)
     assert row["prompt_tokens"] == row["prompt_estimate"]
@@ -137,7 +137,7 @@ def test_malformed_chunk_is_skipped_and_usage_still_exact(bridge, database, simu
     chunks = list(client.chat.completions.create(**payload, stream=True))
     expected = direct_usage(simulator, payload)
     assert chunks[-1].usage.completion_tokens == expected["completion_tokens"]
-    row = run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1"))[0]
+    row = settled_query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1")[0]
     assert (row["state"], row["estimated"], row["completion_tokens"]) == ("posted", False, expected["completion_tokens"])
 
 
@@ -149,7 +149,7 @@ def test_upstream_reported_zero_is_billed_as_zero_not_estimated(bridge, database
         for chunk in client.chat.completions.create(**body("tokens=0 reasoning=0"), stream=True):
             chunks.append(chunk)
     assert chunks[-1].usage.completion_tokens == 0 and chunks[-1].usage.prompt_tokens > 0
-    row = run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1"))[0]
+    row = settled_query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1")[0]
     assert (row["completion_tokens"], row["estimated"]) == (0, False)
 
 
@@ -158,7 +158,7 @@ def test_sensitive_stop_is_surfaced_and_billed_at_upstream_usage(bridge, databas
     chunks = list(client.chat.completions.create(**body("fault=sensitive tokens=10 reasoning=0"), stream=True))
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["sensitive"]
-    row = run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1"))[0]
+    row = settled_query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1")[0]
     assert row["completion_tokens"] == chunks[-1].usage.completion_tokens and not row["estimated"]
 
 
@@ -173,6 +173,7 @@ def test_full_five_hour_window_refused_with_1308_before_upstream(bridge, databas
     key = small_plan_key
     client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
     client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=100)
+    wait_settled(database)
     run(query(database, "UPDATE quota_windows SET posted = allowance - 150 WHERE kind = '5h'"
                         " AND id IN (SELECT window_id FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
                         " WHERE k.prefix = $1)", key[:10]))
@@ -200,6 +201,7 @@ def test_full_weekly_window_refused_with_1310(bridge, database, small_plan_key):
     key = small_plan_key
     client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
     client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=100)
+    wait_settled(database)
     run(query(database, "UPDATE quota_windows SET posted = allowance - 10 WHERE kind = 'week'"
                         " AND id IN (SELECT week_window_id FROM usage_ledger l JOIN api_keys k"
                         " ON k.id = l.api_key_id WHERE k.prefix = $1)", key[:10]))
@@ -237,6 +239,7 @@ def test_usage_api_and_zai_monitor_endpoints(bridge, database):
         reported.append((model, client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": f"hi {uuid.uuid4().hex}"}], max_tokens=200).usage))
     total = sum(u.total_tokens for _, u in reported)
+    wait_settled(database)
     usage = httpx.get(bridge.url + "/v1/usage", headers={"authorization": f"Bearer {key}"}).json()
     five, week = usage["windows"]
     assert (five["kind"], five["allowance"], five["used"], five["reserved"], five["remaining"]) == (

@@ -15,11 +15,11 @@ import pytest
 from service import config as config_module
 from service import db
 
-from .conftest import CODEPLAN, ROOT, base_env, query, run, with_database
+from .conftest import CODEPLAN, ROOT, base_env, query, run, settled_query, with_database
 
 
 def ledger_rows(database: str):
-    return run(query(database, "SELECT * FROM usage_ledger ORDER BY created_at"))
+    return settled_query(database, "SELECT * FROM usage_ledger ORDER BY created_at")
 
 
 def direct_usage(simulator, body: dict) -> dict:

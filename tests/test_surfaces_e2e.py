@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import new_user, query, run, start_bridge
+from .conftest import new_user, query, run, start_bridge, wait_settled
 from .test_skeleton import direct_usage
 
 TOOLS = [
@@ -37,11 +37,13 @@ def say(directive: str, text: str = "go") -> list[dict]:
 
 
 def last_row(database: str, key: str):
+    wait_settled(database)
     return run(query(database, "SELECT l.* FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
                                " WHERE k.prefix = $1 ORDER BY l.created_at DESC LIMIT 1", key[:10]))[0]
 
 
 def rows_of(database: str, key: str):
+    wait_settled(database)
     return run(query(database, "SELECT l.* FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
                                " WHERE k.prefix = $1", key[:10]))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import new_user, query, run, start_bridge
+from ..conftest import new_user, query, run, start_bridge, wait_settled
 
 CLIENTS = Path(os.environ.get("CODEPLAN_CLIENTS_DIR", Path.home() / ".cache" / "codeplan-clients"))
 SECRET = "PINEAPPLE-42"
@@ -70,6 +70,7 @@ def run_client(argv: list[str], work: Path, home: Path, env: dict[str, str], tim
 
 
 def check_metered(database: str, key: str, served: int) -> None:
+    wait_settled(database)
     rows = run(query(database, "SELECT l.state, l.estimated FROM usage_ledger l JOIN api_keys k"
                                " ON k.id = l.api_key_id WHERE k.prefix = $1", key[:10]))
     assert served >= 2, "a tool round trip takes at least two model calls"

@@ -1,0 +1,370 @@
+"""`make bench`: Codeplan against the same load sent straight to the GLM simulator.
+
+Everything runs on 127.0.0.1 in this run: embedded PostgreSQL, the simulator, the bridge with
+authentication, admission and the ledger on. Every figure is printed beside a baseline measured
+in the same run, because these machines are shared and noisy. Results go to bench/results/.
+
+    python -m bench [--quick] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+from service import accounts, db, estimate, pgembed
+from service.ledger import Ledger, Usage
+
+from . import streams
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CPUS = os.sched_getaffinity(0)
+# the server under test gets a core of its own; load generator and upstream share the other
+SERVER_CPU, LOAD_CPU = (min(CPUS), max(CPUS)) if len(CPUS) > 1 else (min(CPUS), min(CPUS))
+TICKS = os.sysconf("SC_CLK_TCK")
+BODY = {"model": "glm-4.6", "max_tokens": 64,
+        "messages": [{"role": "user", "content": "[[sim tokens=16 reasoning=0]] Say hello."}]}
+STREAM_BODY = {**BODY, "stream": True,
+               "messages": [{"role": "user", "content": "[[sim tokens=48 reasoning=16]] Say hello."}]}
+IDLE_BODY = {**BODY, "stream": True,
+             "messages": [{"role": "user", "content": "[[sim fault=silence silence=300 tokens=4 reasoning=0]] wait"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65536
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(hard, target)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Process:
+    def __init__(self, args: list[str], env: dict[str, str], cpu: int, port: int, ready: str) -> None:
+        self.port = port
+        self.log = tempfile.NamedTemporaryFile(prefix="codeplan-bench-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(["taskset", "-c", str(cpu)] + args, env=env, cwd=ROOT,
+                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=1)
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(Path(self.log.name).read_text()[-2000:])
+                time.sleep(0.1)
+        raise RuntimeError(f"not ready: {args}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def wrk(port: int, path: str, key: str, body: dict, connections: int, seconds: int) -> dict:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run(
+        ["taskset", "-c", str(LOAD_CPU), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
+         "-s", str(HERE / "wrk.lua"), f"http://127.0.0.1:{port}{path}"],
+        env={**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_KEY": key},
+        capture_output=True, text=True, timeout=seconds + 60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((l for l in result.stdout.splitlines() if l.startswith("WRKJSON ")), None)
+    if line is None:
+        raise RuntimeError(f"wrk failed: {result.stdout}\n{result.stderr}")
+    data = json.loads(line[8:])
+    data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
+    data["load_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return data
+
+
+def measure_requests(target: Process, path: str, key: str, connections: int, seconds: int,
+                     body: dict = BODY) -> dict:
+    cpu0 = cpu_seconds(target.pid)
+    data = wrk(target.port, path, key, body, connections, seconds)
+    data["server_cpu_ms_per_req"] = 1000 * (cpu_seconds(target.pid) - cpu0) / max(1, data["requests"])
+    return data
+
+
+async def ledger_rate(url: str, subscriptions: list[tuple[int, int]], seconds: float) -> tuple[float, float]:
+    """(admit+post pairs per second, two-SELECT-1 pairs per second) on the same pool."""
+    pool = await db.create_pool(url, size=10)
+    ledger = Ledger(pool, lease_seconds=60)
+
+    async def pairs(work) -> float:
+        count = 0
+        deadline = time.perf_counter() + seconds
+
+        async def worker(i: int):
+            nonlocal count
+            while time.perf_counter() < deadline:
+                await work(i)
+                count += 1
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(32)))
+        return count / (time.perf_counter() - started)
+
+    async def transition(i: int):
+        sub, key = subscriptions[i % len(subscriptions)]
+        entry = uuid.uuid4()
+        admission = await ledger.admit(entry, subscription_id=sub, api_key_id=key, surface="bench",
+                                       model="glm-4.6", prompt_estimate=100, reserve=1100)
+        assert admission.admitted, admission
+        await ledger.post(entry, Usage(prompt_tokens=100, completion_tokens=50), estimated=False, reason="bench")
+
+    async def floor(i: int):
+        await pool.fetchval("SELECT 1")
+        await pool.fetchval("SELECT 1")
+    try:
+        return await pairs(transition), await pairs(floor)
+    finally:
+        await pool.close()
+
+
+def estimation() -> dict:
+    from bridge.metering import PromptEstimator
+
+    text = (ROOT / "bridge" / "journey.py").read_text() * 8
+    tokens = estimate.count(text)
+    started = time.perf_counter()
+    for _ in range(5):
+        estimate.count(text)
+    raw_rate = 5 * tokens / (time.perf_counter() - started)
+
+    # an agent conversation: every turn resends the whole history plus one new message
+    history = [f"turn {i}: " + text[i * 3000:(i + 1) * 3000] for i in range(40)]
+    estimator = PromptEstimator()
+
+    async def conversation() -> int:
+        total = 0
+        for turn in range(1, len(history) + 1):
+            total += await estimator.count(history[:turn], turn)
+        return total
+    started = time.perf_counter()
+    counted = asyncio.run(conversation())
+    cached_rate = counted / (time.perf_counter() - started)
+    return {"raw_tokens_per_s": raw_rate, "conversation_tokens_per_s": cached_rate}
+
+
+def profile(bridge: Process, key: str, seconds: int) -> str:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    out = Path(tempfile.mkdtemp()) / "profile.txt"
+    recorder = subprocess.Popen([spy, "record", "-p", str(bridge.pid), "-d", str(seconds), "-r", "200",
+                                 "-f", "raw", "-o", str(out), "--nonblocking"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrk(bridge.port, "/v1/chat/completions", key, BODY, 64, seconds)
+    recorder.wait(30)
+    inclusive: dict[str, int] = {}
+    busy = 0
+    for line in out.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        frames = stack.split(";")
+        if "select" in frames[-1] or frames[-1].startswith("Runner.run"):
+            continue  # the loop waiting for work is not a cost of the request
+        n = int(samples)
+        busy += n
+        for frame in set(f.split(" (")[0] + " (" + f.split(" (")[-1].split("/")[-1] for f in frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+    top = sorted(inclusive.items(), key=lambda kv: -kv[1])[:40]
+    return f"{busy} busy samples; inclusive share of busy time:\n" + "\n".join(
+        f"{100 * n / busy:5.1f}%  {frame}" for frame, n in top)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
+    parser.add_argument("--profile", action="store_true", help="print py-spy's top frames (non-streaming, c64)")
+    parser.add_argument("--requests-only", action="store_true", help="only the non-streaming scenarios")
+    parser.add_argument("--idle-streams", type=int, default=int(os.environ.get("BENCH_IDLE_STREAMS", "5000")))
+    args = parser.parse_args()
+    seconds = 2 if args.quick else 5
+    raise_fd_limit()
+    if shutil.which("wrk") is None:
+        print("wrk not found: `apt-get install wrk` (make bench does it)", file=sys.stderr)
+        return 1
+    os.sched_setaffinity(0, {LOAD_CPU})
+
+    work = Path(tempfile.mkdtemp(prefix="codeplan-bench-"))
+    pg = pgembed.start(work, delete_on_exit=True)
+    base, _, query = pg.partition("?")
+    url = base.rsplit("/", 1)[0] + "/bench" + ("?" + query if query else "")
+
+    async def prepare():
+        conn = await asyncpg.connect(pg)
+        await conn.execute("DROP DATABASE IF EXISTS bench")
+        await conn.execute("CREATE DATABASE bench")
+        await conn.close()
+        await db.migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                "INSERT INTO plans (id, name, window_tokens, weekly_tokens, monthly_price_cents, models)"
+                " VALUES ('bench', 'Bench', 1e15, 1e16, 0, ARRAY['glm-4.6'])")
+            users = [await accounts.create_user(conn, f"bench{i}@example.com", "bench") for i in range(32)]
+            rows = await conn.fetch("SELECT s.id AS sub, k.id AS key FROM subscriptions s JOIN api_keys k"
+                                    " ON k.account_id = s.account_id")
+            return [u.key for u in users], [(r["sub"], r["key"]) for r in rows]
+        finally:
+            await conn.close()
+    keys, subscriptions = asyncio.run(prepare())
+    key = ",".join(keys)  # wrk spreads requests over 32 users
+    single = keys[0]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
+    env.update(CODEPLAN_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    sim_port, bridge_port = free_port(), free_port()
+    results: dict[str, object] = {}
+    simulator = bridge = None
+    try:
+        # the baseline upstream runs where the bridge will: the same core, the same load path
+        simulator = Process([sys.executable, "-m", "service.cli", "simulate", "--port", str(sim_port)],
+                            env, SERVER_CPU, sim_port, "/")
+        direct = "/api/coding/paas/v4/chat/completions"
+        wrk(sim_port, direct, key, BODY, 16, 1)  # warm-up
+        baseline = {c: measure_requests(simulator, direct, key, c, seconds) for c in (1, 64, 256)}
+        stream_direct = asyncio.run(streams.stream_load(
+            "127.0.0.1", sim_port, streams.request_bytes("127.0.0.1", sim_port, direct, single, STREAM_BODY),
+            64, seconds))
+        simulator.stop()
+
+        # now the bridge gets the core, and the simulator moves next to the load generator
+        simulator = Process([sys.executable, "-m", "service.cli", "simulate", "--port", str(sim_port)],
+                            env, LOAD_CPU, sim_port, "/")
+        bridge = Process([sys.executable, "-m", "service.cli", "run"], {
+            **env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(bridge_port),
+            "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
+            "CODEPLAN_UPSTREAM_KEYS": "bench", "CODEPLAN_DB_POOL_SIZE": "20"}, SERVER_CPU, bridge_port, "/healthz")
+        path = "/v1/chat/completions"
+        wrk(bridge_port, path, key, BODY, 16, 1)  # warm-up
+        via = {c: measure_requests(bridge, path, key, c, seconds) for c in (1, 64, 256)}
+        if args.profile:
+            print(profile(bridge, key, seconds * 2))
+        if args.requests_only:
+            for c in (1, 64, 256):
+                d, b = baseline[c], via[c]
+                print(f"c={c}: direct {d['rps']:.0f}/s bridge {b['rps']:.0f}/s x{b['rps'] / d['rps']:.2f}; "
+                      f"p50 +{(b['p50_us'] - d['p50_us']) / 1000:.2f} ms; "
+                      f"CPU/req {d['server_cpu_ms_per_req']:.2f} vs {b['server_cpu_ms_per_req']:.2f} ms")
+            return 0
+        cpu0 = cpu_seconds(bridge.pid)
+        stream_via = asyncio.run(streams.stream_load(
+            "127.0.0.1", bridge_port, streams.request_bytes("127.0.0.1", bridge_port, path, single, STREAM_BODY),
+            64, seconds))
+        stream_cpu = cpu_seconds(bridge.pid) - cpu0
+
+        # idle streams: memory per open stream, bridge against simulator holding the same
+        rss_before = rss_kb(bridge.pid)
+        sim_before = rss_kb(simulator.pid)
+        idle = asyncio.run(streams.hold_idle(
+            "127.0.0.1", bridge_port, streams.request_bytes("127.0.0.1", bridge_port, path, single, IDLE_BODY),
+            args.idle_streams, lambda: {"bridge_rss_kb": rss_kb(bridge.pid), "sim_rss_kb": rss_kb(simulator.pid)}))
+        time.sleep(2)
+        rss_after = rss_kb(bridge.pid)
+
+        ledger_pairs, floor_pairs = asyncio.run(ledger_rate(url, subscriptions, seconds))
+        tokens = estimation()
+    finally:
+        for process in (bridge, simulator):
+            if process is not None:
+                process.stop()
+
+    rows = []
+    for c in (1, 64, 256):
+        d, b = baseline[c], via[c]
+        rows.append((f"non-stream c={c}: requests/s", d["rps"], b["rps"], f"x{b['rps'] / d['rps']:.2f}"))
+        rows.append((f"non-stream c={c}: p50 ms", d["p50_us"] / 1000, b["p50_us"] / 1000,
+                     f"+{(b['p50_us'] - d['p50_us']) / 1000:.2f} ms"))
+        rows.append((f"non-stream c={c}: p99 ms", d["p99_us"] / 1000, b["p99_us"] / 1000,
+                     f"+{(b['p99_us'] - d['p99_us']) / 1000:.2f} ms"))
+        rows.append((f"non-stream c={c}: server CPU ms/req", d["server_cpu_ms_per_req"], b["server_cpu_ms_per_req"],
+                     f"x{b['server_cpu_ms_per_req'] / d['server_cpu_ms_per_req']:.2f}"))
+    rows.append(("stream c=64: TTFT p50 ms", stream_direct["ttft_p50_ms"], stream_via["ttft_p50_ms"],
+                 f"+{stream_via['ttft_p50_ms'] - stream_direct['ttft_p50_ms']:.2f} ms"))
+    rows.append(("stream c=64: TTFT p99 ms", stream_direct["ttft_p99_ms"], stream_via["ttft_p99_ms"],
+                 f"+{stream_via['ttft_p99_ms'] - stream_direct['ttft_p99_ms']:.2f} ms"))
+    direct_rate = stream_direct["events"] / stream_direct["wall_s"]
+    via_rate = stream_via["events"] / stream_via["wall_s"]
+    rows.append(("stream c=64: chunks/s", direct_rate, via_rate, f"x{via_rate / direct_rate:.2f}"))
+    rows.append(("stream c=64: bridge chunks/s per core", direct_rate, stream_via["events"] / max(stream_cpu, 1e-9),
+                 "vs upstream chunks/s"))
+    per_stream_bridge = (idle["bridge_rss_kb"] - rss_before) / max(1, idle["open"])
+    per_stream_sim = (idle["sim_rss_kb"] - sim_before) / max(1, idle["open"])
+    rows.append((f"{idle['open']} idle streams: KB per stream", per_stream_sim, per_stream_bridge,
+                 f"x{per_stream_bridge / max(per_stream_sim, 1e-9):.2f} of simulator's"))
+    rows.append(("bridge RSS MB: start / after all load", rss_before / 1024, rss_after / 1024, "MB"))
+    rows.append(("ledger admit+post pairs/s (32 workers)", floor_pairs, ledger_pairs,
+                 f"x{ledger_pairs / floor_pairs:.2f} of 2x SELECT 1"))
+    rows.append(("token estimate tokens/s: raw / agent history", tokens["raw_tokens_per_s"],
+                 tokens["conversation_tokens_per_s"], f"x{tokens['conversation_tokens_per_s'] / tokens['raw_tokens_per_s']:.1f}"))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'scenario':<{width}}  {'baseline':>12}  {'codeplan':>12}  vs baseline")
+    print(f"{'':<{width}}  {'(direct)':>12}  {'(bridge)':>12}")
+    for name, base, ours, ratio in rows:
+        print(f"{name:<{width}}  {base:>12.2f}  {ours:>12.2f}  {ratio}")
+    load_cpu = sum(v["load_cpu_s"] for v in via.values())
+    load_wall = sum(v["duration_us"] for v in via.values()) / 1e6
+    print(f"\nwrk used {100 * load_cpu / load_wall:.0f}% of a core on the bridge runs; server on CPU {SERVER_CPU}, "
+          f"load and upstream on CPU {LOAD_CPU}; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+
+    results.update(
+        when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine={
+            "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
+        seconds_per_run=seconds, direct=baseline, bridge=via, stream_direct=stream_direct,
+        stream_bridge=stream_via, stream_bridge_cpu_s=stream_cpu, idle=idle, rss_kb_before=rss_before,
+        rss_kb_after=rss_after, ledger_pairs_per_s=ledger_pairs, select1_pairs_per_s=floor_pairs,
+        estimation=tokens, table=[list(r) for r in rows])
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    (out / f"{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
+    (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"results: bench/results/{stamp}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
