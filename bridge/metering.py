@@ -16,10 +16,12 @@ _CACHE_MIN_CHARS = 256
 
 class PromptEstimator:
     """o200k counts of a request's prompt pieces. Coding agents resend the same long history
-    every turn, so counts of long pieces are kept in a bounded LRU keyed by the text."""
+    every turn, so counts of long pieces are kept in a bounded LRU keyed by the text's hash
+    (not the text: 20,000 long prompts kept alive would be gigabytes). A hash collision can
+    only skew one estimate, which the settlement corrects."""
 
     def __init__(self, capacity: int = 20_000) -> None:
-        self._cache: OrderedDict[str, int] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._capacity = capacity
         estimate.encoding()  # load the ranks at start-up, not on the first request
 
@@ -30,11 +32,12 @@ class PromptEstimator:
             if len(piece) < _CACHE_MIN_CHARS:
                 total += estimate.count(piece)
                 continue
-            cached = self._cache.get(piece)
+            key = (len(piece), hash(piece))
+            cached = self._cache.get(key)
             if cached is None:
                 todo.append(piece)
             else:
-                self._cache.move_to_end(piece)
+                self._cache.move_to_end(key)
                 total += cached
         if todo:
             if sum(map(len, todo)) >= _OFFLOAD_CHARS:
@@ -42,7 +45,7 @@ class PromptEstimator:
             else:
                 counts = [estimate.count(p) for p in todo]
             for piece, n in zip(todo, counts):
-                self._cache[piece] = n
+                self._cache[(len(piece), hash(piece))] = n
                 total += n
             while len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)

@@ -94,3 +94,15 @@ def model_list(allowed: tuple[str, ...]) -> ModelList:
             context_length=info.context_window, max_output_tokens=info.max_output))
     return ModelList(object="list", data=listed, has_more=False,
                      first_id=listed[0].id if listed else None, last_id=listed[-1].id if listed else None)
+
+
+def check_config(claude: str, claude_haiku: str, aliases: tuple[str, ...]) -> str | None:
+    """The first model setting that names no model we serve, as a start-up error line."""
+    for variable, model in (("CODEPLAN_CLAUDE_MODEL", claude), ("CODEPLAN_CLAUDE_HAIKU_MODEL", claude_haiku)):
+        if model.lower() not in CATALOG:
+            return f"{variable}: expected one of {', '.join(CATALOG)}, got {model!r}"
+    for pair in aliases:
+        target = pair.partition("=")[2].strip().lower()
+        if target not in CATALOG:
+            return f"CODEPLAN_MODEL_ALIASES: {pair!r} names no model we serve ({', '.join(CATALOG)})"
+    return None

@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = config_module.load()
+        from bridge.models import check_config
+
+        problem = check_config(config.claude_model, config.claude_haiku_model, config.model_aliases)
+        if problem:
+            raise config_module.ConfigError(problem)
     except config_module.ConfigError as exc:
         print(f"codeplan: configuration error: {exc}", file=sys.stderr)
         return 2

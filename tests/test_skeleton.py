@@ -195,6 +195,16 @@ def test_bad_configuration_stops_start_up_with_exit_2():
         "codeplan: configuration error: CODEPLAN_PORT: expected an integer from 1 to 65535, got 'abc'"
 
 
+@pytest.mark.parametrize("variable,value,expected", [
+    ("CODEPLAN_CLAUDE_MODEL", "gpt-5", "CODEPLAN_CLAUDE_MODEL: expected one of glm-4.6, glm-4.5, glm-4.5-air, got 'gpt-5'"),
+    ("CODEPLAN_MODEL_ALIASES", "fast=glm-9", "CODEPLAN_MODEL_ALIASES: 'fast=glm-9' names no model we serve"),
+])
+def test_bad_model_settings_stop_start_up(variable, value, expected):
+    result = subprocess.run(CODEPLAN + ["run"], env=base_env(**{variable: value}), cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and expected in result.stderr
+
+
 def test_env_example_documents_every_variable():
     documented = (ROOT / ".env.example").read_text()
     for field in config_module.Config.__struct_fields__:

@@ -75,7 +75,8 @@ def test_chat_reasoning_then_text(seed):
     last = chunks[-1]
     assert last["choices"] == []
     assert last["usage"]["prompt_tokens"] == 21 and last["usage"]["completion_tokens"] == 9
-    assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": 16}
+    assert last["usage"]["prompt_tokens_details"] == {"cached_tokens": 16, "cache_write_tokens": 0}
+    assert last["usage"]["cache_read_input_tokens"] == 16 and last["usage"]["cache_creation_input_tokens"] == 0
     assert last["usage"]["completion_tokens_details"]["reasoning_tokens"] == meter.reasoning_tokens() > 0
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-r1" for c in chunks)
 

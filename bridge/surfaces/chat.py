@@ -12,6 +12,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 
 from .. import errors, sse, wire
 from ..errors import BridgeError, Kind
+from . import decode_body
 
 SURFACE = "chat"
 
@@ -86,12 +87,7 @@ _request_decoder = msgspec.json.Decoder(ClientChatRequest)
 
 
 def parse_request(body: bytes) -> ClientChatRequest:
-    try:
-        request = _request_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise BridgeError(Kind.invalid_request, f"Invalid request body: {exc}") from None
-    except msgspec.DecodeError:
-        raise BridgeError(Kind.invalid_request, "The request body is not valid JSON.") from None
+    request = decode_body(_request_decoder, body)
     if not request.messages:
         raise BridgeError(Kind.invalid_request, "`messages` must contain at least one message.",
                           param="messages")
@@ -192,6 +188,7 @@ def prompt_text(request: wire.ChatRequest) -> list[str]:
 
 class PromptDetails(Struct):
     cached_tokens: int
+    cache_write_tokens: int = 0  # GLM's caching is implicit: nothing is ever written for a fee
 
 
 class CompletionDetails(Struct):
@@ -204,6 +201,9 @@ class OutUsage(Struct):
     total_tokens: int
     prompt_tokens_details: PromptDetails
     completion_tokens_details: CompletionDetails
+    # Roo Code's OpenAI provider reads cache figures under Anthropic's names (clients.md §2.2)
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
 
 
 class OutChoice(Struct):
@@ -251,7 +251,8 @@ def out_usage(usage: wire.Usage) -> OutUsage:
         prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens or usage.prompt_tokens + usage.completion_tokens,
         prompt_tokens_details=PromptDetails(cached_tokens=usage.cached_tokens),
-        completion_tokens_details=CompletionDetails(reasoning_tokens=usage.reasoning_tokens))
+        completion_tokens_details=CompletionDetails(reasoning_tokens=usage.reasoning_tokens),
+        cache_read_input_tokens=usage.cached_tokens)
 
 
 class _ToolState(Struct):

@@ -17,6 +17,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 
 from .. import sse, wire
 from ..errors import BridgeError, Kind
+from . import decode_body
 
 SURFACE = "messages"
 
@@ -94,15 +95,11 @@ class CountTokensRequest(Struct):
 
 
 _decoder = msgspec.json.Decoder(MessagesRequest)
+_count_decoder = msgspec.json.Decoder(CountTokensRequest)
 
 
 def parse_request(body: bytes) -> MessagesRequest:
-    try:
-        request = _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise BridgeError(Kind.invalid_request, f"Invalid request body: {exc}") from None
-    except msgspec.DecodeError:
-        raise BridgeError(Kind.invalid_request, "The request body is not valid JSON.") from None
+    request = decode_body(_decoder, body)
     if not request.messages:
         raise BridgeError(Kind.invalid_request, "messages: at least one message is required")
     return request
@@ -211,10 +208,7 @@ def to_upstream(request: MessagesRequest) -> wire.ChatRequest:
 
 def count_request(body: bytes) -> wire.ChatRequest:
     """count_tokens takes the same prompt fields as a message request, without max_tokens."""
-    try:
-        request = msgspec.json.decode(body, type=CountTokensRequest)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise BridgeError(Kind.invalid_request, f"Invalid request body: {exc}") from None
+    request = decode_body(_count_decoder, body)
     return to_upstream(MessagesRequest(model=request.model, messages=request.messages,
                                        system=request.system, tools=request.tools))
 
