@@ -9,6 +9,7 @@ upstream or this process (the sweeper settles what a dead process left pending).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -77,6 +78,12 @@ class _UpstreamDied(Exception):
     pass
 
 
+def _close_if_opened(opening: asyncio.Future) -> None:
+    """An upstream response that arrived after nobody wanted it is closed, not leaked."""
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
+
+
 def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -113,20 +120,29 @@ class Journey:
             return self._error(surface, error)
 
         # forwarded from here on: every exit settles `admitted.entry`
+        opening = asyncio.ensure_future(self._upstream.open(request, str(admitted.entry)))
         try:
-            response = await self._upstream.open(request, str(admitted.entry))
+            if request.stream:
+                # a quick refusal keeps its HTTP status; a slow upstream must not keep the
+                # client waiting for headers (Kilo gives up after 10 s)
+                await asyncio.wait({opening}, timeout=self._config.header_wait)
+            response = await opening if opening.done() or not request.stream else None
         except BridgeError as error:
             await self._ledger.void(admitted.entry, reason=f"upstream refused: {error.kind.value}")
             return self._error(surface, error)
         except BaseException:
+            opening.cancel()
             self._spawn(self._ledger.void(admitted.entry, reason="cancelled before forwarding"))
             raise
-        if request.stream:
-            translator = surface.stream(admitted.shown_model, admitted.entry.hex, admitted.prompt_estimate)
-            return Reply(status=200, media_type=translator.content_type,
-                         headers={"cache-control": "no-cache", "x-request-id": str(admitted.entry)},
-                         stream=self._relay(translator, response, admitted))
-        return await self._complete(surface, response, admitted)
+        if not request.stream:
+            assert response is not None
+            return await self._complete(surface, response, admitted)
+        translator = surface.stream(admitted.shown_model, admitted.entry.hex, admitted.prompt_estimate)
+        stream = self._relay(translator, response, admitted) if response is not None \
+            else self._relay_when_open(translator, opening, admitted)
+        return Reply(status=200, media_type=translator.content_type,
+                     headers={"cache-control": "no-cache", "x-request-id": str(admitted.entry)},
+                     stream=stream)
 
     async def count_tokens(self, surface: Surface, key: str, request: wire.ChatRequest | None,
                            error: BridgeError | None = None) -> tuple[Reply, int | None]:
@@ -194,8 +210,35 @@ class Journey:
 
     # ---- relay and settle ----------------------------------------------------------------
 
+    async def _relay_when_open(self, translator: StreamTranslator, opening: asyncio.Future,
+                               admitted: _Admitted) -> AsyncIterator[bytes]:
+        """The client has its headers; the upstream has not answered yet. Keep the stream alive
+        until it does, then relay, or turn its refusal into the protocol's error event."""
+        handed_over = False
+        try:
+            yield translator.start() or translator.keepalive
+            while not (await asyncio.wait({opening}, timeout=self._config.keepalive_interval))[0]:
+                yield translator.keepalive
+            try:
+                response = opening.result()
+            except BridgeError as error:
+                handed_over = True
+                self._spawn(self._ledger.void(admitted.entry, reason=f"upstream refused: {error.kind.value}"))
+                yield translator.fail(error)
+                return
+            handed_over = True
+            async with contextlib.aclosing(self._relay(translator, response, admitted, started=True)) as relay:
+                async for piece in relay:
+                    yield piece
+        finally:
+            if not handed_over:
+                # the client left (or we were cancelled) before the upstream answered
+                opening.cancel()
+                opening.add_done_callback(_close_if_opened)
+                self._spawn(self._ledger.void(admitted.entry, reason="client left before the first byte"))
+
     async def _relay(self, translator: StreamTranslator, response: aiohttp.ClientResponse,
-                     admitted: _Admitted) -> AsyncIterator[bytes]:
+                     admitted: _Admitted, *, started: bool = False) -> AsyncIterator[bytes]:
         decoder = sse.SSEDecoder()
         meter = StreamMeter()
         content = response.content
@@ -206,7 +249,7 @@ class Journey:
         next_heartbeat = time.monotonic() + heartbeat_every
         silence = 0.0
         try:
-            opening = translator.start()
+            opening = b"" if started else translator.start()
             if opening:
                 yield opening
             try:

@@ -38,6 +38,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     max_drains: Annotated[int, msgspec.Meta(ge=0)] = 256
     # Seconds of upstream silence before a keep-alive is sent to the client.
     keepalive_interval: Seconds = 10.0
+    # A stream waits this long for the upstream's status, so a refusal keeps its HTTP status;
+    # past it the client gets its headers (some tools give up after 10 s without them).
+    header_wait: Seconds = 3.0
     auth_cache_ttl: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
     # operator-configurable model aliases: "alias=model,alias2=model2"
@@ -71,7 +74,7 @@ def _describe(field: str) -> str:
     }
     return hints.get(field, "a positive number of seconds" if field in {
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
-        "drain_timeout", "keepalive_interval"} else "a valid value")
+        "drain_timeout", "keepalive_interval", "header_wait"} else "a valid value")
 
 
 def load(environ: Mapping[str, str] | None = None) -> Config:

@@ -27,7 +27,8 @@ ANTHROPIC_TOOLS = [{"name": t["function"]["name"], "description": t["function"][
 @pytest.fixture(scope="module")
 def quick_bridge(database, simulator):
     """A bridge whose keep-alives come after 0.3 s of silence, so tests can see them."""
-    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_KEEPALIVE_INTERVAL="0.3")
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_KEEPALIVE_INTERVAL="0.3",
+                          CODEPLAN_HEADER_WAIT="0.3")
     yield server
     server.stop()
 
@@ -121,6 +122,33 @@ def test_chat_keepalive_comments_during_silence_not_after_death(quick_bridge, da
                             "messages": say("fault=reset tokens=6 reasoning=0")}) as response:
         body = b"".join(response.iter_bytes())
     assert b"keep-alive" not in body and b'"error"' in body and time.monotonic() - started < 2
+
+
+def test_chat_headers_go_out_while_a_slow_upstream_queues(quick_bridge, database):
+    key = new_user(database)
+    started = time.monotonic()
+    with httpx.stream("POST", quick_bridge.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                      json={"model": "glm-4.6", "stream": True,
+                            "messages": say("header_delay=1.5 tokens=4 reasoning=0")}) as response:
+        headers_after = time.monotonic() - started
+        body = b"".join(response.iter_bytes())
+    assert response.status_code == 200 and headers_after < 1.0
+    assert body.startswith(b": keep-alive") and body.endswith(b"data: [DONE]\n\n")
+    assert last_row(database, key)["state"] == "posted"
+
+
+def test_chat_late_refusal_becomes_an_error_in_the_stream(quick_bridge, database):
+    key = new_user(database)
+    client = openai.OpenAI(base_url=quick_bridge.url + "/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.APIError) as caught:
+        for _ in client.chat.completions.create(model="glm-4.6", stream=True,
+                                                messages=say("header_delay=1 fault=1302")):
+            pass
+    assert "concurrency" in str(caught.value).lower()
+    assert last_row(database, key)["state"] == "voided"
+    # a quick refusal still comes with its own status
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="glm-4.6", stream=True, messages=say("fault=1302"))
 
 
 def test_chat_streams_without_buffering(quick_bridge, database):
@@ -258,6 +286,34 @@ def test_messages_ping_during_silence(quick_bridge, database):
     # message_start goes out before the upstream's first token
     assert first.startswith(b"event: message_start")
     assert raw.count(b"event: ping") >= 2 and raw.rstrip().endswith(b'{"type":"message_stop"}')
+
+
+def test_messages_slow_upstream_gets_message_start_at_once(quick_bridge, database):
+    key = new_user(database)
+    client = anthropic.Anthropic(base_url=quick_bridge.url, api_key=key)
+    started = time.monotonic()
+    with client.messages.stream(model="glm-4.6", max_tokens=100,
+                                messages=say("header_delay=1.5 tokens=3 reasoning=0")) as stream:
+        first = next(iter(stream))
+        first_after = time.monotonic() - started
+        final = stream.get_final_message()
+    assert first.type == "message_start" and first_after < 1.0
+    assert final.stop_reason == "end_turn" and final.content[0].text
+    with pytest.raises(anthropic.APIStatusError, match="(?i)concurrency"):
+        with client.messages.stream(model="glm-4.6", max_tokens=100, messages=say("header_delay=1 fault=1302")) as s:
+            for _ in s:
+                pass
+
+
+def test_client_leaves_while_upstream_queues_voids(quick_bridge, database):
+    key = new_user(database)
+    with httpx.stream("POST", quick_bridge.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
+                      json={"model": "glm-4.6", "stream": True,
+                            "messages": say("header_delay=1 tokens=4 reasoning=0")}) as response:
+        assert response.status_code == 200
+    time.sleep(1.5)
+    row = last_row(database, key)
+    assert (row["state"], row["settle_reason"]) == ("voided", "client left before the first byte")
 
 
 def test_count_tokens_matches_the_ledgers_estimate(quick_bridge, database):

@@ -71,6 +71,7 @@ class Directive(msgspec.Struct, kw_only=True):
     text: str | None = None
     empty_args: bool = False
     silence: float = 30.0
+    header_delay: float = 0.0  # seconds before the response starts at all (a queued request)
 
 
 class Piece(msgspec.Struct, frozen=True):
@@ -90,6 +91,7 @@ class Script(msgspec.Struct):
     faults: frozenset[str] = frozenset()
     fault_at: int = 0  # index in pieces where mid-stream faults strike
     silence: float = 30.0
+    header_delay: float = 0.0
 
 
 class SimConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -228,7 +230,7 @@ class Engine:
         tps = directive.tps if directive.tps is not None else self.config.tokens_per_second
         return Script(pieces=pieces, finish_reason=finish, usage=usage, ttft=ttft,
                       interval=1 / tps if tps > 0 else 0.0, faults=faults, fault_at=fault_at,
-                      silence=directive.silence)
+                      silence=directive.silence, header_delay=directive.header_delay)
 
     @staticmethod
     def _tool_results(request: wire.ChatRequest) -> list[str] | None:

@@ -117,6 +117,8 @@ def create_app(config: SimConfig | None = None) -> Litestar:
             return _error(400, "1210", "Invalid API parameter: tool_choice only supports auto")
         script = engine.plan(chat)
         stats.requests += 1
+        if script.header_delay:
+            await asyncio.sleep(script.header_delay)
         for fault in script.faults & FAULTS.keys():
             status, code, message = FAULTS[fault]
             return _error(status, code, message)
