@@ -12,6 +12,10 @@ from .errors import BridgeError, Kind
 
 log = logging.getLogger("codeplan.upstream")
 
+_ATTEMPTS = 2
+# failures another attempt (on another key) may well not meet; never a refusal of the request
+_RETRY_ON = {Kind.upstream_error, Kind.upstream_rate_limited, Kind.upstream_overloaded}
+
 
 def map_error(status: int, body: bytes, request_id: str) -> BridgeError:
     """A Z.ai error response, as the taxonomy sees it. GLM's own wording is kept where clients
@@ -77,24 +81,37 @@ class Upstream:
         upstream cannot be reached. Nothing has been streamed to the client at that point.
         """
         assert self._session is not None, "Upstream.start() was not awaited"
+        body = wire.encoder.encode(request)
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                return await self._send(body, request_id)
+            except BridgeError as error:
+                # nothing has reached the client yet: a transient failure gets one more try,
+                # on the next key of the pool
+                if attempt == _ATTEMPTS or error.kind not in _RETRY_ON:
+                    raise
+                log.warning("upstream attempt failed; retrying",
+                            extra={"kind": error.kind.value, "code": error.code, "attempt": attempt})
+        raise AssertionError("unreachable")
+
+    async def _send(self, body: bytes, request_id: str) -> aiohttp.ClientResponse:
         headers = {
             "authorization": "Bearer " + next(self._keys),
             "content-type": "application/json",
             "accept-language": "en-US,en",
         }
         try:
-            response = await self._session.post(
-                self._url, data=wire.encoder.encode(request), headers=headers)
+            response = await self._session.post(self._url, data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
             log.warning("upstream unreachable", extra={"error": type(exc).__name__})
             raise BridgeError(Kind.upstream_error,
                               f"The model provider could not be reached. Request id {request_id}.") from None
         if response.status >= 400:
             try:
-                body = await response.read()
+                error_body = await response.read()
             except (aiohttp.ClientError, OSError):
-                body = b""
+                error_body = b""
             finally:
                 response.release()
-            raise map_error(response.status, body, request_id)
+            raise map_error(response.status, error_body, request_id)
         return response

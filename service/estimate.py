@@ -46,7 +46,12 @@ def offline_encoding(name: str) -> tiktoken.Encoding:
                 partial.write_bytes(gzip.decompress(source.read_bytes()))
                 partial.replace(target)
             os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-            _encodings[name] = tiktoken.get_encoding(name)
+            loaded = tiktoken.get_encoding(name)
+            # tiktoken keeps a Python copy of the 200k ranks (27 MB) only to pickle unregistered
+            # encodings; this one is registered (pickled by name) and the Rust core has its own.
+            if hasattr(loaded, "_mergeable_ranks"):
+                loaded._mergeable_ranks = {}
+            _encodings[name] = loaded
     return _encodings[name]
 
 

@@ -116,6 +116,17 @@ def test_upstream_error_before_any_token_voids(bridge, database, key, fault, sta
     assert windows(database, key)["5h"]["reserved"] == 0
 
 
+@pytest.mark.parametrize("fault", ["500", "1302", "reset"])
+def test_transient_upstream_failure_before_any_byte_is_retried(bridge, database, simulator, key, fault):
+    before = json.loads(httpx.get(simulator.url + "/_sim/stats").content)["requests"]
+    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
+    response = client.chat.completions.create(**body(f"fault={fault} once=true tokens=4 reasoning=0"))
+    assert response.choices[0].message.content
+    assert json.loads(httpx.get(simulator.url + "/_sim/stats").content)["requests"] == before + 2
+    row = settled_query(database, "SELECT * FROM usage_ledger ORDER BY created_at DESC LIMIT 1")[0]
+    assert row["state"] == "posted" and row["completion_tokens"] == response.usage.completion_tokens
+
+
 def test_upstream_dies_mid_stream_bills_delivered_and_tells_client(bridge, database, key):
     client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
     received: list[str] = []

@@ -72,6 +72,7 @@ class Directive(msgspec.Struct, kw_only=True):
     empty_args: bool = False
     silence: float = 30.0
     header_delay: float = 0.0  # seconds before the response starts at all (a queued request)
+    once: bool = False  # the faults strike only the first time this conversation is seen
 
 
 class Piece(msgspec.Struct, frozen=True):
@@ -141,6 +142,8 @@ class Engine:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self._cache = _PrefixCache()
+        self._struck: set[int] = set()
+        self._once_lock = threading.Lock()
 
     def directive(self, request: wire.ChatRequest) -> Directive:
         for message in reversed(request.messages):
@@ -215,6 +218,12 @@ class Engine:
         prompt, cached = self.prompt_tokens(request)
         completion = sum(_Tokenizer.count(p.text or p.name) for p in pieces)
         faults = frozenset(f for f in (directive.fault or "").split(",") if f)
+        if directive.once and faults:
+            with self._once_lock:
+                if seed in self._struck:
+                    faults = frozenset()
+                else:
+                    self._struck.add(seed)
         fault_at = len(pieces) // 2
         for stop in faults & {"sensitive", "network_error"}:
             # GLM ends the answer early and reports what it actually sent
