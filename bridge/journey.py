@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import time
 import uuid
 from typing import AsyncIterator, Protocol
 
 import aiohttp
+import asyncpg
 import msgspec
 
 from service.accounts import Authenticator, Principal
@@ -72,6 +72,13 @@ class _Admitted(msgspec.Struct):
     shown_model: str
     raw_prompt: int  # uncorrected o200k estimate, for calibration
     prompt_estimate: int
+    meter: StreamMeter | None = None  # what a stream has delivered, for heartbeats
+    keeper: asyncio.Task | None = None  # renews the lease until the entry is settled
+
+    def stop_keeper(self) -> None:
+        if self.keeper is not None:
+            self.keeper.cancel()
+            self.keeper = None
 
 
 class _UpstreamDied(Exception):
@@ -128,11 +135,11 @@ class Journey:
                 await asyncio.wait({opening}, timeout=self._config.header_wait)
             response = await opening if opening.done() or not request.stream else None
         except BridgeError as error:
-            await self._ledger.void(admitted.entry, reason=f"upstream refused: {error.kind.value}")
+            await self._void(admitted, reason=f"upstream refused: {error.kind.value}")
             return self._error(surface, error)
         except BaseException:
             opening.cancel()
-            self._spawn(self._ledger.void(admitted.entry, reason="cancelled before forwarding"))
+            self._spawn(self._void(admitted, reason="cancelled before forwarding"))
             raise
         if not request.stream:
             assert response is not None
@@ -183,8 +190,12 @@ class Journey:
             reserve=prompt + request.max_tokens)
         if not admission.admitted:
             raise self._refusal(admission)
-        return _Admitted(entry=entry, model=model, shown_model=shown_model, raw_prompt=raw,
-                         prompt_estimate=prompt)
+        admitted = _Admitted(entry=entry, model=model, shown_model=shown_model, raw_prompt=raw,
+                             prompt_estimate=prompt)
+        # the lease is renewed for as long as the request lives, whatever it is waiting on: a
+        # long silence must not let the sweeper expire a request the upstream is still serving
+        admitted.keeper = asyncio.get_running_loop().create_task(self._keep_lease(admitted))
+        return admitted
 
     @staticmethod
     def _refusal(admission: Admission) -> BridgeError:
@@ -223,7 +234,7 @@ class Journey:
                 response = opening.result()
             except BridgeError as error:
                 handed_over = True
-                self._spawn(self._ledger.void(admitted.entry, reason=f"upstream refused: {error.kind.value}"))
+                self._spawn(self._void(admitted, reason=f"upstream refused: {error.kind.value}"))
                 yield translator.fail(error)
                 return
             handed_over = True
@@ -235,18 +246,16 @@ class Journey:
                 # the client left (or we were cancelled) before the upstream answered
                 opening.cancel()
                 opening.add_done_callback(_close_if_opened)
-                self._spawn(self._ledger.void(admitted.entry, reason="client left before the first byte"))
+                self._spawn(self._void(admitted, reason="client left before the first byte"))
 
     async def _relay(self, translator: StreamTranslator, response: aiohttp.ClientResponse,
                      admitted: _Admitted, *, started: bool = False) -> AsyncIterator[bytes]:
         decoder = sse.SSEDecoder()
-        meter = StreamMeter()
+        meter = admitted.meter = StreamMeter()
         content = response.content
         settled = False
         keepalive = self._config.keepalive_interval
         idle_limit = self._config.upstream_timeout
-        heartbeat_every = self._config.heartbeat_interval
-        next_heartbeat = time.monotonic() + heartbeat_every
         silence = 0.0
         try:
             opening = b"" if started else translator.start()
@@ -281,9 +290,6 @@ class Journey:
                         out += translator.feed(chunk)
                     if out:
                         yield out
-                    if time.monotonic() >= next_heartbeat:
-                        next_heartbeat = time.monotonic() + heartbeat_every
-                        await self._ledger.heartbeat(admitted.entry, meter.delivered_tokens())
                 response.release()
             except (aiohttp.ClientError, OSError, _UpstreamDied) as exc:
                 log.warning("upstream died mid-stream",
@@ -319,7 +325,7 @@ class Journey:
         elif not meter.delivered_anything:
             # nothing reached the client: stop the upstream, nothing was served
             response.close()
-            self._spawn(self._ledger.void(admitted.entry, reason="client left before the first byte"))
+            self._spawn(self._void(admitted, reason="client left before the first byte"))
         elif self._drains >= self._config.max_drains:
             response.close()
             self._spawn(self._post_delivered(admitted, meter, reason="client left; drain capacity full"))
@@ -359,11 +365,11 @@ class Journey:
                 response.release()
             completion = wire.completion_decoder.decode(body)
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
-            await self._ledger.void(admitted.entry, reason=f"upstream failed: {type(exc).__name__}")
+            await self._void(admitted, reason=f"upstream failed: {type(exc).__name__}")
             return self._error(surface, BridgeError(
                 Kind.upstream_error, f"The model provider failed to answer. Request id {admitted.entry}."))
         except BaseException:
-            self._spawn(self._ledger.void(admitted.entry, reason="cancelled"))
+            self._spawn(self._void(admitted, reason="cancelled"))
             raise
         meter = StreamMeter()
         meter.observe(wire.Chunk(usage=completion.usage, choices=[wire.ChunkChoice(delta=wire.Delta(
@@ -381,6 +387,7 @@ class Journey:
     async def _post_upstream(self, admitted: _Admitted, usage: wire.Usage,
                              upstream_id: str | None) -> None:
         """Settle at the upstream's own numbers: they are what we are billed."""
+        admitted.stop_keeper()
         self._calibration.observe(admitted.model.id, admitted.raw_prompt, usage.prompt_tokens)
         await self._ledger.post(admitted.entry, Usage(
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
@@ -395,10 +402,26 @@ class Journey:
 
     async def _post_delivered(self, admitted: _Admitted, meter: StreamMeter, *, reason: str) -> None:
         """No usage from the upstream: bill the prompt estimate and the tokens delivered."""
+        admitted.stop_keeper()
         usage = self._delivered_usage(admitted, meter)
         await self._ledger.post(admitted.entry, Usage(
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens),
             estimated=True, reason=reason, upstream_request_id=meter.upstream_id)
+
+    async def _void(self, admitted: _Admitted, *, reason: str) -> None:
+        admitted.stop_keeper()
+        await self._ledger.void(admitted.entry, reason=reason)
+
+    async def _keep_lease(self, admitted: _Admitted) -> None:
+        """Heartbeats: extend the lease and record the completion tokens delivered so far."""
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval)
+            delivered = admitted.meter.delivered_tokens() if admitted.meter is not None else 0
+            try:
+                if not await self._ledger.heartbeat(admitted.entry, delivered):
+                    return  # settled meanwhile
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("heartbeat failed", extra={"entry": str(admitted.entry), "error": type(exc).__name__})
 
     # ---- plumbing ------------------------------------------------------------------------
 

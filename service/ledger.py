@@ -75,13 +75,15 @@ class Ledger:
                         extra={"entry": str(entry_id), "state": state})
         return billed
 
-    async def heartbeat(self, entry_id: uuid.UUID, delivered_tokens: int) -> None:
-        """Extend a live request's lease and record the completion tokens it has delivered."""
-        await self._pool.execute(
+    async def heartbeat(self, entry_id: uuid.UUID, delivered_tokens: int) -> bool:
+        """Extend a live request's lease and record the completion tokens it has delivered.
+        False when the entry is no longer pending."""
+        status = await self._pool.execute(
             "UPDATE usage_ledger SET delivered_tokens = $2,"
             " lease_until = now() + make_interval(secs => $3)"
             " WHERE id = $1 AND state = 'pending'",
             entry_id, delivered_tokens, self._lease)
+        return status == "UPDATE 1"
 
     async def expire_due(self, limit: int = 500) -> int:
         rows = await self._pool.fetch("SELECT * FROM ledger_expire_due($1)", limit)

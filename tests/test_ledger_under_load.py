@@ -131,3 +131,28 @@ def test_sigkill_during_20_streams_then_sweep_settles_each_once(database, simula
             assert window["posted"] == sum(r["billed_tokens"] for r in rows)
     finally:
         survivor.stop()
+
+
+def test_live_requests_keep_their_lease_through_long_silences(database, simulator):
+    """A request the upstream is still working on is never expired, streamed or not."""
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_RESERVATION_LEASE="1",
+                          CODEPLAN_HEARTBEAT_INTERVAL="0.25", CODEPLAN_SWEEP_INTERVAL="0.2",
+                          CODEPLAN_KEEPALIVE_INTERVAL="0.3")
+    try:
+        key = new_user(database)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        # non-streaming: nothing comes back for 2.5 s
+        slow = client.chat.completions.create(
+            model="glm-4.6", messages=[{"role": "user", "content": "[[sim ttft=2500 tokens=3 reasoning=0]] a"}])
+        # streaming: a 2.5 s silence mid-answer (thinking), keep-alives only
+        chunks = list(client.chat.completions.create(
+            model="glm-4.6", stream=True,
+            messages=[{"role": "user", "content": "[[sim fault=silence silence=2.5 tokens=6 reasoning=0]] b"}]))
+        wait_settled(database)
+        rows = run(query(database, "SELECT l.* FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
+                                   " WHERE k.prefix = $1 ORDER BY l.created_at", key[:10]))
+        assert [(r["state"], r["estimated"]) for r in rows] == [("posted", False), ("posted", False)]
+        assert rows[0]["completion_tokens"] == slow.usage.completion_tokens
+        assert rows[1]["completion_tokens"] == chunks[-1].usage.completion_tokens
+    finally:
+        server.stop()
