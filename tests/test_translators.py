@@ -275,6 +275,15 @@ def test_messages_sensitive_is_a_refusal():
     assert events[-2][1]["delta"]["stop_reason"] == "refusal"
 
 
+def test_messages_network_error_finish_is_an_error_event():
+    stream = messages.MessagesStream("glm-4.6", "m3", 1)
+    out = stream.start() + stream.feed(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="partial"))]))
+    out += stream.feed(wire.Chunk(choices=[wire.ChunkChoice(finish_reason="network_error")]))
+    out += stream.finish(wire.Usage(prompt_tokens=5, completion_tokens=1, total_tokens=6))
+    names = [e.event for e in sse.SSEDecoder().feed(out)]
+    assert names[-2:] == ["content_block_stop", "error"] and "message_stop" not in names
+
+
 def test_messages_error_and_ping_events():
     stream = messages.MessagesStream("glm-4.6", "m2", 1)
     [event] = sse.SSEDecoder().feed(stream.fail(BridgeError(Kind.upstream_overloaded, "busy")))

@@ -417,6 +417,10 @@ class MessagesStream:
         if not self._said_anything:
             return self.fail(BridgeError(Kind.upstream_error, "The model returned an empty answer; please retry."))
         finish = self._finish or "stop"
+        if finish == "network_error":
+            # GLM's inference failed mid-answer: Anthropic clients must not take it for a whole one
+            return self._close_block() + self.fail(BridgeError(
+                Kind.upstream_error, "The model failed mid-answer (network_error); please retry."))
         if self._tools and finish == "stop":
             finish = "tool_calls"
         return (self._close_block()
