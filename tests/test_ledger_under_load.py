@@ -14,11 +14,27 @@ import pytest
 from .conftest import new_plan, new_user, query, run, start_bridge, wait_settled
 
 
+@pytest.fixture(scope="module")
+def second_bridge(database, simulator):
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4")
+    yield server
+    server.stop()
+
+
 async def test_500_concurrent_requests_never_exceed_the_window(bridge, database):
+    await _overbooking_attempt(database, [bridge], 500)
+
+
+async def test_two_bridge_processes_share_one_window_exactly(bridge, second_bridge, database):
+    """Admission is atomic across processes sharing the database, not only within one."""
+    await _overbooking_attempt(database, [bridge, second_bridge], 400)
+
+
+async def _overbooking_attempt(database, bridges, total: int) -> None:
     # each request reserves ~prompt + 100 tokens and uses ~prompt + 30: room for only part of them
     allowance = 12_000
     key = new_user(database, new_plan(database, window=allowance, weekly=allowance * 10))
-    client = openai.AsyncOpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    clients = [openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=key, max_retries=0, timeout=120) for b in bridges]
     violations: list[tuple[int, int]] = []
     done = asyncio.Event()
 
@@ -40,6 +56,7 @@ async def test_500_concurrent_requests_never_exceed_the_window(bridge, database)
         return polls
 
     async def one(i: int):
+        client = clients[i % len(clients)]
         try:
             stream = await client.chat.completions.create(
                 model="glm-4.6", max_tokens=100, stream=True,
@@ -52,7 +69,7 @@ async def test_500_concurrent_requests_never_exceed_the_window(bridge, database)
             return exc.response.json()["error"]["code"]
 
     watcher = asyncio.create_task(watch())
-    results = await asyncio.gather(*(one(i) for i in range(500)))
+    results = await asyncio.gather(*(one(i) for i in range(total)))
     done.set()
     polls = await watcher
     served = [r for r in results if not isinstance(r, str)]
@@ -60,7 +77,7 @@ async def test_500_concurrent_requests_never_exceed_the_window(bridge, database)
     assert polls > 10 and violations == []
     assert set(refused) == {"1308"}
     await asyncio.to_thread(wait_settled, database)
-    assert len(served) + len(refused) == 500 and served and refused
+    assert len(served) + len(refused) == total and served and refused
     rows = await query(database, "SELECT l.state, l.billed_tokens FROM usage_ledger l JOIN api_keys k"
                                  " ON k.id = l.api_key_id WHERE k.prefix = $1", key[:10])
     assert len(rows) == len(served) and {r["state"] for r in rows} == {"posted"}
