@@ -129,6 +129,14 @@ def test_chat_usage_in_a_trailing_chunk():
     assert sum(1 for c in chunks if c.get("usage")) == 1
 
 
+def test_chat_network_error_finish_is_surfaced():
+    stream = chat.ChatStream("glm-4.6", "r8")
+    out = stream.feed(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="par"))]))
+    out += stream.feed(wire.Chunk(choices=[wire.ChunkChoice(finish_reason="network_error")]))
+    chunks = [json.loads(e.data) for e in sse.SSEDecoder().feed(out)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "network_error"
+
+
 def test_chat_failure_mid_stream_is_an_openai_error_without_done():
     stream = chat.ChatStream("glm-4.6", "r7")
     events = sse.SSEDecoder().feed(stream.fail(BridgeError(Kind.upstream_error, "broke off", code="network_error")))
@@ -338,6 +346,10 @@ def test_messages_request_translation():
     assert image_turn[0]["image_url"]["url"].startswith("data:image/png;base64,")
     for dropped in ("output_config", "context_management", "metadata", "some_future_field"):
         assert dropped not in sent
+    long_id = json.dumps({"device_id": "d" * 64, "account_uuid": "a" * 36, "session_id": "s" * 36})
+    assert sent["user_id"] == "{\"session\": 1}"  # 14 characters: GLM takes it as it is
+    assert messages.glm_user_id(long_id).startswith("u-") and len(messages.glm_user_id(long_id)) == 42
+    assert messages.glm_user_id("abc") == messages.glm_user_id("abc") != "abc"
     disabled = messages.parse_request(json.dumps({**body, "thinking": {"type": "disabled"},
                                                   "tool_choice": {"type": "none"}}).encode())
     sent = json.loads(wire.encoder.encode(messages.to_upstream(disabled)))

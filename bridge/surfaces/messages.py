@@ -71,6 +71,10 @@ class ThinkingConfig(Struct):
     budget_tokens: int | None = None
 
 
+class Metadata(Struct):
+    user_id: str | None = None
+
+
 class MessagesRequest(Struct):
     model: str
     messages: list[Message]
@@ -83,7 +87,8 @@ class MessagesRequest(Struct):
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
-    # metadata, top_k, cache_control, context_management, output_config, service_tier and any
+    metadata: Metadata | None = None
+    # top_k, cache_control, context_management, output_config, service_tier and any
     # future field are accepted and dropped
 
 
@@ -203,7 +208,17 @@ def to_upstream(request: MessagesRequest) -> wire.ChatRequest:
         upstream.top_p = min(max(request.top_p, 0.01), 1.0)
     if request.stop_sequences:
         upstream.stop = request.stop_sequences[:1]
+    if request.metadata is not None and request.metadata.user_id:
+        upstream.user_id = glm_user_id(request.metadata.user_id)
     return upstream
+
+
+def glm_user_id(user_id: str) -> str:
+    """GLM takes an end-user id of 6 to 128 characters; Claude Code sends a long JSON string.
+    A longer or shorter one is replaced by a stable digest of it."""
+    if 6 <= len(user_id) <= 128:
+        return user_id
+    return "u-" + hashlib.sha256(user_id.encode()).hexdigest()[:40]
 
 
 def count_request(body: bytes) -> wire.ChatRequest:
