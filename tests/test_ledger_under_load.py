@@ -36,24 +36,29 @@ async def _overbooking_attempt(database, bridges, total: int) -> None:
     key = new_user(database, new_plan(database, window=allowance, weekly=allowance * 10))
     clients = [openai.AsyncOpenAI(base_url=b.url + "/v1", api_key=key, max_retries=0, timeout=120) for b in bridges]
     violations: list[tuple[int, int]] = []
-    done = asyncio.Event()
+    done = threading.Event()
+    polls = 0
 
-    async def watch() -> int:
-        conn = await asyncpg.connect(database)
-        polls = 0
-        try:
-            while not done.is_set():
-                for row in await conn.fetch(
-                        "SELECT w.allowance, w.reserved, w.posted FROM quota_windows w JOIN api_keys k"
-                        " ON k.prefix = $1 JOIN subscriptions s ON s.account_id = k.account_id"
-                        " AND s.id = w.subscription_id", key[:10]):
-                    polls += 1
-                    if row["reserved"] + row["posted"] > row["allowance"]:
-                        violations.append((row["reserved"], row["posted"]))
-                await asyncio.sleep(0.005)
-        finally:
-            await conn.close()
-        return polls
+    def watch() -> None:
+        """Polls the window on its own thread and loop, so the clients' load cannot starve it."""
+        nonlocal polls
+
+        async def poll() -> None:
+            nonlocal polls
+            conn = await asyncpg.connect(database)
+            try:
+                while not done.is_set():
+                    for row in await conn.fetch(
+                            "SELECT w.allowance, w.reserved, w.posted FROM quota_windows w JOIN api_keys k"
+                            " ON k.prefix = $1 JOIN subscriptions s ON s.account_id = k.account_id"
+                            " AND s.id = w.subscription_id", key[:10]):
+                        polls += 1
+                        if row["reserved"] + row["posted"] > row["allowance"]:
+                            violations.append((row["reserved"], row["posted"]))
+                    await asyncio.sleep(0.005)
+            finally:
+                await conn.close()
+        asyncio.run(poll())
 
     async def one(i: int):
         client = clients[i % len(clients)]
@@ -68,10 +73,11 @@ async def _overbooking_attempt(database, bridges, total: int) -> None:
         except openai.RateLimitError as exc:
             return exc.response.json()["error"]["code"]
 
-    watcher = asyncio.create_task(watch())
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     results = await asyncio.gather(*(one(i) for i in range(total)))
     done.set()
-    polls = await watcher
+    watcher.join()
     served = [r for r in results if not isinstance(r, str)]
     refused = [r for r in results if isinstance(r, str)]
     assert polls > 10 and violations == []
