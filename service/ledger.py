@@ -5,13 +5,16 @@
             --sweep-> expired     the process that held it died; settled at what it can prove
 
 Every transition is one call of a guarded SQL function (migrations/0001_init.sql) in one
-transaction, so a replay or a race between two settlers applies it at most once.
+transaction, so a replay or a race between two settlers applies it at most once. Under load,
+transitions that arrive while one call is in flight share the next call (migrations/0004).
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import uuid
+from typing import Any, Awaitable, Callable
 
 import asyncpg
 import msgspec
@@ -30,6 +33,11 @@ class Admission(msgspec.Struct, frozen=True):
         return self.outcome == "admitted"
 
 
+def _admission(row: asyncpg.Record) -> "Admission":
+    return Admission(outcome=row["outcome"], window_kind=row["window_kind"],
+                     resets_at=row["resets_at"], allowance=row["allowance"])
+
+
 class Usage(msgspec.Struct, frozen=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -37,10 +45,94 @@ class Usage(msgspec.Struct, frozen=True):
     reasoning_tokens: int = 0
 
 
+class _Batcher:
+    """Group calls that arrive while one is in flight into the next single call.
+
+    At low load every call goes alone (it waits for nothing); under load the calls queued during
+    one round trip share the next, so the database sees one call and one commit for many. One
+    failing batch is retried element by element, so a fault stays with the element that caused it.
+    """
+
+    def __init__(self, one: Callable[[Any], Awaitable[Any]], many: Callable[[list], Awaitable[list]],
+                 orphan: Callable[[Any, Any], None] | None = None, max_size: int = 128) -> None:
+        self._one = one
+        self._many = many
+        self._orphan = orphan  # called for a result nobody waits for any more
+        self._max = max_size
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._busy = False
+
+    async def __call__(self, item: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        if not self._busy:
+            # nothing in flight: make the call here, no hand-off; those who arrive meanwhile
+            # queue, and a task takes them on when this call returns
+            self._busy = True
+            try:
+                return await self._one(item)
+            finally:
+                if self._queue:
+                    loop.create_task(self._run())
+                else:
+                    self._busy = False
+        future = loop.create_future()
+        self._queue.append((item, future))
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[:self._max]
+                del self._queue[:self._max]
+                items = [item for item, _ in batch]
+                results: list[Any]
+                try:
+                    results = [await self._one(items[0])] if len(items) == 1 else await self._many(items)
+                except Exception as exc:  # noqa: BLE001 - handed to the callers below
+                    results = [exc] if len(items) == 1 else [await self._alone(item) for item in items]
+                for (item, future), result in zip(batch, results):
+                    if future.done():  # the caller was cancelled meanwhile
+                        if self._orphan is not None and not isinstance(result, BaseException):
+                            self._orphan(item, result)
+                    elif isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._busy = False
+
+    async def _alone(self, item: Any) -> Any:
+        try:
+            return await self._one(item)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+
+class _Admit(msgspec.Struct, frozen=True):
+    entry_id: uuid.UUID
+    subscription_id: int
+    api_key_id: int
+    surface: str
+    model: str
+    prompt_estimate: int
+    reserve: int
+
+
+class _Settle(msgspec.Struct, frozen=True):
+    entry_id: uuid.UUID
+    state: str
+    usage: Usage
+    estimated: bool
+    reason: str
+    upstream_request_id: str | None
+
+
 class Ledger:
     def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float) -> None:
         self._pool = pool
         self._lease = lease_seconds
+        self._admissions = _Batcher(self._admit_one, self._admit_many, orphan=self._void_orphan)
+        self._settlements = _Batcher(self._settle_one, self._settle_many)
 
     @staticmethod
     def new_id() -> uuid.UUID:
@@ -48,12 +140,29 @@ class Ledger:
 
     async def admit(self, entry_id: uuid.UUID, *, subscription_id: int, api_key_id: int,
                     surface: str, model: str, prompt_estimate: int, reserve: int) -> Admission:
+        return await self._admissions(_Admit(entry_id, subscription_id, api_key_id, surface, model,
+                                             prompt_estimate, reserve))
+
+    async def _admit_one(self, a: _Admit) -> Admission:
         row = await self._pool.fetchrow(
             "SELECT * FROM ledger_admit($1, $2, $3, $4, $5, $6, $7, $8)",
-            entry_id, subscription_id, api_key_id, surface, model, prompt_estimate, reserve,
-            self._lease)
-        return Admission(outcome=row["outcome"], window_kind=row["window_kind"],
-                         resets_at=row["resets_at"], allowance=row["allowance"])
+            a.entry_id, a.subscription_id, a.api_key_id, a.surface, a.model, a.prompt_estimate,
+            a.reserve, self._lease)
+        return _admission(row)
+
+    async def _admit_many(self, batch: list[_Admit]) -> list[Admission]:
+        rows = await self._pool.fetch(
+            "SELECT * FROM ledger_admit_many($1, $2, $3, $4, $5, $6, $7, $8)",
+            [a.entry_id for a in batch], [a.subscription_id for a in batch],
+            [a.api_key_id for a in batch], [a.surface for a in batch], [a.model for a in batch],
+            [a.prompt_estimate for a in batch], [a.reserve for a in batch], self._lease)
+        by_index = {r["i"]: _admission(r) for r in rows}
+        return [by_index[i + 1] for i in range(len(batch))]
+
+    def _void_orphan(self, a: _Admit, admission: Admission) -> None:
+        """An admission whose caller went away before hearing of it: nothing was forwarded."""
+        if admission.admitted:
+            asyncio.get_running_loop().create_task(self.void(a.entry_id, reason="admission abandoned"))
 
     async def post(self, entry_id: uuid.UUID, usage: Usage, *, estimated: bool, reason: str,
                    upstream_request_id: str | None = None) -> int | None:
@@ -66,14 +175,28 @@ class Ledger:
 
     async def _settle(self, entry_id: uuid.UUID, state: str, usage: Usage, estimated: bool,
                       reason: str, upstream_request_id: str | None) -> int | None:
-        billed = await self._pool.fetchval(
-            "SELECT billed FROM ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            entry_id, state, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-            usage.reasoning_tokens, estimated, reason, upstream_request_id)
+        billed = await self._settlements(_Settle(entry_id, state, usage, estimated, reason, upstream_request_id))
         if billed is None:
             log.warning("settlement ignored: entry not pending",
                         extra={"entry": str(entry_id), "state": state})
         return billed
+
+    async def _settle_one(self, s: _Settle) -> int | None:
+        return await self._pool.fetchval(
+            "SELECT billed FROM ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            s.entry_id, s.state, s.usage.prompt_tokens, s.usage.completion_tokens,
+            s.usage.cached_tokens, s.usage.reasoning_tokens, s.estimated, s.reason, s.upstream_request_id)
+
+    async def _settle_many(self, batch: list[_Settle]) -> list[int | None]:
+        rows = await self._pool.fetch(
+            "SELECT * FROM ledger_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            [s.entry_id for s in batch], [s.state for s in batch],
+            [s.usage.prompt_tokens for s in batch], [s.usage.completion_tokens for s in batch],
+            [s.usage.cached_tokens for s in batch], [s.usage.reasoning_tokens for s in batch],
+            [s.estimated for s in batch], [s.reason for s in batch],
+            [s.upstream_request_id for s in batch])
+        billed = {r["i"]: r["billed"] for r in rows}
+        return [billed.get(i + 1) for i in range(len(batch))]
 
     async def heartbeat(self, entry_id: uuid.UUID, delivered_tokens: int) -> bool:
         """Extend a live request's lease and record the completion tokens it has delivered.
