@@ -51,6 +51,9 @@ async def _stream(script: Script, completion_id: str, model: str) -> AsyncIterat
             if "silence" in script.faults:
                 await asyncio.sleep(script.silence)
             if "reset" in script.faults:
+                # the bytes already sent reach the peer before the reset, as on a real network
+                # (a reset in the same instant makes aiohttp drop data it had buffered)
+                await asyncio.sleep(0.2)
                 raise ConnectionResetError("simulated connection reset mid-stream")
         if i and script.interval:
             await asyncio.sleep(script.interval)
