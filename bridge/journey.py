@@ -29,7 +29,7 @@ from .errors import BridgeError, Kind
 from .metering import PromptEstimator, StreamMeter
 from .models import CATALOG, ModelInfo, ModelResolver
 from .surfaces.chat import prompt_text
-from .upstream import Upstream
+from .upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("codeplan.journey")
 
@@ -248,7 +248,7 @@ class Journey:
                 opening.add_done_callback(_close_if_opened)
                 self._spawn(self._void(admitted, reason="client left before the first byte"))
 
-    async def _relay(self, translator: StreamTranslator, response: aiohttp.ClientResponse,
+    async def _relay(self, translator: StreamTranslator, response: UpstreamResponse,
                      admitted: _Admitted, *, started: bool = False) -> AsyncIterator[bytes]:
         decoder = sse.SSEDecoder()
         meter = admitted.meter = StreamMeter()
@@ -317,7 +317,7 @@ class Journey:
                 # the client went away (or we were cancelled): settle without awaiting here
                 self._client_gone(response, decoder, meter, admitted)
 
-    def _client_gone(self, response: aiohttp.ClientResponse, decoder: sse.SSEDecoder,
+    def _client_gone(self, response: UpstreamResponse, decoder: sse.SSEDecoder,
                      meter: StreamMeter, admitted: _Admitted) -> None:
         usage = meter.completed_usage()
         if usage is not None:
@@ -332,7 +332,7 @@ class Journey:
         else:
             self._spawn(self._drain(response, decoder, meter, admitted))
 
-    async def _drain(self, response: aiohttp.ClientResponse, decoder: sse.SSEDecoder,
+    async def _drain(self, response: UpstreamResponse, decoder: sse.SSEDecoder,
                      meter: StreamMeter, admitted: _Admitted) -> None:
         """The client left mid-stream: keep reading the upstream, bounded, for its usage."""
         self._drains += 1
@@ -356,7 +356,7 @@ class Journey:
         else:
             await self._post_delivered(admitted, meter, reason="client left; upstream gave no usage")
 
-    async def _complete(self, surface: Surface, response: aiohttp.ClientResponse,
+    async def _complete(self, surface: Surface, response: UpstreamResponse,
                         admitted: _Admitted) -> Reply:
         try:
             try:

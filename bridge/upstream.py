@@ -1,8 +1,10 @@
 """The GLM client: one pooled aiohttp session, the coding-plan key pool, Z.ai error mapping."""
 from __future__ import annotations
 
-import itertools
+import asyncio
+import collections
 import logging
+from typing import Callable
 
 import aiohttp
 import msgspec
@@ -56,10 +58,82 @@ def map_error(status: int, body: bytes, request_id: str) -> BridgeError:
                        code=code or None)
 
 
+class KeyPool:
+    """The coding-plan keys, each with at most `limit` requests in flight (0: no limit).
+
+    Z.ai caps concurrency per key (1302); queueing here costs a short wait instead of an error
+    the client must retry. A request takes the least busy key, the next in turn among equals.
+    The cap holds within one process.
+    """
+
+    def __init__(self, keys: tuple[str, ...], limit: int) -> None:
+        self.keys = keys
+        self._limit = limit
+        self._busy = [0] * len(keys)
+        self._turn = 0
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+
+    async def acquire(self) -> int:
+        while True:
+            n = len(self.keys)
+            index = min(range(n), key=lambda k: (self._busy[k], (k - self._turn) % n))
+            if not self._limit or self._busy[index] < self._limit:
+                self._busy[index] += 1
+                self._turn = (index + 1) % n
+                return index
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # pass on the turn this waiter was given
+                raise
+
+    def release(self, index: int) -> None:
+        self._busy[index] -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class UpstreamResponse:
+    """An upstream response that gives its key's slot back when it is released or closed."""
+
+    __slots__ = ("_response", "_on_done", "content")
+
+    def __init__(self, response: aiohttp.ClientResponse, on_done: Callable[[], None]) -> None:
+        self._response = response
+        self._on_done: Callable[[], None] | None = on_done
+        self.content = response.content
+
+    async def read(self) -> bytes:
+        return await self._response.read()
+
+    def release(self) -> None:
+        self._response.release()
+        self._done()
+
+    def close(self) -> None:
+        self._response.close()
+        self._done()
+
+    def _done(self) -> None:
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done()
+
+
 class Upstream:
-    def __init__(self, base_url: str, keys: tuple[str, ...], *, timeout: float) -> None:
+    def __init__(self, base_url: str, keys: tuple[str, ...], *, timeout: float,
+                 concurrency: int = 0) -> None:
         self._url = base_url.rstrip("/") + "/chat/completions"
-        self._keys = itertools.cycle(keys)
+        self._pool = KeyPool(keys, concurrency)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -74,7 +148,7 @@ class Upstream:
         if self._session is not None:
             await self._session.close()
 
-    async def open(self, request: wire.ChatRequest, request_id: str) -> aiohttp.ClientResponse:
+    async def open(self, request: wire.ChatRequest, request_id: str) -> UpstreamResponse:
         """Send the request; return the response once its status is a success.
 
         Raises BridgeError for an upstream refusal (the body is read and mapped) or when the
@@ -94,18 +168,23 @@ class Upstream:
                             extra={"kind": error.kind.value, "code": error.code, "attempt": attempt})
         raise AssertionError("unreachable")
 
-    async def _send(self, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+    async def _send(self, body: bytes, request_id: str) -> UpstreamResponse:
+        slot = await self._pool.acquire()
         headers = {
-            "authorization": "Bearer " + next(self._keys),
+            "authorization": "Bearer " + self._pool.keys[slot],
             "content-type": "application/json",
             "accept-language": "en-US,en",
         }
         try:
             response = await self._session.post(self._url, data=body, headers=headers)
         except (aiohttp.ClientError, OSError) as exc:
+            self._pool.release(slot)
             log.warning("upstream unreachable", extra={"error": type(exc).__name__})
             raise BridgeError(Kind.upstream_error,
                               f"The model provider could not be reached. Request id {request_id}.") from None
+        except BaseException:
+            self._pool.release(slot)
+            raise
         if response.status >= 400:
             try:
                 error_body = await response.read()
@@ -113,5 +192,6 @@ class Upstream:
                 error_body = b""
             finally:
                 response.release()
+                self._pool.release(slot)
             raise map_error(response.status, error_body, request_id)
-        return response
+        return UpstreamResponse(response, lambda: self._pool.release(slot))

@@ -76,7 +76,8 @@ def create_app(config: Config, database_url: str, upstream_url: str,
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await db.create_pool(database_url, size=config.db_pool_size)
-        upstream = Upstream(upstream_url, upstream_keys, timeout=config.upstream_timeout)
+        upstream = Upstream(upstream_url, upstream_keys, timeout=config.upstream_timeout,
+                            concurrency=config.upstream_concurrency)
         await upstream.start()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
         calibration = Calibration()

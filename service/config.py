@@ -25,6 +25,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     upstream_url: str = ""
     upstream_keys: tuple[str, ...] = ()
     upstream_timeout: Seconds = 600.0
+    # requests in flight per upstream key at most (Z.ai caps it, 1302); 0 is no cap
+    upstream_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0
     simulator_host: str = "127.0.0.1"
     simulator_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -70,6 +72,7 @@ def _describe(field: str) -> str:
         "log_level": "one of debug, info, warning, error",
         "db_pool_size": "an integer from 1 to 200",
         "max_drains": "a non-negative integer",
+        "upstream_concurrency": "a non-negative integer",
         "auth_cache_ttl": "a non-negative number of seconds",
     }
     return hints.get(field, "a positive number of seconds" if field in {

@@ -174,9 +174,9 @@ def simulator():
 
 def start_bridge(database: str, upstream: str, **env: str) -> Server:
     port = free_port()
+    env.setdefault("CODEPLAN_UPSTREAM_KEYS", "sim-key-1,sim-key-2")
     server = Server(CODEPLAN + ["run"], base_env(
-        CODEPLAN_DATABASE_URL=database, CODEPLAN_PORT=str(port),
-        CODEPLAN_UPSTREAM_URL=upstream, CODEPLAN_UPSTREAM_KEYS="sim-key-1,sim-key-2", **env),
+        CODEPLAN_DATABASE_URL=database, CODEPLAN_PORT=str(port), CODEPLAN_UPSTREAM_URL=upstream, **env),
         port, "/healthz")
     return server.start()
 

@@ -1,6 +1,7 @@
 """Each disconnect and fault rule, end to end through the bridge, with exact token counts."""
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
 import json
 import time
@@ -280,3 +281,35 @@ def test_usage_api_and_zai_monitor_endpoints(bridge, database):
     assert len(model_usage["data"]["x_time"]) == len(model_usage["data"]["modelCallCount"])
     bad = httpx.get(bridge.url + "/api/monitor/usage/quota/limit", headers={"authorization": "nope"}).json()
     assert (bad["success"], bad["code"]) == (False, 401)
+
+
+def test_upstream_concurrency_per_key_is_queued_not_refused(database, simulator):
+    tag = uuid.uuid4().hex[:6]
+    keys = [f"cap-{tag}-a", f"cap-{tag}-b"]
+    from .conftest import start_bridge
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4",
+                          CODEPLAN_UPSTREAM_KEYS=",".join(keys), CODEPLAN_UPSTREAM_CONCURRENCY="1")
+    try:
+        key = new_user(database)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+        def one(i: int) -> int:
+            chunks = list(client.chat.completions.create(
+                model="glm-4.6", stream=True,
+                messages=[{"role": "user", "content": f"[[sim tps=25 tokens=8 reasoning=0]] job {i}"}]))
+            return chunks[-1].usage.completion_tokens
+
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            served = list(pool.map(one, range(6)))
+        elapsed = time.monotonic() - started
+        stats = json.loads(httpx.get(simulator.url + "/_sim/stats").content)
+        assert len(served) == 6 and all(served)
+        # two keys, one request each at a time: three rounds of ~0.3 s, never two at once on a key
+        assert [stats["max_in_flight"][k] for k in keys] == [1, 1]
+        assert elapsed > 0.8
+        rows = settled_query(database, "SELECT l.state FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
+                                       " WHERE k.prefix = $1", key[:10])
+        assert [r["state"] for r in rows] == ["posted"] * 6
+    finally:
+        server.stop()

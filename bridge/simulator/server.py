@@ -91,6 +91,22 @@ class Stats(msgspec.Struct):
     completed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # per upstream key: requests being answered now, and the most ever at once
+    in_flight: dict[str, int] = msgspec.field(default_factory=dict)
+    max_in_flight: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+async def _counted(stats: Stats, key: str, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for piece in body:
+            yield piece
+    finally:
+        stats.in_flight[key] -= 1
+
+
+def _enter(stats: Stats, key: str) -> None:
+    stats.in_flight[key] = stats.in_flight.get(key, 0) + 1
+    stats.max_in_flight[key] = max(stats.max_in_flight.get(key, 0), stats.in_flight[key])
 
 
 def create_app(config: SimConfig | None = None) -> Litestar:
@@ -120,8 +136,19 @@ def create_app(config: SimConfig | None = None) -> Litestar:
             return _error(400, "1210", "Invalid API parameter: tool_choice only supports auto")
         script = engine.plan(chat)
         stats.requests += 1
-        if script.header_delay:
-            await asyncio.sleep(script.header_delay)
+        _enter(stats, key)
+        streaming = False
+        try:
+            if script.header_delay:
+                await asyncio.sleep(script.header_delay)
+            response = await _answer(script, chat, key)
+            streaming = isinstance(response, Stream)
+            return response
+        finally:
+            if not streaming:
+                stats.in_flight[key] -= 1
+
+    async def _answer(script: Script, chat: wire.ChatRequest, key: str) -> Response:
         for fault in script.faults & FAULTS.keys():
             status, code, message = FAULTS[fault]
             return _error(status, code, message)
@@ -132,7 +159,8 @@ def create_app(config: SimConfig | None = None) -> Litestar:
             stats.completion_tokens += script.usage.completion_tokens
         headers = {"x-request-id": completion_id}
         if chat.stream:
-            return Stream(_stream(script, completion_id, chat.model), media_type="text/event-stream",
+            return Stream(_counted(stats, key, _stream(script, completion_id, chat.model)),
+                          media_type="text/event-stream",
                           headers={**headers, "cache-control": "no-cache"})
         if script.ttft:
             await asyncio.sleep(script.ttft)
