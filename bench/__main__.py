@@ -286,7 +286,7 @@ def main() -> int:
             for c in (1, 64, 256):
                 d, b = baseline[c], via[c]
                 print(f"c={c}: direct {d['rps']:.0f}/s bridge {b['rps']:.0f}/s x{b['rps'] / d['rps']:.2f}; "
-                      f"p50 +{(b['p50_us'] - d['p50_us']) / 1000:.2f} ms; "
+                      f"p50 +{(b['p50_us'] - d['p50_us']) / 1000:.2f} ms p99 {b['p99_us'] / 1000:.0f} ms; "
                       f"CPU/req {d['server_cpu_ms_per_req']:.2f} vs {b['server_cpu_ms_per_req']:.2f} ms")
             return 0
         cpu0 = cpu_seconds(bridge.pid)

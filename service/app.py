@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from typing import AsyncIterator
 
@@ -89,6 +90,12 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         app.state.calibration = calibration
         app.state.config = config
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
+        # Everything built so far lives as long as the process. Freezing it keeps the cyclic
+        # GC's full collections from walking it again: measured on this app, a full collection
+        # walked ~67,000 start-up objects in 31-34 ms, a pause for every request in flight;
+        # after the freeze it takes 0.0 ms (bench/PROFILE.md).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
