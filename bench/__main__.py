@@ -316,15 +316,15 @@ def main() -> int:
         d, b = baseline[c], via[c]
         rows.append((f"non-stream c={c}: requests/s", d["rps"], b["rps"], f"x{b['rps'] / d['rps']:.2f}"))
         rows.append((f"non-stream c={c}: p50 ms", d["p50_us"] / 1000, b["p50_us"] / 1000,
-                     f"+{(b['p50_us'] - d['p50_us']) / 1000:.2f} ms"))
+                     f"{(b['p50_us'] - d['p50_us']) / 1000:+.2f} ms"))
         rows.append((f"non-stream c={c}: p99 ms", d["p99_us"] / 1000, b["p99_us"] / 1000,
-                     f"+{(b['p99_us'] - d['p99_us']) / 1000:.2f} ms"))
+                     f"{(b['p99_us'] - d['p99_us']) / 1000:+.2f} ms"))
         rows.append((f"non-stream c={c}: server CPU ms/req", d["server_cpu_ms_per_req"], b["server_cpu_ms_per_req"],
                      f"x{b['server_cpu_ms_per_req'] / d['server_cpu_ms_per_req']:.2f}"))
     rows.append(("stream c=64: TTFT p50 ms", stream_direct["ttft_p50_ms"], stream_via["ttft_p50_ms"],
-                 f"+{stream_via['ttft_p50_ms'] - stream_direct['ttft_p50_ms']:.2f} ms"))
+                 f"{stream_via['ttft_p50_ms'] - stream_direct['ttft_p50_ms']:+.2f} ms"))
     rows.append(("stream c=64: TTFT p99 ms", stream_direct["ttft_p99_ms"], stream_via["ttft_p99_ms"],
-                 f"+{stream_via['ttft_p99_ms'] - stream_direct['ttft_p99_ms']:.2f} ms"))
+                 f"{stream_via['ttft_p99_ms'] - stream_direct['ttft_p99_ms']:+.2f} ms"))
     direct_rate = stream_direct["events"] / stream_direct["wall_s"]
     via_rate = stream_via["events"] / stream_via["wall_s"]
     rows.append(("stream c=64: chunks/s", direct_rate, via_rate, f"x{via_rate / direct_rate:.2f}"))
