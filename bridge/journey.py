@@ -73,9 +73,12 @@ class _Admitted(msgspec.Struct):
     raw_prompt: int  # uncorrected o200k estimate, for calibration
     prompt_estimate: int
     meter: StreamMeter | None = None  # what a stream has delivered, for heartbeats
-    keeper: asyncio.Task | None = None  # renews the lease until the entry is settled
+    # the next heartbeat: a timer, not a task, since most requests end before it fires
+    keeper: asyncio.TimerHandle | None = None
+    settling: bool = False
 
     def stop_keeper(self) -> None:
+        self.settling = True
         if self.keeper is not None:
             self.keeper.cancel()
             self.keeper = None
@@ -194,7 +197,7 @@ class Journey:
                              prompt_estimate=prompt)
         # the lease is renewed for as long as the request lives, whatever it is waiting on: a
         # long silence must not let the sweeper expire a request the upstream is still serving
-        admitted.keeper = asyncio.get_running_loop().create_task(self._keep_lease(admitted))
+        self._schedule_heartbeat(admitted)
         return admitted
 
     @staticmethod
@@ -412,16 +415,23 @@ class Journey:
         admitted.stop_keeper()
         await self._ledger.void(admitted.entry, reason=reason)
 
-    async def _keep_lease(self, admitted: _Admitted) -> None:
-        """Heartbeats: extend the lease and record the completion tokens delivered so far."""
-        while True:
-            await asyncio.sleep(self._config.heartbeat_interval)
-            delivered = admitted.meter.delivered_tokens() if admitted.meter is not None else 0
-            try:
-                if not await self._ledger.heartbeat(admitted.entry, delivered):
-                    return  # settled meanwhile
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("heartbeat failed", extra={"entry": str(admitted.entry), "error": type(exc).__name__})
+    def _schedule_heartbeat(self, admitted: _Admitted) -> None:
+        admitted.keeper = asyncio.get_running_loop().call_later(
+            self._config.heartbeat_interval, lambda: self._spawn(self._heartbeat(admitted)))
+
+    async def _heartbeat(self, admitted: _Admitted) -> None:
+        """Extend the lease and record the completion tokens delivered so far; then the next."""
+        admitted.keeper = None
+        if admitted.settling:
+            return
+        delivered = admitted.meter.delivered_tokens() if admitted.meter is not None else 0
+        try:
+            still_pending = await self._ledger.heartbeat(admitted.entry, delivered)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("heartbeat failed", extra={"entry": str(admitted.entry), "error": type(exc).__name__})
+            still_pending = True
+        if still_pending and not admitted.settling:
+            self._schedule_heartbeat(admitted)
 
     # ---- plumbing ------------------------------------------------------------------------
 
