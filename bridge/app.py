@@ -65,11 +65,8 @@ class InputTokens(msgspec.Struct):
 @post([p + "/count_tokens" for p in MESSAGES_PATHS], status_code=200)
 async def count_tokens(request: Request) -> Response:
     journey: Journey = request.app.state.journey
-    try:
-        parsed, error = anthropic.count_request(await request.body()), None
-    except BridgeError as failure:
-        parsed, error = None, failure
-    reply, tokens = await journey.count_tokens(_messages, api_key(request), parsed, error)
+    reply, tokens = await journey.count_tokens(_messages, anthropic.count_request, api_key(request),
+                                               await request.body())
     if tokens is None:
         return respond(reply)
     return Response(msgspec.json.encode(InputTokens(input_tokens=tokens)), media_type="application/json")

@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import logging
 import uuid
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import aiohttp
 import asyncpg
@@ -22,13 +22,12 @@ import msgspec
 from service.accounts import Authenticator, Principal
 from service.config import Config
 from service.estimate import Calibration
-from service.ledger import Admission, Ledger, Usage
+from service.ledger import Admission, Ledger, Usage, iso_utc
 
 from . import sse, wire
 from .errors import BridgeError, Kind
 from .metering import PromptEstimator, StreamMeter
 from .models import CATALOG, ModelInfo, ModelResolver
-from .surfaces.chat import prompt_text
 from .upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("codeplan.journey")
@@ -88,14 +87,24 @@ class _UpstreamDied(Exception):
     pass
 
 
+def _chunks(decoder: sse.SSEDecoder, data: bytes, admitted: _Admitted) -> list[wire.Chunk]:
+    """The GLM chunks completed by `data`. A malformed one is skipped (the rest of the stream
+    is still good); the `[DONE]` sentinel carries nothing."""
+    chunks = []
+    for event in decoder.feed(data):
+        if event.data == b"[DONE]":
+            continue
+        try:
+            chunks.append(wire.chunk_decoder.decode(event.data))
+        except msgspec.DecodeError:
+            log.warning("malformed upstream chunk skipped", extra={"entry": str(admitted.entry)})
+    return chunks
+
+
 def _close_if_opened(opening: asyncio.Future) -> None:
     """An upstream response that arrived after nobody wanted it is closed, not leaked."""
     if not opening.cancelled() and opening.exception() is None:
         opening.result().close()
-
-
-def _iso(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Journey:
@@ -130,42 +139,43 @@ class Journey:
             return self._error(surface, error)
 
         # forwarded from here on: every exit settles `admitted.entry`
-        opening = asyncio.ensure_future(self._upstream.open(request, str(admitted.entry)))
+        opening: asyncio.Future | None = None
         try:
-            if request.stream:
+            if not request.stream:
+                response = await self._upstream.open(request, str(admitted.entry))
+            else:
                 # a quick refusal keeps its HTTP status; a slow upstream must not keep the
                 # client waiting for headers (Kilo gives up after 10 s)
+                opening = asyncio.ensure_future(self._upstream.open(request, str(admitted.entry)))
                 await asyncio.wait({opening}, timeout=self._config.header_wait)
-            response = await opening if opening.done() or not request.stream else None
+                response = opening.result() if opening.done() else None
         except BridgeError as error:
             await self._void(admitted, reason=f"upstream refused: {error.kind.value}")
             return self._error(surface, error)
         except BaseException:
-            opening.cancel()
+            if opening is not None:
+                opening.cancel()
             self._spawn(self._void(admitted, reason="cancelled before forwarding"))
             raise
         if not request.stream:
-            assert response is not None
             return await self._complete(surface, response, admitted)
         translator = surface.stream(admitted.shown_model, admitted.entry.hex, admitted.prompt_estimate)
         stream = self._relay(translator, response, admitted) if response is not None \
-            else self._relay_when_open(translator, opening, admitted)
+            else self._relay_when_open(translator, opening, admitted)  # type: ignore[arg-type]
         return Reply(status=200, media_type=translator.content_type,
                      headers={"cache-control": "no-cache", "x-request-id": str(admitted.entry)},
                      stream=stream)
 
-    async def count_tokens(self, surface: Surface, key: str, request: wire.ChatRequest | None,
-                           error: BridgeError | None = None) -> tuple[Reply, int | None]:
+    async def count_tokens(self, surface: Surface, parse: Callable[[bytes], wire.ChatRequest],
+                           key: str, body: bytes) -> tuple[Reply, int | None]:
         """The prompt estimate admission would reserve for this request, corrected by the
         measured GLM ratio: what `count_tokens` answers."""
         try:
             if await self._auth.authenticate(key) is None:
                 raise BridgeError(Kind.authentication, "Invalid API key.")
-            if error is not None:
-                raise error
-            assert request is not None
+            request = parse(body)
             model = self._models.resolve(request.model, tuple(CATALOG))
-            raw = await self._estimator.count(prompt_text(request), len(request.messages))
+            raw = await self._estimator.count_request(request)
             return Reply(status=200, headers={}), self._calibration.correct(model.id, raw)
         except BridgeError as failure:
             return self._error(surface, failure), None
@@ -175,7 +185,7 @@ class Journey:
         shown_model = request.model
         model = self._models.resolve(request.model, principal.models)
         request.model = model.id
-        raw = await self._estimator.count(prompt_text(request), len(request.messages))
+        raw = await self._estimator.count_request(request)
         prompt = self._calibration.correct(model.id, raw)
         if prompt >= model.context_window:
             raise BridgeError(
@@ -209,7 +219,7 @@ class Journey:
             return BridgeError(
                 Kind.quota_exhausted,
                 f"Usage limit reached for the {window} window. Your limit will reset at "
-                f"{_iso(admission.resets_at)} (UTC).",
+                f"{iso_utc(admission.resets_at)} (UTC).",
                 code="1308" if admission.window_kind == "5h" else "1310", retry_after=max(1.0, wait))
         if admission.outcome == "too_large":
             return BridgeError(
@@ -279,16 +289,7 @@ class Journey:
                         break
                     silence = 0.0
                     out = b""
-                    for event in decoder.feed(data):
-                        if event.data == b"[DONE]":
-                            continue
-                        try:
-                            chunk = wire.chunk_decoder.decode(event.data)
-                        except msgspec.DecodeError:
-                            # one bad chunk is skipped; the rest of the stream is still good
-                            log.warning("malformed upstream chunk skipped",
-                                        extra={"entry": str(admitted.entry)})
-                            continue
+                    for chunk in _chunks(decoder, data, admitted):
                         meter.observe(chunk, delivered=True)
                         out += translator.feed(chunk)
                     if out:
@@ -342,12 +343,8 @@ class Journey:
         try:
             async with asyncio.timeout(self._config.drain_timeout):
                 while data := await response.content.readany():
-                    for event in decoder.feed(data):
-                        if event.data != b"[DONE]":
-                            try:
-                                meter.observe(wire.chunk_decoder.decode(event.data), delivered=False)
-                            except msgspec.DecodeError:
-                                continue
+                    for chunk in _chunks(decoder, data, admitted):
+                        meter.observe(chunk, delivered=False)
         except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         finally:

@@ -25,6 +25,20 @@ class PromptEstimator:
         self._capacity = capacity
         estimate.encoding()  # load the ranks at start-up, not on the first request
 
+    async def count_request(self, request: wire.ChatRequest) -> int:
+        """The uncorrected estimate of a GLM request's prompt: messages, replayed reasoning,
+        earlier tool calls and the tool schemas."""
+        pieces: list[str] = []
+        for m in request.messages:
+            pieces.append(m.text())
+            if isinstance(m.reasoning_content, str):
+                pieces.append(m.reasoning_content)
+            if isinstance(m.tool_calls, list):
+                pieces.extend(c.function.name + c.function.arguments for c in m.tool_calls)
+        if isinstance(request.tools, list):
+            pieces.append(wire.encoder.encode(request.tools).decode())
+        return await self.count(pieces, len(request.messages))
+
     async def count(self, pieces: list[str], messages: int) -> int:
         total = estimate.PER_REQUEST + estimate.PER_MESSAGE * messages
         todo: list[str] = []

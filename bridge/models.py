@@ -25,15 +25,24 @@ CATALOG: dict[str, ModelInfo] = {
 
 
 class ModelResolver:
-    """Case-insensitive model ids plus operator aliases ("alias=model")."""
+    """Case-insensitive model ids plus operator aliases ("alias=model").
+
+    Raises ValueError, worded as a start-up error line, when a setting names no served model.
+    """
 
     def __init__(self, aliases: tuple[str, ...] = (), *, claude: str = "glm-4.6",
                  claude_haiku: str = "glm-4.5-air") -> None:
         self._claude = claude.lower()
         self._claude_haiku = claude_haiku.lower()
+        served = ", ".join(CATALOG)
+        for variable, model in (("CODEPLAN_CLAUDE_MODEL", claude), ("CODEPLAN_CLAUDE_HAIKU_MODEL", claude_haiku)):
+            if model.lower() not in CATALOG:
+                raise ValueError(f"{variable}: expected one of {served}, got {model!r}")
         self._aliases: dict[str, str] = {}
         for pair in aliases:
             alias, _, target = pair.partition("=")
+            if target.strip().lower() not in CATALOG:
+                raise ValueError(f"CODEPLAN_MODEL_ALIASES: {pair!r} names no model we serve ({served})")
             self._aliases[alias.strip().lower()] = target.strip().lower()
 
     def resolve(self, requested: str, allowed: tuple[str, ...]) -> ModelInfo:
@@ -95,14 +104,3 @@ def model_list(allowed: tuple[str, ...]) -> ModelList:
     return ModelList(object="list", data=listed, has_more=False,
                      first_id=listed[0].id if listed else None, last_id=listed[-1].id if listed else None)
 
-
-def check_config(claude: str, claude_haiku: str, aliases: tuple[str, ...]) -> str | None:
-    """The first model setting that names no model we serve, as a start-up error line."""
-    for variable, model in (("CODEPLAN_CLAUDE_MODEL", claude), ("CODEPLAN_CLAUDE_HAIKU_MODEL", claude_haiku)):
-        if model.lower() not in CATALOG:
-            return f"{variable}: expected one of {', '.join(CATALOG)}, got {model!r}"
-    for pair in aliases:
-        target = pair.partition("=")[2].strip().lower()
-        if target not in CATALOG:
-            return f"CODEPLAN_MODEL_ALIASES: {pair!r} names no model we serve ({', '.join(CATALOG)})"
-    return None

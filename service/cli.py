@@ -42,13 +42,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn(app, sock: socket.socket):
+def _uvicorn(app, *, lifespan: bool):
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(
-        app, loop="none", http="httptools", lifespan="on", log_config=None,
+    return uvicorn.Server(uvicorn.Config(
+        app, loop="none", http="httptools", lifespan="on" if lifespan else "off", log_config=None,
         access_log=False, timeout_keep_alive=75, server_header=False))
-    return server, sock
 
 
 async def _run(config: config_module.Config) -> None:
@@ -61,30 +60,26 @@ async def _run(config: config_module.Config) -> None:
     applied = await db.migrate(url)
     log.info("database ready", extra={"migrations_applied": len(applied)})
 
-    simulator = None
+    main_sock = _bind(config.host, config.port)  # a busy port fails before anything starts
+    simulator = sim_task = None
     upstream_url, upstream_keys = config.upstream_url, config.upstream_keys
     if config.simulated:
         sim_sock = _bind(config.simulator_host, config.simulator_port)
         host, port = sim_sock.getsockname()[:2]
         upstream_url = f"http://{host}:{port}/api/coding/paas/v4"
         upstream_keys = ("simulator",)
-        simulator = _uvicorn(create_simulator(SimConfig()), sim_sock)
+        simulator = _uvicorn(create_simulator(SimConfig()), lifespan=False)
+        sim_task = asyncio.create_task(simulator.serve(sockets=[sim_sock]))
         log.warning("NO UPSTREAM CONFIGURED: serving answers from the built-in GLM-4.6 SIMULATOR, "
                     "not the real model. Set CODEPLAN_UPSTREAM_URL and CODEPLAN_UPSTREAM_KEYS "
                     "to forward to Z.ai.", extra={"simulator": upstream_url})
-    main_server, main_sock = _uvicorn(create_app(config, url, upstream_url, upstream_keys),
-                                      _bind(config.host, config.port))
-    sim_task = None
-    if simulator is not None:
-        sim_server, sock = simulator
-        sim_server.config.lifespan = "off"
-        sim_task = asyncio.create_task(sim_server.serve(sockets=[sock]))
+    main_server = _uvicorn(create_app(config, url, upstream_url, upstream_keys), lifespan=True)
     log.info("codeplan listening", extra={"url": f"http://{config.host}:{config.port}"})
     try:
         await main_server.serve(sockets=[main_sock])
     finally:
-        if sim_task is not None:
-            simulator[0].should_exit = True
+        if simulator is not None and sim_task is not None:
+            simulator.should_exit = True
             await sim_task
 
 
@@ -94,11 +89,10 @@ async def _simulate(args: argparse.Namespace) -> None:
 
     sim = SimConfig(seed=args.seed, ttft_ms=args.ttft_ms, tokens_per_second=args.tps,
                     output_tokens=args.tokens)
-    server, sock = _uvicorn(create_simulator(sim), _bind(args.host, args.port))
-    server.config.lifespan = "off"
+    sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     log.info("GLM simulator listening", extra={"url": f"http://{host}:{port}/api/coding/paas/v4"})
-    await server.serve(sockets=[sock])
+    await _uvicorn(create_simulator(sim), lifespan=False).serve(sockets=[sock])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = config_module.load()
-        from bridge.models import check_config
+        from bridge.models import ModelResolver
 
-        problem = check_config(config.claude_model, config.claude_haiku_model, config.model_aliases)
-        if problem:
-            raise config_module.ConfigError(problem)
+        try:
+            ModelResolver(config.model_aliases, claude=config.claude_model, claude_haiku=config.claude_haiku_model)
+        except ValueError as exc:
+            raise config_module.ConfigError(str(exc)) from None
     except config_module.ConfigError as exc:
         print(f"codeplan: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -62,7 +62,7 @@ class ConfigError(Exception):
     """Raised with a message fit to print as the one line of a failed start-up."""
 
 
-_FIELDS = {name: name for name in Config.__struct_fields__}
+_FIELDS = Config.__struct_fields__
 
 
 def _describe(field: str) -> str:

@@ -22,6 +22,11 @@ import msgspec
 log = logging.getLogger("codeplan.ledger")
 
 
+def iso_utc(moment: dt.datetime) -> str:
+    """A window's edge as users read it: UTC, ISO 8601, to the second."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class Admission(msgspec.Struct, frozen=True):
     outcome: str  # admitted | replayed | inactive | too_large | window_full | concurrency
     window_kind: str | None = None  # '5h' or 'week' for too_large / window_full

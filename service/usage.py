@@ -14,6 +14,7 @@ from litestar import Request, Response, get
 from bridge.app import api_key
 
 from .accounts import Authenticator, Principal
+from .ledger import iso_utc
 
 UTC = dt.timezone.utc
 
@@ -59,8 +60,17 @@ class UsageReport(msgspec.Struct):
     estimates: dict[str, EstimateQuality]
 
 
-def _iso(moment: dt.datetime | None) -> str | None:
-    return None if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+class _WindowState(msgspec.Struct, frozen=True):
+    kind: str
+    allowance: int
+    used: int
+    reserved: int
+    starts_at: dt.datetime | None  # None: no window open; the next request opens one
+    ends_at: dt.datetime | None
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.allowance - self.used - self.reserved)
 
 
 _WINDOWS_SQL = """
@@ -104,21 +114,25 @@ async def totals(pool: asyncpg.Pool, subscription_id: int, start: dt.datetime,
     return {r["model"]: ModelTotals(**{k: r[k] for k in ModelTotals.__struct_fields__}) for r in rows}
 
 
-async def report(pool: asyncpg.Pool, principal: Principal, estimates: dict) -> UsageReport:
-    plan = await pool.fetchrow(_PLAN_SQL, principal.subscription_id)
-    open_windows = {r["kind"]: r for r in await pool.fetch(_WINDOWS_SQL, principal.subscription_id)}
-    now = dt.datetime.now(UTC)
+async def current_windows(pool: asyncpg.Pool, subscription_id: int) -> tuple[asyncpg.Record, list[_WindowState]]:
+    """The plan, and its 5-hour and weekly windows as they stand now."""
+    plan = await pool.fetchrow(_PLAN_SQL, subscription_id)
+    open_windows = {r["kind"]: r for r in await pool.fetch(_WINDOWS_SQL, subscription_id)}
     windows = []
     for kind, allowance in (("5h", plan["window_tokens"]), ("week", plan["weekly_tokens"])):
         row = open_windows.get(kind)
-        if row is None:
-            windows.append(Window(kind=kind, allowance=allowance, used=0, reserved=0,
-                                  remaining=allowance, started_at=None, resets_at=None))
-        else:
-            windows.append(Window(
-                kind=kind, allowance=row["allowance"], used=row["posted"], reserved=row["reserved"],
-                remaining=max(0, row["allowance"] - row["posted"] - row["reserved"]),
-                started_at=_iso(row["starts_at"]), resets_at=_iso(row["ends_at"])))
+        windows.append(_WindowState(kind, allowance, 0, 0, None, None) if row is None else _WindowState(
+            kind, row["allowance"], row["posted"], row["reserved"], row["starts_at"], row["ends_at"]))
+    return plan, windows
+
+
+async def report(pool: asyncpg.Pool, principal: Principal, estimates: dict) -> UsageReport:
+    plan, states = await current_windows(pool, principal.subscription_id)
+    windows = [Window(kind=w.kind, allowance=w.allowance, used=w.used, reserved=w.reserved,
+                      remaining=w.remaining,
+                      started_at=iso_utc(w.starts_at) if w.starts_at else None,
+                      resets_at=iso_utc(w.ends_at) if w.ends_at else None) for w in states]
+    now = dt.datetime.now(UTC)
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     week_start = day_start - dt.timedelta(days=day_start.weekday())
     tomorrow = day_start + dt.timedelta(days=1)
@@ -188,20 +202,17 @@ async def zai_quota_limit(request: Request) -> Response:
     principal = await _principal(request)
     if principal is None:
         return _zai(None, 401, "token expired or incorrect")
-    current = await report(request.app.state.pool, principal, {})
+    plan, windows = await current_windows(request.app.state.pool, principal.subscription_id)
     limits = []
-    for window in current.windows:
+    for window in windows:
         unit, number = (3, 5) if window.kind == "5h" else (6, 1)
         used = window.used + window.reserved
-        reset = None
-        if window.resets_at is not None:
-            reset = int(dt.datetime.strptime(window.resets_at, "%Y-%m-%dT%H:%M:%SZ")
-                        .replace(tzinfo=UTC).timestamp() * 1000)
+        reset = int(window.ends_at.replace(microsecond=0).timestamp() * 1000) if window.ends_at else None
         limits.append(ZaiLimit(
             type="TOKENS_LIMIT", unit=unit, number=number,
             percentage=min(100, round(100 * used / window.allowance)) if window.allowance else 100,
             nextResetTime=reset, usage=window.allowance, currentValue=used, remaining=window.remaining))
-    return _zai(ZaiQuota(level=current.plan.id, limits=limits))
+    return _zai(ZaiQuota(level=plan["id"], limits=limits))
 
 
 class ZaiModelSummary(msgspec.Struct):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from typing import NamedTuple
 
 import asyncpg
 import pytest
@@ -32,113 +33,106 @@ async def _ledger(url: str, lease: float = 60.0) -> tuple[asyncpg.Pool, Ledger]:
     return pool, Ledger(pool, lease_seconds=lease)
 
 
+class Env(NamedTuple):
+    url: str
+    pool: asyncpg.Pool
+    ledger: Ledger
+    sub: int
+    key: int
+
+
+@pytest.fixture
+async def env(setup):
+    """A subscription on the setup plan (10,000 per 5 hours, 30,000 a week) and a ledger on it."""
+    url, plan = setup
+    sub, key = await _subscription(url, plan)
+    pool, ledger = await _ledger(url)
+    yield Env(url, pool, ledger, sub, key)
+    await pool.close()
+
+
 async def _windows(url: str) -> dict[str, asyncpg.Record]:
     return {r["kind"]: r for r in await query(url, "SELECT * FROM quota_windows")}
 
 
-async def test_post_moves_reservation_to_usage_once(setup):
-    url, plan = setup
-    sub, key = await _subscription(url, plan)
-    pool, ledger = await _ledger(url)
-    try:
-        entry = uuid.uuid4()
-        admission = await ledger.admit(entry, subscription_id=sub, api_key_id=key, surface="chat",
-                                       model="glm-4.6", prompt_estimate=100, reserve=1100)
-        assert admission.admitted
-        windows = await _windows(url)
-        assert windows["5h"]["reserved"] == windows["week"]["reserved"] == 1100
-        usage = Usage(prompt_tokens=120, completion_tokens=30, cached_tokens=100)
-        # cached tokens at the plan's weight 0.2: 20 + ceil(100 * 0.2) + 30
-        assert await ledger.post(entry, usage, estimated=False, reason="t") == 70
-        assert await ledger.post(entry, usage, estimated=False, reason="replay") is None
-        assert await ledger.void(entry, reason="late void") is None
-        windows = await _windows(url)
-        assert (windows["5h"]["reserved"], windows["5h"]["posted"]) == (0, 70)
-        assert (windows["week"]["reserved"], windows["week"]["posted"]) == (0, 70)
-        row = (await query(url, "SELECT * FROM usage_ledger WHERE id = $1", entry))[0]
-        assert (row["state"], row["billed_tokens"], row["settle_reason"]) == ("posted", 70, "t")
-    finally:
-        await pool.close()
+async def test_post_moves_reservation_to_usage_once(env):
+    url, pool, ledger, sub, key = env
+    entry = uuid.uuid4()
+    admission = await ledger.admit(entry, subscription_id=sub, api_key_id=key, surface="chat",
+                                   model="glm-4.6", prompt_estimate=100, reserve=1100)
+    assert admission.admitted
+    windows = await _windows(url)
+    assert windows["5h"]["reserved"] == windows["week"]["reserved"] == 1100
+    usage = Usage(prompt_tokens=120, completion_tokens=30, cached_tokens=100)
+    # cached tokens at the plan's weight 0.2: 20 + ceil(100 * 0.2) + 30
+    assert await ledger.post(entry, usage, estimated=False, reason="t") == 70
+    assert await ledger.post(entry, usage, estimated=False, reason="replay") is None
+    assert await ledger.void(entry, reason="late void") is None
+    windows = await _windows(url)
+    assert (windows["5h"]["reserved"], windows["5h"]["posted"]) == (0, 70)
+    assert (windows["week"]["reserved"], windows["week"]["posted"]) == (0, 70)
+    row = (await query(url, "SELECT * FROM usage_ledger WHERE id = $1", entry))[0]
+    assert (row["state"], row["billed_tokens"], row["settle_reason"]) == ("posted", 70, "t")
 
 
-async def test_racing_settlers_apply_exactly_one(setup):
-    url, plan = setup
-    sub, key = await _subscription(url, plan)
-    pool, ledger = await _ledger(url)
-    try:
-        entry = uuid.uuid4()
-        await ledger.admit(entry, subscription_id=sub, api_key_id=key, surface="chat",
-                           model="glm-4.6", prompt_estimate=10, reserve=500)
-        results = await asyncio.gather(
-            *(ledger.post(entry, Usage(prompt_tokens=10, completion_tokens=i), estimated=False, reason=str(i))
-              for i in range(1, 11)),
-            *(ledger.void(entry, reason="v") for _ in range(5)))
-        applied = [r for r in results if r is not None]
-        assert len(applied) == 1
-        windows = await _windows(url)
-        assert windows["5h"]["reserved"] == 0 and windows["5h"]["posted"] == applied[0]
-    finally:
-        await pool.close()
+async def test_racing_settlers_apply_exactly_one(env):
+    url, pool, ledger, sub, key = env
+    entry = uuid.uuid4()
+    await ledger.admit(entry, subscription_id=sub, api_key_id=key, surface="chat",
+                       model="glm-4.6", prompt_estimate=10, reserve=500)
+    results = await asyncio.gather(
+        *(ledger.post(entry, Usage(prompt_tokens=10, completion_tokens=i), estimated=False, reason=str(i))
+          for i in range(1, 11)),
+        *(ledger.void(entry, reason="v") for _ in range(5)))
+    applied = [r for r in results if r is not None]
+    assert len(applied) == 1
+    windows = await _windows(url)
+    assert windows["5h"]["reserved"] == 0 and windows["5h"]["posted"] == applied[0]
 
 
-async def test_admission_replay_and_refusals(setup):
-    url, plan = setup
-    sub, key = await _subscription(url, plan)
-    pool, ledger = await _ledger(url)
-    try:
-        entry = uuid.uuid4()
-        args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
-        assert (await ledger.admit(entry, reserve=6000, **args)).admitted
-        assert (await ledger.admit(entry, reserve=6000, **args)).outcome == "replayed"
-        full = await ledger.admit(uuid.uuid4(), reserve=6000, **args)
-        assert (full.outcome, full.window_kind) == ("window_full", "5h")
-        assert full.resets_at > dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=4, minutes=59)
-        too_large = await ledger.admit(uuid.uuid4(), reserve=10_001, **args)
-        assert (too_large.outcome, too_large.window_kind, too_large.allowance) == ("too_large", "5h", 10_000)
-        # the refused requests left no trace
-        assert len(await query(url, "SELECT 1 FROM usage_ledger")) == 1
-    finally:
-        await pool.close()
-
-
-async def test_five_hour_window_reopens_after_it_closes_weekly_window_holds(setup):
-    url, plan = setup
-    sub, key = await _subscription(url, plan)
-    pool, ledger = await _ledger(url)
+async def test_admission_replay_and_refusals(env):
+    url, pool, ledger, sub, key = env
+    entry = uuid.uuid4()
     args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
-    try:
-        for _ in range(3):
-            entry = uuid.uuid4()
-            assert (await ledger.admit(entry, reserve=9000, **args)).admitted
-            await ledger.post(entry, Usage(prompt_tokens=9000), estimated=False, reason="t")
-            # close the 5-hour window as if five hours had passed
-            await query(url, "UPDATE quota_windows SET starts_at = starts_at - interval '5 hours',"
-                             " ends_at = now() - interval '1 second' WHERE kind = '5h'")
-        refused = await ledger.admit(uuid.uuid4(), reserve=4000, **args)
-        assert (refused.outcome, refused.window_kind) == ("window_full", "week")
-        windows = await query(url, "SELECT kind, posted FROM quota_windows ORDER BY id")
-        assert [(w["kind"], w["posted"]) for w in windows] == [
-            ("week", 27000), ("5h", 9000), ("5h", 9000), ("5h", 9000)]
-        started = (await query(url, "SELECT started_at FROM subscriptions WHERE id = $1", sub))[0]["started_at"]
-        week = (await query(url, "SELECT starts_at FROM quota_windows WHERE kind = 'week'"))[0]["starts_at"]
-        assert week == started  # anchored to the subscription's start
-    finally:
-        await pool.close()
+    assert (await ledger.admit(entry, reserve=6000, **args)).admitted
+    assert (await ledger.admit(entry, reserve=6000, **args)).outcome == "replayed"
+    full = await ledger.admit(uuid.uuid4(), reserve=6000, **args)
+    assert (full.outcome, full.window_kind) == ("window_full", "5h")
+    assert full.resets_at > dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=4, minutes=59)
+    too_large = await ledger.admit(uuid.uuid4(), reserve=10_001, **args)
+    assert (too_large.outcome, too_large.window_kind, too_large.allowance) == ("too_large", "5h", 10_000)
+    # the refused requests left no trace
+    assert len(await query(url, "SELECT 1 FROM usage_ledger")) == 1
 
 
-async def test_concurrent_admissions_never_overbook(setup):
-    url, plan = setup
-    sub, key = await _subscription(url, plan)
-    pool, ledger = await _ledger(url)
-    try:
-        results = await asyncio.gather(*(ledger.admit(
-            uuid.uuid4(), subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6",
-            prompt_estimate=1, reserve=700) for _ in range(100)))
-        assert sum(r.admitted for r in results) == 14  # 14 * 700 <= 10,000 < 15 * 700
-        assert {r.outcome for r in results} == {"admitted", "window_full"}
-        assert (await _windows(url))["5h"]["reserved"] == 9800
-    finally:
-        await pool.close()
+async def test_five_hour_window_reopens_after_it_closes_weekly_window_holds(env):
+    url, pool, ledger, sub, key = env
+    args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
+    for _ in range(3):
+        entry = uuid.uuid4()
+        assert (await ledger.admit(entry, reserve=9000, **args)).admitted
+        await ledger.post(entry, Usage(prompt_tokens=9000), estimated=False, reason="t")
+        # close the 5-hour window as if five hours had passed
+        await query(url, "UPDATE quota_windows SET starts_at = starts_at - interval '5 hours',"
+                         " ends_at = now() - interval '1 second' WHERE kind = '5h'")
+    refused = await ledger.admit(uuid.uuid4(), reserve=4000, **args)
+    assert (refused.outcome, refused.window_kind) == ("window_full", "week")
+    windows = await query(url, "SELECT kind, posted FROM quota_windows ORDER BY id")
+    assert [(w["kind"], w["posted"]) for w in windows] == [
+        ("week", 27000), ("5h", 9000), ("5h", 9000), ("5h", 9000)]
+    started = (await query(url, "SELECT started_at FROM subscriptions WHERE id = $1", sub))[0]["started_at"]
+    week = (await query(url, "SELECT starts_at FROM quota_windows WHERE kind = 'week'"))[0]["starts_at"]
+    assert week == started  # anchored to the subscription's start
+
+
+async def test_concurrent_admissions_never_overbook(env):
+    url, pool, ledger, sub, key = env
+    results = await asyncio.gather(*(ledger.admit(
+        uuid.uuid4(), subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6",
+        prompt_estimate=1, reserve=700) for _ in range(100)))
+    assert sum(r.admitted for r in results) == 14  # 14 * 700 <= 10,000 < 15 * 700
+    assert {r.outcome for r in results} == {"admitted", "window_full"}
+    assert (await _windows(url))["5h"]["reserved"] == 9800
 
 
 async def test_concurrency_cap(fresh_database):
@@ -158,59 +152,50 @@ async def test_concurrency_cap(fresh_database):
         await pool.close()
 
 
-async def test_sweeper_expires_only_lapsed_leases_at_what_they_proved(setup):
-    url, plan = setup
-    sub, key = await _subscription(url, plan)
-    pool, ledger = await _ledger(url, lease=0.2)
+async def test_sweeper_expires_only_lapsed_leases_at_what_they_proved(env):
+    url, pool, ledger, sub, key = env
+    ledger = Ledger(pool, lease_seconds=0.2)
     args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6")
-    try:
-        silent, proven, alive = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-        await ledger.admit(silent, prompt_estimate=40, reserve=1000, **args)
-        await ledger.admit(proven, prompt_estimate=50, reserve=1000, **args)
-        await ledger.admit(alive, prompt_estimate=60, reserve=1000, **args)
-        await ledger.heartbeat(proven, 17)
-        await asyncio.sleep(0.3)
-        long_lease = Ledger(pool, lease_seconds=60)
-        await long_lease.heartbeat(alive, 5)
-        assert await ledger.expire_due() == 2
-        assert await ledger.expire_due() == 0
-        rows = {r["id"]: r for r in await query(url, "SELECT * FROM usage_ledger")}
-        assert (rows[silent]["state"], rows[silent]["billed_tokens"], rows[silent]["estimated"]) == ("expired", 40, True)
-        assert (rows[proven]["state"], rows[proven]["billed_tokens"], rows[proven]["completion_tokens"]) == ("expired", 67, 17)
-        assert rows[alive]["state"] == "pending"
-        # a late settlement by a process that was only slow changes nothing
-        assert await ledger.post(silent, Usage(prompt_tokens=1, completion_tokens=1), estimated=False, reason="late") is None
-        windows = await _windows(url)
-        assert (windows["5h"]["reserved"], windows["5h"]["posted"]) == (1000, 107)
-    finally:
-        await pool.close()
+    silent, proven, alive = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await ledger.admit(silent, prompt_estimate=40, reserve=1000, **args)
+    await ledger.admit(proven, prompt_estimate=50, reserve=1000, **args)
+    await ledger.admit(alive, prompt_estimate=60, reserve=1000, **args)
+    await ledger.heartbeat(proven, 17)
+    await asyncio.sleep(0.3)
+    long_lease = Ledger(pool, lease_seconds=60)
+    await long_lease.heartbeat(alive, 5)
+    assert await ledger.expire_due() == 2
+    assert await ledger.expire_due() == 0
+    rows = {r["id"]: r for r in await query(url, "SELECT * FROM usage_ledger")}
+    assert (rows[silent]["state"], rows[silent]["billed_tokens"], rows[silent]["estimated"]) == ("expired", 40, True)
+    assert (rows[proven]["state"], rows[proven]["billed_tokens"], rows[proven]["completion_tokens"]) == ("expired", 67, 17)
+    assert rows[alive]["state"] == "pending"
+    # a late settlement by a process that was only slow changes nothing
+    assert await ledger.post(silent, Usage(prompt_tokens=1, completion_tokens=1), estimated=False, reason="late") is None
+    windows = await _windows(url)
+    assert (windows["5h"]["reserved"], windows["5h"]["posted"]) == (1000, 107)
 
 
-async def test_rollup_keeps_every_total(setup):
-    url, plan = setup
-    sub, key = await _subscription(url, plan)
-    pool, ledger = await _ledger(url)
+async def test_rollup_keeps_every_total(env):
+    url, pool, ledger, sub, key = env
     args = dict(subscription_id=sub, api_key_id=key, surface="chat", prompt_estimate=1, reserve=100)
-    try:
-        from service.usage import totals
-        for i, model in enumerate(["glm-4.6", "glm-4.6", "glm-4.5-air", "glm-4.6"]):
-            entry = uuid.uuid4()
-            await ledger.admit(entry, model=model, **args)
-            if i == 3:
-                await ledger.void(entry, reason="t")
-            else:
-                await ledger.post(entry, Usage(prompt_tokens=10 + i, completion_tokens=5, cached_tokens=5),
-                                  estimated=False, reason="t")
-        pending = uuid.uuid4()
-        await ledger.admit(pending, model="glm-4.6", **args)
-        start = dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start + dt.timedelta(days=1)
-        before = await totals(pool, sub, start, end)
-        windows_before = await _windows(url)
-        assert await ledger.rollup(dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)) == 4
-        assert await totals(pool, sub, start, end) == before
-        assert before["glm-4.6"].requests == 2 and before["glm-4.5-air"].prompt_tokens == 12
-        assert await _windows(url) == windows_before
-        assert [r["state"] for r in await query(url, "SELECT state FROM usage_ledger")] == ["pending"]
-    finally:
-        await pool.close()
+    from service.usage import totals
+    for i, model in enumerate(["glm-4.6", "glm-4.6", "glm-4.5-air", "glm-4.6"]):
+        entry = uuid.uuid4()
+        await ledger.admit(entry, model=model, **args)
+        if i == 3:
+            await ledger.void(entry, reason="t")
+        else:
+            await ledger.post(entry, Usage(prompt_tokens=10 + i, completion_tokens=5, cached_tokens=5),
+                              estimated=False, reason="t")
+    pending = uuid.uuid4()
+    await ledger.admit(pending, model="glm-4.6", **args)
+    start = dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    end = start + dt.timedelta(days=1)
+    before = await totals(pool, sub, start, end)
+    windows_before = await _windows(url)
+    assert await ledger.rollup(dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)) == 4
+    assert await totals(pool, sub, start, end) == before
+    assert before["glm-4.6"].requests == 2 and before["glm-4.5-air"].prompt_tokens == 12
+    assert await _windows(url) == windows_before
+    assert [r["state"] for r in await query(url, "SELECT state FROM usage_ledger")] == ["pending"]

@@ -181,14 +181,21 @@ def small_plan_key(database):
     return new_user(database, new_plan(database, window=2_000, weekly=50_000))
 
 
-def test_full_five_hour_window_refused_with_1308_before_upstream(bridge, database, small_plan_key):
-    key = small_plan_key
+def fill_window(bridge, database, key: str, kind: str, leave: int) -> openai.OpenAI:
+    """Open the key's windows with one request, then use up all of one but `leave` tokens."""
     client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
     client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=100)
     wait_settled(database)
-    run(query(database, "UPDATE quota_windows SET posted = allowance - 150 WHERE kind = '5h'"
-                        " AND id IN (SELECT window_id FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
-                        " WHERE k.prefix = $1)", key[:10]))
+    column = "window_id" if kind == "5h" else "week_window_id"
+    run(query(database, f"UPDATE quota_windows SET posted = allowance - {leave} WHERE kind = $2"
+                        f" AND id IN (SELECT {column} FROM usage_ledger l JOIN api_keys k"
+                        " ON k.id = l.api_key_id WHERE k.prefix = $1)", key[:10], kind))
+    return client
+
+
+def test_full_five_hour_window_refused_with_1308_before_upstream(bridge, database, small_plan_key):
+    key = small_plan_key
+    client = fill_window(bridge, database, key, "5h", leave=150)
     rows_before = run(query(database, "SELECT count(*) AS n FROM usage_ledger"))[0]["n"]
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=200)
@@ -211,12 +218,7 @@ def test_full_five_hour_window_refused_with_1308_before_upstream(bridge, databas
 
 def test_full_weekly_window_refused_with_1310(bridge, database, small_plan_key):
     key = small_plan_key
-    client = openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0)
-    client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=100)
-    wait_settled(database)
-    run(query(database, "UPDATE quota_windows SET posted = allowance - 10 WHERE kind = 'week'"
-                        " AND id IN (SELECT week_window_id FROM usage_ledger l JOIN api_keys k"
-                        " ON k.id = l.api_key_id WHERE k.prefix = $1)", key[:10]))
+    client = fill_window(bridge, database, key, "week", leave=10)
     with pytest.raises(openai.RateLimitError) as caught:
         client.chat.completions.create(**body("tokens=5 reasoning=0"), max_tokens=100)
     error = caught.value.response.json()["error"]

@@ -170,20 +170,6 @@ def requested_max_tokens(request: ClientChatRequest) -> int | None:
     return value if value and value > 0 else None
 
 
-def prompt_text(request: wire.ChatRequest) -> list[str]:
-    """The pieces of a GLM request that count as prompt, for the estimator."""
-    pieces: list[str] = []
-    for m in request.messages:
-        pieces.append(m.text())
-        if isinstance(m.reasoning_content, str):
-            pieces.append(m.reasoning_content)
-        if isinstance(m.tool_calls, list):
-            pieces.extend(c.function.name + c.function.arguments for c in m.tool_calls)
-    if isinstance(request.tools, list):
-        pieces.append(wire.encoder.encode(request.tools).decode())
-    return pieces
-
-
 # ---- responses --------------------------------------------------------------------------
 
 class PromptDetails(Struct):
@@ -255,11 +241,6 @@ def out_usage(usage: wire.Usage) -> OutUsage:
         cache_read_input_tokens=usage.cached_tokens)
 
 
-class _ToolState(Struct):
-    id: str
-    had_arguments: bool = False
-
-
 class ChatStream:
     """GLM chunks in, OpenAI chat-completion-chunk SSE bytes out."""
 
@@ -270,7 +251,7 @@ class ChatStream:
         self.model = model
         self.id = "chatcmpl-" + request_id
         self.created = int(time.time())
-        self._tools: dict[int, _ToolState] = {}
+        self._tools: dict[int, bool] = {}  # GLM tool index -> its arguments have begun
         self._sent_role = False
         self._said_anything = False
 
@@ -308,13 +289,12 @@ class ChatStream:
         return out
 
     def _tool_delta(self, call: wire.ToolCallDelta) -> wire.ToolCallDelta:
-        state = self._tools.get(call.index)
         function = call.function if isinstance(call.function, wire.FunctionDelta) else wire.FunctionDelta()
-        if state is None:
+        if call.index not in self._tools:
             # the first delta of a call must carry id, type and name (Cline and Roo drop it otherwise)
-            call_id = call.id if isinstance(call.id, str) and call.id else f"call_{self.id[-12:]}_{call.index}"
-            state = self._tools[call.index] = _ToolState(id=call_id)
-            call.id = call_id
+            self._tools[call.index] = False
+            if not (isinstance(call.id, str) and call.id):
+                call.id = f"call_{self.id[-12:]}_{call.index}"
             call.type = "function"
             if not isinstance(function.name, str):
                 function.name = ""
@@ -325,16 +305,16 @@ class ChatStream:
             call.type = UNSET
             function.name = UNSET
         if isinstance(function.arguments, str) and function.arguments:
-            state.had_arguments = True
+            self._tools[call.index] = True
         call.function = function
         return call
 
     def _close_tools(self) -> bytes:
         """A tool call that never got arguments gets "{}": AI-SDK clients never run "" (pitfall 2)."""
         out = b""
-        for index, state in self._tools.items():
-            if not state.had_arguments:
-                state.had_arguments = True
+        for index, has_arguments in self._tools.items():
+            if not has_arguments:
+                self._tools[index] = True
                 out += self._chunk(wire.Delta(tool_calls=[wire.ToolCallDelta(
                     index=index, function=wire.FunctionDelta(arguments="{}"))]), None)
         return out

@@ -356,7 +356,7 @@ class MessagesStream:
         self._open: str | None = None  # type of the open block
         self._thinking: list[str] = []
         self._tools: dict[int, int] = {}  # GLM tool index -> our block index
-        self._tool_args: dict[int, bool] = {}
+        self._blocks_with_args: set[int] = set()
         self._finish: str | None = None
         self._said_anything = False
 
@@ -381,8 +381,7 @@ class MessagesStream:
                 index=self._index, delta=SignatureDelta(signature=signature("".join(self._thinking)))))
             self._thinking = []
         elif self._open == "tool_use":
-            glm_index = next(k for k, v in self._tools.items() if v == self._index)
-            if not self._tool_args.get(glm_index):
+            if self._index not in self._blocks_with_args:
                 out += _event("content_block_delta", BlockDelta(index=self._index, delta=JsonDelta(partial_json="{}")))
         self._open = None
         return out + _event("content_block_stop", BlockStop(index=self._index))
@@ -423,7 +422,7 @@ class MessagesStream:
             if self._tools[call.index] != self._index or self._open != "tool_use":
                 # GLM streams one call at a time; a late fragment of a closed block cannot be sent
                 return out
-            self._tool_args[call.index] = True
+            self._blocks_with_args.add(self._index)
             out += _event("content_block_delta", BlockDelta(
                 index=self._index, delta=JsonDelta(partial_json=function.arguments)))
         return out
