@@ -12,7 +12,7 @@ import asyncpg
 
 from . import config as config_module
 from . import db, logs
-from .accounts import AccountError, create_key, create_user
+from .accounts import AccountError, create_key, create_user, revoke_key
 
 log = logging.getLogger("codeplan")
 
@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     key_create = keys.add_parser("create", help="add an API key to an account")
     key_create.add_argument("--email", required=True)
     key_create.add_argument("--name", default="")
+    key_revoke = keys.add_parser("revoke", help="revoke a key, named by the prefix shown when it was made")
+    key_revoke.add_argument("--prefix", required=True)
 
     sim = commands.add_parser("simulate", help="run the GLM-4.6 simulator alone")
     sim.add_argument("--host", default="127.0.0.1")
@@ -188,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
             new = asyncio.run(_with_conn(url, lambda c: create_user(c, args.email, args.plan)))
             print(f"account {new.account_id} created on plan {args.plan}; its API key (shown once):")
             print(new.key)
+        elif args.command == "keys" and args.action == "revoke":
+            account = asyncio.run(_with_conn(_database_url(config), lambda c: revoke_key(c, args.prefix)))
+            print(f"key {args.prefix}... of account {account} revoked")
         elif args.command == "keys":
             url = _database_url(config)
             new = asyncio.run(_with_conn(url, lambda c: create_key(c, args.email, args.name)))

@@ -15,7 +15,7 @@ import pytest
 from service import config as config_module
 from service import db
 
-from .conftest import CODEPLAN, ROOT, base_env, query, run, settled_query, with_database
+from .conftest import CODEPLAN, ROOT, base_env, new_user, query, run, settled_query, with_database
 
 
 def ledger_rows(database: str):
@@ -238,3 +238,20 @@ def test_cli_creates_users_and_keys(database, bridge):
     unknown = subprocess.run(CODEPLAN + ["users", "create", "--email", "x" + email, "--plan", "gold"],
                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 1 and "unknown plan 'gold'" in unknown.stderr
+
+
+def test_cli_revokes_a_key(database, bridge):
+    key = new_user(database)
+    env = base_env(CODEPLAN_DATABASE_URL=database)
+    revoked = subprocess.run(CODEPLAN + ["keys", "revoke", "--prefix", key[:10]], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert revoked.returncode == 0, revoked.stderr
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0).chat.completions.create(
+            model="glm-4.6", messages=[{"role": "user", "content": "hi"}])
+    again = subprocess.run(CODEPLAN + ["keys", "revoke", "--prefix", key[:10]], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "revoked already" in again.stderr
+    unknown = subprocess.run(CODEPLAN + ["keys", "revoke", "--prefix", "cp_nothing"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 1 and "no key with prefix" in unknown.stderr
