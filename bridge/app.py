@@ -1,23 +1,32 @@
 """Litestar routes for the API surfaces: thin adapters that decode, call the journey, encode."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import uuid
+
 import msgspec
-from litestar import Request, Response, Router, get, head, post
+from litestar import Request, Response, Router, get, head, post, route, websocket
+from litestar.connection import ASGIConnection, WebSocket
+from litestar.exceptions import WebSocketDisconnect
 from litestar.response import Stream
 
-from . import errors
+from . import errors, sse
 from .errors import BridgeError, Kind
 from .journey import Journey, Reply
 from .surfaces import Surface
 from .models import CATALOG, model_list
 from .surfaces import messages as anthropic
+from .surfaces import responses, responses_socket
 from .surfaces.chat import ChatSurface
+
+log = logging.getLogger("codeplan.bridge")
 
 _chat = ChatSurface()
 _messages = anthropic.MessagesSurface()
 
 
-def api_key(request: Request) -> str:
+def api_key(request: ASGIConnection) -> str:
     """The key from `Authorization: Bearer` or `x-api-key` (Claude Code may send both)."""
     auth = request.headers.get("authorization")
     if auth:
@@ -93,4 +102,121 @@ async def hello() -> None:
     """Claude Code probes `HEAD /` before its first request: answer at once."""
 
 
-router = Router(path="/", route_handlers=[chat_completions, messages, count_tokens, models, hello])
+# Codex appends /responses to its provider's base_url (which ends in /v1)
+RESPONSES_PATHS = ["/v1/responses", "/responses", "/api/coding/paas/v4/responses",
+                   "/api/paas/v4/responses"]
+
+
+@post(RESPONSES_PATHS, status_code=200)
+async def create_response(request: Request) -> Response:
+    # a surface per request: its translator needs what the request said
+    return await _handle(responses.ResponsesSurface(), request)
+
+
+def _openai_error(error: BridgeError) -> Response:
+    return Response(msgspec.json.encode(errors.openai_error(error)), status_code=error.status,
+                    media_type="application/json")
+
+
+@route([p + "/{response_id:str}" for p in RESPONSES_PATHS], http_method=["GET", "DELETE"], status_code=404)
+async def stored_response(response_id: str) -> Response:
+    return _openai_error(responses.not_stored(response_id))
+
+
+ENDPOINTS = ("POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens, "
+             "POST /v1/responses (also as a WebSocket), GET /v1/models")
+
+
+@route(["/v1", "/v1/{path:path}"], http_method=["GET", "POST", "PUT", "PATCH", "DELETE"], status_code=404)
+async def unknown_path(request: Request) -> Response:
+    """A tool pointed at the wrong place is told where it is and what is served here."""
+    return _openai_error(BridgeError(
+        Kind.not_found, f"Unknown path: {request.method} {request.url.path}. Codeplan serves "
+        f"{ENDPOINTS}; point the tool's base URL at this server's /v1.", code="unknown_url"))
+
+
+async def _refuse(socket: WebSocket, refusal: responses_socket.Refusal) -> None:
+    """Answer the upgrade with an HTTP status and an OpenAI error body (ASGI's
+    websocket.http.response), so the client can tell "use HTTP" (426) from "bad key" (401)."""
+    if "websocket.http.response" not in socket.scope.get("extensions", {}):
+        await socket.close(code=1008, reason=msgspec.json.decode(refusal.body)["error"]["message"][:120])
+        return
+    await socket.receive()  # the connect event
+    await socket.send({"type": "websocket.http.response.start", "status": refusal.status,
+                       "headers": [(b"content-type", b"application/json")]})
+    await socket.send({"type": "websocket.http.response.body", "body": refusal.body})
+
+
+async def _relay(socket: WebSocket, reply: Reply) -> None:
+    """A turn's answer: each event of its stream as one text frame."""
+    decoder = sse.SSEDecoder()
+    assert reply.stream is not None
+    # closing the stream, however the loop ends, settles the turn (a client gone mid-answer
+    # included)
+    async with contextlib.aclosing(reply.stream) as stream:
+        async for chunk in stream:
+            for frame in responses_socket.frames(decoder, chunk):
+                await socket.send_text(frame.decode())
+
+
+@websocket(RESPONSES_PATHS)
+async def response_socket(socket: WebSocket) -> None:
+    journey: Journey = socket.app.state.journey
+    settings = journey.settings
+    gate: responses_socket.Gate = socket.app.state.setdefault("response_sockets", responses_socket.Gate())
+    key = api_key(socket)
+    refusal = responses_socket.handshake(socket.headers.get("openai-beta"),
+                                         enabled=settings.responses_websockets,
+                                         open_sockets=gate.open, limit=settings.max_websockets)
+    if refusal is None and (not key or await journey.auth.authenticate(key) is None):
+        refusal = responses_socket.bad_key()
+    if refusal is not None:
+        await _refuse(socket, refusal)
+        return
+    gate.open += 1
+    try:
+        await socket.accept()
+        session = responses_socket.SocketSession()
+        while True:
+            message = await socket.receive()
+            if message["type"] != "websocket.receive":
+                return  # the client closed the socket
+            data = message.get("bytes") or (message.get("text") or "").encode()
+            surface = responses.ResponsesSurface(session.memory, socket=True)
+            try:
+                turn = session.read(data)
+                if turn.kind == "ignore":
+                    continue
+                if turn.kind == "warmup":
+                    for frame in session.warmup(surface, turn.body, "resp_" + uuid.uuid4().hex):
+                        await socket.send_text(frame.decode())
+                    log.debug("socket warm-up", extra={"conversation_items": len(surface.items)})
+                    continue
+            except BridgeError as error:
+                await socket.send_text(responses_socket.error_frame(error).decode())
+                continue
+
+            async def body(data: bytes = turn.body) -> bytes:
+                return data
+
+            reply = await journey.handle(surface, key, body)
+            if reply.stream is None:
+                assert surface.failure is not None  # a socket's turns always stream
+                await socket.send_text(responses_socket.error_frame(surface.failure).decode())
+                continue
+            await _relay(socket, reply)
+            session.finished(surface)
+            if log.isEnabledFor(logging.DEBUG) and surface.request is not None:
+                log.debug("socket turn", extra={
+                    "continued": surface.request.previous_response_id is not None,
+                    "sent_items": len(responses.input_items(surface.request)),
+                    "conversation_items": len(surface.items), "kept": len(session.memory)})
+    except WebSocketDisconnect:
+        pass
+    finally:
+        gate.open -= 1
+
+
+router = Router(path="/", route_handlers=[
+    chat_completions, messages, count_tokens, models, hello, create_response, stored_response,
+    response_socket, unknown_path])

@@ -47,7 +47,9 @@ def _uvicorn(app, *, lifespan: bool):
 
     return uvicorn.Server(uvicorn.Config(
         app, loop="none", http="httptools", lifespan="on" if lifespan else "off", log_config=None,
-        access_log=False, timeout_keep_alive=75, server_header=False))
+        access_log=False, timeout_keep_alive=75, server_header=False,
+        # a Responses WebSocket frame carries a whole turn: as large as an HTTP body may be
+        ws_max_size=64 * 1024 * 1024))
 
 
 async def _run(config: config_module.Config) -> None:

@@ -61,6 +61,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     tiktoken_cache_dir: str = ""
     # where users reach this service (links in errors and mails); empty: http://HOST:PORT
     public_url: str = ""
+    # the Responses API over WebSockets (Codex's supports_websockets), and the most sockets a
+    # process holds (0: no limit); past it, or when off, Codex is sent to HTTP at the upgrade
+    responses_websockets: bool = True
+    max_websockets: Annotated[int, msgspec.Meta(ge=0)] = 512
 
     @property
     def simulated(self) -> bool:
@@ -77,7 +81,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
             reservation_lease=self.reservation_lease, drain_timeout=self.drain_timeout,
             max_drains=self.max_drains, max_request_seconds=self.max_request_seconds,
             model_aliases=self.model_aliases, claude_model=self.claude_model,
-            claude_haiku_model=self.claude_haiku_model, public_url=self.base_url)
+            claude_haiku_model=self.claude_haiku_model, public_url=self.base_url,
+            responses_websockets=self.responses_websockets, max_websockets=self.max_websockets)
 
 
 class ConfigError(Exception):
@@ -97,6 +102,8 @@ def _describe(field: str) -> str:
         "max_drains": "a non-negative integer",
         "upstream_concurrency": "a non-negative integer",
         "auth_cache_ttl": "a non-negative number of seconds",
+        "responses_websockets": "true or false",
+        "max_websockets": "a non-negative integer",
     }
     return hints.get(field, "a positive number of seconds" if field in {
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
