@@ -335,6 +335,9 @@ def _fill(schema: dict, name: str, path: str, rng: random.Random) -> object:
     pathlike = name in _PATH_KEYS or "path" in name.lower() or "file" in name.lower()
     if name in _COMMAND_KEYS and kind in ("string", "array"):
         return f"cat {path}" if kind == "string" else ["cat", path]
+    if name == "input" and kind == "string":
+        # a free-text tool (a Responses custom tool, e.g. Codex's apply_patch): a patch
+        return f"*** Begin Patch\n*** Update File: {path}\n@@\n-old\n+new\n*** End Patch"
     if kind == "object" or (kind is None and "properties" in schema):
         properties = schema.get("properties") or {}
         required = schema.get("required") or list(properties)[:1]

@@ -23,8 +23,8 @@ from msgspec import Struct
 
 from .. import glm, sse, wire
 from ..errors import BridgeError, Kind
-from .responses import (ErrorDetail, History, Item, Memory, ResponsesRequest, ResponsesStream,
-                        ResponsesSurface, as_input, error_detail)
+from .responses import History, Memory, ResponsesStream, ResponsesSurface, as_input, error_detail
+from .responses_wire import ErrorDetail, Item, ResponsesRequest
 
 BETA = "responses_websockets=2026-02-06"
 # responses a socket keeps for a later `previous_response_id` (Codex names only the last one)
