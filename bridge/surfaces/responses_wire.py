@@ -23,7 +23,7 @@ class Part(Struct, omit_defaults=True):
     image_url: Raw = Raw()  # a URL string (Responses) or {"url": ...} (tolerated)
 
 
-class ShellAction(Struct, omit_defaults=True):
+class ShellAction(Struct):
     type: str = "exec"
     command: list[str] = msgspec.field(default_factory=list)
     timeout_ms: int | None = None
