@@ -127,12 +127,15 @@ ENDPOINTS = ("POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/co
              "POST /v1/responses (also as a WebSocket), GET /v1/models")
 
 
-@route(["/v1", "/v1/{path:path}"], http_method=["GET", "POST", "PUT", "PATCH", "DELETE"], status_code=404)
-async def unknown_path(request: Request) -> Response:
-    """A tool pointed at the wrong place is told where it is and what is served here."""
-    return _openai_error(BridgeError(
-        Kind.not_found, f"Unknown path: {request.method} {request.url.path}. Codeplan serves "
-        f"{ENDPOINTS}; point the tool's base URL at this server's /v1.", code="unknown_url"))
+def not_served(method: str, path: str, status: int) -> Response:
+    """A path under /v1 that is not served (404), or not with this method (405), in OpenAI's
+    error shape: a tool pointed at the wrong place tells its user where it is and what is here.
+    The service's exception handler answers with it for every such path."""
+    what = f"{method} is not served on {path}" if status == 405 else f"Unknown path: {method} {path}"
+    error = BridgeError(Kind.not_found, f"{what}. Codeplan serves {ENDPOINTS}; point the tool's base "
+                        "URL at this server's /v1.", code="unknown_url")
+    return Response(msgspec.json.encode(errors.openai_error(error)), status_code=status,
+                    media_type="application/json")
 
 
 async def _refuse(socket: WebSocket, refusal: responses_socket.Refusal) -> None:
@@ -219,4 +222,4 @@ async def response_socket(socket: WebSocket) -> None:
 
 router = Router(path="/", route_handlers=[
     chat_completions, messages, count_tokens, models, hello, create_response, stored_response,
-    response_socket, unknown_path])
+    response_socket])

@@ -40,6 +40,10 @@ def problem(status: int, title: str, detail: str | None = None) -> Response:
 
 
 def _http_exception(request: Request, exc: HTTPException) -> Response:
+    path = request.url.path
+    if exc.status_code in (404, 405) and (path == "/v1" or path.startswith("/v1/")):
+        # the coding tools' API: answered in OpenAI's error shape, naming what is served
+        return bridge_app.not_served(request.method, path, exc.status_code)
     return problem(exc.status_code, exc.detail or "error")
 
 
