@@ -177,47 +177,50 @@ async def response_socket(socket: WebSocket) -> None:
         await _refuse(socket, refusal)
         return
     gate.open += 1
+    session = responses_socket.SocketSession()
     try:
         await socket.accept()
-        session = responses_socket.SocketSession()
         while True:
             message = await socket.receive()
             if message["type"] != "websocket.receive":
                 return  # the client closed the socket
-            data = message.get("bytes") or (message.get("text") or "").encode()
-            surface = responses.ResponsesSurface(session.memory, socket=True)
-            try:
-                turn = session.read(data)
-                if turn.kind == "ignore":
-                    continue
-                if turn.kind == "warmup":
-                    for frame in session.warmup(surface, turn.body, "resp_" + uuid.uuid4().hex):
-                        await socket.send_text(frame.decode())
-                    log.debug("socket warm-up", extra={"conversation_items": len(surface.items)})
-                    continue
-            except BridgeError as error:
-                await socket.send_text(responses_socket.error_frame(error).decode())
-                continue
-
-            async def body(data: bytes = turn.body) -> bytes:
-                return data
-
-            reply = await journey.handle(surface, key, body)
-            if reply.stream is None:
-                assert surface.failure is not None  # a socket's turns always stream
-                await socket.send_text(responses_socket.error_frame(surface.failure).decode())
-                continue
-            await _relay(socket, reply)
-            session.finished(surface)
-            if log.isEnabledFor(logging.DEBUG) and surface.request is not None:
-                log.debug("socket turn", extra={
-                    "continued": surface.request.previous_response_id is not None,
-                    "sent_items": len(responses.input_items(surface.request)),
-                    "conversation_items": len(surface.items), "kept": len(session.memory)})
-    except WebSocketDisconnect:
-        pass
+            await _serve_frame(socket, journey, key, session,
+                               message.get("bytes") or (message.get("text") or "").encode())
+    except (WebSocketDisconnect, OSError):
+        pass  # gone mid-answer: the answer's stream was closed, and with it the turn settled
     finally:
         gate.open -= 1
+        log.info("response socket closed", extra=msgspec.structs.asdict(session.counts))
+
+
+async def _serve_frame(socket: WebSocket, journey: Journey, key: str,
+                       session: responses_socket.SocketSession, data: bytes) -> None:
+    """One frame: a turn through the journey like any request, a warm-up, or an error event."""
+    surface = responses.ResponsesSurface(session.memory, socket=True)
+    try:
+        turn = session.read(data)
+        if turn.kind == "ignore":
+            return
+        if turn.kind == "warmup":
+            for frame in session.warmup(surface, turn.body, "resp_" + uuid.uuid4().hex):
+                await socket.send_text(frame.decode())
+            return
+    except BridgeError as error:
+        log.info("response socket refused a frame", extra={"status": error.status, "code": error.code,
+                                                            "reason": error.message[:200]})
+        await socket.send_text(session.refused(error).decode())
+        return
+
+    async def body() -> bytes:
+        return turn.body
+
+    reply = await journey.handle(surface, key, body)
+    if reply.stream is None:
+        assert surface.failure is not None  # a socket's turns always stream
+        await socket.send_text(session.refused(surface.failure).decode())
+        return
+    await _relay(socket, reply)
+    session.finished(surface)
 
 
 router = Router(path="/", route_handlers=[

@@ -507,28 +507,32 @@ def test_socket_frames():
 def test_socket_warmup_then_turns_continue_the_conversation():
     session = responses_socket.SocketSession()
     first = ResponsesSurface(session.memory, socket=True)
+    # Codex's prewarm: its developer instructions alone, generate: false
     frames = [json.loads(f) for f in session.warmup(first, turn_body(
-        input=[{"role": "user", "content": "read a.py"}], tools=[READ_FILE], generate=False), "resp_w")]
+        input=[{"role": "developer", "content": "You are Codex."}], tools=[READ_FILE], generate=False), "resp_w")]
     assert [f["type"] for f in frames] == ["response.created", "response.in_progress", "response.completed"]
     assert frames[-1]["response"]["id"] == "resp_w" and frames[-1]["response"]["output"] == []
-    # the turn after it names it and sends nothing new
+    assert session.counts.warmups == 1
+    # the turn after it names it and sends only what is new
     second = ResponsesSurface(session.memory, socket=True)
-    parsed = second.parse(turn_body(previous_response_id="resp_w", input=[], tools=[READ_FILE], stream=False))
+    parsed = second.parse(turn_body(previous_response_id="resp_w", input=[{"role": "user", "content": "read a.py"}],
+                                    tools=[READ_FILE], stream=False))
     assert parsed.request.stream is True  # a socket always streams
-    assert [m.content for m in parsed.request.messages] == ["read a.py"]
+    assert [m.content for m in parsed.request.messages] == ["You are Codex.", "read a.py"]
     out, _ = translate(call_chunks("read_file", '{"path": "a.py"}'), second.stream("glm-4.6", "t2", 1))
     session.finished(second)
     third = ResponsesSurface(session.memory, socket=True)
     parsed = third.parse(turn_body(previous_response_id="resp_t2", input=[
         {"type": "function_call_output", "call_id": "call_x", "output": "x = 1"}]))
-    assert [m.role for m in parsed.request.messages] == ["user", "assistant", "tool"]
-    assert parsed.request.messages[1].tool_calls[0].function.arguments == '{"path": "a.py"}'
+    assert [m.role for m in parsed.request.messages] == ["system", "user", "assistant", "tool"]
+    assert parsed.request.messages[2].tool_calls[0].function.arguments == '{"path": "a.py"}'
     # response.append (older Codex) continues the last response with the last request's fields
     body = session.read(b'{"type": "response.append", "input": [{"role": "user", "content": "more"}]}').body
     fourth = ResponsesSurface(session.memory, socket=True)
     parsed = fourth.parse(body)
     assert fourth.request.previous_response_id == "resp_t2" and fourth.request.tools[0].name == "read_file"
-    assert [m.role for m in parsed.request.messages] == ["user", "assistant", "user"]
+    assert [m.role for m in parsed.request.messages] == ["system", "user", "assistant", "user"]
+    assert (session.counts.turns, session.counts.continued) == (1, 1)
 
 
 def test_socket_memory_is_bounded_and_failed_turns_are_not_kept():

@@ -288,12 +288,14 @@ def test_websocket_turns_continue_with_previous_response_id(quick_bridge, databa
     before = sim_stats(simulator)
     headers = {"authorization": f"Bearer {key}", **BETA}
     with connect(ws_url(quick_bridge), additional_headers=headers) as socket:
-        # a warm-up sets the conversation up: no model call, nothing billed
-        warm = ws_turn(socket, {"input": say("reasoning=1", "read notes/b.txt"), "tools": [READ_FILE],
-                                "generate": False})
+        # a warm-up, as Codex prewarms a socket with its instructions: no model call, nothing billed
+        warm = ws_turn(socket, {"input": [{"role": "developer", "content": "You are terse."}],
+                                "tools": [READ_FILE], "generate": False})
         assert [e["type"] for e in warm] == ["response.created", "response.in_progress", "response.completed"]
-        first = ws_turn(socket, {"previous_response_id": warm[-1]["response"]["id"], "input": [],
-                                 "tools": [READ_FILE], "stream": True})
+        assert sim_stats(simulator)["requests"] == before["requests"]
+        first = ws_turn(socket, {"previous_response_id": warm[-1]["response"]["id"],
+                                 "input": say("reasoning=1", "read notes/b.txt"), "tools": [READ_FILE],
+                                 "stream": True})
         final = check_stream(first)
         call = final["output"][-1]
         assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"path": "notes/b.txt"}
@@ -374,6 +376,8 @@ def test_websocket_turned_off_or_full_sends_codex_to_http(database, simulator):
         # the WebSocket library logs handshake headers at debug level: never the key
         output = server.output()
         assert "authorization: [redacted]" in output.lower() and key not in output
+        closed = [json.loads(line) for line in output.splitlines() if '"response socket closed"' in line]
+        assert {"turns": 1, "continued": 0, "warmups": 0, "refused": 0}.items() <= closed[0].items()
     finally:
         server.stop()
     server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_RESPONSES_WEBSOCKETS="false")

@@ -292,9 +292,11 @@ def wants_summary(reasoning: ReasoningConfig | None) -> bool:
     return summary is not None and summary != "none"
 
 
-def to_upstream(request: ResponsesRequest, items: list[Item]) -> tuple[wire.ChatRequest, ToolKinds]:
+def to_upstream(request: ResponsesRequest, items: list[Item], *,
+                warmup: bool = False) -> tuple[wire.ChatRequest, ToolKinds]:
     messages = to_messages(request.instructions, items)
-    if not any(m.role != "system" for m in messages):
+    # a warm-up (Codex's socket prewarm) holds the instructions alone: nothing is generated
+    if not warmup and not any(m.role != "system" for m in messages):
         raise BridgeError(Kind.invalid_request, "`input` must contain at least one message or item.",
                           param="input")
     upstream = wire.ChatRequest(model=request.model, messages=messages, stream=bool(request.stream),
@@ -796,7 +798,7 @@ class ResponsesSurface:
         self.output: list[OutputItem] | None = None  # set once the answer is whole
         self.failure: BridgeError | None = None
 
-    def parse(self, body: bytes) -> Parsed:
+    def parse(self, body: bytes, *, warmup: bool = False) -> Parsed:
         request = parse_request(body)
         items = input_items(request)
         if request.previous_response_id:
@@ -804,7 +806,7 @@ class ResponsesSurface:
             if history is None:
                 raise previous_not_found(request.previous_response_id, self.socket)
             items = history.items + items
-        upstream, kinds = to_upstream(request, items)
+        upstream, kinds = to_upstream(request, items, warmup=warmup)
         if self.socket:
             upstream.stream = True  # a socket only ever streams
         self.request, self.items = request, items

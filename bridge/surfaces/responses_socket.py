@@ -137,11 +137,20 @@ def error_frame(error: BridgeError) -> bytes:
                                        headers=error.headers()))
 
 
+class Counts(Struct):
+    """What a socket served, for its closing log line."""
+    turns: int = 0  # model turns
+    continued: int = 0  # of which continued a response the socket kept
+    warmups: int = 0
+    refused: int = 0  # frames answered with an error event
+
+
 class SocketSession:
     """One socket's state: the frames it reads and the conversations it keeps."""
 
     def __init__(self, keep: int = KEEP) -> None:
         self.memory = SocketMemory(keep)
+        self.counts = Counts()
         self._last_request: ResponsesRequest | None = None
         self._last_response: str | None = None
 
@@ -179,17 +188,25 @@ class SocketSession:
     def warmup(self, surface: ResponsesSurface, body: bytes, response_id: str) -> list[bytes]:
         """`generate: false`: the conversation is kept under a new response id, which a
         `response.completed` without output hands back; nothing is generated or billed."""
-        surface.parse(body)
+        surface.parse(body, warmup=True)
         request, context = surface.request, surface.context
         assert request is not None and context is not None
         translator = ResponsesStream(context, request.model, response_id)
         out = translator.start() + translator.finish(glm.STOP, wire.Usage())
         self.memory.remember(response_id, surface.items)
         self._last_request, self._last_response = request, response_id
+        self.counts.warmups += 1
         return [event.data for event in sse.SSEDecoder().feed(out)]
+
+    def refused(self, error: BridgeError) -> bytes:
+        self.counts.refused += 1
+        return error_frame(error)
 
     def finished(self, surface: ResponsesSurface) -> None:
         """After a turn: a completed response is kept for the next turn to continue."""
+        self.counts.turns += 1
+        if surface.request is not None and surface.request.previous_response_id:
+            self.counts.continued += 1
         done = surface.finished()
         if done is None or surface.request is None:
             return
