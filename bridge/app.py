@@ -142,7 +142,7 @@ async def _refuse(socket: WebSocket, refusal: responses_socket.Refusal) -> None:
     """Answer the upgrade with an HTTP status and an OpenAI error body (ASGI's
     websocket.http.response), so the client can tell "use HTTP" (426) from "bad key" (401)."""
     if "websocket.http.response" not in socket.scope.get("extensions", {}):
-        await socket.close(code=1008, reason=msgspec.json.decode(refusal.body)["error"]["message"][:120])
+        await socket.close(code=1008, reason=refusal.message[:120])  # a close reason is short
         return
     await socket.receive()  # the connect event
     await socket.send({"type": "websocket.http.response.start", "status": refusal.status,

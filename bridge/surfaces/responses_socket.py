@@ -57,7 +57,8 @@ class SocketMemory(Memory):
 
 class Refusal(Struct):
     status: int
-    body: bytes
+    message: str
+    body: bytes  # OpenAI's error object
 
 
 class _RefusalDetail(Struct):
@@ -72,7 +73,7 @@ class _RefusalBody(Struct):
 
 
 def _refusal(status: int, message: str, code: str, kind: str) -> Refusal:
-    return Refusal(status, _encoder.encode(_RefusalBody(_RefusalDetail(
+    return Refusal(status, message, _encoder.encode(_RefusalBody(_RefusalDetail(
         message=message, type=kind, param=None, code=code))))
 
 

@@ -214,3 +214,14 @@ def test_codex_over_websocket(database, simulator, workspace):
     # every model call went over a socket, the second continuing the first's response
     assert sum(s["turns"] for s in sockets) >= 2 and sum(s["continued"] for s in sockets) >= 1, sockets
     assert sum(s["refused"] for s in sockets) == 0
+
+
+def test_codex_refused_socket_falls_back_to_http_at_once(database, simulator, workspace):
+    # a server that cannot serve the socket answers the upgrade 426: Codex tries once, uses HTTP
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_RESPONSES_WEBSOCKETS="false")
+    try:
+        output = run_codex(server, database, simulator, workspace, websockets=True)
+    finally:
+        server.stop()
+    assert output.count("connecting to Responses WebSocket") == 1, output[-2000:]
+    assert "successfully connected to Responses WebSocket" not in output
