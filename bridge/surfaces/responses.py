@@ -20,10 +20,11 @@ A tool call is reported done only once the whole answer is: Codex runs a call fr
 
 Reasoning: GLM's reasoning is streamed as `reasoning_text` and, when the request asked for a
 summary, also as the summary (GLM has no separate one). Asked for with
-`include: ["reasoning.encrypted_content"]`, the item carries it as `encrypted_content` in a form
-only Codeplan reads; replayed in a later request it goes back to GLM as `reasoning_content` on
-the assistant turn it preceded (GLM wants its reasoning replayed on tool-call turns). Anyone
-else's encrypted reasoning is accepted and dropped.
+`include: ["reasoning.encrypted_content"]`, the item carries it as `encrypted_content`, marked as
+Codeplan's own (not secret: it is the text the client was shown); replayed in a later request it
+goes back to GLM as `reasoning_content` on the assistant turn it preceded (GLM wants its
+reasoning replayed on tool-call turns). Anyone else's encrypted reasoning is accepted and
+dropped.
 
 A `ResponsesSurface` serves one request (the journey calls `parse`, then `stream` or `complete`,
 or `error`): the translator needs what the request said (custom tools, summary, the fields
@@ -76,7 +77,8 @@ def input_items(request: ResponsesRequest) -> list[Item]:
     return list(request.input)
 
 
-# Our own reasoning, carried through the client as `encrypted_content`: only Codeplan reads it.
+# Our own reasoning, carried through the client as `encrypted_content` (Codex sends that field
+# back, not the reasoning text), marked so that nobody else's blob is taken for it.
 _REASONING_MARK = "codeplan.r1."
 
 
