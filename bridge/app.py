@@ -113,8 +113,8 @@ async def create_response(request: Request) -> Response:
     return await _handle(responses.ResponsesSurface(), request)
 
 
-def _openai_error(error: BridgeError) -> Response:
-    return Response(msgspec.json.encode(errors.openai_error(error)), status_code=error.status,
+def _openai_error(error: BridgeError, status: int | None = None) -> Response:
+    return Response(msgspec.json.encode(errors.openai_error(error)), status_code=status or error.status,
                     media_type="application/json")
 
 
@@ -132,10 +132,8 @@ def not_served(method: str, path: str, status: int) -> Response:
     error shape: a tool pointed at the wrong place tells its user where it is and what is here.
     The service's exception handler answers with it for every such path."""
     what = f"{method} is not served on {path}" if status == 405 else f"Unknown path: {method} {path}"
-    error = BridgeError(Kind.not_found, f"{what}. Codeplan serves {ENDPOINTS}; point the tool's base "
-                        "URL at this server's /v1.", code="unknown_url")
-    return Response(msgspec.json.encode(errors.openai_error(error)), status_code=status,
-                    media_type="application/json")
+    return _openai_error(BridgeError(Kind.not_found, f"{what}. Codeplan serves {ENDPOINTS}; point "
+                                     "the tool's base URL at this server's /v1.", code="unknown_url"), status)
 
 
 async def _refuse(socket: WebSocket, refusal: responses_socket.Refusal) -> None:
