@@ -6,15 +6,16 @@ import logging
 import uuid
 
 import msgspec
-from litestar import Request, Response, Router, get, head, post, route, websocket
+from litestar import Request, Response, Router, asgi, get, head, post, route
 from litestar.connection import ASGIConnection, WebSocket
 from litestar.exceptions import WebSocketDisconnect
 from litestar.response import Stream
+from litestar.types import Receive, Scope, Send
 
 from . import errors, sse
+from .asgi import serve
 from .errors import BridgeError, Kind
 from .journey import Journey, Reply
-from .surfaces import Surface
 from .models import CATALOG, model_list
 from .surfaces import messages as anthropic
 from .surfaces import responses, responses_socket
@@ -44,28 +45,26 @@ def respond(reply: Reply) -> Response:
                     headers=reply.headers)
 
 
-async def _handle(surface: Surface, request: Request) -> Response:
-    journey: Journey = request.app.state.journey
-    return respond(await journey.handle(surface, api_key(request), request.body))
-
-
+# The hot routes are raw ASGI (bridge/asgi.py): no per-request framework objects.
 # Tools whose base URL lacks /v1, and tools using a built-in Z.ai provider pointed at our host.
 CHAT_PATHS = ["/v1/chat/completions", "/chat/completions",
               "/api/coding/paas/v4/chat/completions", "/api/paas/v4/chat/completions"]
 
 
-@post(CHAT_PATHS, status_code=200)
-async def chat_completions(request: Request) -> Response:
-    return await _handle(_chat, request)
+@asgi(CHAT_PATHS)
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    app = scope["app"]
+    await serve(app.state.journey, _chat, scope, receive, send, app.state.max_body)
 
 
 # Claude Code appends /v1/messages to ANTHROPIC_BASE_URL; Z.ai-style bases end in /api/anthropic
 MESSAGES_PATHS = ["/v1/messages", "/messages", "/api/anthropic/v1/messages"]
 
 
-@post(MESSAGES_PATHS, status_code=200)
-async def messages(request: Request) -> Response:
-    return await _handle(_messages, request)
+@asgi(MESSAGES_PATHS)
+async def messages(scope: Scope, receive: Receive, send: Send) -> None:
+    app = scope["app"]
+    await serve(app.state.journey, _messages, scope, receive, send, app.state.max_body)
 
 
 class InputTokens(msgspec.Struct):
@@ -107,10 +106,16 @@ RESPONSES_PATHS = ["/v1/responses", "/responses", "/api/coding/paas/v4/responses
                    "/api/paas/v4/responses"]
 
 
-@post(RESPONSES_PATHS, status_code=200)
-async def create_response(request: Request) -> Response:
+@asgi(RESPONSES_PATHS)
+async def create_response(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST: one request (raw ASGI, as the other hot routes); a WebSocket upgrade on the same
+    path: Codex's socket transport (an ASGI route owns its path, so it takes both)."""
+    if scope["type"] == "websocket":
+        await response_socket(WebSocket(scope, receive, send))
+        return
+    app = scope["app"]
     # a surface per request: its translator needs what the request said
-    return await _handle(responses.ResponsesSurface(), request)
+    await serve(app.state.journey, responses.ResponsesSurface(), scope, receive, send, app.state.max_body)
 
 
 def _openai_error(error: BridgeError, status: int | None = None) -> Response:
@@ -160,7 +165,6 @@ async def _relay(socket: WebSocket, reply: Reply) -> None:
                 await socket.send_text(frame.decode())
 
 
-@websocket(RESPONSES_PATHS)
 async def response_socket(socket: WebSocket) -> None:
     journey: Journey = socket.app.state.journey
     settings = journey.settings
@@ -222,5 +226,4 @@ async def _serve_frame(socket: WebSocket, journey: Journey, key: str,
 
 
 router = Router(path="/", route_handlers=[
-    chat_completions, messages, count_tokens, models, hello, create_response, stored_response,
-    response_socket])
+    chat_completions, messages, count_tokens, models, hello, create_response, stored_response])

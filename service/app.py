@@ -82,6 +82,7 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         app.state.journey = journey
         app.state.calibration = journey.calibration
         app.state.config = config
+        app.state.max_body = 64 * 1024 * 1024
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection

@@ -48,6 +48,8 @@ def _uvicorn(app, *, lifespan: bool):
     return uvicorn.Server(uvicorn.Config(
         app, loop="none", http="httptools", lifespan="on" if lifespan else "off", log_config=None,
         access_log=False, timeout_keep_alive=75, server_header=False,
+        # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
+        proxy_headers=False,
         # a Responses WebSocket frame carries a whole turn: as large as an HTTP body may be
         ws_max_size=64 * 1024 * 1024))
 

@@ -567,3 +567,12 @@ def test_socket_handshake(beta, enabled, open_sockets, limit, status):
     assert (refusal.status if refusal else None) == status
     if refusal:
         assert "use HTTP" in msgspec.json.decode(refusal.body)["error"]["message"]
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_every_kind_of_error_has_a_responses_shape(kind):
+    error = BridgeError(kind, "why", retry_after=3)
+    status, _, body = responses.error_response(error)
+    assert status == error.status and json.loads(body)["error"]["type"]
+    code, message = responses.failure(error)
+    assert code and message.startswith("why")

@@ -711,7 +711,7 @@ def failure(error: BridgeError) -> tuple[str, str]:
         return "insufficient_quota", error.message  # hours away: retrying would only wait
     if kind in (Kind.concurrency, Kind.upstream_rate_limited, Kind.quota_exhausted):
         return "rate_limit_exceeded", f"{error.message} {_retry_text(error)}"
-    if kind in (Kind.upstream_overloaded, Kind.upstream_error, Kind.upstream_timeout):
+    if kind in (Kind.upstream_overloaded, Kind.upstream_error, Kind.upstream_timeout, Kind.unavailable):
         message = error.message
         if error.retry_after is not None:
             message = f"{message} {_retry_text(error)}"
@@ -729,6 +729,7 @@ _TYPES = {
     Kind.upstream_billing: "insufficient_quota", Kind.payment_required: "insufficient_quota",
     Kind.content_policy: "invalid_request_error",
     Kind.upstream_error: "server_error", Kind.upstream_timeout: "server_error",
+    Kind.unavailable: "server_error",
 }
 _CODES = {
     Kind.authentication: "invalid_api_key", Kind.not_found: "model_not_found",
