@@ -1,6 +1,7 @@
 """Litestar routes for the API surfaces: thin adapters that decode, call the journey, encode."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -180,17 +181,45 @@ async def response_socket(socket: WebSocket) -> None:
         return
     gate.open += 1
     session = responses_socket.SocketSession()
-    try:
-        await socket.accept()
+    # Frames are read all the time, also while a turn is answered: a client that closes the
+    # socket mid-turn cancels the turn at once, wherever it waits (as bridge/asgi.py does for
+    # HTTP), so an abandoned request does not keep an upstream thinking.
+    inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+    turn = asyncio.current_task()
+    assert turn is not None
+    serving = gone = False
+
+    async def listen() -> None:
+        nonlocal gone
         while True:
             message = await socket.receive()
             if message["type"] != "websocket.receive":
-                return  # the client closed the socket
-            await _serve_frame(socket, journey, key, session,
-                               message.get("bytes") or (message.get("text") or "").encode())
+                gone = True
+                inbox.put_nowait(None)
+                if serving:
+                    turn.cancel()
+                return
+            inbox.put_nowait(message.get("bytes") or (message.get("text") or "").encode())
+
+    listener: asyncio.Future | None = None
+    try:
+        await socket.accept()
+        listener = asyncio.ensure_future(listen())
+        while (data := await inbox.get()) is not None:
+            serving = True
+            try:
+                await _serve_frame(socket, journey, key, session, data)
+            finally:
+                serving = False
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        turn.uncancel()  # the client left mid-turn: its stream was closed, the turn settled
     except (WebSocketDisconnect, OSError):
-        pass  # gone mid-answer: the answer's stream was closed, and with it the turn settled
+        pass  # gone while being answered: the answer's stream was closed, the turn settled
     finally:
+        if listener is not None:
+            listener.cancel()
         gate.open -= 1
         log.info("response socket closed", extra=msgspec.structs.asdict(session.counts))
 

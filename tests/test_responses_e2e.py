@@ -341,6 +341,19 @@ def test_websocket_client_leaving_mid_answer_is_settled_at_upstream_usage(quick_
     assert row["completion_tokens"] == 30
 
 
+def test_websocket_client_leaving_while_the_upstream_thinks_ends_the_turn_at_once(quick_bridge, database):
+    key = new_user(database)
+    frame = {"type": "response.create", "model": "glm-4.6", "input": say("ttft=60000 tokens=3 reasoning=0")}
+    with connect(ws_url(quick_bridge), additional_headers={"authorization": f"Bearer {key}"}) as socket:
+        socket.send(json.dumps(frame))
+        assert json.loads(socket.recv(timeout=30))["type"] == "response.created"
+    # settled long before the minute the upstream would think: the close cancelled the turn
+    wait_settled(database, timeout=20)
+    [row] = rows_of(database, key)
+    assert (row["state"], row["settle_reason"]) == ("posted", "client left before the first token")
+    assert row["completion_tokens"] == 0 and row["prompt_tokens"] == row["prompt_estimate"]
+
+
 def test_websocket_handshake_refusals(quick_bridge, database):
     with pytest.raises(InvalidStatus) as caught:
         connect(ws_url(quick_bridge), additional_headers={"authorization": "Bearer nope", **BETA})
