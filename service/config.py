@@ -52,6 +52,25 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     claude_haiku_model: str = "glm-4.5-air"
     # extra directory with a tokenizer rank file (see service/estimate.py)
     tiktoken_cache_dir: str = ""
+    # ---- the web page (service/web) ----
+    # how users reach this server (links in mail, tool set-up); empty: http://HOST:PORT
+    public_url: str = ""
+    # smtp://[user:password@]host[:port] (STARTTLS when offered) or smtps://...; empty: no mail,
+    # links go to the log and email verification is not required
+    smtp_url: str = ""
+    mail_from: str = "Codeplan <codeplan@localhost>"
+    # plan given to a new sign-up (e.g. lite); empty: no plan until billing or the operator gives one
+    signup_plan: str = ""
+    # signs CSRF tokens; empty: one made once and kept in the database (shared by all processes)
+    secret_key: str = ""
+
+    @property
+    def base_url(self) -> str:
+        """This server's public base URL, without a trailing slash."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def simulated(self) -> bool:
@@ -117,6 +136,12 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     if config.database_url and not config.database_url.startswith(("postgres://", "postgresql://")):
         raise ConfigError(
             f"{PREFIX}DATABASE_URL: expected a postgresql:// URL, got a value of another form")
+    if config.public_url and not config.public_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{PREFIX}PUBLIC_URL: expected an http:// or https:// URL, got {config.public_url!r}")
+    if config.smtp_url and not config.smtp_url.startswith(("smtp://", "smtps://")):
+        raise ConfigError(
+            f"{PREFIX}SMTP_URL: expected smtp://host:port or smtps://host:port, got a value of another form")
     for alias in config.model_aliases:
         if "=" not in alias:
             raise ConfigError(
