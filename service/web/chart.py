@@ -64,14 +64,14 @@ def compact(n: float) -> str:
     return str(int(n))
 
 
-def _nice_max(value: int) -> int:
+def _scale(value: int) -> tuple[int, int]:
+    """A round step (1, 2, 2.5 or 5 x 10^k) giving at most 5 divisions, and the top it reaches."""
     if value <= 0:
-        return 1000
-    magnitude = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        if step * magnitude >= value:
-            return int(step * magnitude)
-    return int(10 * magnitude)
+        return 250, 1000
+    rough = value / 5
+    magnitude = 10 ** math.floor(math.log10(rough)) if rough >= 1 else 1
+    step = next(int(s * magnitude) for s in (1, 2, 2.5, 5, 10) if s * magnitude >= rough and s * magnitude >= 1)
+    return step, step * math.ceil(value / step)
 
 
 def build(points: dict[tuple[dt.date, str], int], last_day: dt.date, days: int = 30) -> Chart:
@@ -81,7 +81,7 @@ def build(points: dict[tuple[dt.date, str], int], last_day: dt.date, days: int =
                     key=lambda m: (-sum(v for (d, mm), v in points.items() if mm == m), m))
     colours = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(models)}
     totals = [sum(points.get((d, m), 0) for m in models) for d in dates]
-    top = _nice_max(max(totals, default=0))
+    step, top = _scale(max(totals, default=0))
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     slot = plot_w / days
     bar_w = max(2.0, slot * 0.7)
@@ -97,8 +97,8 @@ def build(points: dict[tuple[dt.date, str], int], last_day: dt.date, days: int =
             bars.append(Bar(x=round(LEFT + i * slot + (slot - bar_w) / 2, 2), y=round(y, 2),
                             width=round(bar_w, 2), height=round(max(h, 0.5), 2), colour=colours[m],
                             title=f"{d.isoformat()} {m}: {value:,} tokens"))
-    y_ticks = [Tick(position=round(TOP + plot_h - plot_h * k / 4, 2), label=compact(top * k / 4))
-               for k in range(5)]
+    y_ticks = [Tick(position=round(TOP + plot_h - plot_h * k * step / top, 2), label=compact(k * step))
+               for k in range(top // step + 1)]
     x_ticks = [Tick(position=round(LEFT + i * slot + slot / 2, 2), label=dates[i].strftime("%m-%d"))
                for i in range(days - 1, -1, -7)]
     series = [Series(model=m, colour=colours[m], total=sum(v for (d, mm), v in points.items() if mm == m))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
 from typing import Awaitable, Callable
 
 import asyncpg
@@ -113,7 +114,8 @@ class UsageHub:
         while not self._closing:
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._dsn, server_settings={"application_name": "codeplan-live"})
+                conn = await asyncpg.connect(self._dsn, server_settings={
+                    "application_name": f"codeplan-live-{os.getpid()}"})
                 conn.add_termination_listener(lambda _conn: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:

@@ -21,7 +21,7 @@ class Snippet(msgspec.Struct, frozen=True):
     language: str    # json | toml | sh | fields
     text: str = ""
     fields: list[Field] = []
-    note: str = ""
+    shell: str = ""  # a command to run as well, shown under the file
 
 
 def _json(value: object) -> str:
@@ -55,16 +55,14 @@ def snippets(base: str, key: str | None) -> list[Snippet]:
                        Field("API Key", key), Field("Model ID", MODEL)]
     return [
         Snippet(id="claude", tool="Claude Code", where="~/.claude/settings.json", language="json",
-                text=_json(claude)),
-        Snippet(id="claude-statusline", tool="Claude Code status line", where="sh", language="sh",
-                text=f"curl -fsSo ~/.claude/codeplan-statusline.py {base}/setup/statusline.py"),
+                text=_json(claude),
+                shell=f"curl -fsSo ~/.claude/codeplan-statusline.py {base}/setup/statusline.py"),
         Snippet(id="opencode", tool="OpenCode / Kilo", where="opencode.json", language="json",
                 text=_json(opencode)),
         Snippet(id="cline", tool="Cline", where="Settings → API Provider", language="fields",
                 fields=[*provider_fields, Field("Context window", "204800")]),
         Snippet(id="roo", tool="Roo Code", where="Settings → API Provider", language="fields",
                 fields=provider_fields),
-        Snippet(id="codex", tool="Codex", where="~/.codex/config.toml", language="toml", text=codex),
-        Snippet(id="codex-env", tool="Codex", where="sh", language="sh",
-                text=f"export CODEPLAN_API_KEY={key}"),
+        Snippet(id="codex", tool="Codex", where="~/.codex/config.toml", language="toml", text=codex,
+                shell=f"export CODEPLAN_API_KEY={key}"),
     ]
