@@ -27,7 +27,8 @@ from pathlib import Path
 
 import asyncpg
 
-from service import accounts, db, estimate, pgembed
+from bridge import tokens as estimate
+from service import accounts, db, pgembed
 from service.ledger import Ledger, Usage
 
 from . import streams

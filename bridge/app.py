@@ -7,7 +7,8 @@ from litestar.response import Stream
 
 from . import errors
 from .errors import BridgeError, Kind
-from .journey import Journey, Reply, Surface
+from .journey import Journey, Reply
+from .surfaces import Surface
 from .models import CATALOG, model_list
 from .surfaces import messages as anthropic
 from .surfaces.chat import ChatSurface
@@ -36,7 +37,7 @@ def respond(reply: Reply) -> Response:
 
 async def _handle(surface: Surface, request: Request) -> Response:
     journey: Journey = request.app.state.journey
-    return respond(await journey.handle(surface, api_key(request), await request.body()))
+    return respond(await journey.handle(surface, api_key(request), request.body))
 
 
 # Tools whose base URL lacks /v1, and tools using a built-in Z.ai provider pointed at our host.
@@ -66,7 +67,7 @@ class InputTokens(msgspec.Struct):
 async def count_tokens(request: Request) -> Response:
     journey: Journey = request.app.state.journey
     reply, tokens = await journey.count_tokens(_messages, anthropic.count_request, api_key(request),
-                                               await request.body())
+                                               request.body)
     if tokens is None:
         return respond(reply)
     return Response(msgspec.json.encode(InputTokens(input_tokens=tokens)), media_type="application/json")
@@ -78,12 +79,12 @@ async def models(request: Request) -> Response:
     key = api_key(request)
     allowed = tuple(CATALOG)
     if key:
-        principal = await request.app.state.journey.authenticator.authenticate(key)
+        principal = await request.app.state.journey.auth.authenticate(key)
         if principal is None:
             error = BridgeError(Kind.authentication, "Invalid API key.")
             return Response(msgspec.json.encode(errors.openai_error(error)), status_code=401,
                             media_type="application/json")
-        allowed = principal.models
+        allowed = principal.models or allowed
     return Response(msgspec.json.encode(model_list(allowed)), media_type="application/json")
 
 

@@ -20,7 +20,6 @@ from bridge.upstream import Upstream
 from . import db, usage
 from .accounts import Authenticator
 from .config import Config
-from .estimate import Calibration
 from .ledger import Ledger
 from .web import Web, error_page, wants_html
 
@@ -66,11 +65,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def _sweeper(ledger: Ledger, interval: float) -> None:
+    """Expire what dead processes left pending. Survives anything but its cancellation: a
+    failed sweep is logged and the next one tries again."""
     while True:
         try:
             while await ledger.expire_due() > 0:
                 pass
-        except (OSError, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; the sweeper must not die
             log.warning("sweep failed", extra={"error": type(exc).__name__})
         await asyncio.sleep(interval)
 
@@ -83,17 +84,17 @@ def create_app(config: Config, database_url: str, upstream_url: str,
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await db.create_pool(database_url, size=config.db_pool_size)
         upstream = Upstream(upstream_url, upstream_keys, timeout=config.upstream_timeout,
-                            concurrency=config.upstream_concurrency)
+                            concurrency=config.upstream_concurrency,
+                            stream_usage=config.upstream_stream_usage)
         await upstream.start()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
-        calibration = Calibration()
-        journey = Journey(config=config,
+        journey = Journey(settings=config.bridge_settings(),
                           auth=Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch),
-                          ledger=ledger, upstream=upstream, calibration=calibration)
+                          ledger=ledger, upstream=upstream)
         app.state.pool = pool
         app.state.ledger = ledger
         app.state.journey = journey
-        app.state.calibration = calibration
+        app.state.calibration = journey.calibration
         app.state.config = config
         # billing's engine sets this when Stripe is configured; None: the page says billing is off
         app.state.billing = getattr(app.state, "billing", None)
@@ -110,7 +111,7 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         finally:
             sweeper.cancel()
             await web.stop()
-            await journey.drain_background()
+            await journey.flights.land()
             await upstream.close()
             await pool.close()
 

@@ -94,7 +94,7 @@ async def _simulate(args: argparse.Namespace) -> None:
     from bridge.simulator.server import create_app as create_simulator
 
     sim = SimConfig(seed=args.seed, ttft_ms=args.ttft_ms, tokens_per_second=args.tps,
-                    output_tokens=args.tokens)
+                    output_tokens=args.tokens, usage_mode=args.usage_mode)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     log.info("GLM simulator listening", extra={"url": f"http://{host}:{port}/api/coding/paas/v4"})
@@ -134,6 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--ttft-ms", type=float, default=0.0)
     sim.add_argument("--tps", type=float, default=0.0, help="tokens per second; 0 is unpaced")
     sim.add_argument("--tokens", type=int, default=48, help="completion tokens per answer")
+    sim.add_argument("--usage-mode", default="always",
+                     choices=["always", "when_asked", "never", "reject_field"],
+                     help="stream usage: always (GLM), when_asked (OpenAI-style servers), never, "
+                          "reject_field (a 400 naming stream_options)")
     return parser
 
 

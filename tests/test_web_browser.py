@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from .conftest import ROOT, query, run, start_bridge, wait_settled
-from .web_support import PASSWORD, SmtpServer, link_in, nudge_live
+from .web_support import PASSWORD, SmtpServer, link_in
 
 CHROMIUM = os.environ.get("CODEPLAN_CHROMIUM", "/usr/bin/chromium")
 BROWSER_DIR = Path(os.environ.get("CODEPLAN_BROWSER_DIR", Path.home() / ".cache" / "codeplan-browser"))
@@ -130,8 +130,7 @@ def test_from_sign_up_to_a_working_key_and_a_live_meter(browser, site, smtp, dat
     requests_before = int(page.inner_text('[data-field="today-requests"]'))
     client.chat.completions.create(model="glm-4.6", messages=[{"role": "user", "content": "more please"}],
                                    max_tokens=60)
-    wait_settled(database)
-    nudge_live(database, email)
+    wait_settled(database)  # settled: the ledger has sent NOTIFY codeplan_usage
     page.wait_for_function(
         f"Number(document.querySelector('[data-window=\"5h\"] [data-field=\"used\"]').textContent.replace(/\\D/g, '')) > {before}",
         timeout=20_000)

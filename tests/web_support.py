@@ -1,5 +1,5 @@
-"""Helpers for the web page's tests: a real SMTP server that keeps what it receives, a page
-client that carries cookies and CSRF tokens like a browser, and the live-usage nudge."""
+"""Helpers for the web page's tests: a real SMTP server that keeps what it receives, and a page
+client that carries cookies and CSRF tokens like a browser."""
 from __future__ import annotations
 
 import email
@@ -12,7 +12,7 @@ from email.message import EmailMessage
 import httpx
 from aiosmtpd.controller import Controller
 
-from .conftest import free_port, query, run
+from .conftest import free_port
 
 CSRF_FIELD = re.compile(r'name="_csrf_token" value="([^"]*)"')
 LINK = re.compile(r"(https?://\S+/(?:verify|reset)\?token=[\w-]+)")
@@ -114,18 +114,3 @@ class Browserish:
 
     def close(self) -> None:
         self.client.close()
-
-
-def ledger_notifies(database: str) -> bool:
-    """Whether the ledger itself sends NOTIFY codeplan_usage on settlement (main's 0005)."""
-    rows = run(query(database, "SELECT count(*) AS n FROM pg_proc WHERE prosrc LIKE '%codeplan_usage%'"))
-    return rows[0]["n"] > 0
-
-
-def nudge_live(database: str, account_email: str) -> None:
-    """Until the ledger notifies by itself, do what it will do after a settlement."""
-    if ledger_notifies(database):
-        return
-    run(query(database, "SELECT pg_notify('codeplan_usage', s.id::text) FROM subscriptions s"
-                        " JOIN accounts a ON a.id = s.account_id WHERE lower(a.email) = lower($1)"
-                        " AND s.status <> 'canceled'", account_email))
