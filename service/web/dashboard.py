@@ -7,7 +7,7 @@ import asyncpg
 import msgspec
 
 from .. import usage
-from ..ledger import iso_utc
+from bridge.journey import iso_utc
 from . import chart
 
 UTC = dt.timezone.utc

@@ -18,7 +18,7 @@ import asyncpg
 import msgspec
 
 from .. import usage
-from ..ledger import iso_utc
+from bridge.journey import iso_utc
 
 log = logging.getLogger("codeplan.live")
 
