@@ -554,3 +554,65 @@ def test_unknown_signup_plan_stops_start_up_with_one_line(database):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
         "codeplan: configuration error: CODEPLAN_SIGNUP_PLAN: no plan 'gold'; plans are: lite, max, pro"
+
+
+class RecordingBilling:
+    """Stands in for the Stripe engine being built in parallel (issue 12): the small interface
+    the page calls, `checkout`, `portal`, `topup` -> a URL to send the browser to, sync or async."""
+    topup_blocks = [{"id": "10m", "label": "10M tokens"}]
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple] = []
+        self.fail = fail
+
+    async def checkout(self, account_id: int, plan_id: str) -> str:
+        self.calls.append(("checkout", account_id, plan_id))
+        if self.fail:
+            raise ConnectionError("stripe unreachable")
+        return f"https://checkout.stripe.test/c/{plan_id}"
+
+    def portal(self, account_id: int) -> str:
+        self.calls.append(("portal", account_id))
+        return "https://billing.stripe.test/p/1"
+
+    async def topup(self, account_id: int, block: str) -> str:
+        self.calls.append(("topup", account_id, block))
+        return f"https://checkout.stripe.test/t/{block}"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_billing_buttons_call_the_billing_engine_from_a_session_with_csrf(database, simulator, fail):
+    from litestar.testing import TestClient
+
+    from service import config as config_module
+    from service.app import create_app
+
+    config = config_module.load({"CODEPLAN_DATABASE_URL": database, "CODEPLAN_SIGNUP_PLAN": "lite"})
+    app = create_app(config, database, simulator.url + "/api/coding/paas/v4", ("k",))
+    billing = RecordingBilling(fail=fail)
+    app.state.billing = billing
+    with TestClient(app, base_url="http://127.0.0.1:8080") as client:
+        client.headers["accept"] = "text/html"
+        page = client.get("/signup")
+        token = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
+        address = unique_email()
+        client.post("/signup", data={"_csrf_token": token, "email": address, "password": PASSWORD})
+        account = account_row(database, address)["id"]
+        plans = client.get("/billing")
+        assert "Billing is off" not in plans.text and "Manage billing" in plans.text and "10M tokens" in plans.text
+        assert client.post("/billing/checkout", data={"plan": "pro"}).status_code == 403  # no CSRF token
+        moved = client.post("/billing/checkout", data={"_csrf_token": token, "plan": "pro"}, follow_redirects=False)
+        assert moved.status_code == 303
+        if fail:
+            assert moved.headers["location"] == "/billing?notice=billing_failed"
+            assert "Billing could not start" in client.get(moved.headers["location"]).text
+            return
+        assert moved.headers["location"] == "https://checkout.stripe.test/c/pro"
+        portal = client.post("/billing/portal", data={"_csrf_token": token}, follow_redirects=False)
+        topup = client.post("/billing/topup", data={"_csrf_token": token, "block": "10m"}, follow_redirects=False)
+        assert portal.headers["location"] == "https://billing.stripe.test/p/1"
+        assert topup.headers["location"] == "https://checkout.stripe.test/t/10m"
+        assert billing.calls == [("checkout", account, "pro"), ("portal", account), ("topup", account, "10m")]
+        client.cookies.clear()
+        anonymous = client.post("/billing/portal", data={"_csrf_token": token}, follow_redirects=False)
+        assert anonymous.status_code == 403  # the CSRF cookie went with the session's cookies

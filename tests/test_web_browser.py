@@ -119,8 +119,19 @@ def test_from_sign_up_to_a_working_key_and_a_live_meter(browser, site, smtp, dat
         model="glm-4.6", messages=[{"role": "user", "content": "hi"}], max_tokens=20).usage.total_tokens > 0
     wait_settled(database)
 
+    # three weeks of history, as `codeplan rollup` leaves it in usage_daily, for the chart
+    run(query(database, """
+        INSERT INTO usage_daily (subscription_id, day, model, requests, prompt_tokens, completion_tokens, billed_tokens)
+        SELECT s.id, current_date - d, m.model, 40, 0, 0, (m.scale * (900 + 700 * sin(d / 2.0)))::bigint
+          FROM subscriptions s JOIN accounts a ON a.id = s.account_id,
+               generate_series(1, 21) d, (VALUES ('glm-4.6', 1.0), ('glm-4.5-air', 0.45)) m(model, scale)
+         WHERE a.email = $1 AND d % 7 <> 3""", email))
+
     # Dashboard: the meter moves by itself after the next request, without a reload
     page.goto(site.url + "/dashboard")
+    legend = page.inner_text(".legend")
+    assert "glm-4.6" in legend and "glm-4.5-air" in legend
+    assert page.locator(".chart rect").count() == 2 * 18 + 1  # 18 past days, two models; today
     page.wait_for_selector("#windows.live")
     page.evaluate("window.__sameDocument = 42")
     before = figure(page, "5h", "used")
@@ -128,8 +139,8 @@ def test_from_sign_up_to_a_working_key_and_a_live_meter(browser, site, smtp, dat
     reset = page.locator('[data-window="5h"] time[data-field="resets_at"]')
     assert not reset.inner_text().endswith("Z")  # shown in the viewer's zone, not as the raw UTC ISO
     requests_before = int(page.inner_text('[data-field="today-requests"]'))
-    client.chat.completions.create(model="glm-4.6", messages=[{"role": "user", "content": "more please"}],
-                                   max_tokens=60)
+    client.chat.completions.create(model="glm-4.6", max_tokens=900,  # the simulator writes 600 tokens
+                                   messages=[{"role": "user", "content": "more please [[sim tokens=600]]"}])
     wait_settled(database)  # settled: the ledger has sent NOTIFY codeplan_usage
     page.wait_for_function(
         f"Number(document.querySelector('[data-window=\"5h\"] [data-field=\"used\"]').textContent.replace(/\\D/g, '')) > {before}",
@@ -138,6 +149,10 @@ def test_from_sign_up_to_a_working_key_and_a_live_meter(browser, site, smtp, dat
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
     assert figure(page, "5h", "used") == posted_5h(database, email)
     assert int(page.inner_text('[data-field="today-requests"]')) == requests_before + 1
+    # the chart and today's table follow, fetched once the live figures arrived
+    page.wait_for_function(f"document.querySelectorAll('#recent tbody tr').length === {requests_before + 1}",
+                           timeout=20_000)
+    assert page.evaluate("window.__sameDocument") == 42
     shot(page, "dashboard")
 
     # Keys: listed with prefix and name; revoke it, and the bridge refuses it

@@ -11,6 +11,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.exceptions import HTTPException
+from litestar.params import FromQuery
 from litestar.response import Redirect, Template
 
 from . import apikeys, dashboard, i18n, identity, sessions, tools
@@ -225,7 +226,7 @@ async def signup(request: Request) -> Template | Redirect:
 
 
 @get("/login")
-async def login_page(request: Request, next: str = "", notice: str = "") -> Template:
+async def login_page(request: Request, next: FromQuery[str] = "", notice: FromQuery[str] = "") -> Template:
     return render(request, "login.html", viewer=await viewer_of(request), email="", next=safe_next(next),
                   notice=notice or None)
 
@@ -255,7 +256,7 @@ async def logout(request: Request) -> Redirect:
 
 
 @get("/welcome")
-async def welcome(request: Request, notice: str = "") -> Template | Redirect:
+async def welcome(request: Request, notice: FromQuery[str] = "") -> Template | Redirect:
     viewer = await require(request, verified=False)
     if viewer.verified or not _web(request).mailer.enabled:
         return Redirect("/dashboard", status_code=303)
@@ -270,7 +271,7 @@ async def resend(request: Request) -> Redirect:
 
 
 @get("/verify")
-async def verify(request: Request, token: str = "") -> Template | Redirect:
+async def verify(request: Request, token: FromQuery[str] = "") -> Template | Redirect:
     account_id = await identity.verify(_pool(request), token)
     if account_id is None:
         return render(request, "message.html", viewer=await viewer_of(request), status=400,
@@ -299,7 +300,7 @@ async def forgot(request: Request) -> Template:
 
 
 @get("/reset")
-async def reset_page(request: Request, token: str = "") -> Template:
+async def reset_page(request: Request, token: FromQuery[str] = "") -> Template:
     valid = await identity.link_account(_pool(request), token, "reset") is not None
     return render(request, "reset.html", viewer=await viewer_of(request), token=token if valid else "",
                   status=200 if valid else 400,
@@ -333,14 +334,22 @@ async def switch_language(request: Request) -> Redirect:
 # ---- pages: the product ----------------------------------------------------------------
 
 @get("/dashboard")
-async def dashboard_page(request: Request, notice: str = "") -> Template:
+async def dashboard_page(request: Request, notice: FromQuery[str] = "") -> Template:
     viewer = await require(request)
     data = await dashboard.load(_pool(request), viewer.account_id)
     return render(request, "dashboard.html", viewer=viewer, nav="dashboard", data=data, notice=notice or None)
 
 
+@get("/dashboard/activity")
+async def dashboard_activity(request: Request) -> Template:
+    """The chart and today's requests alone: the page fetches them when a live update arrives."""
+    viewer = await require(request)
+    data = await dashboard.load(_pool(request), viewer.account_id)
+    return render(request, "activity.html", viewer=viewer, data=data)
+
+
 @get("/keys")
-async def keys_page(request: Request, notice: str = "") -> Template:
+async def keys_page(request: Request, notice: FromQuery[str] = "") -> Template:
     viewer = await require(request)
     return render(request, "keys.html", viewer=viewer, nav="keys", notice=notice or None,
                   keys=await apikeys.listing(_pool(request), viewer.account_id), created=None)
@@ -381,7 +390,7 @@ def _setup(request: Request, viewer: sessions.Viewer, created: apikeys.CreatedKe
 
 
 @get("/setup")
-async def setup_page(request: Request, notice: str = "") -> Template:
+async def setup_page(request: Request, notice: FromQuery[str] = "") -> Template:
     viewer = await require(request)
     return _setup(request, viewer, None, notice or None)
 
@@ -393,7 +402,7 @@ async def statusline_script() -> Response:
 
 
 @get(["/billing", "/plans"])
-async def billing_page(request: Request, notice: str = "", checkout: str = "") -> Template:
+async def billing_page(request: Request, notice: FromQuery[str] = "", checkout: FromQuery[str] = "") -> Template:
     viewer = await require(request)
     billing = _billing(request)
     return render(request, "billing.html", viewer=viewer, nav="billing",
@@ -439,5 +448,5 @@ async def billing_topup(request: Request) -> Redirect:
 # `home` shares the path "/" with the bridge's HEAD probe, so it is registered on the app itself:
 # Litestar cannot merge one path from two routers
 routes = [signup_page, signup, login_page, login, logout, welcome, resend, verify, forgot_page,
-          forgot, reset_page, reset, switch_language, dashboard_page, keys_page, create_key, revoke_key,
+          forgot, reset_page, reset, switch_language, dashboard_page, dashboard_activity, keys_page, create_key, revoke_key,
           setup_page, statusline_script, billing_page, billing_checkout, billing_portal, billing_topup]

@@ -83,6 +83,26 @@
     section.querySelector('[data-field="at"]').setAttribute("datetime", usage.at);
     section.dataset.updates = String(Number(section.dataset.updates || 0) + 1);
     localise(section);
+    refreshActivity();
+  }
+
+  // the chart and today's table follow a live update: one fetch at a time, the last one wins
+  var activity = document.getElementById("activity");
+  var fetching = false, again = false;
+  function refreshActivity() {
+    if (!activity) return;
+    if (fetching) { again = true; return; }
+    fetching = true;
+    fetch(activity.dataset.src, { credentials: "same-origin", headers: { accept: "text/html" } })
+      .then(function (response) { return response.ok ? response.text() : null; })
+      .then(function (html) {
+        if (html !== null) { activity.innerHTML = html; localise(activity); }
+      })
+      .catch(function () { /* the next update tries again */ })
+      .then(function () {
+        fetching = false;
+        if (again) { again = false; refreshActivity(); }
+      });
   }
 
   function status(text, live) {
