@@ -9,10 +9,8 @@ import subprocess
 import time
 import tomllib
 import uuid
-from pathlib import Path
 
 import httpx
-import msgspec
 import openai
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -616,3 +614,137 @@ def test_billing_buttons_call_the_billing_engine_from_a_session_with_csrf(databa
         client.cookies.clear()
         anonymous = client.post("/billing/portal", data={"_csrf_token": token}, follow_redirects=False)
         assert anonymous.status_code == 403  # the CSRF cookie went with the session's cookies
+
+
+# ---- the hub and the recorder, in-process against the real database ---------------------------
+
+def test_the_live_feed_survives_losing_its_listening_connection(web, smtp, database):
+    client, _ = verified_user(web, smtp)
+    secret = create_key(client)
+    with ws_connect(_ws(web.url) + "/v1/usage/live", additional_headers={"Authorization": f"Bearer {secret}"}) as socket:
+        first = _usage(socket)
+        name = f"codeplan-live-{web.process.pid}"
+        killed = run(query(database, "SELECT pg_terminate_backend(pid) AS done FROM pg_stat_activity"
+                                     " WHERE application_name = $1", name))
+        assert [r["done"] for r in killed] == [True]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the hub reconnects by itself (backoff from 0.5 s)
+            if run(query(database, "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = $1",
+                         name))[0]["n"] == 1:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the hub did not listen again")
+        # re-read on reconnect: what was missed meanwhile arrives without a new notification
+        _usage(socket)
+        _spend(web.url, secret, database)
+        assert _usage(socket)["windows"][0]["used"] > first["windows"][0]["used"]
+
+
+async def test_a_burst_of_notifications_costs_few_reads_and_ends_on_the_newest(database):
+    import asyncio
+
+    import asyncpg
+
+    from service.web import live
+
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    reads = []
+
+    async def slow_read(_pool, subscription_id):
+        reads.append(subscription_id)
+        await asyncio.sleep(0.2)  # a read in flight while more notifications arrive
+        return len(reads)
+
+    hub = live.UsageHub(pool, database, read=slow_read)
+    await hub.start()
+    try:
+        watchers = [hub.watch(424242) for _ in range(3)]
+        hub.watch(515151)  # watched but never notified: never read
+        sender = await asyncpg.connect(database)
+        for _ in range(50):
+            await sender.execute("SELECT pg_notify('codeplan_usage', '424242')")
+        await sender.execute("SELECT pg_notify('codeplan_usage', 'not a number')")
+        await sender.execute("SELECT pg_notify('codeplan_usage', '999')")  # nobody watches it
+        await sender.close()
+        await asyncio.sleep(1.5)
+        assert 1 <= len(reads) <= 3 and set(reads) == {424242}, reads
+        for watcher in watchers:  # each socket holds only the newest figures
+            assert await asyncio.wait_for(watcher.next(), 1) == len(reads)
+        hub.unwatch(watchers[0])
+        assert hub.watching == 3
+    finally:
+        await hub.stop()
+        await pool.close()
+
+
+class CountingPool:
+    """A real asyncpg pool that counts the statements it is given."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.statements: list[tuple] = []
+
+    async def execute(self, sql, *args):
+        self.statements.append((sql, *args))
+        return await self.pool.execute(sql, *args)
+
+
+async def test_last_used_is_written_at_most_once_a_minute_per_key_and_never_awaited(database):
+    import asyncio
+
+    import asyncpg
+
+    from service.web.keyuse import KeyUseRecorder
+
+    key_a = new_user(database)
+    key_b = new_user(database)
+    conn = await asyncpg.connect(database)
+    a, b = [await conn.fetchval("SELECT id FROM api_keys WHERE prefix = $1", k[:10]) for k in (key_a, key_b)]
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    counting = CountingPool(pool)
+    recorder = KeyUseRecorder(counting, interval=60.0, delay=0.2)  # type: ignore[arg-type]
+    try:
+        for _ in range(500):
+            recorder.touch(a)  # synchronous: a request never waits for the write
+            recorder.touch(b)
+        assert counting.statements == []
+        await asyncio.sleep(0.6)
+        assert len(counting.statements) == 1 and sorted(counting.statements[0][1]) == sorted([a, b])
+        for _ in range(100):
+            recorder.touch(a)
+        await asyncio.sleep(0.6)
+        assert len(counting.statements) == 1  # within the minute: nothing more
+        used = await conn.fetch("SELECT last_used_at FROM api_keys WHERE id = ANY($1::bigint[])", [a, b])
+        assert all(r["last_used_at"] is not None for r in used)
+    finally:
+        await recorder.close()
+        await pool.close()
+        await conn.close()
+
+
+async def test_dashboard_shows_top_ups_when_billing_has_that_table_and_nothing_when_not(fresh_database):
+    import asyncpg
+
+    from service.web import dashboard
+
+    key = new_user(fresh_database, "pro")
+    pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=2)
+    try:
+        account = await pool.fetchval("SELECT account_id FROM api_keys WHERE prefix = $1", key[:10])
+        exists = await pool.fetchval("SELECT to_regclass('topups') IS NOT NULL")
+        if not exists:  # before billing's migration: the section is simply absent
+            assert (await dashboard.load(pool, account)).extras == []
+            await pool.execute("CREATE TABLE topups (id bigint GENERATED ALWAYS AS IDENTITY, account_id bigint,"
+                               " tokens bigint, remaining_tokens bigint, stripe_payment_intent text,"
+                               " created_at timestamptz DEFAULT now())")
+            await pool.execute("INSERT INTO topups (account_id, tokens, remaining_tokens, stripe_payment_intent)"
+                               " VALUES ($1, 10000000, 2500000, 'pi_secretish')", account)
+            data = await dashboard.load(pool, account)
+            assert [e.title for e in data.extras] == ["Top-ups"]
+            assert data.extras[0].columns == ["id", "tokens", "remaining_tokens", "created_at"]
+            assert data.extras[0].rows[0][1:3] == ["10000000", "2500000"]
+        else:
+            await dashboard.load(pool, account)  # billing's own table: the page still renders
+    finally:
+        await pool.close()

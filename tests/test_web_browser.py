@@ -23,8 +23,8 @@ CHROMIUM = os.environ.get("CODEPLAN_CHROMIUM", "/usr/bin/chromium")
 BROWSER_DIR = Path(os.environ.get("CODEPLAN_BROWSER_DIR", Path.home() / ".cache" / "codeplan-browser"))
 AXE = BROWSER_DIR / "axe-core" / "node_modules" / "axe-core" / "axe.min.js"
 SHOTS = ROOT / "tests" / "artifacts" / "screenshots"
-ENABLE = ("enable them with `tests/browser/install.sh --apt` (apt-get install chromium fonts-wqy-microhei, "
-          "npm axe-core), as .ci/run does")
+ENABLE = ("enable them with `make browser` (as root: apt-get install chromium fonts-wqy-microhei; "
+          "npm axe-core into ~/.cache/codeplan-browser), as .ci/run does")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip(f"browser tests skipped: the playwright package is missing; `make test` installs it")
+        pytest.skip("browser tests skipped: the playwright package is missing; `make test` installs it")
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"browser tests skipped: no Chromium at {CHROMIUM}; {ENABLE}")
     with sync_playwright() as playwright:
@@ -110,6 +110,11 @@ def test_from_sign_up_to_a_working_key_and_a_live_meter(browser, site, smtp, dat
     page.get_by_role("button", name="Create a key for this setup").click()
     key = page.inner_text("#new-key").strip()
     assert key.startswith("cp_")
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=site.url)
+    copy = page.locator(".copyable button[data-copy]")
+    copy.click()
+    assert copy.inner_text() == "Copied"
+    assert page.evaluate("navigator.clipboard.readText()") == key
     assert key in page.inner_text("#code-claude") and key in page.inner_text("#code-opencode")
     assert site.url + "/v1" in page.inner_text("#code-codex")
     shot(page, "setup")

@@ -104,7 +104,7 @@ def build(points: dict[tuple[dt.date, str], int], last_day: dt.date, days: int =
     series = [Series(model=m, colour=colours[m], total=sum(v for (d, mm), v in points.items() if mm == m))
               for m in models]
     rows = [DayRow(day=d.isoformat(), per_model=[points.get((d, m), 0) for m in models], total=t)
-            for d, t in zip(dates, totals) if t]
+            for d, t in zip(dates, totals, strict=True) if t]
     return Chart(width=WIDTH, height=HEIGHT, plot_left=LEFT, plot_bottom=TOP + plot_h,
                  plot_right=WIDTH - RIGHT, bars=bars, y_ticks=y_ticks, x_ticks=x_ticks, series=series,
                  rows=rows, total=sum(totals))

@@ -4,7 +4,6 @@ Refusals carry a code the page translates; nothing here knows about HTTP.
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import re
 import secrets
@@ -157,7 +156,3 @@ async def housekeeping(pool: asyncpg.Pool) -> None:
     await pool.execute("DELETE FROM web_sessions WHERE expires_at < now()")
     await pool.execute("DELETE FROM login_failures WHERE failed_at < now() - interval '1 day'")
     await pool.execute("DELETE FROM mail_tokens WHERE expires_at < now() - interval '1 day'")
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)

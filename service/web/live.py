@@ -116,7 +116,7 @@ class UsageHub:
             try:
                 conn = await asyncpg.connect(self._dsn, server_settings={
                     "application_name": f"codeplan-live-{os.getpid()}"})
-                conn.add_termination_listener(lambda _conn: lost.set())
+                conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("live usage: cannot listen", extra={"error": type(exc).__name__, "retry_s": delay})
