@@ -23,6 +23,7 @@ class Kind(str, Enum):
     content_policy = "content_policy"          # 400: GLM's safety review (1301)
     upstream_error = "upstream_error"          # 502: GLM failed
     upstream_timeout = "upstream_timeout"      # 504
+    unavailable = "unavailable"                # 503: our own database cannot be reached
 
 
 STATUS = {
@@ -31,10 +32,10 @@ STATUS = {
     Kind.quota_exhausted: 429, Kind.concurrency: 429, Kind.upstream_rate_limited: 429,
     Kind.upstream_overloaded: 503, Kind.upstream_billing: 402, Kind.payment_required: 402,
     Kind.content_policy: 400,
-    Kind.upstream_error: 502, Kind.upstream_timeout: 504,
+    Kind.upstream_error: 502, Kind.upstream_timeout: 504, Kind.unavailable: 503,
 }
 RETRYABLE = {Kind.concurrency, Kind.upstream_rate_limited, Kind.upstream_overloaded,
-             Kind.upstream_error, Kind.upstream_timeout}
+             Kind.upstream_error, Kind.upstream_timeout, Kind.unavailable}
 
 
 class BridgeError(Exception):
@@ -86,6 +87,7 @@ _OPENAI_TYPE = {
     Kind.upstream_billing: "insufficient_quota", Kind.payment_required: "insufficient_quota",
     Kind.content_policy: "invalid_request_error",
     Kind.upstream_error: "server_error", Kind.upstream_timeout: "server_error",
+    Kind.unavailable: "server_error",
 }
 _OPENAI_CODE = {
     Kind.authentication: "invalid_api_key", Kind.not_found: "model_not_found",

@@ -50,6 +50,14 @@ def iso_utc(moment: dt.datetime) -> str:
     return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _unavailable(exc: Exception) -> BridgeError:
+    """Our own database failed: a retryable 503 in the caller's protocol, never a 500, and
+    nothing forwarded, so nothing to bill."""
+    log.warning("database unavailable", extra={"error": type(exc).__name__})
+    return BridgeError(Kind.unavailable, "The service cannot reach its database right now; "
+                       "please retry in a few seconds.", retry_after=2)
+
+
 def _attach_when_open(flight: Flight) -> Callable[[asyncio.Future], None]:
     """Whenever the upstream's response arrives, it belongs to the flight: one that arrives
     after the flight ended is closed at once, never leaked with its key's slot."""
@@ -107,7 +115,10 @@ class Journey:
             return self._error(surface, failure), None
 
     async def _authenticate(self, key: str, *, spending: bool = True) -> Principal:
-        principal = await self.auth.authenticate(key) if key else None
+        try:
+            principal = await self.auth.authenticate(key) if key else None
+        except Exception as exc:  # noqa: BLE001 - the port raises on infrastructure failures
+            raise _unavailable(exc) from None
         if principal is None:
             raise BridgeError(Kind.authentication, "Invalid API key. Create one with "
                               "`codeplan keys create` and send it as a Bearer token.")
@@ -137,10 +148,13 @@ class Journey:
         entry = uuid.uuid4()
         assert principal.subscription_id is not None
         # held: the proven worst case, so no window can pass its allowance whatever the text
-        admission = await self._ledger.admit(Reservation(
-            entry_id=entry, subscription_id=principal.subscription_id, api_key_id=principal.api_key_id,
-            surface=surface.name, model=model.id, prompt_estimate=prompt,
-            reserve=prompt + request.max_tokens, held=max(count.bound, prompt) + request.max_tokens))
+        try:
+            admission = await self._ledger.admit(Reservation(
+                entry_id=entry, subscription_id=principal.subscription_id, api_key_id=principal.api_key_id,
+                surface=surface.name, model=model.id, prompt_estimate=prompt,
+                reserve=prompt + request.max_tokens, held=max(count.bound, prompt) + request.max_tokens))
+        except Exception as exc:  # noqa: BLE001 - the port raises on infrastructure failures
+            raise _unavailable(exc) from None
         if not admission.admitted:
             raise self._refusal(admission)
         return Flight(self.flights, entry=entry, principal=principal, surface=surface.name,

@@ -166,7 +166,6 @@ class Upstream:
                             extra={"upstream": self.name})
                 self.ask_usage = False
                 request.stream_options = msgspec.UNSET
-                body = wire.encoder.encode(request)
                 return await self.open(request, request_id)
             except BridgeError as error:
                 # nothing has reached the client yet: a transient failure gets one more try,

@@ -21,23 +21,10 @@ from . import db, usage
 from .accounts import Authenticator
 from .config import Config
 from .ledger import Ledger
+from .problems import problem
 from .web import Web, error_page, wants_html
 
 log = logging.getLogger("codeplan.app")
-
-
-class Problem(msgspec.Struct, omit_defaults=True):
-    """RFC 9457 problem details, for errors on our own API."""
-    type: str
-    title: str
-    status: int
-    detail: str | None = None
-
-
-def problem(status: int, title: str, detail: str | None = None) -> Response:
-    return Response(msgspec.json.encode(Problem(type="about:blank", title=title, status=status,
-                                                 detail=detail)),
-                    status_code=status, media_type="application/problem+json")
 
 
 def _http_exception(request: Request, exc: HTTPException) -> Response:

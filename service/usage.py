@@ -16,6 +16,7 @@ from bridge.journey import iso_utc
 from bridge.ports import Principal
 
 from .accounts import Authenticator
+from .problems import problem
 
 UTC = dt.timezone.utc
 
@@ -153,8 +154,6 @@ async def _principal(request: Request) -> Principal | None:
 
 
 def _problem_401() -> Response:
-    from .app import problem
-
     return problem(401, "Invalid API key", "Send your Codeplan key as `Authorization: Bearer <key>`.")
 
 
@@ -164,8 +163,6 @@ async def usage(request: Request) -> Response:
     if principal is None:
         return _problem_401()
     if principal.subscription_id is None:
-        from .app import problem
-
         return problem(402, "No subscription", "This account has no active subscription.")
     body = await report(request.app.state.pool, principal, request.app.state.calibration.report())
     return Response(msgspec.json.encode(body), media_type="application/json")

@@ -72,6 +72,7 @@ class Directive(msgspec.Struct, kw_only=True):
     empty_args: bool = False
     silence: float = 30.0
     header_delay: float = 0.0  # seconds before the response starts at all (a queued request)
+    tail_delay: float = 0.0  # seconds between the usage chunk and the end of the stream
     once: bool = False  # the faults strike only the first time this conversation is seen
 
 
@@ -93,6 +94,7 @@ class Script(msgspec.Struct):
     fault_at: int = 0  # index in pieces where mid-stream faults strike
     silence: float = 30.0
     header_delay: float = 0.0
+    tail_delay: float = 0.0
 
 
 class SimConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -259,7 +261,8 @@ class Engine:
         tps = directive.tps if directive.tps is not None else self.config.tokens_per_second
         return Script(pieces=pieces, finish_reason=finish, usage=usage, ttft=ttft,
                       interval=1 / tps if tps > 0 else 0.0, faults=faults, fault_at=fault_at,
-                      silence=directive.silence, header_delay=directive.header_delay)
+                      silence=directive.silence, header_delay=directive.header_delay,
+                      tail_delay=directive.tail_delay)
 
     @staticmethod
     def _tool_results(request: wire.ChatRequest) -> list[str] | None:

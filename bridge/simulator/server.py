@@ -83,6 +83,8 @@ async def _stream(script: Script, completion_id: str, model: str, usage_at: str 
             id=completion_id, created=created, model=model, choices=[], usage=usage)))
     else:
         yield chunk(final, script.finish_reason, usage)
+    if script.tail_delay:
+        await asyncio.sleep(script.tail_delay)
     yield sse.DONE
 
 
@@ -151,6 +153,7 @@ def create_app(config: SimConfig | None = None) -> Litestar:
         if isinstance(chat.tool_choice, str) and chat.tool_choice != "auto":
             return _error(400, "1210", "Invalid API parameter: tool_choice only supports auto")
         if engine.config.usage_mode == "reject_field" and chat.stream_options is not msgspec.UNSET:
+            stats.requests += 1
             return _error(400, "1210", "Invalid API parameter: Unrecognized request argument "
                                        "supplied: stream_options")
         script = engine.plan(chat)

@@ -435,6 +435,7 @@ _TYPES = {
     Kind.upstream_billing: "billing_error", Kind.payment_required: "billing_error",
     Kind.content_policy: "invalid_request_error",
     Kind.upstream_error: "api_error", Kind.upstream_timeout: "timeout_error",
+    Kind.unavailable: "api_error",
 }
 
 
