@@ -171,6 +171,7 @@ ZH: dict[str, str] = {
     "It shows the 5-hour and weekly windows under the prompt.": "它会在输入框下方显示 5 小时和每周窗口的用量。",
     "Kilo reads the same file: point KILO_CONFIG at it.": "Kilo 读取同一个文件：将 KILO_CONFIG 指向它。",
     "In a terminal": "在终端中",
+    "Codex needs the Responses API, which this server does not serve yet.": "Codex 需要 Responses API，本服务器暂不提供。",
     "Usage in your terminal or IDE": "在终端或 IDE 中查看用量",
     "Field": "字段",
     "Value": "值",

@@ -11,7 +11,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import Cookie
 from litestar.exceptions import HTTPException
-from litestar.params import FromQuery
+from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
 from . import apikeys, dashboard, i18n, identity, sessions, tools
@@ -91,7 +91,7 @@ def render(request: Request, template: str, *, viewer: sessions.Viewer | None, s
         headers={"cache-control": "no-store", "content-language": "zh-CN" if lang == "zh" else "en"},
         context={"_": i18n.translator(lang), "lang": lang, "viewer": viewer, "here": here,
                  "mail_enabled": web.mailer.enabled, "asset_version": web.asset_version,
-                 "base_url": web.config.base_url, "billing_on": _billing(request) is not None,
+                 "base_url": public_base(request), "billing_on": _billing(request) is not None,
                  "notice": context.pop("notice", None), "error": context.pop("error", None), **context})
 
 
@@ -106,6 +106,15 @@ async def form_of(request: Request, shape: type[T]) -> T:
         return msgspec.convert(raw, shape)
     except msgspec.ValidationError:
         raise BadForm(detail="The request was not understood.") from None
+
+
+def public_base(request: Request) -> str:
+    """The URL users reach us at: CODEPLAN_PUBLIC_URL, else HOST:PORT, else (when we listen on
+    every address, 0.0.0.0) the host the browser used."""
+    config = _web(request).config
+    if not config.public_url and config.host in ("0.0.0.0", "::", ""):
+        return f"{request.url.scheme}://{request.headers.get('host') or request.url.netloc}"
+    return config.base_url
 
 
 def _secure(request: Request) -> bool:
@@ -179,7 +188,7 @@ async def _mail_link(request: Request, account: identity.Account, purpose: str) 
     if token is None:
         return "mail_limit"
     _ = i18n.translator(language(request))
-    base = _web(request).config.base_url
+    base = public_base(request)
     if purpose == "verify":
         link = f"{base}/verify?token={token}"
         subject = _("Check your mail") + " · Codeplan"
@@ -373,7 +382,7 @@ async def create_key(request: Request) -> Template:
 
 
 @post("/keys/{key_id:int}/revoke", status_code=200)
-async def revoke_key(request: Request, key_id: int) -> Redirect:
+async def revoke_key(request: Request, key_id: FromPath[int]) -> Redirect:
     viewer = await require(request)
     done = await apikeys.revoke(_pool(request), viewer.account_id, key_id)
     if done:
@@ -383,8 +392,11 @@ async def revoke_key(request: Request, key_id: int) -> Redirect:
 
 def _setup(request: Request, viewer: sessions.Viewer, created: apikeys.CreatedKey | None,
            notice: str | None = None) -> Template:
-    base = _web(request).config.base_url
+    base = public_base(request)
+    # Codex speaks only the Responses API: say so while this server does not serve it
+    responses = any(route.path == "/v1/responses" for route in request.app.routes)
     return render(request, "setup.html", viewer=viewer, nav="setup", created=created, notice=notice,
+                  responses_served=responses,
                   snippets=tools.snippets(base, created.secret if created else None),
                   placeholder=tools.PLACEHOLDER)
 

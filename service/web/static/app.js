@@ -94,7 +94,8 @@
     if (fetching) { again = true; return; }
     fetching = true;
     fetch(activity.dataset.src, { credentials: "same-origin", headers: { accept: "text/html" } })
-      .then(function (response) { return response.ok ? response.text() : null; })
+      // a redirect means the session ended (the login page): keep what is shown
+      .then(function (response) { return response.ok && !response.redirected ? response.text() : null; })
       .then(function (html) {
         if (html !== null) { activity.innerHTML = html; localise(activity); }
       })
