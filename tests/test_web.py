@@ -748,3 +748,64 @@ async def test_dashboard_shows_top_ups_when_billing_has_that_table_and_nothing_w
             await dashboard.load(pool, account)  # billing's own table: the page still renders
     finally:
         await pool.close()
+
+
+def test_https_public_url_makes_cookies_secure_and_mail_uses_smtp_credentials(database, simulator):
+    from aiosmtpd.controller import Controller
+    from aiosmtpd.smtp import AuthResult
+    from litestar.testing import TestClient
+
+    from service import config as config_module
+    from service.app import create_app
+
+    from .conftest import free_port
+    from .web_support import Inbox
+
+    inbox, logins = Inbox(), []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append((auth_data.login, auth_data.password))
+        return AuthResult(success=(auth_data.login, auth_data.password) == (b"mailer", b"p@ss word"))
+
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port, authenticator=authenticator,
+                            auth_require_tls=False)
+    controller.start()
+    try:
+        config = config_module.load({"CODEPLAN_DATABASE_URL": database, "CODEPLAN_PUBLIC_URL": "https://codeplan.example/",
+                                     "CODEPLAN_SMTP_URL": f"smtp://mailer:p%40ss%20word@127.0.0.1:{port}"})
+        app = create_app(config, database, simulator.url + "/api/coding/paas/v4", ("k",))
+        with TestClient(app, base_url="https://codeplan.example") as client:
+            client.headers["accept"] = "text/html"
+            page = client.get("/signup")
+            assert "secure" in page.headers["set-cookie"].lower()  # the CSRF cookie
+            token = re.search(r'name="_csrf_token" value="([^"]+)"', page.text).group(1)
+            address = unique_email()
+            signed = client.post("/signup", data={"_csrf_token": token, "email": address, "password": PASSWORD},
+                                 follow_redirects=False)
+            session_cookie = next(v for k, v in signed.headers.multi_items()
+                                  if k == "set-cookie" and v.startswith("codeplan_session="))
+            assert "Secure" in session_cookie and "HttpOnly" in session_cookie
+            message = inbox.wait_for(address)
+            assert link_in(message).startswith("https://codeplan.example/verify?token=")
+            assert logins == [(b"mailer", b"p@ss word")]
+    finally:
+        controller.stop()
+
+
+def test_a_mail_that_cannot_be_sent_is_said_on_the_page(database, simulator):
+    from litestar.testing import TestClient
+
+    from service import config as config_module
+    from service.app import create_app
+
+    from .conftest import free_port
+
+    config = config_module.load({"CODEPLAN_DATABASE_URL": database,
+                                 "CODEPLAN_SMTP_URL": f"smtp://127.0.0.1:{free_port()}"})  # nobody listens
+    app = create_app(config, database, simulator.url + "/api/coding/paas/v4", ("k",))
+    with TestClient(app, base_url="http://127.0.0.1:8080") as client:
+        client.headers["accept"] = "text/html"
+        token = re.search(r'name="_csrf_token" value="([^"]+)"', client.get("/signup").text).group(1)
+        page = client.post("/signup", data={"_csrf_token": token, "email": unique_email(), "password": PASSWORD})
+        assert page.url.path == "/welcome" and "The mail could not be sent" in page.text

@@ -6,8 +6,9 @@ import datetime as dt
 import asyncpg
 import msgspec
 
-from .. import usage
 from bridge.journey import iso_utc
+
+from .. import usage
 from . import chart
 
 UTC = dt.timezone.utc

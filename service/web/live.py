@@ -17,8 +17,9 @@ from typing import Awaitable, Callable
 import asyncpg
 import msgspec
 
-from .. import usage
 from bridge.journey import iso_utc
+
+from .. import usage
 
 log = logging.getLogger("codeplan.live")
 
