@@ -453,6 +453,8 @@ def test_users_promote_makes_an_admin(web, smtp, database):
 def test_errors_are_pages_for_browsers_and_problem_json_for_the_api(web):
     page = httpx.get(web.url + "/no/such/page", headers={"accept": "text/html"})
     assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert httpx.get(web.url + "/login").headers["referrer-policy"] == "same-origin"
     assert "This page does not exist." in page.text
     api = httpx.get(web.url + "/v1/no/such", headers={"accept": "text/html"})
     assert api.status_code == 404 and api.headers["content-type"] == "application/problem+json"

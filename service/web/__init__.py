@@ -74,7 +74,7 @@ def error_page(request: Request, status: int) -> Response:
     else:
         title, text = "Something went wrong", "The request was not understood."
     web: Web | None = getattr(request.app.state, "web", None)
-    return Template(template_name="error.html", status_code=status, headers={"cache-control": "no-store"},
+    return Template(template_name="error.html", status_code=status, headers=pages.PAGE_HEADERS,
                     context={"_": _, "lang": lang, "viewer": None, "here": "/", "title": title, "text": text,
                              "asset_version": web.asset_version if web else "", "notice": None, "error": None,
                              "status": status})

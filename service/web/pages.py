@@ -81,6 +81,18 @@ def _quote(text: str) -> str:
     return quote(text, safe="/")
 
 
+# Our own script and styles only (the meters' widths are style attributes); no framing, so no
+# click-jacking of the revoke buttons; the Referer never leaves the site (reset links carry a token).
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                               "base-uri 'none'; object-src 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
 def render(request: Request, template: str, *, viewer: sessions.Viewer | None, status: int = 200,
            cookies: list[Cookie] | None = None, **context: Any) -> Template:
     lang = language(request)
@@ -88,7 +100,7 @@ def render(request: Request, template: str, *, viewer: sessions.Viewer | None, s
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return Template(
         template_name=template, status_code=status, cookies=cookies or [],
-        headers={"cache-control": "no-store", "content-language": "zh-CN" if lang == "zh" else "en"},
+        headers={**PAGE_HEADERS, "content-language": "zh-CN" if lang == "zh" else "en"},
         context={"_": i18n.translator(lang), "lang": lang, "viewer": viewer, "here": here,
                  "mail_enabled": web.mailer.enabled, "asset_version": web.asset_version,
                  "base_url": public_base(request), "billing_on": _billing(request) is not None,
