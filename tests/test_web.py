@@ -811,3 +811,23 @@ def test_a_mail_that_cannot_be_sent_is_said_on_the_page(database, simulator):
         token = re.search(r'name="_csrf_token" value="([^"]+)"', client.get("/signup").text).group(1)
         page = client.post("/signup", data={"_csrf_token": token, "email": unique_email(), "password": PASSWORD})
         assert page.url.path == "/welcome" and "The mail could not be sent" in page.text
+
+
+def test_bad_form_input_gets_a_4xx_page_never_a_500(web, smtp):
+    client, _ = verified_user(web, smtp)
+    cases = [("/keys", {"name": "\x00bad"}), ("/keys", {"name": "n" * 100_000}),
+             ("/keys/99999999999999999999/revoke", {}), ("/keys/-1/revoke", {}),
+             ("/billing/checkout", {"plan": "\x00"}), ("/lang", {"lang": "x" * 1000, "next": "javascript:alert(1)"})]
+    for path, data in cases:
+        response = client.post(path, data)
+        assert response.status_code < 500 and response.headers["content-type"].startswith("text/html"), path
+    anonymous = Browserish(web.url)
+    for path, data in [("/signup", {"email": "x\x00@y.z", "password": "p" * 20}), ("/signup", {}),
+                       ("/signup", {"email": "a" * 5000 + "@x.y", "password": "p" * 20}),
+                       ("/login", {"email": "nul\x00@x.y", "password": "p\x00"}), ("/forgot", {"email": "\x00"}),
+                       ("/reset", {"token": "t" * 10_000, "password": "p" * 20})]:
+        anonymous.get("/login")
+        response = anonymous.post(path, data)
+        assert 400 <= response.status_code < 500, (path, response.status_code)
+    for path in ("/verify?token=" + "x" * 10_000, "/reset?token=%00", "/login?next=%00"):
+        assert anonymous.get(path).status_code < 500, path

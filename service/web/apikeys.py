@@ -58,6 +58,8 @@ async def create(pool: asyncpg.Pool, account_id: int, name: str) -> CreatedKey:
 async def revoke(pool: asyncpg.Pool, account_id: int, key_id: int) -> bool:
     """Revoke one of this account's keys; False when it is not theirs or was revoked already.
     Bridges refuse it within their authentication cache's lifetime (CODEPLAN_AUTH_CACHE_TTL)."""
+    if not 0 < key_id < 2 ** 63:
+        return False
     status = await pool.execute(
         "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND account_id = $2 AND revoked_at IS NULL",
         key_id, account_id)

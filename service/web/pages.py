@@ -113,6 +113,8 @@ async def form_of(request: Request, shape: type[T]) -> T:
     for name in shape.__struct_fields__:  # type: ignore[attr-defined]
         value = data.get(name)
         if isinstance(value, str):
+            if "\x00" in value:  # no text column takes it; nobody types it
+                raise BadForm(detail="The request was not understood.")
             raw[name] = value
     try:
         return msgspec.convert(raw, shape)
