@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -78,6 +79,16 @@ def posted_5h(database: str, email: str) -> int:
                                " JOIN accounts a ON a.id = s.account_id WHERE a.email = $1 AND w.kind = '5h'"
                                " ORDER BY w.starts_at DESC LIMIT 1", email))
     return rows[0]["posted"] if rows else 0
+
+
+def wait_until(page, expression: str, timeout: float = 20.0) -> None:
+    """Poll a JS expression from here: Playwright's wait_for_function evaluates strings inside the
+    page, which the page's Content-Security-Policy (no 'unsafe-eval') rightly refuses."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {expression}")
+        time.sleep(0.1)
 
 
 def figure(page, kind: str, field: str) -> int:
@@ -150,17 +161,15 @@ def test_from_sign_up_to_a_working_key_and_a_live_meter(browser, site, smtp, dat
     client.chat.completions.create(model="glm-4.6", max_tokens=900,  # the simulator writes 600 tokens
                                    messages=[{"role": "user", "content": "more please [[sim tokens=600]]"}])
     wait_settled(database)  # settled: the ledger has sent NOTIFY codeplan_usage
-    page.wait_for_function(
-        f"Number(document.querySelector('[data-window=\"5h\"] [data-field=\"used\"]').textContent.replace(/\\D/g, '')) > {before}",
-        timeout=20_000)
+    wait_until(page, "Number(document.querySelector('[data-window=\"5h\"] [data-field=\"used\"]')"
+                     f".textContent.replace(/\\D/g, '')) > {before}")
     assert page.evaluate("window.__sameDocument") == 42
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
     assert console_errors == []  # nothing blocked by the Content-Security-Policy, no script error
     assert figure(page, "5h", "used") == posted_5h(database, email)
     assert int(page.inner_text('[data-field="today-requests"]')) == requests_before + 1
     # the chart and today's table follow, fetched once the live figures arrived
-    page.wait_for_function(f"document.querySelectorAll('#recent tbody tr').length === {requests_before + 1}",
-                           timeout=20_000)
+    wait_until(page, f"document.querySelectorAll('#recent tbody tr').length === {requests_before + 1}")
     assert page.evaluate("window.__sameDocument") == 42
     shot(page, "dashboard")
 

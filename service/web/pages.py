@@ -5,6 +5,7 @@ import inspect
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
 
 import asyncpg
 import msgspec
@@ -69,16 +70,10 @@ async def require(request: Request, *, verified: bool = True) -> sessions.Viewer
     viewer = await viewer_of(request)
     if viewer is None:
         here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        raise GoTo("/login?next=" + _quote(here))
+        raise GoTo("/login?next=" + quote(here, safe="/"))
     if verified and _web(request).mailer.enabled and not viewer.verified:
         raise GoTo("/welcome")
     return viewer
-
-
-def _quote(text: str) -> str:
-    from urllib.parse import quote
-
-    return quote(text, safe="/")
 
 
 # Our own script and styles only (the meters' widths are style attributes); no framing, so no
