@@ -105,10 +105,12 @@ SELECT day, model, sum(billed)::bigint AS tokens FROM (
 ) t GROUP BY day, model
 """
 
+# settled requests, as the live feed counts them (usage.totals); the table below also shows
+# those still in flight and those voided
 _TODAY_SQL = """
-SELECT count(*) FILTER (WHERE state <> 'voided') AS requests,
-       coalesce(sum(billed_tokens), 0)::bigint AS tokens
+SELECT count(*) AS requests, coalesce(sum(billed_tokens), 0)::bigint AS tokens
   FROM usage_ledger WHERE subscription_id = ANY($1::bigint[]) AND created_at >= $2
+   AND state IN ('posted', 'expired')
 """
 
 _RECENT_SQL = """
