@@ -83,6 +83,7 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         app.state.journey = journey
         app.state.calibration = journey.calibration
         app.state.config = config
+        app.state.max_body = 64 * 1024 * 1024
         # billing's engine sets this when Stripe is configured; None: the page says billing is off
         app.state.billing = getattr(app.state, "billing", None)
         await web.start(app, pool, database_url)

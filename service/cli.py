@@ -47,7 +47,9 @@ def _uvicorn(app, *, lifespan: bool):
 
     return uvicorn.Server(uvicorn.Config(
         app, loop="none", http="httptools", lifespan="on" if lifespan else "off", log_config=None,
-        access_log=False, timeout_keep_alive=75, server_header=False))
+        access_log=False, timeout_keep_alive=75, server_header=False,
+        # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
+        proxy_headers=False))
 
 
 async def _run(config: config_module.Config) -> None:
