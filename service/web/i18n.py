@@ -191,8 +191,8 @@ ZH: dict[str, str] = {
     "Buy a top-up": "购买加油包",
     "A block of tokens used after a window runs out.": "一份在窗口用尽后使用的额外 tokens。",
     "Buy": "购买",
-    "Billing is off on this server (no Stripe keys). Plans are assigned by the operator: `codeplan users create --plan`.":
-        "本服务器未开启计费（没有 Stripe 密钥）。套餐由管理员分配：`codeplan users create --plan`。",
+    "Billing is off on this server (no Stripe keys). Plans are assigned by the operator (codeplan users create --plan).":
+        "本服务器未开启计费（没有 Stripe 密钥）。套餐由管理员分配（codeplan users create --plan）。",
     "Billing could not start. Try again in a moment.": "无法开始付款，请稍后再试。",
     "Payment received: your plan changes as soon as Stripe confirms it.": "已收到付款：Stripe 确认后套餐将立即生效。",
     # errors
