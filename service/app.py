@@ -22,6 +22,7 @@ from .accounts import Authenticator
 from .config import Config
 from .ledger import Ledger
 from .problems import problem
+from .web import Web, error_page, wants_html
 
 log = logging.getLogger("codeplan.app")
 
@@ -31,6 +32,8 @@ def _http_exception(request: Request, exc: HTTPException) -> Response:
     if exc.status_code in (404, 405) and (path == "/v1" or path.startswith("/v1/")):
         # the coding tools' API: answered in OpenAI's error shape, naming what is served
         return bridge_app.not_served(request.method, path, exc.status_code)
+    if wants_html(request):
+        return error_page(request, exc.status_code)
     return problem(exc.status_code, exc.detail or "error")
 
 
@@ -66,6 +69,8 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
 
 def create_app(config: Config, database_url: str, upstream_url: str,
                upstream_keys: tuple[str, ...]) -> Litestar:
+    web = Web(config)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await db.create_pool(database_url, size=config.db_pool_size)
@@ -75,7 +80,7 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         await upstream.start()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
         journey = Journey(settings=config.bridge_settings(),
-                          auth=Authenticator(pool, config.auth_cache_ttl),
+                          auth=Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch),
                           ledger=ledger, upstream=upstream)
         app.state.pool = pool
         app.state.ledger = ledger
@@ -83,6 +88,9 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         app.state.calibration = journey.calibration
         app.state.config = config
         app.state.max_body = 64 * 1024 * 1024
+        # billing's engine sets this when Stripe is configured; None: the page says billing is off
+        app.state.billing = getattr(app.state, "billing", None)
+        await web.start(app, pool, database_url)
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection
@@ -94,12 +102,14 @@ def create_app(config: Config, database_url: str, upstream_url: str,
             yield
         finally:
             sweeper.cancel()
+            await web.stop()
             await journey.flights.land()
             await upstream.close()
             await pool.close()
 
     return Litestar(
-        route_handlers=[bridge_app.router, healthz, *usage.routes],
+        route_handlers=[bridge_app.router, healthz, *usage.routes, *web.route_handlers],
+        template_config=web.templates,
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
         request_max_body_size=64 * 1024 * 1024,
