@@ -509,6 +509,7 @@ def test_setup_snippets_are_valid_files_filled_with_url_and_key():
     assert codex["model_providers"]["codeplan"] == {"name": "Codeplan", "base_url": "https://codeplan.example/v1",
                                                     "env_key": "CODEPLAN_API_KEY", "wire_api": "responses"}
     assert found["codex"].shell == "export CODEPLAN_API_KEY=cp_secret123"
+    assert (codex["model"], codex["model_provider"], codex["model_context_window"]) == ("glm-4.6", "codeplan", 204800)
     for tool in ("cline", "roo"):
         fields = {f.label: f.value for f in found[tool].fields}
         assert fields["Base URL"] == "https://codeplan.example/v1" and fields["API Key"] == "cp_secret123"

@@ -176,7 +176,7 @@ enabled = false
 [model_providers.codeplan]
 name = "Codeplan"
 base_url = "{base}/v1"
-env_key = "CODEPLAN_KEY"
+env_key = "CODEPLAN_API_KEY"
 wire_api = "responses"
 supports_websockets = {"true" if websockets else "false"}
 ''')
@@ -189,7 +189,7 @@ def run_codex(codeplan, database, simulator, workspace, websockets: bool) -> str
     config = codex_home(home, codeplan.url, websockets)
     before = sim_stats(simulator)["requests"]
     output = run_client([binary("codex", "codex"), "exec", "--skip-git-repo-check", task(work)], work, home, {
-        "CODEX_HOME": str(config), "CODEPLAN_KEY": key, "RUST_LOG": "codex_api=info"})
+        "CODEX_HOME": str(config), "CODEPLAN_API_KEY": key, "RUST_LOG": "codex_api=info"})
     assert SECRET in output.split("From the tool result:")[-1], output[-2000:]
     assert "cat " in output and "succeeded" in output, output[-2000:]  # it really ran the command
     check_metered(database, key, sim_stats(simulator)["requests"] - before)
