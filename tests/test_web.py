@@ -457,7 +457,11 @@ def test_errors_are_pages_for_browsers_and_problem_json_for_the_api(web):
     assert httpx.get(web.url + "/login").headers["referrer-policy"] == "same-origin"
     assert "This page does not exist." in page.text
     api = httpx.get(web.url + "/v1/no/such", headers={"accept": "text/html"})
-    assert api.status_code == 404 and api.headers["content-type"] == "application/problem+json"
+    # the coding tools' API answers in OpenAI's error shape, naming the path (issue 11)
+    assert api.status_code == 404 and api.headers["content-type"] == "application/json"
+    assert api.json()["error"]["code"] == "unknown_url" and "/v1/no/such" in api.json()["error"]["message"]
+    own = httpx.get(web.url + "/api/no/such", headers={"accept": "application/json"})
+    assert own.status_code == 404 and own.headers["content-type"] == "application/problem+json"
     bad = Browserish(web.url)
     bad.get("/login")
     malformed = bad.client.post("/keys/notanumber/revoke", data={"_csrf_token": bad.token})
