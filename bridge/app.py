@@ -10,6 +10,7 @@ import msgspec
 from litestar import Request, Response, Router, asgi, get, head, post, route
 from litestar.connection import ASGIConnection, WebSocket
 from litestar.exceptions import WebSocketDisconnect
+from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import Receive, Scope, Send
 
@@ -107,7 +108,7 @@ RESPONSES_PATHS = ["/v1/responses", "/responses", "/api/coding/paas/v4/responses
                    "/api/paas/v4/responses"]
 
 
-@asgi(RESPONSES_PATHS)
+@asgi(RESPONSES_PATHS, copy_scope=False)
 async def create_response(scope: Scope, receive: Receive, send: Send) -> None:
     """POST: one request (raw ASGI, as the other hot routes); a WebSocket upgrade on the same
     path: Codex's socket transport (an ASGI route owns its path, so it takes both)."""
@@ -125,7 +126,7 @@ def _openai_error(error: BridgeError, status: int | None = None) -> Response:
 
 
 @route([p + "/{response_id:str}" for p in RESPONSES_PATHS], http_method=["GET", "DELETE"], status_code=404)
-async def stored_response(response_id: str) -> Response:
+async def stored_response(response_id: FromPath[str]) -> Response:
     return _openai_error(responses.not_stored(response_id))
 
 
