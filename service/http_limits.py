@@ -9,9 +9,9 @@ What uvicorn (0.3x with httptools) offers and what it does not, read from its so
   to httptools.) Parse errors get a text/plain 400.
 
 `LimitedHttpToolsProtocol` adds, per connection, in the parser's callbacks:
-- request line + headers over `max_header_bytes`: 414 (URL alone) or 431. Counted exactly in
-  `on_url`/`on_header`, and from the raw bytes while the head is incomplete, so a single giant
-  header is stopped within one socket read of the limit rather than after httptools buffered it;
+- request line + headers over `max_header_bytes`: 414 (URL alone) or 431. Measured exactly once
+  the head is complete, and from the raw bytes while it is not, so a giant header is stopped
+  within one socket read (<= 256 KB) of the limit rather than after httptools buffered it all;
 - a head not complete `header_timeout` seconds after the connection opened (or after the next
   request's first byte): 408 and closed;
 - a Content-Length over `max_body_bytes`: 413 before a byte of the body is read; a chunked body
@@ -87,17 +87,18 @@ def _status_line(status: int) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, http.HTTPStatus(status).phrase.encode())
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> tuple[int, bool]:
-    """(Content-Length or 0, whether a body follows)."""
-    length, body = 0, False
+def _measure(url: bytes, headers: list[tuple[bytes, bytes]]) -> tuple[int, int, bool]:
+    """(bytes of URL and headers, Content-Length or 0, whether a body follows), in one pass."""
+    head, length, body = len(url), 0, False
     for name, value in headers:
+        head += len(name) + len(value) + 4
         if name == b"content-length":
-            # httptools has rejected a malformed or repeated-and-different one already
+            # httptools has rejected a malformed one, or two that differ, already
             length = int(value)
             body = body or length > 0
         elif name == b"transfer-encoding":
             body = True
-    return length, body
+    return head, length, body
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -111,7 +112,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._last_data = b""
         self._deadline: asyncio.TimerHandle | None = None
         self._in_head = True
-        self._head_bytes = 0  # exactly: URL and headers of the request being read
         self._raw_head = 0  # socket bytes that arrived while that head was incomplete
         self._body_bytes = 0
         self._reading_body = False  # the application has the request; its body may still arrive
@@ -169,28 +169,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._reading_body = False
-        self._head_bytes = self._raw_head = self._body_bytes = 0
+        self._raw_head = self._body_bytes = 0
         if self._deadline is None:  # a later request on a kept-alive connection
             self._arm(self.limits.header_timeout)
-
-    def on_url(self, url: bytes) -> None:
-        if self._refused:
-            return
-        self._head_bytes += len(url)
-        super().on_url(url)
-        if self._head_bytes > self.limits.max_header_bytes:
-            self._refuse(414, "The request's URL is too long: the limit is "
-                         f"{self.limits.max_header_bytes} bytes.", "uri_too_long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._refused:
-            return
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.limits.max_header_bytes:
-            self._refuse(431, "The request's headers are too large: the limit is "
-                         f"{self.limits.max_header_bytes} bytes.", "request_header_fields_too_large")
-            return
-        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         if self._refused:
@@ -201,7 +182,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(503, "The server is at its connection limit; retry in a moment.",
                          "overloaded", retry_after=1)
             return
-        length, has_body = _content_length(self.headers)
+        head, length, has_body = _measure(self.url, self.headers)
+        if head > self.limits.max_header_bytes:
+            if len(self.url) > self.limits.max_header_bytes:
+                self._refuse(414, "The request's URL is too long: the limit is "
+                             f"{self.limits.max_header_bytes} bytes.", "uri_too_long")
+            else:
+                self._refuse(431, "The request's headers are too large: the limit is "
+                             f"{self.limits.max_header_bytes} bytes.", "request_header_fields_too_large")
+            return
         if length > self.limits.max_body_bytes:
             self._refuse(413, f"Request entity too large: the body is {length} bytes, the limit "
                          f"is {self.limits.max_body_bytes}.", "request_too_large")

@@ -75,7 +75,8 @@ def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
 
 # What each path's caller expects, written out here rather than taken from bridge/shapes.py.
 OPENAI_PATHS = ("/v1/chat/completions", "/chat/completions", "/api/coding/paas/v4/chat/completions",
-                "/api/paas/v4/chat/completions", "/v1/models", "/models", "/v1/responses")
+                "/api/paas/v4/chat/completions", "/v1/models", "/models", "/v1/responses",
+                "/responses")
 ANTHROPIC_PATHS = ("/v1/messages", "/messages", "/api/anthropic/v1/messages",
                    "/v1/messages/count_tokens")
 ZAI_PATHS = ("/api/monitor/usage/quota/limit", "/api/monitor/usage/model-usage")
