@@ -14,6 +14,7 @@ from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from bridge import app as bridge_app
+from bridge import shapes
 from bridge.journey import Journey
 from bridge.upstream import Upstream
 
@@ -21,7 +22,9 @@ from . import db, usage
 from .accounts import Authenticator
 from .config import Config
 from .estimate import Calibration
+from .keygate import key_gate
 from .ledger import Ledger
+from .throttle import AuthThrottle, GuardedAuthenticator, Throttled
 
 log = logging.getLogger("codeplan.app")
 
@@ -40,14 +43,29 @@ def problem(status: int, title: str, detail: str | None = None) -> Response:
                     status_code=status, media_type="application/problem+json")
 
 
+def _shaped(request: Request, status: int, message: str, code: str | None = None,
+            headers: dict[str, str] | None = None) -> Response:
+    """An error in the protocol of the request's path (bridge/shapes.py)."""
+    answer = shapes.render(request.url.path, status, message, code)
+    return Response(answer.body, status_code=answer.status, media_type=answer.content_type,
+                    headers=headers)
+
+
 def _http_exception(request: Request, exc: HTTPException) -> Response:
-    return problem(exc.status_code, exc.detail or "error")
+    # Litestar's own refusals (unknown path, wrong method, its body limit) in the caller's shape
+    return _shaped(request, exc.status_code, exc.detail or "error", headers=exc.headers)
+
+
+def _throttled(request: Request, exc: Throttled) -> Response:
+    return _shaped(request, 429, "Too many requests with unknown API keys from your address; "
+                   f"retry in {exc.retry_after_header} s.", "rate_limit_exceeded",
+                   headers={"retry-after": exc.retry_after_header})
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
     # the detail stays in our log: exception text can carry secrets (URLs, keys)
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error",
+    return _shaped(request, HTTP_500_INTERNAL_SERVER_ERROR,
                    "The service failed unexpectedly; the failure was logged.")
 
 
@@ -82,8 +100,12 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         await upstream.start()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
         calibration = Calibration()
-        journey = Journey(config=config, auth=Authenticator(pool, config.auth_cache_ttl),
+        auth = GuardedAuthenticator(Authenticator(pool, config.auth_cache_ttl), AuthThrottle(
+            limit=config.auth_failure_limit, window=config.auth_failure_window,
+            unknown_ttl=config.auth_unknown_ttl))
+        journey = Journey(config=config, auth=auth,  # type: ignore[arg-type]
                           ledger=ledger, upstream=upstream, calibration=calibration)
+        app.state.auth = auth
         app.state.pool = pool
         app.state.ledger = ledger
         app.state.journey = journey
@@ -104,11 +126,17 @@ def create_app(config: Config, database_url: str, upstream_url: str,
             await upstream.close()
             await pool.close()
 
+    # the paths that take big bodies: their key is checked before the body is read
+    gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
+             *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
     return Litestar(
         route_handlers=[bridge_app.router, healthz, *usage.routes],
         lifespan=[lifespan],
-        exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
-        request_max_body_size=64 * 1024 * 1024,
+        middleware=[key_gate(gated, lambda scope: scope["app"].state.auth)],
+        exception_handlers={HTTPException: _http_exception, Throttled: _throttled,
+                            Exception: _unexpected},
+        # the HTTP server refuses bodies over CODEPLAN_MAX_BODY_BYTES first; this is the last line
+        request_max_body_size=max(config.max_body_bytes, 1024) + 1024,
         openapi_config=None,
         logging_config=None,
         debug=False,

@@ -13,8 +13,9 @@ from litestar import Request, Response, get
 
 from bridge.app import api_key
 
-from .accounts import Authenticator, Principal
+from .accounts import Principal
 from .ledger import iso_utc
+from .throttle import GuardedAuthenticator
 
 UTC = dt.timezone.utc
 
@@ -146,9 +147,11 @@ async def report(pool: asyncpg.Pool, principal: Principal, estimates: dict) -> U
 
 
 async def _principal(request: Request) -> Principal | None:
-    auth: Authenticator = request.app.state.journey.authenticator
+    """The key's principal; raises service.throttle.Throttled (a 429 in the caller's shape,
+    service/app.py) when this address has tried too many unknown keys."""
+    auth: GuardedAuthenticator = request.app.state.auth
     key = api_key(request) or (request.headers.get("authorization") or "").strip()
-    return await auth.authenticate(key)
+    return await auth.authenticate(key, request.client.host if request.client else None)
 
 
 def _problem_401() -> Response:

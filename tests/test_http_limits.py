@@ -111,9 +111,9 @@ def _send_quietly(sock: socket.socket, data: bytes) -> None:
         pass
 
 
-def test_a_chunked_body_is_refused_when_it_passes_the_limit(limited):
+def test_a_chunked_body_is_refused_when_it_passes_the_limit(limited, key):
     chunk = b"10000\r\n" + b"a" * 0x10000 + b"\r\n"
-    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer cp_x\r\n"
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() + b"\r\n"
             b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
     with socket.create_connection(("127.0.0.1", limited.port)) as sock:
         writer = threading.Thread(target=lambda: _send_quietly(sock, head + chunk * 40 + b"0\r\n\r\n"))
@@ -125,12 +125,14 @@ def test_a_chunked_body_is_refused_when_it_passes_the_limit(limited):
     healthy(limited)
 
 
-def test_a_body_under_the_limit_reaches_the_application(limited):
-    body = b'{"model": "glm-4.6", "messages": [{"role": "user", "content": "' + b"a" * 900_000 + b'"}]}'
-    answer = exchange(limited.port, request("POST", "/v1/chat/completions", body,
-                                            headers={"Content-Type": "application/json"}))
-    assert answer.status == 401, answer  # the application's answer: no key
-    assert answer.json()["error"]["code"] == "invalid_api_key"
+def test_a_body_under_the_limit_reaches_the_application(limited, key):
+    body = b'{"model": "glm-4.6", "max_tokens": 8, "messages": [{"role": "user", "content": "' \
+        + b"word " * 180_000 + b'"}]}'
+    assert 900_000 < len(body) < 1_000_000
+    answer = exchange(limited.port, request("POST", "/v1/chat/completions", body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {key}"}), timeout=60)
+    assert answer.status == 200, answer
+    assert answer.json()["usage"]["prompt_tokens"] > 100_000
 
 
 def test_unknown_method_gets_400_in_the_callers_shape(limited):
@@ -153,9 +155,10 @@ def test_a_head_that_never_finishes_gets_408_and_is_closed(limited):
     assert 1.5 < waited < 10, waited
 
 
-def test_a_body_that_never_finishes_gets_408(limited):
+def test_a_body_that_never_finishes_gets_408(limited, key):
     with socket.create_connection(("127.0.0.1", limited.port)) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + key.encode() + b"\r\n"
                      b"Content-Length: 100\r\n\r\n{\"model\"")
         answer = read_answer(sock, timeout=15)
     assert answer.status == 408, answer
