@@ -11,7 +11,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
 from .. import sse, wire
-from .engine import FAULTS, Engine, Piece, Script, SimConfig
+from .engine import FAULTS, BadDirective, Engine, Piece, Script, SimConfig
 
 
 def _error(status: int, code: str, message: str) -> Response[bytes]:
@@ -134,7 +134,10 @@ def create_app(config: SimConfig | None = None) -> Litestar:
             return _error(400, "1210", "Invalid API parameter: stop supports at most 1 stop word")
         if isinstance(chat.tool_choice, str) and chat.tool_choice != "auto":
             return _error(400, "1210", "Invalid API parameter: tool_choice only supports auto")
-        script = engine.plan(chat)
+        try:
+            script = engine.plan(chat)
+        except BadDirective as exc:
+            return _error(400, "1210", str(exc))
         stats.requests += 1
         _enter(stats, key)
         streaming = False
