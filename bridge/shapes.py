@@ -157,10 +157,12 @@ def render(path: str, status: int, message: str, code: str | None = None, *,
         # `success` and `code`, so application refusals (401, 429, 400...) keep that convention.
         # A refusal of the HTTP server itself (431, 413, 408, 503) keeps its real status: on
         # Z.ai it would come from their gateway, not the monitor API, and it closes the
-        # connection, so a client's retry logic must see it for what it is.
+        # connection, so a client's retry logic must see it for what it is. So does a failure
+        # of ours (5xx): an HTTP 200 would hide it from every monitor and retry.
         envelope = _ZaiEnvelope(code=int(code) if code and code.isdigit() else status,
                                 msg=message, success=False)
-        return Rendered(status if http_level else 200, "application/json", _encoder.encode(envelope))
+        real = http_level or status >= 500
+        return Rendered(status if real else 200, "application/json", _encoder.encode(envelope))
     body = _encoder.encode(_Problem(type="about:blank", title=_phrase(status), status=status,
                                     detail=message, code=code))
     return Rendered(status, "application/problem+json", body)
