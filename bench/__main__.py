@@ -27,7 +27,9 @@ from pathlib import Path
 
 import asyncpg
 
-from service import accounts, db, estimate, pgembed
+from bridge import tokens as estimate
+from service import accounts, db, pgembed
+from bridge.ports import Reservation
 from service.ledger import Ledger, Usage
 
 from . import streams
@@ -150,8 +152,7 @@ async def ledger_rate(url: str, subscriptions: list[tuple[int, int]], seconds: f
     async def transition(i: int):
         sub, key = subscriptions[i % len(subscriptions)]
         entry = uuid.uuid4()
-        admission = await ledger.admit(entry, subscription_id=sub, api_key_id=key, surface="bench",
-                                       model="glm-4.6", prompt_estimate=100, reserve=1100)
+        admission = await ledger.admit(Reservation(entry, sub, key, "bench", "glm-4.6", 100, 1100, 1400))
         assert admission.admitted, admission
         await ledger.post(entry, Usage(prompt_tokens=100, completion_tokens=50), estimated=False, reason="bench")
 

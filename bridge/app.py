@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import msgspec
-from litestar import Request, Response, Router, get, head, post
+from litestar import Request, Response, Router, asgi, get, head, post
 from litestar.response import Stream
+from litestar.types import Receive, Scope, Send
 
 from . import errors
+from .asgi import serve
 from .errors import BridgeError, Kind
-from .journey import Journey, Reply, Surface
+from .journey import Journey, Reply
 from .models import CATALOG, model_list
 from .surfaces import messages as anthropic
 from .surfaces.chat import ChatSurface
@@ -34,28 +36,26 @@ def respond(reply: Reply) -> Response:
                     headers=reply.headers)
 
 
-async def _handle(surface: Surface, request: Request) -> Response:
-    journey: Journey = request.app.state.journey
-    return respond(await journey.handle(surface, api_key(request), await request.body()))
-
-
+# The hot routes are raw ASGI (bridge/asgi.py): no per-request framework objects.
 # Tools whose base URL lacks /v1, and tools using a built-in Z.ai provider pointed at our host.
 CHAT_PATHS = ["/v1/chat/completions", "/chat/completions",
               "/api/coding/paas/v4/chat/completions", "/api/paas/v4/chat/completions"]
 
 
-@post(CHAT_PATHS, status_code=200)
-async def chat_completions(request: Request) -> Response:
-    return await _handle(_chat, request)
+@asgi(CHAT_PATHS)
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    app = scope["app"]
+    await serve(app.state.journey, _chat, scope, receive, send, app.state.max_body)
 
 
 # Claude Code appends /v1/messages to ANTHROPIC_BASE_URL; Z.ai-style bases end in /api/anthropic
 MESSAGES_PATHS = ["/v1/messages", "/messages", "/api/anthropic/v1/messages"]
 
 
-@post(MESSAGES_PATHS, status_code=200)
-async def messages(request: Request) -> Response:
-    return await _handle(_messages, request)
+@asgi(MESSAGES_PATHS)
+async def messages(scope: Scope, receive: Receive, send: Send) -> None:
+    app = scope["app"]
+    await serve(app.state.journey, _messages, scope, receive, send, app.state.max_body)
 
 
 class InputTokens(msgspec.Struct):
@@ -66,7 +66,7 @@ class InputTokens(msgspec.Struct):
 async def count_tokens(request: Request) -> Response:
     journey: Journey = request.app.state.journey
     reply, tokens = await journey.count_tokens(_messages, anthropic.count_request, api_key(request),
-                                               await request.body())
+                                               request.body)
     if tokens is None:
         return respond(reply)
     return Response(msgspec.json.encode(InputTokens(input_tokens=tokens)), media_type="application/json")
@@ -78,12 +78,12 @@ async def models(request: Request) -> Response:
     key = api_key(request)
     allowed = tuple(CATALOG)
     if key:
-        principal = await request.app.state.journey.authenticator.authenticate(key)
+        principal = await request.app.state.journey.auth.authenticate(key)
         if principal is None:
             error = BridgeError(Kind.authentication, "Invalid API key.")
             return Response(msgspec.json.encode(errors.openai_error(error)), status_code=401,
                             media_type="application/json")
-        allowed = principal.models
+        allowed = principal.models or allowed
     return Response(msgspec.json.encode(model_list(allowed)), media_type="application/json")
 
 

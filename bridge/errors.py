@@ -18,29 +18,34 @@ class Kind(str, Enum):
     concurrency = "concurrency"                # 429: too many requests in flight, retry soon
     upstream_rate_limited = "upstream_rate_limited"  # 429: GLM's concurrency limit (1302)
     upstream_overloaded = "upstream_overloaded"      # 503 / 529: GLM overloaded (1305)
-    upstream_billing = "upstream_billing"      # 403: our upstream plan cannot pay (1113, 1309)
+    upstream_billing = "upstream_billing"      # 402: our upstream account cannot pay (1113, 1309)
+    payment_required = "payment_required"      # 402: the user's subscription may not spend
     content_policy = "content_policy"          # 400: GLM's safety review (1301)
     upstream_error = "upstream_error"          # 502: GLM failed
     upstream_timeout = "upstream_timeout"      # 504
+    unavailable = "unavailable"                # 503: our own database cannot be reached
 
 
 STATUS = {
     Kind.authentication: 401, Kind.permission: 403, Kind.invalid_request: 400,
     Kind.not_found: 404, Kind.context_length: 400, Kind.too_large: 400,
     Kind.quota_exhausted: 429, Kind.concurrency: 429, Kind.upstream_rate_limited: 429,
-    Kind.upstream_overloaded: 503, Kind.upstream_billing: 403, Kind.content_policy: 400,
-    Kind.upstream_error: 502, Kind.upstream_timeout: 504,
+    Kind.upstream_overloaded: 503, Kind.upstream_billing: 402, Kind.payment_required: 402,
+    Kind.content_policy: 400,
+    Kind.upstream_error: 502, Kind.upstream_timeout: 504, Kind.unavailable: 503,
 }
 RETRYABLE = {Kind.concurrency, Kind.upstream_rate_limited, Kind.upstream_overloaded,
-             Kind.upstream_error, Kind.upstream_timeout}
+             Kind.upstream_error, Kind.upstream_timeout, Kind.unavailable}
 
 
 class BridgeError(Exception):
     def __init__(self, kind: Kind, message: str, *, code: str | None = None,
                  retry_after: float | None = None, param: str | None = None,
-                 limit: int | None = None, requested: int | None = None) -> None:
+                 limit: int | None = None, requested: int | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        # a status more precise than the kind's (413 for a body too large, 405 for a method)
+        self._status = status
         self.message = message
         self.code = code
         self.retry_after = retry_after
@@ -51,7 +56,7 @@ class BridgeError(Exception):
 
     @property
     def status(self) -> int:
-        return STATUS[self.kind]
+        return self._status or STATUS[self.kind]
 
     def headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}
@@ -81,12 +86,15 @@ _OPENAI_TYPE = {
     Kind.context_length: "invalid_request_error", Kind.too_large: "invalid_request_error",
     Kind.quota_exhausted: "rate_limit_error", Kind.concurrency: "rate_limit_error",
     Kind.upstream_rate_limited: "rate_limit_error", Kind.upstream_overloaded: "server_error",
-    Kind.upstream_billing: "insufficient_quota", Kind.content_policy: "invalid_request_error",
+    Kind.upstream_billing: "insufficient_quota", Kind.payment_required: "insufficient_quota",
+    Kind.content_policy: "invalid_request_error",
     Kind.upstream_error: "server_error", Kind.upstream_timeout: "server_error",
+    Kind.unavailable: "server_error",
 }
 _OPENAI_CODE = {
     Kind.authentication: "invalid_api_key", Kind.not_found: "model_not_found",
     Kind.context_length: "context_length_exceeded", Kind.upstream_billing: "insufficient_quota",
+    Kind.payment_required: "insufficient_quota",
     Kind.content_policy: "content_policy_violation",
 }
 

@@ -1,59 +1,36 @@
 """A request's whole journey, the same for every surface:
 
-    authenticate -> admit -> forward -> relay -> settle
+    authenticate -> parse -> admit -> forward -> relay -> settle
 
-Surfaces differ only in their translator (bridge/surfaces/*). Every request that is admitted
-leaves exactly one ledger entry, settled exactly once, whatever happens to the client, the
-upstream or this process (the sweeper settles what a dead process left pending).
+Surfaces differ only in their translator (bridge/surfaces/*); GLM's quirks are fixed once, in
+bridge/glm.py, between the upstream and every translator. From admission on, a `Flight`
+(bridge/flight.py) owns the request: every exit below ends in it, and it settles the ledger
+entry, gives the upstream key's slot back and stops the lease keeper exactly once.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
+import time
 import uuid
-from typing import AsyncIterator, Callable, Protocol
+from typing import AsyncIterator, Awaitable, Callable
 
 import aiohttp
-import asyncpg
 import msgspec
 
-from service.accounts import Authenticator, Principal
-from service.config import Config
-from service.estimate import Calibration
-from service.ledger import Admission, Ledger, Usage, iso_utc
-
-from . import sse, wire
+from . import glm, wire
 from .errors import BridgeError, Kind
-from .metering import PromptEstimator, StreamMeter
-from .models import CATALOG, ModelInfo, ModelResolver
+from .flight import Flight, Flights, chunks
+from .metering import Calibration, PromptEstimator
+from .models import CATALOG, ModelResolver
+from .ports import Admission, KeyAuthority, LedgerPort, Principal, Reservation
+from .settings import BridgeSettings
+from .surfaces import StreamTranslator, Surface
 from .upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("codeplan.journey")
-
-
-class StreamTranslator(Protocol):
-    content_type: str
-    keepalive: bytes
-
-    def start(self) -> bytes:
-        """What goes out before the first upstream byte (Anthropic's message_start)."""
-    def feed(self, chunk: wire.Chunk) -> bytes: ...
-    def finish(self, usage: wire.Usage) -> bytes: ...
-    def fail(self, error: BridgeError) -> bytes: ...
-
-
-class Surface(Protocol):
-    """What a client protocol gives the journey."""
-    name: str
-
-    def parse(self, body: bytes) -> tuple[wire.ChatRequest, int | None]:
-        """The GLM request (model as the client named it) and the client's max_tokens."""
-    def stream(self, model: str, request_id: str, prompt_estimate: int) -> StreamTranslator: ...
-    def complete(self, completion: wire.Completion, model: str, usage: wire.Usage) -> bytes: ...
-    def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
-        """Status, headers and body of an error in this protocol's own shape."""
+access = logging.getLogger("codeplan.access")
 
 
 class Reply(msgspec.Struct):
@@ -64,154 +41,127 @@ class Reply(msgspec.Struct):
     stream: AsyncIterator[bytes] | None = None
 
 
-class _Admitted(msgspec.Struct):
-    """What settlement needs to know about an admitted request."""
-    entry: uuid.UUID
-    model: ModelInfo
-    shown_model: str
-    raw_prompt: int  # uncorrected o200k estimate, for calibration
-    prompt_estimate: int
-    meter: StreamMeter | None = None  # what a stream has delivered, for heartbeats
-    # the next heartbeat: a timer, not a task, since most requests end before it fires
-    keeper: asyncio.TimerHandle | None = None
-    settling: bool = False
-
-    def stop_keeper(self) -> None:
-        self.settling = True
-        if self.keeper is not None:
-            self.keeper.cancel()
-            self.keeper = None
-
-
-class _UpstreamDied(Exception):
+class _UpstreamSilent(Exception):
     pass
 
 
-def _chunks(decoder: sse.SSEDecoder, data: bytes, admitted: _Admitted) -> list[wire.Chunk]:
-    """The GLM chunks completed by `data`. A malformed one is skipped (the rest of the stream
-    is still good); the `[DONE]` sentinel carries nothing."""
-    chunks = []
-    for event in decoder.feed(data):
-        if event.data == b"[DONE]":
-            continue
-        try:
-            chunks.append(wire.chunk_decoder.decode(event.data))
-        except msgspec.DecodeError:
-            log.warning("malformed upstream chunk skipped", extra={"entry": str(admitted.entry)})
-    return chunks
+def iso_utc(moment: dt.datetime) -> str:
+    """A window's edge as users read it: UTC, ISO 8601, to the second."""
+    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _close_if_opened(opening: asyncio.Future) -> None:
-    """An upstream response that arrived after nobody wanted it is closed, not leaked."""
-    if not opening.cancelled() and opening.exception() is None:
-        opening.result().close()
+def _unavailable(exc: Exception) -> BridgeError:
+    """Our own database failed: a retryable 503 in the caller's protocol, never a 500, and
+    nothing forwarded, so nothing to bill."""
+    log.warning("database unavailable", extra={"error": type(exc).__name__})
+    return BridgeError(Kind.unavailable, "The service cannot reach its database right now; "
+                       "please retry in a few seconds.", retry_after=2)
+
+
+def _attach_when_open(flight: Flight) -> Callable[[asyncio.Future], None]:
+    """Whenever the upstream's response arrives, it belongs to the flight: one that arrives
+    after the flight ended is closed at once, never leaked with its key's slot."""
+    def attach(opening: asyncio.Future) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            flight.accept(opening.result())
+    return attach
 
 
 class Journey:
-    def __init__(self, *, config: Config, auth: Authenticator, ledger: Ledger,
-                 upstream: Upstream, calibration: Calibration) -> None:
-        self._config = config
-        self._auth = auth
+    def __init__(self, *, settings: BridgeSettings, auth: KeyAuthority, ledger: LedgerPort,
+                 upstream: Upstream, calibration: Calibration | None = None) -> None:
+        self.settings = settings
+        self.auth = auth
         self._ledger = ledger
         self._upstream = upstream
-        self._calibration = calibration
-        self._models = ModelResolver(config.model_aliases, claude=config.claude_model,
-                                     claude_haiku=config.claude_haiku_model)
+        self.calibration = calibration or Calibration()
+        self._models = ModelResolver(settings.model_aliases, claude=settings.claude_model,
+                                     claude_haiku=settings.claude_haiku_model)
         self._estimator = PromptEstimator()
-        self._background: set[asyncio.Task] = set()
-        self._drains = 0
+        self.flights = Flights(settings, ledger, self.calibration, upstream.name)
 
-    @property
-    def authenticator(self) -> Authenticator:
-        return self._auth
+    # ---- the journey -----------------------------------------------------------------------
 
-    # ---- the journey ---------------------------------------------------------------------
-
-    async def handle(self, surface: Surface, key: str, body: bytes) -> Reply:
+    async def handle(self, surface: Surface, key: str, read_body: Callable[[], Awaitable[bytes]]) -> Reply:
+        started = time.monotonic()
+        principal: Principal | None = None
         try:
-            principal = await self._auth.authenticate(key)
-            if principal is None:
-                raise BridgeError(Kind.authentication, "Invalid API key. Create one with "
-                                  "`codeplan keys create` and send it as a Bearer token.")
-            request, max_tokens = surface.parse(body)
-            admitted = await self._admit(surface, principal, request, max_tokens)
+            principal = await self._authenticate(key)
+            # the key is checked before the body is read: strangers cannot make us read megabytes
+            parsed = surface.parse(await read_body())
+            flight = await self._admit(surface, principal, parsed.request, parsed.max_tokens, started)
         except BridgeError as error:
+            self._refused(surface, principal, error, started)
             return self._error(surface, error)
-
-        # forwarded from here on: every exit settles `admitted.entry`
-        opening: asyncio.Future | None = None
         try:
-            if not request.stream:
-                response = await self._upstream.open(request, str(admitted.entry))
-            else:
-                # a quick refusal keeps its HTTP status; a slow upstream must not keep the
-                # client waiting for headers (Kilo gives up after 10 s)
-                opening = asyncio.ensure_future(self._upstream.open(request, str(admitted.entry)))
-                await asyncio.wait({opening}, timeout=self._config.header_wait)
-                response = opening.result() if opening.done() else None
-        except BridgeError as error:
-            await self._void(admitted, reason=f"upstream refused: {error.kind.value}")
-            return self._error(surface, error)
+            if parsed.request.stream:
+                return await self._stream(surface, flight, parsed.request)
+            return await self._complete(surface, flight, parsed.request)
         except BaseException:
-            if opening is not None:
-                opening.cancel()
-            self._spawn(self._void(admitted, reason="cancelled before forwarding"))
+            flight.client_gone()
             raise
-        if not request.stream:
-            return await self._complete(surface, response, admitted)
-        translator = surface.stream(admitted.shown_model, admitted.entry.hex, admitted.prompt_estimate)
-        stream = self._relay(translator, response, admitted) if response is not None \
-            else self._relay_when_open(translator, opening, admitted)  # type: ignore[arg-type]
-        return Reply(status=200, media_type=translator.content_type,
-                     headers={"cache-control": "no-cache", "x-request-id": str(admitted.entry)},
-                     stream=stream)
 
     async def count_tokens(self, surface: Surface, parse: Callable[[bytes], wire.ChatRequest],
-                           key: str, body: bytes) -> tuple[Reply, int | None]:
-        """The prompt estimate admission would reserve for this request, corrected by the
-        measured GLM ratio: what `count_tokens` answers."""
+                           key: str, read_body: Callable[[], Awaitable[bytes]]) -> tuple[Reply, int | None]:
+        """The prompt estimate admission would reserve for this request: what `count_tokens`
+        answers."""
         try:
-            if await self._auth.authenticate(key) is None:
-                raise BridgeError(Kind.authentication, "Invalid API key.")
-            request = parse(body)
-            model = self._models.resolve(request.model, tuple(CATALOG))
-            raw = await self._estimator.count_request(request)
-            return Reply(status=200, headers={}), self._calibration.correct(model.id, raw)
+            principal = await self._authenticate(key, spending=False)
+            request = parse(await read_body())
+            model = self._models.resolve(request.model, principal.models or tuple(CATALOG))
+            count = await self._estimator.count_request(request)
+            return Reply(status=200, headers={}), self.calibration.correct(model.id, count.kind, count.raw)
         except BridgeError as failure:
             return self._error(surface, failure), None
 
+    async def _authenticate(self, key: str, *, spending: bool = True) -> Principal:
+        try:
+            principal = await self.auth.authenticate(key) if key else None
+        except Exception as exc:  # noqa: BLE001 - the port raises on infrastructure failures
+            raise _unavailable(exc) from None
+        if principal is None:
+            raise BridgeError(Kind.authentication, "Invalid API key. Create one with "
+                              "`codeplan keys create` and send it as a Bearer token.")
+        if spending and principal.subscription_id is None:
+            raise BridgeError(Kind.payment_required,
+                              "This account has no active subscription. Choose a plan at "
+                              f"{self.settings.public_url}/billing.", code="no_subscription")
+        return principal
+
     async def _admit(self, surface: Surface, principal: Principal, request: wire.ChatRequest,
-                     max_tokens: int | None) -> _Admitted:
+                     max_tokens: int | None, started: float) -> Flight:
         shown_model = request.model
         model = self._models.resolve(request.model, principal.models)
         request.model = model.id
-        raw = await self._estimator.count_request(request)
-        prompt = self._calibration.correct(model.id, raw)
+        glm.prepare(request)
+        count = await self._estimator.count_request(request)
+        prompt = self.calibration.correct(model.id, count.kind, count.raw)
         if prompt >= model.context_window:
             raise BridgeError(
                 Kind.context_length,
                 f"This model's maximum context length is {model.context_window} tokens. However, "
                 f"your messages resulted in {prompt} tokens. Please reduce the length of the messages.",
                 param="messages", limit=model.context_window, requested=prompt)
-        # the reservation covers the most the upstream may produce: never more than it can
+        # the most the upstream may produce: never more than it can
         request.max_tokens = min(max_tokens or model.max_output, model.max_output,
                                  model.context_window - prompt)
         entry = uuid.uuid4()
-        admission = await self._ledger.admit(
-            entry, subscription_id=principal.subscription_id, api_key_id=principal.api_key_id,
-            surface=surface.name, model=model.id, prompt_estimate=prompt,
-            reserve=prompt + request.max_tokens)
+        assert principal.subscription_id is not None
+        # held: the proven worst case, so no window can pass its allowance whatever the text
+        try:
+            admission = await self._ledger.admit(Reservation(
+                entry_id=entry, subscription_id=principal.subscription_id, api_key_id=principal.api_key_id,
+                surface=surface.name, model=model.id, prompt_estimate=prompt,
+                reserve=prompt + request.max_tokens, held=max(count.bound, prompt) + request.max_tokens))
+        except Exception as exc:  # noqa: BLE001 - the port raises on infrastructure failures
+            raise _unavailable(exc) from None
         if not admission.admitted:
             raise self._refusal(admission)
-        admitted = _Admitted(entry=entry, model=model, shown_model=shown_model, raw_prompt=raw,
-                             prompt_estimate=prompt)
-        # the lease is renewed for as long as the request lives, whatever it is waiting on: a
-        # long silence must not let the sweeper expire a request the upstream is still serving
-        self._schedule_heartbeat(admitted)
-        return admitted
+        return Flight(self.flights, entry=entry, principal=principal, surface=surface.name,
+                      model=model.id, shown_model=shown_model, prompt_estimate=prompt,
+                      raw_prompt=count.raw, kind=count.kind, started=started)
 
-    @staticmethod
-    def _refusal(admission: Admission) -> BridgeError:
+    def _refusal(self, admission: Admission) -> BridgeError:
         window = "5 hour" if admission.window_kind == "5h" else "weekly"
         if admission.outcome == "window_full":
             assert admission.resets_at is not None
@@ -224,229 +174,173 @@ class Journey:
         if admission.outcome == "too_large":
             return BridgeError(
                 Kind.too_large,
-                f"This request could reserve more tokens than the whole {window} window allows "
+                f"This request could use more tokens than the whole {window} window allows "
                 f"({admission.allowance}); lower max_tokens or shorten the prompt.", param="max_tokens")
         if admission.outcome == "concurrency":
             return BridgeError(Kind.concurrency,
                                f"Too many requests in flight for this plan (at most {admission.allowance}).",
                                code="1302", retry_after=1)
-        return BridgeError(Kind.permission, "This account has no active subscription.")
+        state = admission.detail or "inactive"
+        return BridgeError(Kind.payment_required,
+                           f"This account's subscription is {state.replace('_', ' ')} and cannot be used "
+                           f"until billing is resolved at {self.settings.public_url}/billing.",
+                           code=f"subscription_{state}")
 
-    # ---- relay and settle ----------------------------------------------------------------
+    # ---- forward and relay -----------------------------------------------------------------
 
-    async def _relay_when_open(self, translator: StreamTranslator, opening: asyncio.Future,
-                               admitted: _Admitted) -> AsyncIterator[bytes]:
-        """The client has its headers; the upstream has not answered yet. Keep the stream alive
-        until it does, then relay, or turn its refusal into the protocol's error event."""
-        handed_over = False
+    async def _complete(self, surface: Surface, flight: Flight, request: wire.ChatRequest) -> Reply:
+        flight.forwarding()
         try:
-            yield translator.start() or translator.keepalive
-            while not (await asyncio.wait({opening}, timeout=self._config.keepalive_interval))[0]:
-                yield translator.keepalive
+            response = await self._upstream.open(request, str(flight.entry))
+        except BridgeError as error:
+            flight.status = error.status
+            flight.end(f"upstream refused: {error.kind.value}")
+            return self._error(surface, error)
+        flight.accept(response)
+        try:
+            completion = wire.completion_decoder.decode(await response.read())
+        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
+            return self._broken(surface, flight, f"upstream failed: {type(exc).__name__}")
+        flight.upstream_done = time.monotonic()
+        for choice in completion.choices[:1]:
+            message = choice.message
+            flight.meter.observe(wire.Chunk(id=completion.id, choices=[wire.ChunkChoice(delta=wire.Delta(
+                content=message.content, reasoning_content=message.reasoning_content,
+                tool_calls=[wire.ToolCallDelta(index=i, function=wire.FunctionDelta(
+                    name=c.function.name, arguments=c.function.arguments))
+                    for i, c in enumerate(message.tool_calls)] if isinstance(message.tool_calls, list) else msgspec.UNSET))]),
+                delivered=True)
+        if isinstance(completion.usage, wire.Usage):
+            flight.meter.observe(wire.Chunk(usage=completion.usage), delivered=False)
+        events, outcome = glm.completion_events(completion, self._call_prefix(flight))
+        if outcome.error is not None:
+            return self._broken(surface, flight, outcome.error.code or "broken", outcome.error)
+        usage = flight.meter.completed_usage() or self._unreported(flight)
+        flight.end("complete")
+        return Reply(status=200, headers={"x-request-id": str(flight.entry)},
+                     body=surface.complete(glm.Answer(events), outcome.reason or glm.STOP,
+                                           flight.shown_model, flight.entry.hex, usage))
+
+    def _broken(self, surface: Surface, flight: Flight, cause: str,
+                error: BridgeError | None = None) -> Reply:
+        error = error or BridgeError(
+            Kind.upstream_error, f"The model provider failed to answer. Request id {flight.entry}.")
+        flight.status = error.status
+        flight.end(cause)
+        return self._error(surface, error)
+
+    async def _stream(self, surface: Surface, flight: Flight, request: wire.ChatRequest) -> Reply:
+        flight.forwarding()
+        # a quick refusal keeps its HTTP status; a slow upstream must not keep the client
+        # waiting for headers (Kilo gives up after 10 s)
+        opening = asyncio.ensure_future(self._upstream.open(request, str(flight.entry)))
+        opening.add_done_callback(_attach_when_open(flight))
+        try:
+            await asyncio.wait({opening}, timeout=self.settings.header_wait)
+        except BaseException:
+            opening.cancel()
+            raise
+        if opening.done():
             try:
-                response = opening.result()
+                flight.accept(opening.result())
             except BridgeError as error:
-                handed_over = True
-                self._spawn(self._void(admitted, reason=f"upstream refused: {error.kind.value}"))
-                yield translator.fail(error)
-                return
-            handed_over = True
-            async with contextlib.aclosing(self._relay(translator, response, admitted, started=True)) as relay:
-                async for piece in relay:
-                    yield piece
-        finally:
-            if not handed_over:
-                # the client left (or we were cancelled) before the upstream answered
-                opening.cancel()
-                opening.add_done_callback(_close_if_opened)
-                self._spawn(self._void(admitted, reason="client left before the first byte"))
+                flight.status = error.status
+                flight.end(f"upstream refused: {error.kind.value}")
+                return self._error(surface, error)
+        translator = surface.stream(flight.shown_model, flight.entry.hex, flight.prompt_estimate)
+        return Reply(status=200, media_type=translator.content_type,
+                     headers={"cache-control": "no-cache", "x-request-id": str(flight.entry)},
+                     stream=self._relay(translator, flight, opening))
 
-    async def _relay(self, translator: StreamTranslator, response: UpstreamResponse,
-                     admitted: _Admitted, *, started: bool = False) -> AsyncIterator[bytes]:
-        decoder = sse.SSEDecoder()
-        meter = admitted.meter = StreamMeter()
-        content = response.content
-        settled = False
-        keepalive = self._config.keepalive_interval
-        idle_limit = self._config.upstream_timeout
-        silence = 0.0
+    async def _relay(self, translator: StreamTranslator, flight: Flight,
+                     opening: asyncio.Future) -> AsyncIterator[bytes]:
+        settings = self.settings
         try:
-            opening = b"" if started else translator.start()
-            if opening:
-                yield opening
+            first = translator.start()
+            if flight.response is None:
+                # the client gets its headers now; the upstream has not answered yet
+                yield first or translator.keepalive
+                while not (await asyncio.wait({opening}, timeout=settings.keepalive_interval))[0]:
+                    yield translator.keepalive
+                try:
+                    flight.accept(opening.result())
+                except BridgeError as error:
+                    flight.end(f"upstream refused: {error.kind.value}")
+                    yield translator.fail(error)
+                    return
+            elif first:
+                yield first
+            response = flight.response
+            assert response is not None
+            normalizer = glm.StreamNormalizer(self._call_prefix(flight))
+            meter, decoder = flight.meter, flight.decoder
+            silence = 0.0
             try:
                 while True:
                     try:
-                        async with asyncio.timeout(keepalive):
-                            data = await content.readany()
+                        async with asyncio.timeout(settings.keepalive_interval):
+                            data = await response.content.readany()
                     except TimeoutError:
-                        silence += keepalive
-                        if silence >= idle_limit:
-                            raise _UpstreamDied("upstream silent for too long") from None
+                        silence += settings.keepalive_interval
+                        if silence >= settings.upstream_timeout:
+                            raise _UpstreamSilent() from None
                         yield translator.keepalive
                         continue
                     if not data:
                         break
                     silence = 0.0
-                    out = b""
-                    for chunk in _chunks(decoder, data, admitted):
+                    events: list[glm.Event] = []
+                    for chunk in chunks(decoder, data, normalizer.done):
                         meter.observe(chunk, delivered=True)
-                        out += translator.feed(chunk)
-                    if out:
-                        yield out
-                response.release()
-            except (aiohttp.ClientError, OSError, _UpstreamDied) as exc:
-                log.warning("upstream died mid-stream",
-                            extra={"entry": str(admitted.entry), "error": type(exc).__name__})
-                response.close()
-            # (on cancellation the response stays open: _client_gone may drain it)
-
+                        events += normalizer.feed(chunk)
+                    if events:
+                        yield translator.feed(events)
+            except (aiohttp.ClientError, OSError, _UpstreamSilent) as exc:
+                log.warning("upstream died mid-stream", extra={
+                    "entry": str(flight.entry), "upstream": self._upstream.name, "error": type(exc).__name__})
+                flight.end("upstream died mid-stream")
+                yield translator.fail(BridgeError(
+                    Kind.upstream_error, "The model provider's stream broke off before the answer was "
+                    f"finished. Request id {flight.entry}.", code="stream_interrupted"))
+                return
+            tail, outcome = normalizer.close()
+            out = translator.feed(tail)
+            if outcome.error is None:
+                usage = meter.completed_usage() or self._unreported(flight)
+                out += translator.finish(outcome.reason or glm.STOP, usage)
+                flight.end("complete")
+            else:
+                out += translator.fail(outcome.error)
+                flight.end(outcome.error.code or "broken")
             # settled after the answer is out: the client does not wait for the database; a
             # process that dies in between leaves a pending row the sweeper settles
-            usage = meter.completed_usage()
-            if usage is not None:
-                self._spawn(self._post_upstream(admitted, usage, meter.upstream_id))
-                settled = True
-                yield translator.finish(usage)
-            else:
-                # the upstream ended without its usage: bill what we can prove we delivered
-                self._spawn(self._post_delivered(admitted, meter, reason="upstream ended without usage"))
-                settled = True
-                yield translator.fail(BridgeError(
-                    Kind.upstream_error, "The model provider's stream broke off before it "
-                    f"finished (finish_reason: network_error). Request id {admitted.entry}.",
-                    code="network_error"))
+            yield out
         finally:
-            if not settled:
-                # the client went away (or we were cancelled): settle without awaiting here
-                self._client_gone(response, decoder, meter, admitted)
+            if not flight.ended:
+                opening.cancel()
+                flight.client_gone()
 
-    def _client_gone(self, response: UpstreamResponse, decoder: sse.SSEDecoder,
-                     meter: StreamMeter, admitted: _Admitted) -> None:
-        usage = meter.completed_usage()
-        if usage is not None:
-            self._spawn(self._post_upstream(admitted, usage, meter.upstream_id))
-        elif not meter.delivered_anything:
-            # nothing reached the client: stop the upstream, nothing was served
-            response.close()
-            self._spawn(self._void(admitted, reason="client left before the first byte"))
-        elif self._drains >= self._config.max_drains:
-            response.close()
-            self._spawn(self._post_delivered(admitted, meter, reason="client left; drain capacity full"))
-        else:
-            self._spawn(self._drain(response, decoder, meter, admitted))
-
-    async def _drain(self, response: UpstreamResponse, decoder: sse.SSEDecoder,
-                     meter: StreamMeter, admitted: _Admitted) -> None:
-        """The client left mid-stream: keep reading the upstream, bounded, for its usage."""
-        self._drains += 1
-        try:
-            async with asyncio.timeout(self._config.drain_timeout):
-                while data := await response.content.readany():
-                    for chunk in _chunks(decoder, data, admitted):
-                        meter.observe(chunk, delivered=False)
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            pass
-        finally:
-            self._drains -= 1
-            response.close()
-        usage = meter.completed_usage()
-        if usage is not None:
-            await self._post_upstream(admitted, usage, meter.upstream_id)
-        else:
-            await self._post_delivered(admitted, meter, reason="client left; upstream gave no usage")
-
-    async def _complete(self, surface: Surface, response: UpstreamResponse,
-                        admitted: _Admitted) -> Reply:
-        try:
-            try:
-                body = await response.read()
-            finally:
-                response.release()
-            completion = wire.completion_decoder.decode(body)
-        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
-            await self._void(admitted, reason=f"upstream failed: {type(exc).__name__}")
-            return self._error(surface, BridgeError(
-                Kind.upstream_error, f"The model provider failed to answer. Request id {admitted.entry}."))
-        except BaseException:
-            self._spawn(self._void(admitted, reason="cancelled"))
-            raise
-        meter = StreamMeter()
-        meter.observe(wire.Chunk(usage=completion.usage, choices=[wire.ChunkChoice(delta=wire.Delta(
-            content=choice.message.content, reasoning_content=choice.message.reasoning_content))
-            for choice in completion.choices]), delivered=True)
-        usage = meter.completed_usage()
-        if usage is not None:
-            self._spawn(self._post_upstream(admitted, usage, completion.id or None))
-        else:
-            usage = self._delivered_usage(admitted, meter)
-            self._spawn(self._post_delivered(admitted, meter, reason="upstream gave no usage"))
-        return Reply(status=200, headers={"x-request-id": str(admitted.entry)},
-                     body=surface.complete(completion, admitted.shown_model, usage))
-
-    async def _post_upstream(self, admitted: _Admitted, usage: wire.Usage,
-                             upstream_id: str | None) -> None:
-        """Settle at the upstream's own numbers: they are what we are billed."""
-        admitted.stop_keeper()
-        self._calibration.observe(admitted.model.id, admitted.raw_prompt, usage.prompt_tokens)
-        await self._ledger.post(admitted.entry, Usage(
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-            cached_tokens=usage.cached_tokens, reasoning_tokens=usage.reasoning_tokens),
-            estimated=False, reason="upstream usage", upstream_request_id=upstream_id)
+    def _unreported(self, flight: Flight) -> wire.Usage:
+        """A complete answer without usage (an upstream that sends it only when asked, and was
+        not, or never): the client gets a whole answer; billing uses the estimate."""
+        log.warning("upstream ended a complete answer without usage; billing the estimate",
+                    extra={"entry": str(flight.entry), "upstream": self._upstream.name})
+        return flight.estimated_usage()
 
     @staticmethod
-    def _delivered_usage(admitted: _Admitted, meter: StreamMeter) -> wire.Usage:
-        completion = meter.delivered_tokens()
-        return wire.Usage(prompt_tokens=admitted.prompt_estimate, completion_tokens=completion,
-                          total_tokens=admitted.prompt_estimate + completion)
+    def _call_prefix(flight: Flight) -> str:
+        return f"call_{flight.entry.hex[:12]}_"
 
-    async def _post_delivered(self, admitted: _Admitted, meter: StreamMeter, *, reason: str) -> None:
-        """No usage from the upstream: bill the prompt estimate and the tokens delivered."""
-        admitted.stop_keeper()
-        usage = self._delivered_usage(admitted, meter)
-        await self._ledger.post(admitted.entry, Usage(
-            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens),
-            estimated=True, reason=reason, upstream_request_id=meter.upstream_id)
-
-    async def _void(self, admitted: _Admitted, *, reason: str) -> None:
-        admitted.stop_keeper()
-        await self._ledger.void(admitted.entry, reason=reason)
-
-    def _schedule_heartbeat(self, admitted: _Admitted) -> None:
-        admitted.keeper = asyncio.get_running_loop().call_later(
-            self._config.heartbeat_interval, lambda: self._spawn(self._heartbeat(admitted)))
-
-    async def _heartbeat(self, admitted: _Admitted) -> None:
-        """Extend the lease and record the completion tokens delivered so far; then the next."""
-        admitted.keeper = None
-        if admitted.settling:
-            return
-        delivered = admitted.meter.delivered_tokens() if admitted.meter is not None else 0
-        try:
-            still_pending = await self._ledger.heartbeat(admitted.entry, delivered)
-        except (OSError, asyncpg.PostgresError) as exc:
-            log.warning("heartbeat failed", extra={"entry": str(admitted.entry), "error": type(exc).__name__})
-            still_pending = True
-        if still_pending and not admitted.settling:
-            self._schedule_heartbeat(admitted)
-
-    # ---- plumbing ------------------------------------------------------------------------
+    # ---- plumbing --------------------------------------------------------------------------
 
     def _error(self, surface: Surface, error: BridgeError) -> Reply:
         status, headers, body = surface.error(error)
         return Reply(status=status, headers=headers, body=body)
 
-    def _spawn(self, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._background.add(task)
-        task.add_done_callback(self._settled)
-
-    def _settled(self, task: asyncio.Task) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background settlement failed", exc_info=task.exception())
-
-    async def drain_background(self, timeout: float = 10.0) -> None:
-        """At shutdown: let settlements in flight finish (the sweeper covers the rest)."""
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=timeout)
+    def _refused(self, surface: Surface, principal: Principal | None, error: BridgeError,
+                 started: float) -> None:
+        access.info("request", extra={
+            "request_id": None, "surface": surface.name, "model": None, "status": error.status,
+            "account_id": principal.account_id if principal else None, "prompt_tokens": 0,
+            "completion_tokens": 0, "billed": 0, "overhead_ms": round((time.monotonic() - started) * 1000, 2),
+            "upstream_ms": 0.0, "outcome": f"refused: {error.kind.value}", "code": error.code})

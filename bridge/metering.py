@@ -1,50 +1,102 @@
-"""Counting for the journey: prompt estimates before forwarding, and what a stream delivered."""
+"""Counting for the journey: what a prompt will probably cost, what it can cost at most, and
+what a stream delivered.
+
+Two numbers per prompt:
+- the **estimate**: o200k tokens, corrected by the measured ratio of the upstream's reported
+  prompt tokens to our count, per model and kind of text. Shown as the reservation.
+- the **bound**: a proven upper bound of GLM's own count, held in the windows so that no
+  window's posted + reserved can pass its allowance whatever the text. GLM-4.6's tokenizer is a
+  byte-level BPE: every ordinary token covers at least one byte of UTF-8, so a text has at most
+  as many tokens as bytes. Its chat template adds role and format tokens per message (at most
+  BOUND_PER_MESSAGE), a few per request (BOUND_PER_REQUEST: `[gMASK]<sop>`, the assistant turn,
+  thinking tags), a fixed preamble of about 450 bytes when tools are offered
+  (BOUND_TOOL_PREAMBLE), renders tool schemas and tool-call arguments as JSON or key/value tags
+  with at most one extra token per byte (hence twice their bytes), and an image costs at most
+  BOUND_PER_IMAGE.
+"""
 from __future__ import annotations
 
 import asyncio
+import collections
+import math
+import statistics
 from collections import OrderedDict
 
-from service import estimate
+import msgspec
 
-from . import wire
+from . import tokens, wire
 
 # Texts this long are counted on a worker thread (tiktoken releases the GIL), so one big
 # prompt does not stall every other stream on the event loop.
 _OFFLOAD_CHARS = 32_000
 _CACHE_MIN_CHARS = 256
 
+BOUND_PER_REQUEST = 16
+BOUND_PER_MESSAGE = 32
+BOUND_TOOL_PREAMBLE = 1024
+BOUND_PER_IMAGE = 4096
+
+
+class PromptCount(msgspec.Struct, frozen=True):
+    raw: int  # uncorrected o200k estimate
+    bound: int  # proven upper bound of the upstream's count
+    kind: str  # ascii | mixed | wide: the text's kind, for calibration
+
+
+def text_kind(chars: int, utf8_bytes: int) -> str:
+    """Tokenizers differ most on non-Latin text: CJK and emoji take several bytes a character
+    and tokenize differently from one tokenizer to the next."""
+    if chars == 0 or utf8_bytes <= chars * 1.1:
+        return "ascii"
+    return "wide" if utf8_bytes >= chars * 2 else "mixed"
+
+
+def _utf8_len(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
 
 class PromptEstimator:
     """o200k counts of a request's prompt pieces. Coding agents resend the same long history
     every turn, so counts of long pieces are kept in a bounded LRU keyed by the text's hash
     (not the text: 20,000 long prompts kept alive would be gigabytes). A hash collision can
-    only skew one estimate, which the settlement corrects."""
+    only skew one estimate (never the bound, computed from the text itself)."""
 
     def __init__(self, capacity: int = 20_000) -> None:
         self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._capacity = capacity
-        estimate.encoding()  # load the ranks at start-up, not on the first request
+        tokens.encoding()  # load the ranks at start-up, not on the first request
 
-    async def count_request(self, request: wire.ChatRequest) -> int:
-        """The uncorrected estimate of a GLM request's prompt: messages, replayed reasoning,
-        earlier tool calls and the tool schemas."""
-        pieces: list[str] = []
+    async def count_request(self, request: wire.ChatRequest) -> PromptCount:
+        """The prompt of a GLM request: messages, replayed reasoning, earlier tool calls and
+        the tool schemas."""
+        plain: list[str] = []
+        structured: list[str] = []  # JSON the template may re-render: bound at twice its bytes
+        images = 0
         for m in request.messages:
-            pieces.append(m.text())
+            plain.append(m.text())
+            images += m.images()
             if isinstance(m.reasoning_content, str):
-                pieces.append(m.reasoning_content)
+                plain.append(m.reasoning_content)
             if isinstance(m.tool_calls, list):
-                pieces.extend(c.function.name + c.function.arguments for c in m.tool_calls)
-        if isinstance(request.tools, list):
-            pieces.append(wire.encoder.encode(request.tools).decode())
-        return await self.count(pieces, len(request.messages))
+                structured.extend(c.function.name + c.function.arguments for c in m.tool_calls)
+        preamble = 0
+        if isinstance(request.tools, list) and request.tools:
+            structured.append(wire.encoder.encode(request.tools).decode())
+            preamble = BOUND_TOOL_PREAMBLE
+        n = len(request.messages)
+        raw = tokens.PER_REQUEST + tokens.PER_MESSAGE * n + await self.count(plain + structured)
+        plain_bytes = sum(map(_utf8_len, plain))
+        bound = (BOUND_PER_REQUEST + preamble + BOUND_PER_MESSAGE * n + BOUND_PER_IMAGE * images
+                 + plain_bytes + 2 * sum(map(_utf8_len, structured)))
+        return PromptCount(raw=raw, bound=max(bound, raw),
+                           kind=text_kind(sum(map(len, plain)), plain_bytes))
 
-    async def count(self, pieces: list[str], messages: int) -> int:
-        total = estimate.PER_REQUEST + estimate.PER_MESSAGE * messages
+    async def count(self, pieces: list[str]) -> int:
+        total = 0
         todo: list[str] = []
         for piece in pieces:
             if len(piece) < _CACHE_MIN_CHARS:
-                total += estimate.count(piece)
+                total += tokens.count(piece)
                 continue
             key = (len(piece), hash(piece))
             cached = self._cache.get(key)
@@ -55,9 +107,9 @@ class PromptEstimator:
                 total += cached
         if todo:
             if sum(map(len, todo)) >= _OFFLOAD_CHARS:
-                counts = await asyncio.to_thread(lambda: [estimate.count(p) for p in todo])
+                counts = await asyncio.to_thread(lambda: [tokens.count(p) for p in todo])
             else:
-                counts = [estimate.count(p) for p in todo]
+                counts = [tokens.count(p) for p in todo]
             for piece, n in zip(todo, counts):
                 self._cache[(len(piece), hash(piece))] = n
                 total += n
@@ -66,14 +118,61 @@ class PromptEstimator:
         return total
 
 
+class Calibration:
+    """The ratio of the upstream's reported prompt tokens to our o200k count, per model and kind
+    of text, from recent settlements.
+
+    Robust to any one tenant: the ratio is the median of the last `SAMPLES` observations, of
+    which one account may hold at most `PER_ACCOUNT`, and it stays within [MIN_RATIO, MAX_RATIO].
+    So a tenant sending odd text moves other tenants' estimates by at most a few positions in a
+    sorted list, and never their safety: admission holds the proven bound regardless.
+    """
+
+    SAMPLES = 256
+    PER_ACCOUNT = 16
+    MIN_RATIO, MAX_RATIO = 0.5, 3.0
+
+    def __init__(self) -> None:
+        self._samples: dict[tuple[str, str], collections.deque[tuple[int, float]]] = {}
+        self._ratio: dict[tuple[str, str], float] = {}
+        self._error: dict[tuple[str, str], tuple[int, float]] = {}
+
+    def ratio(self, model: str, kind: str) -> float:
+        return self._ratio.get((model, kind), 1.0)
+
+    def correct(self, model: str, kind: str, raw: int) -> int:
+        return max(1, math.ceil(raw * self.ratio(model, kind)))
+
+    def observe(self, model: str, kind: str, account_id: int, raw: int, reported: int) -> None:
+        if raw <= 0 or reported <= 0:
+            return
+        key = (model, kind)
+        n, error = self._error.get(key, (0, 0.0))
+        self._error[key] = (n + 1, error + abs(self.correct(model, kind, raw) - reported) / reported)
+        samples = self._samples.setdefault(key, collections.deque(maxlen=self.SAMPLES))
+        mine = [i for i, (account, _) in enumerate(samples) if account == account_id]
+        if len(mine) >= self.PER_ACCOUNT:
+            del samples[mine[0]]  # this account's oldest gives way, not another tenant's
+        samples.append((account_id, reported / raw))
+        ratio = statistics.median(r for _, r in samples)
+        self._ratio[key] = min(max(ratio, self.MIN_RATIO), self.MAX_RATIO)
+
+    def report(self) -> dict[str, dict[str, float]]:
+        """Per model and kind: samples, current ratio, mean absolute relative error."""
+        return {
+            f"{model}/{kind}": {"samples": n, "ratio": round(self.ratio(model, kind), 4),
+                                "mean_abs_error": round(error / n, 4)}
+            for (model, kind), (n, error) in sorted(self._error.items())
+        }
+
+
 class StreamMeter:
     """What the upstream said about usage, and the completion text actually passed on."""
 
-    __slots__ = ("usage", "finish_reason", "_delivered", "_reasoning", "upstream_id")
+    __slots__ = ("usage", "upstream_id", "_delivered", "_reasoning")
 
     def __init__(self) -> None:
         self.usage: wire.Usage | None = None
-        self.finish_reason: str | None = None
         self.upstream_id: str | None = None
         self._delivered: list[str] = []
         self._reasoning: list[str] = []
@@ -83,11 +182,9 @@ class StreamMeter:
             self.upstream_id = chunk.id
         if isinstance(chunk.usage, wire.Usage):
             self.usage = chunk.usage
+        if not delivered:
+            return
         for choice in chunk.choices:
-            if choice.finish_reason:
-                self.finish_reason = choice.finish_reason
-            if not delivered:
-                continue
             delta = choice.delta
             if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
                 self._delivered.append(delta.reasoning_content)
@@ -109,10 +206,10 @@ class StreamMeter:
 
     def delivered_tokens(self) -> int:
         """Completion tokens delivered, counted piece by piece as they went out."""
-        return sum(estimate.count(piece) for piece in self._delivered)
+        return sum(tokens.count(piece) for piece in self._delivered)
 
     def reasoning_tokens(self) -> int:
-        return sum(estimate.count(piece) for piece in self._reasoning)
+        return sum(tokens.count(piece) for piece in self._reasoning)
 
     def completed_usage(self) -> wire.Usage | None:
         """The upstream's usage, with the reasoning breakdown GLM leaves out filled in from our

@@ -1,15 +1,24 @@
-"""The GLM client: one pooled aiohttp session, the coding-plan key pool, Z.ai error mapping."""
+"""The upstream client: one pooled aiohttp session, the key pool, retries before the first byte,
+and whether to ask for stream usage.
+
+OpenAI-style servers (vLLM, SGLang, most hosted GLM providers) report usage in a stream only
+when the request carries `stream_options.include_usage`; Z.ai's and Zhipu's own APIs send it
+unasked and do not list the field. So asking is a setting whose default (`auto`) asks every
+upstream but those hosts, and an upstream that refuses the field (a 400 naming it) is
+remembered and the request resent without it, before any byte reaches the client.
+"""
 from __future__ import annotations
 
 import asyncio
 import collections
 import logging
-from typing import Callable
+import urllib.parse
+from typing import Callable, Literal
 
 import aiohttp
 import msgspec
 
-from . import wire
+from . import glm, wire
 from .errors import BridgeError, Kind
 
 log = logging.getLogger("codeplan.upstream")
@@ -19,43 +28,8 @@ _ATTEMPTS = 2
 _RETRY_ON = {Kind.upstream_error, Kind.upstream_rate_limited, Kind.upstream_overloaded}
 
 
-def map_error(status: int, body: bytes, request_id: str) -> BridgeError:
-    """A Z.ai error response, as the taxonomy sees it. GLM's own wording is kept where clients
-    match on it; our upstream keys and plan state are never shown."""
-    try:
-        detail = wire.error_decoder.decode(body).error
-        code, message = detail.code, detail.message
-    except msgspec.DecodeError:
-        code, message = "", ""
-    message = message or f"upstream answered HTTP {status}"
-    if code in ("1113", "1309"):
-        return BridgeError(Kind.upstream_billing,
-                           f"The model provider refused the request for billing reasons ({code}); "
-                           f"this is not retryable. Request id {request_id}.", code=code)
-    if code in ("1302", "1303"):
-        return BridgeError(Kind.upstream_rate_limited, message, code=code, retry_after=2)
-    if code in ("1305",) or status == 529:
-        return BridgeError(Kind.upstream_overloaded, message, code=code, retry_after=5)
-    if code in ("1308", "1310", "1316", "1317", "1318", "1319", "1320", "1321"):
-        # our own upstream plan ran dry: a capacity problem on our side, retry later
-        return BridgeError(Kind.upstream_overloaded,
-                           f"The service is at capacity; retry shortly. Request id {request_id}.",
-                           code=code, retry_after=30)
-    if code == "1301":
-        return BridgeError(Kind.content_policy, message, code=code)
-    if code == "1261":
-        return BridgeError(Kind.context_length, message, code="context_length_exceeded")
-    if status == 401 or code in ("1000", "1001", "1002", "1003", "1004"):
-        log.error("upstream rejected our key", extra={"status": status, "code": code})
-        return BridgeError(Kind.upstream_error,
-                           f"The model provider rejected the service's credentials. Request id {request_id}.")
-    if 400 <= status < 500 and status != 429:
-        return BridgeError(Kind.invalid_request, message, code=code or None)
-    if status == 429:
-        return BridgeError(Kind.upstream_rate_limited, message, code=code or None, retry_after=2)
-    return BridgeError(Kind.upstream_error,
-                       f"The model provider failed (HTTP {status}). Request id {request_id}.",
-                       code=code or None)
+class _RefusedStreamOptions(Exception):
+    pass
 
 
 class KeyPool:
@@ -103,7 +77,7 @@ class KeyPool:
 
 
 class UpstreamResponse:
-    """An upstream response that gives its key's slot back when it is released or closed."""
+    """An upstream response that gives its key's slot back, once, when it is ended."""
 
     __slots__ = ("_response", "_on_done", "content")
 
@@ -115,8 +89,13 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         return await self._response.read()
 
-    def release(self) -> None:
-        self._response.release()
+    def end(self) -> None:
+        """Give the connection back to the pool when the body was read to its end (it can be
+        reused), close it otherwise (the upstream stops sending); free the key's slot."""
+        if self._response.content.at_eof():
+            self._response.release()
+        else:
+            self._response.close()
         self._done()
 
     def close(self) -> None:
@@ -129,10 +108,29 @@ class UpstreamResponse:
             on_done()
 
 
+# Z.ai's and Zhipu's own APIs send stream usage unasked (glm-upstream.md §5.2, §16)
+_USAGE_UNASKED_HOSTS = {"api.z.ai", "open.bigmodel.cn", "dev.bigmodel.cn"}
+
+StreamUsage = Literal["auto", "ask", "never"]
+
+
+def asks_for_usage(base_url: str, setting: StreamUsage) -> bool:
+    if setting != "auto":
+        return setting == "ask"
+    return (urllib.parse.urlsplit(base_url).hostname or "") not in _USAGE_UNASKED_HOSTS
+
+
+def _refuses_stream_options(status: int, body: bytes) -> bool:
+    return status in (400, 422) and b"stream_options" in body
+
+
 class Upstream:
     def __init__(self, base_url: str, keys: tuple[str, ...], *, timeout: float,
-                 concurrency: int = 0) -> None:
+                 concurrency: int = 0, stream_usage: StreamUsage = "auto") -> None:
         self._url = base_url.rstrip("/") + "/chat/completions"
+        # how logs name this upstream: its host, never its keys
+        self.name = urllib.parse.urlsplit(base_url).netloc or base_url
+        self.ask_usage = asks_for_usage(base_url, stream_usage)
         self._pool = KeyPool(keys, concurrency)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
@@ -155,10 +153,20 @@ class Upstream:
         upstream cannot be reached. Nothing has been streamed to the client at that point.
         """
         assert self._session is not None, "Upstream.start() was not awaited"
+        if request.stream and self.ask_usage:
+            request.stream_options = wire.StreamOptions(include_usage=True)
         body = wire.encoder.encode(request)
         for attempt in range(1, _ATTEMPTS + 1):
             try:
                 return await self._send(body, request_id)
+            except _RefusedStreamOptions:
+                # remembered for every later request; this one is resent at once, unchanged
+                # otherwise, and the resend is not one of its attempts
+                log.warning("upstream refuses stream_options; no longer asking it for stream usage",
+                            extra={"upstream": self.name})
+                self.ask_usage = False
+                request.stream_options = msgspec.UNSET
+                return await self.open(request, request_id)
             except BridgeError as error:
                 # nothing has reached the client yet: a transient failure gets one more try,
                 # on the next key of the pool
@@ -193,5 +201,7 @@ class Upstream:
             finally:
                 response.release()
                 self._pool.release(slot)
-            raise map_error(response.status, error_body, request_id)
+            if self.ask_usage and _refuses_stream_options(response.status, error_body):
+                raise _RefusedStreamOptions()
+            raise glm.upstream_error(response.status, error_body, request_id)
         return UpstreamResponse(response, lambda: self._pool.release(slot))

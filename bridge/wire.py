@@ -58,15 +58,26 @@ class Message(Struct, omit_defaults=True):
             return ""
         return "".join(p.text for p in self.content if isinstance(p.text, str))
 
+    def images(self) -> int:
+        if isinstance(self.content, list):
+            return sum(1 for p in self.content if p.type == "image_url")
+        return 0
+
 
 class Thinking(Struct):
     type: str = "enabled"
+
+
+class StreamOptions(Struct):
+    include_usage: bool = True
 
 
 class ChatRequest(Struct, omit_defaults=True):
     model: str
     messages: list[Message]
     stream: bool = False
+    # OpenAI-style servers (vLLM, SGLang, most hosts) report usage in a stream only when asked
+    stream_options: StreamOptions | UnsetType = UNSET
     thinking: Thinking | UnsetType = UNSET
     tools: list[Tool] | UnsetType = UNSET
     tool_choice: str | UnsetType = UNSET

@@ -6,21 +6,13 @@ import time
 import asyncpg
 import msgspec
 
+from bridge.ports import Principal
+
 from . import keys
 
 
 class AccountError(Exception):
     """A request about accounts that cannot be carried out, with a message for the operator."""
-
-
-class Principal(msgspec.Struct, frozen=True):
-    """Who a request is from, as the ledger needs it."""
-    account_id: int
-    api_key_id: int
-    subscription_id: int
-    plan_id: str
-    models: tuple[str, ...]
-    max_concurrent: int | None
 
 
 class NewKey(msgspec.Struct, frozen=True):
@@ -76,12 +68,14 @@ async def _insert_key(conn: asyncpg.Connection, account_id: int, name: str = "")
     return NewKey(account_id=account_id, key=key, prefix=keys.visible_prefix(key))
 
 
+# A key is found whatever its subscription's state: an account that cannot spend (no plan, a
+# failed payment) must be told why, never "invalid key". Admission decides whether it may spend.
 _AUTH_SQL = """
-SELECT k.id AS api_key_id, k.account_id, s.id AS subscription_id, s.plan_id, p.models,
-       p.max_concurrent
+SELECT k.id AS api_key_id, k.account_id, s.id AS subscription_id, s.plan_id, s.status,
+       coalesce(p.models, '{}') AS models
   FROM api_keys k
-  JOIN subscriptions s ON s.account_id = k.account_id AND s.status = 'active'
-  JOIN plans p ON p.id = s.plan_id
+  LEFT JOIN subscriptions s ON s.account_id = k.account_id AND s.status <> 'canceled'
+  LEFT JOIN plans p ON p.id = s.plan_id
  WHERE k.secret_hash = $1 AND k.revoked_at IS NULL
 """
 
@@ -110,7 +104,7 @@ class Authenticator:
         principal = None if row is None else Principal(
             account_id=row["account_id"], api_key_id=row["api_key_id"],
             subscription_id=row["subscription_id"], plan_id=row["plan_id"],
-            models=tuple(row["models"]), max_concurrent=row["max_concurrent"])
+            models=tuple(row["models"]), standing=row["status"])
         # Unknown keys are not cached: a flood of made-up keys must not evict real ones.
         if self._ttl > 0 and principal is not None:
             if len(self._cache) > 100_000:

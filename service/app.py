@@ -21,26 +21,12 @@ from bridge.upstream import Upstream
 from . import db, usage
 from .accounts import Authenticator
 from .config import Config
-from .estimate import Calibration
 from .keygate import key_gate
 from .ledger import Ledger
+from .problems import problem
 from .throttle import AuthThrottle, GuardedAuthenticator, Throttled
 
 log = logging.getLogger("codeplan.app")
-
-
-class Problem(msgspec.Struct, omit_defaults=True):
-    """RFC 9457 problem details, for errors on our own API."""
-    type: str
-    title: str
-    status: int
-    detail: str | None = None
-
-
-def problem(status: int, title: str, detail: str | None = None) -> Response:
-    return Response(msgspec.json.encode(Problem(type="about:blank", title=title, status=status,
-                                                 detail=detail)),
-                    status_code=status, media_type="application/problem+json")
 
 
 def _shaped(request: Request, status: int, message: str, code: str | None = None,
@@ -81,11 +67,13 @@ async def healthz(request: Request) -> Response:
 
 
 async def _sweeper(ledger: Ledger, interval: float) -> None:
+    """Expire what dead processes left pending. Survives anything but its cancellation: a
+    failed sweep is logged and the next one tries again."""
     while True:
         try:
             while await ledger.expire_due() > 0:
                 pass
-        except (OSError, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # noqa: BLE001 - logged; the sweeper must not die
             log.warning("sweep failed", extra={"error": type(exc).__name__})
         await asyncio.sleep(interval)
 
@@ -96,21 +84,24 @@ def create_app(config: Config, database_url: str, upstream_url: str,
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await db.create_pool(database_url, size=config.db_pool_size)
         upstream = Upstream(upstream_url, upstream_keys, timeout=config.upstream_timeout,
-                            concurrency=config.upstream_concurrency)
+                            concurrency=config.upstream_concurrency,
+                            stream_usage=config.upstream_stream_usage)
         await upstream.start()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
-        calibration = Calibration()
+        # unknown keys cached briefly for every caller; per-address throttling where the
+        # caller's address is known (the key gate, the quota API)
         auth = GuardedAuthenticator(Authenticator(pool, config.auth_cache_ttl), AuthThrottle(
             limit=config.auth_failure_limit, window=config.auth_failure_window,
             unknown_ttl=config.auth_unknown_ttl))
-        journey = Journey(config=config, auth=auth,  # type: ignore[arg-type]
-                          ledger=ledger, upstream=upstream, calibration=calibration)
+        journey = Journey(settings=config.bridge_settings(), auth=auth, ledger=ledger, upstream=upstream)
         app.state.auth = auth
         app.state.pool = pool
         app.state.ledger = ledger
         app.state.journey = journey
-        app.state.calibration = calibration
+        app.state.calibration = journey.calibration
         app.state.config = config
+        # the HTTP server refuses bodies over this first (service/http_limits.py)
+        app.state.max_body = config.max_body_bytes
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection
@@ -122,11 +113,12 @@ def create_app(config: Config, database_url: str, upstream_url: str,
             yield
         finally:
             sweeper.cancel()
-            await journey.drain_background()
+            await journey.flights.land()
             await upstream.close()
             await pool.close()
 
-    # the paths that take big bodies: their key is checked before the body is read
+    # the paths that take big bodies from coding tools: a throttled address is refused there
+    # before anything else happens (service/keygate.py)
     gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
              *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
     return Litestar(
@@ -136,7 +128,7 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         exception_handlers={HTTPException: _http_exception, Throttled: _throttled,
                             Exception: _unexpected},
         # the HTTP server refuses bodies over CODEPLAN_MAX_BODY_BYTES first; this is the last line
-        request_max_body_size=max(config.max_body_bytes, 1024) + 1024,
+        request_max_body_size=config.max_body_bytes + 1024,
         openapi_config=None,
         logging_config=None,
         debug=False,

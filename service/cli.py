@@ -58,7 +58,9 @@ def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None)
         keep_alive = config.keepalive_timeout
     return uvicorn.Server(uvicorn.Config(
         app, loop="none", http=http, lifespan="on" if lifespan else "off", log_config=None,
-        access_log=False, timeout_keep_alive=keep_alive, server_header=False))
+        access_log=False, timeout_keep_alive=keep_alive, server_header=False,
+        # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
+        proxy_headers=False))
 
 
 async def _run(config: config_module.Config) -> None:
@@ -100,7 +102,7 @@ async def _simulate(args: argparse.Namespace) -> None:
     from bridge.simulator.server import create_app as create_simulator
 
     sim = SimConfig(seed=args.seed, ttft_ms=args.ttft_ms, tokens_per_second=args.tps,
-                    output_tokens=args.tokens)
+                    output_tokens=args.tokens, usage_mode=args.usage_mode)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     log.info("GLM simulator listening", extra={"url": f"http://{host}:{port}/api/coding/paas/v4"})
@@ -135,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--ttft-ms", type=float, default=0.0)
     sim.add_argument("--tps", type=float, default=0.0, help="tokens per second; 0 is unpaced")
     sim.add_argument("--tokens", type=int, default=48, help="completion tokens per answer")
+    sim.add_argument("--usage-mode", default="always",
+                     choices=["always", "when_asked", "never", "reject_field"],
+                     help="stream usage: always (GLM), when_asked (OpenAI-style servers), never, "
+                          "reject_field (a 400 naming stream_options)")
     return parser
 
 

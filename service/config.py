@@ -9,6 +9,8 @@ from typing import Annotated, Literal, Mapping
 
 import msgspec
 
+from bridge.settings import BridgeSettings
+
 PREFIX = "CODEPLAN_"
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -27,6 +29,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     upstream_timeout: Seconds = 600.0
     # requests in flight per upstream key at most (Z.ai caps it, 1302); 0 is no cap
     upstream_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # ask the upstream for stream usage (stream_options.include_usage): auto asks every upstream
+    # but Z.ai's and Zhipu's own hosts, which send it unasked
+    upstream_stream_usage: Literal["auto", "ask", "never"] = "auto"
     simulator_host: str = "127.0.0.1"
     simulator_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -38,6 +43,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # After a client leaves mid-stream we keep reading the upstream for its usage, bounded.
     drain_timeout: Seconds = 120.0
     max_drains: Annotated[int, msgspec.Meta(ge=0)] = 256
+    # any request still open after this long is settled and closed
+    max_request_seconds: Seconds = 3600.0
     # Seconds of upstream silence before a keep-alive is sent to the client.
     keepalive_interval: Seconds = 10.0
     # A stream waits this long for the upstream's status, so a refusal keeps its HTTP status;
@@ -50,8 +57,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # what Claude Code's claude-* model ids are served by (Z.ai's own defaults)
     claude_model: str = "glm-4.6"
     claude_haiku_model: str = "glm-4.5-air"
-    # extra directory with a tokenizer rank file (see service/estimate.py)
+    # extra directory with a tokenizer rank file (see bridge/tokens.py)
     tiktoken_cache_dir: str = ""
+    # where users reach this service (links in errors and mails); empty: http://HOST:PORT
+    public_url: str = ""
     # HTTP limits (service/http_limits.py), far above what any coding tool sends: Claude Code's
     # bodies are ~75 KB, long agent histories a few MB; 32 MB is Anthropic's own request limit.
     max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
@@ -73,6 +82,19 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     def simulated(self) -> bool:
         return not self.upstream_url
 
+    @property
+    def base_url(self) -> str:
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    def bridge_settings(self) -> BridgeSettings:
+        return BridgeSettings(
+            upstream_timeout=self.upstream_timeout, header_wait=self.header_wait,
+            keepalive_interval=self.keepalive_interval, heartbeat_interval=self.heartbeat_interval,
+            reservation_lease=self.reservation_lease, drain_timeout=self.drain_timeout,
+            max_drains=self.max_drains, max_request_seconds=self.max_request_seconds,
+            model_aliases=self.model_aliases, claude_model=self.claude_model,
+            claude_haiku_model=self.claude_haiku_model, public_url=self.base_url)
+
 
 class ConfigError(Exception):
     """Raised with a message fit to print as the one line of a failed start-up."""
@@ -86,6 +108,7 @@ def _describe(field: str) -> str:
         "port": "an integer from 1 to 65535",
         "simulator_port": "an integer from 0 to 65535 (0 picks a free port)",
         "log_level": "one of debug, info, warning, error",
+        "upstream_stream_usage": "one of auto, ask, never",
         "db_pool_size": "an integer from 1 to 200",
         "max_drains": "a non-negative integer",
         "upstream_concurrency": "a non-negative integer",
@@ -99,8 +122,8 @@ def _describe(field: str) -> str:
     }
     return hints.get(field, "a positive number of seconds" if field in {
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
-        "drain_timeout", "keepalive_interval", "header_wait", "header_timeout", "body_timeout",
-        "keepalive_timeout", "auth_failure_window"} else "a valid value")
+        "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
+        "body_timeout", "keepalive_timeout", "auth_failure_window"} else "a valid value")
 
 
 def load(environ: Mapping[str, str] | None = None) -> Config:
@@ -113,7 +136,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         if name in ("upstream_keys", "model_aliases"):
             raw[name] = tuple(part.strip() for part in value.split(",") if part.strip())
         else:
-            raw[name] = value.strip() if name != "log_level" else value.strip().lower()
+            raw[name] = value.strip().lower() if name in ("log_level", "upstream_stream_usage") else value.strip()
     try:
         config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -137,6 +160,8 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
             raise ConfigError(
                 f"{PREFIX}UPSTREAM_KEYS: required when {PREFIX}UPSTREAM_URL is set "
                 "(comma-separated coding-plan keys)")
+    if config.public_url and not config.public_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{PREFIX}PUBLIC_URL: expected an http:// or https:// URL, got {config.public_url!r}")
     if config.database_url and not config.database_url.startswith(("postgres://", "postgresql://")):
         raise ConfigError(
             f"{PREFIX}DATABASE_URL: expected a postgresql:// URL, got a value of another form")

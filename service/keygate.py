@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 import asyncpg
 
 from bridge import shapes
+from bridge.asgi import api_key
 
 from .throttle import GuardedAuthenticator, Throttled
 
@@ -27,19 +28,6 @@ log = logging.getLogger("codeplan.keygate")
 
 INVALID_KEY = "Invalid API key. Create one with `codeplan keys create` and send it as a Bearer token."
 NO_KEY = "No API key. Send your Codeplan key as `Authorization: Bearer <key>` or `x-api-key`."
-
-
-def key_from_headers(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The key from `Authorization: Bearer` or `x-api-key`, as bridge/app.py reads it."""
-    bearer = api_key = ""
-    for name, value in headers:
-        if name == b"authorization" and not bearer:
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer":
-                bearer = token.strip()
-        elif name == b"x-api-key" and not api_key:
-            api_key = value.decode("latin-1").strip()
-    return bearer or api_key
 
 
 def key_gate(paths: Iterable[str], authenticator: Callable[[Any], GuardedAuthenticator]):
@@ -52,7 +40,7 @@ def key_gate(paths: Iterable[str], authenticator: Callable[[Any], GuardedAuthent
             if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in gated:
                 await app(scope, receive, send)
                 return
-            key = key_from_headers(scope["headers"])
+            key = api_key(scope["headers"])
             client = scope.get("client")
             try:
                 principal = await authenticator(scope).authenticate(key, client[0] if client else None) \

@@ -4,50 +4,51 @@
             --void--> voided      nothing was served
             --sweep-> expired     the process that held it died; settled at what it can prove
 
-Every transition is one call of a guarded SQL function (migrations/0001_init.sql) in one
-transaction, so a replay or a race between two settlers applies it at most once. Under load,
-transitions that arrive while one call is in flight share the next call (migrations/0004).
+Every transition is one call of a guarded SQL function (migrations/0005) in one transaction,
+so a replay or a race between two settlers applies it at most once; each takes its locks in one
+order (the subscription's flight row, the entry, the windows by id). Under load, transitions
+that arrive while one call is in flight share the next call (migrations/0004).
 """
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import logging
+import random
 import uuid
 from typing import Any, Awaitable, Callable
 
 import asyncpg
-import msgspec
+
+from bridge.ports import Admission, Counts, Reservation, Settlement
 
 log = logging.getLogger("codeplan.ledger")
 
 
-def iso_utc(moment: dt.datetime) -> str:
-    """A window's edge as users read it: UTC, ISO 8601, to the second."""
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+# the bridge's words for what crosses the boundary; `Usage` is kept as the ledger's own name
+Usage = Counts
+
+# A deadlock or serialization failure, should one still happen, is retried here and never
+# reaches a client (the lock order in migrations/0005 is meant to leave none).
+_TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_TRANSIENT_ATTEMPTS = 5
 
 
-class Admission(msgspec.Struct, frozen=True):
-    outcome: str  # admitted | replayed | inactive | too_large | window_full | concurrency
-    window_kind: str | None = None  # '5h' or 'week' for too_large / window_full
-    resets_at: dt.datetime | None = None
-    allowance: int | None = None
+async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
+    for attempt in range(1, _TRANSIENT_ATTEMPTS + 1):
+        try:
+            return await call()
+        except _TRANSIENT as exc:
+            if attempt == _TRANSIENT_ATTEMPTS:
+                raise
+            log.warning("ledger transaction retried", extra={"error": type(exc).__name__, "attempt": attempt})
+            await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
+    raise AssertionError("unreachable")
 
-    @property
-    def admitted(self) -> bool:
-        return self.outcome == "admitted"
 
-
-def _admission(row: asyncpg.Record) -> "Admission":
+def _admission(row: asyncpg.Record) -> Admission:
     return Admission(outcome=row["outcome"], window_kind=row["window_kind"],
-                     resets_at=row["resets_at"], allowance=row["allowance"])
-
-
-class Usage(msgspec.Struct, frozen=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    reasoning_tokens: int = 0
+                     resets_at=row["resets_at"], allowance=row["allowance"], detail=row["detail"])
 
 
 class _Batcher:
@@ -113,93 +114,59 @@ class _Batcher:
             return exc
 
 
-class _Admit(msgspec.Struct, frozen=True):
-    entry_id: uuid.UUID
-    subscription_id: int
-    api_key_id: int
-    surface: str
-    model: str
-    prompt_estimate: int
-    reserve: int
-
-
-class _Settle(msgspec.Struct, frozen=True):
-    entry_id: uuid.UUID
-    state: str
-    usage: Usage
-    estimated: bool
-    reason: str
-    upstream_request_id: str | None
-
-
 class Ledger:
+    """The bridge's `LedgerPort`, over the SQL functions of migrations/0005."""
+
     def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float) -> None:
         self._pool = pool
         self._lease = lease_seconds
         self._admissions = _Batcher(self._admit_one, self._admit_many, orphan=self._void_orphan)
         self._settlements = _Batcher(self._settle_one, self._settle_many)
 
-    @staticmethod
-    def new_id() -> uuid.UUID:
-        return uuid.uuid4()
+    async def admit(self, reservation: Reservation) -> Admission:
+        return await self._admissions(reservation)
 
-    async def admit(self, entry_id: uuid.UUID, *, subscription_id: int, api_key_id: int,
-                    surface: str, model: str, prompt_estimate: int, reserve: int) -> Admission:
-        return await self._admissions(_Admit(entry_id, subscription_id, api_key_id, surface, model,
-                                             prompt_estimate, reserve))
+    async def _admit_one(self, a: Reservation) -> Admission:
+        return (await self._admit_many([a]))[0]
 
-    async def _admit_one(self, a: _Admit) -> Admission:
-        row = await self._pool.fetchrow(
-            "SELECT * FROM ledger_admit($1, $2, $3, $4, $5, $6, $7, $8)",
-            a.entry_id, a.subscription_id, a.api_key_id, a.surface, a.model, a.prompt_estimate,
-            a.reserve, self._lease)
-        return _admission(row)
-
-    async def _admit_many(self, batch: list[_Admit]) -> list[Admission]:
-        rows = await self._pool.fetch(
-            "SELECT * FROM ledger_admit_many($1, $2, $3, $4, $5, $6, $7, $8)",
+    async def _admit_many(self, batch: list[Reservation]) -> list[Admission]:
+        rows = await _retrying(lambda: self._pool.fetch(
+            "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             [a.entry_id for a in batch], [a.subscription_id for a in batch],
             [a.api_key_id for a in batch], [a.surface for a in batch], [a.model for a in batch],
-            [a.prompt_estimate for a in batch], [a.reserve for a in batch], self._lease)
+            [a.prompt_estimate for a in batch], [a.reserve for a in batch],
+            [a.held for a in batch], self._lease))
         by_index = {r["i"]: _admission(r) for r in rows}
         return [by_index[i + 1] for i in range(len(batch))]
 
-    def _void_orphan(self, a: _Admit, admission: Admission) -> None:
+    def _void_orphan(self, a: Reservation, admission: Admission) -> None:
         """An admission whose caller went away before hearing of it: nothing was forwarded."""
         if admission.admitted:
             asyncio.get_running_loop().create_task(self.void(a.entry_id, reason="admission abandoned"))
 
-    async def post(self, entry_id: uuid.UUID, usage: Usage, *, estimated: bool, reason: str,
+    async def settle(self, settlement: Settlement) -> int | None:
+        """Settle a pending entry. Returns the billed tokens, or None if it was settled already
+        (a replay). Raises on a database failure: the caller retries, harmlessly."""
+        return await self._settlements(settlement)
+
+    async def post(self, entry_id: uuid.UUID, usage: Counts, *, estimated: bool, reason: str,
                    upstream_request_id: str | None = None) -> int | None:
-        """Settle at real usage. Returns the billed tokens, or None if it was settled already."""
-        return await self._settle(entry_id, "posted", usage, estimated, reason, upstream_request_id)
+        return await self.settle(Settlement(entry_id, "posted", usage, estimated, reason, upstream_request_id))
 
-    async def void(self, entry_id: uuid.UUID, *, reason: str,
-                   upstream_request_id: str | None = None) -> int | None:
-        return await self._settle(entry_id, "voided", Usage(), False, reason, upstream_request_id)
+    async def void(self, entry_id: uuid.UUID, *, reason: str) -> int | None:
+        return await self.settle(Settlement(entry_id, "voided", Counts(), False, reason))
 
-    async def _settle(self, entry_id: uuid.UUID, state: str, usage: Usage, estimated: bool,
-                      reason: str, upstream_request_id: str | None) -> int | None:
-        billed = await self._settlements(_Settle(entry_id, state, usage, estimated, reason, upstream_request_id))
-        if billed is None:
-            log.warning("settlement ignored: entry not pending",
-                        extra={"entry": str(entry_id), "state": state})
-        return billed
+    async def _settle_one(self, s: Settlement) -> int | None:
+        return (await self._settle_many([s]))[0]
 
-    async def _settle_one(self, s: _Settle) -> int | None:
-        return await self._pool.fetchval(
-            "SELECT billed FROM ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            s.entry_id, s.state, s.usage.prompt_tokens, s.usage.completion_tokens,
-            s.usage.cached_tokens, s.usage.reasoning_tokens, s.estimated, s.reason, s.upstream_request_id)
-
-    async def _settle_many(self, batch: list[_Settle]) -> list[int | None]:
-        rows = await self._pool.fetch(
-            "SELECT * FROM ledger_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    async def _settle_many(self, batch: list[Settlement]) -> list[int | None]:
+        rows = await _retrying(lambda: self._pool.fetch(
+            "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             [s.entry_id for s in batch], [s.state for s in batch],
-            [s.usage.prompt_tokens for s in batch], [s.usage.completion_tokens for s in batch],
-            [s.usage.cached_tokens for s in batch], [s.usage.reasoning_tokens for s in batch],
+            [s.counts.prompt_tokens for s in batch], [s.counts.completion_tokens for s in batch],
+            [s.counts.cached_tokens for s in batch], [s.counts.reasoning_tokens for s in batch],
             [s.estimated for s in batch], [s.reason for s in batch],
-            [s.upstream_request_id for s in batch])
+            [s.upstream_request_id for s in batch]))
         billed = {r["i"]: r["billed"] for r in rows}
         return [billed.get(i + 1) for i in range(len(batch))]
 
@@ -214,7 +181,7 @@ class Ledger:
         return status == "UPDATE 1"
 
     async def expire_due(self, limit: int = 500) -> int:
-        rows = await self._pool.fetch("SELECT * FROM ledger_expire_due($1)", limit)
+        rows = await _retrying(lambda: self._pool.fetch("SELECT * FROM ledger_expire_due($1)", limit))
         if rows:
             log.warning("expired pending reservations", extra={"count": len(rows)})
         return len(rows)

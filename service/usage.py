@@ -12,9 +12,10 @@ import msgspec
 from litestar import Request, Response, get
 
 from bridge.app import api_key
+from bridge.journey import iso_utc
+from bridge.ports import Principal
 
-from .accounts import Principal
-from .ledger import iso_utc
+from .problems import problem
 from .throttle import GuardedAuthenticator
 
 UTC = dt.timezone.utc
@@ -155,8 +156,6 @@ async def _principal(request: Request) -> Principal | None:
 
 
 def _problem_401() -> Response:
-    from .app import problem
-
     return problem(401, "Invalid API key", "Send your Codeplan key as `Authorization: Bearer <key>`.")
 
 
@@ -165,6 +164,8 @@ async def usage(request: Request) -> Response:
     principal = await _principal(request)
     if principal is None:
         return _problem_401()
+    if principal.subscription_id is None:
+        return problem(402, "No subscription", "This account has no active subscription.")
     body = await report(request.app.state.pool, principal, request.app.state.calibration.report())
     return Response(msgspec.json.encode(body), media_type="application/json")
 
@@ -205,6 +206,8 @@ async def zai_quota_limit(request: Request) -> Response:
     principal = await _principal(request)
     if principal is None:
         return _zai(None, 401, "token expired or incorrect")
+    if principal.subscription_id is None:
+        return _zai(None, 402, "no active subscription")
     plan, windows = await current_windows(request.app.state.pool, principal.subscription_id)
     limits = []
     for window in windows:
@@ -264,6 +267,8 @@ async def zai_model_usage(request: Request) -> Response:
     principal = await _principal(request)
     if principal is None:
         return _zai(None, 401, "token expired or incorrect")
+    if principal.subscription_id is None:
+        return _zai(None, 402, "no active subscription")
     now = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     try:
         # times are read as UTC (Z.ai's own are Beijing time); the official script's default

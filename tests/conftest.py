@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -85,9 +86,25 @@ def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None 
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
+PG_FOLDER: list[Path] = []
+
+
+def pg_log() -> Path:
+    """The embedded PostgreSQL's server log (deadlocks, lock timeouts are reported there)."""
+    return PG_FOLDER[0] / "pgdata" / "log"
+
+
+def pg_socket(url: str) -> str:
+    """The unix socket of a database URL of the embedded server."""
+    host = url.partition("host=")[2].partition("&")[0]
+    [socket_path] = [p for p in Path(host).glob(".s.PGSQL.*") if not p.name.endswith(".lock")]
+    return str(socket_path)
+
+
 @pytest.fixture(scope="session")
 def pg_url():
     folder = tempfile.mkdtemp(prefix="codeplan-test-pg-")
+    PG_FOLDER.append(Path(folder))
     url = pgembed.start(folder, delete_on_exit=True)
 
     async def prepare():
@@ -212,3 +229,65 @@ def new_plan(database: str, window: int, weekly: int | None = None, **columns) -
 @pytest.fixture
 def key(database) -> str:
     return new_user(database)
+
+
+class TcpProxy:
+    """A TCP proxy in front of the embedded PostgreSQL's unix socket, on its own thread and loop,
+    that can be cut: while cut, open connections are closed and new ones refused. A database that
+    vanishes and comes back, for real, without disturbing the other tests' server."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.port = free_port()
+        self._cut_until = 0.0
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.result(10)
+
+    def url(self, database_url: str) -> str:
+        name = database_url.partition("?")[0].rsplit("/", 1)[1]
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def serve() -> None:
+            server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
+            self._ready.set_result(None)
+            async with server:
+                await server.serve_forever()
+        self._loop.run_until_complete(serve())
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if time.monotonic() < self._cut_until:
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
+        except OSError:
+            writer.close()
+            return
+        self._writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers.difference_update((writer, up_writer))
+
+    def cut(self, seconds: float) -> None:
+        """Drop every open connection now and refuse new ones for `seconds`."""
+        def drop() -> None:
+            self._cut_until = time.monotonic() + seconds
+            for writer in list(self._writers):
+                writer.transport.abort()
+        self._loop.call_soon_threadsafe(drop)

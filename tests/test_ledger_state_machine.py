@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 
 from service import db
+from bridge.ports import Reservation
 from service.ledger import Ledger, Usage
 
 from .conftest import new_plan, new_user, query, run
@@ -26,6 +27,13 @@ def setup(fresh_database):
     plan = new_plan(fresh_database, window=10_000, weekly=30_000)
     new_user(fresh_database, plan)
     return fresh_database, plan
+
+
+def admit(ledger: Ledger, entry: uuid.UUID, *, subscription_id: int, api_key_id: int, prompt_estimate: int,
+          reserve: int, held: int | None = None, surface: str = "chat", model: str = "glm-4.6"):
+    """Admission as the bridge asks for it; `held` (the proven worst case) defaults to `reserve`."""
+    return ledger.admit(Reservation(entry, subscription_id, api_key_id, surface, model, prompt_estimate,
+                                    reserve, reserve if held is None else held))
 
 
 async def _ledger(url: str, lease: float = 60.0) -> tuple[asyncpg.Pool, Ledger]:
@@ -58,7 +66,7 @@ async def _windows(url: str) -> dict[str, asyncpg.Record]:
 async def test_post_moves_reservation_to_usage_once(env):
     url, pool, ledger, sub, key = env
     entry = uuid.uuid4()
-    admission = await ledger.admit(entry, subscription_id=sub, api_key_id=key, surface="chat",
+    admission = await admit(ledger, entry, subscription_id=sub, api_key_id=key, surface="chat",
                                    model="glm-4.6", prompt_estimate=100, reserve=1100)
     assert admission.admitted
     windows = await _windows(url)
@@ -78,7 +86,7 @@ async def test_post_moves_reservation_to_usage_once(env):
 async def test_racing_settlers_apply_exactly_one(env):
     url, pool, ledger, sub, key = env
     entry = uuid.uuid4()
-    await ledger.admit(entry, subscription_id=sub, api_key_id=key, surface="chat",
+    await admit(ledger, entry, subscription_id=sub, api_key_id=key, surface="chat",
                        model="glm-4.6", prompt_estimate=10, reserve=500)
     results = await asyncio.gather(
         *(ledger.post(entry, Usage(prompt_tokens=10, completion_tokens=i), estimated=False, reason=str(i))
@@ -94,12 +102,12 @@ async def test_admission_replay_and_refusals(env):
     url, pool, ledger, sub, key = env
     entry = uuid.uuid4()
     args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
-    assert (await ledger.admit(entry, reserve=6000, **args)).admitted
-    assert (await ledger.admit(entry, reserve=6000, **args)).outcome == "replayed"
-    full = await ledger.admit(uuid.uuid4(), reserve=6000, **args)
+    assert (await admit(ledger, entry, reserve=6000, **args)).admitted
+    assert (await admit(ledger, entry, reserve=6000, **args)).outcome == "replayed"
+    full = await admit(ledger, uuid.uuid4(), reserve=6000, **args)
     assert (full.outcome, full.window_kind) == ("window_full", "5h")
     assert full.resets_at > dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=4, minutes=59)
-    too_large = await ledger.admit(uuid.uuid4(), reserve=10_001, **args)
+    too_large = await admit(ledger, uuid.uuid4(), reserve=10_001, **args)
     assert (too_large.outcome, too_large.window_kind, too_large.allowance) == ("too_large", "5h", 10_000)
     # the refused requests left no trace
     assert len(await query(url, "SELECT 1 FROM usage_ledger")) == 1
@@ -110,12 +118,12 @@ async def test_five_hour_window_reopens_after_it_closes_weekly_window_holds(env)
     args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
     for _ in range(3):
         entry = uuid.uuid4()
-        assert (await ledger.admit(entry, reserve=9000, **args)).admitted
+        assert (await admit(ledger, entry, reserve=9000, **args)).admitted
         await ledger.post(entry, Usage(prompt_tokens=9000), estimated=False, reason="t")
         # close the 5-hour window as if five hours had passed
         await query(url, "UPDATE quota_windows SET starts_at = starts_at - interval '5 hours',"
                          " ends_at = now() - interval '1 second' WHERE kind = '5h'")
-    refused = await ledger.admit(uuid.uuid4(), reserve=4000, **args)
+    refused = await admit(ledger, uuid.uuid4(), reserve=4000, **args)
     assert (refused.outcome, refused.window_kind) == ("window_full", "week")
     windows = await query(url, "SELECT kind, posted FROM quota_windows ORDER BY id")
     assert [(w["kind"], w["posted"]) for w in windows] == [
@@ -127,7 +135,7 @@ async def test_five_hour_window_reopens_after_it_closes_weekly_window_holds(env)
 
 async def test_concurrent_admissions_never_overbook(env):
     url, pool, ledger, sub, key = env
-    results = await asyncio.gather(*(ledger.admit(
+    results = await asyncio.gather(*(admit(ledger, 
         uuid.uuid4(), subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6",
         prompt_estimate=1, reserve=700) for _ in range(100)))
     assert sum(r.admitted for r in results) == 14  # 14 * 700 <= 10,000 < 15 * 700
@@ -143,11 +151,11 @@ async def test_concurrency_cap(fresh_database):
     args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
     try:
         first = uuid.uuid4()
-        assert (await ledger.admit(first, reserve=10, **args)).admitted
-        assert (await ledger.admit(uuid.uuid4(), reserve=10, **args)).admitted
-        assert (await ledger.admit(uuid.uuid4(), reserve=10, **args)).outcome == "concurrency"
+        assert (await admit(ledger, first, reserve=10, **args)).admitted
+        assert (await admit(ledger, uuid.uuid4(), reserve=10, **args)).admitted
+        assert (await admit(ledger, uuid.uuid4(), reserve=10, **args)).outcome == "concurrency"
         await ledger.void(first, reason="t")
-        assert (await ledger.admit(uuid.uuid4(), reserve=10, **args)).admitted
+        assert (await admit(ledger, uuid.uuid4(), reserve=10, **args)).admitted
     finally:
         await pool.close()
 
@@ -157,9 +165,9 @@ async def test_sweeper_expires_only_lapsed_leases_at_what_they_proved(env):
     ledger = Ledger(pool, lease_seconds=0.2)
     args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6")
     silent, proven, alive = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    await ledger.admit(silent, prompt_estimate=40, reserve=1000, **args)
-    await ledger.admit(proven, prompt_estimate=50, reserve=1000, **args)
-    await ledger.admit(alive, prompt_estimate=60, reserve=1000, **args)
+    await admit(ledger, silent, prompt_estimate=40, reserve=1000, **args)
+    await admit(ledger, proven, prompt_estimate=50, reserve=1000, **args)
+    await admit(ledger, alive, prompt_estimate=60, reserve=1000, **args)
     await ledger.heartbeat(proven, 17)
     await asyncio.sleep(0.3)
     long_lease = Ledger(pool, lease_seconds=60)
@@ -182,14 +190,14 @@ async def test_rollup_keeps_every_total(env):
     from service.usage import totals
     for i, model in enumerate(["glm-4.6", "glm-4.6", "glm-4.5-air", "glm-4.6"]):
         entry = uuid.uuid4()
-        await ledger.admit(entry, model=model, **args)
+        await admit(ledger, entry, model=model, **args)
         if i == 3:
             await ledger.void(entry, reason="t")
         else:
             await ledger.post(entry, Usage(prompt_tokens=10 + i, completion_tokens=5, cached_tokens=5),
                               estimated=False, reason="t")
     pending = uuid.uuid4()
-    await ledger.admit(pending, model="glm-4.6", **args)
+    await admit(ledger, pending, model="glm-4.6", **args)
     start = dt.datetime.now(dt.timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
     end = start + dt.timedelta(days=1)
     before = await totals(pool, sub, start, end)

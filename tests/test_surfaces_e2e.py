@@ -313,7 +313,7 @@ def test_client_leaves_while_upstream_queues_voids(quick_bridge, database):
         assert response.status_code == 200
     time.sleep(1.5)
     row = last_row(database, key)
-    assert (row["state"], row["settle_reason"]) == ("voided", "client left before the first byte")
+    assert (row["state"], row["settle_reason"]) == ("voided", "client left before the upstream answered")
 
 
 def test_count_tokens_matches_the_ledgers_estimate(quick_bridge, database):
@@ -321,7 +321,7 @@ def test_count_tokens_matches_the_ledgers_estimate(quick_bridge, database):
     client = anthropic.Anthropic(base_url=quick_bridge.url, api_key=key)
     messages = [{"role": "user", "content": "Count me, please: " + "token " * 300}]
     counted = client.messages.count_tokens(model="claude-sonnet-4-6", messages=messages, system="Be brief.")
-    assert 300 < counted.input_tokens < 400
+    assert 250 < counted.input_tokens < 400  # ~300 o200k tokens, corrected by the measured ratio
     client.messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=messages, system="Be brief.")
     # same estimator, same correction: the reservation's prompt part is what count_tokens said
     assert last_row(database, key)["prompt_estimate"] == pytest.approx(counted.input_tokens, rel=0.05)

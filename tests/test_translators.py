@@ -8,7 +8,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bridge import sse, wire
+from bridge import glm, sse, wire
 from bridge.errors import BridgeError, Kind
 from bridge.metering import StreamMeter
 from bridge.surfaces import chat, messages
@@ -31,13 +31,27 @@ def glm_chunks(name: str, split_seed: int | None = None) -> list[wire.Chunk]:
     return [wire.chunk_decoder.decode(e.data) for e in events[:-1]]
 
 
-def relay(name: str, translator, split_seed: int | None = None) -> tuple[list[sse.Event], StreamMeter]:
+def translate(chunks: list[wire.Chunk], translator, *, done: bool = True) -> tuple[bytes, StreamMeter]:
+    """What the journey does with an upstream stream: normalise, translate, end it."""
     meter = StreamMeter()
+    normalizer = glm.StreamNormalizer("call_test_")
     out = translator.start()
-    for chunk in glm_chunks(name, split_seed):
+    for chunk in chunks:
         meter.observe(chunk, delivered=True)
-        out += translator.feed(chunk)
-    out += translator.finish(meter.completed_usage())
+        out += translator.feed(normalizer.feed(chunk))
+    if done:
+        normalizer.done()
+    tail, outcome = normalizer.close()
+    out += translator.feed(tail)
+    if outcome.complete:
+        out += translator.finish(outcome.reason, meter.completed_usage() or wire.Usage())
+    else:
+        out += translator.fail(outcome.error)
+    return out, meter
+
+
+def relay(name: str, translator, split_seed: int | None = None) -> tuple[list[sse.Event], StreamMeter]:
+    out, meter = translate(glm_chunks(name, split_seed), translator)
     return sse.SSEDecoder().feed(out), meter
 
 
@@ -119,7 +133,7 @@ def test_chat_tool_call_missing_id_gets_one_and_finish_becomes_tool_calls():
 
 def test_chat_sensitive_stop_is_surfaced():
     chunks = openai_chunks(relay("glm_sensitive.sse", chat.ChatStream("glm-4.6", "r5"))[0])
-    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "sensitive"
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "content_filter"
     assert chunks[-1]["usage"]["completion_tokens"] == 3
 
 
@@ -129,12 +143,13 @@ def test_chat_usage_in_a_trailing_chunk():
     assert sum(1 for c in chunks if c.get("usage")) == 1
 
 
-def test_chat_network_error_finish_is_surfaced():
-    stream = chat.ChatStream("glm-4.6", "r8")
-    out = stream.feed(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="par"))]))
-    out += stream.feed(wire.Chunk(choices=[wire.ChunkChoice(finish_reason="network_error")]))
-    chunks = [json.loads(e.data) for e in sse.SSEDecoder().feed(out)]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "network_error"
+def test_chat_network_error_finish_is_an_error_not_a_clean_end():
+    out, _ = translate([wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="par"))]),
+                        wire.Chunk(choices=[wire.ChunkChoice(finish_reason="network_error")])],
+                       chat.ChatStream("glm-4.6", "r8"))
+    events = sse.SSEDecoder().feed(out)
+    assert events[-1].data != b"[DONE]"
+    assert json.loads(events[-1].data)["error"]["code"] == "network_error"
 
 
 def test_chat_failure_mid_stream_is_an_openai_error_without_done():
@@ -163,9 +178,10 @@ def test_chat_request_adapted_to_what_glm_accepts():
     }
     parsed = chat.parse_request(json.dumps(body).encode())
     assert chat.requested_max_tokens(parsed) == 500
-    upstream = chat.to_upstream(parsed, "glm-4.6", 500)
+    upstream = glm.prepare(chat.to_upstream(parsed))
+    upstream.max_tokens = 500
     sent = json.loads(wire.encoder.encode(upstream))
-    assert sent["model"] == "glm-4.6" and sent["max_tokens"] == 500 and sent["stream"] is True
+    assert sent["model"] == "GLM-4.6" and sent["max_tokens"] == 500 and sent["stream"] is True
     assert sent["thinking"] == {"type": "enabled"} and sent["tool_choice"] == "auto"
     assert sent["stop"] == ["END"] and sent["tool_stream"] is True
     for dropped in ("parallel_tool_calls", "stream_options", "prompt_cache_key", "seed", "n",
@@ -194,7 +210,7 @@ def test_chat_request_adapted_to_what_glm_accepts():
 def test_chat_thinking_from_any_reasoning_knob(knobs, expected):
     parsed = chat.parse_request(json.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "x"}],
                                             **knobs}).encode())
-    sent = json.loads(wire.encoder.encode(chat.to_upstream(parsed, "glm-4.6", 10)))
+    sent = json.loads(wire.encoder.encode(glm.prepare(chat.to_upstream(parsed))))
     assert sent.get("thinking") == expected
 
 
@@ -202,7 +218,7 @@ def test_chat_tool_choice_none_sends_no_tools():
     parsed = chat.parse_request(json.dumps({
         "model": "glm-4.6", "messages": [{"role": "user", "content": "x"}], "tool_choice": "none",
         "tools": [{"type": "function", "function": {"name": "t"}}]}).encode())
-    assert "tools" not in json.loads(wire.encoder.encode(chat.to_upstream(parsed, "glm-4.6", 10)))
+    assert "tools" not in json.loads(wire.encoder.encode(glm.prepare(chat.to_upstream(parsed))))
 
 
 # ---- Anthropic Messages -----------------------------------------------------------------------
@@ -274,7 +290,7 @@ def test_messages_tool_without_arguments_and_stop_reason():
     assert json.loads(blocks[0]["partial_json"]) == {}
     assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
     late = anthropic_events("glm_tool_id_late.sse")
-    assert _check_block_structure(late)[0]["id"].startswith("toolu_")
+    assert _check_block_structure(late)[0]["id"].startswith("call_")
     assert late[-2][1]["delta"]["stop_reason"] == "tool_use"
 
 
@@ -284,10 +300,10 @@ def test_messages_sensitive_is_a_refusal():
 
 
 def test_messages_network_error_finish_is_an_error_event():
-    stream = messages.MessagesStream("glm-4.6", "m3", 1)
-    out = stream.start() + stream.feed(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="partial"))]))
-    out += stream.feed(wire.Chunk(choices=[wire.ChunkChoice(finish_reason="network_error")]))
-    out += stream.finish(wire.Usage(prompt_tokens=5, completion_tokens=1, total_tokens=6))
+    out, _ = translate([wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="partial"))]),
+                        wire.Chunk(choices=[wire.ChunkChoice(finish_reason="network_error")],
+                                   usage=wire.Usage(prompt_tokens=5, completion_tokens=1, total_tokens=6))],
+                       messages.MessagesStream("glm-4.6", "m3", 1))
     names = [e.event for e in sse.SSEDecoder().feed(out)]
     assert names[-2:] == ["content_block_stop", "error"] and "message_stop" not in names
 
@@ -330,7 +346,7 @@ def test_messages_request_translation():
         ],
     }
     request = messages.parse_request(json.dumps(body).encode())
-    sent = json.loads(wire.encoder.encode(messages.to_upstream(request)))
+    sent = json.loads(wire.encoder.encode(glm.prepare(messages.to_upstream(request))))
     assert sent["thinking"] == {"type": "enabled"} and sent["tool_choice"] == "auto"
     assert sent["stop"] == ["</done>"]
     assert [t["function"]["name"] for t in sent["tools"]] == ["Read"]  # server tools dropped
@@ -348,11 +364,11 @@ def test_messages_request_translation():
         assert dropped not in sent
     long_id = json.dumps({"device_id": "d" * 64, "account_uuid": "a" * 36, "session_id": "s" * 36})
     assert sent["user_id"] == "{\"session\": 1}"  # 14 characters: GLM takes it as it is
-    assert messages.glm_user_id(long_id).startswith("u-") and len(messages.glm_user_id(long_id)) == 42
-    assert messages.glm_user_id("abc") == messages.glm_user_id("abc") != "abc"
+    assert glm.user_id(long_id).startswith("u-") and len(glm.user_id(long_id)) == 42
+    assert glm.user_id("abc") == glm.user_id("abc") != "abc"
     disabled = messages.parse_request(json.dumps({**body, "thinking": {"type": "disabled"},
                                                   "tool_choice": {"type": "none"}}).encode())
-    sent = json.loads(wire.encoder.encode(messages.to_upstream(disabled)))
+    sent = json.loads(wire.encoder.encode(glm.prepare(messages.to_upstream(disabled))))
     assert sent["thinking"] == {"type": "disabled"} and "tools" not in sent
 
 

@@ -25,7 +25,7 @@ from collections import OrderedDict
 
 import msgspec
 
-from service.estimate import offline_encoding
+from ..tokens import offline_encoding
 
 from .. import wire
 
@@ -91,6 +91,7 @@ class Directive(msgspec.Struct, kw_only=True):
     empty_args: bool = False
     silence: float = 30.0
     header_delay: float = 0.0  # seconds before the response starts at all (a queued request)
+    tail_delay: float = 0.0  # seconds between the usage chunk and the end of the stream
     once: bool = False  # the faults strike only the first time this conversation is seen
 
 
@@ -112,6 +113,7 @@ class Script(msgspec.Struct):
     fault_at: int = 0  # index in pieces where mid-stream faults strike
     silence: float = 30.0
     header_delay: float = 0.0
+    tail_delay: float = 0.0
 
 
 class SimConfig(msgspec.Struct, kw_only=True, frozen=True):
@@ -122,6 +124,10 @@ class SimConfig(msgspec.Struct, kw_only=True, frozen=True):
     reasoning_tokens: int = 24
     # accepted upstream keys; empty accepts any non-empty key
     keys: tuple[str, ...] = ()
+    # stream usage: always (GLM's own API: unasked, in the finish chunk); when_asked (OpenAI's
+    # rule, vLLM, SGLang: only with stream_options.include_usage, in a chunk of its own);
+    # never; reject_field (a strict server: a 400 naming stream_options when it is sent)
+    usage_mode: str = "always"
 
 
 class _Tokenizer:
@@ -214,39 +220,55 @@ class Engine:
         seed = int.from_bytes(hashlib.sha256(
             self.config.seed.to_bytes(8, "big") + wire.encoder.encode(request.messages)).digest()[:8], "big")
         rng = random.Random(seed)
+        # GLM never writes more than max_tokens (reasoning included): neither does this
         budget = request.max_tokens if isinstance(request.max_tokens, int) else 1 << 30
         thinking = not (isinstance(request.thinking, wire.Thinking) and request.thinking.type == "disabled")
         pieces: list[Piece] = []
-        reasoning_n = directive.reasoning if directive.reasoning is not None else (
-            self.config.reasoning_tokens if thinking else 0)
-        for _ in range(min(reasoning_n, budget)):
-            pieces.append(Piece("reasoning", " " + rng.choice(_REASONING)))
-        spent = len(pieces)
+        spent = 0
         finish = "stop"
 
+        def add(piece: Piece) -> bool:
+            nonlocal spent, finish
+            cost = _Tokenizer.count(piece.text or piece.name)
+            if spent + cost > budget:
+                finish = "length"
+                return False
+            pieces.append(piece)
+            spent += cost
+            return True
+
+        reasoning_n = directive.reasoning if directive.reasoning is not None else (
+            self.config.reasoning_tokens if thinking else 0)
+        for _ in range(reasoning_n):
+            if not add(Piece("reasoning", " " + rng.choice(_REASONING))):
+                break
+
         calls = self._tool_calls(request, directive, rng)
-        if calls:
+        if calls and finish == "stop":
             for index, (name, arguments) in enumerate(calls):
                 call_id = f"call_{seed % 10**12:012d}{index}"
-                pieces.append(Piece("tool_start", index=index, call_id=call_id, name=name))
+                if not add(Piece("tool_start", index=index, call_id=call_id, name=name)):
+                    break
                 # arguments arrive in fragments, as with tool_stream
                 step = max(1, len(arguments) // 3)
                 for start in range(0, len(arguments), step):
-                    pieces.append(Piece("tool_args", arguments[start:start + step], index=index))
-            finish = "tool_calls"
-        else:
+                    if not add(Piece("tool_args", arguments[start:start + step], index=index)):
+                        break
+                if finish == "length":
+                    break
+            else:
+                finish = "tool_calls"
+        elif finish == "stop":
             if directive.text is not None:
-                words = [w for w in re.split(r"(\s+)", directive.text) if w]
-                content = words
+                content = [w for w in re.split(r"(\s+)", directive.text) if w]
             else:
                 answer = self._answer_from_tool_result(request)
                 n = directive.tokens if directive.tokens is not None else self.config.output_tokens
-                content = ([answer] if answer else []) + [
+                content = re.findall(r"\s*\S+", answer) + [
                     " " + rng.choice(_WORDS) for _ in range(n)]
-            room = max(0, budget - spent)
-            if len(content) > room:
-                content, finish = content[:room], "length"
-            pieces.extend(Piece("content", text) for text in content)
+            for text in content:
+                if not add(Piece("content", text)):
+                    break
 
         prompt, cached = self.prompt_tokens(request)
         completion = sum(_Tokenizer.count(p.text or p.name) for p in pieces)
@@ -272,7 +294,8 @@ class Engine:
         tps = directive.tps if directive.tps is not None else self.config.tokens_per_second
         return Script(pieces=pieces, finish_reason=finish, usage=usage, ttft=ttft,
                       interval=1 / tps if tps > 0 else 0.0, faults=faults, fault_at=fault_at,
-                      silence=directive.silence, header_delay=directive.header_delay)
+                      silence=directive.silence, header_delay=directive.header_delay,
+                      tail_delay=directive.tail_delay)
 
     @staticmethod
     def _tool_results(request: wire.ChatRequest) -> list[str] | None:

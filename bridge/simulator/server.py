@@ -33,7 +33,21 @@ def _delta(piece: Piece, first: bool) -> wire.Delta:
         index=piece.index, function=wire.FunctionDelta(arguments=piece.text))])
 
 
-async def _stream(script: Script, completion_id: str, model: str) -> AsyncIterator[bytes]:
+USAGE_MODES = ("always", "when_asked", "never", "reject_field")
+
+
+def _stream_usage(mode: str, chat: wire.ChatRequest) -> str:
+    """Where a stream's usage goes: "finish" (GLM: in the finish chunk), "apart" (OpenAI-style:
+    a chunk of its own, with no choices) or "none"."""
+    if mode in ("always", "reject_field"):
+        return "finish"
+    if mode == "when_asked" and isinstance(chat.stream_options, wire.StreamOptions) \
+            and chat.stream_options.include_usage:
+        return "apart"
+    return "none"
+
+
+async def _stream(script: Script, completion_id: str, model: str, usage_at: str = "finish") -> AsyncIterator[bytes]:
     created = int(time.time())
 
     def chunk(delta: wire.Delta, finish: str | msgspec.UnsetType = msgspec.UNSET,
@@ -59,14 +73,18 @@ async def _stream(script: Script, completion_id: str, model: str) -> AsyncIterat
             await asyncio.sleep(script.interval)
         yield chunk(_delta(piece, i == 0))
     final = wire.Delta(role="assistant", content="")
-    usage = msgspec.UNSET if "no_usage" in script.faults else script.usage
-    if "usage_apart" in script.faults:
+    usage = msgspec.UNSET if "no_usage" in script.faults or usage_at == "none" else script.usage
+    if usage_at == "none":
+        yield chunk(final, script.finish_reason)
+    elif "usage_apart" in script.faults or usage_at == "apart":
         # some OpenAI-style upstreams send usage in a chunk of its own, with no choices
         yield chunk(final, script.finish_reason)
         yield sse.frame(wire.encoder.encode(wire.Chunk(
             id=completion_id, created=created, model=model, choices=[], usage=usage)))
     else:
         yield chunk(final, script.finish_reason, usage)
+    if script.tail_delay:
+        await asyncio.sleep(script.tail_delay)
     yield sse.DONE
 
 
@@ -134,6 +152,10 @@ def create_app(config: SimConfig | None = None) -> Litestar:
             return _error(400, "1210", "Invalid API parameter: stop supports at most 1 stop word")
         if isinstance(chat.tool_choice, str) and chat.tool_choice != "auto":
             return _error(400, "1210", "Invalid API parameter: tool_choice only supports auto")
+        if engine.config.usage_mode == "reject_field" and chat.stream_options is not msgspec.UNSET:
+            stats.requests += 1
+            return _error(400, "1210", "Invalid API parameter: Unrecognized request argument "
+                                       "supplied: stream_options")
         try:
             script = engine.plan(chat)
         except BadDirective as exc:
@@ -162,7 +184,8 @@ def create_app(config: SimConfig | None = None) -> Litestar:
             stats.completion_tokens += script.usage.completion_tokens
         headers = {"x-request-id": completion_id}
         if chat.stream:
-            return Stream(_counted(stats, key, _stream(script, completion_id, chat.model)),
+            return Stream(_counted(stats, key, _stream(
+                script, completion_id, chat.model, _stream_usage(engine.config.usage_mode, chat))),
                           media_type="text/event-stream",
                           headers={**headers, "cache-control": "no-cache"})
         if script.ttft:
@@ -172,7 +195,8 @@ def create_app(config: SimConfig | None = None) -> Litestar:
         body = wire.Completion(
             id=completion_id, request_id=completion_id, created=int(time.time()), model=chat.model,
             choices=[wire.Choice(message=_message(script), finish_reason=script.finish_reason)],
-            usage=msgspec.UNSET if "no_usage" in script.faults else script.usage)
+            usage=msgspec.UNSET if "no_usage" in script.faults or engine.config.usage_mode == "never"
+            else script.usage)
         return Response(wire.encoder.encode(body), media_type="application/json", headers=headers)
 
     return Litestar(route_handlers=[chat_completions, sim_stats], debug=False, logging_config=None,

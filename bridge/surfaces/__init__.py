@@ -1,13 +1,45 @@
-"""Sans-I/O translators, one per client protocol."""
+"""Sans-I/O translators, one per client protocol, and what the journey asks of each."""
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import msgspec
 
+from .. import glm, wire
 from ..errors import BridgeError, Kind
 
 T = TypeVar("T")
+
+
+class Parsed(msgspec.Struct):
+    """A client request as a GLM request (model as the client named it), and the client's own
+    output cap (None: the model's)."""
+    request: wire.ChatRequest
+    max_tokens: int | None
+
+
+class StreamTranslator(Protocol):
+    content_type: str
+    keepalive: bytes
+
+    def start(self) -> bytes:
+        """What goes out before the first upstream byte (Anthropic's message_start)."""
+    def feed(self, events: list[glm.Event]) -> bytes: ...
+    def finish(self, reason: str, usage: wire.Usage) -> bytes:
+        """A complete answer's end: why it stopped and what it cost."""
+    def fail(self, error: BridgeError) -> bytes:
+        """A broken answer's end: the protocol's error event, never a clean end."""
+
+
+class Surface(Protocol):
+    name: str
+
+    def parse(self, body: bytes) -> Parsed: ...
+    def stream(self, model: str, request_id: str, prompt_estimate: int) -> StreamTranslator: ...
+    def complete(self, answer: glm.Answer, reason: str, model: str, request_id: str,
+                 usage: wire.Usage) -> bytes: ...
+    def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and body of an error in this protocol's own shape."""
 
 
 def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> T:

@@ -10,9 +10,9 @@ import time
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
-from .. import errors, sse, wire
+from .. import errors, glm, sse, wire
 from ..errors import BridgeError, Kind
-from . import decode_body
+from . import Parsed, decode_body
 
 SURFACE = "chat"
 
@@ -137,10 +137,10 @@ def _message(message: ClientMessage) -> wire.Message:
     return out
 
 
-def to_upstream(request: ClientChatRequest, model: str, max_tokens: int) -> wire.ChatRequest:
+def to_upstream(request: ClientChatRequest) -> wire.ChatRequest:
     upstream = wire.ChatRequest(
-        model=model, messages=[_message(m) for m in request.messages],
-        stream=bool(request.stream), max_tokens=max_tokens, thinking=_thinking(request))
+        model=request.model, messages=[_message(m) for m in request.messages],
+        stream=bool(request.stream), thinking=_thinking(request))
     tool_choice_none = bytes(request.tool_choice).strip() == b'"none"'
     if request.tools and not tool_choice_none:
         upstream.tools = [
@@ -149,25 +149,24 @@ def to_upstream(request: ClientChatRequest, model: str, max_tokens: int) -> wire
                 description=t.function.description if isinstance(t.function.description, str) else UNSET,
                 parameters=t.function.parameters if wire.present(t.function.parameters) else Raw()))
             for t in request.tools if isinstance(t.function, ClientFunction)]
-        # GLM supports only "auto"; a forced choice cannot be honoured upstream
-        upstream.tool_choice = "auto"
-        if request.stream:
-            upstream.tool_stream = True
     if request.temperature is not None:
-        upstream.temperature = min(max(request.temperature, 0.0), 1.0)
+        upstream.temperature = request.temperature
     if request.top_p is not None:
-        upstream.top_p = min(max(request.top_p, 0.01), 1.0)
+        upstream.top_p = request.top_p
     if request.stop:
-        # GLM takes at most one stop word
-        upstream.stop = [request.stop] if isinstance(request.stop, str) else request.stop[:1]
+        upstream.stop = [request.stop] if isinstance(request.stop, str) else request.stop
     if wire.present(request.response_format):
         upstream.response_format = request.response_format
+    if request.user:
+        upstream.user_id = glm.user_id(request.user)
     return upstream
 
 
 def requested_max_tokens(request: ClientChatRequest) -> int | None:
-    value = request.max_completion_tokens or request.max_tokens
-    return value if value and value > 0 else None
+    """`max_completion_tokens` (newer clients) or `max_tokens`; below 1 is refused."""
+    if request.max_completion_tokens is not None:
+        return glm.check_max_tokens(request.max_completion_tokens, "max_completion_tokens")
+    return glm.check_max_tokens(request.max_tokens)
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -242,97 +241,53 @@ def out_usage(usage: wire.Usage) -> OutUsage:
 
 
 class ChatStream:
-    """GLM chunks in, OpenAI chat-completion-chunk SSE bytes out."""
+    """Clean events in, OpenAI chat-completion-chunk SSE bytes out."""
 
     content_type = "text/event-stream"
     keepalive = sse.KEEPALIVE
+    __slots__ = ("model", "id", "created", "_sent_role")
 
     def __init__(self, model: str, request_id: str) -> None:
         self.model = model
         self.id = "chatcmpl-" + request_id
         self.created = int(time.time())
-        self._tools: dict[int, bool] = {}  # GLM tool index -> its arguments have begun
         self._sent_role = False
-        self._said_anything = False
 
     def start(self) -> bytes:
         return b""
 
-    def _chunk(self, delta: wire.Delta, finish: str | None) -> bytes:
+    def _chunk(self, delta: wire.Delta, finish: str | None = None) -> bytes:
+        if not self._sent_role:
+            delta.role = "assistant"
+            self._sent_role = True
         return sse.frame(_encoder.encode(OutChunk(
             id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
             choices=[OutChoice(index=0, delta=delta, finish_reason=finish)])))
 
-    def feed(self, chunk: wire.Chunk) -> bytes:
+    def feed(self, events: list[glm.Event]) -> bytes:
         out = b""
-        for choice in chunk.choices:
-            delta = choice.delta
-            finish = choice.finish_reason or None
-            if isinstance(delta.tool_calls, list) and delta.tool_calls:
-                delta.tool_calls = [self._tool_delta(call) for call in delta.tool_calls]
-            # GLM repeats role and sends an empty content on its last chunk: drop the noise
-            if delta.content == "" and finish is not None:
-                delta.content = UNSET
-            if self._sent_role:
-                delta.role = UNSET
-            elif delta.role is UNSET or delta.role is None:
-                delta.role = "assistant"
-            self._sent_role = True
-            if finish is not None:
-                out += self._close_tools()
-                if self._tools and finish == "stop":
-                    finish = "tool_calls"
-            if _has_content(delta):
-                self._said_anything = True
-            if finish is not None or _has_payload(delta):
-                out += self._chunk(delta, finish)
-        return out
-
-    def _tool_delta(self, call: wire.ToolCallDelta) -> wire.ToolCallDelta:
-        function = call.function if isinstance(call.function, wire.FunctionDelta) else wire.FunctionDelta()
-        if call.index not in self._tools:
-            # the first delta of a call must carry id, type and name (Cline and Roo drop it otherwise)
-            self._tools[call.index] = False
-            if not (isinstance(call.id, str) and call.id):
-                call.id = f"call_{self.id[-12:]}_{call.index}"
-            call.type = "function"
-            if not isinstance(function.name, str):
-                function.name = ""
-            if not isinstance(function.arguments, str):
-                function.arguments = ""
-        else:
-            call.id = UNSET
-            call.type = UNSET
-            function.name = UNSET
-        if isinstance(function.arguments, str) and function.arguments:
-            self._tools[call.index] = True
-        call.function = function
-        return call
-
-    def _close_tools(self) -> bytes:
-        """A tool call that never got arguments gets "{}": AI-SDK clients never run "" (pitfall 2)."""
-        out = b""
-        for index, has_arguments in self._tools.items():
-            if not has_arguments:
-                self._tools[index] = True
+        for event in events:
+            if isinstance(event, glm.Text):
+                out += self._chunk(wire.Delta(content=event.text))
+            elif isinstance(event, glm.Reasoning):
+                out += self._chunk(wire.Delta(reasoning_content=event.text))
+            elif isinstance(event, glm.ToolStart):
+                # the first delta of a call carries id, type and name (Cline and Roo drop it otherwise)
                 out += self._chunk(wire.Delta(tool_calls=[wire.ToolCallDelta(
-                    index=index, function=wire.FunctionDelta(arguments="{}"))]), None)
+                    index=event.index, id=event.id, type="function",
+                    function=wire.FunctionDelta(name=event.name, arguments=""))]))
+            elif isinstance(event, glm.ToolArgs):
+                out += self._chunk(wire.Delta(tool_calls=[wire.ToolCallDelta(
+                    index=event.index, function=wire.FunctionDelta(arguments=event.text))]))
         return out
 
-    def finish(self, usage: wire.Usage) -> bytes:
-        """The usage-only last chunk (`choices: []`), then [DONE].
-
-        An answer with no text, reasoning or tool call is an error to every client (Cline
-        fails hard on it): it ends as a retryable error instead, after the usage."""
-        if not self._said_anything:
-            return sse.frame(_encoder.encode(OutChunk(
-                id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
-                choices=[], usage=out_usage(usage)))) + self.fail(BridgeError(
-                    Kind.upstream_error, "The model returned an empty answer; please retry.",
-                    code="empty_response"))
-        return sse.frame(_encoder.encode(OutChunk(
-            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
-            choices=[], usage=out_usage(usage)))) + sse.DONE
+    def finish(self, reason: str, usage: wire.Usage) -> bytes:
+        """The finish chunk, the usage-only last chunk (`choices: []`), then [DONE]."""
+        return (self._chunk(wire.Delta(), reason)
+                + sse.frame(_encoder.encode(OutChunk(
+                    id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
+                    choices=[], usage=out_usage(usage))))
+                + sse.DONE)
 
     def fail(self, error: BridgeError) -> bytes:
         """A failure after the stream began: an OpenAI error object in the stream (the SDKs raise
@@ -340,35 +295,17 @@ class ChatStream:
         return sse.frame(_encoder.encode(errors.openai_error(error)))
 
 
-def _has_content(delta: wire.Delta) -> bool:
-    return bool(delta.content) or bool(delta.reasoning_content) or bool(delta.tool_calls)
-
-
-def _has_payload(delta: wire.Delta) -> bool:
-    return bool(delta.content) or bool(delta.reasoning_content) or bool(delta.tool_calls) \
-        or isinstance(delta.role, str)
-
-
-def completion_body(completion: wire.Completion, model: str, usage: wire.Usage) -> bytes:
-    choices = []
-    for choice in completion.choices or [wire.Choice()]:
-        message = choice.message
-        calls = message.tool_calls if isinstance(message.tool_calls, list) and message.tool_calls else UNSET
-        if calls:
-            for call in calls:
-                call.type = "function"
-                if not call.function.arguments:
-                    call.function.arguments = "{}"
-        finish = choice.finish_reason
-        if calls and finish == "stop":
-            finish = "tool_calls"
-        choices.append(OutCompletionChoice(index=choice.index, finish_reason=finish, message=OutMessage(
-            role="assistant", content=message.content,
-            reasoning_content=message.reasoning_content if isinstance(message.reasoning_content, str) and message.reasoning_content else UNSET,
-            tool_calls=calls)))
+def completion_body(answer: glm.Answer, reason: str, model: str, request_id: str,
+                    usage: wire.Usage) -> bytes:
+    calls = [wire.ToolCall(id=c.id, type="function", function=wire.FunctionCall(
+        name=c.name, arguments=c.arguments)) for c in answer.calls]
+    message = OutMessage(
+        role="assistant", content=answer.text if answer.text or not calls else None,
+        reasoning_content=answer.reasoning or UNSET, tool_calls=calls or UNSET)
     return _encoder.encode(OutCompletion(
-        id=completion.id, object="chat.completion", created=completion.created or int(time.time()),
-        model=model, choices=choices, usage=out_usage(usage)))
+        id="chatcmpl-" + request_id, object="chat.completion", created=int(time.time()),
+        model=model, choices=[OutCompletionChoice(index=0, message=message, finish_reason=reason)],
+        usage=out_usage(usage)))
 
 
 def error_body(error: BridgeError) -> bytes:
@@ -379,15 +316,16 @@ class ChatSurface:
     """The Chat Completions surface as the journey sees it."""
     name = SURFACE
 
-    def parse(self, body: bytes) -> tuple[wire.ChatRequest, int | None]:
+    def parse(self, body: bytes) -> Parsed:
         request = parse_request(body)
-        return to_upstream(request, request.model, 0), requested_max_tokens(request)
+        return Parsed(to_upstream(request), requested_max_tokens(request))
 
     def stream(self, model: str, request_id: str, prompt_estimate: int) -> ChatStream:
         return ChatStream(model, request_id)
 
-    def complete(self, completion: wire.Completion, model: str, usage: wire.Usage) -> bytes:
-        return completion_body(completion, model, usage)
+    def complete(self, answer: glm.Answer, reason: str, model: str, request_id: str,
+                 usage: wire.Usage) -> bytes:
+        return completion_body(answer, reason, model, request_id, usage)
 
     def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
         return error.status, error.headers(), error_body(error)

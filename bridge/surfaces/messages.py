@@ -15,9 +15,9 @@ import math
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
-from .. import sse, wire
+from .. import glm, sse, wire
 from ..errors import BridgeError, Kind
-from . import decode_body
+from . import Parsed, decode_body
 
 SURFACE = "messages"
 
@@ -198,27 +198,16 @@ def to_upstream(request: MessagesRequest) -> wire.ChatRequest:
     choice = request.tool_choice.type if request.tool_choice is not None else "auto"
     tools = _tools(request.tools)
     if tools and choice != "none":
-        upstream.tools = tools
-        upstream.tool_choice = "auto"  # GLM supports only auto
-        if request.stream:
-            upstream.tool_stream = True
+        upstream.tools = tools  # tool_choice any/tool: GLM supports only auto (glm.prepare)
     if request.temperature is not None:
-        upstream.temperature = min(max(request.temperature, 0.0), 1.0)
+        upstream.temperature = request.temperature
     if request.top_p is not None:
-        upstream.top_p = min(max(request.top_p, 0.01), 1.0)
+        upstream.top_p = request.top_p
     if request.stop_sequences:
-        upstream.stop = request.stop_sequences[:1]
+        upstream.stop = request.stop_sequences
     if request.metadata is not None and request.metadata.user_id:
-        upstream.user_id = glm_user_id(request.metadata.user_id)
+        upstream.user_id = glm.user_id(request.metadata.user_id)
     return upstream
-
-
-def glm_user_id(user_id: str) -> str:
-    """GLM takes an end-user id of 6 to 128 characters; Claude Code sends a long JSON string.
-    A longer or shorter one is replaced by a stable digest of it."""
-    if 6 <= len(user_id) <= 128:
-        return user_id
-    return "u-" + hashlib.sha256(user_id.encode()).hexdigest()[:40]
 
 
 def count_request(body: bytes) -> wire.ChatRequest:
@@ -329,8 +318,8 @@ class ErrorEvent(Struct, tag="error", tag_field="type"):
 
 _encoder = msgspec.json.Encoder()
 
-STOP_REASONS = {"stop": "end_turn", "tool_calls": "tool_use", "length": "max_tokens",
-                "model_context_window_exceeded": "max_tokens", "sensitive": "refusal"}
+STOP_REASONS = {glm.STOP: "end_turn", glm.TOOL_CALLS: "tool_use", glm.LENGTH: "max_tokens",
+                glm.CONTENT_FILTER: "refusal"}
 
 
 def _event(name: str, payload: Struct) -> bytes:
@@ -343,7 +332,7 @@ def signature(text: str) -> str:
 
 
 class MessagesStream:
-    """GLM chunks in, Anthropic Messages SSE events out."""
+    """Clean events in, Anthropic Messages SSE events out."""
 
     content_type = "text/event-stream"
     keepalive = _event("ping", msgspec.defstruct("Ping", [], tag="ping", tag_field="type")())
@@ -355,10 +344,6 @@ class MessagesStream:
         self._index = -1
         self._open: str | None = None  # type of the open block
         self._thinking: list[str] = []
-        self._tools: dict[int, int] = {}  # GLM tool index -> our block index
-        self._blocks_with_args: set[int] = set()
-        self._finish: str | None = None
-        self._said_anything = False
 
     def start(self) -> bytes:
         return _event("message_start", MessageStart(message=OutMessage(
@@ -380,114 +365,86 @@ class MessagesStream:
             out += _event("content_block_delta", BlockDelta(
                 index=self._index, delta=SignatureDelta(signature=signature("".join(self._thinking)))))
             self._thinking = []
-        elif self._open == "tool_use":
-            if self._index not in self._blocks_with_args:
-                out += _event("content_block_delta", BlockDelta(index=self._index, delta=JsonDelta(partial_json="{}")))
         self._open = None
         return out + _event("content_block_stop", BlockStop(index=self._index))
 
-    def feed(self, chunk: wire.Chunk) -> bytes:
+    def feed(self, events: list[glm.Event]) -> bytes:
         out = b""
-        for choice in chunk.choices:
-            delta = choice.delta
-            if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
+        for event in events:
+            if isinstance(event, glm.Reasoning):
                 if self._open != "thinking":
                     out += self._open_block("thinking", ThinkingStart())
-                self._thinking.append(delta.reasoning_content)
+                self._thinking.append(event.text)
                 out += _event("content_block_delta", BlockDelta(
-                    index=self._index, delta=ThinkingDelta(thinking=delta.reasoning_content)))
-                self._said_anything = True
-            if isinstance(delta.content, str) and delta.content:
+                    index=self._index, delta=ThinkingDelta(thinking=event.text)))
+            elif isinstance(event, glm.Text):
                 if self._open != "text":
                     out += self._open_block("text", TextStart())
-                out += _event("content_block_delta", BlockDelta(index=self._index, delta=TextDelta(text=delta.content)))
-                self._said_anything = True
-            if isinstance(delta.tool_calls, list):
-                for call in delta.tool_calls:
-                    out += self._tool(call)
-            if choice.finish_reason:
-                self._finish = choice.finish_reason
+                out += _event("content_block_delta", BlockDelta(index=self._index, delta=TextDelta(text=event.text)))
+            elif isinstance(event, glm.ToolStart):
+                out += self._open_block("tool_use", ToolUseStart(id=event.id, name=event.name))
+            elif isinstance(event, glm.ToolArgs):
+                out += _event("content_block_delta", BlockDelta(
+                    index=self._index, delta=JsonDelta(partial_json=event.text)))
+            elif isinstance(event, glm.ToolEnd):
+                out += self._close_block()
         return out
 
-    def _tool(self, call: wire.ToolCallDelta) -> bytes:
-        out = b""
-        function = call.function if isinstance(call.function, wire.FunctionDelta) else wire.FunctionDelta()
-        if call.index not in self._tools:
-            call_id = call.id if isinstance(call.id, str) and call.id else f"toolu_{self.id[-12:]}_{call.index}"
-            out += self._open_block("tool_use", ToolUseStart(
-                id=call_id, name=function.name if isinstance(function.name, str) else ""))
-            self._tools[call.index] = self._index
-            self._said_anything = True
-        if isinstance(function.arguments, str) and function.arguments:
-            if self._tools[call.index] != self._index or self._open != "tool_use":
-                # GLM streams one call at a time; a late fragment of a closed block cannot be sent
-                return out
-            self._blocks_with_args.add(self._index)
-            out += _event("content_block_delta", BlockDelta(
-                index=self._index, delta=JsonDelta(partial_json=function.arguments)))
-        return out
-
-    def finish(self, usage: wire.Usage) -> bytes:
-        if not self._said_anything:
-            return self.fail(BridgeError(Kind.upstream_error, "The model returned an empty answer; please retry."))
-        finish = self._finish or "stop"
-        if finish == "network_error":
-            # GLM's inference failed mid-answer: Anthropic clients must not take it for a whole one
-            return self._close_block() + self.fail(BridgeError(
-                Kind.upstream_error, "The model failed mid-answer (network_error); please retry."))
-        if self._tools and finish == "stop":
-            finish = "tool_calls"
+    def finish(self, reason: str, usage: wire.Usage) -> bytes:
         return (self._close_block()
                 + _event("message_delta", MessageDelta(
-                    delta=StopDelta(stop_reason=STOP_REASONS.get(finish, "end_turn")), usage=out_usage(usage)))
+                    delta=StopDelta(stop_reason=STOP_REASONS[reason]), usage=out_usage(usage)))
                 + _event("message_stop", MessageStop()))
 
     def fail(self, error: BridgeError) -> bytes:
-        return _event("error", ErrorEvent(error=ErrorDetail(type=_error_type(error), message=error.message)))
+        return self._close_block() + _event("error", ErrorEvent(error=ErrorDetail(
+            type=_error_type(error), message=error.message)))
 
 
-def completion_body(completion: wire.Completion, model: str, usage: wire.Usage, request_id: str) -> bytes:
+def completion_body(answer: glm.Answer, reason: str, model: str, request_id: str,
+                    usage: wire.Usage) -> bytes:
     content: list[dict] = []
-    finish = "stop"
-    for choice in completion.choices[:1]:
-        message = choice.message
-        finish = choice.finish_reason or "stop"
-        if isinstance(message.reasoning_content, str) and message.reasoning_content:
-            content.append({"type": "thinking", "thinking": message.reasoning_content,
-                            "signature": signature(message.reasoning_content)})
-        if message.content:
-            content.append({"type": "text", "text": message.content})
-        if isinstance(message.tool_calls, list):
-            for call in message.tool_calls:
-                try:
-                    arguments = msgspec.json.decode(call.function.arguments or "{}")
-                except msgspec.DecodeError:
-                    arguments = {}
-                content.append({"type": "tool_use", "id": call.id, "name": call.function.name,
-                                "input": arguments if isinstance(arguments, dict) else {}})
-            if message.tool_calls and finish == "stop":
-                finish = "tool_calls"
+    if answer.reasoning:
+        content.append({"type": "thinking", "thinking": answer.reasoning,
+                        "signature": signature(answer.reasoning)})
+    if answer.text:
+        content.append({"type": "text", "text": answer.text})
+    for call in answer.calls:
+        try:
+            arguments = msgspec.json.decode(call.arguments or "{}")
+        except msgspec.DecodeError:
+            arguments = {}
+        content.append({"type": "tool_use", "id": call.id, "name": call.name,
+                        "input": arguments if isinstance(arguments, dict) else {}})
     return _encoder.encode(OutMessage(
         id="msg_" + request_id, type="message", role="assistant", model=model, content=content,
-        stop_reason=STOP_REASONS.get(finish, "end_turn"), stop_sequence=None, usage=out_usage(usage)))
+        stop_reason=STOP_REASONS[reason], stop_sequence=None, usage=out_usage(usage)))
 
 
 # ---- errors -----------------------------------------------------------------------------
 
+# Anthropic's error types; the status is the taxonomy's own (errors.STATUS), except that
+# Anthropic says "overloaded" with its documented 529.
 _TYPES = {
-    Kind.authentication: ("authentication_error", 401), Kind.permission: ("permission_error", 403),
+    Kind.authentication: "authentication_error", Kind.permission: "permission_error",
     # invalid_request_error only for real request faults: Cline reads any of it as overflow
-    Kind.invalid_request: ("invalid_request_error", 400), Kind.not_found: ("not_found_error", 404),
-    Kind.context_length: ("invalid_request_error", 400), Kind.too_large: ("invalid_request_error", 400),
-    Kind.quota_exhausted: ("rate_limit_error", 429), Kind.concurrency: ("rate_limit_error", 429),
-    Kind.upstream_rate_limited: ("rate_limit_error", 429), Kind.upstream_overloaded: ("overloaded_error", 529),
-    Kind.upstream_billing: ("billing_error", 402), Kind.content_policy: ("permission_error", 403),
-    Kind.upstream_error: ("api_error", 502), Kind.upstream_timeout: ("timeout_error", 504),
+    Kind.invalid_request: "invalid_request_error", Kind.not_found: "not_found_error",
+    Kind.context_length: "invalid_request_error", Kind.too_large: "invalid_request_error",
+    Kind.quota_exhausted: "rate_limit_error", Kind.concurrency: "rate_limit_error",
+    Kind.upstream_rate_limited: "rate_limit_error", Kind.upstream_overloaded: "overloaded_error",
+    Kind.upstream_billing: "billing_error", Kind.payment_required: "billing_error",
+    Kind.content_policy: "invalid_request_error",
+    Kind.upstream_error: "api_error", Kind.upstream_timeout: "timeout_error",
+    Kind.unavailable: "api_error",
 }
 
 
 def _error_type(error: BridgeError) -> str:
-    return _TYPES[error.kind][0]
+    return _TYPES[error.kind]
+
+
+def _status(error: BridgeError) -> int:
+    return 529 if error.kind is Kind.upstream_overloaded else error.status
 
 
 class ErrorBody(Struct, tag="error", tag_field="type"):
@@ -495,7 +452,7 @@ class ErrorBody(Struct, tag="error", tag_field="type"):
 
 
 def error_response(error: BridgeError) -> tuple[int, dict[str, str], bytes]:
-    kind, status = _TYPES[error.kind]
+    kind, status = _TYPES[error.kind], _status(error)
     message = error.message
     if error.kind is Kind.context_length and error.limit is not None:
         message = f"prompt is too long: {error.requested} tokens > {error.limit} maximum"
@@ -511,15 +468,16 @@ def error_response(error: BridgeError) -> tuple[int, dict[str, str], bytes]:
 class MessagesSurface:
     name = SURFACE
 
-    def parse(self, body: bytes) -> tuple[wire.ChatRequest, int | None]:
+    def parse(self, body: bytes) -> Parsed:
         request = parse_request(body)
-        return to_upstream(request), request.max_tokens
+        return Parsed(to_upstream(request), glm.check_max_tokens(request.max_tokens))
 
     def stream(self, model: str, request_id: str, prompt_estimate: int) -> MessagesStream:
         return MessagesStream(model, request_id, prompt_estimate)
 
-    def complete(self, completion: wire.Completion, model: str, usage: wire.Usage) -> bytes:
-        return completion_body(completion, model, usage, completion.id or "")
+    def complete(self, answer: glm.Answer, reason: str, model: str, request_id: str,
+                 usage: wire.Usage) -> bytes:
+        return completion_body(answer, reason, model, request_id, usage)
 
     def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
         return error_response(error)

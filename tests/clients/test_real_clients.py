@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import new_user, query, run, start_bridge, wait_settled
+from ..conftest import CODEPLAN, Server, base_env, free_port, new_user, query, run, start_bridge, wait_settled
 
 CLIENTS = Path(os.environ.get("CODEPLAN_CLIENTS_DIR", Path.home() / ".cache" / "codeplan-clients"))
 SECRET = "PINEAPPLE-42"
@@ -31,6 +31,18 @@ def binary(name: str, tool: str) -> str:
 def sim_stats(simulator) -> dict:
     with urllib.request.urlopen(simulator.url + "/_sim/stats") as response:
         return json.loads(response.read())
+
+
+@pytest.fixture(scope="module", params=["glm", "openai-style"])
+def simulator(request):
+    """Every client against two upstreams: GLM's own behaviour (stream usage sent unasked) and an
+    OpenAI-style server's (vLLM, SGLang, most hosts: stream usage only when asked)."""
+    mode = "always" if request.param == "glm" else "when_asked"
+    port = free_port()
+    server = Server(CODEPLAN + ["simulate", "--port", str(port), "--usage-mode", mode], base_env(), port,
+                    "/_sim/stats").start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")

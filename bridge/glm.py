@@ -1,0 +1,336 @@
+"""The one GLM normaliser, sans I/O: every surface sees a clean answer, never GLM's quirks.
+
+Upstream side, in:  GLM (or any OpenAI-style) chat chunks, `[DONE]`, the end of the stream.
+Surface side, out:  `Reasoning`, `Text`, `ToolStart`, `ToolArgs`, `ToolEnd` events, then one
+                    `Outcome`: a complete answer and why it stopped, or a broken one and why.
+
+What it fixes, once for every surface (chat, messages, responses):
+- tool calls arrive whole and one at a time, whatever the upstream interleaves: the first call
+  streams live; fragments of later calls (by `index`) are held until the stream ends, since a
+  call may still receive arguments after the next one began;
+- every call has an id (synthesized when the upstream gave none) and a name before its first
+  argument; a call whose arguments never came gets `"{}"` (AI-SDK clients never run `""`);
+- `stop` with tool calls is `tool_calls`; `sensitive` is `content_filter`;
+  `model_context_window_exceeded` is `length`; `network_error` is a broken answer;
+- a stream that ended properly (a finish reason or `[DONE]`) is complete even without usage;
+  one that just stopped is broken; a complete answer with nothing in it is a retryable error;
+- requests: `max_tokens` < 1 refused, sampling values clamped to GLM's ranges, one stop word,
+  `tool_choice` auto (all GLM supports);
+- upstream errors: one meaning per Z.ai business code.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import msgspec
+from msgspec import UNSET, Struct
+
+from . import wire
+from .errors import BridgeError, Kind
+
+log = logging.getLogger("codeplan.glm")
+
+
+# ---- events ------------------------------------------------------------------------------
+
+class Reasoning(Struct, frozen=True):
+    text: str
+
+
+class Text(Struct, frozen=True):
+    text: str
+
+
+class ToolStart(Struct, frozen=True):
+    index: int  # 0, 1, 2... in the order the calls are delivered
+    id: str
+    name: str
+
+
+class ToolArgs(Struct, frozen=True):
+    index: int
+    text: str
+
+
+class ToolEnd(Struct, frozen=True):
+    index: int
+    id: str
+    name: str
+    arguments: str  # the whole arguments: the ToolArgs texts joined
+
+
+Event = Reasoning | Text | ToolStart | ToolArgs | ToolEnd
+
+STOP, LENGTH, TOOL_CALLS, CONTENT_FILTER = "stop", "length", "tool_calls", "content_filter"
+
+
+class Outcome(Struct, frozen=True):
+    """How the answer ended. `reason` is set for a complete answer (stop, length, tool_calls,
+    content_filter); `error` for a broken one, which no client may take for a whole answer."""
+    reason: str | None = None
+    error: BridgeError | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.error is None
+
+
+def _broken(message: str, code: str) -> Outcome:
+    return Outcome(error=BridgeError(Kind.upstream_error, message, code=code))
+
+
+# ---- the stream --------------------------------------------------------------------------
+
+class _Call:
+    __slots__ = ("id", "name", "parts", "index", "sent")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.name: str | None = None
+        self.parts: list[str] = []
+        self.index = -1  # delivery index, once started
+        self.sent = 0  # parts already delivered
+
+
+class StreamNormalizer:
+    """Feed it GLM chunks; it returns clean events. `close()` at the end of the stream."""
+
+    def __init__(self, call_id_prefix: str) -> None:
+        self._prefix = call_id_prefix
+        self._calls: dict[int, _Call] = {}
+        # once a tool call is live, what follows is held in arrival order until the end
+        self._held: list[_Call | Reasoning | Text] = []
+        self._live: _Call | None = None
+        self._started = 0
+        self._finish: str | None = None
+        self._done = False
+        self.said_anything = False
+
+    def feed(self, chunk: wire.Chunk) -> list[Event]:
+        out: list[Event] = []
+        for choice in chunk.choices:
+            if choice.index:
+                continue  # only the first choice is ever asked for
+            if isinstance(choice.finish_reason, str) and choice.finish_reason:
+                self._finish = choice.finish_reason
+            delta = choice.delta
+            if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
+                self._say(Reasoning(delta.reasoning_content), out)
+            if isinstance(delta.content, str) and delta.content:
+                self._say(Text(delta.content), out)
+            if isinstance(delta.tool_calls, list):
+                for fragment in delta.tool_calls:
+                    self._fragment(fragment, out)
+        return out
+
+    def done(self) -> None:
+        """The upstream said `[DONE]`."""
+        self._done = True
+
+    def _say(self, event: Reasoning | Text, out: list[Event]) -> None:
+        self.said_anything = True
+        if self._live is not None or self._held:
+            self._held.append(event)
+        else:
+            out.append(event)
+
+    def _fragment(self, fragment: wire.ToolCallDelta, out: list[Event]) -> None:
+        call = self._calls.get(fragment.index)
+        if call is None:
+            call = self._calls[fragment.index] = _Call()
+            self._held.append(call)
+        if isinstance(fragment.id, str) and fragment.id and call.id is None and call.index < 0:
+            call.id = fragment.id
+        function = fragment.function
+        if isinstance(function, wire.FunctionDelta):
+            if isinstance(function.name, str) and function.name and call.name is None:
+                call.name = function.name
+            if isinstance(function.arguments, str) and function.arguments:
+                call.parts.append(function.arguments)
+        self.said_anything = True
+        if self._live is None and self._held and self._held[0] is call and call.name is not None:
+            self._held.pop(0)
+            self._start(call, out)
+        if self._live is call:
+            self._send_args(call, out)
+
+    def _start(self, call: _Call, out: list[Event]) -> None:
+        call.index = self._started
+        self._started += 1
+        if call.id is None:
+            call.id = f"{self._prefix}{call.index}"
+        out.append(ToolStart(call.index, call.id, call.name or ""))
+        self._live = call
+
+    @staticmethod
+    def _send_args(call: _Call, out: list[Event]) -> None:
+        while call.sent < len(call.parts):
+            out.append(ToolArgs(call.index, call.parts[call.sent]))
+            call.sent += 1
+
+    def _end(self, call: _Call, out: list[Event]) -> None:
+        self._send_args(call, out)
+        if not call.parts:
+            call.parts.append("{}")
+            self._send_args(call, out)
+        out.append(ToolEnd(call.index, call.id or "", call.name or "", "".join(call.parts)))
+
+    def close(self) -> tuple[list[Event], Outcome]:
+        """The stream ended: deliver what was held, and say how the answer ended."""
+        out: list[Event] = []
+        if self._live is not None:
+            self._end(self._live, out)
+            self._live = None
+        for item in self._held:
+            if isinstance(item, _Call):
+                self._start(item, out)
+                self._end(item, out)
+                self._live = None
+            else:
+                out.append(item)
+        self._held = []
+        return out, self._outcome()
+
+    def _outcome(self) -> Outcome:
+        finish = self._finish
+        if finish == "network_error":
+            return _broken("The model failed mid-answer (finish_reason: network_error); please retry.",
+                           "network_error")
+        if finish is None and not self._done:
+            return _broken("The model provider's stream broke off before the answer was finished.",
+                           "stream_interrupted")
+        reason = finish_reason(finish, tools=self._started > 0)
+        if not self.said_anything and reason in (STOP, TOOL_CALLS):
+            return _broken("The model returned an empty answer; please retry.", "empty_response")
+        return Outcome(reason=reason)
+
+
+def finish_reason(upstream: str | None, *, tools: bool) -> str:
+    if upstream in ("length", "model_context_window_exceeded"):
+        return LENGTH
+    if upstream == "sensitive":
+        return CONTENT_FILTER
+    return TOOL_CALLS if tools else STOP
+
+
+def completion_events(completion: wire.Completion, call_id_prefix: str) -> tuple[list[Event], Outcome]:
+    """A non-streamed answer as the same clean events and outcome a stream would give."""
+    normalizer = StreamNormalizer(call_id_prefix)
+    events: list[Event] = []
+    for choice in completion.choices[:1]:
+        message = choice.message
+        calls = message.tool_calls if isinstance(message.tool_calls, list) else []
+        events += normalizer.feed(wire.Chunk(choices=[wire.ChunkChoice(
+            delta=wire.Delta(
+                content=message.content if isinstance(message.content, str) else UNSET,
+                reasoning_content=message.reasoning_content,
+                tool_calls=[wire.ToolCallDelta(index=i, id=c.id or UNSET, function=wire.FunctionDelta(
+                    name=c.function.name, arguments=c.function.arguments)) for i, c in enumerate(calls)]),
+            finish_reason=choice.finish_reason or "stop")]))
+    if not completion.choices:
+        normalizer.done()
+    tail, outcome = normalizer.close()
+    return events + tail, outcome
+
+
+class Answer:
+    """A whole answer gathered from the events, for the surfaces' non-streamed bodies."""
+
+    __slots__ = ("reasoning", "text", "calls")
+
+    def __init__(self, events: list[Event]) -> None:
+        reasoning: list[str] = []
+        text: list[str] = []
+        self.calls: list[ToolEnd] = []
+        for event in events:
+            if isinstance(event, Reasoning):
+                reasoning.append(event.text)
+            elif isinstance(event, Text):
+                text.append(event.text)
+            elif isinstance(event, ToolEnd):
+                self.calls.append(event)
+        self.reasoning = "".join(reasoning)
+        self.text = "".join(text)
+
+
+# ---- requests ----------------------------------------------------------------------------
+
+def check_max_tokens(value: int | None, param: str = "max_tokens") -> int | None:
+    """The client's output cap; below 1 is a request fault on every surface."""
+    if value is not None and value < 1:
+        raise BridgeError(Kind.invalid_request, f"`{param}` must be at least 1, got {value}.",
+                          param=param)
+    return value
+
+
+def user_id(value: str) -> str:
+    """GLM takes an end-user id of 6 to 128 characters (Claude Code sends a long JSON string):
+    one outside that range is replaced by a stable digest of it."""
+    if 6 <= len(value) <= 128:
+        return value
+    return "u-" + hashlib.sha256(value.encode()).hexdigest()[:40]
+
+
+def prepare(request: wire.ChatRequest) -> wire.ChatRequest:
+    """Adapt a surface's GLM request to what GLM accepts, the same way for every surface."""
+    if isinstance(request.temperature, float | int):
+        request.temperature = min(max(float(request.temperature), 0.0), 1.0)
+    if isinstance(request.top_p, float | int):
+        request.top_p = min(max(float(request.top_p), 0.01), 1.0)
+    if isinstance(request.stop, list):
+        request.stop = request.stop[:1] or UNSET  # GLM takes at most one stop word
+    if isinstance(request.tools, list):
+        if request.tools:
+            request.tool_choice = "auto"  # the only choice GLM supports
+            if request.stream:
+                request.tool_stream = True
+        else:
+            request.tools = UNSET
+            request.tool_choice = UNSET
+    return request
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+_QUOTA_CODES = {"1308", "1310", "1316", "1317", "1318", "1319", "1320", "1321"}
+_AUTH_CODES = {"1000", "1001", "1002", "1003", "1004"}
+
+
+def upstream_error(status: int, body: bytes, request_id: str) -> BridgeError:
+    """An upstream's error response, with one meaning per Z.ai business code. GLM's own wording
+    is kept where clients match on it; our upstream keys and plan state are never shown."""
+    try:
+        detail = wire.error_decoder.decode(body).error
+        code, message = detail.code, detail.message
+    except msgspec.DecodeError:
+        code, message = "", ""
+    message = message or f"upstream answered HTTP {status}"
+    if code in ("1113", "1309"):
+        return BridgeError(Kind.upstream_billing,
+                           f"The model provider refused the request for billing reasons ({code}); "
+                           f"this is not retryable. Request id {request_id}.", code=code)
+    if code in ("1302", "1303"):
+        return BridgeError(Kind.upstream_rate_limited, message, code=code, retry_after=2)
+    if code == "1305" or status == 529:
+        return BridgeError(Kind.upstream_overloaded, message, code=code or None, retry_after=5)
+    if code in _QUOTA_CODES:
+        # the service's own upstream plan ran dry: capacity on our side, retry later
+        return BridgeError(Kind.upstream_overloaded,
+                           f"The service is at capacity; retry shortly. Request id {request_id}.",
+                           code=code, retry_after=30)
+    if code == "1301":
+        return BridgeError(Kind.content_policy, message, code=code)
+    if code == "1261":
+        return BridgeError(Kind.context_length, message, code="context_length_exceeded")
+    if status == 401 or code in _AUTH_CODES:
+        log.error("upstream rejected our key", extra={"status": status, "code": code})
+        return BridgeError(Kind.upstream_error,
+                           f"The model provider rejected the service's credentials. Request id {request_id}.")
+    if status == 429:
+        return BridgeError(Kind.upstream_rate_limited, message, code=code or None, retry_after=2)
+    if 400 <= status < 500:
+        return BridgeError(Kind.invalid_request, message, code=code or None)
+    return BridgeError(Kind.upstream_error,
+                       f"The model provider failed (HTTP {status}). Request id {request_id}.",
+                       code=code or None)

@@ -1,0 +1,86 @@
+"""What the bridge needs from the business side, declared here and implemented by `service/`.
+
+The bridge never imports `service/`: it asks for a key's owner (`KeyAuthority`), for an
+allowance reservation and its settlement (`LedgerPort`), and nothing else. The values crossing
+the boundary are the Structs below.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Protocol
+
+import msgspec
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """Who a request is from. `subscription_id` is None when the account has no subscription
+    that could ever spend (none, or canceled): such a key is known, not invalid."""
+    account_id: int
+    api_key_id: int
+    subscription_id: int | None
+    plan_id: str | None
+    models: tuple[str, ...]
+    # the subscription's state as billing knows it ("active", "past_due", ...); None: none
+    standing: str | None = None
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    """An admission request: hold `held` tokens of every open window (the worst case the request
+    can cost), show `reserve` of them as reserved (the expected cost)."""
+    entry_id: uuid.UUID
+    subscription_id: int
+    api_key_id: int
+    surface: str
+    model: str
+    prompt_estimate: int
+    reserve: int
+    held: int
+
+
+class Admission(msgspec.Struct, frozen=True):
+    # admitted | replayed | inactive | too_large | window_full | concurrency
+    outcome: str
+    window_kind: str | None = None  # '5h' or 'week' for too_large / window_full
+    resets_at: dt.datetime | None = None
+    allowance: int | None = None
+    # for inactive: why the subscription may not spend (its billing state)
+    detail: str | None = None
+
+    @property
+    def admitted(self) -> bool:
+        # a replay is an admission whose first reply was lost: the row exists, it was admitted
+        return self.outcome in ("admitted", "replayed")
+
+
+class Counts(msgspec.Struct, frozen=True):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+class Settlement(msgspec.Struct, frozen=True):
+    """pending -> posted (`state="posted"`) or voided, with the counts it settles at."""
+    entry_id: uuid.UUID
+    state: str  # posted | voided
+    counts: Counts
+    estimated: bool
+    reason: str
+    upstream_request_id: str | None = None
+
+
+class KeyAuthority(Protocol):
+    async def authenticate(self, key: str) -> Principal | None:
+        """The key's owner, or None for a key that does not exist or was revoked."""
+
+
+class LedgerPort(Protocol):
+    async def admit(self, reservation: Reservation) -> Admission: ...
+
+    async def settle(self, settlement: Settlement) -> int | None:
+        """The billed tokens, or None when the entry was settled already (a replay: the first
+        settlement's reply was lost). Raises on a database failure; safe to call again."""
+
+    async def heartbeat(self, entry_id: uuid.UUID, delivered_tokens: int) -> bool:
+        """Extend the lease; False when the entry is no longer pending."""
