@@ -21,7 +21,7 @@ from bridge.upstream import Upstream
 from . import db, usage
 from .accounts import Authenticator
 from .config import Config
-from .keygate import key_gate
+from .throttle_gate import throttle_gate
 from .ledger import Ledger
 from .problems import problem
 from .throttle import AuthThrottle, GuardedAuthenticator, Throttled
@@ -88,8 +88,8 @@ def create_app(config: Config, database_url: str, upstream_url: str,
                             stream_usage=config.upstream_stream_usage)
         await upstream.start()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
-        # unknown keys cached briefly for every caller; per-address throttling where the
-        # caller's address is known (the key gate, the quota API)
+        # unknown keys cached briefly for every caller; failures counted per client address,
+        # refused (429) by the throttle gate and the quota API (service/throttle.py)
         auth = GuardedAuthenticator(Authenticator(pool, config.auth_cache_ttl), AuthThrottle(
             limit=config.auth_failure_limit, window=config.auth_failure_window,
             unknown_ttl=config.auth_unknown_ttl))
@@ -118,13 +118,13 @@ def create_app(config: Config, database_url: str, upstream_url: str,
             await pool.close()
 
     # the paths that take big bodies from coding tools: a throttled address is refused there
-    # before anything else happens (service/keygate.py)
+    # before anything else happens (service/throttle_gate.py)
     gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
              *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
     return Litestar(
         route_handlers=[bridge_app.router, healthz, *usage.routes],
         lifespan=[lifespan],
-        middleware=[key_gate(gated, lambda scope: scope["app"].state.auth)],
+        middleware=[throttle_gate(gated, lambda scope: scope["app"].state.auth.throttle)],
         exception_handlers={HTTPException: _http_exception, Throttled: _throttled,
                             Exception: _unexpected},
         # the HTTP server refuses bodies over CODEPLAN_MAX_BODY_BYTES first; this is the last line

@@ -13,11 +13,13 @@ Memory stays bounded under a flood of addresses or keys: each table is an LRU of
 (~100 bytes an entry), and evicting an address only forgets its failures.
 
 `GuardedAuthenticator` wraps any authenticator (`async authenticate(key) -> principal | None`)
-with it, so callers that know the client address get the throttle, and callers that do not
-still get the unknown-key cache.
+with it: every caller gets the unknown-key cache, and failures count against the address of
+the request being served (`calling_client`); the refusal itself comes from the caller that
+knows the address (service/throttle_gate.py before the journey, the quota API with its own).
 """
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import math
 import time
@@ -25,6 +27,11 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable, Protocol
 
 from . import keys
+
+
+# the address of the client whose request is being served (set by service/throttle_gate.py), so
+# that an authenticator called without one still counts a failure against the right address
+calling_client: contextvars.ContextVar[str | None] = contextvars.ContextVar("calling_client", default=None)
 
 
 class Throttled(Exception):
@@ -135,8 +142,10 @@ class GuardedAuthenticator:
     async def authenticate(self, key: str, client: str | None = None) -> Any:
         """The principal for `key`, or None when it is unknown.
 
-        Raises Throttled only when `client` is given and has looked up too many unknown keys;
-        without a client (callers that cannot answer a 429) the throttle is never applied.
+        With `client`, raises Throttled when that address has looked up too many unknown keys.
+        Without one (the journey, which answers any exception as an outage) it never raises:
+        a failure still counts against the address of the request being served, and the
+        throttle gate (service/throttle_gate.py) refuses that address before its next request gets here.
         """
         if not key:
             return None
@@ -144,12 +153,13 @@ class GuardedAuthenticator:
         throttle = self.throttle
         if throttle.is_unknown(digest):
             return None
-        wait = throttle.retry_after(client, digest)
-        if wait is not None:
-            raise Throttled(wait)
+        if client is not None:
+            wait = throttle.retry_after(client, digest)
+            if wait is not None:
+                raise Throttled(wait)
         principal = await self.inner.authenticate(key)
         if principal is None:
-            throttle.failed(client, digest)
+            throttle.failed(client if client is not None else calling_client.get(), digest)
         else:
             throttle.succeeded(digest)
         return principal
