@@ -4,7 +4,7 @@ Starts `codeplan run` (embedded PostgreSQL, built-in simulator) from a source tr
 rounds of concurrent POSTs with big bodies and made-up keys, and reports the server's RSS
 (sampled every 20 ms) and the latency of /healthz polled during the flood.
 
-    python -m bench.flood [--code DIR] [--clients 8] [--mb 60] [--rounds 3]
+    python -m bench.flood [--code DIR] [--clients 8] [--mb 60] [--rounds 3] [--valid-key] [--path P]
 
 `--code` runs another checkout (e.g. `git archive <commit> | tar -x -C DIR`) for a before/after.
 """
@@ -34,9 +34,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(port: int, path: str, size: int, results: list[str]) -> None:
+def _post(port: int, path: str, size: int, results: list[str], key: str | None) -> None:
+    key = key or f"cp_{secrets.token_urlsafe(30)}"
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Authorization: Bearer cp_{secrets.token_urlsafe(30)}\r\nContent-Length: {size}\r\n\r\n").encode()
+            f"Authorization: Bearer {key}\r\nContent-Length: {size}\r\n\r\n").encode()
     chunk = b'{"model": "glm-4.6", "messages": [{"role": "user", "content": "' + b"a" * (1 << 20)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
@@ -55,7 +56,8 @@ def _post(port: int, path: str, size: int, results: list[str]) -> None:
         results.append(type(exc).__name__)
 
 
-def run(code: Path, clients: int, megabytes: int, rounds: int) -> dict[str, float | str]:
+def run(code: Path, clients: int, megabytes: int, rounds: int, valid_key: bool = False,
+        paths: tuple[str, ...] = ("/v1/messages", "/v1/chat/completions")) -> dict[str, float | str]:
     folder = tempfile.mkdtemp(prefix="codeplan-flood-")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
@@ -73,6 +75,12 @@ def run(code: Path, clients: int, megabytes: int, rounds: int) -> dict[str, floa
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
+        key = None
+        if valid_key:  # an account of our own: its bodies are read
+            made = subprocess.run([sys.executable, "-m", "service.cli", "users", "create", "--email",
+                                   "flood@example.com", "--plan", "pro"], cwd=code, env=env,
+                                  capture_output=True, text=True, check=True)
+            key = made.stdout.strip().splitlines()[-1]
         process = psutil.Process(server.pid)
         time.sleep(1)
         idle = process.memory_info().rss
@@ -101,8 +109,8 @@ def run(code: Path, clients: int, megabytes: int, rounds: int) -> dict[str, floa
         results: list[str] = []
         started = time.monotonic()
         for _ in range(rounds):
-            senders = [threading.Thread(target=_post, args=(port, path, megabytes << 20, results))
-                       for path in (["/v1/messages", "/v1/chat/completions"] * clients)[:clients]]
+            senders = [threading.Thread(target=_post, args=(port, path, megabytes << 20, results, key))
+                       for path in (list(paths) * clients)[:clients]]
             for thread in senders:
                 thread.start()
             for thread in senders:
@@ -136,9 +144,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--mb", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--valid-key", action="store_true", help="send a real account's key")
+    parser.add_argument("--path", action="append", help="paths to post to, in turn")
     args = parser.parse_args()
-    figures = run(args.code.resolve(), args.clients, args.mb, args.rounds)
-    print(f"{args.clients} clients x {args.rounds} rounds, {args.mb} MB bodies, made-up keys, code: {args.code}")
+    paths = tuple(args.path or ("/v1/messages", "/v1/chat/completions"))
+    figures = run(args.code.resolve(), args.clients, args.mb, args.rounds, args.valid_key, paths)
+    print(f"{args.clients} clients x {args.rounds} rounds, {args.mb} MB bodies to {', '.join(paths)}, "
+          f"{'a valid key' if args.valid_key else 'made-up keys'}, code: {args.code}")
     for name, value in figures.items():
         print(f"  {name:16s} {value:,.1f}" if isinstance(value, float) else f"  {name:16s} {value}")
 
