@@ -48,6 +48,8 @@ class Throttled(Exception):
 
 def address_key(client: str) -> str:
     """Who failures are counted against: an IPv4 address, or an IPv6 address's /64."""
+    if ":" not in client:
+        return client  # IPv4 (or a name): as it is; parsing it costs microseconds per request
     try:
         address = ipaddress.ip_address(client)
     except ValueError:
@@ -89,7 +91,7 @@ class AuthThrottle:
 
     def retry_after(self, client: str | None, digest: bytes) -> float | None:
         """Seconds `client` must wait before looking up `digest`; None when it may now."""
-        if self.limit <= 0 or client is None or digest in self._valid:
+        if self.limit <= 0 or client is None or not self._failures or digest in self._valid:
             return None
         entry = self._failures.get(address_key(client))
         if entry is None or entry[0] < self.limit:
