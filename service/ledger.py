@@ -48,7 +48,8 @@ async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
 
 def _admission(row: asyncpg.Record) -> Admission:
     return Admission(outcome=row["outcome"], window_kind=row["window_kind"],
-                     resets_at=row["resets_at"], allowance=row["allowance"], detail=row["detail"])
+                     resets_at=row["resets_at"], allowance=row["allowance"], detail=row["detail"],
+                     room=row["room"])
 
 
 class _Batcher:
