@@ -31,16 +31,29 @@ def stopped(process: psutil.Process, timeout: float = 30.0) -> bool:
     return False
 
 
-def codeplan_run(data_dir: Path) -> Server:
+def codeplan_run(data_dir: Path, started: list[Server]) -> Server:
     port = free_port()
     # no database URL: the embedded server in data_dir; no upstream: the built-in simulator
-    return Server(CODEPLAN + ["run"], base_env(CODEPLAN_DATA_DIR=str(data_dir), CODEPLAN_PORT=str(port)),
-                  port, "/healthz").start()
+    server = Server(CODEPLAN + ["run"], base_env(CODEPLAN_DATA_DIR=str(data_dir), CODEPLAN_PORT=str(port)),
+                    port, "/healthz")
+    started.append(server)
+    return server.start()
 
 
 @pytest.fixture
-def data_dir(tmp_path):
+def started():
+    """Every `codeplan run` a test starts, stopped at its end whatever happened."""
+    servers: list[Server] = []
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def data_dir(tmp_path, started):
     yield tmp_path
+    for server in started:
+        server.stop()
     try:  # whatever a failed test left running
         process = postmaster(tmp_path)
         process.terminate()
@@ -49,8 +62,8 @@ def data_dir(tmp_path):
         pass
 
 
-def test_a_start_after_a_sigkill_takes_the_orphan_over_and_stops_it_on_exit(data_dir):
-    first = codeplan_run(data_dir)
+def test_a_start_after_a_sigkill_takes_the_orphan_over_and_stops_it_on_exit(data_dir, started):
+    first = codeplan_run(data_dir, started)
     server = postmaster(data_dir)
     first.kill()  # SIGKILL: no atexit, no cleanup
     time.sleep(0.5)
@@ -58,7 +71,7 @@ def test_a_start_after_a_sigkill_takes_the_orphan_over_and_stops_it_on_exit(data
     dead = json.loads((data_dir / "pgdata" / ".handle_pids.json").read_text())
     assert dead == [first.process.pid]
 
-    second = codeplan_run(data_dir)
+    second = codeplan_run(data_dir, started)
     assert postmaster(data_dir).pid == server.pid  # joined, not a second server
     assert "taken over" in second.output()
     assert json.loads((data_dir / "pgdata" / ".handle_pids.json").read_text()) == [second.process.pid]
@@ -66,8 +79,8 @@ def test_a_start_after_a_sigkill_takes_the_orphan_over_and_stops_it_on_exit(data
     assert stopped(server), "the orphaned server outlived the process that took it over"
 
 
-def test_a_one_shot_command_after_a_sigkill_stops_the_orphan(data_dir):
-    first = codeplan_run(data_dir)
+def test_a_one_shot_command_after_a_sigkill_stops_the_orphan(data_dir, started):
+    first = codeplan_run(data_dir, started)
     server = postmaster(data_dir)
     first.kill()
     time.sleep(0.5)
@@ -78,8 +91,8 @@ def test_a_one_shot_command_after_a_sigkill_stops_the_orphan(data_dir):
     assert stopped(server)
 
 
-def test_a_live_owner_keeps_the_server_when_a_one_shot_command_exits(data_dir):
-    running = codeplan_run(data_dir)
+def test_a_live_owner_keeps_the_server_when_a_one_shot_command_exits(data_dir, started):
+    running = codeplan_run(data_dir, started)
     try:
         server = postmaster(data_dir)
         done = subprocess.run(CODEPLAN + ["migrate"], env=base_env(CODEPLAN_DATA_DIR=str(data_dir)),
@@ -92,8 +105,8 @@ def test_a_live_owner_keeps_the_server_when_a_one_shot_command_exits(data_dir):
     assert stopped(server)
 
 
-def test_a_stale_postmaster_pid_naming_another_program_is_cleared(data_dir):
-    first = codeplan_run(data_dir)
+def test_a_stale_postmaster_pid_naming_another_program_is_cleared(data_dir, started):
+    first = codeplan_run(data_dir, started)
     lock = (data_dir / "pgdata" / "postmaster.pid").read_text()
     first.stop()
     assert not (data_dir / "pgdata" / "postmaster.pid").exists()
@@ -101,7 +114,7 @@ def test_a_stale_postmaster_pid_naming_another_program_is_cleared(data_dir):
     try:
         # as after a reboot: the old lock file, its pid now someone else's
         (data_dir / "pgdata" / "postmaster.pid").write_text(f"{stranger.pid}\n" + lock.split("\n", 1)[1])
-        second = codeplan_run(data_dir)
+        second = codeplan_run(data_dir, started)
         assert postmaster(data_dir).pid != stranger.pid
         second.stop()
     finally:
