@@ -49,6 +49,14 @@ def _top(depth: int) -> re.Pattern[bytes]:
     return re.compile((r"(?:\]" + group + r")*+").encode())
 
 
+def prepare(limit: int = DEFAULT_LIMIT) -> None:
+    """Compile the patterns `too_deep(..., limit)` may need (~70 ms for 64 levels, ~300 ms for
+    128), so no request waits for them; call once at start-up."""
+    _top(limit)
+    for depth in range(limit):
+        _within(depth)
+
+
 def too_deep(body: bytes, limit: int = DEFAULT_LIMIT) -> bool:
     """True when the JSON in `body` nests arrays and objects deeper than `limit`.
 

@@ -70,7 +70,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     keepalive_timeout: Seconds = 75.0
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 8192
     # JSON nesting past this is refused before decoding (bridge/depth.py)
-    max_json_depth: Annotated[int, msgspec.Meta(ge=8, le=512)] = 64
+    max_json_depth: Annotated[int, msgspec.Meta(ge=8, le=128)] = 64
     # failed authentications (unknown keys looked up) per client address and window before
     # that address gets 429s without a database lookup (service/throttle.py); 0 turns it off
     auth_failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 20
@@ -93,7 +93,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
             reservation_lease=self.reservation_lease, drain_timeout=self.drain_timeout,
             max_drains=self.max_drains, max_request_seconds=self.max_request_seconds,
             model_aliases=self.model_aliases, claude_model=self.claude_model,
-            claude_haiku_model=self.claude_haiku_model, public_url=self.base_url)
+            claude_haiku_model=self.claude_haiku_model, public_url=self.base_url,
+            max_json_depth=self.max_json_depth)
 
 
 class ConfigError(Exception):
@@ -117,7 +118,7 @@ def _describe(field: str) -> str:
         "max_header_bytes": "an integer of at least 1024 (bytes)",
         "max_body_bytes": "an integer of at least 1024 (bytes)",
         "max_connections": "a positive integer",
-        "max_json_depth": "an integer from 8 to 512",
+        "max_json_depth": "an integer from 8 to 128",
         "auth_failure_limit": "a non-negative integer",
     }
     return hints.get(field, "a positive number of seconds" if field in {

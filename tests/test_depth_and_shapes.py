@@ -159,3 +159,11 @@ def test_long_bodies_agree_with_the_reference(height):
     for limit in (64, expected - 1, expected):
         if limit >= 8:
             assert depth.too_deep(body, limit) is (expected > limit), (limit, expected)
+
+
+def test_every_configurable_limit_works_once_prepared():
+    for limit in (8, 64, 128):  # CODEPLAN_MAX_JSON_DEPTH ranges from 8 to 128
+        depth.prepare(limit)
+        assert not depth.too_deep(b"[" * limit + b"]" * limit, limit)
+        assert depth.too_deep(b"[" * (limit + 1) + b"]" * (limit + 1), limit)
+        assert depth.too_deep(b"[" * (limit + 1), limit)
