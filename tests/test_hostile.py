@@ -270,7 +270,8 @@ def test_bad_keys(hostile, path, key):
     ("GET", "/v1/nope"), ("GET", "/v1/chat/nope"), ("POST", "/v1/messages/nope"),
     ("GET", "/api/monitor/usage/nope"), ("GET", "/api/coding/paas/v4/nope"), ("GET", "/../../etc/passwd"),
     ("GET", "/%2e%2e/%2e%2e/etc/passwd"), ("GET", "/v1/%00"), ("GET", "/v1/usage%FF"),
-    ("GET", "/" + "a" * 20_000),
+    ("GET", "/" + "a" * 20_000), ("POST", "/healthz"), ("DELETE", "/"), ("POST", "/api/hello"),
+    ("PUT", "/v1/messages/count_tokens"), ("GET", "/v1/messages/count_tokens"),
 ])
 def test_bad_methods_and_paths(hostile, method, path):
     answer = send(hostile.port, method, path, b"{}" if method in ("POST", "PUT", "PATCH") else b"")
