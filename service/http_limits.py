@@ -1,6 +1,6 @@
 """Limits uvicorn's HTTP server lacks, added to its httptools protocol by subclassing.
 
-What uvicorn (0.3x with httptools) offers and what it does not, read from its source:
+What uvicorn (0.54, with httptools) offers and what it does not, read from its source:
 - keep-alive idle timeout: `timeout_keep_alive`, armed after each response. Used as is.
 - no limit on the request line and headers (httptools buffers a header of any size), no
   deadline for a request's head (a connection that sends nothing, or a byte a minute, stays
@@ -26,7 +26,9 @@ Every answer comes from `bridge.shapes.render`, in the protocol of the request's
 discarding what the client still sends, so a client busy writing a large body gets to read the
 answer instead of a reset.
 
-Refusals are counted and logged at most once per 10 seconds, never with a header's content.
+Refusals are counted and logged in one line at most every 10 seconds (the tally since the last
+line), never with a header's content; uvicorn's own warning per malformed request is silenced,
+so a flood of them cannot flood the log (its errors still reach it).
 """
 from __future__ import annotations
 
@@ -43,6 +45,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from bridge import shapes
 
 log = logging.getLogger("codeplan.http")
+# uvicorn logs "Invalid HTTP request received." for each malformed request: one line per
+# attacker's request. The tally above says it once per 10 s; uvicorn's errors still get through.
+_server_log = logging.getLogger("codeplan.http.server")
+_server_log.setLevel(logging.ERROR)
 
 
 class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,6 +114,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.logger = _server_log
         self.url = b""
         self._last_data = b""
         self._deadline: asyncio.TimerHandle | None = None

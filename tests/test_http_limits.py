@@ -141,6 +141,9 @@ def test_unknown_method_gets_400_in_the_callers_shape(limited):
         assert answer.status == 400, answer
         shaped(path, answer, 400)
     healthy(limited)
+    # one line per malformed request would let anyone fill the disk: the refusals are tallied
+    assert "Invalid HTTP request received" not in limited.output()
+    assert "requests refused by the HTTP limits" in limited.output()
 
 
 def test_a_head_that_never_finishes_gets_408_and_is_closed(limited):
