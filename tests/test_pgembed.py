@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +39,10 @@ def codeplan_run(data_dir: Path, started: list[Server]) -> Server:
     server = Server(CODEPLAN + ["run"], base_env(CODEPLAN_DATA_DIR=str(data_dir), CODEPLAN_PORT=str(port)),
                     port, "/healthz")
     started.append(server)
-    return server.start()
+    try:
+        return server.start()
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; its output:\n{server.output()[-3000:]}") from None
 
 
 @pytest.fixture
@@ -50,16 +55,20 @@ def started():
 
 
 @pytest.fixture
-def data_dir(tmp_path, started):
-    yield tmp_path
+def data_dir(started):
+    # not pytest's tmp_path: concurrent pytest sessions of the same user prune each other's
+    # base temp folders, and a data folder vanishing under a running server fails the test
+    folder = Path(tempfile.mkdtemp(prefix="codeplan-test-orphan-"))
+    yield folder
     for server in started:
         server.stop()
     try:  # whatever a failed test left running
-        process = postmaster(tmp_path)
+        process = postmaster(folder)
         process.terminate()
         process.wait(10)
     except (OSError, ValueError, psutil.Error):
         pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_start_after_a_sigkill_takes_the_orphan_over_and_stops_it_on_exit(data_dir, started):
