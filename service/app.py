@@ -21,10 +21,11 @@ from bridge.upstream import Upstream
 from . import db, usage
 from .accounts import Authenticator
 from .config import Config
-from .throttle_gate import throttle_gate
 from .ledger import Ledger
 from .problems import problem
 from .throttle import AuthThrottle, GuardedAuthenticator, Throttled
+from .throttle_gate import throttle_gate
+from .web import Web, error_page, wants_html
 
 log = logging.getLogger("codeplan.app")
 
@@ -38,6 +39,8 @@ def _shaped(request: Request, status: int, message: str, code: str | None = None
 
 
 def _http_exception(request: Request, exc: HTTPException) -> Response:
+    if wants_html(request):
+        return error_page(request, exc.status_code)
     # Litestar's own refusals (unknown path, wrong method, its body limit) in the caller's shape
     return _shaped(request, exc.status_code, exc.detail or "error", headers=exc.headers)
 
@@ -80,6 +83,8 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
 
 def create_app(config: Config, database_url: str, upstream_url: str,
                upstream_keys: tuple[str, ...]) -> Litestar:
+    web = Web(config)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await db.create_pool(database_url, size=config.db_pool_size)
@@ -90,9 +95,10 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
         # unknown keys cached briefly for every caller; failures counted per client address,
         # refused (429) by the throttle gate and the quota API (service/throttle.py)
-        auth = GuardedAuthenticator(Authenticator(pool, config.auth_cache_ttl), AuthThrottle(
-            limit=config.auth_failure_limit, window=config.auth_failure_window,
-            unknown_ttl=config.auth_unknown_ttl))
+        auth = GuardedAuthenticator(
+            Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch),
+            AuthThrottle(limit=config.auth_failure_limit, window=config.auth_failure_window,
+                         unknown_ttl=config.auth_unknown_ttl))
         journey = Journey(settings=config.bridge_settings(), auth=auth, ledger=ledger, upstream=upstream)
         app.state.auth = auth
         app.state.pool = pool
@@ -102,6 +108,9 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         app.state.config = config
         # the HTTP server refuses bodies over this first (service/http_limits.py)
         app.state.max_body = config.max_body_bytes
+        # billing's engine sets this when Stripe is configured; None: the page says billing is off
+        app.state.billing = getattr(app.state, "billing", None)
+        await web.start(app, pool, database_url)
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection
@@ -113,6 +122,7 @@ def create_app(config: Config, database_url: str, upstream_url: str,
             yield
         finally:
             sweeper.cancel()
+            await web.stop()
             await journey.flights.land()
             await upstream.close()
             await pool.close()
@@ -122,7 +132,8 @@ def create_app(config: Config, database_url: str, upstream_url: str,
     gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
              *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
     return Litestar(
-        route_handlers=[bridge_app.router, healthz, *usage.routes],
+        route_handlers=[bridge_app.router, healthz, *usage.routes, *web.route_handlers],
+        template_config=web.templates,
         lifespan=[lifespan],
         middleware=[throttle_gate(gated, lambda scope: scope["app"].state.auth.throttle)],
         exception_handlers={HTTPException: _http_exception, Throttled: _throttled,
