@@ -23,3 +23,5 @@ class BridgeSettings(msgspec.Struct, kw_only=True, frozen=True):
     # process holds at most (0: no limit); a refused upgrade sends Codex to HTTP at once
     responses_websockets: bool = True
     max_websockets: int = 512
+    # request bodies nesting deeper than this are refused before decoding (bridge/depth.py)
+    max_json_depth: int = 64

@@ -42,16 +42,27 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn(app, *, lifespan: bool):
+def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None):
+    """uvicorn with httptools; with `config`, the HTTP limits of service/http_limits.py."""
     import uvicorn
 
+    http: object = "httptools"
+    keep_alive = 75.0
+    if config is not None:
+        from .http_limits import HttpLimits, protocol_class
+
+        http = protocol_class(HttpLimits(
+            max_header_bytes=config.max_header_bytes, header_timeout=config.header_timeout,
+            max_body_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
+            max_connections=config.max_connections))
+        keep_alive = config.keepalive_timeout
     return uvicorn.Server(uvicorn.Config(
-        app, loop="none", http="httptools", lifespan="on" if lifespan else "off", log_config=None,
-        access_log=False, timeout_keep_alive=75, server_header=False,
+        app, loop="none", http=http, lifespan="on" if lifespan else "off", log_config=None,
+        access_log=False, timeout_keep_alive=keep_alive, server_header=False,
         # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
         proxy_headers=False,
         # a Responses WebSocket frame carries a whole turn: as large as an HTTP body may be
-        ws_max_size=64 * 1024 * 1024))
+        ws_max_size=config.max_body_bytes if config is not None else 64 * 1024 * 1024))
 
 
 async def _run(config: config_module.Config) -> None:
@@ -83,7 +94,8 @@ async def _run(config: config_module.Config) -> None:
         log.warning("NO UPSTREAM CONFIGURED: serving answers from the built-in GLM-4.6 SIMULATOR, "
                     "not the real model. Set CODEPLAN_UPSTREAM_URL and CODEPLAN_UPSTREAM_KEYS "
                     "to forward to Z.ai.", extra={"simulator": upstream_url})
-    main_server = _uvicorn(create_app(config, url, upstream_url, upstream_keys), lifespan=True)
+    main_server = _uvicorn(create_app(config, url, upstream_url, upstream_keys), lifespan=True,
+                           config=config)
     log.info("codeplan listening", extra={"url": f"http://{config.host}:{config.port}"})
     try:
         await main_server.serve(sockets=[main_sock])
