@@ -181,7 +181,7 @@ async def response_socket(socket: WebSocket) -> None:
         await _refuse(socket, refusal)
         return
     gate.open += 1
-    session = responses_socket.SocketSession()
+    session = responses_socket.SocketSession(max_depth=settings.max_json_depth)
     # Frames are read all the time, also while a turn is answered: a client that closes the
     # socket mid-turn cancels the turn at once, wherever it waits (as bridge/asgi.py does for
     # HTTP), so an abandoned request does not keep an upstream thinking.

@@ -494,7 +494,9 @@ def test_socket_frames():
     assert session.read(turn_body(input="x")).kind == "create"
     assert session.read(turn_body(input="x", generate=False)).kind == "warmup"
     assert session.read(b'{"type": "response.processed", "response_id": "r"}').kind == "ignore"
-    for bad in (b"nope", b"[1]", b'{"type": "session.update"}', b'{"type": "response.append", "input": []}'):
+    deep = b'{"type": "response.create", "model": "glm-4.6", "generate": false, "input": "x", "metadata": ' \
+        + b"[" * 5000 + b"]" * 5000 + b"}"
+    for bad in (b"nope", b"[1]", b'{"type": "session.update"}', b'{"type": "response.append", "input": []}', deep):
         with pytest.raises(BridgeError) as raised:
             session.read(bad)
         assert raised.value.status == 400

@@ -21,7 +21,7 @@ from collections import OrderedDict
 import msgspec
 from msgspec import Struct
 
-from .. import glm, sse, wire
+from .. import depth, glm, sse, wire
 from ..errors import BridgeError, Kind
 from .responses import History, Memory, ResponsesStream, ResponsesSurface, as_input, error_detail
 from .responses_wire import ErrorDetail, Item, ResponsesRequest
@@ -149,18 +149,23 @@ class Counts(Struct):
 class SocketSession:
     """One socket's state: the frames it reads and the conversations it keeps."""
 
-    def __init__(self, keep: int = KEEP) -> None:
+    def __init__(self, keep: int = KEEP, max_depth: int = depth.DEFAULT_LIMIT) -> None:
         self.memory = SocketMemory(keep)
         self.counts = Counts()
+        self._max_depth = max_depth
         self._last_request: ResponsesRequest | None = None
         self._last_response: str | None = None
 
     def read(self, data: bytes) -> Turn:
         """A client frame as a turn; a BridgeError (sent back as an `error` frame) if it is
         none we serve."""
+        # every frame, as every HTTP body, passes the depth guard before any decoder (a warm-up
+        # never reaches the journey, which guards the turns' bodies again)
+        if depth.too_deep(data, self._max_depth):
+            raise BridgeError(Kind.invalid_request, f"The frame nests deeper than {self._max_depth} levels.")
         try:
             header = _header_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             raise BridgeError(Kind.invalid_request, "A frame must be a JSON object with a `type`, "
                               "such as response.create.") from None
         if header.type == "response.create":
