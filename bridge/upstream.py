@@ -77,14 +77,19 @@ class KeyPool:
 
 
 class UpstreamResponse:
-    """An upstream response that gives its key's slot back, once, when it is ended."""
+    """An upstream response that gives its key's slot back, once, when it is ended. It names the
+    upstream profile that answered and that profile's price for the model (bridge/upstreams.py),
+    so the settlement can record what the request cost."""
 
-    __slots__ = ("_response", "_on_done", "content")
+    __slots__ = ("_response", "_on_done", "content", "profile", "price")
 
-    def __init__(self, response: aiohttp.ClientResponse, on_done: Callable[[], None]) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, on_done: Callable[[], None],
+                 profile: str | None = None, price=None) -> None:
         self._response = response
         self._on_done: Callable[[], None] | None = on_done
         self.content = response.content
+        self.profile = profile
+        self.price = price
 
     async def read(self) -> bytes:
         return await self._response.read()

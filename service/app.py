@@ -9,19 +9,21 @@ from typing import AsyncIterator
 
 import asyncpg
 import msgspec
-from litestar import Litestar, MediaType, Request, Response, get
+from litestar import Litestar, Request, Response, Router
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from bridge import app as bridge_app
 from bridge.journey import Journey
-from bridge.upstream import Upstream
+from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
-from . import db, usage
+from . import admin, credits, db, metrics, ops, usage
 from .accounts import Authenticator
-from .config import Config
+from .config import Config, model_catalog, peak_window
 from .ledger import Ledger
+from .metrics import PrometheusMetrics
 from .problems import problem
+from .upstream_store import PgKeyLeases, UpstreamStore
 
 log = logging.getLogger("codeplan.app")
 
@@ -37,17 +39,6 @@ def _unexpected(request: Request, exc: Exception) -> Response:
                    "The service failed unexpectedly; the failure was logged.")
 
 
-@get("/healthz", media_type=MediaType.JSON)
-async def healthz(request: Request) -> Response:
-    pool: asyncpg.Pool = request.app.state.pool
-    try:
-        async with asyncio.timeout(2):
-            await pool.fetchval("SELECT 1")
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return problem(503, "Database unreachable")
-    return Response(b'{"status":"ok"}', media_type=MediaType.JSON)
-
-
 async def _sweeper(ledger: Ledger, interval: float) -> None:
     """Expire what dead processes left pending. Survives anything but its cancellation: a
     failed sweep is logged and the next one tries again."""
@@ -60,25 +51,42 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def create_app(config: Config, database_url: str, upstream_url: str,
-               upstream_keys: tuple[str, ...]) -> Litestar:
+def create_app(config: Config, database_url: str, profiles: list[ProfileConfig]) -> Litestar:
+    """The application, forwarding to `profiles` (config.upstream_profiles) plus what admins
+    add at run time."""
+    models = model_catalog(config)
+    credits.install(models)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await db.create_pool(database_url, size=config.db_pool_size)
-        upstream = Upstream(upstream_url, upstream_keys, timeout=config.upstream_timeout,
-                            concurrency=config.upstream_concurrency,
-                            stream_usage=config.upstream_stream_usage)
-        await upstream.start()
+        # a model the models file names (or changes) is the configuration's word
+        configured = {m.id for m in models if m not in credits.DEFAULT_MODELS}
+        await credits.sync(pool, models, configured=configured,
+                           peak=peak_window(config.peak_hours) if config.peak_hours else None,
+                           zone=config.peak_zone)
+        bridge_metrics = PrometheusMetrics()
+        leases = PgKeyLeases(pool, config.upstream_lease)
+        router = UpstreamRouter(profiles, timeout=config.upstream_timeout, attempts=config.upstream_attempts,
+                        cooldown=config.upstream_cooldown, leases=leases, metrics=bridge_metrics,
+                        on_health=_health_log)
+        await router.start()
+        store = UpstreamStore(pool, router, profiles)
+        await store.refresh()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
         journey = Journey(settings=config.bridge_settings(),
                           auth=Authenticator(pool, config.auth_cache_ttl),
-                          ledger=ledger, upstream=upstream)
+                          ledger=ledger, upstream=router, metrics=bridge_metrics)
         app.state.pool = pool
         app.state.ledger = ledger
         app.state.journey = journey
         app.state.calibration = journey.calibration
         app.state.config = config
+        app.state.router = router
+        app.state.upstream_store = store
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
+        background = [asyncio.create_task(store.run(config.upstream_refresh)),
+                      asyncio.create_task(metrics.pool_watcher(pool))]
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection
         # walked ~67,000 start-up objects in 31-34 ms, a pause for every request in flight;
@@ -88,17 +96,27 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await ops.settle_everything(journey)
             sweeper.cancel()
-            await journey.flights.land()
-            await upstream.close()
+            await leases.close()
+            await router.close()
             await pool.close()
 
     return Litestar(
-        route_handlers=[bridge_app.router, healthz, *usage.routes],
+        route_handlers=[Router(path="/", route_handlers=[bridge_app.router], include_in_schema=False),
+                        ops.healthz, ops.readyz, metrics.metrics, *usage.routes, admin.router],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
         request_max_body_size=64 * 1024 * 1024,
-        openapi_config=None,
+        # the admin API's schema (the bridge's protocols are the clients' own)
+        openapi_config=admin.OPENAPI,
         logging_config=None,
         debug=False,
     )
+
+
+def _health_log(profile: str, key: str, healthy: bool, error: str | None) -> None:
+    log.warning("upstream key " + ("healthy again" if healthy else "unhealthy"),
+                extra={"upstream": profile, "key": key, "error": error})

@@ -1,0 +1,70 @@
+"""Who may use the admin API: the operator's token (CODEPLAN_ADMIN_TOKEN), the API key of an
+admin account, or an admin's web session (reads only: a cookie rides along on cross-site
+requests, so changes need a bearer credential). Anyone else known gets 403, strangers 401."""
+from __future__ import annotations
+
+import hmac
+
+import asyncpg
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
+from litestar.handlers.base import BaseRouteHandler
+
+from .. import keys
+
+SESSION_COOKIE = "codeplan_session"  # the web page's session (service/web)
+
+_KEY_SQL = """
+SELECT a.id, a.is_admin FROM api_keys k JOIN accounts a ON a.id = k.account_id
+ WHERE k.secret_hash = $1 AND k.revoked_at IS NULL
+"""
+_SESSION_SQL = """
+SELECT a.id, a.is_admin FROM web_sessions s JOIN accounts a ON a.id = s.account_id
+ WHERE s.token_hash = $1 AND s.expires_at > now()
+"""
+
+
+def _bearer(connection: ASGIConnection) -> str:
+    auth = connection.headers.get("authorization") or ""
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return (connection.headers.get("x-api-key") or "").strip()
+
+
+async def _session(pool: asyncpg.Pool, token: str) -> asyncpg.Record | None:
+    import hashlib
+
+    try:
+        return await pool.fetchrow(_SESSION_SQL, hashlib.sha256(token.encode()).digest())
+    except asyncpg.UndefinedTableError:
+        return None  # the web page's tables are not installed
+
+
+async def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard of every admin route; leaves the actor's name in `connection.state.actor`."""
+    config = connection.app.state.config
+    pool: asyncpg.Pool = connection.app.state.pool
+    credential = _bearer(connection)
+    if credential:
+        if config.admin_token and hmac.compare_digest(credential.encode(), config.admin_token.encode()):
+            connection.state.actor = "admin-token"
+            return
+        row = await pool.fetchrow(_KEY_SQL, keys.key_hash(credential))
+        if row is None:
+            raise NotAuthorizedException("Send an admin token or an admin account's API key as a Bearer token.")
+        if not row["is_admin"]:
+            raise PermissionDeniedException("This key's account is not an administrator.")
+        connection.state.actor = f"account:{row['id']}"
+        return
+    cookie = connection.cookies.get(SESSION_COOKIE)
+    if cookie and len(cookie) <= 128:
+        row = await _session(pool, cookie)
+        if row is not None:
+            if not row["is_admin"]:
+                raise PermissionDeniedException("This account is not an administrator.")
+            if connection.scope["method"] not in ("GET", "HEAD"):
+                raise PermissionDeniedException("Changes need a bearer credential, not a session cookie.")
+            connection.state.actor = f"account:{row['id']}"
+            return
+    raise NotAuthorizedException("Send an admin token or an admin account's API key as a Bearer token.")
