@@ -105,8 +105,8 @@ def create_app(config: Config, database_url: str, profiles: list[ProfileConfig])
             await pool.close()
 
     return Litestar(
-        route_handlers=[Router(path="/", route_handlers=[bridge_app.router], include_in_schema=False),
-                        ops.healthz, ops.readyz, metrics.metrics, *usage.routes, admin.router],
+        route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *usage.routes], include_in_schema=False),
+                        ops.healthz, ops.readyz, metrics.metrics, admin.router],
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
         request_max_body_size=64 * 1024 * 1024,

@@ -112,7 +112,7 @@ async def _simulate(args: argparse.Namespace) -> None:
     from bridge.simulator.server import create_app as create_simulator
 
     sim = SimConfig(seed=args.seed, ttft_ms=args.ttft_ms, tokens_per_second=args.tps,
-                    output_tokens=args.tokens, usage_mode=args.usage_mode)
+                    output_tokens=args.tokens, usage_mode=args.usage_mode, fault=args.fault)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     log.info("GLM simulator listening", extra={"url": f"http://{host}:{port}/api/coding/paas/v4"})
@@ -156,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
                      choices=["always", "when_asked", "never", "reject_field"],
                      help="stream usage: always (GLM), when_asked (OpenAI-style servers), never, "
                           "reject_field (a 400 naming stream_options)")
+    sim.add_argument("--fault", default="", help="a fault for every request, e.g. 1302 or 500 "
+                     "(a request's own [[sim fault=...]] wins)")
     return parser
 
 

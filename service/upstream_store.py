@@ -30,7 +30,7 @@ class UpstreamStore:
         added: dict[str, list[str]] = {}
         disabled: dict[str, set[str]] = {}
         for row in keys:
-            if row["secret"] and row["enabled"]:
+            if row["secret"]:  # a disabled one stays listed, switched off
                 added.setdefault(row["profile"], []).append(row["secret"])
             if not row["enabled"]:
                 disabled.setdefault(row["profile"], set()).add(row["fingerprint"])
