@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import msgspec
-from litestar import Request, Response, Router, get, head, post
+from litestar import Request, Response, Router, asgi, get, head, post
 from litestar.response import Stream
+from litestar.types import Receive, Scope, Send
 
 from . import errors
+from .asgi import serve
 from .errors import BridgeError, Kind
 from .journey import Journey, Reply
-from .surfaces import Surface
 from .models import CATALOG, model_list
 from .surfaces import messages as anthropic
 from .surfaces.chat import ChatSurface
@@ -35,28 +36,26 @@ def respond(reply: Reply) -> Response:
                     headers=reply.headers)
 
 
-async def _handle(surface: Surface, request: Request) -> Response:
-    journey: Journey = request.app.state.journey
-    return respond(await journey.handle(surface, api_key(request), request.body))
-
-
+# The hot routes are raw ASGI (bridge/asgi.py): no per-request framework objects.
 # Tools whose base URL lacks /v1, and tools using a built-in Z.ai provider pointed at our host.
 CHAT_PATHS = ["/v1/chat/completions", "/chat/completions",
               "/api/coding/paas/v4/chat/completions", "/api/paas/v4/chat/completions"]
 
 
-@post(CHAT_PATHS, status_code=200)
-async def chat_completions(request: Request) -> Response:
-    return await _handle(_chat, request)
+@asgi(CHAT_PATHS)
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    app = scope["app"]
+    await serve(app.state.journey, _chat, scope, receive, send, app.state.max_body)
 
 
 # Claude Code appends /v1/messages to ANTHROPIC_BASE_URL; Z.ai-style bases end in /api/anthropic
 MESSAGES_PATHS = ["/v1/messages", "/messages", "/api/anthropic/v1/messages"]
 
 
-@post(MESSAGES_PATHS, status_code=200)
-async def messages(request: Request) -> Response:
-    return await _handle(_messages, request)
+@asgi(MESSAGES_PATHS)
+async def messages(scope: Scope, receive: Receive, send: Send) -> None:
+    app = scope["app"]
+    await serve(app.state.journey, _messages, scope, receive, send, app.state.max_body)
 
 
 class InputTokens(msgspec.Struct):

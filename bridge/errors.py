@@ -41,9 +41,11 @@ RETRYABLE = {Kind.concurrency, Kind.upstream_rate_limited, Kind.upstream_overloa
 class BridgeError(Exception):
     def __init__(self, kind: Kind, message: str, *, code: str | None = None,
                  retry_after: float | None = None, param: str | None = None,
-                 limit: int | None = None, requested: int | None = None) -> None:
+                 limit: int | None = None, requested: int | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.kind = kind
+        # a status more precise than the kind's (413 for a body too large, 405 for a method)
+        self._status = status
         self.message = message
         self.code = code
         self.retry_after = retry_after
@@ -54,7 +56,7 @@ class BridgeError(Exception):
 
     @property
     def status(self) -> int:
-        return STATUS[self.kind]
+        return self._status or STATUS[self.kind]
 
     def headers(self) -> dict[str, str]:
         headers: dict[str, str] = {}

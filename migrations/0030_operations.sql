@@ -20,8 +20,9 @@
 --    within it by construction (prompt <= bound, completion <= max_tokens); one at our own
 --    numbers is capped at it, as before.
 --
--- 3. The lock order of migration 0005 is kept by every function replaced here: the
---    subscription's row in subscription_flights, then the ledger entry, then the windows by id.
+-- 3. The lock order of migrations 0005/0006 is kept by every function replaced here: the
+--    subscriptions' rows in subscription_flights in id order, then their ledger entries, then
+--    their windows in id order.
 
 -- ---- credits ------------------------------------------------------------------------------
 
@@ -161,233 +162,310 @@ LANGUAGE sql AS $$
 $$;
 
 -- ---- the ledger, in credits ---------------------------------------------------------------
+-- 0006's set-based transitions, changed only where credits, suspension and cost need it; the
+-- guards and the lock order (the subscriptions' mutexes in id order, then their entries, then
+-- their windows in id order) are 0006's.
 
--- pending: as in 0005, with the request's token figures turned into credits at its model's
--- coefficients for its plan (peak multiplier included), and a suspended account refused.
-CREATE OR REPLACE FUNCTION ledger_admit(
-    p_id uuid, p_subscription_id bigint, p_api_key_id bigint, p_surface text, p_model text,
-    p_prompt_estimate integer, p_reserve bigint, p_held bigint, p_lease_seconds double precision)
-RETURNS TABLE (outcome text, window_kind text, resets_at timestamptz, allowance bigint, detail text)
+-- pending: each request's token figures are first turned into credits at its model's
+-- coefficients for its plan (peak multiplier included); then everything is 0006's, in credits.
+-- A suspended account is refused like a subscription that may not spend (detail 'suspended').
+CREATE OR REPLACE FUNCTION ledger_admit_batch(
+    p_ids uuid[], p_subscription_ids bigint[], p_api_key_ids bigint[], p_surfaces text[],
+    p_models text[], p_prompt_estimates integer[], p_reserves bigint[], p_helds bigint[],
+    p_lease_seconds double precision)
+RETURNS TABLE (i integer, outcome text, window_kind text, resets_at timestamptz, allowance bigint, detail text)
 LANGUAGE plpgsql AS $$
 DECLARE
+    n integer := cardinality(p_ids);
+    v_outcome text[] := array_fill(NULL::text, ARRAY[n]);
+    v_kind text[] := array_fill(NULL::text, ARRAY[n]);
+    v_resets timestamptz[] := array_fill(NULL::timestamptz, ARRAY[n]);
+    v_allowance bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    v_detail text[] := array_fill(NULL::text, ARRAY[n]);
+    -- per request: credits reserved and held, and the coefficients they were priced at
+    c_reserve bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    c_held bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    c_in numeric[] := array_fill(NULL::numeric, ARRAY[n]);
+    c_cached numeric[] := array_fill(NULL::numeric, ARRAY[n]);
+    c_out numeric[] := array_fill(NULL::numeric, ARRAY[n]);
+    price record;
+    v_out bigint;
+    v_peak boolean := credit_peak_now();
+    v_seen uuid[];
     sub record;
-    v_in_flight integer;
+    w quota_windows;
     w5 quota_windows;
     ww quota_windows;
-    w quota_windows;
+    new_5h boolean;
+    w5_posted bigint;
+    w5_held bigint;
+    w5_allowance bigint;
+    w5_ends timestamptz;
     week_start timestamptz;
-    v_mult numeric;
-    v_out bigint;
-    v_reserve bigint;
-    v_held bigint;
+    v_in_flight integer;
+    k integer;
+    admitted integer[];
+    add_reserved bigint;
+    add_held bigint;
+    v_now timestamptz := now();
 BEGIN
-    SELECT coalesce(CASE WHEN a.suspended_at IS NOT NULL THEN 'suspended' END,
-                    subscription_refusal(s)) AS refusal,
-           s.started_at, p.window_tokens, p.weekly_tokens, p.max_concurrent, p.cached_weight,
-           coalesce(pc.input_coeff, mc.input_coeff, 1) AS ci,
-           coalesce(pc.cached_coeff, mc.cached_coeff, p.cached_weight) AS cc,
-           coalesce(pc.output_coeff, mc.output_coeff, 1) AS co,
-           coalesce(pc.peak_multiplier, mc.peak_multiplier, 1) AS peak
-      INTO sub
-      FROM subscriptions s JOIN plans p ON p.id = s.plan_id JOIN accounts a ON a.id = s.account_id
-      LEFT JOIN model_credits mc ON mc.model = p_model
-      LEFT JOIN plan_credits pc ON pc.plan_id = s.plan_id AND pc.model = p_model
-     WHERE s.id = p_subscription_id;
-    IF NOT FOUND OR sub.refusal IS NOT NULL THEN
-        RETURN QUERY SELECT 'inactive'::text, NULL::text, NULL::timestamptz, NULL::bigint,
-                            coalesce(sub.refusal, 'missing');
-        RETURN;
-    END IF;
-    v_mult := CASE WHEN sub.peak > 1 AND credit_peak_now() THEN sub.peak ELSE 1 END;
-    sub.ci := sub.ci * v_mult;
-    sub.cc := sub.cc * v_mult;
-    sub.co := sub.co * v_mult;
-    -- the request's figures are tokens: max_tokens is what reserve adds to the estimate, the
-    -- prompt's bound what held adds to max_tokens
-    v_out := greatest(p_reserve - p_prompt_estimate, 0);
-    v_reserve := greatest(ceil(p_prompt_estimate * sub.ci + v_out * sub.co)::bigint, 1);
-    v_held := greatest(ceil((p_held - v_out) * greatest(sub.ci, sub.cc) + v_out * sub.co)::bigint,
-                       v_reserve);
-    IF v_held > sub.window_tokens THEN
-        RETURN QUERY SELECT 'too_large'::text, '5h'::text, NULL::timestamptz, sub.window_tokens, NULL::text;
-        RETURN;
-    END IF;
-    IF v_held > sub.weekly_tokens THEN
-        RETURN QUERY SELECT 'too_large'::text, 'week'::text, NULL::timestamptz, sub.weekly_tokens, NULL::text;
-        RETURN;
-    END IF;
-
-    -- the subscription's mutex, always the first lock
-    SELECT f.in_flight INTO v_in_flight FROM subscription_flights f
-     WHERE f.subscription_id = p_subscription_id FOR NO KEY UPDATE;
-    IF NOT FOUND THEN
-        INSERT INTO subscription_flights (subscription_id) VALUES (p_subscription_id)
-        ON CONFLICT (subscription_id) DO NOTHING;
-        SELECT f.in_flight INTO v_in_flight FROM subscription_flights f
-         WHERE f.subscription_id = p_subscription_id FOR NO KEY UPDATE;
-    END IF;
-    IF EXISTS (SELECT 1 FROM usage_ledger l WHERE l.id = p_id) THEN
-        RETURN QUERY SELECT 'replayed'::text, NULL::text, NULL::timestamptz, NULL::bigint, NULL::text;
-        RETURN;
-    END IF;
-    IF sub.max_concurrent IS NOT NULL AND v_in_flight >= sub.max_concurrent THEN
-        RETURN QUERY SELECT 'concurrency'::text, NULL::text, NULL::timestamptz,
-                            sub.max_concurrent::bigint, NULL::text;
-        RETURN;
-    END IF;
-
-    FOR w IN
-        SELECT DISTINCT ON (q.kind) q.* FROM quota_windows q
-         WHERE q.subscription_id = p_subscription_id
-         ORDER BY q.kind, q.starts_at DESC
+    -- the token figures are: max_tokens is what reserve adds to the estimate, the prompt's
+    -- proven bound what held adds to max_tokens; the hold in credits takes the larger of the
+    -- input coefficients for the whole prompt bound
+    FOR price IN
+        SELECT g.k, coalesce(pc.input_coeff, mc.input_coeff, 1) AS ci,
+               coalesce(pc.cached_coeff, mc.cached_coeff, p.cached_weight, 0.2) AS cc,
+               coalesce(pc.output_coeff, mc.output_coeff, 1) AS co,
+               CASE WHEN v_peak THEN coalesce(pc.peak_multiplier, mc.peak_multiplier, 1) ELSE 1 END AS m
+          FROM generate_series(1, n) AS g(k)
+          LEFT JOIN subscriptions s ON s.id = p_subscription_ids[g.k]
+          LEFT JOIN plans p ON p.id = s.plan_id
+          LEFT JOIN model_credits mc ON mc.model = p_models[g.k]
+          LEFT JOIN plan_credits pc ON pc.plan_id = s.plan_id AND pc.model = p_models[g.k]
     LOOP
-        IF w.kind = '5h' THEN w5 := w; ELSE ww := w; END IF;
+        k := price.k;
+        c_in[k] := price.ci * price.m;
+        c_cached[k] := price.cc * price.m;
+        c_out[k] := price.co * price.m;
+        v_out := greatest(p_reserves[k] - p_prompt_estimates[k], 0);
+        c_reserve[k] := greatest(ceil(p_prompt_estimates[k] * c_in[k] + v_out * c_out[k])::bigint, 1);
+        c_held[k] := greatest(ceil((p_helds[k] - v_out) * greatest(c_in[k], c_cached[k])
+                                   + v_out * c_out[k])::bigint, c_reserve[k]);
     END LOOP;
 
-    week_start := sub.started_at + floor(extract(epoch FROM now() - sub.started_at) / 604800)
-                                   * interval '7 days';
-    IF ww.id IS NULL OR ww.starts_at <> week_start THEN
-        INSERT INTO quota_windows (subscription_id, kind, starts_at, ends_at, allowance)
-        VALUES (p_subscription_id, 'week', week_start, week_start + interval '7 days', sub.weekly_tokens)
-        ON CONFLICT (subscription_id, kind, starts_at) DO NOTHING;
-        SELECT * INTO ww FROM quota_windows q
-         WHERE q.subscription_id = p_subscription_id AND q.kind = 'week' AND q.starts_at = week_start;
-    END IF;
-    SELECT * INTO ww FROM quota_windows q WHERE q.id = ww.id FOR NO KEY UPDATE;
-    IF ww.posted + ww.held + v_held > ww.allowance THEN
-        RETURN QUERY SELECT 'window_full'::text, 'week'::text, ww.ends_at, ww.allowance, NULL::text;
-        RETURN;
-    END IF;
+    -- ids admitted before: their first reply was lost, they were admitted
+    SELECT array_agg(l.id) INTO v_seen FROM usage_ledger l WHERE l.id = ANY(p_ids);
 
-    IF w5.id IS NULL OR w5.ends_at <= now() THEN
-        INSERT INTO quota_windows (subscription_id, kind, starts_at, ends_at, allowance)
-        VALUES (p_subscription_id, '5h', now(), now() + interval '5 hours', sub.window_tokens)
-        RETURNING * INTO w5;
-    ELSE
-        SELECT * INTO w5 FROM quota_windows q WHERE q.id = w5.id FOR NO KEY UPDATE;
-        IF w5.posted + w5.held + v_held > w5.allowance THEN
-            RETURN QUERY SELECT 'window_full'::text, '5h'::text, w5.ends_at, w5.allowance, NULL::text;
-            RETURN;
+    FOR sub IN
+        SELECT s.id, coalesce(CASE WHEN a.suspended_at IS NOT NULL THEN 'suspended' END,
+                              subscription_refusal(s)) AS refusal,
+               s.started_at, p.window_tokens, p.weekly_tokens, p.max_concurrent, p.cached_weight
+          FROM subscriptions s JOIN plans p ON p.id = s.plan_id JOIN accounts a ON a.id = s.account_id
+         WHERE s.id = ANY(p_subscription_ids)
+         ORDER BY s.id
+    LOOP
+        IF sub.refusal IS NOT NULL THEN
+            FOR k IN 1..n LOOP
+                IF p_subscription_ids[k] = sub.id THEN
+                    v_outcome[k] := 'inactive';
+                    v_detail[k] := sub.refusal;
+                END IF;
+            END LOOP;
+            CONTINUE;
         END IF;
-    END IF;
 
-    UPDATE quota_windows SET reserved = reserved + v_reserve, held = held + v_held
-     WHERE id IN (w5.id, ww.id);
-    UPDATE subscription_flights SET in_flight = in_flight + 1 WHERE subscription_id = p_subscription_id;
-    INSERT INTO usage_ledger (id, subscription_id, api_key_id, window_id, week_window_id, surface,
-                              model, reserved_tokens, held_tokens, prompt_estimate, cached_weight,
-                              coeff_input, coeff_cached, coeff_output, lease_until)
-    VALUES (p_id, p_subscription_id, p_api_key_id, w5.id, ww.id, p_surface, p_model, v_reserve,
-            v_held, p_prompt_estimate, sub.cached_weight, sub.ci, sub.cc, sub.co,
-            now() + make_interval(secs => p_lease_seconds));
-    RETURN QUERY SELECT 'admitted'::text, NULL::text, w5.ends_at, NULL::bigint, NULL::text;
+        -- the subscription's mutex, always the first lock
+        SELECT f.in_flight INTO v_in_flight FROM subscription_flights f
+         WHERE f.subscription_id = sub.id FOR NO KEY UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO subscription_flights (subscription_id) VALUES (sub.id)
+            ON CONFLICT (subscription_id) DO NOTHING;
+            SELECT f.in_flight INTO v_in_flight FROM subscription_flights f
+             WHERE f.subscription_id = sub.id FOR NO KEY UPDATE;
+        END IF;
+
+        w5 := NULL;
+        ww := NULL;
+        FOR w IN
+            SELECT DISTINCT ON (q.kind) q.* FROM quota_windows q
+             WHERE q.subscription_id = sub.id
+             ORDER BY q.kind, q.starts_at DESC
+        LOOP
+            IF w.kind = '5h' THEN w5 := w; ELSE ww := w; END IF;
+        END LOOP;
+        week_start := sub.started_at + floor(extract(epoch FROM v_now - sub.started_at) / 604800)
+                                       * interval '7 days';
+        IF ww.id IS NULL OR ww.starts_at <> week_start THEN
+            INSERT INTO quota_windows (subscription_id, kind, starts_at, ends_at, allowance)
+            VALUES (sub.id, 'week', week_start, week_start + interval '7 days', sub.weekly_tokens)
+            ON CONFLICT (subscription_id, kind, starts_at) DO NOTHING;
+            SELECT * INTO ww FROM quota_windows q
+             WHERE q.subscription_id = sub.id AND q.kind = 'week' AND q.starts_at = week_start;
+        END IF;
+        new_5h := w5.id IS NULL OR w5.ends_at <= v_now;
+        IF new_5h THEN
+            SELECT * INTO ww FROM quota_windows q WHERE q.id = ww.id FOR NO KEY UPDATE;
+            w5_posted := 0; w5_held := 0; w5_allowance := sub.window_tokens;
+            w5_ends := v_now + interval '5 hours';
+        ELSE
+            FOR w IN SELECT * FROM quota_windows q WHERE q.id IN (w5.id, ww.id) ORDER BY q.id
+                       FOR NO KEY UPDATE
+            LOOP
+                IF w.kind = '5h' THEN w5 := w; ELSE ww := w; END IF;
+            END LOOP;
+            w5_posted := w5.posted; w5_held := w5.held; w5_allowance := w5.allowance;
+            w5_ends := w5.ends_at;
+        END IF;
+
+        admitted := '{}';
+        add_reserved := 0;
+        add_held := 0;
+        FOR k IN 1..n LOOP
+            CONTINUE WHEN p_subscription_ids[k] <> sub.id;
+            IF v_seen IS NOT NULL AND p_ids[k] = ANY(v_seen) THEN
+                v_outcome[k] := 'replayed';
+            ELSIF c_held[k] > sub.window_tokens THEN
+                v_outcome[k] := 'too_large'; v_kind[k] := '5h'; v_allowance[k] := sub.window_tokens;
+            ELSIF c_held[k] > sub.weekly_tokens THEN
+                v_outcome[k] := 'too_large'; v_kind[k] := 'week'; v_allowance[k] := sub.weekly_tokens;
+            ELSIF sub.max_concurrent IS NOT NULL
+                  AND v_in_flight + cardinality(admitted) >= sub.max_concurrent THEN
+                v_outcome[k] := 'concurrency'; v_allowance[k] := sub.max_concurrent;
+            ELSIF ww.posted + ww.held + add_held + c_held[k] > ww.allowance THEN
+                v_outcome[k] := 'window_full'; v_kind[k] := 'week';
+                v_resets[k] := ww.ends_at; v_allowance[k] := ww.allowance;
+            ELSIF w5_posted + w5_held + add_held + c_held[k] > w5_allowance THEN
+                v_outcome[k] := 'window_full'; v_kind[k] := '5h';
+                v_resets[k] := w5_ends; v_allowance[k] := w5_allowance;
+            ELSE
+                v_outcome[k] := 'admitted';
+                admitted := admitted || k;
+                add_reserved := add_reserved + c_reserve[k];
+                add_held := add_held + c_held[k];
+            END IF;
+        END LOOP;
+        CONTINUE WHEN cardinality(admitted) = 0;
+
+        IF new_5h THEN
+            INSERT INTO quota_windows (subscription_id, kind, starts_at, ends_at, allowance)
+            VALUES (sub.id, '5h', v_now, v_now + interval '5 hours', sub.window_tokens)
+            RETURNING * INTO w5;
+        END IF;
+        UPDATE quota_windows SET reserved = reserved + add_reserved, held = held + add_held
+         WHERE id IN (w5.id, ww.id);
+        UPDATE subscription_flights SET in_flight = in_flight + cardinality(admitted)
+         WHERE subscription_id = sub.id;
+        INSERT INTO usage_ledger (id, subscription_id, api_key_id, window_id, week_window_id, surface,
+                                  model, reserved_tokens, held_tokens, prompt_estimate, cached_weight,
+                                  coeff_input, coeff_cached, coeff_output, lease_until)
+        SELECT p_ids[a], sub.id, p_api_key_ids[a], w5.id, ww.id, p_surfaces[a], p_models[a],
+               c_reserve[a], c_held[a], p_prompt_estimates[a], sub.cached_weight,
+               c_in[a], c_cached[a], c_out[a], v_now + make_interval(secs => p_lease_seconds)
+          FROM unnest(admitted) AS a;
+        FOREACH k IN ARRAY admitted LOOP
+            v_resets[k] := w5.ends_at;
+        END LOOP;
+    END LOOP;
+
+    RETURN QUERY
+        SELECT g.k, coalesce(v_outcome[g.k], 'inactive'), v_kind[g.k], v_resets[g.k], v_allowance[g.k],
+               CASE WHEN v_outcome[g.k] IS NULL THEN 'missing' ELSE v_detail[g.k] END
+          FROM generate_series(1, n) AS g(k);
 END;
 $$;
 
--- pending -> posted | voided | expired: as in 0005, billed in credits at the row's
--- coefficients, and recording which upstream served it and what that cost.
-DROP FUNCTION ledger_settle_many(uuid[], text[], integer[], integer[], integer[], integer[], boolean[], text[], text[]);
-DROP FUNCTION ledger_expire_due(integer);
+-- pending -> posted | voided | expired for a batch: 0006's, billed in credits at each row's
+-- coefficients (rows admitted before 0030 have none: 1, their cached weight, 1, as they were
+-- billed), recording which upstream served each request and what it cost.
 DROP FUNCTION ledger_settle(uuid, text, integer, integer, integer, integer, boolean, text, text);
-
-CREATE FUNCTION ledger_settle(
-    p_id uuid, p_state text, p_prompt integer, p_completion integer, p_cached integer,
-    p_reasoning integer, p_estimated boolean, p_reason text, p_upstream_request_id text,
-    p_upstream text DEFAULT NULL, p_upstream_cost numeric DEFAULT NULL)
-RETURNS TABLE (billed bigint)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_subscription bigint;
-    entry usage_ledger;
-    v_billed bigint;
-BEGIN
-    IF p_state NOT IN ('posted', 'voided', 'expired') THEN
-        RAISE EXCEPTION 'ledger_settle: % is not a settled state', p_state;
-    END IF;
-    SELECT l.subscription_id INTO v_subscription FROM usage_ledger l
-     WHERE l.id = p_id AND l.state = 'pending';
-    IF NOT FOUND THEN
-        RETURN;  -- settled already: a replay is a no-op
-    END IF;
-    PERFORM 1 FROM subscription_flights f WHERE f.subscription_id = v_subscription FOR NO KEY UPDATE;
-    SELECT * INTO entry FROM usage_ledger l WHERE l.id = p_id AND l.state = 'pending' FOR UPDATE;
-    IF NOT FOUND THEN
-        RETURN;  -- another settler won while we waited
-    END IF;
-    p_cached := least(greatest(p_cached, 0), greatest(p_prompt, 0));
-    v_billed := CASE WHEN p_state = 'voided' THEN 0 ELSE
-        ceil(greatest(p_prompt - p_cached, 0) * coalesce(entry.coeff_input, 1)
-             + p_cached * coalesce(entry.coeff_cached, entry.cached_weight)
-             + greatest(p_completion, 0) * coalesce(entry.coeff_output, 1))::bigint END;
-    IF p_estimated THEN
-        -- our own numbers can never exceed what the request could cost at most
-        v_billed := least(v_billed, entry.held_tokens);
-    END IF;
-    PERFORM ledger_lock_windows(entry.window_id, entry.week_window_id);
-    UPDATE quota_windows
-       SET reserved = reserved - entry.reserved_tokens, held = held - entry.held_tokens,
-           posted = posted + v_billed
-     WHERE id IN (entry.window_id, entry.week_window_id);
-    UPDATE subscription_flights SET in_flight = in_flight - 1 WHERE subscription_id = v_subscription;
-    UPDATE usage_ledger
-       SET state = p_state,
-           prompt_tokens = CASE WHEN p_state = 'voided' THEN 0 ELSE p_prompt END,
-           completion_tokens = CASE WHEN p_state = 'voided' THEN 0 ELSE p_completion END,
-           cached_tokens = CASE WHEN p_state = 'voided' THEN 0 ELSE p_cached END,
-           reasoning_tokens = CASE WHEN p_state = 'voided' THEN 0 ELSE p_reasoning END,
-           billed_tokens = v_billed,
-           estimated = p_estimated,
-           settle_reason = p_reason,
-           upstream_request_id = coalesce(p_upstream_request_id, upstream_request_id),
-           upstream = coalesce(p_upstream, upstream),
-           upstream_cost = CASE WHEN p_state = 'voided' THEN 0 ELSE p_upstream_cost END,
-           settled_at = now()
-     WHERE id = p_id;
-    PERFORM pg_notify('codeplan_usage', v_subscription::text);
-    RETURN QUERY SELECT v_billed;
-END;
-$$;
-
-CREATE FUNCTION ledger_settle_many(
+DROP FUNCTION ledger_settle_batch(uuid[], text[], integer[], integer[], integer[], integer[], boolean[], text[], text[]);
+CREATE FUNCTION ledger_settle_batch(
     p_ids uuid[], p_states text[], p_prompt integer[], p_completion integer[], p_cached integer[],
     p_reasoning integer[], p_estimated boolean[], p_reasons text[], p_upstream_request_ids text[],
     p_upstreams text[] DEFAULT NULL, p_upstream_costs numeric[] DEFAULT NULL)
 RETURNS TABLE (i integer, billed bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
-    k integer;
+    v_subscription bigint;
+    v_billed bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(p_ids)]);
+    r record;
 BEGIN
-    FOR k IN
-        SELECT u.o::integer FROM unnest(p_ids) WITH ORDINALITY AS u(id, o)
-          LEFT JOIN usage_ledger l ON l.id = u.id
-         ORDER BY l.subscription_id NULLS LAST, u.o
+    IF EXISTS (SELECT 1 FROM unnest(p_states) AS s(state) WHERE s.state NOT IN ('posted', 'voided', 'expired')) THEN
+        RAISE EXCEPTION 'ledger_settle_batch: not a settled state in %', p_states;
+    END IF;
+    FOR v_subscription IN
+        SELECT DISTINCT l.subscription_id FROM usage_ledger l
+         WHERE l.id = ANY(p_ids) AND l.state = 'pending'
+         ORDER BY 1
     LOOP
-        RETURN QUERY SELECT k, s.billed
-          FROM ledger_settle(p_ids[k], p_states[k], p_prompt[k], p_completion[k], p_cached[k],
-                             p_reasoning[k], p_estimated[k], p_reasons[k], p_upstream_request_ids[k],
-                             p_upstreams[k], p_upstream_costs[k]) s;
+        -- lock order: the subscription's mutex, its entries, its windows in id order
+        PERFORM 1 FROM subscription_flights f WHERE f.subscription_id = v_subscription FOR NO KEY UPDATE;
+        PERFORM 1 FROM usage_ledger l
+         WHERE l.id = ANY(p_ids) AND l.subscription_id = v_subscription AND l.state = 'pending'
+         ORDER BY l.id FOR UPDATE;
+        PERFORM 1 FROM quota_windows q
+         WHERE q.id IN (SELECT unnest(ARRAY[l.window_id, l.week_window_id]) FROM usage_ledger l
+                         WHERE l.id = ANY(p_ids) AND l.subscription_id = v_subscription AND l.state = 'pending')
+         ORDER BY q.id FOR NO KEY UPDATE;
+
+        FOR r IN
+            WITH input AS (
+                SELECT DISTINCT ON (u.id) u.*
+                  FROM unnest(p_ids, p_states, p_prompt, p_completion, p_cached, p_reasoning, p_estimated,
+                              p_reasons, p_upstream_request_ids, p_upstreams, p_upstream_costs)
+                       WITH ORDINALITY AS u(id, state, prompt, completion, cached, reasoning, estimated,
+                                            reason, upstream_request_id, upstream, cost, k)
+                 WHERE u.id IS NOT NULL
+                 ORDER BY u.id, u.k
+            ), priced AS (
+                SELECT x.*, l.reserved_tokens, l.held_tokens, l.window_id, l.week_window_id,
+                       least(greatest(x.cached, 0), greatest(x.prompt, 0)) AS cached_counted,
+                       CASE WHEN x.state = 'voided' THEN 0::bigint ELSE
+                           CASE WHEN x.estimated THEN least(l.held_tokens, b.raw) ELSE b.raw END
+                       END AS billed
+                  FROM input x
+                  JOIN usage_ledger l ON l.id = x.id
+                 CROSS JOIN LATERAL (SELECT ceil(
+                        greatest(x.prompt - least(greatest(x.cached, 0), greatest(x.prompt, 0)), 0)
+                            * coalesce(l.coeff_input, 1)
+                        + least(greatest(x.cached, 0), greatest(x.prompt, 0))
+                            * coalesce(l.coeff_cached, l.cached_weight)
+                        + greatest(x.completion, 0) * coalesce(l.coeff_output, 1))::bigint AS raw) b
+                 WHERE l.subscription_id = v_subscription AND l.state = 'pending'
+            ), settled AS (
+                UPDATE usage_ledger l
+                   SET state = p.state,
+                       prompt_tokens = CASE WHEN p.state = 'voided' THEN 0 ELSE p.prompt END,
+                       completion_tokens = CASE WHEN p.state = 'voided' THEN 0 ELSE p.completion END,
+                       cached_tokens = CASE WHEN p.state = 'voided' THEN 0 ELSE p.cached_counted END,
+                       reasoning_tokens = CASE WHEN p.state = 'voided' THEN 0 ELSE p.reasoning END,
+                       billed_tokens = p.billed,
+                       estimated = p.estimated,
+                       settle_reason = p.reason,
+                       upstream_request_id = coalesce(p.upstream_request_id, l.upstream_request_id),
+                       upstream = coalesce(p.upstream, l.upstream),
+                       upstream_cost = CASE WHEN p.state = 'voided' THEN 0 ELSE p.cost END,
+                       settled_at = now()
+                  FROM priced p
+                 WHERE l.id = p.id AND l.state = 'pending'
+             RETURNING p.k, p.billed, l.window_id, l.week_window_id, l.reserved_tokens, l.held_tokens
+            ), moved AS (
+                UPDATE quota_windows q
+                   SET reserved = q.reserved - m.reserved, held = q.held - m.held, posted = q.posted + m.billed
+                  FROM (SELECT v.window_id, sum(s.reserved_tokens) AS reserved, sum(s.held_tokens) AS held,
+                               sum(s.billed) AS billed
+                          FROM settled s
+                         CROSS JOIN LATERAL (VALUES (s.window_id), (s.week_window_id)) AS v(window_id)
+                         GROUP BY v.window_id) m
+                 WHERE q.id = m.window_id
+             RETURNING 1
+            ), counted AS (
+                UPDATE subscription_flights f
+                   SET in_flight = f.in_flight - (SELECT count(*) FROM settled)
+                 WHERE f.subscription_id = v_subscription
+             RETURNING 1
+            )
+            SELECT s.k, s.billed FROM settled s
+        LOOP
+            v_billed[r.k] := r.billed;
+        END LOOP;
+        PERFORM pg_notify('codeplan_usage', v_subscription::text);
     END LOOP;
+    RETURN QUERY SELECT g.k, v_billed[g.k] FROM generate_series(1, cardinality(p_ids)) AS g(k)
+                  WHERE v_billed[g.k] IS NOT NULL;
 END;
 $$;
 
-CREATE FUNCTION ledger_expire_due(p_limit integer)
-RETURNS TABLE (id uuid, billed bigint)
-LANGUAGE plpgsql AS $$
-DECLARE
-    due record;
-BEGIN
-    FOR due IN
-        SELECT d.id, d.prompt_estimate, d.delivered_tokens FROM (
-            SELECT l.id, l.subscription_id, l.prompt_estimate, l.delivered_tokens FROM usage_ledger l
-             WHERE l.state = 'pending' AND l.lease_until < now()
-             ORDER BY l.lease_until LIMIT p_limit) d
-         ORDER BY d.subscription_id, d.id
-    LOOP
-        RETURN QUERY SELECT due.id, s.billed FROM ledger_settle(
-            due.id, 'expired', due.prompt_estimate, due.delivered_tokens, 0, 0, true,
-            'lease expired', NULL) s;
-    END LOOP;
-END;
+CREATE FUNCTION ledger_settle(
+    p_id uuid, p_state text, p_prompt integer, p_completion integer, p_cached integer,
+    p_reasoning integer, p_estimated boolean, p_reason text, p_upstream_request_id text,
+    p_upstream text DEFAULT NULL, p_upstream_cost numeric DEFAULT NULL)
+RETURNS TABLE (billed bigint)
+LANGUAGE sql AS $$
+    SELECT s.billed FROM ledger_settle_batch(ARRAY[p_id], ARRAY[p_state], ARRAY[p_prompt], ARRAY[p_completion],
+                                             ARRAY[p_cached], ARRAY[p_reasoning], ARRAY[p_estimated],
+                                             ARRAY[p_reason], ARRAY[p_upstream_request_id],
+                                             ARRAY[p_upstream], ARRAY[p_upstream_cost]) s;
 $$;
 
 -- Rollups keep the upstream cost beside the tokens (as 0002, plus upstream_cost).

@@ -84,6 +84,7 @@ def create_app(config: Config, database_url: str, profiles: list[ProfileConfig])
         app.state.config = config
         app.state.router = router
         app.state.upstream_store = store
+        app.state.max_body = 64 * 1024 * 1024
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         background = [asyncio.create_task(store.run(config.upstream_refresh)),
                       asyncio.create_task(metrics.pool_watcher(pool))]

@@ -48,6 +48,8 @@ def _uvicorn(app, *, lifespan: bool, shutdown_timeout: float | None = None):
     return uvicorn.Server(uvicorn.Config(
         app, loop="none", http="httptools", lifespan="on" if lifespan else "off", log_config=None,
         access_log=False, timeout_keep_alive=75, server_header=False,
+        # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
+        proxy_headers=False,
         # SIGTERM: open streams get this long to finish, then they are cut (and settled)
         timeout_graceful_shutdown=shutdown_timeout))
 

@@ -133,15 +133,11 @@ class Ledger:
         return await self._admissions(reservation)
 
     async def _admit_one(self, a: Reservation) -> Admission:
-        row = await _retrying(lambda: self._pool.fetchrow(
-            "SELECT * FROM ledger_admit($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            a.entry_id, a.subscription_id, a.api_key_id, a.surface, a.model, a.prompt_estimate,
-            a.reserve, a.held, self._lease))
-        return _admission(row)
+        return (await self._admit_many([a]))[0]
 
     async def _admit_many(self, batch: list[Reservation]) -> list[Admission]:
         rows = await _retrying(lambda: self._pool.fetch(
-            "SELECT * FROM ledger_admit_many($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             [a.entry_id for a in batch], [a.subscription_id for a in batch],
             [a.api_key_id for a in batch], [a.surface for a in batch], [a.model for a in batch],
             [a.prompt_estimate for a in batch], [a.reserve for a in batch],
@@ -167,16 +163,11 @@ class Ledger:
         return await self.settle(Settlement(entry_id, "voided", Counts(), False, reason))
 
     async def _settle_one(self, s: Settlement) -> int | None:
-        c = s.counts
-        return await _retrying(lambda: self._pool.fetchval(
-            "SELECT billed FROM ledger_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            s.entry_id, s.state, c.prompt_tokens, c.completion_tokens, c.cached_tokens,
-            c.reasoning_tokens, s.estimated, s.reason, s.upstream_request_id, s.upstream,
-            _usd(s.upstream_cost)))
+        return (await self._settle_many([s]))[0]
 
     async def _settle_many(self, batch: list[Settlement]) -> list[int | None]:
         rows = await _retrying(lambda: self._pool.fetch(
-            "SELECT * FROM ledger_settle_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+            "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             [s.entry_id for s in batch], [s.state for s in batch],
             [s.counts.prompt_tokens for s in batch], [s.counts.completion_tokens for s in batch],
             [s.counts.cached_tokens for s in batch], [s.counts.reasoning_tokens for s in batch],
