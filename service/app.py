@@ -59,7 +59,8 @@ def create_app(config: Config, database_url: str, profiles: list[ProfileConfig])
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pool = await db.create_pool(database_url, size=config.db_pool_size)
+        pool = await db.create_pool(database_url, size=config.db_pool_size,
+                                    statement_cache=config.db_statement_cache)
         # a model the models file names (or changes) is the configuration's word
         configured = {m.id for m in models if m not in credits.DEFAULT_MODELS}
         await credits.sync(pool, models, configured=configured,

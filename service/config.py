@@ -81,6 +81,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     header_wait: Seconds = 3.0
     auth_cache_ttl: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    # prepared statements kept per connection; 0 behind PgBouncer in transaction mode
+    db_statement_cache: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 256
     # operator-configurable model aliases: "alias=model,alias2=model2"
     model_aliases: tuple[str, ...] = ()
     # what Claude Code's claude-* model ids are served by (Z.ai's own defaults)

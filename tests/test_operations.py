@@ -281,9 +281,21 @@ def test_admin_api_authorization_and_audit(fresh_database, simulator):
             assert wrong.status_code == 401
         # a user made admin (by the token) may use the API with their own key
         account = run(query(fresh_database, "SELECT account_id FROM api_keys WHERE prefix = $1", user_key[:10]))[0]
+        # web sessions (the web page's table, made here in its shape when that page is not installed)
+        run(query(fresh_database, "CREATE TABLE IF NOT EXISTS web_sessions (token_hash bytea PRIMARY KEY,"
+                                  " account_id bigint NOT NULL, expires_at timestamptz NOT NULL)"))
+        session = uuid.uuid4().hex
+        run(query(fresh_database, "INSERT INTO web_sessions (token_hash, account_id, expires_at)"
+                                  " VALUES (sha256($1::bytea), $2, now() + interval '1 hour')",
+                  session.encode(), account["account_id"]))
+        cookies = {"codeplan_session": session}
+        assert httpx.get(server.url + "/admin/plans", cookies=cookies).status_code == 403  # not an admin
         promoted = _admin(server, "PATCH", f"/users/{account['account_id']}", json={"is_admin": True})
         assert promoted.status_code == 200 and promoted.json()["is_admin"] is True
         assert _admin(server, "GET", "/plans", token=user_key).status_code == 200
+        assert httpx.get(server.url + "/admin/plans", cookies=cookies).status_code == 200
+        # a session may read, never change: a cookie rides along on cross-site requests
+        assert httpx.post(server.url + "/admin/plans/lite/retire", cookies=cookies).status_code == 403
 
         # plans: create, change allowances (open windows follow), retire
         created = _admin(server, "POST", "/plans", json={
