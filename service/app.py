@@ -7,8 +7,6 @@ import gc
 import logging
 from typing import AsyncIterator
 
-import asyncpg
-import msgspec
 from litestar import Litestar, Request, Response, Router
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
