@@ -182,7 +182,7 @@ def estimation() -> dict:
     async def conversation() -> int:
         total = 0
         for turn in range(1, len(history) + 1):
-            total += await estimator.count(history[:turn], turn)
+            total += await estimator.count(history[:turn])
         return total
     started = time.perf_counter()
     counted = asyncio.run(conversation())
@@ -214,11 +214,36 @@ def profile(bridge: Process, key: str, seconds: int) -> str:
         f"{100 * n / busy:5.1f}%  {frame}" for frame, n in top)
 
 
+def pg_cpu_seconds(pgdata: Path) -> float:
+    """CPU of an embedded PostgreSQL: its postmaster, the children it reaped, the live ones."""
+    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    total = sum(int(f) for f in fields[11:15])
+    for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+        try:
+            total += sum(int(f) for f in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+        except FileNotFoundError:
+            pass
+    return total / TICKS
+
+
+def pg_log_count(pgdata: Path, *needles: str) -> int:
+    text = (pgdata / "log").read_text(errors="replace")
+    return sum(text.count(n) for n in needles)
+
+
+async def pg_connections(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'codeplan'")
+    finally:
+        await conn.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="short runs, for a smoke test")
-    parser.add_argument("--profile", action="store_true", help="print py-spy's top frames (non-streaming, c64)")
-    parser.add_argument("--requests-only", action="store_true", help="only the non-streaming scenarios")
+    parser.add_argument("--profile", action="store_true", help="print py-spy's top frames (non-streaming, c32)")
     parser.add_argument("--idle-streams", type=int, default=int(os.environ.get("BENCH_IDLE_STREAMS", "5000")))
     args = parser.parse_args()
     seconds = 2 if args.quick else 5
@@ -227,9 +252,11 @@ def main() -> int:
         print("wrk not found: `apt-get install wrk` (make bench does it)", file=sys.stderr)
         return 1
     os.sched_setaffinity(0, {LOAD_CPU})
+    bench_started = time.monotonic()
 
     work = Path(tempfile.mkdtemp(prefix="codeplan-bench-"))
     pg = pgembed.start(work, delete_on_exit=True)
+    pgdata = work / "pgdata"
     base, _, query = pg.partition("?")
     url = base.rsplit("/", 1)[0] + "/bench" + ("?" + query if query else "")
 
@@ -244,31 +271,33 @@ def main() -> int:
             await conn.execute(
                 "INSERT INTO plans (id, name, window_tokens, weekly_tokens, monthly_price_cents, models)"
                 " VALUES ('bench', 'Bench', 1e15, 1e16, 0, ARRAY['glm-4.6'])")
-            users = [await accounts.create_user(conn, f"bench{i}@example.com", "bench") for i in range(32)]
+            users = [await accounts.create_user(conn, f"bench{i}@example.com", "bench") for i in range(1000)]
             rows = await conn.fetch("SELECT s.id AS sub, k.id AS key FROM subscriptions s JOIN api_keys k"
-                                    " ON k.account_id = s.account_id")
+                                    " ON k.account_id = s.account_id ORDER BY s.id LIMIT 32")
             return [u.key for u in users], [(r["sub"], r["key"]) for r in rows]
         finally:
             await conn.close()
     keys, subscriptions = asyncio.run(prepare())
-    key = ",".join(keys)  # wrk spreads requests over 32 users
-    single = keys[0]
+    one_key = keys[0]
+    many_keys = ",".join(keys)  # wrk takes the next key for every request
+    deadlocks_before = pg_log_count(pgdata, "deadlock detected", "lock timeout")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
     env.update(CODEPLAN_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
     sim_port, bridge_port = free_port(), free_port()
     results: dict[str, object] = {}
     simulator = bridge = None
+    scenarios = (("c=1", 1, one_key), ("c=32 one key", 32, one_key), ("c=256 over 1000 keys", 256, many_keys))
     try:
         # the baseline upstream runs where the bridge will: the same core, the same load path
         simulator = Process([sys.executable, "-m", "service.cli", "simulate", "--port", str(sim_port)],
                             env, SERVER_CPU, sim_port, "/")
         direct = "/api/coding/paas/v4/chat/completions"
-        wrk(sim_port, direct, key, BODY, 16, 1)  # warm-up
-        baseline = {c: measure_requests(simulator, direct, key, c, seconds) for c in (1, 64, 256)}
-        stream_direct = asyncio.run(streams.stream_load(
-            "127.0.0.1", sim_port, streams.request_bytes("127.0.0.1", sim_port, direct, single, STREAM_BODY),
-            64, seconds))
+        wrk(sim_port, direct, one_key, BODY, 16, 1)  # warm-up
+        baseline = {name: measure_requests(simulator, direct, key, c, seconds) for name, c, key in scenarios}
+        stream_raw = streams.request_bytes("127.0.0.1", sim_port, direct, one_key, STREAM_BODY)
+        stream1_direct = asyncio.run(streams.stream_load("127.0.0.1", sim_port, stream_raw, 1, seconds))
+        stream_direct = asyncio.run(streams.stream_load("127.0.0.1", sim_port, stream_raw, 64, seconds))
         simulator.stop()
 
         # now the bridge gets the core, and the simulator moves next to the load generator
@@ -277,30 +306,29 @@ def main() -> int:
         bridge = Process([sys.executable, "-m", "service.cli", "run"], {
             **env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(bridge_port),
             "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
-            "CODEPLAN_UPSTREAM_KEYS": "bench", "CODEPLAN_DB_POOL_SIZE": "20"}, SERVER_CPU, bridge_port, "/healthz")
+            "CODEPLAN_UPSTREAM_KEYS": "bench"}, SERVER_CPU, bridge_port, "/healthz")
         path = "/v1/chat/completions"
-        wrk(bridge_port, path, key, BODY, 16, 1)  # warm-up
-        via = {c: measure_requests(bridge, path, key, c, seconds) for c in (1, 64, 256)}
+        wrk(bridge_port, path, one_key, BODY, 16, 1)  # warm-up
+        via: dict[str, dict] = {}
+        max_connections = 0
+        for name, c, key in scenarios:
+            pg0 = pg_cpu_seconds(pgdata)
+            via[name] = measure_requests(bridge, path, key, c, seconds)
+            via[name]["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, via[name]["requests"])
+            max_connections = max(max_connections, asyncio.run(pg_connections(url)))
         if args.profile:
-            print(profile(bridge, key, seconds * 2))
-        if args.requests_only:
-            for c in (1, 64, 256):
-                d, b = baseline[c], via[c]
-                print(f"c={c}: direct {d['rps']:.0f}/s bridge {b['rps']:.0f}/s x{b['rps'] / d['rps']:.2f}; "
-                      f"p50 +{(b['p50_us'] - d['p50_us']) / 1000:.2f} ms p99 {b['p99_us'] / 1000:.0f} ms; "
-                      f"CPU/req {d['server_cpu_ms_per_req']:.2f} vs {b['server_cpu_ms_per_req']:.2f} ms")
-            return 0
+            print(profile(bridge, one_key, seconds * 2))
+        stream_raw = streams.request_bytes("127.0.0.1", bridge_port, path, one_key, STREAM_BODY)
+        stream1_via = asyncio.run(streams.stream_load("127.0.0.1", bridge_port, stream_raw, 1, seconds))
         cpu0 = cpu_seconds(bridge.pid)
-        stream_via = asyncio.run(streams.stream_load(
-            "127.0.0.1", bridge_port, streams.request_bytes("127.0.0.1", bridge_port, path, single, STREAM_BODY),
-            64, seconds))
+        stream_via = asyncio.run(streams.stream_load("127.0.0.1", bridge_port, stream_raw, 64, seconds))
         stream_cpu = cpu_seconds(bridge.pid) - cpu0
 
         # idle streams: memory per open stream, bridge against simulator holding the same
         rss_before = rss_kb(bridge.pid)
         sim_before = rss_kb(simulator.pid)
         idle = asyncio.run(streams.hold_idle(
-            "127.0.0.1", bridge_port, streams.request_bytes("127.0.0.1", bridge_port, path, single, IDLE_BODY),
+            "127.0.0.1", bridge_port, streams.request_bytes("127.0.0.1", bridge_port, path, one_key, IDLE_BODY),
             args.idle_streams, lambda: {"bridge_rss_kb": rss_kb(bridge.pid), "sim_rss_kb": rss_kb(simulator.pid)}))
         time.sleep(2)
         rss_after = rss_kb(bridge.pid)
@@ -311,31 +339,40 @@ def main() -> int:
         for process in (bridge, simulator):
             if process is not None:
                 process.stop()
+    deadlocks = pg_log_count(pgdata, "deadlock detected", "lock timeout") - deadlocks_before
 
     rows = []
-    for c in (1, 64, 256):
-        d, b = baseline[c], via[c]
-        rows.append((f"non-stream c={c}: requests/s", d["rps"], b["rps"], f"x{b['rps'] / d['rps']:.2f}"))
-        rows.append((f"non-stream c={c}: p50 ms", d["p50_us"] / 1000, b["p50_us"] / 1000,
+    for name, _, _ in scenarios:
+        d, b = baseline[name], via[name]
+        rows.append((f"non-stream {name}: requests/s", d["rps"], b["rps"], f"x{b['rps'] / d['rps']:.2f}"))
+        rows.append((f"non-stream {name}: p50 ms", d["p50_us"] / 1000, b["p50_us"] / 1000,
                      f"{(b['p50_us'] - d['p50_us']) / 1000:+.2f} ms"))
-        rows.append((f"non-stream c={c}: p99 ms", d["p99_us"] / 1000, b["p99_us"] / 1000,
+        rows.append((f"non-stream {name}: p99 ms", d["p99_us"] / 1000, b["p99_us"] / 1000,
                      f"{(b['p99_us'] - d['p99_us']) / 1000:+.2f} ms"))
-        rows.append((f"non-stream c={c}: server CPU ms/req", d["server_cpu_ms_per_req"], b["server_cpu_ms_per_req"],
-                     f"x{b['server_cpu_ms_per_req'] / d['server_cpu_ms_per_req']:.2f}"))
+        rows.append((f"non-stream {name}: p99 / p50", d["p99_us"] / max(1, d["p50_us"]),
+                     b["p99_us"] / max(1, b["p50_us"]), "ratio"))
+        rows.append((f"non-stream {name}: non-2xx / errors", d["errors"], b["errors"], "count"))
+        rows.append((f"non-stream {name}: CPU ms/req (bridge + PostgreSQL)", d["server_cpu_ms_per_req"],
+                     b["server_cpu_ms_per_req"] + b["pg_cpu_ms_per_req"],
+                     f"bridge {b['server_cpu_ms_per_req']:.2f} + pg {b['pg_cpu_ms_per_req']:.2f}"))
+    rows.append(("stream c=1: TTFT p50 ms", stream1_direct["ttft_p50_ms"], stream1_via["ttft_p50_ms"],
+                 f"{stream1_via['ttft_p50_ms'] - stream1_direct['ttft_p50_ms']:+.2f} ms"))
     rows.append(("stream c=64: TTFT p50 ms", stream_direct["ttft_p50_ms"], stream_via["ttft_p50_ms"],
                  f"{stream_via['ttft_p50_ms'] - stream_direct['ttft_p50_ms']:+.2f} ms"))
     rows.append(("stream c=64: TTFT p99 ms", stream_direct["ttft_p99_ms"], stream_via["ttft_p99_ms"],
                  f"{stream_via['ttft_p99_ms'] - stream_direct['ttft_p99_ms']:+.2f} ms"))
     direct_rate = stream_direct["events"] / stream_direct["wall_s"]
     via_rate = stream_via["events"] / stream_via["wall_s"]
-    rows.append(("stream c=64: chunks/s", direct_rate, via_rate, f"x{via_rate / direct_rate:.2f}"))
-    rows.append(("stream c=64: bridge chunks/s per core", direct_rate, stream_via["events"] / max(stream_cpu, 1e-9),
-                 "vs upstream chunks/s"))
+    rows.append(("stream c=64: events/s", direct_rate, via_rate, f"x{via_rate / direct_rate:.2f}"))
+    rows.append(("stream c=64: bridge events/s per core", direct_rate, stream_via["events"] / max(stream_cpu, 1e-9),
+                 "vs upstream events/s"))
     per_stream_bridge = (idle["bridge_rss_kb"] - rss_before) / max(1, idle["open"])
     per_stream_sim = (idle["sim_rss_kb"] - sim_before) / max(1, idle["open"])
     rows.append((f"{idle['open']} idle streams: KB per stream", per_stream_sim, per_stream_bridge,
                  f"x{per_stream_bridge / max(per_stream_sim, 1e-9):.2f} of simulator's"))
     rows.append(("bridge RSS MB: start / after all load", rss_before / 1024, rss_after / 1024, "MB"))
+    rows.append(("PostgreSQL connections (most seen) / deadlocks and lock timeouts", max_connections, deadlocks,
+                 "count"))
     rows.append(("ledger admit+post pairs/s (32 workers)", floor_pairs, ledger_pairs,
                  f"x{ledger_pairs / floor_pairs:.2f} of 2x SELECT 1"))
     rows.append(("token estimate tokens/s: raw / agent history", tokens["raw_tokens_per_s"],
@@ -349,21 +386,24 @@ def main() -> int:
     load_cpu = sum(v["load_cpu_s"] for v in via.values())
     load_wall = sum(v["duration_us"] for v in via.values()) / 1e6
     print(f"\nwrk used {100 * load_cpu / load_wall:.0f}% of a core on the bridge runs; server on CPU {SERVER_CPU}, "
-          f"load and upstream on CPU {LOAD_CPU}; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+          f"load and upstream on CPU {LOAD_CPU}, PostgreSQL unpinned; {os.cpu_count()} CPUs, "
+          f"{platform.processor() or platform.machine()}; the whole run took {time.monotonic() - bench_started:.0f} s")
 
     results.update(
         when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine={
             "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
-        seconds_per_run=seconds, direct=baseline, bridge=via, stream_direct=stream_direct,
+        seconds_per_run=seconds, direct=baseline, bridge=via, stream1_direct=stream1_direct,
+        stream1_bridge=stream1_via, stream_direct=stream_direct,
         stream_bridge=stream_via, stream_bridge_cpu_s=stream_cpu, idle=idle, rss_kb_before=rss_before,
-        rss_kb_after=rss_after, ledger_pairs_per_s=ledger_pairs, select1_pairs_per_s=floor_pairs,
+        rss_kb_after=rss_after, pg_connections_max=max_connections, deadlocks_and_lock_timeouts=deadlocks,
+        ledger_pairs_per_s=ledger_pairs, select1_pairs_per_s=floor_pairs,
         estimation=tokens, table=[list(r) for r in rows])
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     (out / f"{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "latest.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"results: bench/results/{stamp}.json")
+    print(f"results: bench/results/{stamp}.json and bench/results/latest.json")
     return 0
 
 

@@ -98,9 +98,6 @@ class Flight:
 
     # ---- what happened ---------------------------------------------------------------------
 
-    def forwarding(self) -> None:
-        self.forwarded = time.monotonic()
-
     def accept(self, response: UpstreamResponse) -> None:
         """The upstream took the request. A response that arrives after the flight ended is
         closed at once, its slot given back."""

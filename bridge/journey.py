@@ -70,6 +70,17 @@ def _upstream_name(flight: Flight, upstream: Upstream) -> str:
     return (response.profile if response is not None else None) or upstream.name
 
 
+def _abandon(opening: asyncio.Future) -> None:
+    """A speculative upstream request whose admission failed: stopped, and its response, should
+    it arrive anyway, closed (its key's slot given back)."""
+    opening.cancel()
+
+    def close(done: asyncio.Future) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+    opening.add_done_callback(close)
+
+
 def _attach_when_open(flight: Flight) -> Callable[[asyncio.Future], None]:
     """Whenever the upstream's response arrives, it belongs to the flight: one that arrives
     after the flight ended is closed at once, never leaked with its key's slot."""
@@ -93,6 +104,8 @@ class Journey:
         self._estimator = PromptEstimator()
         self.metrics: BridgeMetrics = metrics or NoMetrics()
         self.flights = Flights(settings, ledger, self.calibration, upstream.name, self.metrics)
+        # each subscription's room after its last admission: where forwarding may start early
+        self._room: dict[int, int] = {}
 
     # ---- the journey -----------------------------------------------------------------------
 
@@ -103,7 +116,7 @@ class Journey:
             principal = await self._authenticate(key)
             # the key is checked before the body is read: strangers cannot make us read megabytes
             parsed = surface.parse(await read_body())
-            flight = await self._admit(surface, principal, parsed.request, parsed.max_tokens, started)
+            flight, opening = await self._admit(surface, principal, parsed.request, parsed.max_tokens, started)
         except BridgeError as error:
             self._refused(surface, principal, error, started)
             reply = self._error(surface, error)
@@ -111,10 +124,11 @@ class Journey:
             return reply
         try:
             if parsed.request.stream:
-                reply = await self._stream(surface, flight, parsed.request)
+                reply = await self._stream(surface, flight, opening)
             else:
-                reply = await self._complete(surface, flight, parsed.request)
+                reply = await self._complete(surface, flight, opening)
         except BaseException:
+            opening.cancel()
             flight.client_gone()
             raise
         reply.headers[OVERHEAD_HEADER] = f"{flight.overhead_ms():.2f}"
@@ -167,18 +181,51 @@ class Journey:
         entry = uuid.uuid4()
         assert principal.subscription_id is not None
         # held: the proven worst case, so no window can pass its allowance whatever the text
+        held = max(count.bound, prompt) + request.max_tokens
+        reservation = Reservation(
+            entry_id=entry, subscription_id=principal.subscription_id, api_key_id=principal.api_key_id,
+            surface=surface.name, model=model.id, prompt_estimate=prompt,
+            reserve=prompt + request.max_tokens, held=held)
+        # Where the window has room to spare, the upstream starts while admission commits (no
+        # byte reaches the client before it has; a refusal cancels the upstream). Near the edge,
+        # where a refusal is likely, admission comes first.
+        room = self._room.get(principal.subscription_id)
+        opening: asyncio.Future | None = None
+        forwarded: float | None = None
+        if room is not None and room >= 2 * held:
+            forwarded = time.monotonic()
+            opening = asyncio.ensure_future(self._upstream.open(request, str(entry)))
         try:
-            admission = await self._ledger.admit(Reservation(
-                entry_id=entry, subscription_id=principal.subscription_id, api_key_id=principal.api_key_id,
-                surface=surface.name, model=model.id, prompt_estimate=prompt,
-                reserve=prompt + request.max_tokens, held=max(count.bound, prompt) + request.max_tokens))
-        except Exception as exc:  # noqa: BLE001 - the port raises on infrastructure failures
-            raise _unavailable(exc) from None
+            admission = await self._ledger.admit(reservation)
+        except BaseException as exc:
+            if opening is not None:
+                _abandon(opening)
+            if isinstance(exc, Exception):
+                raise _unavailable(exc) from None
+            raise
+        self._note_room(principal.subscription_id, admission.room)
         if not admission.admitted:
+            if opening is not None:
+                _abandon(opening)
             raise self._refusal(admission)
-        return Flight(self.flights, entry=entry, principal=principal, surface=surface.name,
-                      model=model.id, shown_model=shown_model, prompt_estimate=prompt,
-                      raw_prompt=count.raw, kind=count.kind, started=started)
+        flight = Flight(self.flights, entry=entry, principal=principal, surface=surface.name,
+                        model=model.id, shown_model=shown_model, prompt_estimate=prompt,
+                        raw_prompt=count.raw, kind=count.kind, started=started)
+        if opening is None:
+            forwarded = time.monotonic()
+            opening = asyncio.ensure_future(self._upstream.open(request, str(entry)))
+        flight.forwarded = forwarded
+        # whenever the upstream's response arrives, it belongs to the flight
+        opening.add_done_callback(_attach_when_open(flight))
+        return flight, opening
+
+    def _note_room(self, subscription_id: int, room: int | None) -> None:
+        if len(self._room) > 100_000:
+            self._room.clear()  # bounded: a forgotten room only means admitting first once
+        if room is None:
+            self._room.pop(subscription_id, None)
+        else:
+            self._room[subscription_id] = room
 
     def _refusal(self, admission: Admission) -> BridgeError:
         window = "5 hour" if admission.window_kind == "5h" else "weekly"
@@ -211,10 +258,9 @@ class Journey:
 
     # ---- forward and relay -----------------------------------------------------------------
 
-    async def _complete(self, surface: Surface, flight: Flight, request: wire.ChatRequest) -> Reply:
-        flight.forwarding()
+    async def _complete(self, surface: Surface, flight: Flight, opening: asyncio.Future) -> Reply:
         try:
-            response = await self._upstream.open(request, str(flight.entry))
+            response = await opening
         except BridgeError as error:
             flight.status = error.status
             flight.end(f"upstream refused: {error.kind.value}")
@@ -252,17 +298,10 @@ class Journey:
         flight.end(cause)
         return self._error(surface, error)
 
-    async def _stream(self, surface: Surface, flight: Flight, request: wire.ChatRequest) -> Reply:
-        flight.forwarding()
+    async def _stream(self, surface: Surface, flight: Flight, opening: asyncio.Future) -> Reply:
         # a quick refusal keeps its HTTP status; a slow upstream must not keep the client
         # waiting for headers (Kilo gives up after 10 s)
-        opening = asyncio.ensure_future(self._upstream.open(request, str(flight.entry)))
-        opening.add_done_callback(_attach_when_open(flight))
-        try:
-            await asyncio.wait({opening}, timeout=self.settings.header_wait)
-        except BaseException:
-            opening.cancel()
-            raise
+        await asyncio.wait({opening}, timeout=self.settings.header_wait)
         if opening.done():
             try:
                 flight.accept(opening.result())

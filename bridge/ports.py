@@ -46,6 +46,8 @@ class Admission(msgspec.Struct, frozen=True):
     allowance: int | None = None
     # for inactive: why the subscription may not spend (its billing state)
     detail: str | None = None
+    # the tokens the subscription's windows could still hold after this admission
+    room: int | None = None
 
     @property
     def admitted(self) -> bool:

@@ -395,7 +395,7 @@ class Router:
                 if self._leases is None:
                     free[0].in_flight += 1
                     return free[0], None
-                got = await self._leases.acquire([k.lease_id for k in free], profile.cap)
+                got = await self._lease(free, profile.cap)
                 if got is not None:
                     key = next(k for k in free if k.lease_id == got[0])
                     key.in_flight += 1
@@ -406,6 +406,22 @@ class Router:
                 await asyncio.wait_for(self._released.wait(), delay)
             except TimeoutError:
                 delay = min(delay * 2, 0.1)
+
+    async def _lease(self, free: list[_Key], cap: int) -> tuple[str, int] | None:
+        """A slot from the database. A request cancelled meanwhile (the client left, admission
+        refused it) must not strand a slot it never learnt it had: the acquisition runs on,
+        and a slot it got is given back."""
+        assert self._leases is not None
+        leases = self._leases
+        acquiring = asyncio.ensure_future(leases.acquire([k.lease_id for k in free], cap))
+        try:
+            return await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            def give_back(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None and done.result() is not None:
+                    leases.release(*done.result())
+            acquiring.add_done_callback(give_back)
+            raise
 
     def _give_back(self, key: _Key, slot: int | None) -> None:
         key.in_flight -= 1

@@ -162,18 +162,22 @@ LANGUAGE sql AS $$
 $$;
 
 -- ---- the ledger, in credits ---------------------------------------------------------------
--- 0006's set-based transitions, changed only where credits, suspension and cost need it; the
--- guards and the lock order (the subscriptions' mutexes in id order, then their entries, then
--- their windows in id order) are 0006's.
+-- 0006's set-based transitions (admission as 0007 left it), changed only where credits,
+-- suspension and cost need it; the guards and the lock order (the subscriptions' mutexes in id
+-- order, then their entries, then their windows in id order) are theirs.
 
 -- pending: each request's token figures are first turned into credits at its model's
 -- coefficients for its plan (peak multiplier included); then everything is 0006's, in credits.
 -- A suspended account is refused like a subscription that may not spend (detail 'suspended').
-CREATE OR REPLACE FUNCTION ledger_admit_batch(
+-- The room it reports (0007: where the bridge may forward before admission commits) is in
+-- tokens at the plan's dearest coefficient, since the bridge compares it with a hold in tokens.
+DROP FUNCTION ledger_admit_batch(uuid[], bigint[], bigint[], text[], text[], integer[], bigint[], bigint[], double precision);
+CREATE FUNCTION ledger_admit_batch(
     p_ids uuid[], p_subscription_ids bigint[], p_api_key_ids bigint[], p_surfaces text[],
     p_models text[], p_prompt_estimates integer[], p_reserves bigint[], p_helds bigint[],
     p_lease_seconds double precision)
-RETURNS TABLE (i integer, outcome text, window_kind text, resets_at timestamptz, allowance bigint, detail text)
+RETURNS TABLE (i integer, outcome text, window_kind text, resets_at timestamptz, allowance bigint, detail text,
+               room bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
     n integer := cardinality(p_ids);
@@ -182,6 +186,8 @@ DECLARE
     v_resets timestamptz[] := array_fill(NULL::timestamptz, ARRAY[n]);
     v_allowance bigint[] := array_fill(NULL::bigint, ARRAY[n]);
     v_detail text[] := array_fill(NULL::text, ARRAY[n]);
+    v_room bigint[] := array_fill(NULL::bigint, ARRAY[n]);
+    sub_room bigint;
     -- per request: credits reserved and held, and the coefficients they were priced at
     c_reserve bigint[] := array_fill(NULL::bigint, ARRAY[n]);
     c_held bigint[] := array_fill(NULL::bigint, ARRAY[n]);
@@ -239,7 +245,14 @@ BEGIN
     FOR sub IN
         SELECT s.id, coalesce(CASE WHEN a.suspended_at IS NOT NULL THEN 'suspended' END,
                               subscription_refusal(s)) AS refusal,
-               s.started_at, p.window_tokens, p.weekly_tokens, p.max_concurrent, p.cached_weight
+               s.started_at, p.window_tokens, p.weekly_tokens, p.max_concurrent, p.cached_weight,
+               (SELECT max(greatest(coalesce(pc.input_coeff, mc.input_coeff, 1),
+                                    coalesce(pc.cached_coeff, mc.cached_coeff, p.cached_weight),
+                                    coalesce(pc.output_coeff, mc.output_coeff, 1))
+                           * CASE WHEN v_peak THEN coalesce(pc.peak_multiplier, mc.peak_multiplier, 1) ELSE 1 END)
+                  FROM unnest(p.models) AS m(model)
+                  LEFT JOIN model_credits mc ON mc.model = m.model
+                  LEFT JOIN plan_credits pc ON pc.plan_id = p.id AND pc.model = m.model) AS dearest
           FROM subscriptions s JOIN plans p ON p.id = s.plan_id JOIN accounts a ON a.id = s.account_id
          WHERE s.id = ANY(p_subscription_ids)
          ORDER BY s.id
@@ -324,6 +337,14 @@ BEGIN
                 add_held := add_held + c_held[k];
             END IF;
         END LOOP;
+        -- what is left for the next request, in tokens at the plan's dearest rate
+        sub_room := floor((least(ww.allowance - ww.posted - ww.held, w5_allowance - w5_posted - w5_held)
+                           - add_held) / greatest(coalesce(sub.dearest, 1), 0.000001));
+        FOR k IN 1..n LOOP
+            IF p_subscription_ids[k] = sub.id THEN
+                v_room[k] := sub_room;
+            END IF;
+        END LOOP;
         CONTINUE WHEN cardinality(admitted) = 0;
 
         IF new_5h THEN
@@ -349,7 +370,7 @@ BEGIN
 
     RETURN QUERY
         SELECT g.k, coalesce(v_outcome[g.k], 'inactive'), v_kind[g.k], v_resets[g.k], v_allowance[g.k],
-               CASE WHEN v_outcome[g.k] IS NULL THEN 'missing' ELSE v_detail[g.k] END
+               CASE WHEN v_outcome[g.k] IS NULL THEN 'missing' ELSE v_detail[g.k] END, v_room[g.k]
           FROM generate_series(1, n) AS g(k);
 END;
 $$;

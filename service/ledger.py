@@ -54,7 +54,8 @@ def _usd(cost: float | None) -> decimal.Decimal | None:
 
 def _admission(row: asyncpg.Record) -> Admission:
     return Admission(outcome=row["outcome"], window_kind=row["window_kind"],
-                     resets_at=row["resets_at"], allowance=row["allowance"], detail=row["detail"])
+                     resets_at=row["resets_at"], allowance=row["allowance"], detail=row["detail"],
+                     room=row["room"])
 
 
 class _Batcher:

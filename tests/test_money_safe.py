@@ -384,3 +384,35 @@ def test_every_request_leaves_an_access_line_without_secrets(database, simulator
         assert key not in output and secret_prompt not in output and "cp_wrong" not in output
     finally:
         server.stop()
+
+
+def test_a_request_forwarded_before_admission_is_stopped_when_admission_refuses(one_slot, database, simulator):
+    """Where the window has room, the upstream starts while admission commits; when admission
+    refuses after all (the room was used meanwhile), the upstream request is stopped, its slot
+    given back, nothing billed, and the client told in its protocol."""
+    server, upstream_key = one_slot
+    key = new_user(database, new_plan(database, window=100_000, weekly=1_000_000))
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    client.chat.completions.create(model="glm-4.6", max_tokens=100, messages=_say("tokens=3 reasoning=0"))
+    wait_settled(database)
+    # another process used the room: this bridge still believes there is plenty
+    run(query(database, "UPDATE quota_windows SET posted = allowance - 50 WHERE subscription_id ="
+                        " (SELECT s.id FROM subscriptions s JOIN api_keys k ON k.account_id = s.account_id"
+                        " WHERE k.prefix = $1)", key[:10]))
+    before = _sim_requests(simulator)
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="glm-4.6", max_tokens=100,
+                                       messages=_say("ttft=300 tokens=3 reasoning=0"))
+    assert refused.value.response.json()["error"]["code"] in ("1308", "1310")
+    assert _sim_requests(simulator) == before + 1  # it had been forwarded early
+    assert len(_rows(database, key)) == 1  # and left no ledger row
+    run(query(database, "UPDATE quota_windows SET posted = 0 WHERE subscription_id ="
+                        " (SELECT s.id FROM subscriptions s JOIN api_keys k ON k.account_id = s.account_id"
+                        " WHERE k.prefix = $1)", key[:10]))
+    # the slot is free: with one slot, a leaked one would keep this waiting forever
+    client.chat.completions.create(model="glm-4.6", max_tokens=100, messages=_say("tokens=3 reasoning=0"),
+                                   timeout=15)
+    deadline = time.monotonic() + 10
+    while json.loads(httpx.get(simulator.url + "/_sim/stats").content)["in_flight"].get(upstream_key):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

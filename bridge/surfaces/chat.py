@@ -241,17 +241,24 @@ def out_usage(usage: wire.Usage) -> OutUsage:
 
 
 class ChatStream:
-    """Clean events in, OpenAI chat-completion-chunk SSE bytes out."""
+    """Clean events in, OpenAI chat-completion-chunk SSE bytes out.
+
+    Every chunk of a stream shares its id, created time and model: that part is encoded once,
+    and each chunk only encodes its delta."""
 
     content_type = "text/event-stream"
     keepalive = sse.KEEPALIVE
-    __slots__ = ("model", "id", "created", "_sent_role")
+    __slots__ = ("model", "id", "created", "_sent_role", "_head")
 
     def __init__(self, model: str, request_id: str) -> None:
         self.model = model
         self.id = "chatcmpl-" + request_id
         self.created = int(time.time())
         self._sent_role = False
+        envelope = _encoder.encode(OutChunk(id=self.id, object="chat.completion.chunk",
+                                            created=self.created, model=self.model, choices=[]))
+        # b'data: {"id":...,"model":...,"choices":[{"index":0,"delta":' + delta + tail
+        self._head = b"data: " + envelope[:-len(b"[]}")] + b'[{"index":0,"delta":'
 
     def start(self) -> bytes:
         return b""
@@ -260,9 +267,9 @@ class ChatStream:
         if not self._sent_role:
             delta.role = "assistant"
             self._sent_role = True
-        return sse.frame(_encoder.encode(OutChunk(
-            id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
-            choices=[OutChoice(index=0, delta=delta, finish_reason=finish)])))
+        tail = b',"finish_reason":null}]}\n\n' if finish is None else \
+            b',"finish_reason":' + _encoder.encode(finish) + b"}]}\n\n"
+        return self._head + _encoder.encode(delta) + tail
 
     def feed(self, events: list[glm.Event]) -> bytes:
         out = b""
