@@ -58,6 +58,11 @@ class TopUp(msgspec.Struct, forbid_unknown_fields=True):
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
 
 
+class Granted(msgspec.Struct):
+    granted: int
+    topup_id: int
+
+
 _USER_SQL = """
 SELECT a.id, a.email, a.is_admin, a.suspended_at, a.created_at, s.id AS subscription_id,
        s.plan_id, s.status
@@ -166,7 +171,7 @@ async def change_user(request: Request, account_id: int, data: UserChange) -> Us
 
 
 @post("/users/{account_id:int}/topups", status_code=201)
-async def grant_topup(request: Request, account_id: int, data: TopUp) -> dict:
+async def grant_topup(request: Request, account_id: int, data: TopUp) -> Granted:
     """A top-up granted by an operator. Top-ups belong to billing (issue 12: the `topups`
     table and how a top-up becomes allowance in the ledger); until those are installed this
     answers 501 and changes nothing."""
@@ -181,7 +186,7 @@ async def grant_topup(request: Request, account_id: int, data: TopUp) -> dict:
             " RETURNING *", account_id, data.credits)
         await audit.record(conn, request.state.actor, "user.topup", f"account:{account_id}", None,
                            {**audit.row(granted), "reason": data.reason})
-        return {"granted": data.credits, "topup_id": granted["id"]}
+        return Granted(granted=data.credits, topup_id=granted["id"])
 
 
 routes = [find_users, user_detail, suspend_user, restore_user, change_user, grant_topup]
