@@ -42,7 +42,7 @@ CHAT_PATHS = ["/v1/chat/completions", "/chat/completions",
               "/api/coding/paas/v4/chat/completions", "/api/paas/v4/chat/completions"]
 
 
-@asgi(CHAT_PATHS)
+@asgi(CHAT_PATHS, copy_scope=False)
 async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     app = scope["app"]
     await serve(app.state.journey, _chat, scope, receive, send, app.state.max_body)
@@ -52,7 +52,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
 MESSAGES_PATHS = ["/v1/messages", "/messages", "/api/anthropic/v1/messages"]
 
 
-@asgi(MESSAGES_PATHS)
+@asgi(MESSAGES_PATHS, copy_scope=False)
 async def messages(scope: Scope, receive: Receive, send: Send) -> None:
     app = scope["app"]
     await serve(app.state.journey, _messages, scope, receive, send, app.state.max_body)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import asyncpg
 import msgspec
@@ -88,10 +89,13 @@ class Authenticator:
     ledger's admission re-checks the subscription's state in the same transaction anyway.
     """
 
-    def __init__(self, pool: asyncpg.Pool, ttl: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, ttl: float,
+                 on_use: Callable[[int], None] | None = None) -> None:
         self._pool = pool
         self._ttl = ttl
         self._cache: dict[bytes, tuple[float, Principal | None]] = {}
+        # told the key id of every successful authentication (the web's "last used"); must not block
+        self._on_use = on_use
 
     async def authenticate(self, key: str) -> Principal | None:
         if not key:
@@ -100,6 +104,8 @@ class Authenticator:
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
+            if self._on_use is not None and hit[1] is not None:
+                self._on_use(hit[1].api_key_id)
             return hit[1]
         row = await self._pool.fetchrow(_AUTH_SQL, digest)
         principal = None if row is None else Principal(
@@ -111,4 +117,6 @@ class Authenticator:
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[digest] = (now + self._ttl, principal)
+        if self._on_use is not None and principal is not None:
+            self._on_use(principal.api_key_id)
         return principal

@@ -22,11 +22,14 @@ from .ledger import Ledger
 from .metrics import PrometheusMetrics
 from .problems import problem
 from .upstream_store import PgKeyLeases, UpstreamStore
+from .web import Web, error_page, wants_html
 
 log = logging.getLogger("codeplan.app")
 
 
 def _http_exception(request: Request, exc: HTTPException) -> Response:
+    if wants_html(request):
+        return error_page(request, exc.status_code)
     return problem(exc.status_code, exc.detail or "error")
 
 
@@ -54,6 +57,7 @@ def create_app(config: Config, database_url: str, profiles: list[ProfileConfig])
     add at run time."""
     models = model_catalog(config)
     credits.install(models)
+    web = Web(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -74,7 +78,7 @@ def create_app(config: Config, database_url: str, profiles: list[ProfileConfig])
         await store.refresh()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
         journey = Journey(settings=config.bridge_settings(),
-                          auth=Authenticator(pool, config.auth_cache_ttl),
+                          auth=Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch),
                           ledger=ledger, upstream=router, metrics=bridge_metrics)
         app.state.pool = pool
         app.state.ledger = ledger
@@ -84,6 +88,9 @@ def create_app(config: Config, database_url: str, profiles: list[ProfileConfig])
         app.state.router = router
         app.state.upstream_store = store
         app.state.max_body = 64 * 1024 * 1024
+        # billing's engine sets this when Stripe is configured; None: the page says billing is off
+        app.state.billing = getattr(app.state, "billing", None)
+        await web.start(app, pool, database_url)
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         background = [asyncio.create_task(store.run(config.upstream_refresh)),
                       asyncio.create_task(metrics.pool_watcher(pool))]
@@ -100,13 +107,16 @@ def create_app(config: Config, database_url: str, profiles: list[ProfileConfig])
                 task.cancel()
             await ops.settle_everything(journey)
             sweeper.cancel()
+            await web.stop()
             await leases.close()
             await router.close()
             await pool.close()
 
     return Litestar(
-        route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *usage.routes], include_in_schema=False),
+        route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *usage.routes, *web.route_handlers],
+                               include_in_schema=False),
                         ops.healthz, ops.readyz, metrics.metrics, admin.router],
+        template_config=web.templates,
         lifespan=[lifespan],
         exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
         request_max_body_size=64 * 1024 * 1024,

@@ -82,6 +82,12 @@ async def _run(config: config_module.Config, workers: int) -> None:
     url = _database_url(config)
     applied = await db.migrate(url)
     log.info("database ready", extra={"migrations_applied": len(applied)})
+    if config.signup_plan:
+        plans = await _with_conn(url, lambda c: c.fetch("SELECT id FROM plans ORDER BY id"))
+        if config.signup_plan not in {r["id"] for r in plans}:
+            raise config_module.ConfigError(
+                f"CODEPLAN_SIGNUP_PLAN: no plan {config.signup_plan!r}; plans are: "
+                + ", ".join(r["id"] for r in plans))
 
     main_sock = _bind(config.host, config.port)  # a busy port fails before anything starts
     simulator = sim_task = None
@@ -139,6 +145,8 @@ def _parser() -> argparse.ArgumentParser:
     create = users.add_parser("create", help="create an account with an active subscription and a key")
     create.add_argument("--email", required=True)
     create.add_argument("--plan", default="pro")
+    promote = users.add_parser("promote", help="make an account an admin")
+    promote.add_argument("--email", required=True)
 
     keys = commands.add_parser("keys", help="manage API keys").add_subparsers(dest="action", required=True)
     key_create = keys.add_parser("create", help="add an API key to an account")
@@ -146,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     key_create.add_argument("--name", default="")
     key_revoke = keys.add_parser("revoke", help="revoke a key, named by the prefix shown when it was made")
     key_revoke.add_argument("--prefix", required=True)
+
+    commands.add_parser("usage", help="print this key's windows in one line (CODEPLAN_API_KEY, CODEPLAN_BASE_URL)")
+    commands.add_parser("statusline", help="Claude Code's status line: reads its JSON on stdin, prints one line")
 
     sim = commands.add_parser("simulate", help="run the GLM-4.6 simulator alone")
     sim.add_argument("--host", default="127.0.0.1")
@@ -173,6 +184,11 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     args = _parser().parse_args(argv)
+    # client-side commands: no server configuration, no database, just the HTTP API
+    if args.command in ("usage", "statusline"):
+        from . import statusline
+
+        return statusline.usage_main() if args.command == "usage" else statusline.statusline_main()
     try:
         config = config_module.load()
         from bridge.models import ModelResolver
@@ -233,6 +249,15 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     await pool.close()
             print(f"rolled up {asyncio.run(roll(_database_url(config)))} ledger row(s)")
+        elif args.command == "users" and args.action == "promote":
+            from .web.identity import promote
+
+            url = _database_url(config)
+            asyncio.run(db.migrate(url))
+            account = asyncio.run(_with_conn(url, lambda c: promote(c, args.email)))
+            if account is None:
+                raise AccountError(f"no account with email {args.email!r}")
+            print(f"account {account} ({args.email}) is now an admin")
         elif args.command == "users":
             url = _database_url(config)
             asyncio.run(db.migrate(url))
@@ -250,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except AccountError as exc:
         print(f"codeplan: {exc}", file=sys.stderr)
         return 1
+    except config_module.ConfigError as exc:
+        print(f"codeplan: configuration error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     except OSError as exc:

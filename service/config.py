@@ -92,6 +92,15 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     tiktoken_cache_dir: str = ""
     # where users reach this service (links in errors and mails); empty: http://HOST:PORT
     public_url: str = ""
+    # ---- the web page (service/web) ----
+    # smtp://[user:password@]host[:port] (STARTTLS when offered) or smtps://...; empty: no mail,
+    # links go to the log and email verification is not required
+    smtp_url: str = ""
+    mail_from: str = "Codeplan <codeplan@localhost>"
+    # plan given to a new sign-up (e.g. lite); empty: no plan until billing or the operator gives one
+    signup_plan: str = ""
+    # signs CSRF tokens; empty: one made once and kept in the database (shared by all processes)
+    secret_key: str = ""
 
     @property
     def simulated(self) -> bool:
@@ -177,6 +186,9 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     if config.database_url and not config.database_url.startswith(("postgres://", "postgresql://")):
         raise ConfigError(
             f"{PREFIX}DATABASE_URL: expected a postgresql:// URL, got a value of another form")
+    if config.smtp_url and not config.smtp_url.startswith(("smtp://", "smtps://")):
+        raise ConfigError(
+            f"{PREFIX}SMTP_URL: expected smtp://host:port or smtps://host:port, got a value of another form")
     if config.upstream_prices and len(config.upstream_prices) != 3:
         raise ConfigError(f"{PREFIX}UPSTREAM_PRICES: expected {_describe('upstream_prices')}, "
                           f"got {environ.get(PREFIX + 'UPSTREAM_PRICES', '')!r}")

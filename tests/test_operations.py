@@ -281,13 +281,9 @@ def test_admin_api_authorization_and_audit(fresh_database, simulator):
             assert wrong.status_code == 401
         # a user made admin (by the token) may use the API with their own key
         account = run(query(fresh_database, "SELECT account_id FROM api_keys WHERE prefix = $1", user_key[:10]))[0]
-        # web sessions (the web page's table, made here in its shape when that page is not installed)
-        run(query(fresh_database, "CREATE TABLE IF NOT EXISTS web_sessions (token_hash bytea PRIMARY KEY,"
-                                  " account_id bigint NOT NULL, expires_at timestamptz NOT NULL)"))
-        session = uuid.uuid4().hex
-        run(query(fresh_database, "INSERT INTO web_sessions (token_hash, account_id, expires_at)"
-                                  " VALUES (sha256($1::bytea), $2, now() + interval '1 hour')",
-                  session.encode(), account["account_id"]))
+        # a web session of that account (service/web/sessions.py makes it as a login does)
+        from service.web import sessions
+        session = run(_with_pool(fresh_database, lambda pool: sessions.create(pool, account["account_id"])))
         cookies = {"codeplan_session": session}
         assert httpx.get(server.url + "/admin/plans", cookies=cookies).status_code == 403  # not an admin
         promoted = _admin(server, "PATCH", f"/users/{account['account_id']}", json={"is_admin": True})
@@ -366,6 +362,15 @@ def test_admin_api_authorization_and_audit(fresh_database, simulator):
         assert new_user_refused(fresh_database, "team")
     finally:
         server.stop()
+
+
+async def _with_pool(database: str, action):
+    import asyncpg
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=1)
+    try:
+        return await action(pool)
+    finally:
+        await pool.close()
 
 
 def new_user_refused(database: str, plan: str) -> bool:

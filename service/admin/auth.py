@@ -11,16 +11,11 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 
 from .. import keys
-
-SESSION_COOKIE = "codeplan_session"  # the web page's session (service/web)
+from ..web import sessions
 
 _KEY_SQL = """
 SELECT a.id, a.is_admin FROM api_keys k JOIN accounts a ON a.id = k.account_id
  WHERE k.secret_hash = $1 AND k.revoked_at IS NULL
-"""
-_SESSION_SQL = """
-SELECT a.id, a.is_admin FROM web_sessions s JOIN accounts a ON a.id = s.account_id
- WHERE s.token_hash = $1 AND s.expires_at > now()
 """
 
 
@@ -30,15 +25,6 @@ def _bearer(connection: ASGIConnection) -> str:
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return (connection.headers.get("x-api-key") or "").strip()
-
-
-async def _session(pool: asyncpg.Pool, token: str) -> asyncpg.Record | None:
-    import hashlib
-
-    try:
-        return await pool.fetchrow(_SESSION_SQL, hashlib.sha256(token.encode()).digest())
-    except asyncpg.UndefinedTableError:
-        return None  # the web page's tables are not installed
 
 
 async def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -57,14 +43,13 @@ async def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
             raise PermissionDeniedException("This key's account is not an administrator.")
         connection.state.actor = f"account:{row['id']}"
         return
-    cookie = connection.cookies.get(SESSION_COOKIE)
-    if cookie and len(cookie) <= 128:
-        row = await _session(pool, cookie)
-        if row is not None:
-            if not row["is_admin"]:
-                raise PermissionDeniedException("This account is not an administrator.")
-            if connection.scope["method"] not in ("GET", "HEAD"):
-                raise PermissionDeniedException("Changes need a bearer credential, not a session cookie.")
-            connection.state.actor = f"account:{row['id']}"
-            return
+    # the web page's session, by its own rules (idle and absolute lifetimes)
+    viewer = await sessions.lookup(pool, connection.cookies.get(sessions.COOKIE))
+    if viewer is not None:
+        if not viewer.is_admin:
+            raise PermissionDeniedException("This account is not an administrator.")
+        if connection.scope["method"] not in ("GET", "HEAD"):
+            raise PermissionDeniedException("Changes need a bearer credential, not a session cookie.")
+        connection.state.actor = f"account:{viewer.account_id}"
+        return
     raise NotAuthorizedException("Send an admin token or an admin account's API key as a Bearer token.")

@@ -1,0 +1,164 @@
+"""The web page: accounts, dashboard, keys, plans, tool set-up, and live usage.
+
+`Web` composes it for the application: the routes (behind CSRF protection), the templates, the
+static files, and what runs beside them (the LISTEN hub, the last-used recorder, housekeeping).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import secrets
+from pathlib import Path
+
+import asyncpg
+import jinja2
+from litestar import Request, Response, Router
+from litestar.config.csrf import CSRFConfig
+from litestar.datastructures import CacheControlHeader
+from litestar.exceptions import HTTPException
+from litestar.middleware import DefineMiddleware
+from litestar.middleware.csrf import CSRFMiddleware
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.response import Redirect, Template
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
+
+from ..config import Config
+from . import chart, i18n, identity, pages, sockets
+from .keyuse import KeyUseRecorder
+from .live import UsageHub
+from .mail import Mailer
+
+log = logging.getLogger("codeplan.web")
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+HOUSEKEEPING_SECONDS = 3600.0
+
+
+def _asset_version() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(STATIC.iterdir()):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def _templates() -> TemplateConfig:
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                                     trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    environment.filters["tokens"] = lambda n: f"{int(n):,}"
+    environment.filters["compact"] = chart.compact
+    environment.filters["money"] = lambda cents: f"${cents / 100:,.2f}".replace(".00", "")
+    return TemplateConfig(instance=JinjaTemplateEngine.from_environment(environment))
+
+
+def wants_html(request: Request) -> bool:
+    """A browser asking for a page (not a tool calling the API): errors become pages too."""
+    path = request.url.path
+    if path.startswith(("/v1/", "/api/", "/stripe/", "/healthz")):
+        return False
+    return "text/html" in (request.headers.get("accept") or "")
+
+
+def error_page(request: Request, status: int) -> Response:
+    lang = i18n.choose(request.cookies.get(i18n.COOKIE), request.headers.get("accept-language"))
+    _ = i18n.translator(lang)
+    if status == 404:
+        title, text = "Page not found", "This page does not exist."
+    elif status == 403:
+        title, text = "Not allowed", "The form expired or came from another site. Go back, reload the page and try again."
+    elif status >= 500:
+        title, text = "Something went wrong", "The server failed unexpectedly; the failure was logged."
+    else:
+        title, text = "Something went wrong", "The request was not understood."
+    web: Web | None = getattr(request.app.state, "web", None)
+    return Template(template_name="error.html", status_code=status, headers=pages.PAGE_HEADERS,
+                    context={"_": _, "lang": lang, "viewer": None, "here": "/", "title": title, "text": text,
+                             "asset_version": web.asset_version if web else "", "notice": None, "error": None,
+                             "status": status})
+
+
+def _http_error(request: Request, exc: HTTPException) -> Response:
+    return error_page(request, exc.status_code)
+
+
+def _redirect(request: Request, exc: pages.GoTo) -> Response:
+    return Redirect(exc.location, status_code=303)
+
+
+def _unexpected(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on a page", exc_info=exc, extra={"path": request.url.path})
+    return error_page(request, 500)
+
+
+class Web:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.mailer = Mailer(config.smtp_url, config.mail_from)
+        self.asset_version = _asset_version()
+        # The secret is read in `start` (from the settings or the database) before the first
+        # request; the middleware reads it from this object on every request.
+        self.csrf = CSRFConfig(secret=config.secret_key or secrets.token_hex(32), cookie_name="codeplan_csrf",
+                               cookie_httponly=True, cookie_samesite="lax",
+                               cookie_secure=config.base_url.startswith("https://"))
+        self.templates = _templates()
+        self.hub: UsageHub | None = None
+        self.key_use: KeyUseRecorder | None = None
+        self._housekeeping: asyncio.Task | None = None
+
+    @property
+    def route_handlers(self) -> list:
+        pages_router = Router(
+            path="/", route_handlers=pages.routes,
+            middleware=[DefineMiddleware(CSRFMiddleware, config=self.csrf)],
+            exception_handlers={pages.GoTo: _redirect, HTTPException: _http_error, Exception: _unexpected})
+        static = create_static_files_router(
+            path="/static", directories=[STATIC], include_in_schema=False,
+            cache_control=CacheControlHeader(max_age=86400, public=True))
+        return [pages.home, pages_router, static, *sockets.routes]
+
+    async def start(self, app, pool: asyncpg.Pool, database_url: str) -> None:
+        if not self.config.secret_key:
+            self.csrf.secret = await _shared_secret(pool, "csrf")
+        if self.config.signup_plan and not await pool.fetchval(
+                "SELECT 1 FROM plans WHERE id = $1", self.config.signup_plan):
+            plans = ", ".join(r["id"] for r in await pool.fetch("SELECT id FROM plans ORDER BY id"))
+            raise RuntimeError(f"CODEPLAN_SIGNUP_PLAN: no plan {self.config.signup_plan!r}; plans are: {plans}")
+        if not self.mailer.enabled:
+            log.warning("mail is off (no CODEPLAN_SMTP_URL): verification and reset links go to this log")
+        self.hub = UsageHub(pool, database_url)
+        await self.hub.start()
+        app.state.web = self
+        app.state.usage_hub = self.hub
+        self._housekeeping = asyncio.create_task(self._keep_tidy(pool))
+
+    def recorder(self, pool: asyncpg.Pool) -> KeyUseRecorder:
+        self.key_use = KeyUseRecorder(pool)
+        return self.key_use
+
+    async def _keep_tidy(self, pool: asyncpg.Pool) -> None:
+        while True:
+            try:
+                await identity.housekeeping(pool)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("web housekeeping failed", extra={"error": type(exc).__name__})
+            await asyncio.sleep(HOUSEKEEPING_SECONDS)
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self.hub is not None:
+            await self.hub.stop()
+        if self.key_use is not None:
+            await self.key_use.close()
+
+
+async def _shared_secret(pool: asyncpg.Pool, name: str) -> str:
+    """One secret for every process on this database, made by whichever asks first."""
+    await pool.execute("INSERT INTO web_secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                       name, secrets.token_hex(32))
+    return await pool.fetchval("SELECT value FROM web_secrets WHERE name = $1", name)

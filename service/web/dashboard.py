@@ -1,0 +1,184 @@
+"""What the dashboard shows, read from the database: plan, windows, 30 days of tokens, today."""
+from __future__ import annotations
+
+import datetime as dt
+
+import asyncpg
+import msgspec
+
+from bridge.journey import iso_utc
+
+from .. import usage
+from . import chart
+
+UTC = dt.timezone.utc
+CHART_DAYS = 30
+
+
+class Subscription(msgspec.Struct, frozen=True):
+    id: int
+    plan_id: str
+    plan_name: str
+    status: str
+    started_at: str
+    billed_by_stripe: bool
+    window_tokens: int
+    weekly_tokens: int
+    monthly_price_cents: int
+
+
+class Meter(msgspec.Struct, frozen=True):
+    kind: str
+    allowance: int
+    used: int
+    reserved: int
+    remaining: int
+    used_pct: float
+    reserved_pct: float
+    resets_at: str | None
+
+
+class RequestRow(msgspec.Struct, frozen=True):
+    at: str
+    model: str
+    surface: str
+    state: str
+    prompt_tokens: int
+    completion_tokens: int
+    billed_tokens: int
+
+
+class Extra(msgspec.Struct, frozen=True):
+    """Rows of a billing table (top-ups, overage) shown as they are, when billing has made it."""
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+
+class Dashboard(msgspec.Struct, frozen=True):
+    subscription: Subscription | None
+    meters: list[Meter]
+    chart: chart.Chart
+    today_requests: int
+    today_tokens: int
+    recent: list[RequestRow]
+    extras: list[Extra]
+
+
+async def subscription(pool: asyncpg.Pool, account_id: int) -> Subscription | None:
+    row = await pool.fetchrow(
+        """SELECT s.id, s.plan_id, p.name AS plan_name, s.status, s.started_at,
+                  s.stripe_subscription_id IS NOT NULL AS billed_by_stripe, p.window_tokens,
+                  p.weekly_tokens, p.monthly_price_cents
+             FROM subscriptions s JOIN plans p ON p.id = s.plan_id
+            WHERE s.account_id = $1 AND s.status <> 'canceled' ORDER BY s.id DESC LIMIT 1""", account_id)
+    if row is None:
+        return None
+    values = dict(row)
+    values["started_at"] = iso_utc(values["started_at"])
+    return Subscription(**values)
+
+
+def meter(kind: str, allowance: int, used: int, reserved: int, remaining: int,
+          resets_at: str | None) -> Meter:
+    whole = max(allowance, 1)
+    used_pct = min(100.0, round(100 * used / whole, 2))
+    return Meter(kind=kind, allowance=allowance, used=used, reserved=reserved, remaining=remaining,
+                 used_pct=used_pct, reserved_pct=min(100.0 - used_pct, round(100 * reserved / whole, 2)),
+                 resets_at=resets_at)
+
+
+async def meters(pool: asyncpg.Pool, subscription_id: int) -> list[Meter]:
+    _, states = await usage.current_windows(pool, subscription_id)
+    return [meter(w.kind, w.allowance, w.used, w.reserved, w.remaining,
+                  iso_utc(w.ends_at) if w.ends_at else None) for w in states]
+
+
+_DAILY_SQL = """
+SELECT day, model, sum(billed)::bigint AS tokens FROM (
+    SELECT (l.created_at AT TIME ZONE 'UTC')::date AS day, l.model, l.billed_tokens AS billed
+      FROM usage_ledger l
+     WHERE l.subscription_id = ANY($1::bigint[]) AND l.created_at >= $2 AND l.state IN ('posted', 'expired')
+    UNION ALL
+    SELECT d.day, d.model, d.billed_tokens FROM usage_daily d
+     WHERE d.subscription_id = ANY($1::bigint[]) AND d.day >= ($2 AT TIME ZONE 'UTC')::date
+) t GROUP BY day, model
+"""
+
+# settled requests, as the live feed counts them (usage.totals); the table below also shows
+# those still in flight and those voided
+_TODAY_SQL = """
+SELECT count(*) AS requests, coalesce(sum(billed_tokens), 0)::bigint AS tokens
+  FROM usage_ledger WHERE subscription_id = ANY($1::bigint[]) AND created_at >= $2
+   AND state IN ('posted', 'expired')
+"""
+
+_RECENT_SQL = """
+SELECT created_at, model, surface, state, prompt_tokens, completion_tokens, billed_tokens
+  FROM usage_ledger WHERE subscription_id = ANY($1::bigint[]) AND created_at >= $2
+ ORDER BY created_at DESC LIMIT 20
+"""
+
+
+async def _extras(pool: asyncpg.Pool, account_id: int) -> list[Extra]:
+    """Top-ups and overage, when the billing tables exist on this database (they may not yet)."""
+    found = []
+    for table, title in (("topups", "Top-ups"), ("overage_events", "Overage")):
+        if not await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+            continue
+        has_account = await pool.fetchval(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = $1"
+            " AND column_name = 'account_id'", table)
+        if not has_account:
+            continue
+        try:
+            rows = await pool.fetch(f'SELECT * FROM "{table}" WHERE account_id = $1 ORDER BY 1 DESC LIMIT 10',
+                                    account_id)
+        except asyncpg.PostgresError:
+            continue
+        if rows:
+            columns = [c for c in rows[0].keys() if c not in ("account_id",) and "stripe" not in c]
+            found.append(Extra(title=title, columns=columns,
+                               rows=[[_cell(r[c]) for c in columns] for r in rows]))
+    return found
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, dt.datetime):
+        return iso_utc(value)
+    return "" if value is None else str(value)
+
+
+async def load(pool: asyncpg.Pool, account_id: int) -> Dashboard:
+    sub = await subscription(pool, account_id)
+    ids = [r["id"] for r in await pool.fetch("SELECT id FROM subscriptions WHERE account_id = $1", account_id)]
+    now = dt.datetime.now(UTC)
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    since = today - dt.timedelta(days=CHART_DAYS - 1)
+    points = {(r["day"], r["model"]): r["tokens"] for r in await pool.fetch(_DAILY_SQL, ids, since)}
+    today_row = await pool.fetchrow(_TODAY_SQL, ids, today)
+    recent = [RequestRow(at=iso_utc(r["created_at"]), model=r["model"], surface=r["surface"], state=r["state"],
+                         prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
+                         billed_tokens=r["billed_tokens"])
+              for r in await pool.fetch(_RECENT_SQL, ids, today)]
+    return Dashboard(
+        subscription=sub, meters=await meters(pool, sub.id) if sub else [],
+        chart=chart.build(points, today.date(), CHART_DAYS),
+        today_requests=today_row["requests"], today_tokens=today_row["tokens"], recent=recent,
+        extras=await _extras(pool, account_id))
+
+
+class PlanRow(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    window_tokens: int
+    weekly_tokens: int
+    max_concurrent: int | None
+    monthly_price_cents: int
+    models: list[str]
+
+
+async def plans(pool: asyncpg.Pool) -> list[PlanRow]:
+    rows = await pool.fetch("SELECT id, name, window_tokens, weekly_tokens, max_concurrent,"
+                            " monthly_price_cents, models FROM plans ORDER BY monthly_price_cents, id")
+    return [PlanRow(**{**dict(r), "models": list(r["models"])}) for r in rows]

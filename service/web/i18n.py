@@ -1,0 +1,208 @@
+"""English and Simplified Chinese. Templates write `_("English text")`; Chinese comes from the
+table below, chosen by the `lang` cookie (the switch), else Accept-Language. A test checks
+that every string the templates and pages use has its Chinese."""
+from __future__ import annotations
+
+LANGS = ("en", "zh")
+COOKIE = "lang"
+
+
+def choose(cookie: str | None, accept_language: str | None) -> str:
+    if cookie in LANGS:
+        return cookie  # type: ignore[return-value]
+    best, best_q = "en", -1.0
+    for part in (accept_language or "").split(","):
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        if params.strip().startswith("q="):
+            try:
+                q = float(params.strip()[2:])
+            except ValueError:
+                q = 0.0
+        lang = tag.strip().lower().split("-")[0]
+        if lang in LANGS and q > best_q:
+            best, best_q = lang, q
+    return best
+
+
+def translator(lang: str):
+    table = ZH if lang == "zh" else {}
+
+    def _(text: str) -> str:
+        return table.get(text, text)
+    return _
+
+
+ZH: dict[str, str] = {
+    # frame
+    "Skip to content": "跳到正文",
+    "Main": "主导航",
+    "Dashboard": "概览",
+    "Keys": "密钥",
+    "Setup": "工具配置",
+    "Plans & billing": "套餐与账单",
+    "Log out": "退出登录",
+    "Log in": "登录",
+    "Sign up": "注册",
+    "Language": "语言",
+    "Admin": "管理员",
+    "Codeplan: a GLM-4.6 coding plan for the tools you already use.": "Codeplan：在你已有的编程工具里使用 GLM-4.6 编程套餐。",
+    # sign up / log in
+    "Create your account": "创建账户",
+    "Email": "邮箱",
+    "Password": "密码",
+    "At least 10 characters.": "至少 10 个字符。",
+    "Create account": "创建账户",
+    "Already have an account?": "已有账户？",
+    "No account yet?": "还没有账户？",
+    "Forgot your password?": "忘记密码？",
+    "Accounts made by an operator have no password yet: set one with “Forgot your password?”.":
+        "由管理员创建的账户还没有密码：请通过“忘记密码？”设置。",
+    "That is not an email address.": "这不是有效的邮箱地址。",
+    "The password needs at least 10 characters.": "密码至少需要 10 个字符。",
+    "That password is too long.": "密码太长。",
+    "An account with this email exists already. Log in, or reset its password.":
+        "该邮箱已有账户。请登录，或重置密码。",
+    "Wrong email or password.": "邮箱或密码错误。",
+    "Too many failed attempts. Try again in {minutes} minutes.": "失败次数过多，请在 {minutes} 分钟后重试。",
+    "Mail is off on this server: verification links are written to the server's log, and verifying is not required.":
+        "本服务器未配置邮件：验证链接会写入服务器日志，无需验证邮箱。",
+    "We send a link to confirm your address.": "我们会发送一封邮件来确认你的邮箱地址。",
+    # verify / reset
+    "Check your mail": "请查收邮件",
+    "We sent a link to {email}. Open it to confirm your address; it is valid for 48 hours.":
+        "我们已向 {email} 发送了一个链接。打开它以确认你的邮箱地址，48 小时内有效。",
+    "Send the link again": "重新发送链接",
+    "The mail could not be sent. Try again in a few minutes.": "邮件发送失败，请几分钟后再试。",
+    "Too many mails were sent in the last hour. Try again later.": "过去一小时内发送的邮件过多，请稍后再试。",
+    "A new link is on its way.": "新的链接已发送。",
+    "Your address is confirmed.": "你的邮箱地址已确认。",
+    "This link is not valid any more. Ask for a new one.": "此链接已失效，请重新申请。",
+    "Reset your password": "重置密码",
+    "Enter your account's email. If it exists, we send a link to set a new password.":
+        "输入账户的邮箱。如果账户存在，我们会发送一个设置新密码的链接。",
+    "Send the link": "发送链接",
+    "If an account exists for {email}, a link to set a new password is on its way. It is valid for 2 hours.":
+        "如果 {email} 有对应的账户，设置新密码的链接已发送，2 小时内有效。",
+    "Mail is off on this server: the link was written to the server's log. Ask the operator for it.":
+        "本服务器未配置邮件：链接已写入服务器日志，请向管理员索取。",
+    "Set a new password": "设置新密码",
+    "New password": "新密码",
+    "Save the password": "保存密码",
+    "Your password is set. You are signed in.": "密码已设置，你已登录。",
+    # dashboard
+    "Your plan": "你的套餐",
+    "Status": "状态",
+    "active": "有效",
+    "past_due": "待付款",
+    "canceled": "已取消",
+    "trialing": "试用中",
+    "Billed through Stripe": "通过 Stripe 计费",
+    "Assigned by the operator": "由管理员分配",
+    "No plan yet": "尚无套餐",
+    "This account has no plan, so its keys cannot be used yet.": "此账户没有套餐，因此密钥暂时无法使用。",
+    "Choose a plan on the billing page.": "请在账单页面选择套餐。",
+    "Billing is off on this server: ask the operator to give your account a plan.":
+        "本服务器未开启计费：请联系管理员为你的账户分配套餐。",
+    "5-hour window": "5 小时窗口",
+    "Weekly window": "每周窗口",
+    "used": "已用",
+    "reserved": "预留",
+    "remaining": "剩余",
+    "of": "共",
+    "tokens": "tokens",
+    "Resets": "重置于",
+    "Opens with your next request": "下一次请求时开启",
+    "Live": "实时",
+    "Connecting…": "连接中…",
+    "Reconnecting…": "重新连接中…",
+    "Updated": "更新于",
+    "Tokens per day, last 30 days (UTC)": "每日 tokens，最近 30 天（UTC）",
+    "No usage in the last 30 days.": "最近 30 天没有用量。",
+    "Day": "日期",
+    "Total": "合计",
+    "Show the figures as a table": "以表格显示数据",
+    "Today (UTC)": "今天（UTC）",
+    "requests": "次请求",
+    "billed tokens": "计费 tokens",
+    "Time": "时间",
+    "Model": "模型",
+    "Surface": "接口",
+    "State": "状态",
+    "Prompt": "输入",
+    "Completion": "输出",
+    "Billed": "计费",
+    "No requests today.": "今天还没有请求。",
+    "Top-ups": "加油包",
+    "Overage": "超额用量",
+    "Confirm your address to create keys and use your plan.": "确认邮箱地址后才能创建密钥并使用套餐。",
+    # keys
+    "API keys": "API 密钥",
+    "Create a key": "创建密钥",
+    "Name": "名称",
+    "e.g. laptop, CI": "例如：笔记本、CI",
+    "Create": "创建",
+    "Your new key": "你的新密钥",
+    "Copy it now: it is shown only once.": "请立即复制：它只显示这一次。",
+    "Copy": "复制",
+    "Copied": "已复制",
+    "Prefix": "前缀",
+    "Created": "创建于",
+    "Last used": "最近使用",
+    "never": "从未",
+    "revoked": "已吊销",
+    "Revoke": "吊销",
+    "Revoke key {prefix}…? Tools using it stop working.": "吊销密钥 {prefix}…？使用它的工具将停止工作。",
+    "No keys yet.": "还没有密钥。",
+    "The key was revoked.": "密钥已吊销。",
+    "That key does not exist or was revoked already.": "该密钥不存在或已被吊销。",
+    "This account has too many keys. Revoke one first.": "此账户的密钥太多，请先吊销一个。",
+    "Set up your tools with this key": "用这个密钥配置你的工具",
+    # setup
+    "Set up your coding tools": "配置你的编程工具",
+    "Server": "服务器",
+    "These snippets use your new key. It is not stored in the page: copy what you need now.":
+        "这些配置使用了你的新密钥。页面不会保存它：请现在复制所需内容。",
+    "Replace cp_YOUR_KEY with one of your keys, or create a key here to fill it in.":
+        "请将 cp_YOUR_KEY 替换为你的密钥，或在此创建一个密钥自动填入。",
+    "Create a key for this setup": "为此配置创建密钥",
+    "Then run in a shell:": "然后在终端运行：",
+    "Download the status line script (it needs only Python 3):": "下载状态栏脚本（只需要 Python 3）：",
+    "It shows the 5-hour and weekly windows under the prompt.": "它会在输入框下方显示 5 小时和每周窗口的用量。",
+    "Kilo reads the same file: point KILO_CONFIG at it.": "Kilo 读取同一个文件：将 KILO_CONFIG 指向它。",
+    "In a terminal": "在终端中",
+    "Codex needs the Responses API, which this server does not serve yet.": "Codex 需要 Responses API，本服务器暂不提供。",
+    "Usage in your terminal or IDE": "在终端或 IDE 中查看用量",
+    "Field": "字段",
+    "Value": "值",
+    # plans
+    "Plans": "套餐",
+    "per month": "每月",
+    "tokens per 5 hours": "tokens / 5 小时",
+    "tokens per week": "tokens / 周",
+    "Models": "模型",
+    "Requests at once": "并发请求",
+    "unlimited": "不限",
+    "Your plan now": "当前套餐",
+    "Subscribe": "订阅",
+    "Change to this plan": "切换到此套餐",
+    "Manage billing": "管理账单",
+    "Invoices, payment method and cancellation are in Stripe's billing portal.": "发票、付款方式和取消订阅都在 Stripe 的账单门户中。",
+    "Buy a top-up": "购买加油包",
+    "A block of tokens used after a window runs out.": "一份在窗口用尽后使用的额外 tokens。",
+    "Buy": "购买",
+    "Billing is off on this server (no Stripe keys). Plans are assigned by the operator (codeplan users create --plan).":
+        "本服务器未开启计费（没有 Stripe 密钥）。套餐由管理员分配（codeplan users create --plan）。",
+    "Billing could not start. Try again in a moment.": "无法开始付款，请稍后再试。",
+    "Payment received: your plan changes as soon as Stripe confirms it.": "已收到付款：Stripe 确认后套餐将立即生效。",
+    # errors
+    "Page not found": "页面不存在",
+    "This page does not exist.": "此页面不存在。",
+    "Not allowed": "不允许",
+    "The form expired or came from another site. Go back, reload the page and try again.":
+        "表单已过期或来自其他网站。请返回、刷新页面后重试。",
+    "Something went wrong": "出错了",
+    "The server failed unexpectedly; the failure was logged.": "服务器发生意外错误，已记录日志。",
+    "The request was not understood.": "无法理解该请求。",
+    "Back to the dashboard": "返回概览",
+}

@@ -1,0 +1,158 @@
+"""Accounts on the web: sign up, log in, mailed one-time links (verify, reset), promote.
+
+Refusals carry a code the page translates; nothing here knows about HTTP.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+import asyncpg
+import msgspec
+
+from . import passwords, sessions, throttle
+
+_EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+LINK_HOURS = {"verify": 48, "reset": 2}
+MAILS_PER_HOUR = 5  # per account and purpose: a form cannot be used to flood someone's inbox
+
+
+class Refusal(Exception):
+    def __init__(self, code: str, retry_after: int | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.retry_after = retry_after
+
+
+class Account(msgspec.Struct, frozen=True):
+    id: int
+    email: str
+    verified: bool
+
+
+def normal_email(email: str) -> str:
+    email = email.strip()
+    if len(email) > 254 or not _EMAIL.match(email):
+        raise Refusal("bad_email")
+    return email
+
+
+async def sign_up(pool: asyncpg.Pool, email: str, password: str, signup_plan: str) -> Account:
+    email = normal_email(email)
+    reason = passwords.weakness(password)
+    if reason:
+        raise Refusal(reason)
+    hashed = await passwords.hash_async(password)
+    async with pool.acquire() as conn, conn.transaction():
+        try:
+            account_id = await conn.fetchval(
+                "INSERT INTO accounts (email, password_hash) VALUES ($1, $2) RETURNING id", email, hashed)
+        except asyncpg.UniqueViolationError:
+            raise Refusal("exists") from None
+        if signup_plan:
+            await conn.execute(
+                "INSERT INTO subscriptions (account_id, plan_id, status) VALUES ($1, $2, 'active')",
+                account_id, signup_plan)
+    return Account(id=account_id, email=email, verified=False)
+
+
+async def log_in(pool: asyncpg.Pool, email: str, password: str, address: str) -> Account:
+    email = email.strip()
+    wait = await throttle.retry_after(pool, email, address)
+    if wait is not None:
+        raise Refusal("throttled", retry_after=wait)
+    row = await pool.fetchrow(
+        "SELECT id, email, password_hash, email_verified_at IS NOT NULL AS verified"
+        " FROM accounts WHERE lower(email) = lower($1)", email[:320])
+    ok = await passwords.verify_async(password[:passwords.MAX_LENGTH], row["password_hash"] if row else None)
+    if not ok or row is None:
+        await throttle.failed(pool, email, address)
+        raise Refusal("bad_credentials")
+    await throttle.succeeded(pool, email)
+    if passwords.needs_rehash(row["password_hash"]):
+        await pool.execute("UPDATE accounts SET password_hash = $2 WHERE id = $1",
+                           row["id"], await passwords.hash_async(password))
+    return Account(id=row["id"], email=row["email"], verified=row["verified"])
+
+
+async def find(pool: asyncpg.Pool, email: str) -> Account | None:
+    row = await pool.fetchrow(
+        "SELECT id, email, email_verified_at IS NOT NULL AS verified FROM accounts"
+        " WHERE lower(email) = lower($1)", email.strip()[:320])
+    return None if row is None else Account(id=row["id"], email=row["email"], verified=row["verified"])
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def issue_link(pool: asyncpg.Pool, account_id: int, purpose: str) -> str | None:
+    """A one-time token for a mailed link, or None when this account had enough mail this hour."""
+    token = secrets.token_urlsafe(32)
+    inserted = await pool.fetchval(
+        """INSERT INTO mail_tokens (token_hash, account_id, purpose, expires_at)
+           SELECT $1, $2, $3, now() + make_interval(hours => $4)
+            WHERE (SELECT count(*) FROM mail_tokens WHERE account_id = $2 AND purpose = $3
+                      AND created_at > now() - interval '1 hour') < $5
+           RETURNING 1""",
+        _digest(token), account_id, purpose, LINK_HOURS[purpose], MAILS_PER_HOUR)
+    return token if inserted else None
+
+
+async def link_account(pool: asyncpg.Pool, token: str, purpose: str) -> int | None:
+    """The account a still-valid link is for, without using it up (the reset form's GET)."""
+    if not token or len(token) > 128:
+        return None
+    return await pool.fetchval(
+        "SELECT account_id FROM mail_tokens WHERE token_hash = $1 AND purpose = $2"
+        " AND used_at IS NULL AND expires_at > now()", _digest(token), purpose)
+
+
+async def _use_link(conn: asyncpg.Connection, token: str, purpose: str) -> int | None:
+    if not token or len(token) > 128:
+        return None
+    return await conn.fetchval(
+        "UPDATE mail_tokens SET used_at = now() WHERE token_hash = $1 AND purpose = $2"
+        " AND used_at IS NULL AND expires_at > now() RETURNING account_id", _digest(token), purpose)
+
+
+async def verify(pool: asyncpg.Pool, token: str) -> int | None:
+    async with pool.acquire() as conn, conn.transaction():
+        account_id = await _use_link(conn, token, "verify")
+        if account_id is not None:
+            await conn.execute("UPDATE accounts SET email_verified_at = coalesce(email_verified_at, now())"
+                               " WHERE id = $1", account_id)
+        return account_id
+
+
+async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> int:
+    """Set a new password through a reset link. The link proves the address, so it also
+    verifies it; every other session of the account ends."""
+    reason = passwords.weakness(password)
+    if reason:
+        raise Refusal(reason)
+    hashed = await passwords.hash_async(password)
+    async with pool.acquire() as conn, conn.transaction():
+        account_id = await _use_link(conn, token, "reset")
+        if account_id is None:
+            raise Refusal("bad_link")
+        await conn.execute(
+            "UPDATE accounts SET password_hash = $2, email_verified_at = coalesce(email_verified_at, now())"
+            " WHERE id = $1", account_id, hashed)
+        await sessions.end_all(conn, account_id)
+        await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
+                           " AND used_at IS NULL", account_id)
+    return account_id
+
+
+async def promote(conn: asyncpg.Connection, email: str) -> int | None:
+    return await conn.fetchval("UPDATE accounts SET is_admin = true WHERE lower(email) = lower($1)"
+                               " RETURNING id", email.strip())
+
+
+async def housekeeping(pool: asyncpg.Pool) -> None:
+    """Forget what can no longer matter: ended sessions, old failures, spent links."""
+    await pool.execute("DELETE FROM web_sessions WHERE expires_at < now()")
+    await pool.execute("DELETE FROM login_failures WHERE failed_at < now() - interval '1 day'")
+    await pool.execute("DELETE FROM mail_tokens WHERE expires_at < now() - interval '1 day'")

@@ -1,0 +1,94 @@
+"""Mail for address verification and password resets, over SMTP (`CODEPLAN_SMTP_URL`).
+
+Without SMTP nothing is sent: the link goes to the JSON log for the operator, and the page
+tells the user so. The standard library's smtplib runs in a thread: a mail is a handful of
+round trips, rare enough that an async SMTP client would add a dependency for nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import smtplib
+import ssl
+from email.message import EmailMessage
+from email.utils import make_msgid
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+log = logging.getLogger("codeplan.mail")
+
+
+class MailError(Exception):
+    """The mail could not be handed to the SMTP server (the detail is in the log)."""
+
+
+class Letter(msgspec.Struct, frozen=True):
+    to: str
+    subject: str
+    body: str
+    link: str  # the one action the mail carries, also what the log shows without SMTP
+
+
+class SmtpTarget(msgspec.Struct, frozen=True):
+    host: str
+    port: int
+    implicit_tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_smtp_url(url: str) -> SmtpTarget:
+    parts = urlsplit(url)
+    implicit = parts.scheme == "smtps"
+    return SmtpTarget(host=parts.hostname or "localhost", port=parts.port or (465 if implicit else 25),
+                      implicit_tls=implicit,
+                      username=unquote(parts.username) if parts.username else None,
+                      password=unquote(parts.password) if parts.password else None)
+
+
+class Mailer:
+    def __init__(self, smtp_url: str, sender: str, timeout: float = 15.0) -> None:
+        self._target = parse_smtp_url(smtp_url) if smtp_url else None
+        self._sender = sender
+        self._timeout = timeout
+
+    @property
+    def enabled(self) -> bool:
+        return self._target is not None
+
+    async def send(self, letter: Letter) -> None:
+        if self._target is None:
+            log.warning("mail not sent: CODEPLAN_SMTP_URL is not set; the link is here",
+                        extra={"to": letter.to, "subject": letter.subject, "link": letter.link})
+            return
+        try:
+            await asyncio.to_thread(self._deliver, self._target, letter)
+        except (OSError, smtplib.SMTPException) as exc:
+            # the exception's text may quote the server's reply, never our password: still,
+            # only its type is logged
+            log.error("mail delivery failed", extra={"to": letter.to, "error": type(exc).__name__})
+            raise MailError from None
+        log.info("mail sent", extra={"to": letter.to, "subject": letter.subject})
+
+    def _deliver(self, target: SmtpTarget, letter: Letter) -> None:
+        message = EmailMessage()
+        message["From"] = self._sender
+        message["To"] = letter.to
+        message["Subject"] = letter.subject
+        message["Message-ID"] = make_msgid(domain="codeplan")
+        message.set_content(letter.body)
+        context = ssl.create_default_context()
+        if target.implicit_tls:
+            client: smtplib.SMTP = smtplib.SMTP_SSL(target.host, target.port, timeout=self._timeout,
+                                                    context=context)
+        else:
+            client = smtplib.SMTP(target.host, target.port, timeout=self._timeout)
+        with client:
+            client.ehlo()
+            if not target.implicit_tls and client.has_extn("starttls"):
+                client.starttls(context=context)
+                client.ehlo()
+            if target.username:
+                client.login(target.username, target.password or "")
+            client.send_message(message)

@@ -1,0 +1,473 @@
+"""The web page's HTTP routes: thin adapters between forms, the logic modules and templates."""
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import quote
+
+import asyncpg
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.datastructures import Cookie
+from litestar.exceptions import HTTPException
+from litestar.params import FromPath, FromQuery
+from litestar.response import Redirect, Template
+
+from . import apikeys, dashboard, i18n, identity, sessions, tools
+from .mail import Letter, MailError
+
+if TYPE_CHECKING:
+    from . import Web
+
+log = logging.getLogger("codeplan.web")
+T = TypeVar("T")
+STATUSLINE_SCRIPT = Path(__file__).resolve().parent.parent / "statusline.py"
+
+
+# ---- plumbing --------------------------------------------------------------------------
+
+class GoTo(Exception):
+    """Leave this page for another (a redirect, 303 so a POST becomes a GET)."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+class BadForm(HTTPException):
+    status_code = 400
+
+
+def _web(request: Request) -> "Web":
+    return request.app.state.web
+
+
+def _pool(request: Request) -> asyncpg.Pool:
+    return request.app.state.pool
+
+
+def language(request: Request) -> str:
+    return i18n.choose(request.cookies.get(i18n.COOKIE), request.headers.get("accept-language"))
+
+
+def safe_next(target: str | None, default: str = "/dashboard") -> str:
+    """Only a path on this site: never `//evil.example` or an absolute URL."""
+    if not target or not target.startswith("/") or target.startswith(("//", "/\\")) or len(target) > 500:
+        return default
+    return target
+
+
+async def viewer_of(request: Request) -> sessions.Viewer | None:
+    """Who is signed in, looked up once per request."""
+    if not hasattr(request.state, "viewer"):
+        request.state.viewer = await sessions.lookup(_pool(request), request.cookies.get(sessions.COOKIE))
+    return request.state.viewer
+
+
+async def require(request: Request, *, verified: bool = True) -> sessions.Viewer:
+    viewer = await viewer_of(request)
+    if viewer is None:
+        here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        raise GoTo("/login?next=" + quote(here, safe="/"))
+    if verified and _web(request).mailer.enabled and not viewer.verified:
+        raise GoTo("/welcome")
+    return viewer
+
+
+# Our own script and styles only (the meters' widths are style attributes); no framing, so no
+# click-jacking of the revoke buttons; the Referer never leaves the site (reset links carry a token).
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                               "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; "
+                               "base-uri 'none'; object-src 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
+def render(request: Request, template: str, *, viewer: sessions.Viewer | None, status: int = 200,
+           cookies: list[Cookie] | None = None, **context: Any) -> Template:
+    lang = language(request)
+    web = _web(request)
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return Template(
+        template_name=template, status_code=status, cookies=cookies or [],
+        headers={**PAGE_HEADERS, "content-language": "zh-CN" if lang == "zh" else "en"},
+        context={"_": i18n.translator(lang), "lang": lang, "viewer": viewer, "here": here,
+                 "mail_enabled": web.mailer.enabled, "asset_version": web.asset_version,
+                 "base_url": public_base(request), "billing_on": _billing(request) is not None,
+                 "notice": context.pop("notice", None), "error": context.pop("error", None), **context})
+
+
+async def form_of(request: Request, shape: type[T]) -> T:
+    data = await request.form()
+    raw = {}
+    for name in shape.__struct_fields__:  # type: ignore[attr-defined]
+        value = data.get(name)
+        if isinstance(value, str):
+            if "\x00" in value:  # no text column takes it; nobody types it
+                raise BadForm(detail="The request was not understood.")
+            raw[name] = value
+    try:
+        return msgspec.convert(raw, shape)
+    except msgspec.ValidationError:
+        raise BadForm(detail="The request was not understood.") from None
+
+
+def public_base(request: Request) -> str:
+    """The URL users reach us at: CODEPLAN_PUBLIC_URL, else HOST:PORT, else (when we listen on
+    every address, 0.0.0.0) the host the browser used."""
+    config = _web(request).config
+    if not config.public_url and config.host in ("0.0.0.0", "::", ""):
+        return f"{request.url.scheme}://{request.headers.get('host') or request.url.netloc}"
+    return config.base_url
+
+
+def _secure(request: Request) -> bool:
+    return _web(request).config.base_url.startswith("https://")
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _billing(request: Request) -> Any:
+    return getattr(request.app.state, "billing", None)
+
+
+# ---- forms -----------------------------------------------------------------------------
+
+class Credentials(msgspec.Struct):
+    email: str = ""
+    password: str = ""
+    next: str = ""
+
+
+class EmailForm(msgspec.Struct):
+    email: str = ""
+
+
+class ResetForm(msgspec.Struct):
+    token: str = ""
+    password: str = ""
+
+
+class KeyForm(msgspec.Struct):
+    name: str = ""
+    then: str = "keys"
+
+
+class PlanForm(msgspec.Struct):
+    plan: str = ""
+
+
+class TopupForm(msgspec.Struct):
+    block: str = ""
+
+
+class LanguageForm(msgspec.Struct):
+    lang: str = "en"
+    next: str = "/"
+
+
+_REFUSALS = {
+    "bad_email": "That is not an email address.",
+    "too_short": "The password needs at least 10 characters.",
+    "too_long": "That password is too long.",
+    "exists": "An account with this email exists already. Log in, or reset its password.",
+    "bad_credentials": "Wrong email or password.",
+    "bad_link": "This link is not valid any more. Ask for a new one.",
+}
+
+
+def _refusal_text(request: Request, refusal: identity.Refusal) -> str:
+    _ = i18n.translator(language(request))
+    if refusal.code == "throttled":
+        minutes = max(1, -(-(refusal.retry_after or 60) // 60))
+        return _("Too many failed attempts. Try again in {minutes} minutes.").format(minutes=minutes)
+    return _(_REFUSALS.get(refusal.code, "The request was not understood."))
+
+
+async def _mail_link(request: Request, account: identity.Account, purpose: str) -> str | None:
+    """Send a verify or reset link; returns a notice code when it could not go."""
+    token = await identity.issue_link(_pool(request), account.id, purpose)
+    if token is None:
+        return "mail_limit"
+    _ = i18n.translator(language(request))
+    base = public_base(request)
+    if purpose == "verify":
+        link = f"{base}/verify?token={token}"
+        subject = _("Check your mail") + " · Codeplan"
+        body = (f"{_('We sent a link to {email}. Open it to confirm your address; it is valid for 48 hours.').format(email=account.email)}\n\n{link}\n")
+    else:
+        link = f"{base}/reset?token={token}"
+        subject = _("Reset your password") + " · Codeplan"
+        body = f"{_('Set a new password')}:\n\n{link}\n"
+    try:
+        await _web(request).mailer.send(Letter(to=account.email, subject=subject, body=body, link=link))
+    except MailError:
+        return "mail_failed"
+    return None
+
+
+# ---- pages: accounts -------------------------------------------------------------------
+
+@get("/", include_in_schema=False)
+async def home(request: Request) -> Redirect:
+    return Redirect("/dashboard" if await viewer_of(request) else "/login", status_code=303)
+
+
+@get("/signup")
+async def signup_page(request: Request) -> Template:
+    return render(request, "signup.html", viewer=await viewer_of(request), email="")
+
+
+@post("/signup", status_code=200)
+async def signup(request: Request) -> Template | Redirect:
+    form = await form_of(request, Credentials)
+    web = _web(request)
+    try:
+        account = await identity.sign_up(_pool(request), form.email, form.password, web.config.signup_plan)
+    except identity.Refusal as refusal:
+        return render(request, "signup.html", viewer=None, status=400, email=form.email,
+                      error=_refusal_text(request, refusal))
+    token = await sessions.create(_pool(request), account.id)
+    problem = await _mail_link(request, account, "verify")
+    log.info("account signed up", extra={"account": account.id})
+    target = "/welcome" if web.mailer.enabled else "/setup"
+    if problem:
+        target += f"?notice={problem}"
+    return Redirect(target, status_code=303, cookies=[sessions.cookie(token, secure=_secure(request))])
+
+
+@get("/login")
+async def login_page(request: Request, next: FromQuery[str] = "", notice: FromQuery[str] = "") -> Template:
+    return render(request, "login.html", viewer=await viewer_of(request), email="", next=safe_next(next),
+                  notice=notice or None)
+
+
+@post("/login", status_code=200)
+async def login(request: Request) -> Template | Redirect:
+    form = await form_of(request, Credentials)
+    try:
+        account = await identity.log_in(_pool(request), form.email, form.password, _address(request))
+    except identity.Refusal as refusal:
+        status = 429 if refusal.code == "throttled" else 400
+        return render(request, "login.html", viewer=None, status=status, email=form.email,
+                      next=safe_next(form.next), error=_refusal_text(request, refusal))
+    old = await viewer_of(request)
+    if old is not None:
+        await sessions.end(_pool(request), old)
+    token = await sessions.create(_pool(request), account.id)
+    return Redirect(safe_next(form.next), status_code=303, cookies=[sessions.cookie(token, secure=_secure(request))])
+
+
+@post("/logout", status_code=200)
+async def logout(request: Request) -> Redirect:
+    viewer = await viewer_of(request)
+    if viewer is not None:
+        await sessions.end(_pool(request), viewer)
+    return Redirect("/login", status_code=303, cookies=[sessions.cleared(secure=_secure(request))])
+
+
+@get("/welcome")
+async def welcome(request: Request, notice: FromQuery[str] = "") -> Template | Redirect:
+    viewer = await require(request, verified=False)
+    if viewer.verified or not _web(request).mailer.enabled:
+        return Redirect("/dashboard", status_code=303)
+    return render(request, "welcome.html", viewer=viewer, notice=notice or None)
+
+
+@post("/verify/resend", status_code=200)
+async def resend(request: Request) -> Redirect:
+    viewer = await require(request, verified=False)
+    problem = await _mail_link(request, identity.Account(viewer.account_id, viewer.email, viewer.verified), "verify")
+    return Redirect(f"/welcome?notice={problem or 'mail_sent'}", status_code=303)
+
+
+@get("/verify")
+async def verify(request: Request, token: FromQuery[str] = "") -> Template | Redirect:
+    account_id = await identity.verify(_pool(request), token)
+    if account_id is None:
+        return render(request, "message.html", viewer=await viewer_of(request), status=400,
+                      title="Check your mail", error=_refusal_text(request, identity.Refusal("bad_link")))
+    viewer = await viewer_of(request)
+    if viewer is None or viewer.account_id != account_id:
+        return Redirect("/login?next=/setup&notice=verified", status_code=303)
+    return Redirect("/setup?notice=verified", status_code=303)
+
+
+@get("/forgot")
+async def forgot_page(request: Request) -> Template:
+    return render(request, "forgot.html", viewer=await viewer_of(request), email="", sent=False)
+
+
+@post("/forgot", status_code=200)
+async def forgot(request: Request) -> Template:
+    form = await form_of(request, EmailForm)
+    account = await identity.find(_pool(request), form.email)
+    problem = None
+    if account is not None:
+        problem = await _mail_link(request, account, "reset")
+    # the same answer whether the account exists or not: the form must not tell who has one
+    return render(request, "forgot.html", viewer=await viewer_of(request), email=form.email.strip(),
+                  sent=True, notice=problem if problem == "mail_failed" else None)
+
+
+@get("/reset")
+async def reset_page(request: Request, token: FromQuery[str] = "") -> Template:
+    valid = await identity.link_account(_pool(request), token, "reset") is not None
+    return render(request, "reset.html", viewer=await viewer_of(request), token=token if valid else "",
+                  status=200 if valid else 400,
+                  error=None if valid else _refusal_text(request, identity.Refusal("bad_link")))
+
+
+@post("/reset", status_code=200)
+async def reset(request: Request) -> Template | Redirect:
+    form = await form_of(request, ResetForm)
+    try:
+        account_id = await identity.reset_password(_pool(request), form.token, form.password)
+    except identity.Refusal as refusal:
+        return render(request, "reset.html", viewer=None, status=400,
+                      token=form.token if refusal.code != "bad_link" else "",
+                      error=_refusal_text(request, refusal))
+    token = await sessions.create(_pool(request), account_id)
+    return Redirect("/dashboard?notice=password_set", status_code=303,
+                    cookies=[sessions.cookie(token, secure=_secure(request))])
+
+
+# a language cookie is harmless to set from anywhere, and error pages carry no CSRF token
+@post("/lang", status_code=200, exclude_from_csrf=True)
+async def switch_language(request: Request) -> Redirect:
+    form = await form_of(request, LanguageForm)
+    lang = form.lang if form.lang in i18n.LANGS else "en"
+    return Redirect(safe_next(form.next, "/"), status_code=303, cookies=[
+        Cookie(key=i18n.COOKIE, value=lang, path="/", max_age=365 * 86400, samesite="lax",
+               secure=_secure(request), httponly=True)])
+
+
+# ---- pages: the product ----------------------------------------------------------------
+
+@get("/dashboard")
+async def dashboard_page(request: Request, notice: FromQuery[str] = "") -> Template:
+    viewer = await require(request)
+    data = await dashboard.load(_pool(request), viewer.account_id)
+    return render(request, "dashboard.html", viewer=viewer, nav="dashboard", data=data, notice=notice or None)
+
+
+@get("/dashboard/activity")
+async def dashboard_activity(request: Request) -> Template:
+    """The chart and today's requests alone: the page fetches them when a live update arrives."""
+    viewer = await require(request)
+    data = await dashboard.load(_pool(request), viewer.account_id)
+    return render(request, "activity.html", viewer=viewer, data=data)
+
+
+@get("/keys")
+async def keys_page(request: Request, notice: FromQuery[str] = "") -> Template:
+    viewer = await require(request)
+    return render(request, "keys.html", viewer=viewer, nav="keys", notice=notice or None,
+                  keys=await apikeys.listing(_pool(request), viewer.account_id), created=None)
+
+
+@post("/keys", status_code=200)
+async def create_key(request: Request) -> Template:
+    viewer = await require(request)
+    form = await form_of(request, KeyForm)
+    try:
+        created = await apikeys.create(_pool(request), viewer.account_id, form.name)
+    except apikeys.KeyRefusal:
+        return render(request, "keys.html", viewer=viewer, nav="keys", status=409,
+                      keys=await apikeys.listing(_pool(request), viewer.account_id), created=None,
+                      error=i18n.translator(language(request))("This account has too many keys. Revoke one first."))
+    log.info("key created on the web", extra={"account": viewer.account_id, "prefix": created.prefix})
+    if form.then == "setup":
+        return _setup(request, viewer, created)
+    return render(request, "keys.html", viewer=viewer, nav="keys", created=created,
+                  keys=await apikeys.listing(_pool(request), viewer.account_id))
+
+
+@post("/keys/{key_id:int}/revoke", status_code=200)
+async def revoke_key(request: Request, key_id: FromPath[int]) -> Redirect:
+    viewer = await require(request)
+    done = await apikeys.revoke(_pool(request), viewer.account_id, key_id)
+    if done:
+        log.info("key revoked on the web", extra={"account": viewer.account_id, "key": key_id})
+    return Redirect(f"/keys?notice={'revoked' if done else 'not_revoked'}", status_code=303)
+
+
+def _setup(request: Request, viewer: sessions.Viewer, created: apikeys.CreatedKey | None,
+           notice: str | None = None) -> Template:
+    base = public_base(request)
+    # Codex speaks only the Responses API: say so while this server does not serve it
+    responses = any(route.path == "/v1/responses" for route in request.app.routes)
+    return render(request, "setup.html", viewer=viewer, nav="setup", created=created, notice=notice,
+                  responses_served=responses,
+                  snippets=tools.snippets(base, created.secret if created else None),
+                  placeholder=tools.PLACEHOLDER)
+
+
+@get("/setup")
+async def setup_page(request: Request, notice: FromQuery[str] = "") -> Template:
+    viewer = await require(request)
+    return _setup(request, viewer, None, notice or None)
+
+
+@get("/setup/statusline.py", media_type="text/x-python")
+async def statusline_script() -> Response:
+    return Response(STATUSLINE_SCRIPT.read_bytes(), media_type="text/x-python; charset=utf-8",
+                    headers={"content-disposition": 'attachment; filename="codeplan-statusline.py"'})
+
+
+@get(["/billing", "/plans"])
+async def billing_page(request: Request, notice: FromQuery[str] = "", checkout: FromQuery[str] = "") -> Template:
+    viewer = await require(request)
+    billing = _billing(request)
+    return render(request, "billing.html", viewer=viewer, nav="billing",
+                  notice=notice or ("paid" if checkout == "success" else None),
+                  plans=await dashboard.plans(_pool(request)),
+                  current=await dashboard.subscription(_pool(request), viewer.account_id),
+                  topup_blocks=list(getattr(billing, "topup_blocks", ()) or ()) if billing else [])
+
+
+async def _billing_url(request: Request, action: str, *args: object) -> Redirect:
+    viewer = await require(request)
+    billing = _billing(request)
+    if billing is None:
+        return Redirect("/billing?notice=billing_off", status_code=303)
+    try:
+        url = getattr(billing, action)(viewer.account_id, *args)
+        if inspect.isawaitable(url):
+            url = await url
+    except Exception as exc:  # noqa: BLE001 - whatever billing raises, the page says it failed
+        log.error("billing call failed", extra={"action": action, "account": viewer.account_id,
+                                                "error": type(exc).__name__})
+        return Redirect("/billing?notice=billing_failed", status_code=303)
+    return Redirect(str(url), status_code=303)
+
+
+@post("/billing/checkout", status_code=200)
+async def billing_checkout(request: Request) -> Redirect:
+    form = await form_of(request, PlanForm)
+    return await _billing_url(request, "checkout", form.plan)
+
+
+@post("/billing/portal", status_code=200)
+async def billing_portal(request: Request) -> Redirect:
+    return await _billing_url(request, "portal")
+
+
+@post("/billing/topup", status_code=200)
+async def billing_topup(request: Request) -> Redirect:
+    form = await form_of(request, TopupForm)
+    return await _billing_url(request, "topup", form.block)
+
+
+# `home` shares the path "/" with the bridge's HEAD probe, so it is registered on the app itself:
+# Litestar cannot merge one path from two routers
+routes = [signup_page, signup, login_page, login, logout, welcome, resend, verify, forgot_page,
+          forgot, reset_page, reset, switch_language, dashboard_page, dashboard_activity, keys_page, create_key, revoke_key,
+          setup_page, statusline_script, billing_page, billing_checkout, billing_portal, billing_topup]

@@ -1,0 +1,81 @@
+"""Server-side sessions: a random token in the cookie, its SHA-256 in `web_sessions`.
+
+The cookie is HttpOnly, SameSite=Lax, and Secure when the public URL is https. A stolen
+database gives no usable cookie; logging out, or resetting the password, ends sessions at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import asyncpg
+import msgspec
+from litestar.datastructures import Cookie
+
+COOKIE = "codeplan_session"
+IDLE_DAYS = 14          # a session unused this long ends
+MAX_DAYS = 90           # and none lives longer than this, used or not
+_TOUCH_SECONDS = 3600   # `seen_at` is written at most hourly: a page view is not a write
+
+
+class Viewer(msgspec.Struct, frozen=True):
+    """The signed-in person looking at a page."""
+    account_id: int
+    email: str
+    verified: bool
+    is_admin: bool
+    token_hash: bytes
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+async def create(pool: asyncpg.Pool, account_id: int) -> str:
+    token = secrets.token_urlsafe(32)
+    await pool.execute(
+        "INSERT INTO web_sessions (token_hash, account_id, expires_at)"
+        " VALUES ($1, $2, now() + make_interval(days => $3))",
+        token_hash(token), account_id, IDLE_DAYS)
+    return token
+
+
+_LOOKUP = """
+SELECT s.account_id, a.email, a.email_verified_at IS NOT NULL AS verified, a.is_admin,
+       s.seen_at < now() - make_interval(secs => $2) AS stale
+  FROM web_sessions s JOIN accounts a ON a.id = s.account_id
+ WHERE s.token_hash = $1 AND s.expires_at > now()
+   AND s.created_at > now() - make_interval(days => $3)
+"""
+
+
+async def lookup(pool: asyncpg.Pool, token: str | None) -> Viewer | None:
+    if not token or len(token) > 128:
+        return None
+    digest = token_hash(token)
+    row = await pool.fetchrow(_LOOKUP, digest, float(_TOUCH_SECONDS), MAX_DAYS)
+    if row is None:
+        return None
+    if row["stale"]:
+        await pool.execute(
+            "UPDATE web_sessions SET seen_at = now(), expires_at = now() + make_interval(days => $2)"
+            " WHERE token_hash = $1", digest, IDLE_DAYS)
+    return Viewer(account_id=row["account_id"], email=row["email"], verified=row["verified"],
+                  is_admin=row["is_admin"], token_hash=digest)
+
+
+async def end(pool: asyncpg.Pool, viewer: Viewer) -> None:
+    await pool.execute("DELETE FROM web_sessions WHERE token_hash = $1", viewer.token_hash)
+
+
+async def end_all(conn: asyncpg.Connection | asyncpg.Pool, account_id: int) -> None:
+    await conn.execute("DELETE FROM web_sessions WHERE account_id = $1", account_id)
+
+
+def cookie(token: str, *, secure: bool) -> Cookie:
+    return Cookie(key=COOKIE, value=token, path="/", httponly=True, secure=secure, samesite="lax",
+                  max_age=MAX_DAYS * 86400)
+
+
+def cleared(*, secure: bool) -> Cookie:
+    return Cookie(key=COOKIE, value="", path="/", httponly=True, secure=secure, samesite="lax", max_age=0)
