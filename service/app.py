@@ -7,6 +7,8 @@ import gc
 import logging
 from typing import AsyncIterator
 
+import msgspec
+
 from litestar import Litestar, Request, Response, Router
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
@@ -17,7 +19,7 @@ from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
 from . import admin, credits, db, metrics, ops, usage
 from .accounts import Authenticator
-from .config import Config, model_catalog, peak_window
+from .config import Config, model_catalog, peak_window, upstream_profiles
 from .ledger import Ledger
 from .metrics import PrometheusMetrics
 from .problems import problem
@@ -52,9 +54,16 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def create_app(config: Config, database_url: str, profiles: list[ProfileConfig]) -> Litestar:
-    """The application, forwarding to `profiles` (config.upstream_profiles) plus what admins
-    add at run time."""
+def create_app(config: Config, database_url: str, upstream_url: str = "",
+               upstream_keys: tuple[str, ...] = (), *,
+               profiles: list[ProfileConfig] | None = None) -> Litestar:
+    """The application, forwarding to `profiles` (config.upstream_profiles: the configured
+    upstreams, or the simulator) plus what admins add at run time. Given a URL and keys
+    instead, they are the single upstream, as CODEPLAN_UPSTREAM_URL / _KEYS would be."""
+    if profiles is None:
+        profiles = upstream_profiles(msgspec.structs.replace(
+            config, upstream_url=upstream_url or config.upstream_url,
+            upstream_keys=upstream_keys or config.upstream_keys))
     models = model_catalog(config)
     credits.install(models)
     web = Web(config)

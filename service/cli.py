@@ -73,7 +73,7 @@ async def _serve(config: config_module.Config, url: str, sock: socket.socket, si
     from .app import create_app
 
     profiles = config_module.upstream_profiles(config, simulator_url)
-    server = _uvicorn(create_app(config, url, profiles), lifespan=True,
+    server = _uvicorn(create_app(config, url, profiles=profiles), lifespan=True,
                       shutdown_timeout=config.shutdown_timeout)
     await server.serve(sockets=[sock])
 
