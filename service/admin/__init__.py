@@ -9,6 +9,7 @@ import msgspec
 from litestar import Request, Router, get
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
+from litestar.params import FromQuery
 
 from . import plans, reports, upstreams, users
 from .auth import admin_only
@@ -31,7 +32,7 @@ class AuditEntry(msgspec.Struct):
 
 
 @get("/audit")
-async def audit_log(request: Request, limit: int = 100) -> list[AuditEntry]:
+async def audit_log(request: Request, limit: FromQuery[int] = 100) -> list[AuditEntry]:
     rows = await request.app.state.pool.fetch(
         "SELECT * FROM admin_audit ORDER BY id DESC LIMIT $1", max(1, min(limit, 1000)))
     return [AuditEntry(id=r["id"], at=r["at"].isoformat(), actor=r["actor"], action=r["action"],

@@ -11,6 +11,7 @@ import asyncpg
 import msgspec
 from litestar import Request, get, patch, post, put
 from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import FromPath, JSONBody
 
 from bridge.models import CATALOG
 
@@ -97,7 +98,7 @@ async def list_plans(request: Request) -> list[PlanView]:
 
 
 @post("/plans", status_code=201)
-async def create_plan(request: Request, data: NewPlan) -> PlanView:
+async def create_plan(request: Request, data: JSONBody[NewPlan]) -> PlanView:
     _check_models(data.models)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         try:
@@ -114,7 +115,8 @@ async def create_plan(request: Request, data: NewPlan) -> PlanView:
 
 
 @patch("/plans/{plan_id:str}")
-async def change_plan(request: Request, plan_id: str, data: PlanChange) -> PlanView:
+async def change_plan(request: Request, plan_id: FromPath[str],
+                      data: JSONBody[PlanChange]) -> PlanView:
     if data.models is not None:
         _check_models(data.models)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
@@ -135,7 +137,8 @@ async def change_plan(request: Request, plan_id: str, data: PlanChange) -> PlanV
 
 
 @put("/plans/{plan_id:str}/credits/{model:str}")
-async def set_plan_credits(request: Request, plan_id: str, model: str, data: CreditChange) -> PlanView:
+async def set_plan_credits(request: Request, plan_id: FromPath[str], model: FromPath[str],
+                           data: JSONBody[CreditChange]) -> PlanView:
     """The coefficients this plan bills `model` at (overriding the model's own)."""
     if model not in CATALOG:
         raise HTTPException(status_code=400, detail=f"unknown model {model!r}; served: {', '.join(CATALOG)}")
@@ -155,7 +158,7 @@ async def set_plan_credits(request: Request, plan_id: str, model: str, data: Cre
 
 
 @post("/plans/{plan_id:str}/retire", status_code=200)
-async def retire_plan(request: Request, plan_id: str) -> PlanView:
+async def retire_plan(request: Request, plan_id: FromPath[str]) -> PlanView:
     """No new subscriptions on it; those on it keep it."""
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         before = await _one(conn, plan_id)

@@ -11,8 +11,10 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Request, get
+from litestar.params import FromQuery
 
 Days = Annotated[int, msgspec.Meta(ge=1, le=366)]
+Hours = Annotated[int, msgspec.Meta(ge=1, le=168)]
 
 
 class UsageRow(msgspec.Struct):
@@ -73,8 +75,8 @@ SELECT {group} AS key, sum(t.requests)::bigint AS requests, sum(t.prompt_tokens)
 
 
 @get("/reports/usage")
-async def usage_report(request: Request, by: Literal["user", "model", "day"] = "user",
-                       days: Days = 30) -> list[UsageRow]:
+async def usage_report(request: Request, by: FromQuery[Literal["user", "model", "day"]] = "user",
+                       days: FromQuery[Days] = 30) -> list[UsageRow]:
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
     rows = await request.app.state.pool.fetch(_USAGE_SQL.format(group=_GROUPS[by]), since)
     return [UsageRow(key=str(r["key"]), requests=r["requests"], prompt_tokens=r["prompt"],
@@ -93,8 +95,8 @@ SELECT a.id, a.email, s.plan_id, count(*) AS requests,
 
 
 @get("/reports/top")
-async def top_consumers(request: Request, hours: Annotated[int, msgspec.Meta(ge=1, le=168)] = 5,
-                        limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 20) -> list[TopConsumer]:
+async def top_consumers(request: Request, hours: FromQuery[Hours] = 5,
+                        limit: FromQuery[Annotated[int, msgspec.Meta(ge=1, le=500)]] = 20) -> list[TopConsumer]:
     rows = await request.app.state.pool.fetch(_TOP_SQL, hours, limit)
     return [TopConsumer(account_id=r["id"], email=r["email"], plan=r["plan_id"], requests=r["requests"],
                         tokens=r["tokens"], credits=r["credits"], upstream_cost_usd=round(r["cost"], 9))
@@ -134,7 +136,7 @@ SELECT pl.id, coalesce(lv.subs, 0) AS subs,
 
 
 @get("/reports/margin")
-async def margin_report(request: Request, days: Days = 30) -> list[PlanMargin]:
+async def margin_report(request: Request, days: FromQuery[Days] = 30) -> list[PlanMargin]:
     """Per plan: list-price revenue prorated over the period, against upstream cost."""
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
     out = []

@@ -9,6 +9,7 @@ from typing import Annotated
 import msgspec
 from litestar import Request, get, patch, post
 from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import FromPath, JSONBody
 
 from bridge import upstreams
 from bridge.upstreams import ProfileConfig, ProfileHealth
@@ -45,7 +46,7 @@ async def list_upstreams(request: Request) -> list[ProfileHealth]:
 
 
 @post("/upstreams", status_code=201)
-async def add_upstream(request: Request, data: ProfileConfig) -> ProfileHealth:
+async def add_upstream(request: Request, data: JSONBody[ProfileConfig]) -> ProfileHealth:
     try:
         profile = upstreams.resolve(data)
     except ValueError as exc:
@@ -69,7 +70,7 @@ async def add_upstream(request: Request, data: ProfileConfig) -> ProfileHealth:
 
 
 @patch("/upstreams/{name:str}")
-async def switch_upstream(request: Request, name: str, data: Switch) -> ProfileHealth:
+async def switch_upstream(request: Request, name: FromPath[str], data: JSONBody[Switch]) -> ProfileHealth:
     before = _health(request, name)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         await conn.execute(
@@ -83,7 +84,7 @@ async def switch_upstream(request: Request, name: str, data: Switch) -> ProfileH
 
 
 @post("/upstreams/{name:str}/keys", status_code=201)
-async def add_key(request: Request, name: str, data: NewKey) -> ProfileHealth:
+async def add_key(request: Request, name: FromPath[str], data: JSONBody[NewKey]) -> ProfileHealth:
     _health(request, name)
     fingerprint = upstreams.fingerprint(data.key)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
@@ -98,7 +99,8 @@ async def add_key(request: Request, name: str, data: NewKey) -> ProfileHealth:
 
 
 @patch("/upstreams/{name:str}/keys/{fingerprint:str}")
-async def switch_key(request: Request, name: str, fingerprint: str, data: Switch) -> ProfileHealth:
+async def switch_key(request: Request, name: FromPath[str], fingerprint: FromPath[str],
+                     data: JSONBody[Switch]) -> ProfileHealth:
     profile = _health(request, name)
     key = next((k for k in profile.keys if k.fingerprint == fingerprint), None)
     if key is None:

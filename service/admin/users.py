@@ -8,6 +8,7 @@ import asyncpg
 import msgspec
 from litestar import Request, get, patch, post
 from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import FromPath, FromQuery, JSONBody
 
 from . import audit
 from .. import usage
@@ -85,7 +86,8 @@ async def _one(conn, account_id: int) -> asyncpg.Record:
 
 
 @get("/users")
-async def find_users(request: Request, q: str = "", limit: Limit = 50) -> list[UserSummary]:
+async def find_users(request: Request, q: FromQuery[str] = "",
+                     limit: FromQuery[Limit] = 50) -> list[UserSummary]:
     """Accounts whose email contains `q` (all when empty), newest first."""
     pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     rows = await request.app.state.pool.fetch(
@@ -94,7 +96,7 @@ async def find_users(request: Request, q: str = "", limit: Limit = 50) -> list[U
 
 
 @get("/users/{account_id:int}")
-async def user_detail(request: Request, account_id: int) -> UserDetail:
+async def user_detail(request: Request, account_id: FromPath[int]) -> UserDetail:
     pool = request.app.state.pool
     row = await _one(pool, account_id)
     keys = await pool.fetch("SELECT prefix, name, created_at, revoked_at FROM api_keys"
@@ -123,18 +125,19 @@ async def _set_suspended(request: Request, account_id: int, suspended: bool) -> 
 
 
 @post("/users/{account_id:int}/suspend", status_code=200)
-async def suspend_user(request: Request, account_id: int) -> UserSummary:
+async def suspend_user(request: Request, account_id: FromPath[int]) -> UserSummary:
     """Refused at the next admission (every process: the ledger checks it), 403 to the user."""
     return await _set_suspended(request, account_id, True)
 
 
 @post("/users/{account_id:int}/restore", status_code=200)
-async def restore_user(request: Request, account_id: int) -> UserSummary:
+async def restore_user(request: Request, account_id: FromPath[int]) -> UserSummary:
     return await _set_suspended(request, account_id, False)
 
 
 @patch("/users/{account_id:int}")
-async def change_user(request: Request, account_id: int, data: UserChange) -> UserSummary:
+async def change_user(request: Request, account_id: FromPath[int],
+                      data: JSONBody[UserChange]) -> UserSummary:
     """Move the account's subscription to another plan (its open windows take the new
     allowances), or grant or take admin rights."""
     async with request.app.state.pool.acquire() as conn, conn.transaction():
@@ -171,7 +174,7 @@ async def change_user(request: Request, account_id: int, data: UserChange) -> Us
 
 
 @post("/users/{account_id:int}/topups", status_code=201)
-async def grant_topup(request: Request, account_id: int, data: TopUp) -> Granted:
+async def grant_topup(request: Request, account_id: FromPath[int], data: JSONBody[TopUp]) -> Granted:
     """A top-up granted by an operator. Top-ups belong to billing (issue 12: the `topups`
     table and how a top-up becomes allowance in the ledger); until those are installed this
     answers 501 and changes nothing."""
