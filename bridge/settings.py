@@ -19,3 +19,5 @@ class BridgeSettings(msgspec.Struct, kw_only=True, frozen=True):
     claude_haiku_model: str = "glm-4.5-air"
     # where users reach the service: billing errors point at {public_url}/billing
     public_url: str = "http://127.0.0.1:8080"
+    # request bodies nesting deeper than this are refused before decoding (bridge/depth.py)
+    max_json_depth: int = 64

@@ -14,6 +14,7 @@ from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from bridge import app as bridge_app
+from bridge import shapes
 from bridge.journey import Journey
 from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
@@ -22,23 +23,39 @@ from .accounts import Authenticator
 from .config import Config, model_catalog, peak_window, upstream_profiles
 from .ledger import Ledger
 from .metrics import PrometheusMetrics
-from .problems import problem
+from .throttle import AuthThrottle, GuardedAuthenticator, Throttled
+from .throttle_gate import throttle_gate
 from .upstream_store import PgKeyLeases, UpstreamStore
 from .web import Web, error_page, wants_html
 
 log = logging.getLogger("codeplan.app")
 
 
+def _shaped(request: Request, status: int, message: str, code: str | None = None,
+            headers: dict[str, str] | None = None) -> Response:
+    """An error in the protocol of the request's path (bridge/shapes.py)."""
+    answer = shapes.render(request.url.path, status, message, code)
+    return Response(answer.body, status_code=answer.status, media_type=answer.content_type,
+                    headers=headers)
+
+
 def _http_exception(request: Request, exc: HTTPException) -> Response:
     if wants_html(request):
         return error_page(request, exc.status_code)
-    return problem(exc.status_code, exc.detail or "error")
+    # Litestar's own refusals (unknown path, wrong method, its body limit) in the caller's shape
+    return _shaped(request, exc.status_code, exc.detail or "error", headers=exc.headers)
+
+
+def _throttled(request: Request, exc: Throttled) -> Response:
+    return _shaped(request, 429, "Too many requests with unknown API keys from your address; "
+                   f"retry in {exc.retry_after_header} s.", "rate_limit_exceeded",
+                   headers={"retry-after": exc.retry_after_header})
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
     # the detail stays in our log: exception text can carry secrets (URLs, keys)
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
-    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error",
+    return _shaped(request, HTTP_500_INTERNAL_SERVER_ERROR,
                    "The service failed unexpectedly; the failure was logged.")
 
 
@@ -86,9 +103,15 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         store = UpstreamStore(pool, router, profiles)
         await store.refresh()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
-        journey = Journey(settings=config.bridge_settings(),
-                          auth=Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch),
-                          ledger=ledger, upstream=router, metrics=bridge_metrics)
+        # unknown keys cached briefly for every caller; failures counted per client address,
+        # refused (429) by the throttle gate and the quota API (service/throttle.py)
+        auth = GuardedAuthenticator(
+            Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch),
+            AuthThrottle(limit=config.auth_failure_limit, window=config.auth_failure_window,
+                         unknown_ttl=config.auth_unknown_ttl))
+        journey = Journey(settings=config.bridge_settings(), auth=auth, ledger=ledger, upstream=router,
+                          metrics=bridge_metrics)
+        app.state.auth = auth
         app.state.pool = pool
         app.state.ledger = ledger
         app.state.journey = journey
@@ -96,7 +119,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         app.state.config = config
         app.state.router = router
         app.state.upstream_store = store
-        app.state.max_body = 64 * 1024 * 1024
+        # the HTTP server refuses bodies over this first (service/http_limits.py)
+        app.state.max_body = config.max_body_bytes
         # billing's engine sets this when Stripe is configured; None: the page says billing is off
         app.state.billing = getattr(app.state, "billing", None)
         await web.start(app, pool, database_url)
@@ -121,14 +145,21 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
             await router.close()
             await pool.close()
 
+    # the paths that take big bodies from coding tools: a throttled address is refused there
+    # before anything else happens (service/throttle_gate.py)
+    gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
+             *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
     return Litestar(
         route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *usage.routes, *web.route_handlers],
                                include_in_schema=False),
                         ops.healthz, ops.readyz, metrics.metrics, admin.router],
         template_config=web.templates,
         lifespan=[lifespan],
-        exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
-        request_max_body_size=64 * 1024 * 1024,
+        middleware=[throttle_gate(gated, lambda scope: scope["app"].state.auth.throttle)],
+        exception_handlers={HTTPException: _http_exception, Throttled: _throttled,
+                            Exception: _unexpected},
+        # the HTTP server refuses bodies over CODEPLAN_MAX_BODY_BYTES first; this is the last line
+        request_max_body_size=config.max_body_bytes + 1024,
         # the admin API's schema (the bridge's protocols are the clients' own)
         openapi_config=admin.OPENAPI,
         logging_config=None,

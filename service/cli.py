@@ -42,16 +42,29 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn(app, *, lifespan: bool, shutdown_timeout: float | None = None):
+def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None):
+    """uvicorn with httptools; with `config`, the HTTP limits of service/http_limits.py and the
+    graceful shutdown deadline (SIGTERM: open streams get CODEPLAN_SHUTDOWN_TIMEOUT seconds to
+    finish, then they are cut and settled)."""
     import uvicorn
 
+    http: object = "httptools"
+    keep_alive = 75.0
+    shutdown_timeout: float | None = None
+    if config is not None:
+        from .http_limits import HttpLimits, protocol_class
+
+        http = protocol_class(HttpLimits(
+            max_header_bytes=config.max_header_bytes, header_timeout=config.header_timeout,
+            max_body_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
+            max_connections=config.max_connections))
+        keep_alive = config.keepalive_timeout
+        shutdown_timeout = config.shutdown_timeout
     return uvicorn.Server(uvicorn.Config(
-        app, loop="none", http="httptools", lifespan="on" if lifespan else "off", log_config=None,
-        access_log=False, timeout_keep_alive=75, server_header=False,
+        app, loop="none", http=http, lifespan="on" if lifespan else "off", log_config=None,
+        access_log=False, timeout_keep_alive=keep_alive, server_header=False,
         # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
-        proxy_headers=False,
-        # SIGTERM: open streams get this long to finish, then they are cut (and settled)
-        timeout_graceful_shutdown=shutdown_timeout))
+        proxy_headers=False, timeout_graceful_shutdown=shutdown_timeout))
 
 
 async def _start_simulator(config: config_module.Config):
@@ -73,8 +86,7 @@ async def _serve(config: config_module.Config, url: str, sock: socket.socket, si
     from .app import create_app
 
     profiles = config_module.upstream_profiles(config, simulator_url)
-    server = _uvicorn(create_app(config, url, profiles=profiles), lifespan=True,
-                      shutdown_timeout=config.shutdown_timeout)
+    server = _uvicorn(create_app(config, url, profiles=profiles), lifespan=True, config=config)
     await server.serve(sockets=[sock])
 
 

@@ -101,6 +101,22 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     signup_plan: str = ""
     # signs CSRF tokens; empty: one made once and kept in the database (shared by all processes)
     secret_key: str = ""
+    # HTTP limits (service/http_limits.py), far above what any coding tool sends: Claude Code's
+    # bodies are ~75 KB, long agent histories a few MB; 32 MB is Anthropic's own request limit.
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 64 * 1024
+    header_timeout: Seconds = 30.0
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=1024)] = 32 * 1024 * 1024
+    body_timeout: Seconds = 300.0
+    keepalive_timeout: Seconds = 75.0
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 8192
+    # JSON nesting past this is refused before decoding (bridge/depth.py)
+    max_json_depth: Annotated[int, msgspec.Meta(ge=8, le=128)] = 64
+    # failed authentications (unknown keys looked up) per client address and window before
+    # that address gets 429s without a database lookup (service/throttle.py); 0 turns it off
+    auth_failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 20
+    auth_failure_window: Seconds = 60.0
+    # seconds an unknown key's hash is remembered, so repeating it costs no query
+    auth_unknown_ttl: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
     @property
     def simulated(self) -> bool:
@@ -117,7 +133,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
             reservation_lease=self.reservation_lease, drain_timeout=self.drain_timeout,
             max_drains=self.max_drains, max_request_seconds=self.max_request_seconds,
             model_aliases=self.model_aliases, claude_model=self.claude_model,
-            claude_haiku_model=self.claude_haiku_model, public_url=self.base_url)
+            claude_haiku_model=self.claude_haiku_model, public_url=self.base_url,
+            max_json_depth=self.max_json_depth)
 
 
 class ConfigError(Exception):
@@ -140,10 +157,17 @@ def _describe(field: str) -> str:
         "upstream_prices": "three non-negative numbers, input,cached,output USD per million tokens",
         "upstream_attempts": "an integer from 1 to 10",
         "workers": "an integer from 1 to 64",
+        "auth_unknown_ttl": "a non-negative number of seconds",
+        "max_header_bytes": "an integer of at least 1024 (bytes)",
+        "max_body_bytes": "an integer of at least 1024 (bytes)",
+        "max_connections": "a positive integer",
+        "max_json_depth": "an integer from 8 to 128",
+        "auth_failure_limit": "a non-negative integer",
     }
     return hints.get(field, "a positive number of seconds" if field in {
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
-        "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "upstream_cooldown",
+        "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
+        "body_timeout", "keepalive_timeout", "auth_failure_window", "upstream_cooldown",
         "upstream_lease", "upstream_refresh", "shutdown_timeout"} else "a valid value")
 
 

@@ -15,9 +15,9 @@ from bridge.app import api_key
 from bridge.journey import iso_utc
 from bridge.ports import Principal
 
-from .accounts import Authenticator
 from .credits import ModelCredits, plan_credits
 from .problems import problem
+from .throttle import GuardedAuthenticator
 
 UTC = dt.timezone.utc
 
@@ -165,9 +165,11 @@ async def report(pool: asyncpg.Pool, principal: Principal, estimates: dict) -> U
 
 
 async def _principal(request: Request) -> Principal | None:
-    auth: Authenticator = request.app.state.journey.auth
+    """The key's principal; raises service.throttle.Throttled (a 429 in the caller's shape,
+    service/app.py) when this address has tried too many unknown keys."""
+    auth: GuardedAuthenticator = request.app.state.auth
     key = api_key(request) or (request.headers.get("authorization") or "").strip()
-    return await auth.authenticate(key)
+    return await auth.authenticate(key, request.client.host if request.client else None)
 
 
 def _problem_401() -> Response:
@@ -270,10 +272,19 @@ SELECT date_trunc('hour', created_at) AS hour, count(*) AS calls, sum(billed_tok
 """
 
 
+# dates a usage query may name: the service did not exist before, and nothing is recorded after
+_EARLIEST = dt.datetime(2000, 1, 1, tzinfo=UTC)
+_LATEST = dt.datetime(2200, 1, 1, tzinfo=UTC)
+
+
 def _zai_time(value: str | None, fallback: dt.datetime) -> dt.datetime:
+    """A `yyyy-MM-dd HH:mm:ss` time as UTC; ValueError when malformed or out of range."""
     if not value:
         return fallback
-    return dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    moment = dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    if not _EARLIEST <= moment < _LATEST:
+        raise ValueError("out of range")
+    return moment
 
 
 @get("/api/monitor/usage/model-usage")
@@ -290,7 +301,10 @@ async def zai_model_usage(request: Request) -> Response:
         start = _zai_time(request.query_params.get("startTime"), now - dt.timedelta(days=1))
         end = _zai_time(request.query_params.get("endTime"), now + dt.timedelta(hours=1)) + dt.timedelta(seconds=1)
     except ValueError:
-        return _zai(None, 400, "startTime and endTime take the form yyyy-MM-dd HH:mm:ss")
+        return _zai(None, 400, "startTime and endTime take the form yyyy-MM-dd HH:mm:ss, "
+                    "between the years 2000 and 2199")
+    if start >= end:
+        return _zai(None, 400, "startTime must come before endTime")
     pool: asyncpg.Pool = request.app.state.pool
     hourly = {r["hour"]: r for r in await pool.fetch(_HOURLY_SQL, principal.subscription_id, start, end)}
     x_time, calls, tokens = [], [], []

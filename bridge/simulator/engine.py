@@ -8,7 +8,8 @@ the bridge's estimator (cl100k_base, standing in for GLM's own), so estimates an
 counts differ the way they do against the real GLM-4.6.
 
 A request can steer the simulator with a directive anywhere in its last user message:
-``[[sim tokens=40 reasoning=20 ttft=200 tps=50 fault=reset tool=read_file tools=2 text="hi"]]``.
+``[[sim tokens=40 reasoning=20 ttft=200 tps=50 fault=reset tool=read_file tools=2 text="hi"]]``;
+numbers are clamped to DIRECTIVE_BOUNDS, and one it cannot read is answered 400 (1210).
 Faults, comma-separated: before any token 1113 1302 1305 1308 1309 1214 1261 1301 500; mid-stream
 reset, malformed, silence (for `silence` seconds), sensitive, network_error; at the end
 no_usage, usage_apart (usage in a chunk of its own).
@@ -58,6 +59,24 @@ _PATHLIKE = re.compile(r"/?(?:[\w.\-]+/)*[\w\-]+\.[A-Za-z0-9]{1,8}\b")
 _ABSOLUTE_PATH = re.compile(r"/(?:[\w.\-]+/)+[\w\-]+\.[A-Za-z0-9]{1,8}\b")
 _READERS = ("read", "read_file", "readfile", "view", "view_file", "cat")
 _PATH_KEYS = ("file_path", "path", "filePath", "absolute_path", "filename", "file", "target_file")
+
+
+class BadDirective(ValueError):
+    """A directive the simulator cannot read: answered 400 (Z.ai's 1210, invalid parameter)."""
+
+
+# What a directive may ask, at most: a request must not make the simulator build a billion
+# pieces or sleep for a day. (name -> (least, most)); GLM-4.6 writes at most 131,072 tokens.
+DIRECTIVE_BOUNDS: dict[str, tuple[float, float]] = {
+    "tokens": (0, 131_072), "reasoning": (0, 131_072), "tools": (1, 64),
+    "ttft": (0, 600_000), "tps": (0, 1_000_000), "silence": (0, 600), "header_delay": (0, 600),
+}
+
+
+def _clamp(value: float, least: float, most: float) -> float:
+    if value != value:  # NaN
+        return least
+    return min(max(value, least), most)
 
 
 class Directive(msgspec.Struct, kw_only=True):
@@ -161,10 +180,24 @@ class Engine:
                 if not found:
                     break
                 fields: dict[str, object] = {}
-                for token in shlex.split(found.group(1)):
+                try:
+                    tokens = shlex.split(found.group(1))
+                except ValueError as exc:  # an unbalanced quote
+                    raise BadDirective(f"Invalid simulator directive: {exc}") from None
+                for token in tokens:
                     key, _, value = token.partition("=")
                     fields[key] = value if value else "true"
-                return msgspec.convert(fields, Directive, strict=False)
+                try:
+                    directive = msgspec.convert(fields, Directive, strict=False)
+                except msgspec.ValidationError as exc:
+                    raise BadDirective(f"Invalid simulator directive: {exc}") from None
+                bounded = {}
+                for name, (least, most) in DIRECTIVE_BOUNDS.items():
+                    value = getattr(directive, name)
+                    if value is not None:
+                        kind = type(value)
+                        bounded[name] = kind(_clamp(value, least, most))
+                return msgspec.structs.replace(directive, **bounded)
         return Directive()
 
     def prompt_tokens(self, request: wire.ChatRequest) -> tuple[int, int]:

@@ -11,7 +11,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.response import Stream
 
 from .. import sse, wire
-from .engine import FAULTS, Engine, Piece, Script, SimConfig
+from .engine import FAULTS, BadDirective, Engine, Piece, Script, SimConfig
 
 
 def _error(status: int, code: str, message: str) -> Response[bytes]:
@@ -156,7 +156,10 @@ def create_app(config: SimConfig | None = None) -> Litestar:
             stats.requests += 1
             return _error(400, "1210", "Invalid API parameter: Unrecognized request argument "
                                        "supplied: stream_options")
-        script = engine.plan(chat)
+        try:
+            script = engine.plan(chat)
+        except BadDirective as exc:
+            return _error(400, "1210", str(exc))
         stats.requests += 1
         _enter(stats, key)
         streaming = False
