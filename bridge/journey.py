@@ -19,7 +19,7 @@ from typing import AsyncIterator, Awaitable, Callable
 import aiohttp
 import msgspec
 
-from . import glm, wire
+from . import depth, glm, wire
 from .errors import BridgeError, Kind
 from .flight import Flight, Flights, chunks
 from .metering import Calibration, PromptEstimator
@@ -102,6 +102,7 @@ class Journey:
         self._models = ModelResolver(settings.model_aliases, claude=settings.claude_model,
                                      claude_haiku=settings.claude_haiku_model)
         self._estimator = PromptEstimator()
+        depth.prepare(settings.max_json_depth)  # compiled now, so no request waits for it
         self.metrics: BridgeMetrics = metrics or NoMetrics()
         self.flights = Flights(settings, ledger, self.calibration, upstream.name, self.metrics)
         # each subscription's room after its last admission: where forwarding may start early
@@ -115,7 +116,7 @@ class Journey:
         try:
             principal = await self._authenticate(key)
             # the key is checked before the body is read: strangers cannot make us read megabytes
-            parsed = surface.parse(await read_body())
+            parsed = surface.parse(self._guarded(await read_body()))
             flight, opening = await self._admit(surface, principal, parsed.request, parsed.max_tokens, started)
         except BridgeError as error:
             self._refused(surface, principal, error, started)
@@ -140,12 +141,20 @@ class Journey:
         answers."""
         try:
             principal = await self._authenticate(key, spending=False)
-            request = parse(await read_body())
+            request = parse(self._guarded(await read_body()))
             model = self._models.resolve(request.model, principal.models or tuple(CATALOG))
             count = await self._estimator.count_request(request)
             return Reply(status=200, headers={}), self.calibration.correct(model.id, count.kind, count.raw)
         except BridgeError as failure:
             return self._error(surface, failure), None
+
+    def _guarded(self, body: bytes) -> bytes:
+        """Every surface's body passes here before any decoder: nesting past the limit is a
+        request fault, not a RecursionError somewhere deep in a decoder or a schema walk."""
+        if depth.too_deep(body, self.settings.max_json_depth):
+            raise BridgeError(Kind.invalid_request, "The request body nests deeper than "
+                              f"{self.settings.max_json_depth} levels.")
+        return body
 
     async def _authenticate(self, key: str, *, spending: bool = True) -> Principal:
         try:

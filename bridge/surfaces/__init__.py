@@ -50,3 +50,5 @@ def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> T:
         raise BridgeError(Kind.invalid_request, f"Invalid request body: {exc}") from None
     except msgspec.DecodeError:
         raise BridgeError(Kind.invalid_request, "The request body is not valid JSON.") from None
+    except RecursionError:  # a second line: the journey refuses deep bodies before this
+        raise BridgeError(Kind.invalid_request, "The request body nests too deeply.") from None

@@ -7,6 +7,8 @@ bytes of an OpenAI stream the tools parse correctly (docs/clients.md §9).
 from __future__ import annotations
 
 import time
+from typing import Literal
+
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
@@ -20,7 +22,8 @@ SURFACE = "chat"
 # ---- requests ---------------------------------------------------------------------------
 
 class ClientPart(Struct):
-    type: str = "text"
+    # input_audio and file parts are refused: GLM takes text and images
+    type: Literal["text", "image_url", "refusal"] = "text"
     text: str | UnsetType = UNSET
     image_url: Raw = Raw()
     # cache_control and anything else on a part is accepted and dropped
@@ -39,7 +42,7 @@ class ClientTool(Struct):
 
 
 class ClientMessage(Struct):
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ClientPart] | None = None
     reasoning_content: str | UnsetType | None = UNSET
     reasoning: str | UnsetType | None = UNSET
@@ -49,7 +52,7 @@ class ClientMessage(Struct):
 
 
 class ClientThinking(Struct):
-    type: str = "enabled"
+    type: Literal["enabled", "disabled", "auto", "adaptive"] = "enabled"
 
 
 class ClientReasoning(Struct):
@@ -86,11 +89,22 @@ class ClientChatRequest(Struct):
 _request_decoder = msgspec.json.Decoder(ClientChatRequest)
 
 
+_TOOL_CHOICES = {b'"none"', b'"auto"', b'"required"'}
+
+
 def parse_request(body: bytes) -> ClientChatRequest:
     request = decode_body(_request_decoder, body)
     if not request.messages:
         raise BridgeError(Kind.invalid_request, "`messages` must contain at least one message.",
                           param="messages")
+    choice = bytes(request.tool_choice).strip()
+    if choice.startswith(b'"') and choice not in _TOOL_CHOICES:
+        raise BridgeError(Kind.invalid_request, "`tool_choice` must be none, auto, required or a "
+                          "function choice.", param="tool_choice")
+    for i, tool in enumerate(request.tools or ()):
+        if tool.type == "function" and not isinstance(tool.function, ClientFunction):
+            raise BridgeError(Kind.invalid_request, f"`tools[{i}]` is a function tool without its "
+                              "`function`.", param=f"tools[{i}].function")
     return request
 
 
@@ -109,8 +123,11 @@ def _thinking(request: ClientChatRequest) -> wire.Thinking | UnsetType:
     return UNSET
 
 
+_ROLES = {"developer": "system", "function": "tool"}
+
+
 def _message(message: ClientMessage) -> wire.Message:
-    role = "system" if message.role == "developer" else message.role
+    role = _ROLES.get(message.role, message.role)
     content: str | list[wire.ContentPart] | None
     if isinstance(message.content, list):
         parts = [wire.ContentPart(type=p.type, text=p.text, image_url=p.image_url)

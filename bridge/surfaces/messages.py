@@ -9,8 +9,10 @@ future ones) are accepted and dropped, never a 400.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import math
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
@@ -31,8 +33,12 @@ class ImageSource(Struct):
     url: str | None = None
 
 
+BlockType = Literal["text", "image", "document", "tool_use", "tool_result", "thinking",
+                    "redacted_thinking", "server_tool_use", "web_search_tool_result", "search_result"]
+
+
 class Block(Struct):
-    type: str
+    type: BlockType
     text: str | None = None
     # tool_use
     id: str | None = None
@@ -50,7 +56,8 @@ class Block(Struct):
 
 
 class Message(Struct):
-    role: str
+    # mid-conversation system turns: Claude Code sends them
+    role: Literal["user", "assistant", "system"]
     content: str | list[Block]
 
 
@@ -62,13 +69,13 @@ class ToolDef(Struct):
 
 
 class ToolChoice(Struct):
-    type: str = "auto"  # auto | any | tool | none
+    type: Literal["auto", "any", "tool", "none"] = "auto"
     name: str | None = None
 
 
 class ThinkingConfig(Struct):
-    type: str = "enabled"  # enabled | disabled | adaptive
-    budget_tokens: int | None = None
+    type: Literal["enabled", "disabled", "adaptive"] = "enabled"
+    budget_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class Metadata(Struct):
@@ -97,16 +104,29 @@ class CountTokensRequest(Struct):
     messages: list[Message]
     system: str | list[Block] | None = None
     tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    thinking: ThinkingConfig | None = None
 
 
 _decoder = msgspec.json.Decoder(MessagesRequest)
 _count_decoder = msgspec.json.Decoder(CountTokensRequest)
 
 
+def _check(messages: list[Message]) -> None:
+    """What the decoder cannot say: at least one message, and text blocks with their text."""
+    if not messages:
+        raise BridgeError(Kind.invalid_request, "messages: at least one message is required")
+    for i, message in enumerate(messages):
+        if isinstance(message.content, list):
+            for j, block in enumerate(message.content):
+                if block.type == "text" and block.text is None:
+                    raise BridgeError(Kind.invalid_request,
+                                      f"messages.{i}.content.{j}.text: a text block needs its text")
+
+
 def parse_request(body: bytes) -> MessagesRequest:
     request = decode_body(_decoder, body)
-    if not request.messages:
-        raise BridgeError(Kind.invalid_request, "messages: at least one message is required")
+    _check(request.messages)
     return request
 
 
@@ -125,6 +145,11 @@ def _image_part(block: Block) -> wire.ContentPart | None:
     if source.type == "url" and source.url:
         url = source.url
     elif source.data:
+        try:
+            binascii.a2b_base64(source.data, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise BridgeError(Kind.invalid_request, "An image's base64 data is not valid base64.",
+                              param="source.data") from None
         url = f"data:{source.media_type or 'image/png'};base64,{source.data}"
     else:
         return None
@@ -213,8 +238,10 @@ def to_upstream(request: MessagesRequest) -> wire.ChatRequest:
 def count_request(body: bytes) -> wire.ChatRequest:
     """count_tokens takes the same prompt fields as a message request, without max_tokens."""
     request = decode_body(_count_decoder, body)
+    _check(request.messages)
     return to_upstream(MessagesRequest(model=request.model, messages=request.messages,
-                                       system=request.system, tools=request.tools))
+                                       system=request.system, tools=request.tools,
+                                       tool_choice=request.tool_choice, thinking=request.thinking))
 
 
 # ---- responses --------------------------------------------------------------------------
