@@ -27,6 +27,7 @@ import msgspec
 
 from . import sse, wire
 from .metering import StreamMeter
+from .metrics import BridgeMetrics, NoMetrics
 from .ports import Counts, LedgerPort, Principal, Settlement
 from .settings import BridgeSettings
 from .upstream import UpstreamResponse
@@ -58,8 +59,8 @@ def chunks(decoder: sse.SSEDecoder, data: bytes, on_done=None) -> list[wire.Chun
 class Flight:
     __slots__ = ("entry", "principal", "surface", "model", "shown_model", "prompt_estimate",
                  "raw_prompt", "kind", "meter", "decoder", "response", "accepted", "status",
-                 "started", "forwarded", "upstream_done", "ended_at", "lease_deadline", "_flights", "_ended",
-                 "_draining", "_keeper", "_cap")
+                 "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at",
+                 "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap")
 
     def __init__(self, flights: "Flights", *, entry: uuid.UUID, principal: Principal, surface: str,
                  model: str, shown_model: str, prompt_estimate: int, raw_prompt: int, kind: str,
@@ -80,6 +81,8 @@ class Flight:
         self.status = 200  # what the client was told
         self.started = started
         self.forwarded: float | None = None
+        self.opened: float | None = None  # the upstream's status arrived
+        self.first_token: float | None = None  # the first answer bytes went to the client
         self.upstream_done: float | None = None
         self.ended_at: float | None = None
         self.lease_deadline = time.monotonic() + flights.settings.reservation_lease
@@ -91,6 +94,7 @@ class Flight:
             flights.settings.heartbeat_interval, self._beat)
         self._cap: asyncio.TimerHandle | None = loop.call_later(
             flights.settings.max_request_seconds, self._overdue)
+        flights.live.add(self)
 
     # ---- what happened ---------------------------------------------------------------------
 
@@ -104,6 +108,7 @@ class Flight:
             return
         self.response = response
         self.accepted = True
+        self.opened = time.monotonic()
 
     def estimated_usage(self) -> wire.Usage:
         """What can be proven without the upstream's word: the prompt estimate and the
@@ -116,6 +121,14 @@ class Flight:
     def ended(self) -> bool:
         return self._ended
 
+    def overhead_ms(self) -> float:
+        """Time the bridge itself spent so far: everything but waiting for the upstream."""
+        now = time.monotonic()
+        upstream = 0.0
+        if self.forwarded is not None:
+            upstream = (self.upstream_done or self.opened or now) - self.forwarded
+        return max(0.0, now - self.started - upstream) * 1000
+
     # ---- the one way out -------------------------------------------------------------------
 
     def end(self, cause: str) -> None:
@@ -124,25 +137,38 @@ class Flight:
             return
         self._ended = True
         self._stop_timers()
+        self._flights.live.discard(self)
         self.ended_at = time.monotonic()
         if self.upstream_done is None and self.forwarded is not None:
             self.upstream_done = self.ended_at
         if self.response is not None:
             self.response.end()
         usage = self.meter.completed_usage()
+        response = self.response
+        upstream = response.profile if response is not None else None
         if usage is not None:
-            settlement = Settlement(self.entry, "posted", Counts(
-                usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                usage.reasoning_tokens), estimated=False, reason=cause,
-                upstream_request_id=self.meter.upstream_id)
+            counts = Counts(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                            usage.reasoning_tokens)
+            settlement = Settlement(self.entry, "posted", counts, estimated=False, reason=cause,
+                                    upstream_request_id=self.meter.upstream_id, upstream=upstream,
+                                    upstream_cost=self._cost(counts))
         elif not self.accepted:
-            settlement = Settlement(self.entry, "voided", Counts(), estimated=False, reason=cause)
+            settlement = Settlement(self.entry, "voided", Counts(), estimated=False, reason=cause,
+                                    upstream=upstream)
         else:
             estimate = self.estimated_usage()
-            settlement = Settlement(self.entry, "posted", Counts(
-                estimate.prompt_tokens, estimate.completion_tokens), estimated=True, reason=cause,
-                upstream_request_id=self.meter.upstream_id)
+            counts = Counts(estimate.prompt_tokens, estimate.completion_tokens)
+            settlement = Settlement(self.entry, "posted", counts, estimated=True, reason=cause,
+                                    upstream_request_id=self.meter.upstream_id, upstream=upstream,
+                                    upstream_cost=self._cost(counts))
         self._flights.settle(self, settlement, usage)
+
+    def _cost(self, counts: Counts) -> float | None:
+        """What the upstream charges for these counts, at the answering profile's prices."""
+        price = self.response.price if self.response is not None else None
+        if price is None:
+            return None
+        return price.cost(counts.prompt_tokens, counts.cached_tokens, counts.completion_tokens)
 
     def client_gone(self) -> None:
         """The client left (or the request was cancelled) before its answer was complete.
@@ -215,12 +241,15 @@ class Flight:
 class Flights:
     """All flights of this process: background work, drains, and the settlement writer."""
 
-    def __init__(self, settings: BridgeSettings, ledger: LedgerPort, calibration, upstream_name: str) -> None:
+    def __init__(self, settings: BridgeSettings, ledger: LedgerPort, calibration, upstream_name: str,
+                 metrics: BridgeMetrics | None = None) -> None:
         self.settings = settings
         self.ledger = ledger
         self.calibration = calibration
         self.upstream_name = upstream_name
+        self.metrics: BridgeMetrics = metrics or NoMetrics()
         self.drains = 0
+        self.live: set[Flight] = set()  # admitted and not ended yet
         self._background: set[asyncio.Task] = set()
 
     def spawn(self, coroutine: Coroutine) -> None:
@@ -271,6 +300,13 @@ class Flights:
         if flight.forwarded is not None:
             upstream_ms = ((flight.upstream_done or now) - flight.forwarded) * 1000
         total_ms = (now - flight.started) * 1000
+        metrics = self.metrics
+        metrics.request(flight.surface, flight.model, flight.status, max(0.0, total_ms - upstream_ms) / 1000,
+                        flight.first_token - flight.started if flight.first_token is not None else None)
+        metrics.settled(time.monotonic() - now)
+        if billed is not None and settlement.state != "voided":
+            c = settlement.counts
+            metrics.usage(flight.model, c.prompt_tokens, c.cached_tokens, c.completion_tokens, billed)
         access.info("request", extra={
             "request_id": str(flight.entry), "surface": flight.surface, "model": flight.model,
             "status": flight.status, "account_id": flight.principal.account_id,
@@ -280,6 +316,14 @@ class Flights:
             "estimated": settlement.estimated, "state": settlement.state, "cause": settlement.reason,
             "overhead_ms": round(max(0.0, total_ms - upstream_ms), 2), "upstream_ms": round(upstream_ms, 2),
             "outcome": outcome})
+
+    def end_all(self, cause: str) -> int:
+        """At shutdown, after the open streams had their deadline: settle every flight still
+        live at what is known now. Returns how many there were."""
+        live = list(self.live)
+        for flight in live:
+            flight.end(cause)
+        return len(live)
 
     async def land(self, timeout: float = 10.0) -> None:
         """At shutdown: let settlements and drains in flight finish (the sweeper covers the rest)."""

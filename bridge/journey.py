@@ -23,6 +23,7 @@ from . import depth, glm, wire
 from .errors import BridgeError, Kind
 from .flight import Flight, Flights, chunks
 from .metering import Calibration, PromptEstimator
+from .metrics import BridgeMetrics, NoMetrics
 from .models import CATALOG, ModelResolver
 from .ports import Admission, KeyAuthority, LedgerPort, Principal, Reservation
 from .settings import BridgeSettings
@@ -31,6 +32,11 @@ from .upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("codeplan.journey")
 access = logging.getLogger("codeplan.access")
+
+
+# on every bridged response: the milliseconds the bridge itself spent on it before the headers
+# (for a stream, up to its headers), everything but waiting for the upstream
+OVERHEAD_HEADER = "x-codeplan-overhead-ms"
 
 
 class Reply(msgspec.Struct):
@@ -58,6 +64,12 @@ def _unavailable(exc: Exception) -> BridgeError:
                        "please retry in a few seconds.", retry_after=2)
 
 
+def _upstream_name(flight: Flight, upstream: Upstream) -> str:
+    """The profile that answered, or the upstream as a whole before one did."""
+    response = flight.response
+    return (response.profile if response is not None else None) or upstream.name
+
+
 def _abandon(opening: asyncio.Future) -> None:
     """A speculative upstream request whose admission failed: stopped, and its response, should
     it arrive anyway, closed (its key's slot given back)."""
@@ -80,7 +92,8 @@ def _attach_when_open(flight: Flight) -> Callable[[asyncio.Future], None]:
 
 class Journey:
     def __init__(self, *, settings: BridgeSettings, auth: KeyAuthority, ledger: LedgerPort,
-                 upstream: Upstream, calibration: Calibration | None = None) -> None:
+                 upstream: Upstream, calibration: Calibration | None = None,
+                 metrics: BridgeMetrics | None = None) -> None:
         self.settings = settings
         self.auth = auth
         self._ledger = ledger
@@ -90,7 +103,8 @@ class Journey:
                                      claude_haiku=settings.claude_haiku_model)
         self._estimator = PromptEstimator()
         depth.prepare(settings.max_json_depth)  # compiled now, so no request waits for it
-        self.flights = Flights(settings, ledger, self.calibration, upstream.name)
+        self.metrics: BridgeMetrics = metrics or NoMetrics()
+        self.flights = Flights(settings, ledger, self.calibration, upstream.name, self.metrics)
         # each subscription's room after its last admission: where forwarding may start early
         self._room: dict[int, int] = {}
 
@@ -106,15 +120,20 @@ class Journey:
             flight, opening = await self._admit(surface, principal, parsed.request, parsed.max_tokens, started)
         except BridgeError as error:
             self._refused(surface, principal, error, started)
-            return self._error(surface, error)
+            reply = self._error(surface, error)
+            reply.headers[OVERHEAD_HEADER] = f"{(time.monotonic() - started) * 1000:.2f}"
+            return reply
         try:
             if parsed.request.stream:
-                return await self._stream(surface, flight, opening)
-            return await self._complete(surface, flight, opening)
+                reply = await self._stream(surface, flight, opening)
+            else:
+                reply = await self._complete(surface, flight, opening)
         except BaseException:
             opening.cancel()
             flight.client_gone()
             raise
+        reply.headers[OVERHEAD_HEADER] = f"{flight.overhead_ms():.2f}"
+        return reply
 
     async def count_tokens(self, surface: Surface, parse: Callable[[bytes], wire.ChatRequest],
                            key: str, read_body: Callable[[], Awaitable[bytes]]) -> tuple[Reply, int | None]:
@@ -237,6 +256,10 @@ class Journey:
                                f"Too many requests in flight for this plan (at most {admission.allowance}).",
                                code="1302", retry_after=1)
         state = admission.detail or "inactive"
+        if state == "suspended":
+            # an operator's decision (admin API), not a billing state
+            return BridgeError(Kind.permission, "This account is suspended; contact the service's "
+                               "operator.", code="account_suspended")
         return BridgeError(Kind.payment_required,
                            f"This account's subscription is {state.replace('_', ' ')} and cannot be used "
                            f"until billing is resolved at {self.settings.public_url}/billing.",
@@ -303,6 +326,7 @@ class Journey:
     async def _relay(self, translator: StreamTranslator, flight: Flight,
                      opening: asyncio.Future) -> AsyncIterator[bytes]:
         settings = self.settings
+        self.metrics.stream(1)
         try:
             first = translator.start()
             if flight.response is None:
@@ -342,10 +366,13 @@ class Journey:
                         meter.observe(chunk, delivered=True)
                         events += normalizer.feed(chunk)
                     if events:
+                        if flight.first_token is None:
+                            flight.first_token = time.monotonic()
                         yield translator.feed(events)
             except (aiohttp.ClientError, OSError, _UpstreamSilent) as exc:
                 log.warning("upstream died mid-stream", extra={
-                    "entry": str(flight.entry), "upstream": self._upstream.name, "error": type(exc).__name__})
+                    "entry": str(flight.entry), "upstream": _upstream_name(flight, self._upstream),
+                    "error": type(exc).__name__})
                 flight.end("upstream died mid-stream")
                 yield translator.fail(BridgeError(
                     Kind.upstream_error, "The model provider's stream broke off before the answer was "
@@ -364,6 +391,7 @@ class Journey:
             # process that dies in between leaves a pending row the sweeper settles
             yield out
         finally:
+            self.metrics.stream(-1)
             if not flight.ended:
                 opening.cancel()
                 flight.client_gone()
@@ -372,7 +400,7 @@ class Journey:
         """A complete answer without usage (an upstream that sends it only when asked, and was
         not, or never): the client gets a whole answer; billing uses the estimate."""
         log.warning("upstream ended a complete answer without usage; billing the estimate",
-                    extra={"entry": str(flight.entry), "upstream": self._upstream.name})
+                    extra={"entry": str(flight.entry), "upstream": _upstream_name(flight, self._upstream)})
         return flight.estimated_usage()
 
     @staticmethod
@@ -387,6 +415,9 @@ class Journey:
 
     def _refused(self, surface: Surface, principal: Principal | None, error: BridgeError,
                  started: float) -> None:
+        self.metrics.request(surface.name, "", error.status, time.monotonic() - started, None)
+        if error.kind is Kind.quota_exhausted:
+            self.metrics.refused("5h" if error.code == "1308" else "week")
         access.info("request", extra={
             "request_id": None, "surface": surface.name, "model": None, "status": error.status,
             "account_id": principal.account_id if principal else None, "prompt_tokens": 0,

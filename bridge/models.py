@@ -24,6 +24,14 @@ CATALOG: dict[str, ModelInfo] = {
 }
 
 
+def install(models: list[ModelInfo], released: dict[str, int] | None = None) -> None:
+    """Serve these models (the operator's configuration), at start-up, before any request:
+    the catalog is replaced in place so every holder of it sees the same one."""
+    CATALOG.clear()
+    CATALOG.update((m.id, m) for m in models)
+    _RELEASED.update(released or {})
+
+
 class ModelResolver:
     """Case-insensitive model ids plus operator aliases ("alias=model").
 

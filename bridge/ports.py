@@ -70,6 +70,9 @@ class Settlement(msgspec.Struct, frozen=True):
     estimated: bool
     reason: str
     upstream_request_id: str | None = None
+    # the upstream profile that served it and what that cost, in USD (its prices)
+    upstream: str | None = None
+    upstream_cost: float | None = None
 
 
 class KeyAuthority(Protocol):

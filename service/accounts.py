@@ -24,8 +24,9 @@ class NewKey(msgspec.Struct, frozen=True):
 
 async def create_user(conn: asyncpg.Connection, email: str, plan: str) -> NewKey:
     async with conn.transaction():
-        if not await conn.fetchval("SELECT 1 FROM plans WHERE id = $1", plan):
-            names = ", ".join(r["id"] for r in await conn.fetch("SELECT id FROM plans ORDER BY window_tokens"))
+        if not await conn.fetchval("SELECT 1 FROM plans WHERE id = $1 AND retired_at IS NULL", plan):
+            names = ", ".join(r["id"] for r in await conn.fetch(
+                "SELECT id FROM plans WHERE retired_at IS NULL ORDER BY window_tokens"))
             raise AccountError(f"unknown plan {plan!r}; plans are: {names}")
         try:
             account_id = await conn.fetchval(

@@ -7,24 +7,25 @@ import gc
 import logging
 from typing import AsyncIterator
 
-import asyncpg
 import msgspec
-from litestar import Litestar, MediaType, Request, Response, get
+
+from litestar import Litestar, Request, Response, Router
 from litestar.exceptions import HTTPException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from bridge import app as bridge_app
 from bridge import shapes
 from bridge.journey import Journey
-from bridge.upstream import Upstream
+from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
-from . import db, usage
+from . import admin, credits, db, metrics, ops, usage
 from .accounts import Authenticator
-from .config import Config
+from .config import Config, model_catalog, peak_window, upstream_profiles
 from .ledger import Ledger
-from .problems import problem
+from .metrics import PrometheusMetrics
 from .throttle import AuthThrottle, GuardedAuthenticator, Throttled
 from .throttle_gate import throttle_gate
+from .upstream_store import PgKeyLeases, UpstreamStore
 from .web import Web, error_page, wants_html
 
 log = logging.getLogger("codeplan.app")
@@ -63,17 +64,6 @@ def _unexpected(request: Request, exc: Exception) -> Response:
                    "The service failed unexpectedly; the failure was logged.")
 
 
-@get("/healthz", media_type=MediaType.JSON)
-async def healthz(request: Request) -> Response:
-    pool: asyncpg.Pool = request.app.state.pool
-    try:
-        async with asyncio.timeout(2):
-            await pool.fetchval("SELECT 1")
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        return problem(503, "Database unreachable")
-    return Response(b'{"status":"ok"}', media_type=MediaType.JSON)
-
-
 async def _sweeper(ledger: Ledger, interval: float) -> None:
     """Expire what dead processes left pending. Survives anything but its cancellation: a
     failed sweep is logged and the next one tries again."""
@@ -86,17 +76,37 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-def create_app(config: Config, database_url: str, upstream_url: str,
-               upstream_keys: tuple[str, ...]) -> Litestar:
+def create_app(config: Config, database_url: str, upstream_url: str = "",
+               upstream_keys: tuple[str, ...] = (), *,
+               profiles: list[ProfileConfig] | None = None) -> Litestar:
+    """The application, forwarding to `profiles` (config.upstream_profiles: the configured
+    upstreams, or the simulator) plus what admins add at run time. Given a URL and keys
+    instead, they are the single upstream, as CODEPLAN_UPSTREAM_URL / _KEYS would be."""
+    if profiles is None:
+        profiles = upstream_profiles(msgspec.structs.replace(
+            config, upstream_url=upstream_url or config.upstream_url,
+            upstream_keys=upstream_keys or config.upstream_keys))
+    models = model_catalog(config)
+    credits.install(models)
     web = Web(config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        pool = await db.create_pool(database_url, size=config.db_pool_size)
-        upstream = Upstream(upstream_url, upstream_keys, timeout=config.upstream_timeout,
-                            concurrency=config.upstream_concurrency,
-                            stream_usage=config.upstream_stream_usage)
-        await upstream.start()
+        pool = await db.create_pool(database_url, size=config.db_pool_size,
+                                    statement_cache=config.db_statement_cache)
+        # a model the models file names (or changes) is the configuration's word
+        configured = {m.id for m in models if m not in credits.DEFAULT_MODELS}
+        await credits.sync(pool, models, configured=configured,
+                           peak=peak_window(config.peak_hours) if config.peak_hours else None,
+                           zone=config.peak_zone)
+        bridge_metrics = PrometheusMetrics()
+        leases = PgKeyLeases(pool, config.upstream_lease)
+        router = UpstreamRouter(profiles, timeout=config.upstream_timeout, attempts=config.upstream_attempts,
+                        cooldown=config.upstream_cooldown, leases=leases, metrics=bridge_metrics,
+                        on_health=_health_log)
+        await router.start()
+        store = UpstreamStore(pool, router, profiles)
+        await store.refresh()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease)
         # unknown keys cached briefly for every caller; failures counted per client address,
         # refused (429) by the throttle gate and the quota API (service/throttle.py)
@@ -104,19 +114,24 @@ def create_app(config: Config, database_url: str, upstream_url: str,
             Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch),
             AuthThrottle(limit=config.auth_failure_limit, window=config.auth_failure_window,
                          unknown_ttl=config.auth_unknown_ttl))
-        journey = Journey(settings=config.bridge_settings(), auth=auth, ledger=ledger, upstream=upstream)
+        journey = Journey(settings=config.bridge_settings(), auth=auth, ledger=ledger, upstream=router,
+                          metrics=bridge_metrics)
         app.state.auth = auth
         app.state.pool = pool
         app.state.ledger = ledger
         app.state.journey = journey
         app.state.calibration = journey.calibration
         app.state.config = config
+        app.state.router = router
+        app.state.upstream_store = store
         # the HTTP server refuses bodies over this first (service/http_limits.py)
         app.state.max_body = config.max_body_bytes
         # billing's engine sets this when Stripe is configured; None: the page says billing is off
         app.state.billing = getattr(app.state, "billing", None)
         await web.start(app, pool, database_url)
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
+        background = [asyncio.create_task(store.run(config.upstream_refresh)),
+                      asyncio.create_task(metrics.pool_watcher(pool))]
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection
         # walked ~67,000 start-up objects in 31-34 ms, a pause for every request in flight;
@@ -126,10 +141,13 @@ def create_app(config: Config, database_url: str, upstream_url: str,
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            await ops.settle_everything(journey)
             sweeper.cancel()
             await web.stop()
-            await journey.flights.land()
-            await upstream.close()
+            await leases.close()
+            await router.close()
             await pool.close()
 
     # the paths that take big bodies from coding tools: a throttled address is refused there
@@ -137,7 +155,9 @@ def create_app(config: Config, database_url: str, upstream_url: str,
     gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
              *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
     return Litestar(
-        route_handlers=[bridge_app.router, healthz, *usage.routes, *web.route_handlers],
+        route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *usage.routes, *web.route_handlers],
+                               include_in_schema=False),
+                        ops.healthz, ops.readyz, metrics.metrics, admin.router],
         template_config=web.templates,
         lifespan=[lifespan],
         middleware=[throttle_gate(gated, lambda scope: scope["app"].state.auth.throttle)],
@@ -145,7 +165,13 @@ def create_app(config: Config, database_url: str, upstream_url: str,
                             Exception: _unexpected},
         # the HTTP server refuses bodies over CODEPLAN_MAX_BODY_BYTES first; this is the last line
         request_max_body_size=config.max_body_bytes + 1024,
-        openapi_config=None,
+        # the admin API's schema (the bridge's protocols are the clients' own)
+        openapi_config=admin.OPENAPI,
         logging_config=None,
         debug=False,
     )
+
+
+def _health_log(profile: str, key: str, healthy: bool, error: str | None) -> None:
+    log.warning("upstream key " + ("healthy again" if healthy else "unhealthy"),
+                extra={"upstream": profile, "key": key, "error": error})

@@ -43,11 +43,14 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None):
-    """uvicorn with httptools; with `config`, the HTTP limits of service/http_limits.py."""
+    """uvicorn with httptools; with `config`, the HTTP limits of service/http_limits.py and the
+    graceful shutdown deadline (SIGTERM: open streams get CODEPLAN_SHUTDOWN_TIMEOUT seconds to
+    finish, then they are cut and settled)."""
     import uvicorn
 
     http: object = "httptools"
     keep_alive = 75.0
+    shutdown_timeout: float | None = None
     if config is not None:
         from .http_limits import HttpLimits, protocol_class
 
@@ -56,21 +59,40 @@ def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None)
             max_body_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
             max_connections=config.max_connections))
         keep_alive = config.keepalive_timeout
+        shutdown_timeout = config.shutdown_timeout
     return uvicorn.Server(uvicorn.Config(
         app, loop="none", http=http, lifespan="on" if lifespan else "off", log_config=None,
         access_log=False, timeout_keep_alive=keep_alive, server_header=False,
         # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
-        proxy_headers=False,
+        proxy_headers=False, timeout_graceful_shutdown=shutdown_timeout,
         # a Responses WebSocket frame carries a whole turn: as large as an HTTP body may be
         ws_max_size=config.max_body_bytes if config is not None else 64 * 1024 * 1024))
 
 
-async def _run(config: config_module.Config) -> None:
+async def _start_simulator(config: config_module.Config):
     from bridge.simulator.engine import SimConfig
     from bridge.simulator.server import create_app as create_simulator
 
+    sim_sock = _bind(config.simulator_host, config.simulator_port)
+    host, port = sim_sock.getsockname()[:2]
+    url = f"http://{host}:{port}/api/coding/paas/v4"
+    simulator = _uvicorn(create_simulator(SimConfig()), lifespan=False)
+    task = asyncio.create_task(simulator.serve(sockets=[sim_sock]))
+    log.warning("NO UPSTREAM CONFIGURED: serving answers from the built-in GLM-4.6 SIMULATOR, "
+                "not the real model. Set CODEPLAN_UPSTREAM_URL and CODEPLAN_UPSTREAM_KEYS, or "
+                "CODEPLAN_UPSTREAMS_FILE, to forward to a real upstream.", extra={"simulator": url})
+    return simulator, task, url
+
+
+async def _serve(config: config_module.Config, url: str, sock: socket.socket, simulator_url: str) -> None:
     from .app import create_app
 
+    profiles = config_module.upstream_profiles(config, simulator_url)
+    server = _uvicorn(create_app(config, url, profiles=profiles), lifespan=True, config=config)
+    await server.serve(sockets=[sock])
+
+
+async def _run(config: config_module.Config, workers: int) -> None:
     url = _database_url(config)
     applied = await db.migrate(url)
     log.info("database ready", extra={"migrations_applied": len(applied)})
@@ -83,26 +105,28 @@ async def _run(config: config_module.Config) -> None:
 
     main_sock = _bind(config.host, config.port)  # a busy port fails before anything starts
     simulator = sim_task = None
-    upstream_url, upstream_keys = config.upstream_url, config.upstream_keys
+    simulator_url = ""
     if config.simulated:
-        sim_sock = _bind(config.simulator_host, config.simulator_port)
-        host, port = sim_sock.getsockname()[:2]
-        upstream_url = f"http://{host}:{port}/api/coding/paas/v4"
-        upstream_keys = ("simulator",)
-        simulator = _uvicorn(create_simulator(SimConfig()), lifespan=False)
-        sim_task = asyncio.create_task(simulator.serve(sockets=[sim_sock]))
-        log.warning("NO UPSTREAM CONFIGURED: serving answers from the built-in GLM-4.6 SIMULATOR, "
-                    "not the real model. Set CODEPLAN_UPSTREAM_URL and CODEPLAN_UPSTREAM_KEYS "
-                    "to forward to Z.ai.", extra={"simulator": upstream_url})
-    main_server = _uvicorn(create_app(config, url, upstream_url, upstream_keys), lifespan=True,
-                           config=config)
-    log.info("codeplan listening", extra={"url": f"http://{config.host}:{config.port}"})
+        simulator, sim_task, simulator_url = await _start_simulator(config)
+    log.info("codeplan listening", extra={"url": f"http://{config.host}:{config.port}", "workers": workers})
     try:
-        await main_server.serve(sockets=[main_sock])
+        if workers > 1:
+            from .workers import supervise
+
+            await supervise(config, url, main_sock, simulator_url, workers)
+        else:
+            await _serve(config, url, main_sock, simulator_url)
     finally:
         if simulator is not None and sim_task is not None:
             simulator.should_exit = True
             await sim_task
+
+
+async def _worker(config: config_module.Config, fd: int, simulator_url: str) -> None:
+    """One of `codeplan run --workers N`: serves the socket its supervisor bound."""
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    await _serve(config, config.database_url, sock, simulator_url)
 
 
 async def _simulate(args: argparse.Namespace) -> None:
@@ -110,7 +134,7 @@ async def _simulate(args: argparse.Namespace) -> None:
     from bridge.simulator.server import create_app as create_simulator
 
     sim = SimConfig(seed=args.seed, ttft_ms=args.ttft_ms, tokens_per_second=args.tps,
-                    output_tokens=args.tokens, usage_mode=args.usage_mode)
+                    output_tokens=args.tokens, usage_mode=args.usage_mode, fault=args.fault)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     log.info("GLM simulator listening", extra={"url": f"http://{host}:{port}/api/coding/paas/v4"})
@@ -120,7 +144,12 @@ async def _simulate(args: argparse.Namespace) -> None:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="codeplan", description="Codeplan: a GLM-4.6 coding plan.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("run", help="migrate, then serve the bridge and the service")
+    run = commands.add_parser("run", help="migrate, then serve the bridge and the service")
+    run.add_argument("--workers", type=int, default=None,
+                     help="processes sharing the port (default CODEPLAN_WORKERS, 1)")
+    worker = commands.add_parser("worker", help=argparse.SUPPRESS)
+    worker.add_argument("--fd", type=int, required=True)
+    worker.add_argument("--simulator-url", default="")
     commands.add_parser("migrate", help="apply the database migrations")
     commands.add_parser("sweep", help="expire reservations whose process died, once")
     rollup = commands.add_parser("rollup", help="move settled ledger rows into per-day totals")
@@ -154,13 +183,16 @@ def _parser() -> argparse.ArgumentParser:
                      choices=["always", "when_asked", "never", "reject_field"],
                      help="stream usage: always (GLM), when_asked (OpenAI-style servers), never, "
                           "reject_field (a 400 naming stream_options)")
+    sim.add_argument("--fault", default="", help="a fault for every request, e.g. 1302 or 500 "
+                     "(a request's own [[sim fault=...]] wins)")
     return parser
 
 
 def _terminate(signum: int, frame: object) -> None:
-    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler it found: with
-    # the default one the process would die before atexit stops the embedded PostgreSQL
-    raise SystemExit(128 + signum)
+    # uvicorn shuts down gracefully on SIGTERM (open streams finish, everything is settled),
+    # then re-raises it to the handler it found: with the default one the process would die
+    # before atexit stops the embedded PostgreSQL. A requested, graceful stop exits 0.
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_module.load()
         from bridge.models import ModelResolver
+
+        from . import credits
+
+        credits.install(config_module.model_catalog(config))
 
         try:
             ModelResolver(config.model_aliases, claude=config.claude_model, claude_haiku=config.claude_haiku_model)
@@ -191,7 +227,14 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         if args.command == "run":
-            asyncio.run(_run(config))
+            workers = args.workers if args.workers is not None else config.workers
+            if not 1 <= workers <= 64:
+                print("codeplan: configuration error: --workers: expected an integer from 1 to 64",
+                      file=sys.stderr)
+                return 2
+            asyncio.run(_run(config, workers))
+        elif args.command == "worker":
+            asyncio.run(_worker(config, args.fd, args.simulator_url))
         elif args.command == "simulate":
             asyncio.run(_simulate(args))
         elif args.command == "migrate":

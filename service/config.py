@@ -4,12 +4,18 @@ A bad value stops start-up with one line naming the variable, never a traceback.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
+from pathlib import Path
 from typing import Annotated, Literal, Mapping
 
 import msgspec
 
+from bridge import upstreams
 from bridge.settings import BridgeSettings
+from bridge.upstreams import ProfileConfig
+
+from .credits import DEFAULT_MODELS, ModelConfig, ModelsFile
 
 PREFIX = "CODEPLAN_"
 
@@ -32,6 +38,29 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # ask the upstream for stream usage (stream_options.include_usage): auto asks every upstream
     # but Z.ai's and Zhipu's own hosts, which send it unasked
     upstream_stream_usage: Literal["auto", "ask", "never"] = "auto"
+    # the single upstream's prices, USD per million input, cached input, output tokens
+    upstream_prices: tuple[Annotated[float, msgspec.Meta(ge=0)], ...] = ()
+    # a TOML or JSON file of upstream profiles (bridge/upstreams.py), besides or instead of the above
+    upstreams_file: str = ""
+    # attempts per request across keys and profiles before the first byte
+    upstream_attempts: Annotated[int, msgspec.Meta(ge=1, le=10)] = 3
+    # a failing key's first cool-down; it doubles while the key keeps failing
+    upstream_cooldown: Seconds = 30.0
+    # the lease of a concurrency slot shared by every process; renewed while held
+    upstream_lease: Seconds = 30.0
+    # how often each process reloads the profiles and keys admins changed
+    upstream_refresh: Seconds = 10.0
+    # a TOML or JSON file of models: limits and credit coefficients (service/credits.py)
+    models_file: str = ""
+    # peak hours, HH:MM-HH:MM in peak_zone, when models with a peak multiplier cost more
+    peak_hours: str = ""
+    peak_zone: str = "Asia/Shanghai"
+    # a bearer token for the admin API (at least 24 characters); empty: admin accounts only
+    admin_token: str = ""
+    # on SIGTERM, open streams get this long to finish before they are cut and settled
+    shutdown_timeout: Seconds = 30.0
+    # processes sharing the port (`codeplan run --workers N` overrides it)
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     simulator_host: str = "127.0.0.1"
     simulator_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -52,6 +81,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     header_wait: Seconds = 3.0
     auth_cache_ttl: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
+    # prepared statements kept per connection; 0 behind PgBouncer in transaction mode
+    db_statement_cache: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 256
     # operator-configurable model aliases: "alias=model,alias2=model2"
     model_aliases: tuple[str, ...] = ()
     # what Claude Code's claude-* model ids are served by (Z.ai's own defaults)
@@ -93,7 +124,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
 
     @property
     def simulated(self) -> bool:
-        return not self.upstream_url
+        return not self.upstream_url and not self.upstreams_file
 
     @property
     def base_url(self) -> str:
@@ -130,6 +161,9 @@ def _describe(field: str) -> str:
         "auth_cache_ttl": "a non-negative number of seconds",
         "responses_websockets": "true or false",
         "max_websockets": "a non-negative integer",
+        "upstream_prices": "three non-negative numbers, input,cached,output USD per million tokens",
+        "upstream_attempts": "an integer from 1 to 10",
+        "workers": "an integer from 1 to 64",
         "auth_unknown_ttl": "a non-negative number of seconds",
         "max_header_bytes": "an integer of at least 1024 (bytes)",
         "max_body_bytes": "an integer of at least 1024 (bytes)",
@@ -140,7 +174,8 @@ def _describe(field: str) -> str:
     return hints.get(field, "a positive number of seconds" if field in {
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
         "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
-        "body_timeout", "keepalive_timeout", "auth_failure_window"} else "a valid value")
+        "body_timeout", "keepalive_timeout", "auth_failure_window", "upstream_cooldown",
+        "upstream_lease", "upstream_refresh", "shutdown_timeout"} else "a valid value")
 
 
 def load(environ: Mapping[str, str] | None = None) -> Config:
@@ -150,7 +185,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         value = environ.get(PREFIX + name.upper())
         if value is None or value == "":
             continue
-        if name in ("upstream_keys", "model_aliases"):
+        if name in ("upstream_keys", "model_aliases", "upstream_prices"):
             raw[name] = tuple(part.strip() for part in value.split(",") if part.strip())
         else:
             raw[name] = value.strip().lower() if name in ("log_level", "upstream_stream_usage") else value.strip()
@@ -162,7 +197,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         field = message.rsplit("$.", 1)[-1].rstrip("`").split("[")[0] if "$." in message else ""
         if field in _FIELDS:
             shown = environ.get(PREFIX + field.upper(), "")
-            if field == "upstream_keys":
+            if field in ("upstream_keys", "admin_token"):
                 shown = "<hidden>"
             raise ConfigError(
                 f"{PREFIX}{field.upper()}: expected {_describe(field)}, got {shown!r}"
@@ -185,8 +220,87 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     if config.smtp_url and not config.smtp_url.startswith(("smtp://", "smtps://")):
         raise ConfigError(
             f"{PREFIX}SMTP_URL: expected smtp://host:port or smtps://host:port, got a value of another form")
+    if config.upstream_prices and len(config.upstream_prices) != 3:
+        raise ConfigError(f"{PREFIX}UPSTREAM_PRICES: expected {_describe('upstream_prices')}, "
+                          f"got {environ.get(PREFIX + 'UPSTREAM_PRICES', '')!r}")
+    if config.admin_token and len(config.admin_token) < 24:
+        raise ConfigError(f"{PREFIX}ADMIN_TOKEN: expected at least 24 characters (a random token)")
+    _check_peak(config)
+    upstream_profiles(config)  # a bad file stops start-up here, with one line
+    model_catalog(config)
     for alias in config.model_aliases:
         if "=" not in alias:
             raise ConfigError(
                 f"{PREFIX}MODEL_ALIASES: expected alias=model pairs separated by commas, got {alias!r}")
     return config
+
+
+def _check_peak(config: Config) -> None:
+    import zoneinfo
+
+    if config.peak_hours:
+        if peak_window(config.peak_hours) is None:
+            raise ConfigError(f"{PREFIX}PEAK_HOURS: expected HH:MM-HH:MM, got {config.peak_hours!r}")
+        try:
+            zoneinfo.ZoneInfo(config.peak_zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"{PREFIX}PEAK_ZONE: expected a time zone name such as Asia/Shanghai, "
+                              f"got {config.peak_zone!r}") from None
+
+
+def peak_window(text: str) -> tuple[dt.time, dt.time] | None:
+    start, _, end = text.partition("-")
+    try:
+        return dt.time.fromisoformat(start.strip()), dt.time.fromisoformat(end.strip())
+    except ValueError:
+        return None
+
+
+def _read_structured(variable: str, path: str, kind: type):
+    """A TOML or JSON file (by its extension) decoded into `kind`; one clear line on error."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{PREFIX}{variable}: cannot read {path!r}: {exc.strerror}") from None
+    try:
+        if path.endswith(".json"):
+            return msgspec.json.decode(data, type=kind)
+        return msgspec.toml.decode(data, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ConfigError(f"{PREFIX}{variable}: {path}: {exc}") from None
+
+
+def upstream_profiles(config: Config, simulator_url: str = "") -> list[ProfileConfig]:
+    """Every configured upstream profile, presets applied and keys read: the single
+    CODEPLAN_UPSTREAM_URL (one profile named after its host), the profiles file, or the
+    built-in simulator when neither is set."""
+    profiles: list[ProfileConfig] = []
+    if config.upstream_url:
+        profiles.append(upstreams.legacy_profile(
+            config.upstream_url, config.upstream_keys, concurrency=config.upstream_concurrency,
+            stream_usage=config.upstream_stream_usage, prices=config.upstream_prices))
+    if config.upstreams_file:
+        profiles += _read_structured("UPSTREAMS_FILE", config.upstreams_file, upstreams.UpstreamsFile).upstreams
+    if not profiles and simulator_url:
+        profiles.append(upstreams.legacy_profile(
+            simulator_url, ("simulator",), concurrency=config.upstream_concurrency,
+            stream_usage=config.upstream_stream_usage, name="simulator", preset="simulator"))
+    resolved = []
+    for profile in profiles:
+        try:
+            resolved.append(upstreams.resolve(profile))
+        except ValueError as exc:
+            raise ConfigError(f"{PREFIX}UPSTREAMS_FILE: {exc}") from None
+    names = [p.name for p in resolved]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{PREFIX}UPSTREAMS_FILE: two upstream profiles share a name ({', '.join(names)})")
+    return resolved
+
+
+def model_catalog(config: Config) -> list[ModelConfig]:
+    """The built-in models plus (and overridden by) those of CODEPLAN_MODELS_FILE."""
+    models = {m.id: m for m in DEFAULT_MODELS}
+    if config.models_file:
+        for model in _read_structured("MODELS_FILE", config.models_file, ModelsFile).models:
+            models[model.id.lower()] = msgspec.structs.replace(model, id=model.id.lower())
+    return list(models.values())

@@ -22,11 +22,13 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     release, buys nothing. asyncpg still rolls back any transaction left open."""
 
 
-async def create_pool(url: str, *, size: int = 10) -> asyncpg.Pool:
+async def create_pool(url: str, *, size: int = 10, statement_cache: int = 256) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         url, min_size=min(2, size), max_size=size,
-        # The ledger's statements are few and fixed: let asyncpg keep them prepared.
-        statement_cache_size=256,
+        # The ledger's statements are few and fixed: let asyncpg keep them prepared. Behind
+        # PgBouncer in transaction mode a prepared statement may meet another server
+        # connection: CODEPLAN_DB_STATEMENT_CACHE=0 turns the cache off there.
+        statement_cache_size=statement_cache,
         server_settings={"application_name": "codeplan"},
         reset=_keep_session,
     )

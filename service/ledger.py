@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import decimal
 import logging
 import random
 import uuid
@@ -44,6 +45,11 @@ async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
             log.warning("ledger transaction retried", extra={"error": type(exc).__name__, "attempt": attempt})
             await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
     raise AssertionError("unreachable")
+
+
+def _usd(cost: float | None) -> decimal.Decimal | None:
+    """A cost for a numeric column, to the nano-dollar."""
+    return None if cost is None else decimal.Decimal(f"{cost:.9f}")
 
 
 def _admission(row: asyncpg.Record) -> Admission:
@@ -162,12 +168,13 @@ class Ledger:
 
     async def _settle_many(self, batch: list[Settlement]) -> list[int | None]:
         rows = await _retrying(lambda: self._pool.fetch(
-            "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
             [s.entry_id for s in batch], [s.state for s in batch],
             [s.counts.prompt_tokens for s in batch], [s.counts.completion_tokens for s in batch],
             [s.counts.cached_tokens for s in batch], [s.counts.reasoning_tokens for s in batch],
             [s.estimated for s in batch], [s.reason for s in batch],
-            [s.upstream_request_id for s in batch]))
+            [s.upstream_request_id for s in batch], [s.upstream for s in batch],
+            [_usd(s.upstream_cost) for s in batch]))
         billed = {r["i"]: r["billed"] for r in rows}
         return [billed.get(i + 1) for i in range(len(batch))]
 

@@ -15,6 +15,7 @@ from bridge.app import api_key
 from bridge.journey import iso_utc
 from bridge.ports import Principal
 
+from .credits import ModelCredits, plan_credits
 from .problems import problem
 from .throttle import GuardedAuthenticator
 
@@ -22,6 +23,8 @@ UTC = dt.timezone.utc
 
 
 class Window(msgspec.Struct):
+    """A window's figures are credits (a credit is a token at the default coefficients);
+    `tokens` beside them counts the prompt and completion tokens settled in it, exactly."""
     kind: str  # "5h" | "week"
     allowance: int
     used: int
@@ -30,6 +33,8 @@ class Window(msgspec.Struct):
     started_at: str | None
     # null when no 5-hour window is open: the next request opens one
     resets_at: str | None
+    unit: str = "credits"
+    tokens: int = 0
 
 
 class ModelTotals(msgspec.Struct):
@@ -39,6 +44,7 @@ class ModelTotals(msgspec.Struct):
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     billed_tokens: int = 0
+    credits: int = 0  # the same as billed_tokens, under its name
 
 
 class Plan(msgspec.Struct):
@@ -46,6 +52,8 @@ class Plan(msgspec.Struct):
     name: str
     cached_weight: float
     max_concurrent: int | None
+    # per model: credits per input, cached input and output token, and the peak multiplier
+    credits: dict[str, ModelCredits] = {}
 
 
 class EstimateQuality(msgspec.Struct):
@@ -69,6 +77,7 @@ class _WindowState(msgspec.Struct, frozen=True):
     reserved: int
     starts_at: dt.datetime | None  # None: no window open; the next request opens one
     ends_at: dt.datetime | None
+    tokens: int = 0  # prompt + completion tokens settled in it
 
     @property
     def remaining(self) -> int:
@@ -76,7 +85,11 @@ class _WindowState(msgspec.Struct, frozen=True):
 
 
 _WINDOWS_SQL = """
-SELECT DISTINCT ON (w.kind) w.kind, w.allowance, w.reserved, w.posted, w.starts_at, w.ends_at
+SELECT DISTINCT ON (w.kind) w.kind, w.allowance, w.reserved, w.posted, w.starts_at, w.ends_at,
+       (SELECT coalesce(sum(l.prompt_tokens + l.completion_tokens), 0)::bigint FROM usage_ledger l
+         WHERE l.subscription_id = w.subscription_id AND l.created_at >= w.starts_at
+           AND (l.window_id = w.id OR l.week_window_id = w.id)
+           AND l.state IN ('posted', 'expired')) AS tokens
   FROM quota_windows w
  WHERE w.subscription_id = $1 AND w.ends_at > now()
  ORDER BY w.kind, w.starts_at DESC
@@ -113,7 +126,8 @@ SELECT model, sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS p
 async def totals(pool: asyncpg.Pool, subscription_id: int, start: dt.datetime,
                  end: dt.datetime) -> dict[str, ModelTotals]:
     rows = await pool.fetch(_TOTALS_SQL, subscription_id, start, end)
-    return {r["model"]: ModelTotals(**{k: r[k] for k in ModelTotals.__struct_fields__}) for r in rows}
+    return {r["model"]: ModelTotals(**{k: r[k] for k in ModelTotals.__struct_fields__ if k != "credits"},
+                                    credits=r["billed_tokens"]) for r in rows}
 
 
 async def current_windows(pool: asyncpg.Pool, subscription_id: int) -> tuple[asyncpg.Record, list[_WindowState]]:
@@ -124,7 +138,8 @@ async def current_windows(pool: asyncpg.Pool, subscription_id: int) -> tuple[asy
     for kind, allowance in (("5h", plan["window_tokens"]), ("week", plan["weekly_tokens"])):
         row = open_windows.get(kind)
         windows.append(_WindowState(kind, allowance, 0, 0, None, None) if row is None else _WindowState(
-            kind, row["allowance"], row["posted"], row["reserved"], row["starts_at"], row["ends_at"]))
+            kind, row["allowance"], row["posted"], row["reserved"], row["starts_at"], row["ends_at"],
+            row["tokens"]))
     return plan, windows
 
 
@@ -133,14 +148,16 @@ async def report(pool: asyncpg.Pool, principal: Principal, estimates: dict) -> U
     windows = [Window(kind=w.kind, allowance=w.allowance, used=w.used, reserved=w.reserved,
                       remaining=w.remaining,
                       started_at=iso_utc(w.starts_at) if w.starts_at else None,
-                      resets_at=iso_utc(w.ends_at) if w.ends_at else None) for w in states]
+                      resets_at=iso_utc(w.ends_at) if w.ends_at else None, tokens=w.tokens)
+               for w in states]
     now = dt.datetime.now(UTC)
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     week_start = day_start - dt.timedelta(days=day_start.weekday())
     tomorrow = day_start + dt.timedelta(days=1)
     return UsageReport(
         plan=Plan(id=plan["id"], name=plan["name"], cached_weight=float(plan["cached_weight"]),
-                  max_concurrent=plan["max_concurrent"]),
+                  max_concurrent=plan["max_concurrent"],
+                  credits=await plan_credits(pool, plan["id"], list(principal.models))),
         windows=windows,
         today=await totals(pool, principal.subscription_id, day_start, tomorrow),
         week=await totals(pool, principal.subscription_id, week_start, tomorrow),
@@ -179,15 +196,20 @@ class ZaiEnvelope(msgspec.Struct):
     data: object = None
 
 
-class ZaiLimit(msgspec.Struct):
+class ZaiLimit(msgspec.Struct, omit_defaults=True):
+    """Z.ai's entry: since 2026 `CREDIT_LIMIT` with the cap (`usage`), what was used
+    (`currentValue`) and what is left, in credits. `tokens` beside them: the tokens settled in
+    the window. A `TOKENS_LIMIT` entry follows each, for HUDs written before credits, with the
+    same percentage and the tokens as its current value."""
     type: str
     unit: int
     number: int
     percentage: int
     nextResetTime: int | None
-    usage: int
-    currentValue: int
-    remaining: int
+    usage: int | None = None
+    currentValue: int | None = None
+    remaining: int | None = None
+    tokens: int | None = None
 
 
 class ZaiQuota(msgspec.Struct):
@@ -209,16 +231,19 @@ async def zai_quota_limit(request: Request) -> Response:
     if principal.subscription_id is None:
         return _zai(None, 402, "no active subscription")
     plan, windows = await current_windows(request.app.state.pool, principal.subscription_id)
-    limits = []
+    limits, legacy = [], []
     for window in windows:
         unit, number = (3, 5) if window.kind == "5h" else (6, 1)
         used = window.used + window.reserved
         reset = int(window.ends_at.replace(microsecond=0).timestamp() * 1000) if window.ends_at else None
+        percentage = min(100, round(100 * used / window.allowance)) if window.allowance else 100
         limits.append(ZaiLimit(
-            type="TOKENS_LIMIT", unit=unit, number=number,
-            percentage=min(100, round(100 * used / window.allowance)) if window.allowance else 100,
-            nextResetTime=reset, usage=window.allowance, currentValue=used, remaining=window.remaining))
-    return _zai(ZaiQuota(level=plan["id"], limits=limits))
+            type="CREDIT_LIMIT", unit=unit, number=number, percentage=percentage,
+            nextResetTime=reset, usage=window.allowance, currentValue=used, remaining=window.remaining,
+            tokens=window.tokens))
+        legacy.append(ZaiLimit(type="TOKENS_LIMIT", unit=unit, number=number, percentage=percentage,
+                               nextResetTime=reset, currentValue=window.tokens))
+    return _zai(ZaiQuota(level=plan["id"], limits=limits + legacy))
 
 
 class ZaiModelSummary(msgspec.Struct):

@@ -272,11 +272,17 @@ def test_usage_api_and_zai_monitor_endpoints(bridge, database):
     # Z.ai's HUD plugins send the raw key, without Bearer
     quota = httpx.get(bridge.url + "/api/monitor/usage/quota/limit", headers={"authorization": key}).json()
     assert quota["success"] is True and quota["code"] == 200 and quota["data"]["level"].startswith("p_")
-    tokens_5h, tokens_week = quota["data"]["limits"]
-    assert (tokens_5h["type"], tokens_5h["unit"], tokens_5h["number"]) == ("TOKENS_LIMIT", 3, 5)
+    # credits as Z.ai reports them since 2026 (a credit is a token at the default coefficients),
+    # then the older TOKENS_LIMIT entries for HUDs written before credits
+    tokens_5h, tokens_week, legacy_5h, legacy_week = quota["data"]["limits"]
+    assert (tokens_5h["type"], tokens_5h["unit"], tokens_5h["number"]) == ("CREDIT_LIMIT", 3, 5)
     assert (tokens_week["unit"], tokens_week["number"]) == (6, 1)
     assert tokens_5h["currentValue"] == total and tokens_5h["percentage"] == round(100 * total / 100_000)
+    assert tokens_5h["tokens"] == total and tokens_5h["usage"] == 100_000
     assert abs(tokens_5h["nextResetTime"] / 1000 - resets.timestamp()) < 1
+    assert (legacy_5h["type"], legacy_5h["percentage"], legacy_5h["currentValue"]) == (
+        "TOKENS_LIMIT", tokens_5h["percentage"], total)
+    assert legacy_week["type"] == "TOKENS_LIMIT"
     model_usage = httpx.get(bridge.url + "/api/monitor/usage/model-usage", headers={"authorization": key}).json()
     summary = model_usage["data"]["totalUsage"]
     assert summary["totalModelCallCount"] == 3 and summary["totalTokensUsage"] == total

@@ -131,6 +131,9 @@ class SimConfig(msgspec.Struct, kw_only=True, frozen=True):
     # rule, vLLM, SGLang: only with stream_options.include_usage, in a chunk of its own);
     # never; reject_field (a strict server: a 400 naming stream_options when it is sent)
     usage_mode: str = "always"
+    # a fault for every request whose directive names none (an upstream that is down, or
+    # always at its concurrency limit: failover tests)
+    fault: str = ""
 
 
 class _Tokenizer:
@@ -275,7 +278,7 @@ class Engine:
 
         prompt, cached = self.prompt_tokens(request)
         completion = sum(_Tokenizer.count(p.text or p.name) for p in pieces)
-        faults = frozenset(f for f in (directive.fault or "").split(",") if f)
+        faults = frozenset(f for f in (directive.fault or self.config.fault).split(",") if f)
         if directive.once and faults:
             with self._once_lock:
                 if seed in self._struck:

@@ -1,0 +1,521 @@
+"""Upstream profiles: several named upstreams at once, chosen per model and weight, with
+failover before the first byte, key health, and the per-key concurrency cap.
+
+A **profile** is one upstream: a base URL, its keys, the models it serves, how many requests
+each key may carry at once, its weight among the profiles serving a model, and its prices
+(USD per million input, cached-input and output tokens), so each settlement records what the
+request cost. Presets fill the URL and the published prices of the usual upstreams.
+
+The **router** picks, for each request, a profile serving its model (weighted at random among
+the healthy ones) and a key of it (the least busy, in turn among equals). Before any byte has
+reached the client, a failure that another key or upstream may not meet (a connection failure,
+a 5xx, 429/1302, 1305, our key's billing or credentials) is retried on another key or profile
+with backoff, at most `attempts` times. A key that keeps failing cools down (30 s, doubling
+while it keeps failing) and shows as unhealthy; a cooling key is used only when nothing else is
+left. A request fault (400, content policy, context length) is never retried.
+
+With a per-key cap configured, a request holds a slot of its key until its response ends. In
+one process that is a counter; across processes and hosts it is a lease in PostgreSQL (the
+`KeyLeases` port, implemented by the service), taken only when a cap is set, so the default
+path pays nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+import urllib.parse
+from typing import Annotated, Callable, Literal, Protocol
+
+import aiohttp
+import msgspec
+
+from . import glm, wire
+from .errors import BridgeError, Kind
+from .metrics import BridgeMetrics, NoMetrics
+from .upstream import UpstreamResponse, _refuses_stream_options, asks_for_usage
+
+log = logging.getLogger("codeplan.upstreams")
+
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+
+
+# ---- configuration ---------------------------------------------------------------------------
+
+class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """USD per million tokens."""
+    input: NonNegative = 0.0
+    cached: NonNegative = 0.0
+    output: NonNegative = 0.0
+
+    def cost(self, prompt: int, cached: int, completion: int) -> float:
+        cached = min(max(cached, 0), max(prompt, 0))
+        return (max(prompt - cached, 0) * self.input + cached * self.cached
+                + max(completion, 0) * self.output) / 1_000_000
+
+
+class ProfileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+    preset: Literal["", "zai", "zhipu", "zai-coding", "vllm", "sglang", "simulator"] = ""
+    base_url: str = ""
+    keys: tuple[str, ...] = ()
+    # the name of an environment variable holding comma-separated keys (kept out of the file)
+    keys_env: str = ""
+    models: tuple[str, ...] = ()  # empty: every model
+    concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0  # per key; 0: no cap
+    weight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    prices: Price | None = None  # default for its models
+    model_prices: dict[str, Price] = {}
+    stream_usage: Literal["auto", "ask", "never"] = "auto"
+    enabled: bool = True
+
+
+class UpstreamsFile(msgspec.Struct, forbid_unknown_fields=True):
+    upstreams: list[ProfileConfig]
+
+
+# glm-upstream.md §11: Z.ai's pay-as-you-go prices per million tokens
+ZAI_PRICES = {
+    "glm-4.6": Price(0.60, 0.11, 2.20),
+    "glm-4.5": Price(0.60, 0.11, 2.20),
+    "glm-4.5-air": Price(0.20, 0.03, 1.10),
+}
+PRESETS: dict[str, tuple[str, dict[str, Price]]] = {
+    # pay-as-you-go: what a business serving others forwards to
+    "zai": ("https://api.z.ai/api/paas/v4", ZAI_PRICES),
+    # mainland prices are in CNY and not confirmed: set `prices` yourself
+    "zhipu": ("https://open.bigmodel.cn/api/paas/v4", {}),
+    # a personal coding plan: a flat fee, so no per-token price; a personal bridge only
+    "zai-coding": ("https://api.z.ai/api/coding/paas/v4", {}),
+    # your own GPUs: set `base_url` (e.g. http://gpu-1:8000/v1) and what a token costs you
+    "vllm": ("", {}),
+    "sglang": ("", {}),
+    # the built-in simulator, priced like Z.ai so the reports show realistic margins
+    "simulator": ("", ZAI_PRICES),
+}
+
+
+def resolve(profile: ProfileConfig, environ: dict[str, str] | None = None) -> ProfileConfig:
+    """The profile with its preset applied and its keys read; raises ValueError worded as a
+    start-up error line."""
+    base_url, preset_prices = PRESETS.get(profile.preset, ("", {}))
+    url = profile.base_url or base_url
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"upstream {profile.name!r}: expected an http:// or https:// base_url, got {url!r}")
+    keys = list(profile.keys)
+    if profile.keys_env:
+        import os
+
+        raw = (environ if environ is not None else os.environ).get(profile.keys_env, "")
+        keys += [k.strip() for k in raw.split(",") if k.strip()]
+    if not keys:
+        raise ValueError(f"upstream {profile.name!r}: no keys (set `keys` or `keys_env`)")
+    prices = {**preset_prices, **profile.model_prices}
+    return msgspec.structs.replace(profile, base_url=url, keys=tuple(keys), keys_env="",
+                                   model_prices=prices)
+
+
+def fingerprint(key: str) -> str:
+    """How a key is named anywhere it may be seen (admin API, metrics, the lease table)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+# ---- the concurrency lease across processes -------------------------------------------------
+
+class KeyLeases(Protocol):
+    """Per-key slots shared by every process (PostgreSQL, in the service)."""
+
+    async def prepare(self, key_ids: list[str], cap: int) -> None: ...
+
+    async def acquire(self, key_ids: list[str], cap: int) -> tuple[str, int] | None: ...
+
+    def release(self, key_id: str, slot: int) -> None:
+        """Give the slot back, in the background; a lost release lapses with its lease."""
+
+
+# ---- state ----------------------------------------------------------------------------------
+
+class KeyHealth(msgspec.Struct):
+    fingerprint: str
+    enabled: bool
+    healthy: bool
+    in_flight: int
+    served: int
+    failures: int
+    cooling_for_s: float
+    last_error: str | None
+
+
+class ProfileHealth(msgspec.Struct):
+    name: str
+    base_url: str
+    models: list[str]
+    weight: int
+    concurrency: int
+    enabled: bool
+    usable: bool
+    prices: dict[str, Price]
+    keys: list[KeyHealth]
+
+
+class _Key:
+    __slots__ = ("secret", "fingerprint", "lease_id", "enabled", "in_flight", "served", "failures",
+                 "trips", "cooling_until", "last_error")
+
+    def __init__(self, profile: str, secret: str, enabled: bool = True) -> None:
+        self.secret = secret
+        self.fingerprint = fingerprint(secret)
+        self.lease_id = f"{profile}/{self.fingerprint}"
+        self.enabled = enabled
+        self.in_flight = 0
+        self.served = 0
+        self.failures = 0  # in a row
+        self.trips = 0  # cool-downs in a row
+        self.cooling_until = 0.0
+        self.last_error: str | None = None
+
+    def cooling(self, now: float) -> bool:
+        return self.cooling_until > now
+
+
+class Profile:
+    def __init__(self, config: ProfileConfig, *, enabled: bool = True,
+                 disabled_keys: frozenset[str] = frozenset()) -> None:
+        self.config = config
+        self.name = config.name
+        self.enabled = enabled and config.enabled
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self.ask_usage = asks_for_usage(config.base_url, config.stream_usage)
+        self.keys = [_Key(config.name, k) for k in dict.fromkeys(config.keys)]
+        for key in self.keys:
+            key.enabled = key.fingerprint not in disabled_keys
+        self.cap = config.concurrency
+        self._turn = 0
+
+    def serves(self, model: str) -> bool:
+        return not self.config.models or model in self.config.models
+
+    def price(self, model: str) -> Price:
+        return self.config.model_prices.get(model) or self.config.prices or Price()
+
+    def live_keys(self) -> list[_Key]:
+        return [k for k in self.keys if k.enabled] if self.enabled else []
+
+    def usable(self, now: float) -> bool:
+        return any(not k.cooling(now) for k in self.live_keys())
+
+    def ordered(self, now: float, tried: set[str]) -> list[_Key]:
+        """Keys to try: untried first, healthy first, least busy first, in turn among equals."""
+        keys = self.live_keys()
+        n = len(keys)
+        if not n:
+            return []
+        turn = self._turn
+        self._turn = (turn + 1) % n
+        return sorted(keys, key=lambda k: (k.lease_id in tried, k.cooling(now), k.in_flight,
+                                           (keys.index(k) - turn) % n))
+
+    def health(self, now: float) -> ProfileHealth:
+        return ProfileHealth(
+            name=self.name, base_url=self.config.base_url, models=list(self.config.models),
+            weight=self.config.weight, concurrency=self.cap, enabled=self.enabled,
+            usable=self.usable(now), prices={m: p for m, p in self.config.model_prices.items()}
+            | ({"*": self.config.prices} if self.config.prices else {}),
+            keys=[KeyHealth(fingerprint=k.fingerprint, enabled=k.enabled,
+                            healthy=k.enabled and not k.cooling(now), in_flight=k.in_flight,
+                            served=k.served, failures=k.failures,
+                            cooling_for_s=round(max(0.0, k.cooling_until - now), 1),
+                            last_error=k.last_error) for k in self.keys])
+
+
+class _RefusedStreamOptions(Exception):
+    pass
+
+
+class _Failure(Exception):
+    """One attempt failed: the error for the client, and whether it was our key's fault."""
+
+    def __init__(self, error: BridgeError, *, key_fault: bool, at_once: bool = False) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.key_fault = key_fault
+        self.at_once = at_once  # cool the key now (credentials, billing, quota), not after 3
+
+
+# failures another key or upstream may well not meet; never a refusal of the request itself
+_RETRY_ON = {Kind.upstream_error, Kind.upstream_rate_limited, Kind.upstream_overloaded,
+             Kind.upstream_billing, Kind.upstream_timeout}
+_QUOTA_CODES = {"1113", "1308", "1309", "1310", "1316", "1317", "1318", "1319", "1320", "1321"}
+_FAILURES_BEFORE_COOLING = 3
+_MAX_TRIPS = 5  # cool-downs double up to 2^5 times the base
+
+
+class Router:
+    """The bridge's upstream: `open(request, request_id)` as `bridge.upstream.Upstream`."""
+
+    def __init__(self, profiles: list[ProfileConfig], *, timeout: float, attempts: int = 3,
+                 cooldown: float = 30.0, leases: KeyLeases | None = None,
+                 metrics: BridgeMetrics | None = None,
+                 on_health: Callable[[str, str, bool, str | None], None] | None = None) -> None:
+        self.profiles: list[Profile] = [Profile(p) for p in profiles]
+        self._attempts = max(1, attempts)
+        self._cooldown = cooldown
+        self._leases = leases
+        self._metrics = metrics or NoMetrics()
+        self._on_health = on_health
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._released = asyncio.Event()
+        self._rng = random.Random()
+        if leases is not None and hasattr(leases, "on_released"):
+            leases.on_released = self._released.set  # a slot freed in the database: look again
+
+    @property
+    def name(self) -> str:
+        """How logs name the upstream when no profile is known yet."""
+        return ",".join(p.name for p in self.profiles)
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+        # no Accept-Encoding: a compressed SSE stream costs CPU per chunk and may be buffered
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        await self._prepare_leases()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _prepare_leases(self) -> None:
+        if self._leases is None:
+            return
+        for profile in self.profiles:
+            if profile.cap:
+                await self._leases.prepare([k.lease_id for k in profile.keys], profile.cap)
+
+    async def replace(self, configs: list[ProfileConfig], enabled: dict[str, bool],
+                      disabled_keys: dict[str, frozenset[str]]) -> None:
+        """A new set of profiles (configuration plus what admins changed); keys that stay
+        keep their health and in-flight counts."""
+        old = {(p.name, k.fingerprint): k for p in self.profiles for k in p.keys}
+        profiles = []
+        for config in configs:
+            profile = Profile(config, enabled=enabled.get(config.name, True),
+                              disabled_keys=disabled_keys.get(config.name, frozenset()))
+            for i, key in enumerate(profile.keys):
+                kept = old.get((profile.name, key.fingerprint))
+                if kept is not None:
+                    kept.enabled = key.enabled
+                    profile.keys[i] = kept
+            before = next((p for p in self.profiles if p.name == profile.name), None)
+            if before is not None and before.config.base_url == config.base_url:
+                profile.ask_usage = before.ask_usage  # what it learned about stream_options
+            profiles.append(profile)
+        self.profiles = profiles
+        await self._prepare_leases()
+
+    def usable(self) -> bool:
+        """At least one profile has an enabled key that is not cooling down (readiness)."""
+        now = time.monotonic()
+        return any(p.usable(now) for p in self.profiles)
+
+    def health(self) -> list[ProfileHealth]:
+        now = time.monotonic()
+        return [p.health(now) for p in self.profiles]
+
+    # ---- choosing ----------------------------------------------------------------------------
+
+    def _candidates(self, model: str) -> list[Profile]:
+        return [p for p in self.profiles if p.serves(model) and p.live_keys()]
+
+    def _pick(self, candidates: list[Profile], tried: set[str], now: float) -> Profile | None:
+        """Weighted at random among profiles with an untried healthy key; then untried keys
+        that are cooling; then anything (a retry on the same key beats none)."""
+        for usable in (lambda p: any(k.lease_id not in tried and not k.cooling(now) for k in p.live_keys()),
+                       lambda p: any(k.lease_id not in tried for k in p.live_keys()),
+                       lambda p: True):
+            pool = [p for p in candidates if usable(p)]
+            if pool:
+                return self._rng.choices(pool, weights=[p.config.weight for p in pool])[0]
+        return None
+
+    # ---- sending -----------------------------------------------------------------------------
+
+    async def open(self, request: wire.ChatRequest, request_id: str) -> UpstreamResponse:
+        """Send the request; return the response once its status is a success. Raises
+        BridgeError when every attempt failed or the request itself was refused."""
+        assert self._session is not None, "Router.start() was not awaited"
+        candidates = self._candidates(request.model)
+        if not candidates:
+            raise BridgeError(Kind.upstream_error, f"No upstream serves the model `{request.model}` "
+                              f"right now. Request id {request_id}.")
+        tried: set[str] = set()
+        last: BridgeError | None = None
+        for attempt in range(self._attempts):
+            if attempt:
+                # backoff: 50 ms, 100 ms, 200 ms... with jitter, at most 1 s
+                await asyncio.sleep(min(0.05 * 2 ** (attempt - 1), 1.0) * self._rng.uniform(0.5, 1.0))
+            profile = self._pick(candidates, tried, time.monotonic())
+            if profile is None:
+                break
+            key, slot = await self._take(profile, tried)
+            tried.add(key.lease_id)
+            try:
+                response = await self._send(profile, key, slot, request, request_id)
+            except _Failure as failure:
+                last = failure.error
+                self._failed(profile, key, failure)
+                if failure.error.kind not in _RETRY_ON:
+                    raise failure.error from None
+                log.warning("upstream attempt failed; trying another", extra={
+                    "upstream": profile.name, "kind": failure.error.kind.value,
+                    "code": failure.error.code, "attempt": attempt + 1})
+                continue
+            self._succeeded(profile, key)
+            return response
+        assert last is not None
+        raise last
+
+    async def _take(self, profile: Profile, tried: set[str]) -> tuple[_Key, int | None]:
+        """A key of the profile and, with a cap, a slot of it; waits while every slot is busy
+        (in this process or, through the lease, in any)."""
+        delay = 0.005
+        while True:
+            keys = profile.ordered(time.monotonic(), tried)
+            if not keys:
+                raise _no_key(profile)
+            if not profile.cap:
+                keys[0].in_flight += 1
+                return keys[0], None
+            free = [k for k in keys if k.in_flight < profile.cap]
+            if free:
+                if self._leases is None:
+                    free[0].in_flight += 1
+                    return free[0], None
+                got = await self._lease(free, profile.cap)
+                if got is not None:
+                    key = next(k for k in free if k.lease_id == got[0])
+                    key.in_flight += 1
+                    return key, got[1]
+            # every slot busy: wait for one of ours to come back, or poll the others' leases
+            self._released.clear()
+            try:
+                await asyncio.wait_for(self._released.wait(), delay)
+            except TimeoutError:
+                delay = min(delay * 2, 0.1)
+
+    async def _lease(self, free: list[_Key], cap: int) -> tuple[str, int] | None:
+        """A slot from the database. A request cancelled meanwhile (the client left, admission
+        refused it) must not strand a slot it never learnt it had: the acquisition runs on,
+        and a slot it got is given back."""
+        assert self._leases is not None
+        leases = self._leases
+        acquiring = asyncio.ensure_future(leases.acquire([k.lease_id for k in free], cap))
+        try:
+            return await asyncio.shield(acquiring)
+        except asyncio.CancelledError:
+            def give_back(done: asyncio.Future) -> None:
+                if not done.cancelled() and done.exception() is None and done.result() is not None:
+                    leases.release(*done.result())
+            acquiring.add_done_callback(give_back)
+            raise
+
+    def _give_back(self, key: _Key, slot: int | None) -> None:
+        key.in_flight -= 1
+        if slot is not None and self._leases is not None:
+            self._leases.release(key.lease_id, slot)
+        self._released.set()
+
+    async def _send(self, profile: Profile, key: _Key, slot: int | None, request: wire.ChatRequest,
+                    request_id: str) -> UpstreamResponse:
+        headers = {"authorization": "Bearer " + key.secret, "content-type": "application/json",
+                   "accept-language": "en-US,en"}
+        while True:
+            if request.stream and profile.ask_usage:
+                request.stream_options = wire.StreamOptions(include_usage=True)
+            else:
+                request.stream_options = msgspec.UNSET
+            body = wire.encoder.encode(request)
+            try:
+                return await self._post(profile, key, slot, body, headers, request_id,
+                                        profile.price(request.model))
+            except _RefusedStreamOptions:
+                # remembered for every later request; this one is resent at once, without it
+                log.warning("upstream refuses stream_options; no longer asking it for stream usage",
+                            extra={"upstream": profile.name})
+                profile.ask_usage = False
+
+    async def _post(self, profile: Profile, key: _Key, slot: int | None, body: bytes,
+                    headers: dict[str, str], request_id: str, price: Price) -> UpstreamResponse:
+        assert self._session is not None
+        try:
+            response = await self._session.post(profile.url, data=body, headers=headers)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._give_back(key, slot)
+            log.warning("upstream unreachable", extra={"upstream": profile.name, "error": type(exc).__name__})
+            raise _Failure(BridgeError(Kind.upstream_error, "The model provider could not be "
+                                       f"reached. Request id {request_id}."), key_fault=True) from None
+        except BaseException:
+            self._give_back(key, slot)
+            raise
+        if response.status >= 400:
+            try:
+                error_body = await response.read()
+            except (aiohttp.ClientError, OSError):
+                error_body = b""
+            finally:
+                response.release()
+            if profile.ask_usage and _refuses_stream_options(response.status, error_body):
+                raise _RefusedStreamOptions()  # resent on the same key and slot
+            self._give_back(key, slot)
+            error = glm.upstream_error(response.status, error_body, request_id)
+            at_once = response.status in (401, 403) or error.code in _QUOTA_CODES
+            raise _Failure(error, key_fault=error.kind in _RETRY_ON or at_once, at_once=at_once)
+        key.served += 1
+        return UpstreamResponse(response, lambda: self._give_back(key, slot), profile.name, price)
+
+    # ---- health ------------------------------------------------------------------------------
+
+    def _failed(self, profile: Profile, key: _Key, failure: _Failure) -> None:
+        error = failure.error
+        self._metrics.upstream_error(profile.name, error.code or error.kind.value)
+        if not failure.key_fault:
+            return
+        key.failures += 1
+        key.last_error = error.code or error.kind.value
+        if failure.at_once or key.failures >= _FAILURES_BEFORE_COOLING:
+            was_cooling = key.cooling(time.monotonic())
+            key.cooling_until = time.monotonic() + self._cooldown * 2 ** min(key.trips, _MAX_TRIPS)
+            key.trips += 1
+            key.failures = 0
+            if not was_cooling:
+                log.warning("upstream key cools down", extra={
+                    "upstream": profile.name, "key": key.fingerprint, "error": key.last_error,
+                    "seconds": round(key.cooling_until - time.monotonic(), 1)})
+                if self._on_health is not None:
+                    self._on_health(profile.name, key.fingerprint, False, key.last_error)
+
+    def _succeeded(self, profile: Profile, key: _Key) -> None:
+        if key.trips or key.failures:
+            if key.trips and self._on_health is not None:
+                self._on_health(profile.name, key.fingerprint, True, None)
+            key.failures = key.trips = 0
+            key.cooling_until = 0.0
+
+
+def _no_key(profile: Profile) -> _Failure:
+    return _Failure(BridgeError(Kind.upstream_error, f"Upstream {profile.name} has no usable key."),
+                    key_fault=False)
+
+
+def legacy_profile(url: str, keys: tuple[str, ...], *, concurrency: int, stream_usage: str,
+                   prices: tuple[float, ...] = (), name: str | None = None,
+                   preset: str = "") -> ProfileConfig:
+    """CODEPLAN_UPSTREAM_URL / _KEYS as one profile, named after its host as logs always did."""
+    price = Price(*prices) if prices else None
+    return ProfileConfig(name=name or urllib.parse.urlsplit(url).netloc or "default", preset=preset,  # type: ignore[arg-type]
+                         base_url=url, keys=keys, concurrency=concurrency, stream_usage=stream_usage,  # type: ignore[arg-type]
+                         prices=price)

@@ -1,0 +1,120 @@
+"""Upstream profiles and keys: health, add, enable and disable. A profile added here is stored
+in the database (its keys by fingerprint, their secrets only in `upstream_keys`) and every
+process picks it up within CODEPLAN_UPSTREAM_REFRESH seconds (this one at once). Keys never
+leave: the API and the audit show fingerprints."""
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Request, get, patch, post
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import FromPath, JSONBody
+
+from bridge import upstreams
+from bridge.upstreams import ProfileConfig, ProfileHealth
+
+from . import audit
+
+
+class NewKey(msgspec.Struct, forbid_unknown_fields=True):
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class Switch(msgspec.Struct, forbid_unknown_fields=True):
+    enabled: bool
+
+
+def _health(request: Request, name: str) -> ProfileHealth:
+    for profile in request.app.state.router.health():
+        if profile.name == name:
+            return profile
+    raise NotFoundException(f"no upstream profile {name!r}")
+
+
+def _public(profile: ProfileConfig) -> dict:
+    """A profile as the audit may keep it: keys as fingerprints."""
+    shown = msgspec.to_builtins(msgspec.structs.replace(profile, keys=()))
+    shown["keys"] = [upstreams.fingerprint(k) for k in profile.keys]
+    return shown
+
+
+@get("/upstreams")
+async def list_upstreams(request: Request) -> list[ProfileHealth]:
+    """Every profile with its keys' health as this process sees it."""
+    return request.app.state.router.health()
+
+
+@post("/upstreams", status_code=201)
+async def add_upstream(request: Request, data: JSONBody[ProfileConfig]) -> ProfileHealth:
+    try:
+        profile = upstreams.resolve(data)
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+    if any(p.name == profile.name for p in request.app.state.router.health()):
+        raise HTTPException(status_code=409, detail=f"upstream profile {profile.name!r} exists already")
+    definition = msgspec.json.encode(msgspec.structs.replace(profile, keys=())).decode()
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        inserted = await conn.fetchval(
+            "INSERT INTO upstream_profiles (name, definition) VALUES ($1, $2::jsonb)"
+            " ON CONFLICT (name) DO NOTHING RETURNING name", profile.name, definition)
+        if inserted is None:
+            raise HTTPException(status_code=409, detail=f"upstream profile {profile.name!r} exists already")
+        for key in profile.keys:
+            await conn.execute("INSERT INTO upstream_keys (profile, fingerprint, secret) VALUES ($1, $2, $3)"
+                               " ON CONFLICT DO NOTHING", profile.name, upstreams.fingerprint(key), key)
+        await audit.record(conn, request.state.actor, "upstream.add", f"upstream:{profile.name}",
+                           None, _public(profile))
+    await request.app.state.upstream_store.refresh()
+    return _health(request, profile.name)
+
+
+@patch("/upstreams/{name:str}")
+async def switch_upstream(request: Request, name: FromPath[str], data: JSONBody[Switch]) -> ProfileHealth:
+    before = _health(request, name)
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO upstream_profiles (name, enabled) VALUES ($1, $2)"
+            " ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, updated_at = now()",
+            name, data.enabled)
+        await audit.record(conn, request.state.actor, "upstream.enable" if data.enabled else "upstream.disable",
+                           f"upstream:{name}", {"enabled": before.enabled}, {"enabled": data.enabled})
+    await request.app.state.upstream_store.refresh()
+    return _health(request, name)
+
+
+@post("/upstreams/{name:str}/keys", status_code=201)
+async def add_key(request: Request, name: FromPath[str], data: JSONBody[NewKey]) -> ProfileHealth:
+    _health(request, name)
+    fingerprint = upstreams.fingerprint(data.key)
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO upstream_keys (profile, fingerprint, secret) VALUES ($1, $2, $3)"
+            " ON CONFLICT (profile, fingerprint) DO UPDATE SET secret = excluded.secret, enabled = true,"
+            " updated_at = now()", name, fingerprint, data.key)
+        await audit.record(conn, request.state.actor, "upstream.key.add", f"upstream:{name}/{fingerprint}",
+                           None, {"fingerprint": fingerprint})
+    await request.app.state.upstream_store.refresh()
+    return _health(request, name)
+
+
+@patch("/upstreams/{name:str}/keys/{fingerprint:str}")
+async def switch_key(request: Request, name: FromPath[str], fingerprint: FromPath[str],
+                     data: JSONBody[Switch]) -> ProfileHealth:
+    profile = _health(request, name)
+    key = next((k for k in profile.keys if k.fingerprint == fingerprint), None)
+    if key is None:
+        raise NotFoundException(f"no key {fingerprint} in upstream profile {name!r}")
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO upstream_keys (profile, fingerprint, enabled) VALUES ($1, $2, $3)"
+            " ON CONFLICT (profile, fingerprint) DO UPDATE SET enabled = excluded.enabled, updated_at = now()",
+            name, fingerprint, data.enabled)
+        await audit.record(conn, request.state.actor,
+                           "upstream.key.enable" if data.enabled else "upstream.key.disable",
+                           f"upstream:{name}/{fingerprint}", {"enabled": key.enabled}, {"enabled": data.enabled})
+    await request.app.state.upstream_store.refresh()
+    return _health(request, name)
+
+
+routes = [list_upstreams, add_upstream, switch_upstream, add_key, switch_key]

@@ -1,0 +1,195 @@
+"""Users: find, look at, suspend and restore, change plan or admin rights, grant a top-up."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+import asyncpg
+import msgspec
+from litestar import Request, get, patch, post
+from litestar.exceptions import HTTPException, NotFoundException
+from litestar.params import FromPath, FromQuery, JSONBody
+
+from . import audit
+from .. import usage
+
+Limit = Annotated[int, msgspec.Meta(ge=1, le=500)]
+
+
+class UserSummary(msgspec.Struct):
+    id: int
+    email: str
+    plan: str | None
+    status: str | None
+    suspended: bool
+    is_admin: bool
+    created_at: dt.datetime
+
+
+class KeyView(msgspec.Struct):
+    prefix: str
+    name: str
+    created_at: dt.datetime
+    revoked: bool
+
+
+class WindowView(msgspec.Struct):
+    kind: str
+    allowance: int
+    used: int
+    reserved: int
+    remaining: int
+    resets_at: dt.datetime | None
+
+
+class UserDetail(msgspec.Struct):
+    user: UserSummary
+    subscription_id: int | None
+    keys: list[KeyView]
+    windows: list[WindowView]
+
+
+class UserChange(msgspec.Struct, forbid_unknown_fields=True):
+    plan: str | None = None
+    is_admin: bool | None = None
+
+
+class TopUp(msgspec.Struct, forbid_unknown_fields=True):
+    credits: Annotated[int, msgspec.Meta(gt=0)]
+    reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
+
+
+class Granted(msgspec.Struct):
+    granted: int
+    topup_id: int
+
+
+_USER_SQL = """
+SELECT a.id, a.email, a.is_admin, a.suspended_at, a.created_at, s.id AS subscription_id,
+       s.plan_id, s.status
+  FROM accounts a
+  LEFT JOIN subscriptions s ON s.account_id = a.id AND s.status <> 'canceled'
+"""
+
+
+def _summary(row: asyncpg.Record) -> UserSummary:
+    return UserSummary(id=row["id"], email=row["email"], plan=row["plan_id"], status=row["status"],
+                       suspended=row["suspended_at"] is not None, is_admin=row["is_admin"],
+                       created_at=row["created_at"])
+
+
+async def _one(conn, account_id: int) -> asyncpg.Record:
+    row = await conn.fetchrow(_USER_SQL + " WHERE a.id = $1", account_id)
+    if row is None:
+        raise NotFoundException(f"no account {account_id}")
+    return row
+
+
+@get("/users")
+async def find_users(request: Request, q: FromQuery[str] = "",
+                     limit: FromQuery[Limit] = 50) -> list[UserSummary]:
+    """Accounts whose email contains `q` (all when empty), newest first."""
+    pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    rows = await request.app.state.pool.fetch(
+        _USER_SQL + " WHERE a.email ILIKE $1 ORDER BY a.id DESC LIMIT $2", pattern, limit)
+    return [_summary(r) for r in rows]
+
+
+@get("/users/{account_id:int}")
+async def user_detail(request: Request, account_id: FromPath[int]) -> UserDetail:
+    pool = request.app.state.pool
+    row = await _one(pool, account_id)
+    keys = await pool.fetch("SELECT prefix, name, created_at, revoked_at FROM api_keys"
+                            " WHERE account_id = $1 ORDER BY id", account_id)
+    windows: list[WindowView] = []
+    if row["subscription_id"] is not None:
+        _, states = await usage.current_windows(pool, row["subscription_id"])
+        windows = [WindowView(kind=w.kind, allowance=w.allowance, used=w.used, reserved=w.reserved,
+                              remaining=w.remaining, resets_at=w.ends_at) for w in states]
+    return UserDetail(user=_summary(row), subscription_id=row["subscription_id"],
+                      keys=[KeyView(prefix=k["prefix"], name=k["name"], created_at=k["created_at"],
+                                    revoked=k["revoked_at"] is not None) for k in keys],
+                      windows=windows)
+
+
+async def _set_suspended(request: Request, account_id: int, suspended: bool) -> UserSummary:
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        before = await _one(conn, account_id)
+        await conn.execute(
+            "UPDATE accounts SET suspended_at = CASE WHEN $2 THEN coalesce(suspended_at, now()) END"
+            " WHERE id = $1", account_id, suspended)
+        after = await _one(conn, account_id)
+        await audit.record(conn, request.state.actor, "user.suspend" if suspended else "user.restore",
+                           f"account:{account_id}", audit.row(before), audit.row(after))
+        return _summary(after)
+
+
+@post("/users/{account_id:int}/suspend", status_code=200)
+async def suspend_user(request: Request, account_id: FromPath[int]) -> UserSummary:
+    """Refused at the next admission (every process: the ledger checks it), 403 to the user."""
+    return await _set_suspended(request, account_id, True)
+
+
+@post("/users/{account_id:int}/restore", status_code=200)
+async def restore_user(request: Request, account_id: FromPath[int]) -> UserSummary:
+    return await _set_suspended(request, account_id, False)
+
+
+@patch("/users/{account_id:int}")
+async def change_user(request: Request, account_id: FromPath[int],
+                      data: JSONBody[UserChange]) -> UserSummary:
+    """Move the account's subscription to another plan (its open windows take the new
+    allowances), or grant or take admin rights."""
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        before = await _one(conn, account_id)
+        if data.plan is not None:
+            plan = await conn.fetchrow("SELECT id, retired_at FROM plans WHERE id = $1", data.plan)
+            if plan is None:
+                raise HTTPException(status_code=400, detail=f"no plan {data.plan!r}")
+            if before["subscription_id"] is None:
+                await conn.execute("INSERT INTO subscriptions (account_id, plan_id, status)"
+                                   " VALUES ($1, $2, 'active')", account_id, data.plan)
+            else:
+                # under the subscription's mutex, as every change of its money
+                await conn.execute("INSERT INTO subscription_flights (subscription_id) VALUES ($1)"
+                                   " ON CONFLICT DO NOTHING", before["subscription_id"])
+                await conn.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1"
+                                   " FOR NO KEY UPDATE", before["subscription_id"])
+                await conn.execute("UPDATE subscriptions SET plan_id = $2 WHERE id = $1",
+                                   before["subscription_id"], data.plan)
+                await conn.execute(
+                    "SELECT 1 FROM quota_windows WHERE subscription_id = $1 AND ends_at > now()"
+                    " ORDER BY id FOR NO KEY UPDATE", before["subscription_id"])
+                await conn.execute(
+                    "UPDATE quota_windows q SET allowance = CASE WHEN q.kind = '5h' THEN p.window_tokens"
+                    " ELSE p.weekly_tokens END FROM plans p"
+                    " WHERE p.id = $2 AND q.subscription_id = $1 AND q.ends_at > now()",
+                    before["subscription_id"], data.plan)
+        if data.is_admin is not None:
+            await conn.execute("UPDATE accounts SET is_admin = $2 WHERE id = $1", account_id, data.is_admin)
+        after = await _one(conn, account_id)
+        await audit.record(conn, request.state.actor, "user.change", f"account:{account_id}",
+                           audit.row(before), audit.row(after))
+        return _summary(after)
+
+
+@post("/users/{account_id:int}/topups", status_code=201)
+async def grant_topup(request: Request, account_id: FromPath[int], data: JSONBody[TopUp]) -> Granted:
+    """A top-up granted by an operator. Top-ups belong to billing (issue 12: the `topups`
+    table and how a top-up becomes allowance in the ledger); until those are installed this
+    answers 501 and changes nothing."""
+    async with request.app.state.pool.acquire() as conn, conn.transaction():
+        await _one(conn, account_id)
+        if await conn.fetchval("SELECT to_regclass('topups')") is None:
+            raise HTTPException(status_code=501, detail="Top-ups need the billing tables (issue 12), "
+                                "which are not installed here; nothing was granted.")
+        granted = await conn.fetchrow(
+            "INSERT INTO topups (account_id, tokens, amount, currency, expires_at, stripe_checkout_session_id)"
+            " VALUES ($1, $2, 0, 'usd', now() + interval '365 days', 'admin-grant-' || gen_random_uuid())"
+            " RETURNING *", account_id, data.credits)
+        await audit.record(conn, request.state.actor, "user.topup", f"account:{account_id}", None,
+                           {**audit.row(granted), "reason": data.reason})
+        return Granted(granted=data.credits, topup_id=granted["id"])
+
+
+routes = [find_users, user_detail, suspend_user, restore_user, change_user, grant_topup]

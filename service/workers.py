@@ -1,0 +1,76 @@
+"""`codeplan run --workers N`: N processes serving one port on one host.
+
+The supervisor binds the port, migrates, starts the simulator when there is no upstream, and
+starts N workers (`codeplan worker`), each inheriting the listening socket and serving it with
+its own event loop, pool and bridge. Nothing is shared between them but PostgreSQL: allowances
+are exact because the ledger is (one transaction per transition), and a per-key upstream cap
+holds because its slots are leases in PostgreSQL. Prometheus samples are shared through
+prometheus_client's multi-process files, so any worker's /metrics reports them all.
+
+On SIGTERM (or SIGINT) the supervisor passes SIGTERM to every worker, which finish their
+streams (CODEPLAN_SHUTDOWN_TIMEOUT), settle and exit 0; then it exits 0. A worker that dies
+otherwise is started again after a second.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+from .config import Config
+
+log = logging.getLogger("codeplan.workers")
+
+
+async def supervise(config: Config, database_url: str, sock: socket.socket, simulator_url: str,
+                    count: int) -> None:
+    metrics_dir = tempfile.mkdtemp(prefix="codeplan-metrics-")
+    env = {**os.environ, "CODEPLAN_DATABASE_URL": database_url, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    fd = sock.fileno()
+    args = [sys.executable, "-m", "service.cli", "worker", "--fd", str(fd), "--simulator-url", simulator_url]
+
+    async def start() -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(*args, env=env, pass_fds=(fd,))
+
+    running: dict[int, asyncio.subprocess.Process] = {}
+
+    async def keep(index: int) -> None:
+        from prometheus_client import multiprocess
+
+        while True:
+            process = running[index] = await start()
+            log.info("worker started", extra={"worker": index, "pid": process.pid})
+            code = await process.wait()
+            # its live gauges (open streams, pool) leave the sums
+            multiprocess.mark_process_dead(process.pid, metrics_dir)
+            if stopping.is_set():
+                return
+            log.error("worker exited; starting another", extra={"worker": index, "code": code})
+            await asyncio.sleep(1.0)
+
+    keepers = [asyncio.create_task(keep(i)) for i in range(count)]
+    try:
+        await stopping.wait()
+        log.info("stopping workers")
+        # the workers own the socket now; ours must not hold connections in its queue
+        sock.close()
+        for process in running.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        await asyncio.wait(keepers, timeout=config.shutdown_timeout + 30)
+    finally:
+        for task in keepers:
+            task.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
