@@ -65,7 +65,7 @@ class ProfileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
     preset: Literal["", "zai", "zhipu", "zai-coding", "vllm", "sglang", "simulator"] = ""
     base_url: str = ""
-    keys: tuple[str, ...] = ()
+    keys: tuple[Annotated[str, msgspec.Meta(min_length=1)], ...] = ()
     # the name of an environment variable holding comma-separated keys (kept out of the file)
     keys_env: str = ""
     models: tuple[str, ...] = ()  # empty: every model

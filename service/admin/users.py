@@ -8,12 +8,15 @@ import asyncpg
 import msgspec
 from litestar import Request, get, patch, post
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from . import audit
+from .auth import errors
 from .. import usage
 
-Limit = Annotated[int, msgspec.Meta(ge=1, le=500)]
+# Litestar enforces (and documents) a parameter's bounds given here, not msgspec.Meta's
+Limit = Annotated[int, QueryParameter(ge=1, le=500)]
+AccountId = Annotated[int, PathParameter(ge=1, le=2**63 - 1)]  # accounts.id is a bigint
 
 
 class UserSummary(msgspec.Struct):
@@ -85,9 +88,9 @@ async def _one(conn, account_id: int) -> asyncpg.Record:
     return row
 
 
-@get("/users")
-async def find_users(request: Request, q: FromQuery[str] = "",
-                     limit: FromQuery[Limit] = 50) -> list[UserSummary]:
+@get("/users", responses=errors(400))
+async def find_users(request: Request, q: Annotated[str, QueryParameter(pattern=r"^[^\x00]*$")] = "",
+                     limit: Limit = 50) -> list[UserSummary]:
     """Accounts whose email contains `q` (all when empty), newest first."""
     pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     rows = await request.app.state.pool.fetch(
@@ -95,8 +98,8 @@ async def find_users(request: Request, q: FromQuery[str] = "",
     return [_summary(r) for r in rows]
 
 
-@get("/users/{account_id:int}")
-async def user_detail(request: Request, account_id: FromPath[int]) -> UserDetail:
+@get("/users/{account_id:int}", responses=errors(400, 404))
+async def user_detail(request: Request, account_id: AccountId) -> UserDetail:
     pool = request.app.state.pool
     row = await _one(pool, account_id)
     keys = await pool.fetch("SELECT prefix, name, created_at, revoked_at FROM api_keys"
@@ -124,19 +127,19 @@ async def _set_suspended(request: Request, account_id: int, suspended: bool) -> 
         return _summary(after)
 
 
-@post("/users/{account_id:int}/suspend", status_code=200)
-async def suspend_user(request: Request, account_id: FromPath[int]) -> UserSummary:
+@post("/users/{account_id:int}/suspend", status_code=200, responses=errors(400, 404))
+async def suspend_user(request: Request, account_id: AccountId) -> UserSummary:
     """Refused at the next admission (every process: the ledger checks it), 403 to the user."""
     return await _set_suspended(request, account_id, True)
 
 
-@post("/users/{account_id:int}/restore", status_code=200)
-async def restore_user(request: Request, account_id: FromPath[int]) -> UserSummary:
+@post("/users/{account_id:int}/restore", status_code=200, responses=errors(400, 404))
+async def restore_user(request: Request, account_id: AccountId) -> UserSummary:
     return await _set_suspended(request, account_id, False)
 
 
-@patch("/users/{account_id:int}")
-async def change_user(request: Request, account_id: FromPath[int],
+@patch("/users/{account_id:int}", responses=errors(400, 404))
+async def change_user(request: Request, account_id: AccountId,
                       data: JSONBody[UserChange]) -> UserSummary:
     """Move the account's subscription to another plan (its open windows take the new
     allowances), or grant or take admin rights."""
@@ -173,8 +176,8 @@ async def change_user(request: Request, account_id: FromPath[int],
         return _summary(after)
 
 
-@post("/users/{account_id:int}/topups", status_code=201)
-async def grant_topup(request: Request, account_id: FromPath[int], data: JSONBody[TopUp]) -> Granted:
+@post("/users/{account_id:int}/topups", status_code=201, responses=errors(400, 404, 501))
+async def grant_topup(request: Request, account_id: AccountId, data: JSONBody[TopUp]) -> Granted:
     """A top-up granted by an operator. Top-ups belong to billing (issue 12: the `topups`
     table and how a top-up becomes allowance in the ledger); until those are installed this
     answers 501 and changes nothing."""
