@@ -159,13 +159,14 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     plan_prices: tuple[PlanPrice, ...] = ()
     # seconds a past_due subscription keeps its plan while Stripe retries the payment
     past_due_grace: Annotated[float, msgspec.Meta(ge=0)] = 259200.0
-    # tokens=cents blocks sold as top-ups, and how long a bought block stays valid
+    # tokens=cents blocks sold as top-ups (the ledger counts a block's tokens as credits), and how
+    # long a bought block stays valid
     topup_blocks: tuple[TopupBlock, ...] = ()
     topup_valid_days: Annotated[int, msgspec.Meta(ge=1)] = 365
-    # plans whose windows may be exceeded, billed per token through a Stripe Billing Meter
+    # plans whose windows may be exceeded, billed per credit through a Stripe Billing Meter
     overage_plans: tuple[str, ...] = ()
     overage_cents_per_million: Decimal = Decimal("0")
-    # overage tokens one account may run up per billing period at most
+    # overage credits one account may run up per billing period at most
     overage_cap_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     # first delay before a failed billing job (a webhook's effect, a meter event) is retried;
     # it doubles with each failure

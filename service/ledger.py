@@ -4,7 +4,8 @@
             --void--> voided      nothing was served
             --sweep-> expired     the process that held it died; settled at what it can prove
 
-Every transition is one call of a guarded SQL function (migrations/0005) in one transaction,
+Every transition is one call of a guarded SQL function (rules: migrations/0005; the current
+version, with credits, top-ups and overage: migrations/0031) in one transaction,
 so a replay or a race between two settlers applies it at most once; each takes its locks in one
 order (the subscription's flight row, the entry, the windows by id). Under load, transitions
 that arrive while one call is in flight share the next call (migrations/0004).
@@ -122,7 +123,7 @@ class _Batcher:
 
 
 class Ledger:
-    """The bridge's `LedgerPort`, over the SQL functions of migrations/0005."""
+    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031."""
 
     def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float) -> None:
         self._pool = pool
@@ -152,7 +153,7 @@ class Ledger:
             asyncio.get_running_loop().create_task(self.void(a.entry_id, reason="admission abandoned"))
 
     async def settle(self, settlement: Settlement) -> int | None:
-        """Settle a pending entry. Returns the billed tokens, or None if it was settled already
+        """Settle a pending entry. Returns the billed credits, or None if it was settled already
         (a replay). Raises on a database failure: the caller retries, harmlessly."""
         return await self._settlements(settlement)
 
