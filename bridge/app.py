@@ -1,24 +1,35 @@
 """Litestar routes for the API surfaces: thin adapters that decode, call the journey, encode."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import uuid
+
 import msgspec
-from litestar import Request, Response, Router, asgi, get, head, post
+from litestar import Request, Response, Router, asgi, get, head, post, route
+from litestar.connection import ASGIConnection, WebSocket
+from litestar.exceptions import WebSocketDisconnect
+from litestar.params import FromPath
 from litestar.response import Stream
 from litestar.types import Receive, Scope, Send
 
-from . import errors
+from . import errors, sse
 from .asgi import serve
 from .errors import BridgeError, Kind
 from .journey import Journey, Reply
 from .models import CATALOG, model_list
 from .surfaces import messages as anthropic
+from .surfaces import responses, responses_socket
 from .surfaces.chat import ChatSurface
+
+log = logging.getLogger("codeplan.bridge")
 
 _chat = ChatSurface()
 _messages = anthropic.MessagesSurface()
 
 
-def api_key(request: Request) -> str:
+def api_key(request: ASGIConnection) -> str:
     """The key from `Authorization: Bearer` or `x-api-key` (Claude Code may send both)."""
     auth = request.headers.get("authorization")
     if auth:
@@ -92,4 +103,157 @@ async def hello() -> None:
     """Claude Code probes `HEAD /` before its first request: answer at once."""
 
 
-router = Router(path="/", route_handlers=[chat_completions, messages, count_tokens, models, hello])
+# Codex appends /responses to its provider's base_url (which ends in /v1)
+RESPONSES_PATHS = ["/v1/responses", "/responses", "/api/coding/paas/v4/responses",
+                   "/api/paas/v4/responses"]
+
+
+@asgi(RESPONSES_PATHS, copy_scope=False)
+async def create_response(scope: Scope, receive: Receive, send: Send) -> None:
+    """POST: one request (raw ASGI, as the other hot routes); a WebSocket upgrade on the same
+    path: Codex's socket transport (an ASGI route owns its path, so it takes both)."""
+    if scope["type"] == "websocket":
+        await response_socket(WebSocket(scope, receive, send))
+        return
+    app = scope["app"]
+    # a surface per request: its translator needs what the request said
+    await serve(app.state.journey, responses.ResponsesSurface(), scope, receive, send, app.state.max_body)
+
+
+def _openai_error(error: BridgeError, status: int | None = None) -> Response:
+    return Response(msgspec.json.encode(errors.openai_error(error)), status_code=status or error.status,
+                    media_type="application/json")
+
+
+@route([p + "/{response_id:str}" for p in RESPONSES_PATHS], http_method=["GET", "DELETE"], status_code=404)
+async def stored_response(response_id: FromPath[str]) -> Response:
+    return _openai_error(responses.not_stored(response_id))
+
+
+ENDPOINTS = ("POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens, "
+             "POST /v1/responses (also as a WebSocket), GET /v1/models")
+
+
+def not_served(method: str, path: str, status: int) -> Response:
+    """A path under /v1 that is not served (404), or not with this method (405), in OpenAI's
+    error shape: a tool pointed at the wrong place tells its user where it is and what is here.
+    The service's exception handler answers with it for every such path."""
+    what = f"{method} is not served on {path}" if status == 405 else f"Unknown path: {method} {path}"
+    return _openai_error(BridgeError(Kind.not_found, f"{what}. Codeplan serves {ENDPOINTS}; point "
+                                     "the tool's base URL at this server's /v1.", code="unknown_url"), status)
+
+
+async def _refuse(socket: WebSocket, refusal: responses_socket.Refusal) -> None:
+    """Answer the upgrade with an HTTP status and an OpenAI error body (ASGI's
+    websocket.http.response), so the client can tell "use HTTP" (426) from "bad key" (401)."""
+    if "websocket.http.response" not in socket.scope.get("extensions", {}):
+        await socket.close(code=1008, reason=refusal.message[:120])  # a close reason is short
+        return
+    await socket.receive()  # the connect event
+    await socket.send({"type": "websocket.http.response.start", "status": refusal.status,
+                       "headers": [(b"content-type", b"application/json")]})
+    await socket.send({"type": "websocket.http.response.body", "body": refusal.body})
+
+
+async def _relay(socket: WebSocket, reply: Reply) -> None:
+    """A turn's answer: each event of its stream as one text frame."""
+    decoder = sse.SSEDecoder()
+    assert reply.stream is not None
+    # closing the stream, however the loop ends, settles the turn (a client gone mid-answer
+    # included)
+    async with contextlib.aclosing(reply.stream) as stream:
+        async for chunk in stream:
+            for frame in responses_socket.frames(decoder, chunk):
+                await socket.send_text(frame.decode())
+
+
+async def response_socket(socket: WebSocket) -> None:
+    journey: Journey = socket.app.state.journey
+    settings = journey.settings
+    gate: responses_socket.Gate = socket.app.state.setdefault("response_sockets", responses_socket.Gate())
+    key = api_key(socket)
+    refusal = responses_socket.handshake(socket.headers.get("openai-beta"),
+                                         enabled=settings.responses_websockets,
+                                         open_sockets=gate.open, limit=settings.max_websockets)
+    if refusal is None and (not key or await journey.auth.authenticate(key) is None):
+        refusal = responses_socket.bad_key()
+    if refusal is not None:
+        await _refuse(socket, refusal)
+        return
+    gate.open += 1
+    session = responses_socket.SocketSession(max_depth=settings.max_json_depth)
+    # Frames are read all the time, also while a turn is answered: a client that closes the
+    # socket mid-turn cancels the turn at once, wherever it waits (as bridge/asgi.py does for
+    # HTTP), so an abandoned request does not keep an upstream thinking.
+    inbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+    turn = asyncio.current_task()
+    assert turn is not None
+    serving = gone = False
+
+    async def listen() -> None:
+        nonlocal gone
+        while True:
+            message = await socket.receive()
+            if message["type"] != "websocket.receive":
+                gone = True
+                inbox.put_nowait(None)
+                if serving:
+                    turn.cancel()
+                return
+            inbox.put_nowait(message.get("bytes") or (message.get("text") or "").encode())
+
+    listener: asyncio.Future | None = None
+    try:
+        await socket.accept()
+        listener = asyncio.ensure_future(listen())
+        while (data := await inbox.get()) is not None:
+            serving = True
+            try:
+                await _serve_frame(socket, journey, key, session, data)
+            finally:
+                serving = False
+    except asyncio.CancelledError:
+        if not gone:
+            raise
+        turn.uncancel()  # the client left mid-turn: its stream was closed, the turn settled
+    except (WebSocketDisconnect, OSError):
+        pass  # gone while being answered: the answer's stream was closed, the turn settled
+    finally:
+        if listener is not None:
+            listener.cancel()
+        gate.open -= 1
+        log.info("response socket closed", extra=msgspec.structs.asdict(session.counts))
+
+
+async def _serve_frame(socket: WebSocket, journey: Journey, key: str,
+                       session: responses_socket.SocketSession, data: bytes) -> None:
+    """One frame: a turn through the journey like any request, a warm-up, or an error event."""
+    surface = responses.ResponsesSurface(session.memory, socket=True)
+    try:
+        turn = session.read(data)
+        if turn.kind == "ignore":
+            return
+        if turn.kind == "warmup":
+            for frame in session.warmup(surface, turn.body, "resp_" + uuid.uuid4().hex):
+                await socket.send_text(frame.decode())
+            return
+    except BridgeError as error:
+        log.info("response socket refused a frame", extra={"status": error.status, "code": error.code,
+                                                            "reason": error.message[:200]})
+        await socket.send_text(session.refused(error).decode())
+        return
+
+    async def body() -> bytes:
+        return turn.body
+
+    reply = await journey.handle(surface, key, body)
+    if reply.stream is None:
+        assert surface.failure is not None  # a socket's turns always stream
+        await socket.send_text(session.refused(surface.failure).decode())
+        return
+    await _relay(socket, reply)
+    session.finished(surface)
+
+
+router = Router(path="/", route_handlers=[
+    chat_completions, messages, count_tokens, models, hello, create_response, stored_response])

@@ -19,5 +19,9 @@ class BridgeSettings(msgspec.Struct, kw_only=True, frozen=True):
     claude_haiku_model: str = "glm-4.5-air"
     # where users reach the service: billing errors point at {public_url}/billing
     public_url: str = "http://127.0.0.1:8080"
+    # the Responses API over WebSockets (Codex's supports_websockets), and how many sockets a
+    # process holds at most (0: no limit); a refused upgrade sends Codex to HTTP at once
+    responses_websockets: bool = True
+    max_websockets: int = 512
     # request bodies nesting deeper than this are refused before decoding (bridge/depth.py)
     max_json_depth: int = 64

@@ -37,6 +37,10 @@ _ROOTS: tuple[tuple[str, Family], ...] = (
     ("/v1/messages", Family.anthropic), ("/messages", Family.anthropic),
     ("/api/anthropic", Family.anthropic),
     ("/api/monitor", Family.zai),
+    # the service's own API under /v1, then every other /v1 path: a tool pointed at the wrong
+    # place is answered in OpenAI's shape (issue 11)
+    ("/v1/usage", Family.problem), ("/v1/billing", Family.problem),
+    ("/v1", Family.openai),
 )
 
 

@@ -42,6 +42,11 @@ def _shaped(request: Request, status: int, message: str, code: str | None = None
 
 
 def _http_exception(request: Request, exc: HTTPException) -> Response:
+    path = request.url.path
+    if exc.status_code in (404, 405) and (path == "/v1" or path.startswith("/v1/")) \
+            and shapes.family(path) is shapes.Family.openai:
+        # the coding tools' API: OpenAI's error shape, naming the path and what is served
+        return bridge_app.not_served(request.method, path, exc.status_code)
     if wants_html(request):
         return error_page(request, exc.status_code)
     # Litestar's own refusals (unknown path, wrong method, its body limit) in the caller's shape

@@ -64,7 +64,9 @@ def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None)
         app, loop="none", http=http, lifespan="on" if lifespan else "off", log_config=None,
         access_log=False, timeout_keep_alive=keep_alive, server_header=False,
         # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
-        proxy_headers=False, timeout_graceful_shutdown=shutdown_timeout))
+        proxy_headers=False, timeout_graceful_shutdown=shutdown_timeout,
+        # a Responses WebSocket frame carries a whole turn: as large as an HTTP body may be
+        ws_max_size=config.max_body_bytes if config is not None else 64 * 1024 * 1024))
 
 
 async def _start_simulator(config: config_module.Config):

@@ -122,6 +122,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # where users reach this service (links in errors and mails; Stripe sends them back to
     # {public_url}/billing); empty: http://HOST:PORT
     public_url: str = ""
+    # the Responses API over WebSockets (Codex's supports_websockets), and the most sockets a
+    # process holds (0: no limit); past it, or when off, Codex is sent to HTTP at the upgrade
+    responses_websockets: bool = True
+    max_websockets: Annotated[int, msgspec.Meta(ge=0)] = 512
     # ---- the web page (service/web) ----
     # smtp://[user:password@]host[:port] (STARTTLS when offered) or smtps://...; empty: no mail,
     # links go to the log and email verification is not required
@@ -192,6 +196,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
             max_drains=self.max_drains, max_request_seconds=self.max_request_seconds,
             model_aliases=self.model_aliases, claude_model=self.claude_model,
             claude_haiku_model=self.claude_haiku_model, public_url=self.base_url,
+            responses_websockets=self.responses_websockets, max_websockets=self.max_websockets,
             max_json_depth=self.max_json_depth)
 
 
@@ -212,6 +217,8 @@ def _describe(field: str) -> str:
         "max_drains": "a non-negative integer",
         "upstream_concurrency": "a non-negative integer",
         "auth_cache_ttl": "a non-negative number of seconds",
+        "responses_websockets": "true or false",
+        "max_websockets": "a non-negative integer",
         "upstream_prices": "three non-negative numbers, input,cached,output USD per million tokens",
         "upstream_attempts": "an integer from 1 to 10",
         "workers": "an integer from 1 to 64",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 
@@ -28,9 +29,25 @@ class JSONFormatter(logging.Formatter):
         return _encoder.encode(entry).decode()
 
 
+# The websockets library (uvicorn's WebSocket protocol) logs every handshake header at debug
+# level, the caller's key among them.
+_SECRET_HEADER = re.compile(r"^([<>] )(authorization|proxy-authorization|x-api-key|cookie|set-cookie):",
+                            re.IGNORECASE)
+
+
+class RedactHeaders(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg[:1] in "<>":
+            found = _SECRET_HEADER.match(record.getMessage())
+            if found:
+                record.msg, record.args = f"{found.group(1)}{found.group(2)}: [redacted]", ()
+        return True
+
+
 def setup(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter())
+    handler.addFilter(RedactHeaders())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -89,6 +89,10 @@ def expected_family(path: str) -> str:
             return family
     if path.startswith(("/api/coding/paas/v4/", "/api/paas/v4/", "/v1/chat/")):
         return "openai"
+    if path == "/v1/usage" or path.startswith(("/v1/usage/", "/v1/billing")):
+        return "problem"  # the service's own API
+    if path == "/v1" or path.startswith("/v1"):
+        return "openai"  # any other /v1 path: a coding tool pointed at the wrong place (issue 11)
     if path.startswith("/api/anthropic/"):
         return "anthropic"
     if path.startswith("/api/monitor/"):

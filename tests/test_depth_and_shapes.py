@@ -113,7 +113,8 @@ def test_invalid_utf8_and_nul_bytes_are_judged_on_their_brackets():
     ("/models?x=1", "openai"), ("/v1/messages", "anthropic"), ("/v1/messages/count_tokens", "anthropic"),
     ("/messages", "anthropic"), ("/api/anthropic/v1/messages", "anthropic"),
     ("/api/monitor/usage/quota/limit", "zai"), ("/v1/usage", "problem"), ("/healthz", "problem"),
-    ("/v1/modelsx", "problem"), ("/", "problem"), ("", "problem"), ("/v1/messagesx", "problem"),
+    ("/v1/modelsx", "openai"), ("/", "problem"), ("", "problem"), ("/v1/messagesx", "openai"),
+    ("/v1/nope", "openai"), ("/v1", "openai"), ("/v1/usage/x", "problem"), ("/v1/billing", "problem"),
 ])
 def test_each_path_gets_its_protocols_shape(path, family):
     assert shapes.family(path).value == family

@@ -457,7 +457,11 @@ def test_errors_are_pages_for_browsers_and_problem_json_for_the_api(web):
     assert httpx.get(web.url + "/login").headers["referrer-policy"] == "same-origin"
     assert "This page does not exist." in page.text
     api = httpx.get(web.url + "/v1/no/such", headers={"accept": "text/html"})
-    assert api.status_code == 404 and api.headers["content-type"] == "application/problem+json"
+    # the coding tools' API answers in OpenAI's error shape, naming the path (issue 11)
+    assert api.status_code == 404 and api.headers["content-type"] == "application/json"
+    assert api.json()["error"]["code"] == "unknown_url" and "/v1/no/such" in api.json()["error"]["message"]
+    own = httpx.get(web.url + "/api/no/such", headers={"accept": "application/json"})
+    assert own.status_code == 404 and own.headers["content-type"] == "application/problem+json"
     bad = Browserish(web.url)
     bad.get("/login")
     malformed = bad.client.post("/keys/notanumber/revoke", data={"_csrf_token": bad.token})
@@ -509,6 +513,7 @@ def test_setup_snippets_are_valid_files_filled_with_url_and_key():
     assert codex["model_providers"]["codeplan"] == {"name": "Codeplan", "base_url": "https://codeplan.example/v1",
                                                     "env_key": "CODEPLAN_API_KEY", "wire_api": "responses"}
     assert found["codex"].shell == "export CODEPLAN_API_KEY=cp_secret123"
+    assert (codex["model"], codex["model_provider"], codex["model_context_window"]) == ("glm-4.6", "codeplan", 204800)
     for tool in ("cline", "roo"):
         fields = {f.label: f.value for f in found[tool].fields}
         assert fields["Base URL"] == "https://codeplan.example/v1" and fields["API Key"] == "cp_secret123"

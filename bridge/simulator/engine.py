@@ -58,6 +58,9 @@ _DIRECTIVE = re.compile(r"\[\[sim\s+([^\]]*)\]\]")
 _PATHLIKE = re.compile(r"/?(?:[\w.\-]+/)*[\w\-]+\.[A-Za-z0-9]{1,8}\b")
 _ABSOLUTE_PATH = re.compile(r"/(?:[\w.\-]+/)+[\w\-]+\.[A-Za-z0-9]{1,8}\b")
 _READERS = ("read", "read_file", "readfile", "view", "view_file", "cat")
+# tools that run a command (Codex reads a file with one): a reader is asked `cat PATH`
+_SHELLS = ("exec_command", "shell", "shell_command", "local_shell", "bash", "run_command")
+_COMMAND_KEYS = ("cmd", "command")
 _PATH_KEYS = ("file_path", "path", "filePath", "absolute_path", "filename", "file", "target_file")
 
 
@@ -335,8 +338,9 @@ class Engine:
             chosen = [f for f in functions if f.name == directive.tool] or functions[:1]
         else:
             exact = [f for f in functions if f.name.lower() in _READERS]
+            shells = [f for f in functions if f.name.lower() in _SHELLS]
             readers = [f for f in functions if re.search(r"read|view|cat", f.name, re.I)]
-            chosen = exact[:1] or readers[:1] or functions[:1]
+            chosen = exact[:1] or shells[:1] or readers[:1] or functions[:1]
         if directive.tools > 1:  # parallel calls: cycle through the tools offered
             chosen = (functions * directive.tools)[:directive.tools]
         text = last.text()
@@ -368,6 +372,11 @@ def _fill(schema: dict, name: str, path: str, rng: random.Random) -> object:
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "string")
     pathlike = name in _PATH_KEYS or "path" in name.lower() or "file" in name.lower()
+    if name in _COMMAND_KEYS and kind in ("string", "array"):
+        return f"cat {path}" if kind == "string" else ["cat", path]
+    if name == "input" and kind == "string":
+        # a free-text tool (a Responses custom tool, e.g. Codex's apply_patch): a patch
+        return f"*** Begin Patch\n*** Update File: {path}\n@@\n-old\n+new\n*** End Patch"
     if kind == "object" or (kind is None and "properties" in schema):
         properties = schema.get("properties") or {}
         required = schema.get("required") or list(properties)[:1]

@@ -48,7 +48,9 @@ def snippets(base: str, key: str | None) -> list[Snippet]:
                                "limit": {"context": 204800, "output": 131072}}}}},
         "model": f"codeplan/{MODEL}", "small_model": f"codeplan/{MODEL}",
     }
-    codex = (f'model = "{MODEL}"\nmodel_provider = "codeplan"\n\n'
+    codex = (f'model = "{MODEL}"\nmodel_provider = "codeplan"\n'
+             # Codex has no metadata for GLM-4.6: without its window it cannot compact in time
+             'model_context_window = 204800\n\n'
              f'[model_providers.codeplan]\nname = "Codeplan"\nbase_url = "{v1}"\n'
              f'env_key = "CODEPLAN_API_KEY"\nwire_api = "responses"\n')
     provider_fields = [Field("API Provider", "OpenAI Compatible"), Field("Base URL", v1),

@@ -22,7 +22,8 @@ install claude @anthropic-ai/claude-code &
 install opencode opencode-ai &
 install kilo @kilocode/cli@7.7.7 &
 install cline cline &
+install codex @openai/codex@0.171.0 &
 wait
-for name in claude opencode kilo cline; do
+for name in claude opencode kilo cline codex; do
     test -f "$DIR/$name/.installed" || { echo "failed to install $name" >&2; exit 1; }
 done

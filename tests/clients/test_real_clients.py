@@ -159,3 +159,69 @@ def test_claude_code(codeplan, database, simulator, workspace):
     assert result["subtype"] == "success" and not result["is_error"], output[-2000:]
     assert result["num_turns"] >= 2 and SECRET in result["result"]
     check_metered(database, key, sim_stats(simulator)["requests"] - before)
+
+
+def codex_home(home: Path, base: str, websockets: bool) -> Path:
+    """Codex with a custom provider at the bridge: the Responses API, the key from an env var."""
+    folder = home / "codex"
+    folder.mkdir()
+    (folder / "config.toml").write_text(f'''model = "glm-4.6"
+model_provider = "codeplan"
+approval_policy = "never"
+sandbox_mode = "read-only"
+
+[analytics]
+enabled = false
+
+[model_providers.codeplan]
+name = "Codeplan"
+base_url = "{base}/v1"
+env_key = "CODEPLAN_API_KEY"
+wire_api = "responses"
+supports_websockets = {"true" if websockets else "false"}
+''')
+    return folder
+
+
+def run_codex(codeplan, database, simulator, workspace, websockets: bool) -> str:
+    work, home = workspace
+    key = new_user(database)
+    config = codex_home(home, codeplan.url, websockets)
+    before = sim_stats(simulator)["requests"]
+    output = run_client([binary("codex", "codex"), "exec", "--skip-git-repo-check", task(work)], work, home, {
+        "CODEX_HOME": str(config), "CODEPLAN_API_KEY": key, "RUST_LOG": "codex_api=info"})
+    assert SECRET in output.split("From the tool result:")[-1], output[-2000:]
+    assert "cat " in output and "succeeded" in output, output[-2000:]  # it really ran the command
+    check_metered(database, key, sim_stats(simulator)["requests"] - before)
+    return output
+
+
+def test_codex_over_http(codeplan, database, simulator, workspace):
+    output = run_codex(codeplan, database, simulator, workspace, websockets=False)
+    assert "WebSocket" not in output
+
+
+def test_codex_over_websocket(database, simulator, workspace):
+    # a bridge of its own, logging at info: its socket lines show the turns went over the socket
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_LOG_LEVEL="info")
+    try:
+        output = run_codex(server, database, simulator, workspace, websockets=True)
+        assert "successfully connected to Responses WebSocket" in output, output[-2000:]
+        assert "Falling back" not in output and "HTTPS transport" not in output, output[-2000:]
+    finally:
+        server.stop()
+    sockets = [json.loads(line) for line in server.output().splitlines() if '"response socket closed"' in line]
+    # every model call went over a socket, the second continuing the first's response
+    assert sum(s["turns"] for s in sockets) >= 2 and sum(s["continued"] for s in sockets) >= 1, sockets
+    assert sum(s["refused"] for s in sockets) == 0
+
+
+def test_codex_refused_socket_falls_back_to_http_at_once(database, simulator, workspace):
+    # a server that cannot serve the socket answers the upgrade 426: Codex tries once, uses HTTP
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_RESPONSES_WEBSOCKETS="false")
+    try:
+        output = run_codex(server, database, simulator, workspace, websockets=True)
+    finally:
+        server.stop()
+    assert output.count("connecting to Responses WebSocket") == 1, output[-2000:]
+    assert "successfully connected to Responses WebSocket" not in output

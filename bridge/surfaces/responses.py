@@ -1,0 +1,846 @@
+"""OpenAI Responses <-> GLM chat completions, sans I/O.
+
+What Codex (and the openai SDK's `responses` API) sends becomes one GLM chat request:
+`instructions` and `developer`/`system` messages become system messages; `input` items become
+turns (`function_call`, `custom_tool_call` and `local_shell_call` items the assistant's tool
+calls, their `*_output` items tool results); `function`, `custom`, `local_shell` and namespaced
+tools become GLM functions. A custom tool takes free text, which GLM functions cannot: it is
+offered as a function with one string parameter, `input`, and the model's call is turned back
+into a `custom_tool_call` carrying that string. Fields GLM has no use for (`store`, `include`,
+`prompt_cache_key`, `text.verbosity`, `service_tier`, `metadata`, hosted tools such as
+`web_search`, future fields) are accepted and dropped, never a 400.
+
+`ResponsesStream` turns the normaliser's clean events into the event stream Codex parses
+(docs: clients.md §6.5): `response.created` and `response.in_progress` at once, every output
+item between `output_item.added` and `output_item.done`, text and reasoning in content parts
+with their deltas, and exactly one terminal event: `response.completed` (with usage),
+`response.incomplete` (max tokens, content filter) or `response.failed` (a filled `error`).
+A tool call is reported done only once the whole answer is: Codex runs a call from its
+`output_item.done`, so a call cut off by a broken stream or by max tokens must never get one.
+
+Reasoning: GLM's reasoning is streamed as `reasoning_text` and, when the request asked for a
+summary, also as the summary (GLM has no separate one). Asked for with
+`include: ["reasoning.encrypted_content"]`, the item carries it as `encrypted_content`, marked as
+Codeplan's own (not secret: it is the text the client was shown); replayed in a later request it
+goes back to GLM as `reasoning_content` on the assistant turn it preceded (GLM wants its
+reasoning replayed on tool-call turns). Anyone else's encrypted reasoning is accepted and
+dropped.
+
+A `ResponsesSurface` serves one request (the journey calls `parse`, then `stream` or `complete`,
+or `error`): the translator needs what the request said (custom tools, summary, the fields
+echoed in the `response` object), and the WebSocket transport reads the finished response back
+for the next turn's `previous_response_id`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import time
+from typing import Iterable
+
+import msgspec
+from msgspec import UNSET, Raw, Struct, UnsetType
+
+from .. import glm, sse, wire
+from ..errors import BridgeError, Kind
+from . import Parsed, decode_body
+from .responses_wire import (
+    ArgumentsDelta, ArgumentsDone, ContentPartAdded, ContentPartDone, CustomInputDelta,
+    CustomInputDone, CustomToolCallItem, ErrorBody, ErrorDetail, ErrorInfo, FunctionCallItem,
+    IncompleteDetails, InputTokensDetails, Item, LocalShellArguments, LocalShellCallItem,
+    MessageItem, OutputItem, OutputItemAdded, OutputItemDone, OutputText, OutputTextDelta,
+    OutputTextDone, OutputTokensDetails, Part, ReasoningConfig, ReasoningEcho, ReasoningItem,
+    ReasoningText, ReasoningTextDelta, ReasoningTextDone, ResponseCompleted, ResponseCreated,
+    ResponseFailed, ResponseIncomplete, ResponseInProgress, ResponseObject, ResponsesRequest,
+    ShellAction, SummaryPartAdded, SummaryPartDone, SummaryText, SummaryTextDelta,
+    SummaryTextDone, Tool, Usage)
+
+SURFACE = "responses"
+
+
+# ---- requests ---------------------------------------------------------------------------
+
+_decoder = msgspec.json.Decoder(ResponsesRequest)
+_encoder = msgspec.json.Encoder()
+
+
+def parse_request(body: bytes) -> ResponsesRequest:
+    request = decode_body(_decoder, body)
+    glm.check_max_tokens(request.max_output_tokens, "max_output_tokens")
+    return request
+
+
+def input_items(request: ResponsesRequest) -> list[Item]:
+    if isinstance(request.input, str):
+        return [Item(role="user", content=request.input)] if request.input else []
+    return list(request.input)
+
+
+# Our own reasoning, carried through the client as `encrypted_content` (Codex sends that field
+# back, not the reasoning text), marked so that nobody else's blob is taken for it.
+_REASONING_MARK = "codeplan.r1."
+
+
+def seal_reasoning(text: str) -> str:
+    return _REASONING_MARK + base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def open_reasoning(sealed: str | None) -> str | None:
+    if not sealed or not sealed.startswith(_REASONING_MARK):
+        return None  # someone else's (OpenAI's encrypted reasoning): dropped
+    try:
+        return base64.urlsafe_b64decode(sealed[len(_REASONING_MARK):].encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def _text(parts: str | list[Part] | None, sep: str = "\n") -> str:
+    if parts is None:
+        return ""
+    if isinstance(parts, str):
+        return parts
+    return sep.join(p.text if p.text is not None else p.refusal or "" for p in parts
+                    if p.type in ("input_text", "output_text", "text", "refusal", "summary_text",
+                                  "reasoning_text") and (p.text or p.refusal))
+
+
+def _image_url(part: Part) -> str | None:
+    if not wire.present(part.image_url):
+        return None
+    value = msgspec.json.decode(part.image_url)
+    if isinstance(value, dict):
+        value = value.get("url")
+    return value if isinstance(value, str) and value else None
+
+
+def _user_content(parts: str | list[Part] | None) -> str | list[wire.ContentPart]:
+    if not isinstance(parts, list):
+        return parts or ""
+    out: list[wire.ContentPart] = []
+    for part in parts:
+        if part.type == "input_image":
+            url = _image_url(part)
+            if url:
+                out.append(wire.ContentPart(type="image_url",
+                                            image_url=Raw(msgspec.json.encode({"url": url}))))
+        elif part.text:
+            out.append(wire.ContentPart(type="text", text=part.text))
+    # GLM's text models take a plain string; parts only when an image is present
+    if all(p.type == "text" for p in out):
+        return "\n".join(p.text for p in out if isinstance(p.text, str))
+    return out
+
+
+def _reasoning_of(item: Item) -> str | None:
+    """The reasoning an input reasoning item carries: its own text (the SDK's output items fed
+    back), or our sealed copy; a summary alone is not the reasoning and is dropped."""
+    if isinstance(item.content, list):
+        text = "".join(p.text or "" for p in item.content if p.type == "reasoning_text")
+        if text:
+            return text
+    return open_reasoning(item.encrypted_content)
+
+
+def _flat(namespace: str | None, name: str) -> str:
+    """A namespaced tool's GLM function name (GLM has no namespaces)."""
+    return f"{namespace}__{name}" if namespace else name
+
+
+def _call_of(item: Item) -> wire.ToolCall | None:
+    name = item.name or ""
+    if item.type == "function_call":
+        arguments = item.arguments or "{}"
+        name = _flat(item.namespace, name)
+    elif item.type == "custom_tool_call":
+        arguments = _encoder.encode({"input": item.input or ""}).decode()
+    elif item.type == "local_shell_call":
+        action = item.action or ShellAction()
+        name = LOCAL_SHELL
+        arguments = _encoder.encode(LocalShellArguments(
+            command=action.command, workdir=action.working_directory,
+            timeout_ms=action.timeout_ms)).decode()
+    else:
+        return None
+    return wire.ToolCall(id=item.call_id or item.id or "", type="function",
+                         function=wire.FunctionCall(name=name, arguments=arguments))
+
+
+def to_messages(instructions: str | list[Item] | None, items: Iterable[Item]) -> list[wire.Message]:
+    """The conversation as GLM turns. Consecutive calls (and the text before them) form one
+    assistant turn; a reasoning item's text rides on the assistant turn that follows it."""
+    out: list[wire.Message] = []
+    if isinstance(instructions, str) and instructions:
+        out.append(wire.Message(role="system", content=instructions))
+    elif isinstance(instructions, list):
+        items = [*instructions, *items]
+    reasoning: str | None = None
+    open_turn: wire.Message | None = None  # the assistant turn calls may still join
+
+    def assistant(content: str | None) -> wire.Message:
+        nonlocal reasoning
+        message = wire.Message(role="assistant", content=content)
+        if reasoning:
+            message.reasoning_content = reasoning
+            reasoning = None
+        out.append(message)
+        return message
+
+    for item in items:
+        kind = item.type
+        if kind == "message":
+            role = item.role or "user"
+            if role == "assistant":
+                open_turn = assistant(_text(item.content, ""))
+                continue
+            open_turn = None
+            if role in ("system", "developer"):
+                out.append(wire.Message(role="system", content=_text(item.content)))
+            else:
+                out.append(wire.Message(role="user", content=_user_content(item.content)))
+        elif kind == "reasoning":
+            reasoning = _reasoning_of(item) or reasoning
+        elif kind in ("function_call", "custom_tool_call", "local_shell_call"):
+            call = _call_of(item)
+            assert call is not None
+            if open_turn is None or reasoning:
+                open_turn = assistant(None)
+            if not isinstance(open_turn.tool_calls, list):
+                open_turn.tool_calls = []
+                if open_turn.content == "":
+                    open_turn.content = None
+            open_turn.tool_calls.append(call)
+        elif kind in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
+            open_turn = None
+            out.append(wire.Message(role="tool", content=_text(item.output),
+                                    tool_call_id=item.call_id or item.id or ""))
+        # item_reference, web_search_call, compaction items...: nothing GLM can use
+    return out
+
+
+LOCAL_SHELL = "local_shell"
+_CUSTOM_INPUT = "input"
+
+
+_LOCAL_SHELL_SCHEMA = Raw(msgspec.json.encode({
+    "type": "object",
+    "properties": {
+        "command": {"type": "array", "items": {"type": "string"},
+                    "description": "The command and its arguments, e.g. [\"bash\", \"-lc\", \"ls\"]."},
+        "workdir": {"type": "string", "description": "The working directory."},
+        "timeout_ms": {"type": "integer", "description": "Timeout in milliseconds."}},
+    "required": ["command"]}))
+_EMPTY_SCHEMA = Raw(b'{"type":"object","properties":{}}')
+
+
+def _custom_schema(tool: Tool) -> Raw:
+    described = "The tool's whole input, as free text."
+    fmt = tool.format
+    if fmt is not None and fmt.type == "grammar" and fmt.definition:
+        described += f" It must match this {fmt.syntax or 'lark'} grammar:\n{fmt.definition}"
+    return Raw(msgspec.json.encode({
+        "type": "object", "properties": {_CUSTOM_INPUT: {"type": "string", "description": described}},
+        "required": [_CUSTOM_INPUT]}))
+
+
+class ToolKinds(Struct):
+    """What each GLM function name stands for on the way back."""
+    custom: frozenset[str] = frozenset()
+    local_shell: bool = False
+    namespaced: dict[str, tuple[str, str]] = msgspec.field(default_factory=dict)
+
+
+def to_tools(tools: list[Tool] | None) -> tuple[list[wire.Tool], ToolKinds]:
+    out: list[wire.Tool] = []
+    kinds = ToolKinds()
+    custom: set[str] = set()
+
+    def function(name: str, description: str | None, parameters: Raw) -> None:
+        out.append(wire.Tool(type="function", function=wire.FunctionDef(
+            name=name, description=description or UNSET,
+            parameters=parameters if wire.present(parameters) else _EMPTY_SCHEMA)))
+
+    for tool in tools or ():
+        if tool.type == "function" and tool.name:
+            function(tool.name, tool.description, tool.parameters)
+        elif tool.type == "custom" and tool.name:
+            custom.add(tool.name)
+            function(tool.name, tool.description, _custom_schema(tool))
+        elif tool.type == "local_shell":
+            kinds.local_shell = True
+            function(LOCAL_SHELL, "Run a command on the user's machine.", _LOCAL_SHELL_SCHEMA)
+        elif tool.type == "namespace" and tool.name:
+            for inner in tool.tools or ():
+                if inner.type == "function" and inner.name:
+                    flat = _flat(tool.name, inner.name)
+                    kinds.namespaced[flat] = (tool.name, inner.name)
+                    function(flat, inner.description, inner.parameters)
+        # web_search, file_search, image_generation, mcp, computer use...: hosted tools GLM
+        # cannot run; dropped
+    kinds.custom = frozenset(custom)
+    return out, kinds
+
+
+def _thinking(reasoning: ReasoningConfig | None) -> wire.Thinking | UnsetType:
+    if reasoning is None or reasoning.effort is None:
+        return UNSET  # GLM's default
+    return wire.Thinking(type="disabled" if reasoning.effort in ("none", "minimal") else "enabled")
+
+
+def wants_summary(reasoning: ReasoningConfig | None) -> bool:
+    if reasoning is None:
+        return False
+    summary = reasoning.summary or reasoning.generate_summary
+    return summary is not None and summary != "none"
+
+
+def to_upstream(request: ResponsesRequest, items: list[Item], *,
+                warmup: bool = False) -> tuple[wire.ChatRequest, ToolKinds]:
+    messages = to_messages(request.instructions, items)
+    # a warm-up (Codex's socket prewarm) holds the instructions alone: nothing is generated
+    if not warmup and not any(m.role != "system" for m in messages):
+        raise BridgeError(Kind.invalid_request, "`input` must contain at least one message or item.",
+                          param="input")
+    upstream = wire.ChatRequest(model=request.model, messages=messages, stream=bool(request.stream),
+                                thinking=_thinking(request.reasoning))
+    tools, kinds = to_tools(request.tools)
+    if tools and bytes(request.tool_choice).strip() != b'"none"':
+        upstream.tools = tools  # any other tool_choice: GLM supports only auto (glm.prepare)
+    if request.temperature is not None:
+        upstream.temperature = request.temperature
+    if request.top_p is not None:
+        upstream.top_p = request.top_p
+    text = request.text
+    if text is not None and text.format is not None and text.format.type in ("json_object", "json_schema"):
+        upstream.response_format = Raw(b'{"type":"json_object"}')  # all GLM offers
+    user = request.safety_identifier or request.user
+    if user:
+        upstream.user_id = glm.user_id(user)
+    return upstream, kinds
+
+
+# ---- the response object ----------------------------------------------------------------
+
+
+def out_usage(usage: wire.Usage) -> Usage:
+    # OpenAI's input_tokens include the cached ones, as GLM's prompt_tokens do
+    return Usage(input_tokens=usage.prompt_tokens,
+                 input_tokens_details=InputTokensDetails(cached_tokens=usage.cached_tokens),
+                 output_tokens=usage.completion_tokens,
+                 output_tokens_details=OutputTokensDetails(reasoning_tokens=usage.reasoning_tokens),
+                 total_tokens=usage.total_tokens or usage.prompt_tokens + usage.completion_tokens)
+
+
+class Context(Struct):
+    """What the translator needs from the request: how to read the model's calls back, what
+    to stream, and the fields every `response` object echoes."""
+    kinds: ToolKinds
+    summary: bool
+    sealed_reasoning: bool
+    instructions: str | None
+    tools: list[Tool]
+    tool_choice: Raw
+    parallel_tool_calls: bool
+    temperature: float | None
+    top_p: float | None
+    max_output_tokens: int | None
+    previous_response_id: str | None
+    reasoning: ReasoningEcho
+    store: bool
+    text: Raw
+    metadata: Raw
+    prompt_cache_key: str | None
+
+
+def context_of(request: ResponsesRequest, kinds: ToolKinds) -> Context:
+    reasoning = request.reasoning
+    return Context(
+        kinds=kinds, summary=wants_summary(reasoning),
+        sealed_reasoning="reasoning.encrypted_content" in (request.include or ()),
+        instructions=request.instructions if isinstance(request.instructions, str) else None,
+        tools=request.tools or [],
+        tool_choice=request.tool_choice if wire.present(request.tool_choice) else Raw(b'"auto"'),
+        parallel_tool_calls=request.parallel_tool_calls is not False,
+        temperature=request.temperature, top_p=request.top_p,
+        max_output_tokens=request.max_output_tokens,
+        previous_response_id=request.previous_response_id,
+        reasoning=ReasoningEcho(effort=reasoning.effort if reasoning else None,
+                                summary=(reasoning.summary or reasoning.generate_summary) if reasoning else None),
+        store=bool(request.store),
+        text=Raw(_encoder.encode(request.text)) if request.text is not None else Raw(b'{"format":{"type":"text"}}'),
+        metadata=request.metadata if wire.present(request.metadata) else Raw(b"{}"),
+        prompt_cache_key=request.prompt_cache_key)
+
+
+def response_object(context: Context, response_id: str, model: str, status: str,
+                    output: list[OutputItem], usage: wire.Usage | None = None,
+                    error: ErrorInfo | None = None, incomplete: str | None = None,
+                    created_at: int | None = None) -> ResponseObject:
+    return ResponseObject(
+        id=response_id, created_at=created_at or int(time.time()), status=status, model=model,
+        output=output, usage=out_usage(usage) if usage is not None else None, error=error,
+        incomplete_details=IncompleteDetails(reason=incomplete) if incomplete else None,
+        instructions=context.instructions, tools=context.tools, tool_choice=context.tool_choice,
+        parallel_tool_calls=context.parallel_tool_calls, temperature=context.temperature,
+        top_p=context.top_p, max_output_tokens=context.max_output_tokens,
+        previous_response_id=context.previous_response_id, reasoning=context.reasoning,
+        store=context.store, text=context.text,
+        metadata=context.metadata, prompt_cache_key=context.prompt_cache_key, service_tier="default")
+
+
+# How a finished answer's reason reads in a response: its status and incomplete reason.
+_ENDINGS = {glm.STOP: ("completed", None), glm.TOOL_CALLS: ("completed", None),
+            glm.LENGTH: ("incomplete", "max_output_tokens"),
+            glm.CONTENT_FILTER: ("incomplete", "content_filter")}
+
+
+def _call_item(kinds: ToolKinds, item_id: str, call_id: str, name: str, arguments: str) -> OutputItem:
+    """The model's call as the item the client asked for: a custom tool's free text comes out
+    of its one string parameter, a local shell call gets its action back."""
+    if name in kinds.custom:
+        return CustomToolCallItem(id=item_id, call_id=call_id, name=name, input=custom_input(arguments))
+    if kinds.local_shell and name == LOCAL_SHELL:
+        return LocalShellCallItem(id=item_id, call_id=call_id, action=shell_action(arguments))
+    namespaced = kinds.namespaced.get(name)
+    if namespaced is not None:
+        return FunctionCallItem(id=item_id, call_id=call_id, name=namespaced[1], arguments=arguments,
+                                namespace=namespaced[0])
+    return FunctionCallItem(id=item_id, call_id=call_id, name=name, arguments=arguments)
+
+
+def _call_prefix(kinds: ToolKinds, name: str) -> str:
+    if name in kinds.custom:
+        return "ctc"
+    return "lsh" if kinds.local_shell and name == LOCAL_SHELL else "fc"
+
+
+def custom_input(arguments: str) -> str:
+    try:
+        decoded = msgspec.json.decode(arguments)
+    except msgspec.DecodeError:
+        return arguments  # not JSON at all: the model wrote the input itself
+    if isinstance(decoded, dict):
+        value = decoded.get(_CUSTOM_INPUT)
+        if isinstance(value, str):
+            return value
+        strings = [v for v in decoded.values() if isinstance(v, str)]
+        if len(strings) == 1:
+            return strings[0]  # the right text under another name
+    if isinstance(decoded, str):
+        return decoded
+    return arguments
+
+
+def shell_action(arguments: str) -> ShellAction:
+    try:
+        args = msgspec.json.decode(arguments, type=LocalShellArguments)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ShellAction(command=["bash", "-lc", arguments])
+    command = args.command if isinstance(args.command, list) else ["bash", "-lc", args.command]
+    return ShellAction(command=command, timeout_ms=args.timeout_ms, working_directory=args.workdir,
+                       env={})
+
+
+def output_items(answer: glm.Answer, kinds: ToolKinds, response_id: str, sealed: bool,
+                 summary: bool) -> list[OutputItem]:
+    """A whole answer's output array (non-streamed bodies)."""
+    output: list[OutputItem] = []
+    if answer.reasoning:
+        output.append(_reasoning_item(f"rs_{response_id}_0", answer.reasoning, summary, sealed))
+    if answer.text:
+        output.append(MessageItem(id=f"msg_{response_id}_{len(output)}", status="completed",
+                                  content=[OutputText(text=answer.text)]))
+    for call in answer.calls:
+        prefix = _call_prefix(kinds, call.name)
+        output.append(_call_item(kinds, f"{prefix}_{response_id}_{len(output)}", call.id, call.name,
+                                 call.arguments))
+    return output
+
+
+def _reasoning_item(item_id: str, text: str, summary: bool, sealed: bool) -> ReasoningItem:
+    return ReasoningItem(id=item_id, summary=[SummaryText(text=text)] if summary else [],
+                         content=[ReasoningText(text=text)],
+                         encrypted_content=seal_reasoning(text) if sealed else None)
+
+
+def as_input(item: OutputItem) -> Item:
+    """An output item as the input item a client sends back, for a socket's next turn."""
+    if isinstance(item, MessageItem):
+        return Item(type="message", role="assistant",
+                    content=[Part(type="output_text", text=c.text) for c in item.content])
+    if isinstance(item, ReasoningItem):
+        return Item(type="reasoning", content=[Part(type="reasoning_text", text=c.text) for c in item.content])
+    if isinstance(item, FunctionCallItem):
+        return Item(type="function_call", call_id=item.call_id, name=item.name, arguments=item.arguments,
+                    namespace=item.namespace if isinstance(item.namespace, str) else None)
+    if isinstance(item, CustomToolCallItem):
+        return Item(type="custom_tool_call", call_id=item.call_id, name=item.name, input=item.input)
+    return Item(type="local_shell_call", call_id=item.call_id, action=item.action)
+
+
+# ---- events -----------------------------------------------------------------------------
+
+def _event(payload: Struct) -> bytes:
+    name = type(payload).__struct_config__.tag
+    assert isinstance(name, str)
+    return sse.frame(_encoder.encode(payload), event=name)
+
+
+class _Call:
+    __slots__ = ("index", "item_id", "call_id", "name", "parts")
+
+    def __init__(self, index: int, item_id: str, call_id: str, name: str) -> None:
+        self.index = index
+        self.item_id = item_id
+        self.call_id = call_id
+        self.name = name
+        self.parts: list[str] = []
+
+
+class ResponsesStream:
+    """Clean events in, the Responses event stream out (SSE; the WebSocket transport sends
+    each event's data as a text frame)."""
+
+    content_type = "text/event-stream"
+    keepalive = sse.KEEPALIVE
+
+    def __init__(self, context: Context, model: str, response_id: str) -> None:
+        self.context = context
+        self.model = model
+        self.id = response_id
+        self.created_at = int(time.time())
+        self.status = "in_progress"
+        self.output: list[OutputItem | None] = []  # by output_index; None while in progress
+        self._seq = 0
+        self._open: str | None = None  # "reasoning" | "message" | "call"
+        self._index = -1  # output index of the open item
+        self._parts: list[str] = []  # the open reasoning or message text
+        self._calls: dict[int, _Call] = {}  # by the normaliser's call index
+        self._finished_calls: list[tuple[_Call, str]] = []  # whole, but reported at the end
+
+    # -- framing
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq - 1
+
+    def _response(self, status: str, usage: wire.Usage | None = None, error: ErrorInfo | None = None,
+                  incomplete: str | None = None) -> ResponseObject:
+        return response_object(self.context, self.id, self.model, status,
+                               [item for item in self.output if item is not None], usage, error,
+                               incomplete, self.created_at)
+
+    def _add(self) -> int:
+        self.output.append(None)  # filled when the item is done
+        return len(self.output) - 1
+
+    # -- the journey's calls
+
+    def start(self) -> bytes:
+        return (_event(ResponseCreated(response=self._response("in_progress"), sequence_number=self._next()))
+                + _event(ResponseInProgress(response=self._response("in_progress"),
+                                            sequence_number=self._next())))
+
+    def feed(self, events: list[glm.Event]) -> bytes:
+        out = b""
+        for event in events:
+            if isinstance(event, glm.Reasoning):
+                if self._open != "reasoning":
+                    out += self._close() + self._open_reasoning()
+                self._parts.append(event.text)
+                out += self._reasoning_delta(event.text)
+            elif isinstance(event, glm.Text):
+                if self._open != "message":
+                    out += self._close() + self._open_message()
+                self._parts.append(event.text)
+                out += _event(OutputTextDelta(item_id=self._item_id("msg"), output_index=self._index,
+                                              content_index=0, delta=event.text,
+                                              sequence_number=self._next()))
+            elif isinstance(event, glm.ToolStart):
+                out += self._close() + self._open_call(event)
+            elif isinstance(event, glm.ToolArgs):
+                call = self._calls[event.index]
+                call.parts.append(event.text)
+                if call.name not in self.context.kinds.custom:
+                    out += _event(ArgumentsDelta(item_id=call.item_id, output_index=call.index,
+                                                 delta=event.text, sequence_number=self._next()))
+            elif isinstance(event, glm.ToolEnd):
+                # reported done with the answer: a cut-off answer's calls must never run
+                self._finished_calls.append((self._calls[event.index], event.arguments))
+                self._open = None
+        return out
+
+    def finish(self, reason: str, usage: wire.Usage) -> bytes:
+        status, incomplete = _ENDINGS[reason]
+        out = self._close()
+        if status == "completed":
+            for call, arguments in self._finished_calls:
+                out += self._call_done(call, arguments)
+        # an answer cut by max tokens (or the filter) keeps what was whole: its text and
+        # reasoning, not its calls
+        self.status = status
+        terminal = ResponseCompleted if status == "completed" else ResponseIncomplete
+        return out + _event(terminal(response=self._response(status, usage, incomplete=incomplete),
+                                     sequence_number=self._next()))
+
+    def fail(self, error: BridgeError) -> bytes:
+        """A broken answer: `response.failed` with a filled error, and no item in progress
+        reported done (the client retries the turn)."""
+        self.status = "failed"
+        code, message = failure(error)
+        return _event(ResponseFailed(response=self._response("failed", error=ErrorInfo(code, message)),
+                                     sequence_number=self._next()))
+
+    # -- items
+
+    def _item_id(self, prefix: str) -> str:
+        return f"{prefix}_{self.id.removeprefix('resp_')}_{self._index}"
+
+    def _open_reasoning(self) -> bytes:
+        self._open, self._parts = "reasoning", []
+        self._index = self._add()
+        item_id = self._item_id("rs")
+        out = _event(OutputItemAdded(output_index=self._index, item=ReasoningItem(
+            id=item_id, summary=[], content=[], status="in_progress"), sequence_number=self._next()))
+        if self.context.summary:
+            out += _event(SummaryPartAdded(item_id=item_id, output_index=self._index, summary_index=0,
+                                           part=SummaryText(text=""), sequence_number=self._next()))
+        return out + _event(ContentPartAdded(item_id=item_id, output_index=self._index, content_index=0,
+                                             part=ReasoningText(text=""), sequence_number=self._next()))
+
+    def _reasoning_delta(self, text: str) -> bytes:
+        item_id = self._item_id("rs")
+        out = b""
+        if self.context.summary:
+            out += _event(SummaryTextDelta(item_id=item_id, output_index=self._index, summary_index=0,
+                                           delta=text, sequence_number=self._next()))
+        return out + _event(ReasoningTextDelta(item_id=item_id, output_index=self._index, content_index=0,
+                                               delta=text, sequence_number=self._next()))
+
+    def _open_message(self) -> bytes:
+        self._open, self._parts = "message", []
+        self._index = self._add()
+        item_id = self._item_id("msg")
+        return (_event(OutputItemAdded(output_index=self._index, item=MessageItem(
+                    id=item_id, status="in_progress", content=[]), sequence_number=self._next()))
+                + _event(ContentPartAdded(item_id=item_id, output_index=self._index, content_index=0,
+                                          part=OutputText(text=""), sequence_number=self._next())))
+
+    def _open_call(self, start: glm.ToolStart) -> bytes:
+        self._open = "call"
+        self._index = self._add()
+        call = _Call(self._index, self._item_id(_call_prefix(self.context.kinds, start.name)),
+                     start.id, start.name)
+        self._calls[start.index] = call
+        item = _call_item(self.context.kinds, call.item_id, call.call_id, call.name, "")
+        if isinstance(item, CustomToolCallItem | LocalShellCallItem | FunctionCallItem):
+            item.status = "in_progress"
+        if isinstance(item, LocalShellCallItem):
+            item.action = ShellAction()
+        return _event(OutputItemAdded(output_index=self._index, item=item, sequence_number=self._next()))
+
+    def _close(self) -> bytes:
+        """End the open reasoning or message item (calls end with the answer)."""
+        kind, self._open = self._open, None
+        if kind == "reasoning":
+            text = "".join(self._parts)
+            item = _reasoning_item(self._item_id("rs"), text, self.context.summary,
+                                   self.context.sealed_reasoning)
+            out = _event(ReasoningTextDone(item_id=item.id, output_index=self._index, content_index=0,
+                                           text=text, sequence_number=self._next()))
+            out += _event(ContentPartDone(item_id=item.id, output_index=self._index, content_index=0,
+                                          part=ReasoningText(text=text), sequence_number=self._next()))
+            if self.context.summary:
+                out += _event(SummaryTextDone(item_id=item.id, output_index=self._index, summary_index=0,
+                                              text=text, sequence_number=self._next()))
+                out += _event(SummaryPartDone(item_id=item.id, output_index=self._index, summary_index=0,
+                                              part=SummaryText(text=text), sequence_number=self._next()))
+            return out + self._item_done(item)
+        if kind == "message":
+            text = "".join(self._parts)
+            item_id = self._item_id("msg")
+            out = _event(OutputTextDone(item_id=item_id, output_index=self._index, content_index=0,
+                                        text=text, sequence_number=self._next()))
+            out += _event(ContentPartDone(item_id=item_id, output_index=self._index, content_index=0,
+                                          part=OutputText(text=text), sequence_number=self._next()))
+            return out + self._item_done(MessageItem(id=item_id, status="completed",
+                                                     content=[OutputText(text=text)]))
+        return b""
+
+    def _item_done(self, item: OutputItem) -> bytes:
+        self.output[self._index] = item
+        return _event(OutputItemDone(output_index=self._index, item=item, sequence_number=self._next()))
+
+    def _call_done(self, call: _Call, arguments: str) -> bytes:
+        item = _call_item(self.context.kinds, call.item_id, call.call_id, call.name, arguments)
+        out = b""
+        if isinstance(item, CustomToolCallItem):
+            # the free text is known only once the arguments are whole
+            out += _event(CustomInputDelta(item_id=item.id, call_id=item.call_id, output_index=call.index,
+                                           delta=item.input, sequence_number=self._next()))
+            out += _event(CustomInputDone(item_id=item.id, call_id=item.call_id, output_index=call.index,
+                                          input=item.input, sequence_number=self._next()))
+        elif isinstance(item, FunctionCallItem):
+            out += _event(ArgumentsDone(item_id=item.id, output_index=call.index, name=item.name,
+                                        arguments=arguments, sequence_number=self._next()))
+        self.output[call.index] = item
+        return out + _event(OutputItemDone(output_index=call.index, item=item, sequence_number=self._next()))
+
+    def finished_output(self) -> list[OutputItem]:
+        return [item for item in self.output if item is not None]
+
+
+# ---- errors -----------------------------------------------------------------------------
+
+def _retry_text(error: BridgeError) -> str:
+    seconds = max(1, math.ceil(error.retry_after or 1))
+    return f"Please try again in {seconds}s."
+
+
+def failure(error: BridgeError) -> tuple[str, str]:
+    """A failure's code and message as Codex reads them in `response.failed`:
+    context_length_exceeded, insufficient_quota (not retried), rate_limit_exceeded with
+    "Please try again in Ns" (retried after that), server_error (retried with backoff),
+    invalid_prompt (shown, not retried)."""
+    kind = error.kind
+    if kind is Kind.context_length:
+        return "context_length_exceeded", error.message
+    if kind in (Kind.upstream_billing, Kind.payment_required):
+        return "insufficient_quota", error.message
+    if kind is Kind.quota_exhausted and (error.retry_after or 0) > 60:
+        return "insufficient_quota", error.message  # hours away: retrying would only wait
+    if kind in (Kind.concurrency, Kind.upstream_rate_limited, Kind.quota_exhausted):
+        return "rate_limit_exceeded", f"{error.message} {_retry_text(error)}"
+    if kind in (Kind.upstream_overloaded, Kind.upstream_error, Kind.upstream_timeout, Kind.unavailable):
+        message = error.message
+        if error.retry_after is not None:
+            message = f"{message} {_retry_text(error)}"
+        return "server_error", message
+    return "invalid_prompt", error.message
+
+
+_TYPES = {
+    Kind.authentication: "authentication_error", Kind.permission: "permission_error",
+    Kind.invalid_request: "invalid_request_error", Kind.not_found: "invalid_request_error",
+    Kind.context_length: "invalid_request_error", Kind.too_large: "invalid_request_error",
+    # Codex shows `usage_limit_reached` with the reset time and does not retry it
+    Kind.quota_exhausted: "usage_limit_reached", Kind.concurrency: "rate_limit_error",
+    Kind.upstream_rate_limited: "rate_limit_error", Kind.upstream_overloaded: "server_error",
+    Kind.upstream_billing: "insufficient_quota", Kind.payment_required: "insufficient_quota",
+    Kind.content_policy: "invalid_request_error",
+    Kind.upstream_error: "server_error", Kind.upstream_timeout: "server_error",
+    Kind.unavailable: "server_error",
+}
+_CODES = {
+    Kind.authentication: "invalid_api_key", Kind.not_found: "model_not_found",
+    Kind.context_length: "context_length_exceeded", Kind.concurrency: "rate_limit_exceeded",
+    Kind.upstream_rate_limited: "rate_limit_exceeded", Kind.upstream_billing: "insufficient_quota",
+    Kind.payment_required: "insufficient_quota", Kind.content_policy: "content_policy_violation",
+    Kind.upstream_overloaded: "server_is_overloaded",
+}
+
+
+def error_detail(error: BridgeError) -> ErrorDetail:
+    message = error.message
+    detail = ErrorDetail(message=message, type=_TYPES[error.kind], param=error.param,
+                         code=_CODES.get(error.kind) or error.code)
+    if error.kind in (Kind.concurrency, Kind.upstream_rate_limited) and error.retry_after is not None:
+        detail.message = f"{message} {_retry_text(error)}"
+    if error.kind is Kind.quota_exhausted and error.retry_after is not None:
+        detail.resets_at = int(time.time() + error.retry_after)
+    return detail
+
+
+def error_response(error: BridgeError) -> tuple[int, dict[str, str], bytes]:
+    return error.status, error.headers(), _encoder.encode(ErrorBody(error=error_detail(error)))
+
+
+def not_stored(response_id: str) -> BridgeError:
+    return BridgeError(Kind.not_found, f"Response '{response_id}' not found: Codeplan does not store "
+                       "responses (`store` is accepted and ignored). Send the whole conversation in "
+                       "`input`; over the WebSocket transport a socket's own responses can be "
+                       "continued with `previous_response_id`.", code="response_not_found")
+
+
+def previous_not_found(response_id: str, socket: bool) -> BridgeError:
+    where = ("This socket does not hold it (a socket keeps only its own latest responses)."
+             if socket else "Over HTTP Codeplan stores no responses: send the whole conversation "
+             "in `input`, or use the WebSocket transport, which keeps a socket's responses for its "
+             "next turn.")
+    return BridgeError(Kind.invalid_request, f"Previous response with id '{response_id}' not found. "
+                       + where, param="previous_response_id", code="previous_response_not_found")
+
+
+# ---- the surface -------------------------------------------------------------------------
+
+class History(Struct):
+    """A finished response as a later turn continues it: the whole conversation the model saw,
+    its answer included."""
+    items: list[Item]
+
+
+class Memory:
+    """Where a surface finds the conversation a `previous_response_id` names. Over HTTP there
+    is none (responses are not stored); a WebSocket keeps its own (responses_socket.py)."""
+
+    def recall(self, response_id: str) -> History | None:
+        return None
+
+
+class ResponsesSurface:
+    """The Responses surface for one request (the translator needs what the request said)."""
+    name = SURFACE
+
+    def __init__(self, memory: Memory | None = None, *, socket: bool = False) -> None:
+        self.memory = memory or Memory()
+        self.socket = socket
+        self.request: ResponsesRequest | None = None
+        self.items: list[Item] = []  # the whole conversation, for the next turn on a socket
+        self.context: Context | None = None
+        self.translator: ResponsesStream | None = None
+        self.output: list[OutputItem] | None = None  # set once the answer is whole
+        self.failure: BridgeError | None = None
+
+    def parse(self, body: bytes, *, warmup: bool = False) -> Parsed:
+        request = parse_request(body)
+        items = input_items(request)
+        if request.previous_response_id:
+            history = self.memory.recall(request.previous_response_id)
+            if history is None:
+                raise previous_not_found(request.previous_response_id, self.socket)
+            items = history.items + items
+        upstream, kinds = to_upstream(request, items, warmup=warmup)
+        if self.socket:
+            upstream.stream = True  # a socket only ever streams
+        self.request, self.items = request, items
+        self.context = context_of(request, kinds)
+        return Parsed(upstream, request.max_output_tokens)
+
+    def stream(self, model: str, request_id: str, prompt_estimate: int) -> ResponsesStream:
+        assert self.context is not None
+        self.translator = ResponsesStream(self.context, model, "resp_" + request_id)
+        return self.translator
+
+    def complete(self, answer: glm.Answer, reason: str, model: str, request_id: str,
+                 usage: wire.Usage) -> bytes:
+        context = self.context
+        assert context is not None
+        response_id = "resp_" + request_id
+        status, incomplete = _ENDINGS[reason]
+        output = output_items(answer, context.kinds, request_id, context.sealed_reasoning, context.summary)
+        if status != "completed":
+            output = [o for o in output if isinstance(o, MessageItem | ReasoningItem)]
+        self.output = output
+        return _encoder.encode(response_object(context, response_id, model, status, output, usage,
+                                               incomplete=incomplete))
+
+    def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
+        self.failure = error
+        return error_response(error)
+
+    def finished(self) -> tuple[str, list[OutputItem]] | None:
+        """The response id and output of a completed streamed answer, once it is; else None."""
+        translator = self.translator
+        if translator is None or translator.status != "completed":
+            return None
+        return translator.id, translator.finished_output()
