@@ -204,7 +204,8 @@ async def test_admission_locks_extra_windows_in_id_order_with_the_plans(fresh_da
             for _ in range(600):
                 waiting = await prober.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                    " AND query LIKE '%ledger_admit_batch%' AND datname = current_database()")
+                    " AND (query LIKE '%ledger_admit_batch%' OR query LIKE '%ledger_tick%')"
+                    " AND datname = current_database()")
                 if waiting:
                     break
                 await asyncio.sleep(0.05)
