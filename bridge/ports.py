@@ -46,7 +46,8 @@ class Admission(msgspec.Struct, frozen=True):
     allowance: int | None = None
     # for inactive: why the subscription may not spend (its billing state)
     detail: str | None = None
-    # the tokens the subscription's windows could still hold after this admission
+    # the largest hold, in tokens, the subscription's windows (the plan's room plus its roomiest
+    # top-up or overage window) could still give a request after this admission
     room: int | None = None
 
     @property

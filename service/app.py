@@ -21,6 +21,8 @@ from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
 from . import admin, credits, db, metrics, openapi, ops, usage
 from .accounts import Authenticator
+from .billing.engine import Billing, set_overage
+from .billing import routes as billing_routes
 from .config import Config, model_catalog, peak_window, upstream_profiles
 from .ledger import Ledger
 from .metrics import PrometheusMetrics
@@ -92,6 +94,23 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+async def _billing(pool: asyncpg.Pool, config: Config) -> Billing | None:
+    """Billing's engine and worker, or None (said once) when no Stripe key is configured."""
+    if not config.billing_enabled:
+        # nothing could bill it: no plan goes beyond its windows
+        await set_overage(pool, plans=(), cap=0)
+        log.warning("billing is off: STRIPE_SECRET_KEY is not set; plans are assigned with "
+                    "`codeplan users create`" + (
+                        "; webhook events are verified and recorded, and applied once a key is set"
+                        if config.stripe_webhook_secrets else ""))
+        return None
+    billing = await Billing.open(pool, config, retry_base=config.billing_retry_seconds)
+    billing.start()
+    log.info("billing on", extra={"stripe_api": config.stripe_api_base,
+                                  "webhooks": "verified" if config.stripe_webhook_secrets else "not configured"})
+    return billing
+
+
 def create_app(config: Config, database_url: str, upstream_url: str = "",
                upstream_keys: tuple[str, ...] = (), *,
                profiles: list[ProfileConfig] | None = None) -> Litestar:
@@ -142,8 +161,11 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         app.state.upstream_store = store
         # the HTTP server refuses bodies over this first (service/http_limits.py)
         app.state.max_body = config.max_body_bytes
-        # billing's engine sets this when Stripe is configured; None: the page says billing is off
-        app.state.billing = getattr(app.state, "billing", None)
+        # billing's engine when Stripe is configured; None: the page says billing is off. One set
+        # before start-up (a test's stand-in) is kept.
+        injected = getattr(app.state, "billing", None)
+        billing = None if injected is not None else await _billing(pool, config)
+        app.state.billing = injected if injected is not None else billing
         await web.start(app, pool, database_url)
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         background = [asyncio.create_task(store.run(config.upstream_refresh)),
@@ -162,6 +184,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
             await ops.settle_everything(journey)
             sweeper.cancel()
             await web.stop()
+            if billing is not None:
+                await billing.close()
             await leases.close()
             await router.close()
             await pool.close()
@@ -175,7 +199,7 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         # and the web page are not part of it (service/openapi.py)
         route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *web.route_handlers],
                                include_in_schema=False),
-                        *usage.routes, admin.router, openapi.former_admin_schema,
+                        *usage.routes, *billing_routes.routes, admin.router, openapi.former_admin_schema,
                         ops.healthz, ops.readyz, metrics.metrics],
         template_config=web.templates,
         lifespan=[lifespan],

@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     key_revoke = keys.add_parser("revoke", help="revoke a key, named by the prefix shown when it was made")
     key_revoke.add_argument("--prefix", required=True)
 
+    stripe = commands.add_parser("stripe", help="Stripe billing").add_subparsers(dest="action", required=True)
+    stripe.add_parser("sync", help="create or update the Stripe Products, Prices and overage meter "
+                                   "from the plans table (idempotent)")
     commands.add_parser("usage", help="print this key's windows in one line (CODEPLAN_API_KEY, CODEPLAN_BASE_URL)")
     commands.add_parser("statusline", help="Claude Code's status line: reads its JSON on stdin, prints one line")
 
@@ -186,6 +189,39 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--fault", default="", help="a fault for every request, e.g. 1302 or 500 "
                      "(a request's own [[sim fault=...]] wins)")
     return parser
+
+
+def _stripe_sync(config: config_module.Config) -> int:
+    if not config.billing_enabled:
+        print("codeplan: STRIPE_SECRET_KEY is required for `codeplan stripe sync`", file=sys.stderr)
+        return 2
+    import stripe
+
+    from .billing.engine import Billing
+    from .billing.catalog import CatalogError
+    from .billing.stripe_api import describe
+
+    async def sync(url: str):
+        await db.migrate(url)
+        pool = await db.create_pool(url, size=2)
+        billing = await Billing.open(pool, config)
+        try:
+            return await billing.sync_catalog()
+        finally:
+            await billing.close()
+            await pool.close()
+    try:
+        lines = asyncio.run(sync(_database_url(config)))
+    except CatalogError as exc:
+        print(f"codeplan: {exc}", file=sys.stderr)
+        return 1
+    except stripe.StripeError as exc:
+        print(f"codeplan: Stripe refused the catalogue: {describe(exc)}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(f"{line.what:<32} {line.stripe_id:<34} {line.action}")
+    print(f"{sum(line.action != 'unchanged' for line in lines)} change(s) on Stripe")
+    return 0
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -278,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             new = asyncio.run(_with_conn(url, lambda c: create_user(c, args.email, args.plan)))
             print(f"account {new.account_id} created on plan {args.plan}; its API key (shown once):")
             print(new.key)
+        elif args.command == "stripe":
+            return _stripe_sync(config)
         elif args.command == "keys" and args.action == "revoke":
             account = asyncio.run(_with_conn(_database_url(config), lambda c: revoke_key(c, args.prefix)))
             print(f"key {args.prefix}... of account {account} revoked")

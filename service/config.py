@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal, Mapping
 
@@ -18,9 +20,36 @@ from bridge.upstreams import ProfileConfig
 from .credits import DEFAULT_MODELS, ModelConfig, ModelsFile
 
 PREFIX = "CODEPLAN_"
+# Stripe's own tools (the CLI, the dashboard's snippets) name these two; they keep their names.
+ENV_NAMES = {"stripe_secret_key": "STRIPE_SECRET_KEY", "stripe_webhook_secrets": "STRIPE_WEBHOOK_SECRET"}
+SECRET_FIELDS = {"upstream_keys", "stripe_secret_key", "stripe_webhook_secrets", "secret_key", "smtp_url",
+                 "admin_token"}
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Cents = Annotated[int, msgspec.Meta(ge=0)]
+
+
+def env_name(field: str) -> str:
+    """The environment variable a Config field is read from."""
+    return ENV_NAMES.get(field, PREFIX + field.upper())
+
+
+class PlanPrice(msgspec.Struct, frozen=True):
+    """What a plan costs on Stripe, in the smallest unit of the currency (cents)."""
+    plan: str
+    monthly: Cents
+    yearly: Cents | None = None
+
+
+class TopupBlock(msgspec.Struct, frozen=True):
+    """A block of tokens sold once (Checkout in payment mode), spent after a window is exhausted."""
+    tokens: Annotated[int, msgspec.Meta(gt=0)]
+    price: Annotated[int, msgspec.Meta(gt=0)]
+
+    @property
+    def id(self) -> str:
+        return str(self.tokens)
 
 
 class Config(msgspec.Struct, kw_only=True, frozen=True):
@@ -90,7 +119,8 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     claude_haiku_model: str = "glm-4.5-air"
     # extra directory with a tokenizer rank file (see bridge/tokens.py)
     tiktoken_cache_dir: str = ""
-    # where users reach this service (links in errors and mails); empty: http://HOST:PORT
+    # where users reach this service (links in errors and mails; Stripe sends them back to
+    # {public_url}/billing); empty: http://HOST:PORT
     public_url: str = ""
     # the Responses API over WebSockets (Codex's supports_websockets), and the most sockets a
     # process holds (0: no limit); past it, or when off, Codex is sent to HTTP at the upgrade
@@ -122,6 +152,30 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # seconds an unknown key's hash is remembered, so repeating it costs no query
     auth_unknown_ttl: Annotated[float, msgspec.Meta(ge=0)] = 30.0
 
+    # ---- billing (service/billing): Stripe. Without a secret key, billing is off. ----
+    stripe_secret_key: str = ""
+    # several during a secret's rotation: an event signed with any of them is accepted
+    stripe_webhook_secrets: tuple[str, ...] = ()
+    # where the `stripe` library sends requests (a local fake in tests)
+    stripe_api_base: str = "https://api.stripe.com"
+    stripe_currency: str = "usd"
+    # plan=monthly[/yearly] prices in cents; a plan not named keeps plans.monthly_price_cents
+    plan_prices: tuple[PlanPrice, ...] = ()
+    # seconds a past_due subscription keeps its plan while Stripe retries the payment
+    past_due_grace: Annotated[float, msgspec.Meta(ge=0)] = 259200.0
+    # tokens=cents blocks sold as top-ups (the ledger counts a block's tokens as credits), and how
+    # long a bought block stays valid
+    topup_blocks: tuple[TopupBlock, ...] = ()
+    topup_valid_days: Annotated[int, msgspec.Meta(ge=1)] = 365
+    # plans whose windows may be exceeded, billed per credit through a Stripe Billing Meter
+    overage_plans: tuple[str, ...] = ()
+    overage_cents_per_million: Decimal = Decimal("0")
+    # overage credits one account may run up per billing period at most
+    overage_cap_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # first delay before a failed billing job (a webhook's effect, a meter event) is retried;
+    # it doubles with each failure
+    billing_retry_seconds: Seconds = 2.0
+
     @property
     def simulated(self) -> bool:
         return not self.upstream_url and not self.upstreams_file
@@ -129,6 +183,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     @property
     def base_url(self) -> str:
         return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def billing_enabled(self) -> bool:
+        return bool(self.stripe_secret_key)
 
     def bridge_settings(self) -> BridgeSettings:
         return BridgeSettings(
@@ -170,23 +228,52 @@ def _describe(field: str) -> str:
         "max_connections": "a positive integer",
         "max_json_depth": "an integer from 8 to 128",
         "auth_failure_limit": "a non-negative integer",
+        "past_due_grace": "a non-negative number of seconds",
+        "topup_valid_days": "a whole number of days, at least 1",
+        "overage_cents_per_million": "a non-negative decimal number of cents",
+        "overage_cap_tokens": "a non-negative integer",
+        "plan_prices": "plan=monthly[/yearly] prices in cents, comma-separated (pro=3000/30000)",
+        "topup_blocks": "tokens=cents pairs, comma-separated (20000000=1000)",
     }
     return hints.get(field, "a positive number of seconds" if field in {
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
         "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
         "body_timeout", "keepalive_timeout", "auth_failure_window", "upstream_cooldown",
-        "upstream_lease", "upstream_refresh", "shutdown_timeout"} else "a valid value")
+        "upstream_lease", "upstream_refresh", "shutdown_timeout",
+        "billing_retry_seconds"} else "a valid value")
+
+
+_LISTS = {"upstream_keys", "model_aliases", "upstream_prices", "stripe_webhook_secrets", "overage_plans"}
+_PAIR = re.compile(r"^\s*([^=\s]+)\s*=\s*(\d+)\s*(?:/\s*(\d+)\s*)?$")
+
+
+def _pairs(field: str, value: str) -> list[dict[str, object]]:
+    parsed = []
+    for part in value.split(","):
+        if not part.strip():
+            continue
+        match = _PAIR.match(part)
+        if not match or (field == "topup_blocks" and (match.group(3) or not match.group(1).isdigit())):
+            raise ConfigError(f"{env_name(field)}: expected {_describe(field)}, got {part.strip()!r}")
+        if field == "plan_prices":
+            parsed.append({"plan": match.group(1), "monthly": int(match.group(2)),
+                           "yearly": int(match.group(3)) if match.group(3) else None})
+        else:
+            parsed.append({"tokens": int(match.group(1)), "price": int(match.group(2))})
+    return parsed
 
 
 def load(environ: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
     raw: dict[str, object] = {}
     for name in _FIELDS:
-        value = environ.get(PREFIX + name.upper())
+        value = environ.get(env_name(name))
         if value is None or value == "":
             continue
-        if name in ("upstream_keys", "model_aliases", "upstream_prices"):
+        if name in _LISTS:
             raw[name] = tuple(part.strip() for part in value.split(",") if part.strip())
+        elif name in ("plan_prices", "topup_blocks"):
+            raw[name] = _pairs(name, value)
         else:
             raw[name] = value.strip().lower() if name in ("log_level", "upstream_stream_usage") else value.strip()
     try:
@@ -196,11 +283,11 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         message = str(exc)
         field = message.rsplit("$.", 1)[-1].rstrip("`").split("[")[0] if "$." in message else ""
         if field in _FIELDS:
-            shown = environ.get(PREFIX + field.upper(), "")
-            if field in ("upstream_keys", "admin_token"):
+            shown = environ.get(env_name(field), "")
+            if field in SECRET_FIELDS:
                 shown = "<hidden>"
             raise ConfigError(
-                f"{PREFIX}{field.upper()}: expected {_describe(field)}, got {shown!r}"
+                f"{env_name(field)}: expected {_describe(field)}, got {shown!r}"
             ) from None
         raise ConfigError(f"invalid configuration: {message}") from None
     if config.upstream_url:
@@ -228,6 +315,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     _check_peak(config)
     upstream_profiles(config)  # a bad file stops start-up here, with one line
     model_catalog(config)
+    _check_billing(config)
     for alias in config.model_aliases:
         if "=" not in alias:
             raise ConfigError(
@@ -304,3 +392,30 @@ def model_catalog(config: Config) -> list[ModelConfig]:
         for model in _read_structured("MODELS_FILE", config.models_file, ModelsFile).models:
             models[model.id.lower()] = msgspec.structs.replace(model, id=model.id.lower())
     return list(models.values())
+
+
+def _check_billing(config: Config) -> None:
+    # secrets are never echoed, not even in part
+    if config.stripe_secret_key and not config.stripe_secret_key.startswith(("sk_", "rk_")):
+        raise ConfigError("STRIPE_SECRET_KEY: expected a Stripe secret or restricted key (sk_... or rk_...), "
+                          "got a value of another form")
+    for secret in config.stripe_webhook_secrets:
+        if not secret.startswith("whsec_"):
+            raise ConfigError("STRIPE_WEBHOOK_SECRET: expected webhook signing secrets (whsec_...), "
+                              "comma-separated, got a value of another form")
+    for name in ("stripe_api_base",):
+        url = getattr(config, name)
+        if url and not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{env_name(name)}: expected an http:// or https:// URL, got {url!r}")
+    if not re.fullmatch(r"[a-z]{3}", config.stripe_currency):
+        raise ConfigError(f"{env_name('stripe_currency')}: expected a three-letter ISO currency code in "
+                          f"lower case (usd), got {config.stripe_currency!r}")
+    if not config.overage_cents_per_million.is_finite() or config.overage_cents_per_million < 0:
+        raise ConfigError(f"{env_name('overage_cents_per_million')}: expected {_describe('overage_cents_per_million')}, "
+                          f"got {str(config.overage_cents_per_million)!r}")
+    plans = [p.plan for p in config.plan_prices]
+    if len(set(plans)) != len(plans):
+        raise ConfigError(f"{env_name('plan_prices')}: a plan is priced twice")
+    tokens = [b.tokens for b in config.topup_blocks]
+    if len(set(tokens)) != len(tokens):
+        raise ConfigError(f"{env_name('topup_blocks')}: two blocks have the same number of tokens")

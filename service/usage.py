@@ -95,7 +95,7 @@ SELECT DISTINCT ON (w.kind) w.kind, w.allowance, w.reserved, w.posted, w.starts_
            AND (l.window_id = w.id OR l.week_window_id = w.id)
            AND l.state IN ('posted', 'expired')) AS tokens
   FROM quota_windows w
- WHERE w.subscription_id = $1 AND w.ends_at > now()
+ WHERE w.subscription_id = $1 AND w.ends_at > now() AND w.kind IN ('5h', 'week')
  ORDER BY w.kind, w.starts_at DESC
 """
 

@@ -180,7 +180,7 @@ class Server:
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CODEPLAN_", "STRIPE_"))}
     env.update(CODEPLAN_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env

@@ -20,7 +20,8 @@ import pytest
 import schemathesis
 from schemathesis import checks as builtin
 
-from .conftest import _fresh_database, new_user, query, run, start_bridge, wait_settled
+from .billing.conftest import billing_env, start_fake, stripe_sync
+from .conftest import _fresh_database, new_user, start_bridge, wait_settled
 
 ADMIN_TOKEN = "schema-admin-token-" + uuid.uuid4().hex
 EXAMPLES = int(os.environ.get("CODEPLAN_SCHEMA_EXAMPLES", "25"))
@@ -29,19 +30,23 @@ EXAMPLES = int(os.environ.get("CODEPLAN_SCHEMA_EXAMPLES", "25"))
 @pytest.fixture(scope="module")
 def api(pg_url, simulator):
     database = _fresh_database(pg_url)
+    # billing on, against the Stripe fake (tests/stripe_fake), so its endpoints do their work
+    stripe, fake = start_fake()
+    synced = stripe_sync(database, fake)
+    assert synced.returncode == 0, synced.stderr
     # no throttle: the generated requests send many wrong keys on purpose, and a 429 for the
     # next case would hide what that case does
     server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_ADMIN_TOKEN=ADMIN_TOKEN,
-                          CODEPLAN_AUTH_FAILURE_LIMIT="0")
+                          CODEPLAN_AUTH_FAILURE_LIMIT="0", **billing_env(fake))
     key = new_user(database)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
     for i in range(3):
         client.chat.completions.create(model="glm-4.6", max_tokens=20, messages=[
             {"role": "user", "content": f"[[sim tokens=5 reasoning=0]] warm up {i}"}])
     wait_settled(database)
-    topups = run(query(database, "SELECT to_regclass('topups') IS NOT NULL AS present"))[0]["present"]
-    yield server, key, topups
+    yield server, key
     server.stop()
+    stripe.stop()
 
 
 def _document() -> dict:
@@ -77,7 +82,7 @@ def zai_refuses_in_its_envelope(ctx, response, case):
 @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=not os.environ.get("CODEPLAN_SCHEMA_RANDOM"),
                      suppress_health_check=list(hypothesis.HealthCheck))
 def test_the_json_api_conforms_to_its_schema_and_never_fails(case, api):
-    server, key, topups = api
+    server, key = api
     credential = ADMIN_TOKEN if case.path.startswith("/admin/") else key
     # set on the case itself, so that schemathesis judges the request actually sent (a case that
     # was negative only for its missing credential is one no longer)
@@ -86,26 +91,24 @@ def test_the_json_api_conforms_to_its_schema_and_never_fails(case, api):
     if case.path.startswith("/api/monitor/"):
         checks.remove(builtin.negative_data_rejection)
         checks.append(zai_refuses_in_its_envelope)
-    if case.path.endswith("/topups") and not topups:
-        # top-ups need billing's tables (issue 12): until they exist the route says so, 501
-        checks.remove(builtin.not_a_server_error)
     case.call_and_validate(base_url=server.url, checks=checks, timeout=30)
 
 
 def test_the_schema_holds_the_service_api_and_nothing_else(api):
     import httpx
 
-    server, _, _ = api
+    server, _ = api
     document = httpx.get(server.url + "/schema/openapi.json").json()
     paths = set(document["paths"])
     assert {"/v1/usage", "/api/monitor/usage/quota/limit", "/api/monitor/usage/model-usage",
+            "/v1/billing", "/v1/billing/checkout", "/v1/billing/portal", "/v1/billing/topup",
             "/admin/plans", "/admin/users/{account_id}", "/admin/audit"} <= paths
     # the coding tools' protocols and the web page are not the service's API
     for path in paths:
         assert not path.startswith(("/v1/chat", "/v1/messages", "/v1/responses", "/v1/models", "/chat",
                                     "/messages", "/responses", "/models", "/api/coding", "/api/paas",
                                     "/api/anthropic", "/login", "/signup", "/dashboard", "/keys", "/setup",
-                                    "/static", "/healthz", "/readyz", "/metrics")), path
+                                    "/static", "/healthz", "/readyz", "/metrics", "/stripe")), path
         assert path != "/"
     assert document == DOCUMENT
     moved = httpx.get(server.url + "/admin/schema/openapi.json")
@@ -130,7 +133,7 @@ def test_the_schema_holds_the_service_api_and_nothing_else(api):
 def test_what_schemathesis_found_stays_fixed(api, method, path, body, status):
     import httpx
 
-    server, _, _ = api
+    server, _ = api
     answer = httpx.request(method, server.url + path, json=body, timeout=30,
                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     assert answer.status_code == status, answer.text
@@ -140,7 +143,7 @@ def test_what_schemathesis_found_stays_fixed(api, method, path, body, status):
 def test_a_repeated_zai_time_is_refused_in_zais_envelope(api):
     import httpx
 
-    server, key, _ = api
+    server, key = api
     answer = httpx.get(server.url + "/api/monitor/usage/model-usage?startTime=2026-01-01%2000:00:00"
                        "&startTime=2026-01-02%2000:00:00", headers={"Authorization": key}, timeout=30)
     assert answer.status_code == 200 and answer.json()["code"] == 400 and answer.json()["success"] is False

@@ -330,7 +330,18 @@ def test_admin_api_authorization_and_audit(fresh_database, simulator):
         detail = _admin(server, "GET", f"/users/{member_account}").json()
         assert detail["windows"][0]["allowance"] == 800_000_000  # max's
         topup = _admin(server, "POST", f"/users/{member_account}/topups", json={"credits": 1000, "reason": "sorry"})
-        assert topup.status_code == 501  # the billing tables are not installed here
+        assert topup.status_code == 201, topup.text
+        # a granted block is billing's top-up window, in credits; a change of the plan's
+        # allowances (the plan's, or the user's plan) moves the plan's windows and leaves it alone
+        block = "SELECT kind, allowance, posted FROM quota_windows WHERE id = $1"
+        assert tuple(run(query(fresh_database, block, topup.json()["window_id"]))[0]) == ("topup", 1000, 0)
+        assert _admin(server, "PATCH", "/plans/max", json={"window_credits": 700_000_000}).status_code == 200
+        assert _admin(server, "PATCH", f"/users/{member_account}", json={"plan": "max"}).status_code == 200
+        windows = {r["kind"]: r["allowance"] for r in run(query(
+            fresh_database, "SELECT w.kind, w.allowance FROM quota_windows w JOIN subscriptions s"
+                            " ON s.id = w.subscription_id WHERE s.account_id = $1 AND w.ends_at > now()",
+            member_account))}
+        assert windows == {"5h": 700_000_000, "week": detail["windows"][1]["allowance"], "topup": 1000}
 
         # reports: per user / model / day, top consumers, margin against upstream cost
         wait_settled(fresh_database)
@@ -355,7 +366,8 @@ def test_admin_api_authorization_and_audit(fresh_database, simulator):
         assert {actor for actor, action in actions if action != "plan.retire"} == {"admin-token"}
         assert ("plan.retire" , admin_account) in [(a, b) for b, a in actions]
         assert [a for _, a in actions] == ["user.change", "plan.create", "plan.change", "plan.retire",
-                                           "user.suspend", "user.restore", "user.change"]
+                                           "user.suspend", "user.restore", "user.change", "user.topup",
+                                           "plan.change", "user.change"]
         change = json.loads(audit[2]["after"])
         assert (json.loads(audit[2]["before"])["window_tokens"], change["window_tokens"]) == (1000, 200_000)
         assert json.loads(audit[4]["before"])["suspended_at"] is None and json.loads(audit[4]["after"])["suspended_at"]

@@ -208,7 +208,7 @@ def test_bad_model_settings_stop_start_up(variable, value, expected):
 def test_env_example_documents_every_variable():
     documented = (ROOT / ".env.example").read_text()
     for field in config_module.Config.__struct_fields__:
-        assert f"CODEPLAN_{field.upper()}=" in documented, field
+        assert f"\n{config_module.env_name(field)}=" in documented, field
 
 
 # ---- admin CLI --------------------------------------------------------------------------

@@ -746,7 +746,7 @@ async def test_last_used_is_written_at_most_once_a_minute_per_key_and_never_awai
         await conn.close()
 
 
-async def test_dashboard_shows_top_ups_when_billing_has_that_table_and_nothing_when_not(fresh_database):
+async def test_dashboard_shows_top_up_blocks_and_nothing_without_them(fresh_database):
     import asyncpg
 
     from service.web import dashboard
@@ -755,20 +755,16 @@ async def test_dashboard_shows_top_ups_when_billing_has_that_table_and_nothing_w
     pool = await asyncpg.create_pool(fresh_database, min_size=1, max_size=2)
     try:
         account = await pool.fetchval("SELECT account_id FROM api_keys WHERE prefix = $1", key[:10])
-        exists = await pool.fetchval("SELECT to_regclass('topups') IS NOT NULL")
-        if not exists:  # before billing's migration: the section is simply absent
-            assert (await dashboard.load(pool, account)).extras == []
-            await pool.execute("CREATE TABLE topups (id bigint GENERATED ALWAYS AS IDENTITY, account_id bigint,"
-                               " tokens bigint, remaining_tokens bigint, stripe_payment_intent text,"
-                               " created_at timestamptz DEFAULT now())")
-            await pool.execute("INSERT INTO topups (account_id, tokens, remaining_tokens, stripe_payment_intent)"
-                               " VALUES ($1, 10000000, 2500000, 'pi_secretish')", account)
-            data = await dashboard.load(pool, account)
-            assert [e.title for e in data.extras] == ["Top-ups"]
-            assert data.extras[0].columns == ["id", "tokens", "remaining_tokens", "created_at"]
-            assert data.extras[0].rows[0][1:3] == ["10000000", "2500000"]
-        else:
-            await dashboard.load(pool, account)  # billing's own table: the page still renders
+        assert (await dashboard.load(pool, account)).extras == []
+        topup = await pool.fetchval(
+            "INSERT INTO topups (account_id, tokens, amount, currency, expires_at, stripe_checkout_session_id)"
+            " VALUES ($1, 10000000, 1000, 'usd', now() + interval '30 days', 'cs_test_dash') RETURNING id", account)
+        window = await pool.fetchval("SELECT billing_topup_attach($1)", topup)
+        await pool.execute("UPDATE quota_windows SET posted = 2500000 WHERE id = $1", window)
+        data = await dashboard.load(pool, account)
+        assert [e.title for e in data.extras] == ["Top-ups"]
+        assert data.extras[0].columns == ["allowance", "used", "in flight", "remaining", "ends"]
+        assert data.extras[0].rows[0][:4] == ["10000000", "2500000", "0", "7500000"]
     finally:
         await pool.close()
 

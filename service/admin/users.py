@@ -58,13 +58,15 @@ class UserChange(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class TopUp(msgspec.Struct, forbid_unknown_fields=True):
-    credits: Annotated[int, msgspec.Meta(gt=0)]
+    # at most a trillion: far past any plan, and the ledger's bigint sums stay far from overflow
+    credits: Annotated[int, msgspec.Meta(gt=0, le=10**12)]
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
 
 
 class Granted(msgspec.Struct):
-    granted: int
+    granted: int  # credits
     topup_id: int
+    window_id: int | None  # None: no live subscription yet; the block waits for the next one
 
 
 _USER_SQL = """
@@ -160,13 +162,15 @@ async def change_user(request: Request, account_id: AccountId,
                                    " FOR NO KEY UPDATE", before["subscription_id"])
                 await conn.execute("UPDATE subscriptions SET plan_id = $2 WHERE id = $1",
                                    before["subscription_id"], data.plan)
+                # the plan's windows only: top-up and overage windows keep their own allowances
                 await conn.execute(
                     "SELECT 1 FROM quota_windows WHERE subscription_id = $1 AND ends_at > now()"
-                    " ORDER BY id FOR NO KEY UPDATE", before["subscription_id"])
+                    " AND kind IN ('5h', 'week') ORDER BY id FOR NO KEY UPDATE", before["subscription_id"])
                 await conn.execute(
                     "UPDATE quota_windows q SET allowance = CASE WHEN q.kind = '5h' THEN p.window_tokens"
                     " ELSE p.weekly_tokens END FROM plans p"
-                    " WHERE p.id = $2 AND q.subscription_id = $1 AND q.ends_at > now()",
+                    " WHERE p.id = $2 AND q.subscription_id = $1 AND q.ends_at > now()"
+                    " AND q.kind IN ('5h', 'week')",
                     before["subscription_id"], data.plan)
         if data.is_admin is not None:
             await conn.execute("UPDATE accounts SET is_admin = $2 WHERE id = $1", account_id, data.is_admin)
@@ -176,23 +180,21 @@ async def change_user(request: Request, account_id: AccountId,
         return _summary(after)
 
 
-@post("/users/{account_id:int}/topups", status_code=201, responses=errors(400, 404, 501))
+@post("/users/{account_id:int}/topups", status_code=201, responses=errors(400, 404))
 async def grant_topup(request: Request, account_id: AccountId, data: JSONBody[TopUp]) -> Granted:
-    """A top-up granted by an operator. Top-ups belong to billing (issue 12: the `topups`
-    table and how a top-up becomes allowance in the ledger); until those are installed this
-    answers 501 and changes nothing."""
+    """A top-up granted by an operator: a block of credits, spent only on what the plan's windows
+    cannot hold, for 365 days, like a bought one (billing's `topups` row and `topup` window,
+    migrations/0011 and 0031). Without a live subscription it waits for the next one."""
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         await _one(conn, account_id)
-        if await conn.fetchval("SELECT to_regclass('topups')") is None:
-            raise HTTPException(status_code=501, detail="Top-ups need the billing tables (issue 12), "
-                                "which are not installed here; nothing was granted.")
         granted = await conn.fetchrow(
             "INSERT INTO topups (account_id, tokens, amount, currency, expires_at, stripe_checkout_session_id)"
             " VALUES ($1, $2, 0, 'usd', now() + interval '365 days', 'admin-grant-' || gen_random_uuid())"
             " RETURNING *", account_id, data.credits)
+        window = await conn.fetchval("SELECT billing_topup_attach($1)", granted["id"])
         await audit.record(conn, request.state.actor, "user.topup", f"account:{account_id}", None,
-                           {**audit.row(granted), "reason": data.reason})
-        return Granted(granted=data.credits, topup_id=granted["id"])
+                           {**audit.row(granted), "window_id": window, "reason": data.reason})
+        return Granted(granted=data.credits, topup_id=granted["id"], window_id=window)
 
 
 routes = [find_users, user_detail, suspend_user, restore_user, change_user, grant_topup]

@@ -49,7 +49,7 @@ class RequestRow(msgspec.Struct, frozen=True):
 
 
 class Extra(msgspec.Struct, frozen=True):
-    """Rows of a billing table (top-ups, overage) shown as they are, when billing has made it."""
+    """A table of the account's extra windows of one kind (top-ups, overage)."""
     title: str
     columns: list[str]
     rows: list[list[str]]
@@ -120,26 +120,26 @@ SELECT created_at, model, surface, state, prompt_tokens, completion_tokens, bill
 """
 
 
+# the account's open extra windows: top-up blocks and this period's overage (billing, 0011/0031)
+_EXTRAS_SQL = """
+SELECT q.kind, q.allowance, q.posted, q.held, q.starts_at, q.ends_at
+  FROM quota_windows q JOIN subscriptions s ON s.id = q.subscription_id
+ WHERE s.account_id = $1 AND q.kind IN ('topup', 'overage') AND q.ends_at > now()
+ ORDER BY q.kind DESC, q.ends_at
+"""
+_EXTRA_COLUMNS = ["allowance", "used", "in flight", "remaining", "ends"]
+
+
 async def _extras(pool: asyncpg.Pool, account_id: int) -> list[Extra]:
-    """Top-ups and overage, when the billing tables exist on this database (they may not yet)."""
+    """Top-up blocks and overage, when the account has any (credits, like the windows)."""
+    rows = await pool.fetch(_EXTRAS_SQL, account_id)
     found = []
-    for table, title in (("topups", "Top-ups"), ("overage_events", "Overage")):
-        if not await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
-            continue
-        has_account = await pool.fetchval(
-            "SELECT count(*) FROM information_schema.columns WHERE table_name = $1"
-            " AND column_name = 'account_id'", table)
-        if not has_account:
-            continue
-        try:
-            rows = await pool.fetch(f'SELECT * FROM "{table}" WHERE account_id = $1 ORDER BY 1 DESC LIMIT 10',
-                                    account_id)
-        except asyncpg.PostgresError:
-            continue
-        if rows:
-            columns = [c for c in rows[0].keys() if c not in ("account_id",) and "stripe" not in c]
-            found.append(Extra(title=title, columns=columns,
-                               rows=[[_cell(r[c]) for c in columns] for r in rows]))
+    for kind, title in (("topup", "Top-ups"), ("overage", "Overage")):
+        mine = [r for r in rows if r["kind"] == kind]
+        if mine:
+            found.append(Extra(title=title, columns=_EXTRA_COLUMNS, rows=[
+                [str(r["allowance"]), str(r["posted"]), str(r["held"]),
+                 str(max(0, r["allowance"] - r["posted"] - r["held"])), _cell(r["ends_at"])] for r in mine]))
     return found
 
 

@@ -1,0 +1,267 @@
+"""The effects of webhook events, applied from the durable queue (`stripe_events`).
+
+An event says only that something changed. Events come late, twice, out of order, so none is
+applied from its own payload: the object it names is read again from Stripe, under a lock on that
+object (a transaction-scoped advisory lock), and its current state is applied. Two events for one
+subscription, in either order, leave what Stripe holds now; an older state is never applied over a
+newer one, since a later read always sees at least what an earlier one saw.
+
+Each event leaves 'pending' in the same transaction as its effect; a failure (Stripe unreachable)
+rolls the effect back and the event is retried later with backoff.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+
+import asyncpg
+import msgspec
+import stripe
+
+from ..config import Config
+from . import wire
+from .stripe_api import StripeAPI, describe
+
+log = logging.getLogger("codeplan.billing")
+
+SUBSCRIPTION_EVENTS = {
+    "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
+    "customer.subscription.paused", "customer.subscription.resumed", "customer.subscription.trial_will_end",
+    "customer.subscription.pending_update_applied", "customer.subscription.pending_update_expired"}
+INVOICE_EVENTS = {
+    "invoice.paid": None, "invoice.payment_succeeded": None, "invoice.finalized": None,
+    "invoice.updated": None, "invoice.voided": None, "invoice.marked_uncollectible": None,
+    "invoice.payment_failed": "payment_failed", "invoice.payment_action_required": "action_required"}
+CHECKOUT_EVENTS = {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
+REFUND_EVENTS = {"charge.refunded", "charge.refund.updated", "refund.created", "refund.updated"}
+
+_ref = msgspec.json.Decoder(wire.Ref)
+_invoice_ref = msgspec.json.Decoder(wire.Invoice)
+_refund_ref = msgspec.json.Decoder(wire.Refund)
+_event = msgspec.json.Decoder(wire.Event)
+
+
+def _ts(value: int | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(value, dt.timezone.utc)
+
+
+class Ignored(Exception):
+    """The event names nothing of ours (another integration's customer, an unknown price)."""
+
+
+class EventApplier:
+    def __init__(self, pool: asyncpg.Pool, api: StripeAPI, config: Config, retry_base: float) -> None:
+        self._pool = pool
+        self._api = api
+        self._config = config
+        self._retry_base = retry_base
+
+    async def run_once(self) -> bool:
+        """Apply the next due event. False when none is due."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT id, type, payload::text AS payload, attempts FROM stripe_events"
+                " WHERE state = 'pending' AND next_attempt_at <= now()"
+                " ORDER BY created, received_at LIMIT 1 FOR UPDATE SKIP LOCKED")
+            if row is None:
+                return False
+            event = _event.decode(row["payload"])
+            try:
+                async with conn.transaction():  # a savepoint: a failure undoes the effect only
+                    state = await self._apply(conn, event)
+                    await conn.execute(
+                        "UPDATE stripe_events SET state = $2, processed_at = now(), attempts = attempts + 1,"
+                        " last_error = NULL WHERE id = $1", event.id, state)
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the event waits and is retried
+                error = describe(exc) if isinstance(exc, stripe.StripeError) else type(exc).__name__
+                if not isinstance(exc, (stripe.StripeError, asyncpg.PostgresError, OSError)):
+                    log.error("stripe event raised", exc_info=exc, extra={"event": event.id})
+                delay = min(self._retry_base * 2 ** row["attempts"], 3600.0) * random.uniform(0.75, 1.25)
+                await conn.execute(
+                    "UPDATE stripe_events SET attempts = attempts + 1, last_error = $2,"
+                    " next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1", event.id, error, delay)
+                log.warning("stripe event failed; retried later",
+                            extra={"event": event.id, "type": event.type, "error": error,
+                                   "attempt": row["attempts"] + 1, "retry_in": round(delay, 2)})
+        return True
+
+    async def _apply(self, conn: asyncpg.Connection, event: wire.Event) -> str:
+        raw = event.data.object
+        try:
+            if event.type in SUBSCRIPTION_EVENTS:
+                await self.subscription(conn, _ref.decode(raw).id or "")
+            elif event.type in INVOICE_EVENTS:
+                invoice = _invoice_ref.decode(raw)
+                await self.invoice(conn, invoice.id, invoice.subscription, INVOICE_EVENTS[event.type])
+            elif event.type in CHECKOUT_EVENTS:
+                await self.checkout(conn, _ref.decode(raw).id or "")
+            elif event.type in REFUND_EVENTS:
+                if event.type.startswith("refund."):
+                    charge = _refund_ref.decode(raw).charge
+                else:
+                    charge = _ref.decode(raw).id
+                if charge:
+                    await self.refund(conn, charge)
+            else:
+                return "ignored"
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status != 404 or exc.code != "resource_missing":
+                raise
+            # what the event names does not exist (any more) on Stripe: nothing to apply
+            log.warning("stripe event names a missing object", extra={"event": event.id, "type": event.type,
+                                                                       "error": describe(exc)})
+            return "ignored"
+        except Ignored as why:
+            log.info("stripe event ignored", extra={"event": event.id, "type": event.type, "why": str(why)})
+            return "ignored"
+        return "applied"
+
+    @staticmethod
+    async def _lock(conn: asyncpg.Connection, stripe_id: str) -> None:
+        """Serialises everything done about one Stripe object until this transaction ends, so a
+        read from Stripe and the write of what it said are never overtaken by an older read."""
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "stripe:" + stripe_id)
+
+    async def _account(self, conn: asyncpg.Connection, customer: str | None, meta: dict[str, str]) -> int:
+        if customer:
+            account = await conn.fetchval("SELECT id FROM accounts WHERE stripe_customer_id = $1", customer)
+            if account is not None:
+                return account
+        claimed = meta.get("codeplan_account_id", "")
+        if claimed.isdigit() and customer:
+            # made by our Checkout for this account, before the customer id was stored here
+            linked = await conn.fetchval(
+                "UPDATE accounts SET stripe_customer_id = $2 WHERE id = $1 AND stripe_customer_id IS NULL"
+                " RETURNING id", int(claimed), customer)
+            if linked is not None:
+                return linked
+        raise Ignored(f"customer {customer} is not a Codeplan account's")
+
+    async def _plan(self, conn: asyncpg.Connection, price: wire.Price) -> str | None:
+        plan = await conn.fetchval("SELECT plan_id FROM stripe_prices WHERE stripe_price_id = $1", price.id)
+        if plan is None and price.metadata.get("codeplan_plan"):
+            plan = await conn.fetchval("SELECT id FROM plans WHERE id = $1", price.metadata["codeplan_plan"])
+        return plan
+
+    async def subscription(self, conn: asyncpg.Connection, stripe_id: str, *, depth: int = 0) -> None:
+        await self._lock(conn, stripe_id)
+        sub = await self._api.subscription(stripe_id)
+        account = await self._account(conn, sub.customer, sub.metadata)
+        item = sub.plan_item
+        plan = await self._plan(conn, item.price) if item else None
+        overage = False
+        for other in sub.items.data:
+            recurring = other.price.recurring
+            if recurring is not None and recurring.usage_type == "metered":
+                overage = overage or other.price.metadata.get("codeplan_kind") == "overage" or bool(
+                    await conn.fetchval("SELECT 1 FROM stripe_prices WHERE stripe_price_id = $1 AND kind = 'overage'",
+                                        other.price.id))
+        args = (sub.id, account, sub.customer, sub.status, plan, item.price.id if item else None,
+                _ts(item.current_period_start if item else None), _ts(item.current_period_end if item else None),
+                overage, sub.cancel_at_period_end, _ts(sub.cancel_at), _ts(sub.ended_at), self._config.past_due_grace)
+        sql = "SELECT * FROM billing_apply_subscription($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        row = await conn.fetchrow(sql, *args)
+        outcome = row["outcome"]
+        if outcome == "conflict" and depth == 0:
+            # the account's subscription is driven by another Stripe subscription that our mirror
+            # still thinks is live: read that one first (its end may not have reached us yet)
+            await self.subscription(conn, row["detail"], depth=1)
+            row = await conn.fetchrow(sql, *args)
+            outcome = row["outcome"]
+        if outcome == "conflict":
+            log.error("two live Stripe subscriptions for one account; the second is not applied",
+                      extra={"account": account, "subscription": sub.id, "other": row["detail"]})
+        elif outcome == "unknown_plan":
+            log.error("subscription to a price that maps to no plan",
+                      extra={"subscription": sub.id, "price": row["detail"]})
+        elif outcome == "applied":
+            log.info("subscription synced", extra={"subscription": sub.id, "stripe_status": sub.status,
+                                                   "plan": plan, "status": row["detail"]})
+
+    async def invoice(self, conn: asyncpg.Connection, invoice_id: str, subscription: str | None,
+                      problem: str | None) -> None:
+        await self._lock(conn, subscription or invoice_id)
+        invoice = await self._api.invoice(invoice_id)
+        try:
+            account = await self._account(conn, invoice.customer, {})
+        except Ignored:
+            if not invoice.subscription:
+                raise
+            # our Checkout's subscription whose customer we have not linked yet: sync it first
+            await self.subscription(conn, invoice.subscription)
+            account = await self._account(conn, invoice.customer, {})
+        await conn.execute(
+            """INSERT INTO billing_invoices AS i (stripe_invoice_id, account_id, stripe_subscription_id, status,
+                   billing_reason, amount_due, amount_paid, currency, attempt_count, payment_problem,
+                   period_start, period_end, hosted_invoice_url, paid_at, created_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $4 = 'open' THEN $10 END, $11, $12, $13,
+                       $14, $15)
+               ON CONFLICT (stripe_invoice_id) DO UPDATE SET
+                   status = excluded.status, amount_due = excluded.amount_due, amount_paid = excluded.amount_paid,
+                   attempt_count = excluded.attempt_count, hosted_invoice_url = excluded.hosted_invoice_url,
+                   paid_at = excluded.paid_at,
+                   payment_problem = CASE WHEN excluded.status = 'open'
+                                          THEN coalesce($10, i.payment_problem) END,
+                   updated_at = now()""",
+            invoice.id, account, invoice.subscription, invoice.status or "draft", invoice.billing_reason,
+            invoice.amount_due, invoice.amount_paid, invoice.currency, invoice.attempt_count, problem,
+            _ts(invoice.period_start), _ts(invoice.period_end), invoice.hosted_invoice_url,
+            _ts(invoice.status_transitions.paid_at), _ts(invoice.created))
+        if invoice.subscription:
+            await self.subscription(conn, invoice.subscription)
+
+    async def checkout(self, conn: asyncpg.Connection, session_id: str) -> None:
+        await self._lock(conn, session_id)
+        session = await self._api.checkout_session(session_id)
+        reference = session.client_reference_id or ""
+        if not reference.isdigit():
+            raise Ignored(f"checkout session {session.id} names no Codeplan account")
+        account = int(reference)
+        if not await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account):
+            raise Ignored(f"checkout session {session.id} names unknown account {account}")
+        if session.customer:
+            await conn.execute("UPDATE accounts SET stripe_customer_id = $2 WHERE id = $1 AND stripe_customer_id IS NULL",
+                               account, session.customer)
+        if session.mode == "subscription" and session.subscription:
+            await self.subscription(conn, session.subscription)
+        elif session.mode == "payment" and session.payment_status == "paid":
+            await self._topup(conn, account, session)
+
+    async def _topup(self, conn: asyncpg.Connection, account: int, session: wire.CheckoutSession) -> None:
+        tokens = session.metadata.get("codeplan_topup_tokens", "")
+        if not tokens.isdigit() or int(tokens) <= 0:
+            raise Ignored(f"payment {session.id} is not a Codeplan top-up")
+        refunded = 0
+        if session.payment_intent:
+            # a refund may have been processed before this purchase (events are unordered)
+            await self._lock(conn, session.payment_intent)
+            intent = await self._api.payment_intent(session.payment_intent)
+            if intent.latest_charge:
+                refunded = (await self._api.charge(intent.latest_charge)).amount_refunded
+        inserted = await conn.fetchval(
+            "INSERT INTO topups (account_id, tokens, amount, currency, expires_at, stripe_checkout_session_id,"
+            " stripe_payment_intent_id) VALUES ($1, $2, $3, $4, now() + make_interval(days => $5), $6, $7)"
+            " ON CONFLICT (stripe_checkout_session_id) DO NOTHING RETURNING id",
+            account, int(tokens), session.amount_total or 0, session.currency or self._config.stripe_currency,
+            self._config.topup_valid_days, session.id, session.payment_intent)
+        if inserted:
+            window = await conn.fetchval("SELECT billing_topup_attach($1)", inserted)
+            if refunded and session.payment_intent:
+                await conn.fetchval("SELECT billing_topup_refund($1, $2)", session.payment_intent, refunded)
+            log.info("top-up bought", extra={"account": account, "tokens": int(tokens), "topup": inserted,
+                                             "window": window})
+
+    async def refund(self, conn: asyncpg.Connection, charge_id: str) -> None:
+        charge = await self._api.charge(charge_id)
+        if not charge.payment_intent:
+            raise Ignored(f"charge {charge.id} has no payment intent")
+        await self._lock(conn, charge.payment_intent)
+        charge = await self._api.charge(charge_id)  # read again under the lock
+        taken = await conn.fetchval("SELECT billing_topup_refund($1, $2)", charge.payment_intent,
+                                    charge.amount_refunded)
+        if taken is None:
+            raise Ignored(f"charge {charge.id} is not for a top-up (subscription refunds change no allowance)")
+        if taken:
+            log.info("top-up refunded", extra={"payment_intent": charge.payment_intent,
+                                               "amount_refunded": charge.amount_refunded, "tokens_taken_back": taken})

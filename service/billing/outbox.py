@@ -1,0 +1,102 @@
+"""The overage outbox worker: Billing Meter events, sent once each, never from a request path.
+
+Overage tokens enter `meter_outbox` in the transaction that settles them (`billing_overage_add`),
+aggregated per customer per minute. Here, a row whose minute is over is frozen ('sending': its
+value can no longer grow; later tokens of that minute open a new row), then sent with the
+`identifier` it was given when made. The send happens inside a transaction holding the row's lock,
+and the row becomes 'sent' in that same transaction: a crash between Stripe's answer and the commit
+leaves the row 'sending' and unlocked, so the next worker sends it again, and Stripe refuses the
+repeated identifier, which we take as the proof it was recorded. Stripe remembers identifiers for at
+least 24 hours; a row that could not be confirmed within 23 hours of being frozen is set aside
+('failed', logged) rather than risk a second count.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import asyncpg
+import stripe
+
+from .catalog import METER_EVENT_NAME
+from .stripe_api import StripeAPI, describe, is_duplicate_meter_event, retryable
+
+log = logging.getLogger("codeplan.billing.outbox")
+
+# How long after a minute ends its row is frozen: settlements that began inside the minute have
+# committed by then (a later one is not lost, it opens the minute's next row).
+CLOSE_DELAY_SECONDS = 5
+
+
+class Outbox:
+    def __init__(self, pool: asyncpg.Pool, api: StripeAPI, retry_base: float) -> None:
+        self._pool = pool
+        self._api = api
+        self._retry_base = retry_base
+
+    async def add(self, customer: str, tokens: int, at: object | None = None,
+                  conn: asyncpg.Connection | None = None) -> int | None:
+        """Record overage tokens for a customer (normally inside the settling transaction)."""
+        sql = "SELECT billing_overage_add($1, $2, coalesce($3, now()), $4)"
+        if conn is not None:
+            return await conn.fetchval(sql, customer, METER_EVENT_NAME, at, tokens)
+        return await self._pool.fetchval(sql, customer, METER_EVENT_NAME, at, tokens)
+
+    async def freeze(self) -> int:
+        """Closed minutes' open rows become 'sending'; a row an adder holds right now is skipped
+        this time (its minute is frozen on the next pass)."""
+        status = await self._pool.execute(
+            "UPDATE meter_outbox SET state = 'sending', frozen_at = now() WHERE id IN ("
+            " SELECT id FROM meter_outbox WHERE state = 'open'"
+            "  AND minute < now() - make_interval(secs => $1) ORDER BY id FOR UPDATE SKIP LOCKED)",
+            60 + CLOSE_DELAY_SECONDS)
+        return int(status.split()[-1])
+
+    async def send_one(self) -> bool:
+        """Send the next due frozen row. False when none is due."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT id, stripe_customer_id, event_name, minute, last_at, value, identifier, attempts,"
+                " frozen_at < now() - interval '23 hours' AS too_late,"
+                " minute < now() - interval '35 days' + interval '1 minute' AS too_old"
+                " FROM meter_outbox WHERE state = 'sending' AND next_attempt_at <= now()"
+                " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED")
+            if row is None:
+                return False
+            if row["too_late"]:
+                await self._fail(conn, row, "not confirmed within Stripe's identifier window; check the "
+                                 "meter's events on Stripe before sending again")
+                return True
+            if row["too_old"]:
+                await self._fail(conn, row, "older than the 35 days Stripe accepts")
+                return True
+            await conn.execute("UPDATE meter_outbox SET attempts = attempts + 1 WHERE id = $1", row["id"])
+            params = {"event_name": row["event_name"], "identifier": row["identifier"],
+                      "timestamp": int(row["last_at"].timestamp()),
+                      "payload": {"stripe_customer_id": row["stripe_customer_id"], "value": str(row["value"])}}
+            try:
+                await self._api.create_meter_event(params, row["identifier"])
+                outcome = "sent"
+            except stripe.StripeError as exc:
+                if is_duplicate_meter_event(exc):
+                    outcome = "sent"  # Stripe already holds this identifier: it was recorded
+                elif retryable(exc) or isinstance(exc, stripe.AuthenticationError):
+                    delay = min(self._retry_base * 2 ** row["attempts"], 300.0) * random.uniform(0.75, 1.25)
+                    await conn.execute(
+                        "UPDATE meter_outbox SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)"
+                        " WHERE id = $1", row["id"], describe(exc), delay)
+                    log.warning("meter event not sent; retried later",
+                                extra={"outbox": row["id"], "error": describe(exc), "retry_in": round(delay, 2)})
+                    return True
+                else:
+                    await self._fail(conn, row, describe(exc))
+                    return True
+            await conn.execute("UPDATE meter_outbox SET state = 'sent', sent_at = now(), last_error = NULL"
+                               " WHERE id = $1", row["id"])
+        return True
+
+    @staticmethod
+    async def _fail(conn: asyncpg.Connection, row: asyncpg.Record, why: str) -> None:
+        await conn.execute("UPDATE meter_outbox SET state = 'failed', last_error = $2 WHERE id = $1", row["id"], why)
+        log.error("meter event set aside", extra={"outbox": row["id"], "identifier": row["identifier"],
+                                                  "value": row["value"], "why": why})

@@ -1,0 +1,176 @@
+"""Checkout, Customer Portal and top-up sessions: account id in, a Stripe-hosted URL out.
+
+Free of HTTP, so the API routes (routes.py) and the web pages call the same functions. Every create
+carries an idempotency key; each account gets one Stripe Customer, made on first need (under a lock
+on the account row) and reused.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from ..config import Config, TopupBlock
+from .stripe_api import StripeAPI, idempotency_key
+
+
+class BillingError(Exception):
+    """A billing request that cannot be carried out, worded for the person who made it."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # invalid | not_found | conflict | unavailable
+        self.message = message
+
+
+class SoldPrice(msgspec.Struct, frozen=True):
+    plan_id: str
+    interval: str
+    amount: int
+    currency: str
+
+
+# Stripe states in which a subscription still exists and may be changed in the Portal
+LIVE_STATUSES = ("active", "trialing", "past_due", "unpaid", "paused", "incomplete")
+
+
+def _bucket(minutes: int) -> str:
+    """A time bucket for idempotency keys of sessions: a double click (or our own retry) within it
+    gets the same session; a new visit later gets a new one, as a used session cannot be reused."""
+    now = dt.datetime.now(dt.timezone.utc)
+    return now.strftime("%Y%m%d") + str((now.hour * 60 + now.minute) // minutes)
+
+
+class Sessions:
+    def __init__(self, pool: asyncpg.Pool, api: StripeAPI, config: Config, installation: str) -> None:
+        self._pool = pool
+        self._api = api
+        self._config = config
+        self._installation = installation
+
+    @property
+    def billing_url(self) -> str:
+        return self._config.base_url + "/billing"
+
+    async def customer(self, account_id: int) -> str:
+        """The account's Stripe Customer, created the first time and stored on the account."""
+        existing = await self._pool.fetchval("SELECT stripe_customer_id FROM accounts WHERE id = $1", account_id)
+        if existing:
+            return existing
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT email, stripe_customer_id FROM accounts WHERE id = $1 FOR UPDATE",
+                                      account_id)
+            if row is None:
+                raise BillingError("not_found", f"no account {account_id}")
+            if row["stripe_customer_id"]:
+                return row["stripe_customer_id"]
+            # The key is the account's own, so a crash before the commit below and a retry
+            # (within Stripe's 24 hours) get the same Customer back, not a second one.
+            customer = await self._api.create_customer(
+                {"email": row["email"], "metadata": {"codeplan_account_id": str(account_id)}},
+                idempotency_key(self._installation, "customer", account_id))
+            await conn.execute("UPDATE accounts SET stripe_customer_id = $2 WHERE id = $1", account_id, customer.id)
+            return customer.id
+
+    async def _price(self, lookup_key: str) -> asyncpg.Record | None:
+        return await self._pool.fetchrow(
+            "SELECT stripe_price_id, unit_amount_decimal, currency, topup_tokens FROM stripe_prices"
+            " WHERE lookup_key = $1 AND current", lookup_key)
+
+    async def sold(self) -> list[SoldPrice]:
+        rows = await self._pool.fetch(
+            "SELECT plan_id, billing_interval, unit_amount_decimal, currency FROM stripe_prices"
+            " WHERE kind = 'plan' AND current ORDER BY plan_id, billing_interval")
+        return [SoldPrice(r["plan_id"], r["billing_interval"], int(r["unit_amount_decimal"]), r["currency"])
+                for r in rows]
+
+    async def checkout(self, account_id: int, plan_id: str, interval: str = "month") -> str:
+        """A Checkout Session in subscription mode for `plan_id`, billed every `interval`."""
+        if interval not in ("month", "year"):
+            raise BillingError("invalid", f"interval is month or year, not {interval!r}")
+        if not await self._pool.fetchval("SELECT 1 FROM plans WHERE id = $1", plan_id):
+            names = ", ".join(r["id"] for r in await self._pool.fetch("SELECT id FROM plans ORDER BY window_tokens"))
+            raise BillingError("invalid", f"unknown plan {plan_id!r}; plans are: {names}")
+        price = await self._price(f"codeplan_{plan_id}_{interval}")
+        if price is None:
+            raise BillingError("invalid", f"plan {plan_id!r} is not sold {'yearly' if interval == 'year' else 'monthly'}"
+                               " (the operator runs `codeplan stripe sync` to put plans on sale)")
+        live = await self._pool.fetchval(
+            "SELECT stripe_subscription_id FROM stripe_subscriptions WHERE account_id = $1 AND status = ANY($2)",
+            account_id, list(LIVE_STATUSES))
+        if live:
+            raise BillingError("conflict", "this account already has a subscription; change its plan or "
+                               "cancel it in the billing portal")
+        customer = await self.customer(account_id)
+        items: list[dict[str, Any]] = [{"price": price["stripe_price_id"], "quantity": 1}]
+        if plan_id in self._config.overage_plans:
+            overage = await self._price(f"codeplan_overage_{interval}")
+            if overage is not None:
+                items.append({"price": overage["stripe_price_id"]})
+        meta = {"codeplan_account_id": str(account_id), "codeplan_plan": plan_id}
+        params = {
+            "mode": "subscription", "customer": customer, "client_reference_id": str(account_id),
+            "line_items": items, "metadata": meta, "subscription_data": {"metadata": meta},
+            "success_url": self.billing_url + "?checkout=success&session_id={CHECKOUT_SESSION_ID}",
+            "cancel_url": self.billing_url + "?checkout=canceled",
+        }
+        return await self._open_session(params, idempotency_key(self._installation, "checkout", account_id,
+                                                                params, _bucket(60)))
+
+    async def portal(self, account_id: int) -> str:
+        """A Customer Portal session: card, invoices, plan changes and cancellation on Stripe."""
+        customer = await self._pool.fetchval("SELECT stripe_customer_id FROM accounts WHERE id = $1", account_id)
+        if customer is None:
+            if not await self._pool.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id):
+                raise BillingError("not_found", f"no account {account_id}")
+            raise BillingError("conflict", "this account has no billing yet: subscribe to a plan first")
+        params = {"customer": customer, "return_url": self.billing_url}
+        session = await self._api.create_portal_session(
+            params, idempotency_key(self._installation, "portal", account_id, params, _bucket(1)))
+        return session.url
+
+    def block(self, block_id: str | int) -> TopupBlock:
+        for block in self._config.topup_blocks:
+            if block.id == str(block_id):
+                return block
+        offered = ", ".join(b.id for b in self._config.topup_blocks) or "none"
+        raise BillingError("invalid", f"no top-up block {block_id!r}; blocks (tokens) are: {offered}")
+
+    async def topup(self, account_id: int, block_id: str | int) -> str:
+        """A Checkout Session in payment mode for one block of tokens."""
+        block = self.block(block_id)
+        price = await self._price(f"codeplan_topup_{block.tokens}")
+        if price is None:
+            raise BillingError("invalid", f"top-up {block.id} is not on sale yet (the operator runs "
+                               "`codeplan stripe sync`)")
+        if not await self._pool.fetchval(
+                "SELECT 1 FROM subscriptions WHERE account_id = $1 AND status <> 'canceled'", account_id):
+            raise BillingError("conflict", "a top-up extends a plan: subscribe to a plan first")
+        customer = await self.customer(account_id)
+        meta = {"codeplan_account_id": str(account_id), "codeplan_topup_tokens": str(block.tokens)}
+        params = {
+            "mode": "payment", "customer": customer, "client_reference_id": str(account_id),
+            "line_items": [{"price": price["stripe_price_id"], "quantity": 1}], "metadata": meta,
+            "payment_intent_data": {"metadata": meta},
+            "success_url": self.billing_url + "?checkout=success&session_id={CHECKOUT_SESSION_ID}",
+            "cancel_url": self.billing_url + "?checkout=canceled",
+        }
+        return await self._open_session(params, idempotency_key(self._installation, "topup", account_id,
+                                                                params, _bucket(60)))
+
+    async def _open_session(self, params: dict[str, Any], key: str) -> str:
+        """A Checkout Session still open for payment. The key gives a double click the session of
+        the first click; if that one was paid (or expired) meanwhile, Stripe's replay of it is no
+        use, and a key naming it asks for the next."""
+        for _ in range(5):
+            session, replayed = await self._api.create_checkout_session(params, key)
+            if replayed:  # the replay is the session as it was then: read it as it is now
+                session = await self._api.checkout_session(session.id)
+            if session.status in (None, "open"):
+                if not session.url:
+                    raise BillingError("unavailable", "Stripe returned a Checkout Session without a URL")
+                return session.url
+            key = f"{key}-after-{session.id}"[-255:]
+        raise BillingError("unavailable", "Stripe kept returning Checkout Sessions that are no longer open")

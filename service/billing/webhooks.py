@@ -1,0 +1,65 @@
+"""Webhook intake: verify the signature on the raw body, record the event once, answer at once.
+
+Verification uses the `stripe` library's own scheme (HMAC-SHA256 over `t.payload`, 300 s
+tolerance) against each configured secret in turn, so an endpoint's secret can be rotated with
+both accepted meanwhile. Nothing is applied here: the event row is the queue (worker.py).
+"""
+from __future__ import annotations
+
+import asyncpg
+import msgspec
+import stripe
+
+from . import wire
+
+TOLERANCE_SECONDS = 300
+
+
+class WebhookRejected(Exception):
+    """A request that is not a genuine, fresh Stripe event; `reason` is safe to show."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_event_decoder = msgspec.json.Decoder(wire.Event)
+
+
+def verify(payload: bytes, header: str | None, secrets: tuple[str, ...],
+           tolerance: int = TOLERANCE_SECONDS) -> wire.Event:
+    """The event, if `header` signs `payload` with one of `secrets` within `tolerance` seconds."""
+    if not header:
+        raise WebhookRejected("no Stripe-Signature header")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebhookRejected("the body is not UTF-8") from None
+    stale = False
+    for secret in secrets:
+        try:
+            stripe.WebhookSignature.verify_header(text, header, secret, tolerance)
+            break
+        except stripe.SignatureVerificationError as exc:
+            # the library checks the signature first, then the timestamp: a stale message means
+            # this secret signed it, too long ago (a replay)
+            stale = stale or "tolerance" in str(exc)
+    else:
+        raise WebhookRejected(f"signature timestamp older than {tolerance} seconds" if stale
+                              else "no valid signature for this endpoint's secret")
+    try:
+        event = _event_decoder.decode(payload)
+    except msgspec.DecodeError:
+        raise WebhookRejected("the body is not a Stripe event") from None
+    if event.object != "event":
+        raise WebhookRejected("the body is not a Stripe event")
+    return event
+
+
+async def record(pool: asyncpg.Pool, event: wire.Event, payload: bytes) -> bool:
+    """Keep the event for the worker. False when it was received before (a redelivery)."""
+    inserted = await pool.fetchval(
+        "INSERT INTO stripe_events (id, type, created, livemode, payload)"
+        " VALUES ($1, $2, to_timestamp($3), $4, $5::jsonb) ON CONFLICT (id) DO NOTHING RETURNING true",
+        event.id, event.type, event.created, event.livemode, payload.decode("utf-8"))
+    return bool(inserted)

@@ -1,0 +1,189 @@
+"""The parts of Stripe's objects Codeplan reads, as msgspec Structs (API version pinned in
+stripe_api.py). Unknown fields are ignored, so Stripe adding fields never breaks decoding."""
+from __future__ import annotations
+
+from typing import Generic, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class Page(msgspec.Struct, Generic[T]):
+    data: list[T]
+    has_more: bool = False
+
+
+class Customer(msgspec.Struct):
+    id: str
+    email: str | None = None
+    metadata: dict[str, str] = {}
+
+
+class Product(msgspec.Struct):
+    id: str
+    name: str
+    active: bool = True
+    description: str | None = None
+    metadata: dict[str, str] = {}
+
+
+class Recurring(msgspec.Struct):
+    interval: str
+    interval_count: int = 1
+    usage_type: str = "licensed"
+    meter: str | None = None
+
+
+class Price(msgspec.Struct):
+    id: str
+    product: str
+    currency: str
+    active: bool = True
+    unit_amount: int | None = None
+    unit_amount_decimal: str | None = None
+    lookup_key: str | None = None
+    recurring: Recurring | None = None
+    metadata: dict[str, str] = {}
+
+
+class Meter(msgspec.Struct):
+    id: str
+    event_name: str
+    status: str = "active"
+    display_name: str = ""
+
+
+class SubscriptionItem(msgspec.Struct):
+    id: str
+    price: Price
+    current_period_start: int | None = None
+    current_period_end: int | None = None
+    quantity: int | None = None
+
+
+class SubscriptionItems(msgspec.Struct):
+    data: list[SubscriptionItem]
+
+
+class Subscription(msgspec.Struct):
+    id: str
+    customer: str
+    status: str
+    items: SubscriptionItems
+    created: int = 0
+    cancel_at_period_end: bool = False
+    cancel_at: int | None = None
+    ended_at: int | None = None
+    metadata: dict[str, str] = {}
+
+    @property
+    def plan_item(self) -> SubscriptionItem | None:
+        """The item carrying the plan (the licensed one; an overage item is metered)."""
+        for item in self.items.data:
+            if item.price.recurring is None or item.price.recurring.usage_type == "licensed":
+                return item
+        return None
+
+
+class CheckoutSession(msgspec.Struct):
+    id: str
+    mode: str
+    url: str | None = None
+    status: str | None = None
+    payment_status: str | None = None
+    customer: str | None = None
+    client_reference_id: str | None = None
+    subscription: str | None = None
+    payment_intent: str | None = None
+    amount_total: int | None = None
+    currency: str | None = None
+    metadata: dict[str, str] = {}
+
+
+class PortalSession(msgspec.Struct):
+    id: str
+    url: str
+
+
+class SubscriptionDetails(msgspec.Struct):
+    subscription: str | None = None
+
+
+class InvoiceParent(msgspec.Struct):
+    type: str | None = None
+    subscription_details: SubscriptionDetails | None = None
+
+
+class StatusTransitions(msgspec.Struct):
+    paid_at: int | None = None
+
+
+class Invoice(msgspec.Struct):
+    id: str
+    currency: str
+    created: int
+    customer: str | None = None
+    status: str | None = None
+    billing_reason: str | None = None
+    amount_due: int = 0
+    amount_paid: int = 0
+    attempt_count: int = 0
+    period_start: int | None = None
+    period_end: int | None = None
+    hosted_invoice_url: str | None = None
+    parent: InvoiceParent | None = None
+    status_transitions: StatusTransitions = msgspec.field(default_factory=StatusTransitions)
+
+    @property
+    def subscription(self) -> str | None:
+        if self.parent is None or self.parent.subscription_details is None:
+            return None
+        return self.parent.subscription_details.subscription
+
+
+class PaymentIntent(msgspec.Struct):
+    id: str
+    status: str
+    latest_charge: str | None = None
+
+
+class Charge(msgspec.Struct):
+    id: str
+    amount: int
+    amount_refunded: int = 0
+    refunded: bool = False
+    payment_intent: str | None = None
+    status: str | None = None
+
+
+class Refund(msgspec.Struct):
+    id: str
+    charge: str | None = None
+
+
+class MeterEvent(msgspec.Struct):
+    identifier: str
+    event_name: str
+    timestamp: int
+
+
+class Ref(msgspec.Struct):
+    """Any object, by its id (what an event's data.object is enough to know)."""
+    id: str | None = None
+    object: str | None = None
+
+
+class EventData(msgspec.Struct):
+    object: msgspec.Raw
+
+
+class Event(msgspec.Struct):
+    """A webhook event. Only its id and type are trusted as-is; the object it names is read
+    again from Stripe before anything is applied (events arrive late and out of order)."""
+    id: str
+    type: str
+    created: int
+    data: EventData
+    livemode: bool = False
+    object: str = "event"

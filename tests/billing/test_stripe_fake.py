@@ -1,0 +1,97 @@
+"""The fake answers the real `stripe` library as Stripe does; the other billing tests rely on it."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+
+import httpx
+import pytest
+import stripe
+
+from service.billing.stripe_api import STRIPE_API_VERSION
+
+from ..stripe_fake import signature_header
+from .conftest import WEBHOOK_SECRET
+
+
+def test_pinned_api_version_is_the_librarys(fake):
+    from stripe._api_version import _ApiVersion
+    # bump STRIPE_API_VERSION with the library, after reading Stripe's changelog
+    assert STRIPE_API_VERSION == _ApiVersion.CURRENT
+
+
+def test_idempotency_keys_as_stripe_honours_them(fake):
+    client = fake.client()
+    first = client.v1.customers.create({"email": "a@example.com"}, {"idempotency_key": "k-same"})
+    again = client.v1.customers.create({"email": "a@example.com"}, {"idempotency_key": "k-same"})
+    assert again.id == first.id
+    assert again.last_response.headers["Idempotent-Replayed"] == "true"
+    assert again.last_response.headers["Original-Request"] == first.last_response.request_id
+    with pytest.raises(stripe.IdempotencyError) as other_params:
+        client.v1.customers.create({"email": "b@example.com"}, {"idempotency_key": "k-same"})
+    assert "same parameters" in other_params.value.user_message
+    with pytest.raises(stripe.IdempotencyError) as other_endpoint:
+        client.v1.products.create({"name": "x"}, {"idempotency_key": "k-same"})
+    assert "same endpoint" in other_endpoint.value.user_message
+    # without a key, two creates are two customers
+    assert client.v1.customers.create({"email": "a@example.com"}).id != first.id
+
+
+def test_errors_come_in_stripes_envelope_with_a_request_id(fake):
+    response = httpx.post(fake.url + "/v1/prices", headers={"Authorization": f"Bearer {fake.api_key}"},
+                          data={"currency": "usd", "product": "prod_missing", "unit_amount": "5"})
+    assert response.status_code == 400 and response.headers["Request-Id"].startswith("req_")
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "resource_missing"
+    assert error["param"] == "product" and "No such product" in error["message"]
+    with pytest.raises(stripe.InvalidRequestError) as unknown:
+        fake.client().v1.customers.create({"emial": "typo@example.com"})
+    assert unknown.value.code == "parameter_unknown" and unknown.value.param == "emial"
+    with pytest.raises(stripe.AuthenticationError):
+        stripe.StripeClient("sk_test_wrong_key_0000", base_addresses={"api": fake.url}).v1.customers.create({})
+
+
+def test_requests_arrive_form_encoded_with_the_pinned_version(fake):
+    client = stripe.StripeClient(fake.api_key, base_addresses={"api": fake.url}, stripe_version=STRIPE_API_VERSION)
+    product = client.v1.products.create({"name": "Encoded", "metadata": {"a": "1"}})
+    client.v1.prices.create({"product": product.id, "currency": "usd", "unit_amount": 100,
+                             "recurring": {"interval": "month"}, "lookup_key": f"enc_{product.id}"})
+    logged = [r for r in fake.requests("/v1/prices") if r["method"] == "POST"][-1]
+    assert logged["content_type"] == "application/x-www-form-urlencoded"
+    assert logged["stripe_version"] == STRIPE_API_VERSION
+    assert logged["idempotency_key"]  # the library adds one to every POST
+    body = urllib.parse.parse_qs(logged["body"])
+    assert body["recurring[interval]"] == ["month"] and body["unit_amount"] == ["100"]
+
+
+def test_meter_event_identifiers_dedupe_and_429_is_injectable(fake):
+    client = fake.client()
+    customer = client.v1.customers.create({"email": "m@example.com"})
+    client.v1.billing.meters.create({"display_name": "t", "event_name": "fake_test_tokens",
+                                     "default_aggregation": {"formula": "sum"}})
+    params = {"event_name": "fake_test_tokens", "identifier": "id-1",
+              "payload": {"stripe_customer_id": customer.id, "value": "7"}}
+    client.v1.billing.meter_events.create(params)
+    with pytest.raises(stripe.InvalidRequestError) as duplicate:
+        client.v1.billing.meter_events.create(params)
+    assert duplicate.value.http_status == 400 and "already exists with identifier id-1" in duplicate.value.user_message
+    fake.fault("/v1/billing/meter_events", 429, type="invalid_request_error", code="rate_limit",
+               message="Request rate limit exceeded.")
+    with pytest.raises(stripe.RateLimitError):
+        client.v1.billing.meter_events.create(dict(params, identifier="id-2"))
+    client.v1.billing.meter_events.create(dict(params, identifier="id-2"))
+    assert [e["payload"]["value"] for e in fake.meter_events() if e["event_name"] == "fake_test_tokens"] == ["7", "7"]
+
+
+def test_events_are_signed_with_stripes_scheme(fake):
+    event = fake.events()[-1]
+    payload = json.dumps(event)
+    header = signature_header(payload, [WEBHOOK_SECRET])
+    parsed = stripe.Webhook.construct_event(payload, header, WEBHOOK_SECRET)
+    assert parsed.id == event["id"]
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.Webhook.construct_event(payload, signature_header(payload, ["whsec_other"]), WEBHOOK_SECRET)
+    with pytest.raises(stripe.SignatureVerificationError):
+        stripe.Webhook.construct_event(payload, signature_header(payload, [WEBHOOK_SECRET], int(time.time()) - 301),
+                                       WEBHOOK_SECRET)
