@@ -47,8 +47,13 @@ async def list_upstreams(request: Request) -> list[ProfileHealth]:
 
 @post("/upstreams", status_code=201)
 async def add_upstream(request: Request, data: JSONBody[ProfileConfig]) -> ProfileHealth:
+    if data.keys_env:
+        # only the operator's own configuration file may name environment variables: through
+        # this route, an admin could send any of the process's secrets to a host of their choice
+        raise HTTPException(status_code=400, detail="keys_env is not accepted here; send the keys "
+                                                     "themselves, or name the variable in CODEPLAN_UPSTREAMS_FILE")
     try:
-        profile = upstreams.resolve(data)
+        profile = upstreams.resolve(data, environ={})
     except ValueError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
     if any(p.name == profile.name for p in request.app.state.router.health()):
