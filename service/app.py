@@ -177,7 +177,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
     # the paths that take big bodies from coding tools: a throttled address is refused there
     # before anything else happens (service/throttle_gate.py)
     gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
-             *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
+             *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS), *bridge_app.RESPONSES_PATHS,
+             *bridge_app.MODELS_PATHS]
     return Litestar(
         route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *usage.routes, *billing_routes.routes,
                                                            *web.route_handlers],

@@ -5,14 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-import asyncpg
 import msgspec
 import stripe
 from litestar import Request, Response, get, post
 
 from bridge.app import api_key
 
-from .. import keys
 from ..problems import problem
 from .engine import Billing, state_of
 from .sessions import BillingError
@@ -65,12 +63,14 @@ async def stripe_webhook(request: Request) -> Response:
 
 
 async def _account(request: Request) -> int | None:
+    """The key's account, through the authenticator and its failed-authentication throttle
+    (an address trying many keys gets 429s, not a database query each)."""
     key = api_key(request)
     if not key:
         return None
-    pool: asyncpg.Pool = request.app.state.pool
-    return await pool.fetchval("SELECT account_id FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL",
-                               keys.key_hash(key))
+    client = request.client.host if request.client else None
+    principal = await request.app.state.auth.authenticate(key, client=client)
+    return None if principal is None else principal.account_id
 
 
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 502}
