@@ -171,7 +171,7 @@ class Journey:
         return principal
 
     async def _admit(self, surface: Surface, principal: Principal, request: wire.ChatRequest,
-                     max_tokens: int | None, started: float) -> Flight:
+                     max_tokens: int | None, started: float) -> tuple[Flight, asyncio.Future]:
         shown_model = request.model
         model = self._models.resolve(request.model, principal.models)
         request.model = model.id

@@ -553,8 +553,13 @@ class Router:
                 error_body = await response.read()
             except (aiohttp.ClientError, OSError):
                 error_body = b""
-            finally:
+            except BaseException:
+                # cancelled while the error's body was read (the client left, admission refused
+                # an early forward): the slot goes back here, or never
                 response.release()
+                self._give_back(key, slot)
+                raise
+            response.release()
             if profile.ask_usage and _refuses_stream_options(response.status, error_body):
                 raise _RefusedStreamOptions()  # resent on the same key and slot
             self._give_back(key, slot)

@@ -193,7 +193,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
     # the paths that take big bodies from coding tools: a throttled address is refused there
     # before anything else happens (service/throttle_gate.py)
     gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
-             *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
+             *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS), *bridge_app.RESPONSES_PATHS,
+             *bridge_app.MODELS_PATHS]
     return Litestar(
         # the OpenAPI schema documents the service's own JSON API; the coding tools' protocols
         # and the web page are not part of it (service/openapi.py)

@@ -410,6 +410,12 @@ def test_admin_adds_and_disables_upstream_profiles_and_keys(fresh_database, busy
             "prices": {"input": 1, "cached": 0.5, "output": 2}})
         assert added.status_code == 201, added.text
         assert "spare-key-1" not in added.text
+        # an environment variable may be named only in the operator's own file: here it would send
+        # the process's secrets (Stripe's, the admin token) to a host of the admin's choice
+        leak = _admin(server, "POST", "/upstreams", json={
+            "name": "leak", "base_url": good.url + "/api/paas/v4", "keys_env": "CODEPLAN_ADMIN_TOKEN"})
+        assert leak.status_code == 400 and "keys_env" in leak.text
+        assert ADMIN_TOKEN not in leak.text
         disabled = _admin(server, "PATCH", f"/upstreams/{busy_name}", json={"enabled": False})
         assert disabled.json()["enabled"] is False
         answer = client.chat.completions.create(model="glm-4.6", messages=_say("tokens=3 reasoning=0"))

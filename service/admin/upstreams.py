@@ -55,7 +55,7 @@ async def add_upstream(request: Request, data: JSONBody[ProfileConfig]) -> Profi
         raise HTTPException(status_code=400, detail="keys_env is for the upstreams file; send the keys "
                             "themselves in `keys`")
     try:
-        profile = upstreams.resolve(data)
+        profile = upstreams.resolve(data, environ={})
     except ValueError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
     if any(p.name == profile.name for p in request.app.state.router.health()):

@@ -151,17 +151,21 @@ async def change_user(request: Request, account_id: AccountId,
             plan = await conn.fetchrow("SELECT id, retired_at FROM plans WHERE id = $1", data.plan)
             if plan is None:
                 raise HTTPException(status_code=400, detail=f"no plan {data.plan!r}")
+            if plan["retired_at"] is not None:
+                raise HTTPException(status_code=400, detail=f"plan {data.plan!r} is retired")
             if before["subscription_id"] is None:
                 await conn.execute("INSERT INTO subscriptions (account_id, plan_id, status)"
                                    " VALUES ($1, $2, 'active')", account_id, data.plan)
             else:
-                # under the subscription's mutex, as every change of its money
+                # the lock order of every plan change (billing_apply_subscription's too): the
+                # account, the subscription, then its mutex, then its windows by id
+                await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE", account_id)
+                await conn.execute("UPDATE subscriptions SET plan_id = $2 WHERE id = $1",
+                                   before["subscription_id"], data.plan)
                 await conn.execute("INSERT INTO subscription_flights (subscription_id) VALUES ($1)"
                                    " ON CONFLICT DO NOTHING", before["subscription_id"])
                 await conn.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1"
                                    " FOR NO KEY UPDATE", before["subscription_id"])
-                await conn.execute("UPDATE subscriptions SET plan_id = $2 WHERE id = $1",
-                                   before["subscription_id"], data.plan)
                 # the plan's windows only: top-up and overage windows keep their own allowances
                 await conn.execute(
                     "SELECT 1 FROM quota_windows WHERE subscription_id = $1 AND ends_at > now()"
