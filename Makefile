@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-clients clients browser bench migrate clean venv
+.PHONY: run test test-faults test-clients clients browser bench migrate clean venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ migrate: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests --ignore=tests/clients
+
+# The fault suite alone (also part of `make test`): SIGKILLs of the bridge, a PostgreSQL restart.
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -s tests/faults
 
 # The browser tests' needs: Debian's Chromium and a CJK font (apt-get, as root), axe-core from npm
 # into a cache outside the repository. Without them `make test` skips the browser tests, saying so.
