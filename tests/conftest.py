@@ -21,14 +21,18 @@ import pytest
 
 from service import accounts, db, pgembed
 
+from .log_scan import scan, secrets_in_env
+
 ROOT = Path(__file__).resolve().parent.parent
 CODEPLAN = [sys.executable, "-m", "service.cli"]
 TEMPLATE = "codeplan_template"
 # Every server this run starts logs here (the run's own folder, never shared with another run),
-# so that tests/test_log_scan.py can read all of them at the end. CODEPLAN_TEST_LOG_DIR keeps
+# so that the session's end can scan all of them for secrets (pytest_sessionfinish below). CODEPLAN_TEST_LOG_DIR keeps
 # them somewhere chosen (CI's artifacts).
 LOG_DIR = Path(os.environ.get("CODEPLAN_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="codeplan-test-logs-"))
 LOG_DIR.mkdir(parents=True, exist_ok=True)
+# secret value -> what it is: every secret handed to a server this run, which no log may hold
+KNOWN_SECRETS: dict[str, str] = {}
 
 
 def free_port() -> int:
@@ -149,7 +153,9 @@ class Server:
     def __init__(self, args: list[str], env: dict[str, str], port: int, ready_path: str) -> None:
         self.args, self.env, self.port, self.ready_path = args, env, port, ready_path
         self.process: subprocess.Popen | None = None
-        kind = args[len(CODEPLAN)] if len(args) > len(CODEPLAN) else "server"
+        kind = (args[len(CODEPLAN)] if args[:len(CODEPLAN)] == CODEPLAN and len(args) > len(CODEPLAN)
+                else args[2].rpartition(".")[2] if args[1:2] == ["-m"] else "server")
+        KNOWN_SECRETS.update(secrets_in_env(env))
         self.log = tempfile.NamedTemporaryFile(prefix=f"{kind}-", suffix=".log", dir=LOG_DIR, delete=False)
 
     @property
@@ -297,3 +303,26 @@ class TcpProxy:
             for writer in list(self._writers):
                 writer.transport.abort()
         self._loop.call_soon_threadsafe(drop)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the run if any server log it produced holds a secret, naming the file and the kind."""
+    try:
+        from .web_support import PASSWORD
+        KNOWN_SECRETS[PASSWORD] = "a test account's password"
+    except ImportError:
+        pass
+    paths = sorted(LOG_DIR.glob("*.log")) + ([pg_log()] if PG_FOLDER else [])
+    findings = scan(paths, KNOWN_SECRETS)
+    if not findings:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(findings)} secret(s) in the server logs of this run:"] + [f"  {f}" for f in findings[:50]]
+    if reporter:
+        reporter.ensure_newline()
+        reporter.write_sep("=", "log scan", red=True, bold=True)
+        for line in lines:
+            reporter.write_line(line)
+    else:
+        print("\n".join(lines))
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
