@@ -68,6 +68,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and all its descendants alive now (a `--workers` supervisor's children)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    family, grew = {pid}, True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in family and child not in family:
+                family.add(child)
+                grew = True
+    total = 0.0
+    for member in family:
+        try:
+            total += cpu_seconds(member)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -76,7 +100,7 @@ def rss_kb(pid: int) -> int:
 
 
 class Process:
-    def __init__(self, args: list[str], env: dict[str, str], cpu: int, port: int, ready: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], cpu: int | str, port: int, ready: str) -> None:
         self.port = port
         self.log = tempfile.NamedTemporaryFile(prefix="codeplan-bench-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(["taskset", "-c", str(cpu)] + args, env=env, cwd=ROOT,
@@ -324,6 +348,26 @@ def main() -> int:
         stream_via = asyncio.run(streams.stream_load("127.0.0.1", bridge_port, stream_raw, 64, seconds))
         stream_cpu = cpu_seconds(bridge.pid) - cpu0
 
+        # worker processes: c=32 on one key served by 1, then 2, `codeplan run --workers` processes,
+        # unpinned (the load generator and the simulator stay on their core, so on a 2-core
+        # machine the second worker competes with them: read the CPU per request beside the rate)
+        scaling: dict[str, dict] = {}
+        for n in (1, 2):
+            port = free_port()
+            server = Process([sys.executable, "-m", "service.cli", "run", "--workers", str(n)], {
+                **env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(port),
+                "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
+                "CODEPLAN_UPSTREAM_KEYS": "bench"}, ",".join(map(str, sorted(CPUS))), port, "/healthz")
+            try:
+                wrk(port, path, one_key, BODY, 16, 1)  # warm-up, every worker
+                cpu0, pg0 = tree_cpu_seconds(server.pid), pg_cpu_seconds(pgdata)
+                run = wrk(port, path, one_key, BODY, 32, seconds)
+                run["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(server.pid) - cpu0) / max(1, run["requests"])
+                run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
+                scaling[f"workers={n}"] = run
+            finally:
+                server.stop()
+
         # idle streams: memory per open stream, bridge against simulator holding the same
         rss_before = rss_kb(bridge.pid)
         sim_before = rss_kb(simulator.pid)
@@ -355,6 +399,13 @@ def main() -> int:
         rows.append((f"non-stream {name}: CPU ms/req (bridge + PostgreSQL)", d["server_cpu_ms_per_req"],
                      b["server_cpu_ms_per_req"] + b["pg_cpu_ms_per_req"],
                      f"bridge {b['server_cpu_ms_per_req']:.2f} + pg {b['pg_cpu_ms_per_req']:.2f}"))
+    one, two = scaling["workers=1"], scaling["workers=2"]
+    rows.append(("c=32 one key, unpinned: requests/s, 1 / 2 workers", one["rps"], two["rps"],
+                 f"x{two['rps'] / one['rps']:.2f}"))
+    rows.append(("c=32 one key, unpinned: CPU ms/req (all workers + PostgreSQL), 1 / 2 workers",
+                 one["server_cpu_ms_per_req"] + one["pg_cpu_ms_per_req"],
+                 two["server_cpu_ms_per_req"] + two["pg_cpu_ms_per_req"],
+                 f"x{(two['server_cpu_ms_per_req'] + two['pg_cpu_ms_per_req']) / max(1e-9, one['server_cpu_ms_per_req'] + one['pg_cpu_ms_per_req']):.2f}"))
     rows.append(("stream c=1: TTFT p50 ms", stream1_direct["ttft_p50_ms"], stream1_via["ttft_p50_ms"],
                  f"{stream1_via['ttft_p50_ms'] - stream1_direct['ttft_p50_ms']:+.2f} ms"))
     rows.append(("stream c=64: TTFT p50 ms", stream_direct["ttft_p50_ms"], stream_via["ttft_p50_ms"],
@@ -392,7 +443,7 @@ def main() -> int:
     results.update(
         when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine={
             "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
-        seconds_per_run=seconds, direct=baseline, bridge=via, stream1_direct=stream1_direct,
+        seconds_per_run=seconds, direct=baseline, bridge=via, workers=scaling, stream1_direct=stream1_direct,
         stream1_bridge=stream1_via, stream_direct=stream_direct,
         stream_bridge=stream_via, stream_bridge_cpu_s=stream_cpu, idle=idle, rss_kb_before=rss_before,
         rss_kb_after=rss_after, pg_connections_max=max_connections, deadlocks_and_lock_timeouts=deadlocks,
