@@ -5,12 +5,18 @@ rounds of concurrent POSTs with big bodies and made-up keys, and reports the ser
 (sampled every 20 ms) and the latency of /healthz polled during the flood.
 
     python -m bench.flood [--code DIR] [--clients 8] [--mb 60] [--rounds 3] [--valid-key] [--path P]
+                          [--prompt]
+
+`--prompt` sends well-formed requests whose one message is that many MB of source-like text
+(decoded, guarded and counted, then refused as past the context window) instead of a bare run of
+bytes that fails to decode.
 
 `--code` runs another checkout (e.g. `git archive <commit> | tar -x -C DIR`) for a before/after.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import socket
@@ -34,8 +40,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _post(port: int, path: str, size: int, results: list[str], key: str | None) -> None:
+def prompt_body(size: int) -> bytes:
+    """A well-formed request of about `size` bytes: one message of varied, code-like text, new
+    each time (a resent text's count is cached)."""
+    line = "    total += compute(item, index={}) if item else fallback(index)  # step {}\n"
+    text, n = [f"# {secrets.token_hex(8)}\n"], 0
+    while n < size - 200:
+        piece = line.format(len(text), len(text) * 7 % 1000)
+        text.append(piece)
+        n += len(piece)
+    return json.dumps({"model": "glm-4.6", "max_tokens": 16, "messages": [
+        {"role": "user", "content": "".join(text)}]}).encode()
+
+
+def _post(port: int, path: str, size: int, results: list[str], key: str | None, body: bytes | None = None) -> None:
     key = key or f"cp_{secrets.token_urlsafe(30)}"
+    if body is not None:
+        body = prompt_body(size)
+        size = len(body)
     head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Authorization: Bearer {key}\r\nContent-Length: {size}\r\n\r\n").encode()
     chunk = b'{"model": "glm-4.6", "messages": [{"role": "user", "content": "' + b"a" * (1 << 20)
@@ -44,6 +66,9 @@ def _post(port: int, path: str, size: int, results: list[str], key: str | None) 
             sock.sendall(head)
             sent = 0
             try:
+                if body is not None:
+                    sock.sendall(body)
+                    sent = size
                 while sent < size:
                     piece = chunk[:min(len(chunk), size - sent)]
                     sock.sendall(piece)
@@ -57,7 +82,9 @@ def _post(port: int, path: str, size: int, results: list[str], key: str | None) 
 
 
 def run(code: Path, clients: int, megabytes: int, rounds: int, valid_key: bool = False,
-        paths: tuple[str, ...] = ("/v1/messages", "/v1/chat/completions")) -> dict[str, float | str]:
+        paths: tuple[str, ...] = ("/v1/messages", "/v1/chat/completions"),
+        prompt: bool = False) -> dict[str, float | str]:
+    body = b"" if prompt else None  # made anew for each request
     folder = tempfile.mkdtemp(prefix="codeplan-flood-")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
@@ -109,7 +136,7 @@ def run(code: Path, clients: int, megabytes: int, rounds: int, valid_key: bool =
         results: list[str] = []
         started = time.monotonic()
         for _ in range(rounds):
-            senders = [threading.Thread(target=_post, args=(port, path, megabytes << 20, results, key))
+            senders = [threading.Thread(target=_post, args=(port, path, megabytes << 20, results, key, body))
                        for path in (list(paths) * clients)[:clients]]
             for thread in senders:
                 thread.start()
@@ -146,10 +173,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--valid-key", action="store_true", help="send a real account's key")
     parser.add_argument("--path", action="append", help="paths to post to, in turn")
+    parser.add_argument("--prompt", action="store_true", help="well-formed requests with a huge prompt")
     args = parser.parse_args()
     paths = tuple(args.path or ("/v1/messages", "/v1/chat/completions"))
-    figures = run(args.code.resolve(), args.clients, args.mb, args.rounds, args.valid_key, paths)
-    print(f"{args.clients} clients x {args.rounds} rounds, {args.mb} MB bodies to {', '.join(paths)}, "
+    figures = run(args.code.resolve(), args.clients, args.mb, args.rounds, args.valid_key, paths, args.prompt)
+    print(f"{args.clients} clients x {args.rounds} rounds, {args.mb} MB {'prompts' if args.prompt else 'bodies'} to {', '.join(paths)}, "
           f"{'a valid key' if args.valid_key else 'made-up keys'}, code: {args.code}")
     for name, value in figures.items():
         print(f"  {name:16s} {value:,.1f}" if isinstance(value, float) else f"  {name:16s} {value}")

@@ -107,7 +107,7 @@ class PromptEstimator:
                 total += cached
         if todo:
             if sum(map(len, todo)) >= _OFFLOAD_CHARS:
-                counts = await asyncio.to_thread(lambda: [tokens.count(p) for p in todo])
+                counts = await asyncio.to_thread(lambda: [tokens.count_in_pieces(p) for p in todo])
             else:
                 counts = [tokens.count(p) for p in todo]
             for piece, n in zip(todo, counts):
