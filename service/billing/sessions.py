@@ -1,13 +1,18 @@
 """Checkout, Customer Portal and top-up sessions: account id in, a Stripe-hosted URL out.
 
 Free of HTTP, so the API routes (routes.py) and the web pages call the same functions. Every create
-carries an idempotency key; each account gets one Stripe Customer, made on first need (under a lock
-on the account row) and reused.
+carries an idempotency key; each account gets one Stripe Customer, made on first need and reused.
+
+Calls to Stripe take hundreds of milliseconds, seconds when it is slow, and are retried: none is
+made while holding a row lock. What must not run twice for one account at once (making its
+Customer, opening its Checkout) is serialised by a transaction-scoped advisory lock named after
+the account, which nothing else takes: logins, key creation and the ledger never wait for Stripe.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from typing import Any
+from typing import Any, AsyncIterator
 
 import asyncpg
 import msgspec
@@ -54,25 +59,37 @@ class Sessions:
     def billing_url(self) -> str:
         return self._config.base_url + "/billing"
 
+    @contextlib.asynccontextmanager
+    async def _serialised(self, purpose: str, account_id: int) -> AsyncIterator[asyncpg.Connection]:
+        """One at a time per account and purpose, until the block ends: an advisory lock, not a
+        row lock, so what only reads or references the account row (a login, a new key or
+        session: the foreign key's KEY SHARE) never waits behind a slow Stripe call."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                               f"codeplan:{purpose}:{account_id}")
+            yield conn
+
     async def customer(self, account_id: int) -> str:
         """The account's Stripe Customer, created the first time and stored on the account."""
         existing = await self._pool.fetchval("SELECT stripe_customer_id FROM accounts WHERE id = $1", account_id)
         if existing:
             return existing
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow("SELECT email, stripe_customer_id FROM accounts WHERE id = $1 FOR UPDATE",
-                                      account_id)
+        async with self._serialised("customer", account_id) as conn:
+            row = await conn.fetchrow("SELECT email, stripe_customer_id FROM accounts WHERE id = $1", account_id)
             if row is None:
                 raise BillingError("not_found", f"no account {account_id}")
             if row["stripe_customer_id"]:
                 return row["stripe_customer_id"]
-            # The key is the account's own, so a crash before the commit below and a retry
+            # The key is the account's own, so a crash before the update below and a retry
             # (within Stripe's 24 hours) get the same Customer back, not a second one.
             customer = await self._api.create_customer(
                 {"email": row["email"], "metadata": {"codeplan_account_id": str(account_id)}},
                 idempotency_key(self._installation, "customer", account_id))
-            await conn.execute("UPDATE accounts SET stripe_customer_id = $2 WHERE id = $1", account_id, customer.id)
-            return customer.id
+            # a webhook may have linked it meanwhile (apply.py): the same Customer either way
+            stored = await conn.fetchval(
+                "UPDATE accounts SET stripe_customer_id = coalesce(stripe_customer_id, $2) WHERE id = $1"
+                " RETURNING stripe_customer_id", account_id, customer.id)
+            return stored
 
     async def _price(self, lookup_key: str) -> asyncpg.Record | None:
         return await self._pool.fetchrow(
