@@ -16,8 +16,10 @@ from typing import Any, AsyncIterator
 
 import asyncpg
 import msgspec
+import stripe
 
 from ..config import Config, TopupBlock
+from . import wire
 from .stripe_api import StripeAPI, idempotency_key
 
 
@@ -39,6 +41,7 @@ class SoldPrice(msgspec.Struct, frozen=True):
 
 # Stripe states in which a subscription still exists and may be changed in the Portal
 LIVE_STATUSES = ("active", "trialing", "past_due", "unpaid", "paused", "incomplete")
+_SUBSCRIBED = "this account already has a subscription; change its plan or cancel it in the billing portal"
 
 
 def _bucket(minutes: int) -> str:
@@ -104,7 +107,12 @@ class Sessions:
                 for r in rows]
 
     async def checkout(self, account_id: int, plan_id: str, interval: str = "month") -> str:
-        """A Checkout Session in subscription mode for `plan_id`, billed every `interval`."""
+        """A Checkout Session in subscription mode for `plan_id`, billed every `interval`.
+
+        An account pays for one subscription: opening this session expires the account's other
+        open subscription sessions (another plan, another tab), and one already paid on Stripe,
+        whose webhook has not reached us yet, refuses it. A subscription paid twice all the same
+        (a session opened before this rule) is cancelled and refunded (duplicates.py)."""
         if interval not in ("month", "year"):
             raise BillingError("invalid", f"interval is month or year, not {interval!r}")
         if not await self._pool.fetchval("SELECT 1 FROM plans WHERE id = $1", plan_id):
@@ -114,12 +122,7 @@ class Sessions:
         if price is None:
             raise BillingError("invalid", f"plan {plan_id!r} is not sold {'yearly' if interval == 'year' else 'monthly'}"
                                " (the operator runs `codeplan stripe sync` to put plans on sale)")
-        live = await self._pool.fetchval(
-            "SELECT stripe_subscription_id FROM stripe_subscriptions WHERE account_id = $1 AND status = ANY($2)",
-            account_id, list(LIVE_STATUSES))
-        if live:
-            raise BillingError("conflict", "this account already has a subscription; change its plan or "
-                               "cancel it in the billing portal")
+        await self._refuse_if_subscribed(account_id)
         customer = await self.customer(account_id)
         items: list[dict[str, Any]] = [{"price": price["stripe_price_id"], "quantity": 1}]
         if plan_id in self._config.overage_plans:
@@ -133,8 +136,42 @@ class Sessions:
             "success_url": self.billing_url + "?checkout=success&session_id={CHECKOUT_SESSION_ID}",
             "cancel_url": self.billing_url + "?checkout=canceled",
         }
-        return await self._open_session(params, idempotency_key(self._installation, "checkout", account_id,
-                                                                params, _bucket(60)))
+        # two tabs opening sessions at once would each expire the other's: one at a time
+        async with self._serialised("checkout", account_id):
+            session = await self._open_session(params, idempotency_key(self._installation, "checkout", account_id,
+                                                                       params, _bucket(60)))
+            await self._only_open_subscription_session(customer, session)
+        return session.url or ""
+
+    async def _refuse_if_subscribed(self, account_id: int) -> None:
+        live = await self._pool.fetchval(
+            "SELECT stripe_subscription_id FROM stripe_subscriptions WHERE account_id = $1 AND status = ANY($2)",
+            account_id, list(LIVE_STATUSES))
+        if live:
+            raise BillingError("conflict", _SUBSCRIBED)
+
+    async def _only_open_subscription_session(self, customer: str, session: wire.CheckoutSession) -> None:
+        """Expire the customer's other open subscription sessions; then, with none left that could
+        still be paid, make sure none was paid: Stripe's own list of the customer's subscriptions,
+        not our mirror, which fills only once the webhook is applied. `session` is expired too
+        when the account turns out to be subscribed."""
+        for other in await self._api.open_checkout_sessions(customer):
+            if other.id == session.id or other.mode != "subscription":
+                continue
+            try:
+                await self._api.expire_checkout_session(other.id)
+            except stripe.InvalidRequestError:
+                # no longer open: paid (or expired) meanwhile; which one is Stripe's to say
+                if (await self._api.checkout_session(other.id)).status == "complete":
+                    await self._withdraw(session)
+                    raise BillingError("conflict", _SUBSCRIBED) from None
+        if any(s.status in LIVE_STATUSES for s in await self._api.subscriptions_of(customer)):
+            await self._withdraw(session)
+            raise BillingError("conflict", _SUBSCRIBED)
+
+    async def _withdraw(self, session: wire.CheckoutSession) -> None:
+        with contextlib.suppress(stripe.InvalidRequestError):  # paid or expired already
+            await self._api.expire_checkout_session(session.id)
 
     async def portal(self, account_id: int) -> str:
         """A Customer Portal session: card, invoices, plan changes and cancellation on Stripe."""
@@ -174,10 +211,11 @@ class Sessions:
             "success_url": self.billing_url + "?checkout=success&session_id={CHECKOUT_SESSION_ID}",
             "cancel_url": self.billing_url + "?checkout=canceled",
         }
-        return await self._open_session(params, idempotency_key(self._installation, "topup", account_id,
-                                                                params, _bucket(60)))
+        session = await self._open_session(params, idempotency_key(self._installation, "topup", account_id,
+                                                                   params, _bucket(60)))
+        return session.url or ""
 
-    async def _open_session(self, params: dict[str, Any], key: str) -> str:
+    async def _open_session(self, params: dict[str, Any], key: str) -> wire.CheckoutSession:
         """A Checkout Session still open for payment. The key gives a double click the session of
         the first click; if that one was paid (or expired) meanwhile, Stripe's replay of it is no
         use, and a key naming it asks for the next."""
@@ -188,6 +226,6 @@ class Sessions:
             if session.status in (None, "open"):
                 if not session.url:
                     raise BillingError("unavailable", "Stripe returned a Checkout Session without a URL")
-                return session.url
+                return session
             key = f"{key}-after-{session.id}"[-255:]
         raise BillingError("unavailable", "Stripe kept returning Checkout Sessions that are no longer open")
