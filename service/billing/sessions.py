@@ -115,9 +115,13 @@ class Sessions:
         (a session opened before this rule) is cancelled and refunded (duplicates.py)."""
         if interval not in ("month", "year"):
             raise BillingError("invalid", f"interval is month or year, not {interval!r}")
-        if not await self._pool.fetchval("SELECT 1 FROM plans WHERE id = $1", plan_id):
-            names = ", ".join(r["id"] for r in await self._pool.fetch("SELECT id FROM plans ORDER BY window_tokens"))
-            raise BillingError("invalid", f"unknown plan {plan_id!r}; plans are: {names}")
+        plan = await self._pool.fetchrow("SELECT id, retired_at FROM plans WHERE id = $1", plan_id)
+        if plan is None or plan["retired_at"] is not None:
+            names = ", ".join(r["id"] for r in await self._pool.fetch(
+                "SELECT id FROM plans WHERE retired_at IS NULL ORDER BY window_tokens"))
+            what = "unknown plan" if plan is None else "plan"
+            why = "" if plan is None else " is retired and no longer sold"
+            raise BillingError("invalid", f"{what} {plan_id!r}{why}; plans are: {names}")
         price = await self._price(f"codeplan_{plan_id}_{interval}")
         if price is None:
             raise BillingError("invalid", f"plan {plan_id!r} is not sold {'yearly' if interval == 'year' else 'monthly'}"

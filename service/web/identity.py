@@ -38,6 +38,17 @@ def normal_email(email: str) -> str:
     return email
 
 
+def signup_plan_problem(plan: str, plans: list) -> str | None:
+    """Why CODEPLAN_SIGNUP_PLAN cannot be given to new accounts (rows: id, retired_at), or None."""
+    on_sale = ", ".join(r["id"] for r in plans if r["retired_at"] is None)
+    found = next((r for r in plans if r["id"] == plan), None)
+    if found is None:
+        return f"CODEPLAN_SIGNUP_PLAN: no plan {plan!r}; plans are: {on_sale}"
+    if found["retired_at"] is not None:
+        return f"CODEPLAN_SIGNUP_PLAN: plan {plan!r} is retired and takes no new subscriptions; plans are: {on_sale}"
+    return None
+
+
 async def sign_up(pool: asyncpg.Pool, email: str, password: str, signup_plan: str) -> Account:
     email = normal_email(email)
     reason = passwords.weakness(password)
@@ -51,8 +62,10 @@ async def sign_up(pool: asyncpg.Pool, email: str, password: str, signup_plan: st
         except asyncpg.UniqueViolationError:
             raise Refusal("exists") from None
         if signup_plan:
+            # a plan retired since start-up is given to nobody new: the account starts without one
             await conn.execute(
-                "INSERT INTO subscriptions (account_id, plan_id, status) VALUES ($1, $2, 'active')",
+                "INSERT INTO subscriptions (account_id, plan_id, status)"
+                " SELECT $1, id, 'active' FROM plans WHERE id = $2 AND retired_at IS NULL",
                 account_id, signup_plan)
     return Account(id=account_id, email=email, verified=False)
 

@@ -428,7 +428,7 @@ async def billing_page(request: Request, notice: FromQuery[str] = "", checkout: 
     billing = _billing(request)
     return render(request, "billing.html", viewer=viewer, nav="billing",
                   notice=notice or ("paid" if checkout == "success" else None),
-                  plans=await dashboard.plans(_pool(request)),
+                  plans=await dashboard.plans(_pool(request), viewer.account_id),
                   current=await dashboard.subscription(_pool(request), viewer.account_id),
                   topup_blocks=list(getattr(billing, "topup_blocks", ()) or ()) if billing else [])
 

@@ -1,0 +1,92 @@
+"""The web page against abuse (review findings 9, 12 and 15): mailed links never follow a forged
+Host header, sign-ups are throttled per client address before any password is hashed, hashing has
+threads of its own, and a retired plan is given to no new sign-up. Real servers, the real
+database, a real SMTP server."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import subprocess
+import threading
+import time
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+
+from bridge import tokens
+from service.web import identity, passwords
+
+from .conftest import CODEPLAN, ROOT, base_env, free_port, new_plan, query, run, start_bridge
+from .web_support import PASSWORD, Browserish, SmtpServer, link_in
+
+FORGED = "evil.example"
+
+
+def unique_email() -> str:
+    return f"h{uuid.uuid4().hex[:10]}@example.com"
+
+
+@pytest.fixture(scope="module")
+def smtp():
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+def forged_client(server) -> Browserish:
+    """A browser whose every request claims to be for another host."""
+    client = Browserish(server.url)
+    client.client.headers["host"] = FORGED
+    return client
+
+
+def _start_up_error(database: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(CODEPLAN + ["run"], env=base_env(CODEPLAN_DATABASE_URL=database, CODEPLAN_PORT=str(free_port()),
+                                                         **env),
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+# ---- finding 12: a retired plan is given to no new sign-up -----------------------------------
+
+def test_a_retired_signup_plan_stops_start_up_with_one_line(database):
+    plan = new_plan(database, 1000)
+    run(query(database, "UPDATE plans SET retired_at = now() WHERE id = $1", plan))
+    on_sale = ", ".join(r["id"] for r in run(query(database, "SELECT id FROM plans WHERE retired_at IS NULL ORDER BY id")))
+    assert "lite, max, pro" in on_sale and plan not in on_sale
+    result = _start_up_error(database, CODEPLAN_SIGNUP_PLAN=plan)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"codeplan: configuration error: CODEPLAN_SIGNUP_PLAN: plan {plan!r} is retired and takes no new "
+        f"subscriptions; plans are: {on_sale}"]
+
+
+async def test_a_signup_plan_retired_while_running_is_given_to_nobody_new(database):
+    plan = new_plan(database, 1000)
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    try:
+        first = await identity.sign_up(pool, unique_email(), PASSWORD, plan)
+        await pool.execute("UPDATE plans SET retired_at = now() WHERE id = $1", plan)
+        second = await identity.sign_up(pool, unique_email(), PASSWORD, plan)
+        plans = {r["account_id"]: r["plan_id"] for r in await pool.fetch(
+            "SELECT account_id, plan_id FROM subscriptions WHERE account_id = ANY($1)", [first.id, second.id])}
+        assert plans == {first.id: plan}  # the first keeps it; the second starts without a plan
+    finally:
+        await pool.close()
+
+
+def test_the_billing_page_offers_no_retired_plan(database, simulator):
+    """Plans on the page are those on sale; an account on a retired plan still sees its own."""
+    retired, kept = new_plan(database, 1000), new_plan(database, 2000)
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_SIGNUP_PLAN=kept)
+    try:
+        client = Browserish(server.url)
+        client.sign_up(unique_email())
+        run(query(database, "UPDATE plans SET retired_at = now() WHERE id = ANY($1)", [retired, kept]))
+        page = client.get("/billing").text
+        assert f'id="plan-{kept}"' in page and f'id="plan-{retired}"' not in page
+        assert 'id="plan-pro"' in page
+    finally:
+        server.stop()
