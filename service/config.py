@@ -27,6 +27,8 @@ SECRET_FIELDS = {"upstream_keys", "stripe_secret_key", "stripe_webhook_secrets",
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# CODEPLAN_HOST values that listen on every address
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 Cents = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -307,6 +309,12 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     if config.smtp_url and not config.smtp_url.startswith(("smtp://", "smtps://")):
         raise ConfigError(
             f"{PREFIX}SMTP_URL: expected smtp://host:port or smtps://host:port, got a value of another form")
+    if config.smtp_url and not config.public_url and config.host in WILDCARD_HOSTS:
+        # mailed links (verify, reset) are built from the configured base URL only; on every
+        # address there is no one URL to name, and a request's Host header may be anybody's
+        raise ConfigError(
+            f"{PREFIX}PUBLIC_URL: required when {PREFIX}SMTP_URL is set and {PREFIX}HOST ({config.host or '*'}) "
+            "listens on every address: mailed links must name this server")
     if config.upstream_prices and len(config.upstream_prices) != 3:
         raise ConfigError(f"{PREFIX}UPSTREAM_PRICES: expected {_describe('upstream_prices')}, "
                           f"got {environ.get(PREFIX + 'UPSTREAM_PRICES', '')!r}")

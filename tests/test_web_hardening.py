@@ -49,6 +49,60 @@ def _start_up_error(database: str, **env: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+# ---- finding 9: mailed links -------------------------------------------------------------
+
+def test_smtp_on_a_wildcard_bind_without_a_public_url_refuses_to_start(database, smtp):
+    for host in ("0.0.0.0", "::"):
+        result = _start_up_error(database, CODEPLAN_HOST=host, CODEPLAN_SMTP_URL=smtp.url)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"codeplan: configuration error: CODEPLAN_PUBLIC_URL: required when CODEPLAN_SMTP_URL is set and "
+            f"CODEPLAN_HOST ({host}) listens on every address: mailed links must name this server"]
+
+
+def test_a_forged_host_never_reaches_a_mailed_link(database, simulator, smtp):
+    """Listening on every address with a public URL: the reset and verify mails name the public
+    URL whatever Host the request claimed."""
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_HOST="0.0.0.0",
+                          CODEPLAN_SMTP_URL=smtp.url, CODEPLAN_PUBLIC_URL="http://codeplan.example")
+    try:
+        client = forged_client(server)
+        address = unique_email()
+        client.sign_up(address)
+        verify = link_in(smtp.inbox.wait_for(address, subject="Check"))
+        assert verify.startswith("http://codeplan.example/verify?token=")
+        before = len(smtp.inbox.messages)
+        client.get("/forgot")
+        assert client.post("/forgot", {"email": address}).status_code == 200
+        reset = link_in(smtp.inbox.wait_for(address, subject="Reset", after=before))
+        assert reset.startswith("http://codeplan.example/reset?token=") and FORGED not in reset
+    finally:
+        server.stop()
+
+
+def test_without_mail_a_forged_host_is_not_in_the_logged_link_either(database, simulator):
+    """No SMTP, every address, no public URL: the link the log keeps for the operator names the
+    configured address, not the forger's host (the page itself may show the host you typed)."""
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_HOST="0.0.0.0")
+    port = server.port
+    try:
+        client = forged_client(server)
+        address = unique_email()
+        assert client.sign_up(address).status_code == 200
+        client.get("/forgot")
+        client.post("/forgot", {"email": address})
+        deadline = time.monotonic() + 30
+        links: list[str] = []
+        while len(links) < 2 and time.monotonic() < deadline:
+            links = [json.loads(line)["link"] for line in server.output().splitlines()
+                     if address in line and '"link"' in line]
+            time.sleep(0.1)
+        assert len(links) == 2, server.output()[-2000:]
+        assert all(link.startswith(f"http://0.0.0.0:{port}/") and FORGED not in link for link in links), links
+    finally:
+        server.stop()
+
+
 # ---- finding 12: a retired plan is given to no new sign-up -----------------------------------
 
 def test_a_retired_signup_plan_stops_start_up_with_one_line(database):

@@ -15,6 +15,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
+from ..config import WILDCARD_HOSTS
 from . import apikeys, dashboard, i18n, identity, sessions, tools
 from .mail import Letter, MailError
 
@@ -118,10 +119,11 @@ async def form_of(request: Request, shape: type[T]) -> T:
 
 
 def public_base(request: Request) -> str:
-    """The URL users reach us at: CODEPLAN_PUBLIC_URL, else HOST:PORT, else (when we listen on
-    every address, 0.0.0.0) the host the browser used."""
+    """The URL shown on our pages: CODEPLAN_PUBLIC_URL, else HOST:PORT, else (when we listen on
+    every address, 0.0.0.0) the host the browser used. Only for the page this browser reads:
+    mailed links use the configured base URL alone (see _mail_link)."""
     config = _web(request).config
-    if not config.public_url and config.host in ("0.0.0.0", "::", ""):
+    if not config.public_url and config.host in WILDCARD_HOSTS:
         return f"{request.url.scheme}://{request.headers.get('host') or request.url.netloc}"
     return config.base_url
 
@@ -197,7 +199,9 @@ async def _mail_link(request: Request, account: identity.Account, purpose: str) 
     if token is None:
         return "mail_limit"
     _ = i18n.translator(language(request))
-    base = public_base(request)
+    # never the request's Host header: a forged one would mail the owner a link to its sender
+    # (config refuses SMTP on every address without CODEPLAN_PUBLIC_URL)
+    base = _web(request).config.base_url
     if purpose == "verify":
         link = f"{base}/verify?token={token}"
         subject = _("Check your mail") + " · Codeplan"
