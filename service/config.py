@@ -135,6 +135,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     mail_from: str = "Codeplan <codeplan@localhost>"
     # plan given to a new sign-up (e.g. lite); empty: no plan until billing or the operator gives one
     signup_plan: str = ""
+    # sign-ups one client address (IPv6: its /64) may make per signup_window; 0: no limit
+    signup_limit: Annotated[int, msgspec.Meta(ge=0)] = 10
+    signup_window: Seconds = 3600.0
     # signs CSRF tokens; empty: one made once and kept in the database (shared by all processes)
     secret_key: str = ""
     # HTTP limits (service/http_limits.py), far above what any coding tool sends: Claude Code's
@@ -221,6 +224,7 @@ def _describe(field: str) -> str:
         "auth_cache_ttl": "a non-negative number of seconds",
         "responses_websockets": "true or false",
         "max_websockets": "a non-negative integer",
+        "signup_limit": "a non-negative integer",
         "upstream_prices": "three non-negative numbers, input,cached,output USD per million tokens",
         "upstream_attempts": "an integer from 1 to 10",
         "workers": "an integer from 1 to 64",

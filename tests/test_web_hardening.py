@@ -103,6 +103,79 @@ def test_without_mail_a_forged_host_is_not_in_the_logged_link_either(database, s
         server.stop()
 
 
+# ---- finding 15: sign-ups per address, and hashing on threads of its own -------------------
+
+def test_sign_ups_from_one_address_are_throttled_before_any_hashing(database, simulator):
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_SIGNUP_LIMIT="3",
+                          CODEPLAN_SIGNUP_WINDOW="3600")
+    try:
+        run(query(database, "DELETE FROM signup_attempts"))
+        client = Browserish(server.url)
+        made = [unique_email() for _ in range(3)]
+        for address in made:
+            client.client.cookies.clear()
+            assert client.sign_up(address).url.path == "/setup"
+        client.client.cookies.clear()
+        refused_address = unique_email()
+        refused = client.sign_up(refused_address)
+        assert refused.status_code == 429 and "Too many sign-ups from your address" in refused.text
+        assert 3500 <= int(refused.headers["retry-after"]) <= 3601
+        assert run(query(database, "SELECT count(*) AS n FROM accounts WHERE email = $1", refused_address))[0]["n"] == 0
+        # the refusal itself is not counted, and logging in is not a sign-up
+        assert run(query(database, "SELECT count(*) AS n FROM signup_attempts"))[0]["n"] == 3
+        assert client.log_in(made[0]).url.path == "/dashboard"
+    finally:
+        server.stop()
+        run(query(database, "DELETE FROM signup_attempts"))
+
+
+async def test_the_limit_is_per_address_and_an_ipv6_address_counts_per_64(database):
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=4)
+    try:
+        await pool.execute("DELETE FROM signup_attempts")
+
+        async def attempt(address: str) -> str:
+            try:
+                await identity.sign_up(pool, unique_email(), PASSWORD, "",
+                                       identity.SignupLimit(address=address, limit=2, window=3600))
+            except identity.Refusal as refusal:
+                return refusal.code
+            return "ok"
+        assert [await attempt("198.51.100.7") for _ in range(3)] == ["ok", "ok", "signup_throttled"]
+        assert await attempt("198.51.100.8") == "ok"  # another address has its own share
+        # one machine's /64 is one address; another /64 is not
+        assert [await attempt(f"2001:db8:0:1::{i}") for i in (1, 2, 3)] == ["ok", "ok", "signup_throttled"]
+        assert await attempt("2001:db8:0:2::1") == "ok"
+        # two at once for the last place: one gets it
+        await pool.execute("DELETE FROM signup_attempts")
+        assert sorted(await asyncio.gather(*(attempt("203.0.113.9") for _ in range(4)))) == \
+            ["ok", "ok", "signup_throttled", "signup_throttled"]
+    finally:
+        await pool.execute("DELETE FROM signup_attempts")
+        await pool.close()
+
+
+async def test_password_hashing_never_queues_ahead_of_token_counting():
+    """A burst of hashes (sign-ups, logins) and the bridge's token counting, which runs in
+    asyncio's default executor (bridge/metering.py): the count is served at once, while hashes
+    wait for the two threads of their own."""
+    loop = asyncio.get_running_loop()
+    # the default executor as on the 2-core servers Codeplan runs on: min(32, cores + 4) threads
+    default = concurrent.futures.ThreadPoolExecutor(6)
+    loop.set_default_executor(default)
+    tokens.count("warm the encoder up first")
+    burst = [asyncio.ensure_future(passwords.hash_async(f"password number {i}")) for i in range(24)]
+    await asyncio.sleep(0)
+    counted = await asyncio.to_thread(tokens.count, "a prompt the bridge is metering")
+    hashed_by_then = sum(task.done() for task in burst)
+    assert counted > 0
+    assert hashed_by_then < len(burst) // 2, f"{hashed_by_then} of {len(burst)} hashes went first"
+    stored = await asyncio.gather(*burst)
+    assert all(passwords.verify_password(f"password number {i}", h) for i, h in enumerate(stored))
+    hashing = {t.name for t in threading.enumerate() if t.name.startswith("codeplan-scrypt")}
+    assert 1 <= len(hashing) <= passwords.HASHING_THREADS
+
+
 # ---- finding 12: a retired plan is given to no new sign-up -----------------------------------
 
 def test_a_retired_signup_plan_stops_start_up_with_one_line(database):

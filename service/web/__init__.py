@@ -142,7 +142,7 @@ class Web:
     async def _keep_tidy(self, pool: asyncpg.Pool) -> None:
         while True:
             try:
-                await identity.housekeeping(pool)
+                await identity.housekeeping(pool, self.config.signup_window)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("web housekeeping failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(HOUSEKEEPING_SECONDS)

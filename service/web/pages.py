@@ -90,13 +90,13 @@ PAGE_HEADERS = {
 
 
 def render(request: Request, template: str, *, viewer: sessions.Viewer | None, status: int = 200,
-           cookies: list[Cookie] | None = None, **context: Any) -> Template:
+           cookies: list[Cookie] | None = None, headers: dict[str, str] | None = None, **context: Any) -> Template:
     lang = language(request)
     web = _web(request)
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return Template(
         template_name=template, status_code=status, cookies=cookies or [],
-        headers={**PAGE_HEADERS, "content-language": "zh-CN" if lang == "zh" else "en"},
+        headers={**PAGE_HEADERS, "content-language": "zh-CN" if lang == "zh" else "en", **(headers or {})},
         context={"_": i18n.translator(lang), "lang": lang, "viewer": viewer, "here": here,
                  "mail_enabled": web.mailer.enabled, "asset_version": web.asset_version,
                  "base_url": public_base(request), "billing_on": _billing(request) is not None,
@@ -190,6 +190,9 @@ def _refusal_text(request: Request, refusal: identity.Refusal) -> str:
     if refusal.code == "throttled":
         minutes = max(1, -(-(refusal.retry_after or 60) // 60))
         return _("Too many failed attempts. Try again in {minutes} minutes.").format(minutes=minutes)
+    if refusal.code == "signup_throttled":
+        minutes = max(1, -(-(refusal.retry_after or 60) // 60))
+        return _("Too many sign-ups from your address. Try again in {minutes} minutes.").format(minutes=minutes)
     return _(_REFUSALS.get(refusal.code, "The request was not understood."))
 
 
@@ -234,8 +237,14 @@ async def signup(request: Request) -> Template | Redirect:
     form = await form_of(request, Credentials)
     web = _web(request)
     try:
-        account = await identity.sign_up(_pool(request), form.email, form.password, web.config.signup_plan)
+        account = await identity.sign_up(
+            _pool(request), form.email, form.password, web.config.signup_plan,
+            identity.SignupLimit(_address(request), web.config.signup_limit, web.config.signup_window))
     except identity.Refusal as refusal:
+        if refusal.code == "signup_throttled":
+            log.warning("sign-ups throttled", extra={"address": _address(request)})
+            return render(request, "signup.html", viewer=None, status=429, email=form.email,
+                          headers={"retry-after": str(refusal.retry_after)}, error=_refusal_text(request, refusal))
         return render(request, "signup.html", viewer=None, status=400, email=form.email,
                       error=_refusal_text(request, refusal))
     token = await sessions.create(_pool(request), account.id)
