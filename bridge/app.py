@@ -83,7 +83,10 @@ async def count_tokens(request: Request) -> Response:
     return Response(msgspec.json.encode(InputTokens(input_tokens=tokens)), media_type="application/json")
 
 
-@get(["/v1/models", "/models", "/api/coding/paas/v4/models", "/api/paas/v4/models"])
+MODELS_PATHS = ["/v1/models", "/models", "/api/coding/paas/v4/models", "/api/paas/v4/models"]
+
+
+@get(MODELS_PATHS)
 async def models(request: Request) -> Response:
     """The plan's models; without a key, every model served (tools probe before configuring)."""
     key = api_key(request)
@@ -167,6 +170,11 @@ async def _relay(socket: WebSocket, reply: Reply) -> None:
                 await socket.send_text(frame.decode())
 
 
+# frames a socket may have waiting while a turn is answered (Codex sends one turn at a time,
+# plus an acknowledgement or two)
+_INBOX = 4
+
+
 async def response_socket(socket: WebSocket) -> None:
     journey: Journey = socket.app.state.journey
     settings = journey.settings
@@ -175,13 +183,19 @@ async def response_socket(socket: WebSocket) -> None:
     refusal = responses_socket.handshake(socket.headers.get("openai-beta"),
                                          enabled=settings.responses_websockets,
                                          open_sockets=gate.open, limit=settings.max_websockets)
-    if refusal is None and (not key or await journey.auth.authenticate(key) is None):
-        refusal = responses_socket.bad_key()
+    if refusal is None:
+        principal = await journey.auth.authenticate(key) if key else None
+        if principal is None:
+            refusal = responses_socket.bad_key()
+        elif principal.subscription_id is None:
+            # a key that cannot spend holds no socket (nor its memory): it is told why, at once
+            refusal = responses_socket.no_subscription(settings.public_url + "/billing")
     if refusal is not None:
         await _refuse(socket, refusal)
         return
     gate.open += 1
-    session = responses_socket.SocketSession(max_depth=settings.max_json_depth)
+    session = responses_socket.SocketSession(max_depth=settings.max_json_depth,
+                                             max_bytes=socket.app.state.max_body)
     # Frames are read all the time, also while a turn is answered: a client that closes the
     # socket mid-turn cancels the turn at once, wherever it waits (as bridge/asgi.py does for
     # HTTP), so an abandoned request does not keep an upstream thinking.
@@ -199,6 +213,14 @@ async def response_socket(socket: WebSocket) -> None:
                 inbox.put_nowait(None)
                 if serving:
                     turn.cancel()
+                return
+            if inbox.qsize() >= _INBOX:
+                # a client that sends frames faster than its turns are answered is not Codex
+                gone = True
+                inbox.put_nowait(None)
+                if serving:
+                    turn.cancel()
+                await socket.close(code=1008, reason="too many frames waiting; one turn at a time")
                 return
             inbox.put_nowait(message.get("bytes") or (message.get("text") or "").encode())
 
@@ -252,7 +274,10 @@ async def _serve_frame(socket: WebSocket, journey: Journey, key: str,
         await socket.send_text(session.refused(surface.failure).decode())
         return
     await _relay(socket, reply)
-    session.finished(surface)
+    try:
+        session.finished(surface)
+    except BridgeError as error:  # the conversation grew past what a socket keeps
+        await socket.send_text(session.refused(error).decode())
 
 
 router = Router(path="/", route_handlers=[

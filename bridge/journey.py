@@ -171,7 +171,7 @@ class Journey:
         return principal
 
     async def _admit(self, surface: Surface, principal: Principal, request: wire.ChatRequest,
-                     max_tokens: int | None, started: float) -> Flight:
+                     max_tokens: int | None, started: float) -> tuple[Flight, asyncio.Future]:
         shown_model = request.model
         model = self._models.resolve(request.model, principal.models)
         request.model = model.id
@@ -203,7 +203,7 @@ class Journey:
         forwarded: float | None = None
         if room is not None and room >= 2 * held:
             forwarded = time.monotonic()
-            opening = asyncio.ensure_future(self._upstream.open(request, str(entry)))
+            opening = asyncio.ensure_future(self._upstream.open(request, str(entry), principal.account_id))
         try:
             admission = await self._ledger.admit(reservation)
         except BaseException as exc:
@@ -222,7 +222,7 @@ class Journey:
                         raw_prompt=count.raw, kind=count.kind, started=started)
         if opening is None:
             forwarded = time.monotonic()
-            opening = asyncio.ensure_future(self._upstream.open(request, str(entry)))
+            opening = asyncio.ensure_future(self._upstream.open(request, str(entry), principal.account_id))
         flight.forwarded = forwarded
         # whenever the upstream's response arrives, it belongs to the flight
         opening.add_done_callback(_attach_when_open(flight))

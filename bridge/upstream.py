@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from typing import Callable, Literal, Protocol
+from typing import Callable, Hashable, Literal, Protocol
 
 import aiohttp
 
@@ -79,7 +79,9 @@ class Upstream(Protocol):
 
     name: str  # how logs name it before a profile answered
 
-    async def open(self, request: wire.ChatRequest, request_id: str) -> UpstreamResponse:
+    async def open(self, request: wire.ChatRequest, request_id: str,
+                   account: Hashable = None) -> UpstreamResponse:
         """Send the request; return the response once its status is a success. Raises
         BridgeError for a refusal or when no upstream can be reached; nothing has reached the
-        client at that point."""
+        client at that point. `account` (whose request it is) takes turns with the others for
+        scarce upstream slots."""

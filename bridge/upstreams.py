@@ -17,17 +17,22 @@ left. A request fault (400, content policy, context length) is never retried.
 With a per-key cap configured, a request holds a slot of its key until its response ends. In
 one process that is a counter; across processes and hosts it is a lease in PostgreSQL (the
 `KeyLeases` port, implemented by the service), taken only when a cap is set, so the default
-path pays nothing.
+path pays nothing. When every slot is busy, the requests waiting for one are served **in turn by
+account** (`FairQueue`): each account's requests in their order of arrival, the accounts
+round-robin, so one account with a hundred requests queued delays another's next request by at
+most one of its own, not by all of them. (Per process: across processes each one's queue is
+fair, and the lease shares the slots among them.)
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import random
 import time
 import urllib.parse
-from typing import Annotated, Callable, Literal, Protocol
+from typing import Annotated, Callable, Hashable, Literal, Protocol
 
 import aiohttp
 import msgspec
@@ -60,7 +65,7 @@ class ProfileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
     preset: Literal["", "zai", "zhipu", "zai-coding", "vllm", "sglang", "simulator"] = ""
     base_url: str = ""
-    keys: tuple[str, ...] = ()
+    keys: tuple[Annotated[str, msgspec.Meta(min_length=1)], ...] = ()
     # the name of an environment variable holding comma-separated keys (kept out of the file)
     keys_env: str = ""
     models: tuple[str, ...] = ()  # empty: every model
@@ -135,6 +140,57 @@ class KeyLeases(Protocol):
         """Give the slot back, in the background; a lost release lapses with its lease."""
 
 
+# ---- waiting for a slot, in turn by account ---------------------------------------------------
+
+class FairQueue:
+    """Requests waiting for a slot, served round-robin by account.
+
+    Only the waiter at the head may try to take a slot; when it gets one, its account moves to
+    the back of the turn and the next account's oldest waiter becomes the head. So with slots
+    scarce, accounts alternate whatever the number each has waiting. A waiter that leaves
+    without a slot (its client went away) passes the head on if it had it."""
+
+    __slots__ = ("_accounts",)
+
+    def __init__(self) -> None:
+        # account -> its waiters in arrival order; the dict's order is the accounts' turn
+        self._accounts: collections.OrderedDict[Hashable, collections.deque[asyncio.Future]] = \
+            collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(map(len, self._accounts.values()))
+
+    def join(self, account: Hashable) -> asyncio.Future:
+        """A future resolved when this waiter is at the head (at once, if no one else waits)."""
+        turn = asyncio.get_running_loop().create_future()
+        self._accounts.setdefault(account, collections.deque()).append(turn)
+        self._wake_head()
+        return turn
+
+    def leave(self, account: Hashable, turn: asyncio.Future, *, served: bool) -> None:
+        """`turn` stops waiting: `served` with a slot (its account's turn is over), or not."""
+        waiters = self._accounts.get(account)
+        if waiters is None:
+            return
+        try:
+            waiters.remove(turn)
+        except ValueError:
+            return
+        if not waiters:
+            del self._accounts[account]
+        elif served:
+            self._accounts.move_to_end(account)
+        if not turn.done():
+            turn.cancel()
+        self._wake_head()
+
+    def _wake_head(self) -> None:
+        for waiters in self._accounts.values():
+            if not waiters[0].done():
+                waiters[0].set_result(None)
+            return
+
+
 # ---- state ----------------------------------------------------------------------------------
 
 class KeyHealth(msgspec.Struct):
@@ -192,6 +248,7 @@ class Profile:
         for key in self.keys:
             key.enabled = key.fingerprint not in disabled_keys
         self.cap = config.concurrency
+        self.waiting = FairQueue()  # requests waiting for a slot of this profile's keys
         self._turn = 0
 
     def serves(self, model: str) -> bool:
@@ -311,8 +368,10 @@ class Router:
                     kept.enabled = key.enabled
                     profile.keys[i] = kept
             before = next((p for p in self.profiles if p.name == profile.name), None)
-            if before is not None and before.config.base_url == config.base_url:
-                profile.ask_usage = before.ask_usage  # what it learned about stream_options
+            if before is not None:
+                profile.waiting = before.waiting  # those waiting keep their place
+                if before.config.base_url == config.base_url:
+                    profile.ask_usage = before.ask_usage  # what it learned about stream_options
             profiles.append(profile)
         self.profiles = profiles
         await self._prepare_leases()
@@ -344,9 +403,11 @@ class Router:
 
     # ---- sending -----------------------------------------------------------------------------
 
-    async def open(self, request: wire.ChatRequest, request_id: str) -> UpstreamResponse:
+    async def open(self, request: wire.ChatRequest, request_id: str,
+                   account: Hashable = None) -> UpstreamResponse:
         """Send the request; return the response once its status is a success. Raises
-        BridgeError when every attempt failed or the request itself was refused."""
+        BridgeError when every attempt failed or the request itself was refused. `account`:
+        whose request it is, for the turn among waiters when slots are scarce."""
         assert self._session is not None, "Router.start() was not awaited"
         candidates = self._candidates(request.model)
         if not candidates:
@@ -361,7 +422,7 @@ class Router:
             profile = self._pick(candidates, tried, time.monotonic())
             if profile is None:
                 break
-            key, slot = await self._take(profile, tried)
+            key, slot = await self._take(profile, tried, account)
             tried.add(key.lease_id)
             try:
                 response = await self._send(profile, key, slot, request, request_id)
@@ -379,33 +440,59 @@ class Router:
         assert last is not None
         raise last
 
-    async def _take(self, profile: Profile, tried: set[str]) -> tuple[_Key, int | None]:
-        """A key of the profile and, with a cap, a slot of it; waits while every slot is busy
-        (in this process or, through the lease, in any)."""
+    async def _take(self, profile: Profile, tried: set[str],
+                    account: Hashable = None) -> tuple[_Key, int | None]:
+        """A key of the profile and, with a cap, a slot of it. While every slot is busy (in this
+        process or, through the lease, in any), waits in the profile's fair queue: in turn by
+        account, only the head trying for a slot."""
+        failed = False  # a try has just found every slot busy
+        if not profile.cap or not profile.waiting:
+            got = await self._try_take(profile, tried)
+            if got is not None:
+                return got
+            failed = True
+        queue = profile.waiting
+        turn = queue.join(account)
+        served = False
         delay = 0.005
-        while True:
-            keys = profile.ordered(time.monotonic(), tried)
-            if not keys:
-                raise _no_key(profile)
-            if not profile.cap:
-                keys[0].in_flight += 1
-                return keys[0], None
-            free = [k for k in keys if k.in_flight < profile.cap]
-            if free:
-                if self._leases is None:
-                    free[0].in_flight += 1
-                    return free[0], None
-                got = await self._lease(free, profile.cap)
-                if got is not None:
-                    key = next(k for k in free if k.lease_id == got[0])
-                    key.in_flight += 1
-                    return key, got[1]
-            # every slot busy: wait for one of ours to come back, or poll the others' leases
-            self._released.clear()
-            try:
-                await asyncio.wait_for(self._released.wait(), delay)
-            except TimeoutError:
-                delay = min(delay * 2, 0.1)
+        try:
+            while True:
+                await turn  # at the head
+                if not failed:
+                    got = await self._try_take(profile, tried)
+                    if got is not None:
+                        served = True
+                        return got
+                failed = False
+                # every slot busy: wait for one of ours to come back, or poll the others' leases
+                self._released.clear()
+                try:
+                    await asyncio.wait_for(self._released.wait(), delay)
+                except TimeoutError:
+                    delay = min(delay * 2, 0.1)
+        finally:
+            queue.leave(account, turn, served=served)
+
+    async def _try_take(self, profile: Profile, tried: set[str]) -> tuple[_Key, int | None] | None:
+        """A key and, with a cap, a free slot of it now; None when every slot is busy."""
+        keys = profile.ordered(time.monotonic(), tried)
+        if not keys:
+            raise _no_key(profile)
+        if not profile.cap:
+            keys[0].in_flight += 1
+            return keys[0], None
+        free = [k for k in keys if k.in_flight < profile.cap]
+        if not free:
+            return None
+        if self._leases is None:
+            free[0].in_flight += 1
+            return free[0], None
+        got = await self._lease(free, profile.cap)
+        if got is None:
+            return None
+        key = next(k for k in free if k.lease_id == got[0])
+        key.in_flight += 1
+        return key, got[1]
 
     async def _lease(self, free: list[_Key], cap: int) -> tuple[str, int] | None:
         """A slot from the database. A request cancelled meanwhile (the client left, admission
@@ -466,8 +553,13 @@ class Router:
                 error_body = await response.read()
             except (aiohttp.ClientError, OSError):
                 error_body = b""
-            finally:
+            except BaseException:
+                # cancelled while the error's body was read (the client left, admission refused
+                # an early forward): the slot goes back here, or never
                 response.release()
+                self._give_back(key, slot)
+                raise
+            response.release()
             if profile.ask_usage and _refuses_stream_options(response.status, error_body):
                 raise _RefusedStreamOptions()  # resent on the same key and slot
             self._give_back(key, slot)

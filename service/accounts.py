@@ -112,8 +112,10 @@ class Authenticator:
             account_id=row["account_id"], api_key_id=row["api_key_id"],
             subscription_id=row["subscription_id"], plan_id=row["plan_id"],
             models=tuple(row["models"]), standing=row["status"])
-        # Unknown keys are not cached: a flood of made-up keys must not evict real ones.
-        if self._ttl > 0 and principal is not None:
+        # Unknown keys are not cached: a flood of made-up keys must not evict real ones. Nor
+        # is a key whose account has no subscription yet: the one who just paid must not wait
+        # for the cache to learn it.
+        if self._ttl > 0 and principal is not None and principal.subscription_id is not None:
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[digest] = (now + self._ttl, principal)

@@ -7,6 +7,7 @@ import gc
 import logging
 from typing import AsyncIterator
 
+import asyncpg
 import msgspec
 
 from litestar import Litestar, Request, Response, Router
@@ -18,7 +19,7 @@ from bridge import shapes
 from bridge.journey import Journey
 from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
-from . import admin, credits, db, metrics, ops, usage
+from . import admin, credits, db, metrics, openapi, ops, usage
 from .accounts import Authenticator
 from .billing.engine import Billing, set_overage
 from .billing import routes as billing_routes
@@ -57,6 +58,21 @@ def _throttled(request: Request, exc: Throttled) -> Response:
     return _shaped(request, 429, "Too many requests with unknown API keys from your address; "
                    f"retry in {exc.retry_after_header} s.", "rate_limit_exceeded",
                    headers={"retry-after": exc.retry_after_header})
+
+
+def _database_away(request: Request, exc: Exception) -> Response:
+    """The database is unreachable (restarting, a network blip): a retryable 503 in the caller's
+    shape at once, never a 500 (the bridge's surfaces answer the same from the journey)."""
+    log.warning("database unavailable", extra={"path": request.url.path, "error": type(exc).__name__})
+    return _shaped(request, 503, "The service cannot reach its database right now; please retry in a "
+                   "few seconds.", "unavailable", headers={"retry-after": "2"})
+
+
+def _unstorable_text(request: Request, exc: Exception) -> Response:
+    """Text PostgreSQL cannot hold (a NUL character) reached a query: only a caller sends that,
+    so it is the request's fault, a 400, wherever the text came from (a field, a parameter)."""
+    return _shaped(request, 400, "The request contains text the service cannot store "
+                   "(a NUL character).", "invalid_text")
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
@@ -177,21 +193,25 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
     # the paths that take big bodies from coding tools: a throttled address is refused there
     # before anything else happens (service/throttle_gate.py)
     gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
-             *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS)]
+             *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS), *bridge_app.RESPONSES_PATHS,
+             *bridge_app.MODELS_PATHS]
     return Litestar(
-        route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *usage.routes, *billing_routes.routes,
-                                                           *web.route_handlers],
+        # the OpenAPI schema documents the service's own JSON API; the coding tools' protocols
+        # and the web page are not part of it (service/openapi.py)
+        route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *web.route_handlers],
                                include_in_schema=False),
-                        ops.healthz, ops.readyz, metrics.metrics, admin.router],
+                        *usage.routes, *billing_routes.routes, admin.router, openapi.former_admin_schema,
+                        ops.healthz, ops.readyz, metrics.metrics],
         template_config=web.templates,
         lifespan=[lifespan],
         middleware=[throttle_gate(gated, lambda scope: scope["app"].state.auth.throttle)],
         exception_handlers={HTTPException: _http_exception, Throttled: _throttled,
+                            **{kind: _database_away for kind in db.UNAVAILABLE},
+                            asyncpg.exceptions.CharacterNotInRepertoireError: _unstorable_text,
                             Exception: _unexpected},
         # the HTTP server refuses bodies over CODEPLAN_MAX_BODY_BYTES first; this is the last line
         request_max_body_size=config.max_body_bytes + 1024,
-        # the admin API's schema (the bridge's protocols are the clients' own)
-        openapi_config=admin.OPENAPI,
+        openapi_config=openapi.CONFIG,
         logging_config=None,
         debug=False,
     )

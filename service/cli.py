@@ -64,8 +64,12 @@ def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None)
     return uvicorn.Server(uvicorn.Config(
         app, loop="none", http=http, lifespan="on" if lifespan else "off", log_config=None,
         access_log=False, timeout_keep_alive=keep_alive, server_header=False,
-        # no X-Forwarded-* rewriting per request: nothing here reads the client's address from it
-        proxy_headers=False, timeout_graceful_shutdown=shutdown_timeout,
+        # the client's address (the throttles count per address) from X-Forwarded-For only when
+        # it comes from a trusted proxy (CODEPLAN_FORWARDED_ALLOW_IPS, e.g. the load balancer):
+        # otherwise every client behind it would share its address and its limits
+        proxy_headers=bool(config and config.forwarded_allow_ips),
+        forwarded_allow_ips=(config.forwarded_allow_ips if config and config.forwarded_allow_ips else None),
+        timeout_graceful_shutdown=shutdown_timeout,
         # a Responses WebSocket frame carries a whole turn: as large as an HTTP body may be
         ws_max_size=config.max_body_bytes if config is not None else 64 * 1024 * 1024))
 

@@ -124,6 +124,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # where users reach this service (links in errors and mails; Stripe sends them back to
     # {public_url}/billing); empty: http://HOST:PORT
     public_url: str = ""
+    # proxies trusted to say who the client is (X-Forwarded-For), comma-separated addresses or
+    # networks, "*" for any; empty: the socket's peer is the client
+    forwarded_allow_ips: str = ""
     # the Responses API over WebSockets (Codex's supports_websockets), and the most sockets a
     # process holds (0: no limit); past it, or when off, Codex is sent to HTTP at the upgrade
     responses_websockets: bool = True

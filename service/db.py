@@ -12,6 +12,12 @@ log = logging.getLogger("codeplan.db")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# The database cannot be reached right now (down, restarting, a network blip): what a caller
+# answers with a retryable 503, never a 500.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.TooManyConnectionsError)
+
 # Any constant works; it only has to be the same in every process that migrates.
 _MIGRATION_LOCK = 0x636F6465706C616E  # "codeplan"
 

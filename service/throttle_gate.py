@@ -5,8 +5,9 @@ unknown key itself (401, with its access line); it does not know the client's ad
 turns any exception from its KeyAuthority into a 503. So the throttle's two halves sit here and
 in `service.throttle.GuardedAuthenticator`:
 - this ASGI middleware records the client's address for the request (a context variable), and
-  on the POST paths that take big bodies answers an address past its limit at once, 429 with
-  Retry-After in the caller's protocol, without a database lookup or reading the body;
+  on the paths that take a key (the surfaces, count_tokens, responses and its WebSocket, the
+  model list) answers an address past its limit at once, 429 with Retry-After in the caller's
+  protocol (a WebSocket upgrade is refused), without a database lookup or reading the body;
 - the GuardedAuthenticator, the journey's KeyAuthority, counts each unknown key it looks up
   against that address.
 The paths without a body (the quota API) pass the address to the authenticator themselves.
@@ -35,7 +36,7 @@ def throttle_gate(paths: Iterable[str], throttle: Callable[[Any], AuthThrottle])
             client = scope.get("client")
             address = client[0] if client else None
             calling_client.set(address)
-            if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in gated:
+            if scope["type"] not in ("http", "websocket") or scope["path"] not in gated:
                 await app(scope, receive, send)
                 return
             key = api_key(scope["headers"])
@@ -45,6 +46,10 @@ def throttle_gate(paths: Iterable[str], throttle: Callable[[Any], AuthThrottle])
                 return
             started = time.monotonic()
             seconds = str(max(1, int(wait + 0.999)))
+            if scope["type"] == "websocket":
+                # refused before the upgrade is accepted: the client sees an HTTP 403
+                await send({"type": "websocket.close", "code": 1008})
+                return
             answer = shapes.render(scope["path"], 429, "Too many requests with unknown API keys from "
                                    f"your address; retry in {seconds} s.", "rate_limit_exceeded")
             await send({"type": "http.response.start", "status": answer.status, "headers": [

@@ -6,17 +6,21 @@ from the settled ledger rows of the period plus the per-day rollups of older one
 from __future__ import annotations
 
 import datetime as dt
+from typing import Annotated
 
 import asyncpg
 import msgspec
 from litestar import Request, Response, get
+from litestar.openapi import ResponseSpec
+from litestar.params import QueryParameter
 
 from bridge.app import api_key
 from bridge.journey import iso_utc
 from bridge.ports import Principal
 
 from .credits import ModelCredits, plan_credits
-from .problems import problem
+from .problems import problem, problem_responses
+from .strict_input import strict_input
 from .throttle import GuardedAuthenticator
 
 UTC = dt.timezone.utc
@@ -176,8 +180,11 @@ def _problem_401() -> Response:
     return problem(401, "Invalid API key", "Send your Codeplan key as `Authorization: Bearer <key>`.")
 
 
-@get("/v1/usage")
-async def usage(request: Request) -> Response:
+@get("/v1/usage", responses=problem_responses(401, 402, 429, 503), tags=["usage"],
+     summary="The key's plan and windows",
+     description="Each window's allowance, used, reserved, remaining and reset (UTC ISO 8601), in "
+                 "credits; per-model totals today and this week; the estimator's measured error.")
+async def usage(request: Request) -> Response[UsageReport]:
     principal = await _principal(request)
     if principal is None:
         return _problem_401()
@@ -189,11 +196,13 @@ async def usage(request: Request) -> Response:
 
 # ---- Z.ai monitor endpoints (glm-upstream.md §8) ----------------------------------------
 
-class ZaiEnvelope(msgspec.Struct):
+class ZaiFailure(msgspec.Struct):
+    """Z.ai's envelope around a failure: the outcome in `code` (HTTP 200 for the API's own
+    refusals, as Z.ai answers them; the real status for an outage)."""
     code: int
     msg: str
     success: bool
-    data: object = None
+    data: None = None
 
 
 class ZaiLimit(msgspec.Struct, omit_defaults=True):
@@ -217,19 +226,35 @@ class ZaiQuota(msgspec.Struct):
     limits: list[ZaiLimit]
 
 
-def _zai(data: object, code: int = 200, msg: str = "Operation successful") -> Response:
+class ZaiQuotaAnswer(msgspec.Struct):
+    """Z.ai's envelope: `data` is null when `success` is false (the outcome in `code`)."""
+    code: int
+    msg: str
+    success: bool
+    data: ZaiQuota | None = None
+
+
+def _zai(envelope: type, data: object, code: int = 200, msg: str = "Operation successful") -> Response:
     # Z.ai answers HTTP 200 and puts the outcome in the envelope; HUD plugins read `success`
-    return Response(msgspec.json.encode(ZaiEnvelope(code=code, msg=msg, success=code == 200, data=data)),
+    return Response(msgspec.json.encode(envelope(code=code, msg=msg, success=code == 200, data=data)),
                     media_type="application/json")
 
 
-@get("/api/monitor/usage/quota/limit")
-async def zai_quota_limit(request: Request) -> Response:
+# the monitor API's outage (the database away): Z.ai's envelope with the real status
+_ZAI_OUTAGE = {503: ResponseSpec(ZaiFailure, generate_examples=False,
+                                 description="The database is unreachable for a moment; retry.")}
+
+
+@get("/api/monitor/usage/quota/limit", responses=_ZAI_OUTAGE, tags=["z.ai monitor"],
+     summary="Z.ai's quota endpoint",
+     description="The 5-hour and weekly windows as Z.ai's quota HUDs read them. The key goes in "
+                 "`Authorization`, with or without `Bearer`.")
+async def zai_quota_limit(request: Request) -> Response[ZaiQuotaAnswer]:
     principal = await _principal(request)
     if principal is None:
-        return _zai(None, 401, "token expired or incorrect")
+        return _zai(ZaiQuotaAnswer, None, 401, "token expired or incorrect")
     if principal.subscription_id is None:
-        return _zai(None, 402, "no active subscription")
+        return _zai(ZaiQuotaAnswer, None, 402, "no active subscription")
     plan, windows = await current_windows(request.app.state.pool, principal.subscription_id)
     limits, legacy = [], []
     for window in windows:
@@ -243,7 +268,7 @@ async def zai_quota_limit(request: Request) -> Response:
             tokens=window.tokens))
         legacy.append(ZaiLimit(type="TOKENS_LIMIT", unit=unit, number=number, percentage=percentage,
                                nextResetTime=reset, currentValue=window.tokens))
-    return _zai(ZaiQuota(level=plan["id"], limits=limits + legacy))
+    return _zai(ZaiQuotaAnswer, ZaiQuota(level=plan["id"], limits=limits + legacy))
 
 
 class ZaiModelSummary(msgspec.Struct):
@@ -262,6 +287,18 @@ class ZaiModelUsage(msgspec.Struct):
     modelCallCount: list[int]
     tokensUsage: list[int]
     totalUsage: ZaiTotalUsage
+
+
+class ZaiModelUsageAnswer(msgspec.Struct):
+    """Z.ai's envelope: `data` is null when `success` is false (the outcome in `code`)."""
+    code: int
+    msg: str
+    success: bool
+    data: ZaiModelUsage | None = None
+
+
+_TIME = ("yyyy-MM-dd HH:mm:ss, read as UTC, between the years 2000 and 2199; anything else is "
+         "answered with code 400 in the envelope")
 
 
 _HOURLY_SQL = """
@@ -287,24 +324,36 @@ def _zai_time(value: str | None, fallback: dt.datetime) -> dt.datetime:
     return moment
 
 
-@get("/api/monitor/usage/model-usage")
-async def zai_model_usage(request: Request) -> Response:
+# a malformed parameter is answered in the envelope with HTTP 200, as every refusal here
+_ZAI_PARAMETERS = {**_ZAI_OUTAGE, 400: ResponseSpec(ZaiFailure, generate_examples=False, description=(
+    "Not sent: a malformed parameter is answered with HTTP 200 and code 400 in the envelope."))}
+
+
+@get("/api/monitor/usage/model-usage", responses=_ZAI_PARAMETERS, tags=["z.ai monitor"], before_request=strict_input,
+     summary="Z.ai's usage endpoint",
+     description="Calls and credits per hour between `startTime` and `endTime` (default: the last "
+                 "24 hours), at most 31 days of hours, and the totals per model.")
+async def zai_model_usage(
+        request: Request,
+        start_time: Annotated[str | None, QueryParameter(name="startTime", description=_TIME)] = None,
+        end_time: Annotated[str | None, QueryParameter(name="endTime", description=_TIME)] = None,
+) -> Response[ZaiModelUsageAnswer]:
     principal = await _principal(request)
     if principal is None:
-        return _zai(None, 401, "token expired or incorrect")
+        return _zai(ZaiModelUsageAnswer, None, 401, "token expired or incorrect")
     if principal.subscription_id is None:
-        return _zai(None, 402, "no active subscription")
+        return _zai(ZaiModelUsageAnswer, None, 402, "no active subscription")
     now = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     try:
         # times are read as UTC (Z.ai's own are Beijing time); the official script's default
         # range is yesterday HH:00:00 to today HH:59:59
-        start = _zai_time(request.query_params.get("startTime"), now - dt.timedelta(days=1))
-        end = _zai_time(request.query_params.get("endTime"), now + dt.timedelta(hours=1)) + dt.timedelta(seconds=1)
+        start = _zai_time(start_time, now - dt.timedelta(days=1))
+        end = _zai_time(end_time, now + dt.timedelta(hours=1)) + dt.timedelta(seconds=1)
     except ValueError:
-        return _zai(None, 400, "startTime and endTime take the form yyyy-MM-dd HH:mm:ss, "
-                    "between the years 2000 and 2199")
+        return _zai(ZaiModelUsageAnswer, None, 400, "startTime and endTime take the form "
+                    "yyyy-MM-dd HH:mm:ss, between the years 2000 and 2199")
     if start >= end:
-        return _zai(None, 400, "startTime must come before endTime")
+        return _zai(ZaiModelUsageAnswer, None, 400, "startTime must come before endTime")
     pool: asyncpg.Pool = request.app.state.pool
     hourly = {r["hour"]: r for r in await pool.fetch(_HOURLY_SQL, principal.subscription_id, start, end)}
     x_time, calls, tokens = [], [], []
@@ -316,7 +365,7 @@ async def zai_model_usage(request: Request) -> Response:
         tokens.append(row["tokens"] if row else 0)
         hour += dt.timedelta(hours=1)
     per_model = await totals(pool, principal.subscription_id, start, end)
-    return _zai(ZaiModelUsage(
+    return _zai(ZaiModelUsageAnswer, ZaiModelUsage(
         x_time=x_time, modelCallCount=calls, tokensUsage=tokens,
         totalUsage=ZaiTotalUsage(
             totalModelCallCount=sum(t.requests for t in per_model.values()),

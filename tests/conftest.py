@@ -24,6 +24,11 @@ from service import accounts, db, pgembed
 ROOT = Path(__file__).resolve().parent.parent
 CODEPLAN = [sys.executable, "-m", "service.cli"]
 TEMPLATE = "codeplan_template"
+# Every server this run starts logs here (the run's own folder, never shared with another run),
+# so that tests/test_log_scan.py can read all of them at the end. CODEPLAN_TEST_LOG_DIR keeps
+# them somewhere chosen (CI's artifacts).
+LOG_DIR = Path(os.environ.get("CODEPLAN_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="codeplan-test-logs-"))
+LOG_DIR.mkdir(parents=True, exist_ok=True)
 
 
 def free_port() -> int:
@@ -144,7 +149,8 @@ class Server:
     def __init__(self, args: list[str], env: dict[str, str], port: int, ready_path: str) -> None:
         self.args, self.env, self.port, self.ready_path = args, env, port, ready_path
         self.process: subprocess.Popen | None = None
-        self.log = tempfile.NamedTemporaryFile(prefix="codeplan-server-", suffix=".log", delete=False)
+        kind = args[len(CODEPLAN)] if len(args) > len(CODEPLAN) else "server"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{kind}-", suffix=".log", dir=LOG_DIR, delete=False)
 
     @property
     def url(self) -> str:

@@ -268,9 +268,10 @@ def test_admin_api_authorization_and_audit(fresh_database, simulator):
                           CODEPLAN_UPSTREAM_PRICES="0.6,0.11,2.2")
     try:
         user_key = new_user(fresh_database)
-        schema = httpx.get(server.url + "/admin/schema/openapi.json").json()
-        routes = [(method.upper(), path) for path, item in schema["paths"].items() for method in item]
-        assert len(routes) >= 15 and all(path.startswith("/admin/") for _, path in routes)
+        schema = httpx.get(server.url + "/admin/schema/openapi.json", follow_redirects=True).json()
+        routes = [(method.upper(), path) for path, item in schema["paths"].items() for method in item
+                  if path.startswith("/admin/")]
+        assert len(routes) >= 15
         for method, path in routes:
             concrete = re.sub(r"\{[^}]+\}", "1", path)
             as_user = httpx.request(method, server.url + concrete, json={},
@@ -409,6 +410,12 @@ def test_admin_adds_and_disables_upstream_profiles_and_keys(fresh_database, busy
             "prices": {"input": 1, "cached": 0.5, "output": 2}})
         assert added.status_code == 201, added.text
         assert "spare-key-1" not in added.text
+        # an environment variable may be named only in the operator's own file: here it would send
+        # the process's secrets (Stripe's, the admin token) to a host of the admin's choice
+        leak = _admin(server, "POST", "/upstreams", json={
+            "name": "leak", "base_url": good.url + "/api/paas/v4", "keys_env": "CODEPLAN_ADMIN_TOKEN"})
+        assert leak.status_code == 400 and "keys_env" in leak.text
+        assert ADMIN_TOKEN not in leak.text
         disabled = _admin(server, "PATCH", f"/upstreams/{busy_name}", json={"enabled": False})
         assert disabled.json()["enabled"] is False
         answer = client.chat.completions.create(model="glm-4.6", messages=_say("tokens=3 reasoning=0"))

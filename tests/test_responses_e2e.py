@@ -405,3 +405,50 @@ def test_websocket_turned_off_or_full_sends_codex_to_http(database, simulator):
         assert json.loads(caught.value.response.body)["error"]["code"] == "websocket_disabled"
     finally:
         server.stop()
+
+
+def _rss_mb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def test_a_socket_is_bounded_and_needs_a_key_that_can_spend(database, simulator):
+    """A chain of warm-ups (which never reach the model's context check) cannot grow a socket
+    past CODEPLAN_MAX_BODY_BYTES, and a key whose account cannot spend holds no socket at all."""
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_MAX_BODY_BYTES="2000000")
+    try:
+        key = new_user(database)
+        blob = "x" * 400_000
+        before = _rss_mb(server.process.pid)
+        with connect(ws_url(server), additional_headers={"authorization": f"Bearer {key}", **BETA},
+                     max_size=None) as socket:
+            previous, refused = None, None
+            for i in range(20):
+                frame = {"type": "response.create", "model": "glm-4.6", "generate": False,
+                         "input": [{"type": "message", "role": "user",
+                                    "content": [{"type": "input_text", "text": blob + str(i)}]}]}
+                if previous:
+                    frame["previous_response_id"] = previous
+                socket.send(json.dumps(frame))
+                event = json.loads(socket.recv(timeout=30))
+                while event["type"] not in ("response.completed", "error"):
+                    event = json.loads(socket.recv(timeout=30))
+                if event["type"] == "error":
+                    refused = (i, event)
+                    break
+                previous = event["response"]["id"]
+        assert refused is not None, "20 warm-ups of 400 KB went past a 2 MB bound"
+        assert refused[0] <= 6 and refused[1]["status"] == 413
+        assert _rss_mb(server.process.pid) - before < 60
+        # an account that cannot spend: refused at the handshake, told why
+        run(query(database, "UPDATE subscriptions SET status = 'canceled' WHERE account_id ="
+                            " (SELECT account_id FROM api_keys WHERE prefix = $1)", key[:10]))
+        time.sleep(5.5)  # the authentication cache's lifetime
+        with pytest.raises(InvalidStatus) as caught:
+            connect(ws_url(server), additional_headers={"authorization": f"Bearer {key}", **BETA})
+        assert caught.value.response.status_code == 402
+        assert json.loads(caught.value.response.body)["error"]["code"] == "no_subscription"
+    finally:
+        server.stop()

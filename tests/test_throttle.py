@@ -2,6 +2,7 @@
 and end to end through a real bridge."""
 from __future__ import annotations
 
+import json
 import secrets
 import sys
 import urllib.error
@@ -9,6 +10,8 @@ import urllib.request
 
 import asyncpg
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from service import db
 from service.accounts import Authenticator
@@ -181,8 +184,11 @@ def test_a_guessing_address_gets_429s_in_each_protocol_and_real_keys_keep_workin
     statuses = [call(throttled_bridge.url + "/v1/chat/completions", "POST", chat, random_key())[0]
                 for _ in range(8)]
     assert statuses == [401] * 5 + [429] * 3, statuses
+    responses = b'{"model": "glm-4.6", "input": "hi"}'
     for path, method, body in (("/v1/chat/completions", "POST", chat), ("/v1/messages", "POST", chat),
                                ("/v1/messages/count_tokens", "POST", chat), ("/v1/usage", "GET", None),
+                               ("/v1/responses", "POST", responses), ("/v1/models", "GET", None),
+                               ("/v1/billing/checkout", "POST", b'{"plan": "pro"}'),
                                ("/api/monitor/usage/quota/limit", "GET", None)):
         status, headers, answer = call(throttled_bridge.url + path, method, body, random_key())
         assert_caller_shape(path, status, headers["content-type"], answer)
@@ -190,5 +196,73 @@ def test_a_guessing_address_gets_429s_in_each_protocol_and_real_keys_keep_workin
             assert status == 200 and b'"code":429' in answer  # Z.ai's convention
         else:
             assert status == 429 and 1 <= int(headers["retry-after"]) <= 30, (path, status, answer)
+    # the Responses WebSocket: the upgrade is refused before any key lookup
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(throttled_bridge.url.replace("http://", "ws://") + "/v1/responses",
+                          additional_headers={"authorization": f"Bearer {random_key()}"})
+    assert refused.value.response.status_code == 403
     assert call(throttled_bridge.url + "/v1/chat/completions", "POST", chat, key)[0] == 200
     assert call(throttled_bridge.url + "/v1/usage", key=key)[0] == 200
+
+
+def test_the_live_usage_socket_is_behind_the_same_throttle(database, simulator):
+    """/v1/usage/live looks keys up through the application's authenticator: guessing keys over
+    sockets counts against the address like any request, and past the limit the socket is
+    closed with 4429 before any lookup; a real key from that address is still served."""
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_AUTH_FAILURE_LIMIT="5",
+                          CODEPLAN_AUTH_FAILURE_WINDOW="60")
+    try:
+        _guess_over_sockets(server.url.replace("http://", "ws://") + "/v1/usage/live", database)
+    finally:
+        server.stop()
+
+
+def _guess_over_sockets(url: str, database: str) -> None:
+    key = new_user(database)
+
+    def refusal(secret: str, *, header: bool = True) -> tuple[dict, int]:
+        headers = {"Authorization": f"Bearer {secret}"} if header else {}
+        with ws_connect(url, additional_headers=headers) as socket:
+            if not header:
+                socket.send(json.dumps({"type": "auth", "key": secret}))
+            message = json.loads(socket.recv(timeout=10))
+            with pytest.raises(ConnectionClosed) as closed:
+                socket.recv(timeout=10)
+        return message, closed.value.rcvd.code
+
+    with ws_connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as socket:
+        assert json.loads(socket.recv(timeout=10))["type"] == "usage"  # known before the guessing
+    outcomes = [refusal(random_key(), header=i % 2 == 0) for i in range(7)]
+    codes = [code for _, code in outcomes]
+    assert codes == [4401] * 5 + [4429] * 2, codes
+    assert outcomes[0][0] == {"type": "error", "code": "invalid_api_key", "message": "Invalid API key."}
+    message = outcomes[-1][0]
+    assert message["type"] == "error" and message["code"] == "rate_limit_exceeded"
+    assert "retry in" in message["message"]
+    with ws_connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as socket:
+        assert json.loads(socket.recv(timeout=10))["type"] == "usage"
+
+
+def test_behind_a_trusted_proxy_each_client_has_its_own_limit(database, simulator):
+    """With the load balancer trusted (CODEPLAN_FORWARDED_ALLOW_IPS), the throttle counts the
+    address it names, so one client's guessing does not lock the others out."""
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_AUTH_FAILURE_LIMIT="3",
+                          CODEPLAN_FORWARDED_ALLOW_IPS="127.0.0.1")
+    try:
+        chat = b'{"model": "glm-4.6", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}'
+
+        def from_client(address: str) -> int:
+            request = urllib.request.Request(server.url + "/v1/chat/completions", data=chat, method="POST",
+                                             headers={"Content-Type": "application/json",
+                                                      "Authorization": f"Bearer {random_key()}",
+                                                      "X-Forwarded-For": address})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        assert [from_client("203.0.113.7") for _ in range(5)] == [401] * 3 + [429] * 2
+        assert from_client("198.51.100.9") == 401  # another client, its own count
+    finally:
+        server.stop()

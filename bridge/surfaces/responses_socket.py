@@ -34,16 +34,27 @@ _encoder = msgspec.json.Encoder()
 
 
 class SocketMemory(Memory):
-    """A socket's latest responses, each with the whole conversation that led to it."""
+    """A socket's latest responses, each with the whole conversation that led to it.
 
-    def __init__(self, keep: int = KEEP) -> None:
+    Bounded twice: the number of responses kept, and the size of a conversation (a chain of
+    warm-ups, which never reach the model's context check, must not grow a socket without end:
+    every later conversation holds every earlier item)."""
+
+    def __init__(self, keep: int = KEEP, max_bytes: int = 32 * 1024 * 1024) -> None:
         self._keep = keep
+        self._max_bytes = max_bytes
         self._held: OrderedDict[str, History] = OrderedDict()
 
     def recall(self, response_id: str) -> History | None:
         return self._held.get(response_id)
 
     def remember(self, response_id: str, items: list[Item]) -> None:
+        size = len(_encoder.encode(items))
+        if size > self._max_bytes:
+            self._held.clear()
+            raise BridgeError(Kind.invalid_request, f"The conversation on this socket is {size} bytes, "
+                              f"more than the {self._max_bytes} a socket keeps; start a new one.",
+                              status=413)
         self._held[response_id] = History(items=items)
         self._held.move_to_end(response_id)
         while len(self._held) > self._keep:
@@ -98,6 +109,11 @@ def bad_key() -> Refusal:
                     "Bearer token.", "invalid_api_key", "authentication_error")
 
 
+def no_subscription(billing_url: str) -> Refusal:
+    return _refusal(402, f"This account has no active subscription. Choose a plan at {billing_url}.",
+                    "no_subscription", "insufficient_quota")
+
+
 class Gate:
     """How many sockets this process holds, against its limit."""
 
@@ -149,8 +165,9 @@ class Counts(Struct):
 class SocketSession:
     """One socket's state: the frames it reads and the conversations it keeps."""
 
-    def __init__(self, keep: int = KEEP, max_depth: int = depth.DEFAULT_LIMIT) -> None:
-        self.memory = SocketMemory(keep)
+    def __init__(self, keep: int = KEEP, max_depth: int = depth.DEFAULT_LIMIT,
+                 max_bytes: int = 32 * 1024 * 1024) -> None:
+        self.memory = SocketMemory(keep, max_bytes)
         self.counts = Counts()
         self._max_depth = max_depth
         self._last_request: ResponsesRequest | None = None

@@ -1,4 +1,5 @@
-"""The admin API (JSON, under /admin; its OpenAPI schema at /admin/schema/openapi.json).
+"""The admin API (JSON, under /admin; documented in the service's OpenAPI schema at
+/schema/openapi.json, service/openapi.py).
 
 Every route is behind `auth.admin_only`; every change writes an `admin_audit` row (who, what,
 before, after) in its own transaction. Domains: plans.py, users.py, upstreams.py, reports.py.
@@ -7,18 +8,11 @@ from __future__ import annotations
 
 import msgspec
 from litestar import Request, Router, get
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
 from litestar.params import FromQuery
 
+from ..strict_input import strict_input
 from . import plans, reports, upstreams, users
-from .auth import admin_only
-
-OPENAPI = OpenAPIConfig(
-    title="Codeplan admin API", version="1", path="/admin/schema",
-    components=Components(security_schemes={"bearer": SecurityScheme(type="http", scheme="bearer")}),
-    security=[{"bearer": []}], render_plugins=[],
-)
+from .auth import admin_only, errors
 
 
 class AuditEntry(msgspec.Struct):
@@ -31,7 +25,7 @@ class AuditEntry(msgspec.Struct):
     after: object
 
 
-@get("/audit")
+@get("/audit", responses=errors(400))
 async def audit_log(request: Request, limit: FromQuery[int] = 100) -> list[AuditEntry]:
     rows = await request.app.state.pool.fetch(
         "SELECT * FROM admin_audit ORDER BY id DESC LIMIT $1", max(1, min(limit, 1000)))
@@ -41,5 +35,5 @@ async def audit_log(request: Request, limit: FromQuery[int] = 100) -> list[Audit
                        after=msgspec.json.decode(r["after"]) if r["after"] else None) for r in rows]
 
 
-router = Router(path="/admin", guards=[admin_only], route_handlers=[
+router = Router(path="/admin", guards=[admin_only], before_request=strict_input, route_handlers=[
     *plans.routes, *users.routes, *upstreams.routes, *reports.routes, audit_log])

@@ -1,6 +1,10 @@
 """Who may use the admin API: the operator's token (CODEPLAN_ADMIN_TOKEN), the API key of an
 admin account, or an admin's web session (reads only: a cookie rides along on cross-site
-requests, so changes need a bearer credential). Anyone else known gets 403, strangers 401."""
+requests, so changes need a bearer credential). Anyone else known gets 403, strangers 401.
+
+A bearer that is not the operator's token is looked up by the application's authenticator, like
+every key: behind the failed-authentication throttle (an address guessing keys here gets 429
+without a query, service/throttle.py) and its caches."""
 from __future__ import annotations
 
 import hmac
@@ -9,14 +13,11 @@ import asyncpg
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import ResponseSpec
 
-from .. import keys
+from ..problems import problem_responses
+from ..throttle import GuardedAuthenticator
 from ..web import sessions
-
-_KEY_SQL = """
-SELECT a.id, a.is_admin FROM api_keys k JOIN accounts a ON a.id = k.account_id
- WHERE k.secret_hash = $1 AND k.revoked_at IS NULL
-"""
 
 
 def _bearer(connection: ASGIConnection) -> str:
@@ -25,6 +26,12 @@ def _bearer(connection: ASGIConnection) -> str:
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return (connection.headers.get("x-api-key") or "").strip()
+
+
+def errors(*statuses: int) -> dict[int, ResponseSpec]:
+    """What an admin route documents besides its answer: its own refusals, the guard's (401,
+    403, 429) and an outage of the database (503), all as problem details."""
+    return problem_responses(*sorted({*statuses, 401, 403, 429, 503}))
 
 
 async def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -36,12 +43,14 @@ async def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         if config.admin_token and hmac.compare_digest(credential.encode(), config.admin_token.encode()):
             connection.state.actor = "admin-token"
             return
-        row = await pool.fetchrow(_KEY_SQL, keys.key_hash(credential))
-        if row is None:
+        auth: GuardedAuthenticator = connection.app.state.auth
+        # raises Throttled (429) for an address past its limit of unknown keys
+        principal = await auth.authenticate(credential, connection.client.host if connection.client else None)
+        if principal is None:
             raise NotAuthorizedException("Send an admin token or an admin account's API key as a Bearer token.")
-        if not row["is_admin"]:
+        if not await pool.fetchval("SELECT is_admin FROM accounts WHERE id = $1", principal.account_id):
             raise PermissionDeniedException("This key's account is not an administrator.")
-        connection.state.actor = f"account:{row['id']}"
+        connection.state.actor = f"account:{principal.account_id}"
         return
     # the web page's session, by its own rules (idle and absolute lifetimes)
     viewer = await sessions.lookup(pool, connection.cookies.get(sessions.COOKIE))

@@ -16,6 +16,7 @@ from litestar.params import FromPath, JSONBody
 from bridge.models import CATALOG
 
 from . import audit
+from .auth import errors
 from ..credits import ModelCredits, plan_credits
 
 PlanId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_\-]+$")]
@@ -91,13 +92,13 @@ async def _one(conn, plan_id: str) -> asyncpg.Record:
     return row
 
 
-@get("/plans")
+@get("/plans", responses=errors())
 async def list_plans(request: Request) -> list[PlanView]:
     async with request.app.state.pool.acquire() as conn:
         return [await _view(conn, r) for r in await conn.fetch(_PLAN_SQL, None)]
 
 
-@post("/plans", status_code=201)
+@post("/plans", status_code=201, responses=errors(400, 409))
 async def create_plan(request: Request, data: JSONBody[NewPlan]) -> PlanView:
     _check_models(data.models)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
@@ -114,7 +115,7 @@ async def create_plan(request: Request, data: JSONBody[NewPlan]) -> PlanView:
         return await _view(conn, after)
 
 
-@patch("/plans/{plan_id:str}")
+@patch("/plans/{plan_id:str}", responses=errors(400, 404))
 async def change_plan(request: Request, plan_id: FromPath[str],
                       data: JSONBody[PlanChange]) -> PlanView:
     if data.models is not None:
@@ -136,7 +137,7 @@ async def change_plan(request: Request, plan_id: FromPath[str],
         return await _view(conn, after)
 
 
-@put("/plans/{plan_id:str}/credits/{model:str}")
+@put("/plans/{plan_id:str}/credits/{model:str}", responses=errors(400, 404))
 async def set_plan_credits(request: Request, plan_id: FromPath[str], model: FromPath[str],
                            data: JSONBody[CreditChange]) -> PlanView:
     """The coefficients this plan bills `model` at (overriding the model's own)."""
@@ -157,7 +158,7 @@ async def set_plan_credits(request: Request, plan_id: FromPath[str], model: From
         return await _view(conn, plan)
 
 
-@post("/plans/{plan_id:str}/retire", status_code=200)
+@post("/plans/{plan_id:str}/retire", status_code=200, responses=errors(400, 404))
 async def retire_plan(request: Request, plan_id: FromPath[str]) -> PlanView:
     """No new subscriptions on it; those on it keep it."""
     async with request.app.state.pool.acquire() as conn, conn.transaction():

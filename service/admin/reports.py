@@ -11,10 +11,14 @@ from typing import Annotated, Literal
 
 import msgspec
 from litestar import Request, get
-from litestar.params import FromQuery
+from litestar.params import FromQuery, QueryParameter
 
-Days = Annotated[int, msgspec.Meta(ge=1, le=366)]
-Hours = Annotated[int, msgspec.Meta(ge=1, le=168)]
+from .auth import errors
+
+# Litestar enforces (and documents) a parameter's bounds given here, not msgspec.Meta's
+Days = Annotated[int, QueryParameter(ge=1, le=366)]
+Hours = Annotated[int, QueryParameter(ge=1, le=168)]
+Limit = Annotated[int, QueryParameter(ge=1, le=500)]
 
 
 class UsageRow(msgspec.Struct):
@@ -74,9 +78,9 @@ SELECT {group} AS key, sum(t.requests)::bigint AS requests, sum(t.prompt_tokens)
 """
 
 
-@get("/reports/usage")
+@get("/reports/usage", responses=errors(400))
 async def usage_report(request: Request, by: FromQuery[Literal["user", "model", "day"]] = "user",
-                       days: FromQuery[Days] = 30) -> list[UsageRow]:
+                       days: Days = 30) -> list[UsageRow]:
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
     rows = await request.app.state.pool.fetch(_USAGE_SQL.format(group=_GROUPS[by]), since)
     return [UsageRow(key=str(r["key"]), requests=r["requests"], prompt_tokens=r["prompt"],
@@ -94,9 +98,9 @@ SELECT a.id, a.email, s.plan_id, count(*) AS requests,
 """
 
 
-@get("/reports/top")
-async def top_consumers(request: Request, hours: FromQuery[Hours] = 5,
-                        limit: FromQuery[Annotated[int, msgspec.Meta(ge=1, le=500)]] = 20) -> list[TopConsumer]:
+@get("/reports/top", responses=errors(400))
+async def top_consumers(request: Request, hours: Hours = 5,
+                        limit: Limit = 20) -> list[TopConsumer]:
     rows = await request.app.state.pool.fetch(_TOP_SQL, hours, limit)
     return [TopConsumer(account_id=r["id"], email=r["email"], plan=r["plan_id"], requests=r["requests"],
                         tokens=r["tokens"], credits=r["credits"], upstream_cost_usd=round(r["cost"], 9))
@@ -135,8 +139,8 @@ SELECT pl.id, coalesce(lv.subs, 0) AS subs,
 """
 
 
-@get("/reports/margin")
-async def margin_report(request: Request, days: FromQuery[Days] = 30) -> list[PlanMargin]:
+@get("/reports/margin", responses=errors(400))
+async def margin_report(request: Request, days: Days = 30) -> list[PlanMargin]:
     """Per plan: list-price revenue prorated over the period, against upstream cost."""
     since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
     out = []

@@ -15,6 +15,7 @@ from bridge import upstreams
 from bridge.upstreams import ProfileConfig, ProfileHealth
 
 from . import audit
+from .auth import errors
 
 
 class NewKey(msgspec.Struct, forbid_unknown_fields=True):
@@ -39,16 +40,22 @@ def _public(profile: ProfileConfig) -> dict:
     return shown
 
 
-@get("/upstreams")
+@get("/upstreams", responses=errors())
 async def list_upstreams(request: Request) -> list[ProfileHealth]:
     """Every profile with its keys' health as this process sees it."""
     return request.app.state.router.health()
 
 
-@post("/upstreams", status_code=201)
+@post("/upstreams", status_code=201, responses=errors(400, 409))
 async def add_upstream(request: Request, data: JSONBody[ProfileConfig]) -> ProfileHealth:
+    if data.keys_env:
+        # the configuration file's way to keep keys out of the file; through the API it would
+        # send any variable of this process (the database URL, Stripe's secret) as a bearer
+        # token to whatever base URL the caller names
+        raise HTTPException(status_code=400, detail="keys_env is for the upstreams file; send the keys "
+                            "themselves in `keys`")
     try:
-        profile = upstreams.resolve(data)
+        profile = upstreams.resolve(data, environ={})
     except ValueError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
     if any(p.name == profile.name for p in request.app.state.router.health()):
@@ -69,7 +76,7 @@ async def add_upstream(request: Request, data: JSONBody[ProfileConfig]) -> Profi
     return _health(request, profile.name)
 
 
-@patch("/upstreams/{name:str}")
+@patch("/upstreams/{name:str}", responses=errors(400, 404))
 async def switch_upstream(request: Request, name: FromPath[str], data: JSONBody[Switch]) -> ProfileHealth:
     before = _health(request, name)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
@@ -83,7 +90,7 @@ async def switch_upstream(request: Request, name: FromPath[str], data: JSONBody[
     return _health(request, name)
 
 
-@post("/upstreams/{name:str}/keys", status_code=201)
+@post("/upstreams/{name:str}/keys", status_code=201, responses=errors(400, 404))
 async def add_key(request: Request, name: FromPath[str], data: JSONBody[NewKey]) -> ProfileHealth:
     _health(request, name)
     fingerprint = upstreams.fingerprint(data.key)
@@ -98,7 +105,7 @@ async def add_key(request: Request, name: FromPath[str], data: JSONBody[NewKey])
     return _health(request, name)
 
 
-@patch("/upstreams/{name:str}/keys/{fingerprint:str}")
+@patch("/upstreams/{name:str}/keys/{fingerprint:str}", responses=errors(400, 404))
 async def switch_key(request: Request, name: FromPath[str], fingerprint: FromPath[str],
                      data: JSONBody[Switch]) -> ProfileHealth:
     profile = _health(request, name)

@@ -8,12 +8,15 @@ import asyncpg
 import msgspec
 from litestar import Request, get, patch, post
 from litestar.exceptions import HTTPException, NotFoundException
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from . import audit
+from .auth import errors
 from .. import usage
 
-Limit = Annotated[int, msgspec.Meta(ge=1, le=500)]
+# Litestar enforces (and documents) a parameter's bounds given here, not msgspec.Meta's
+Limit = Annotated[int, QueryParameter(ge=1, le=500)]
+AccountId = Annotated[int, PathParameter(ge=1, le=2**63 - 1)]  # accounts.id is a bigint
 
 
 class UserSummary(msgspec.Struct):
@@ -55,7 +58,8 @@ class UserChange(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class TopUp(msgspec.Struct, forbid_unknown_fields=True):
-    credits: Annotated[int, msgspec.Meta(gt=0)]
+    # at most a trillion: far past any plan, and the ledger's bigint sums stay far from overflow
+    credits: Annotated[int, msgspec.Meta(gt=0, le=10**12)]
     reason: Annotated[str, msgspec.Meta(min_length=1, max_length=500)]
 
 
@@ -86,9 +90,9 @@ async def _one(conn, account_id: int) -> asyncpg.Record:
     return row
 
 
-@get("/users")
-async def find_users(request: Request, q: FromQuery[str] = "",
-                     limit: FromQuery[Limit] = 50) -> list[UserSummary]:
+@get("/users", responses=errors(400))
+async def find_users(request: Request, q: Annotated[str, QueryParameter(pattern=r"^[^\x00]*$")] = "",
+                     limit: Limit = 50) -> list[UserSummary]:
     """Accounts whose email contains `q` (all when empty), newest first."""
     pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
     rows = await request.app.state.pool.fetch(
@@ -96,8 +100,8 @@ async def find_users(request: Request, q: FromQuery[str] = "",
     return [_summary(r) for r in rows]
 
 
-@get("/users/{account_id:int}")
-async def user_detail(request: Request, account_id: FromPath[int]) -> UserDetail:
+@get("/users/{account_id:int}", responses=errors(400, 404))
+async def user_detail(request: Request, account_id: AccountId) -> UserDetail:
     pool = request.app.state.pool
     row = await _one(pool, account_id)
     keys = await pool.fetch("SELECT prefix, name, created_at, revoked_at FROM api_keys"
@@ -125,19 +129,19 @@ async def _set_suspended(request: Request, account_id: int, suspended: bool) -> 
         return _summary(after)
 
 
-@post("/users/{account_id:int}/suspend", status_code=200)
-async def suspend_user(request: Request, account_id: FromPath[int]) -> UserSummary:
+@post("/users/{account_id:int}/suspend", status_code=200, responses=errors(400, 404))
+async def suspend_user(request: Request, account_id: AccountId) -> UserSummary:
     """Refused at the next admission (every process: the ledger checks it), 403 to the user."""
     return await _set_suspended(request, account_id, True)
 
 
-@post("/users/{account_id:int}/restore", status_code=200)
-async def restore_user(request: Request, account_id: FromPath[int]) -> UserSummary:
+@post("/users/{account_id:int}/restore", status_code=200, responses=errors(400, 404))
+async def restore_user(request: Request, account_id: AccountId) -> UserSummary:
     return await _set_suspended(request, account_id, False)
 
 
-@patch("/users/{account_id:int}")
-async def change_user(request: Request, account_id: FromPath[int],
+@patch("/users/{account_id:int}", responses=errors(400, 404))
+async def change_user(request: Request, account_id: AccountId,
                       data: JSONBody[UserChange]) -> UserSummary:
     """Move the account's subscription to another plan (its open windows take the new
     allowances), or grant or take admin rights."""
@@ -147,17 +151,21 @@ async def change_user(request: Request, account_id: FromPath[int],
             plan = await conn.fetchrow("SELECT id, retired_at FROM plans WHERE id = $1", data.plan)
             if plan is None:
                 raise HTTPException(status_code=400, detail=f"no plan {data.plan!r}")
+            if plan["retired_at"] is not None:
+                raise HTTPException(status_code=400, detail=f"plan {data.plan!r} is retired")
             if before["subscription_id"] is None:
                 await conn.execute("INSERT INTO subscriptions (account_id, plan_id, status)"
                                    " VALUES ($1, $2, 'active')", account_id, data.plan)
             else:
-                # under the subscription's mutex, as every change of its money
+                # the lock order of every plan change (billing_apply_subscription's too): the
+                # account, the subscription, then its mutex, then its windows by id
+                await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE", account_id)
+                await conn.execute("UPDATE subscriptions SET plan_id = $2 WHERE id = $1",
+                                   before["subscription_id"], data.plan)
                 await conn.execute("INSERT INTO subscription_flights (subscription_id) VALUES ($1)"
                                    " ON CONFLICT DO NOTHING", before["subscription_id"])
                 await conn.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1"
                                    " FOR NO KEY UPDATE", before["subscription_id"])
-                await conn.execute("UPDATE subscriptions SET plan_id = $2 WHERE id = $1",
-                                   before["subscription_id"], data.plan)
                 # the plan's windows only: top-up and overage windows keep their own allowances
                 await conn.execute(
                     "SELECT 1 FROM quota_windows WHERE subscription_id = $1 AND ends_at > now()"
@@ -176,8 +184,8 @@ async def change_user(request: Request, account_id: FromPath[int],
         return _summary(after)
 
 
-@post("/users/{account_id:int}/topups", status_code=201)
-async def grant_topup(request: Request, account_id: FromPath[int], data: JSONBody[TopUp]) -> Granted:
+@post("/users/{account_id:int}/topups", status_code=201, responses=errors(400, 404))
+async def grant_topup(request: Request, account_id: AccountId, data: JSONBody[TopUp]) -> Granted:
     """A top-up granted by an operator: a block of credits, spent only on what the plan's windows
     cannot hold, for 365 days, like a bought one (billing's `topups` row and `topup` window,
     migrations/0011 and 0031). Without a live subscription it waits for the next one."""

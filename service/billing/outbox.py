@@ -34,14 +34,6 @@ class Outbox:
         self._api = api
         self._retry_base = retry_base
 
-    async def add(self, customer: str, tokens: int, at: object | None = None,
-                  conn: asyncpg.Connection | None = None) -> int | None:
-        """Record overage tokens for a customer (normally inside the settling transaction)."""
-        sql = "SELECT billing_overage_add($1, $2, coalesce($3, now()), $4)"
-        if conn is not None:
-            return await conn.fetchval(sql, customer, METER_EVENT_NAME, at, tokens)
-        return await self._pool.fetchval(sql, customer, METER_EVENT_NAME, at, tokens)
-
     async def freeze(self) -> int:
         """Closed minutes' open rows become 'sending'; a row an adder holds right now is skipped
         this time (its minute is frozen on the next pass)."""

@@ -1,20 +1,29 @@
 """HTTP adapters for billing: Stripe's webhook, and JSON endpoints authenticated by an API key
-(the web pages call the same functions from their own session-authenticated routes)."""
+(the web pages call the same functions from their own session-authenticated routes).
+
+The JSON endpoints are part of the service's OpenAPI schema (service/openapi.py); the webhook
+speaks Stripe's protocol and is not. Keys are looked up by the application's authenticator,
+behind the failed-authentication throttle like every key."""
 from __future__ import annotations
 
 import logging
 from typing import Literal
 
-import asyncpg
 import msgspec
 import stripe
 from litestar import Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.exceptions import NotAuthorizedException
+from litestar.handlers.base import BaseRouteHandler
+from litestar.params import JSONBody
 
 from bridge.app import api_key
 
-from .. import keys
-from ..problems import problem
+from ..problems import problem, problem_responses
+from ..strict_input import strict_input
+from ..throttle import GuardedAuthenticator
 from .engine import Billing, state_of
+from .state import BillingState
 from .sessions import BillingError
 from .stripe_api import describe
 from .webhooks import WebhookRejected, record, verify
@@ -44,7 +53,7 @@ class Received(msgspec.Struct):
     duplicate: bool = False
 
 
-@post("/stripe/webhook", status_code=200)
+@post("/stripe/webhook", status_code=200, include_in_schema=False)
 async def stripe_webhook(request: Request) -> Response:
     """Verify, record, answer. The effects follow from the queue (worker.py)."""
     config = request.app.state.config
@@ -64,30 +73,31 @@ async def stripe_webhook(request: Request) -> Response:
     return Response(msgspec.json.encode(Received(duplicate=not new)), media_type="application/json")
 
 
-async def _account(request: Request) -> int | None:
-    key = api_key(request)
-    if not key:
-        return None
-    pool: asyncpg.Pool = request.app.state.pool
-    return await pool.fetchval("SELECT account_id FROM api_keys WHERE secret_hash = $1 AND revoked_at IS NULL",
-                               keys.key_hash(key))
+async def key_holder(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard of the JSON endpoints: the key's account in `connection.state.account`, checked
+    before the body is read. An unknown key is a 401; an address past its limit of unknown keys
+    gets 429 (service.throttle.Throttled), without a query."""
+    key = api_key(connection)
+    auth: GuardedAuthenticator = connection.app.state.auth
+    principal = await auth.authenticate(key, connection.client.host if connection.client else None) if key else None
+    if principal is None:
+        raise NotAuthorizedException("Send your Codeplan key as `Authorization: Bearer <key>`.")
+    connection.state.account = principal.account_id
 
 
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 502}
+# what a session endpoint documents besides its URL; 503: billing is off, or the database away
+_SESSION_ERRORS = problem_responses(400, 401, 404, 409, 429, 502, 503)
 
 
 async def _session(request: Request, make) -> Response:
-    account = await _account(request)
-    if account is None:
-        return _problem(401, "Invalid API key", "Send your Codeplan key as `Authorization: Bearer <key>`.")
+    account: int = request.state.account
     billing: Billing | None = request.app.state.billing
     if billing is None:
         return _problem(503, "Billing is off", "This Codeplan has no Stripe account configured; plans are "
                         "assigned by its operator.")
     try:
         url = await make(billing, account)
-    except msgspec.ValidationError as exc:
-        return _problem(400, "Invalid request", str(exc))
     except BillingError as exc:
         return _problem(_STATUS.get(exc.kind, 400), "Billing request refused", exc.message)
     except stripe.StripeError as exc:
@@ -96,47 +106,32 @@ async def _session(request: Request, make) -> Response:
     return Response(msgspec.json.encode(SessionURL(url=url)), media_type="application/json")
 
 
-def _body(raw: bytes, type_):
-    return msgspec.json.decode(raw or b"{}", type=type_)
+_JSON_API = {"guards": [key_holder], "before_request": strict_input, "tags": ["billing"]}
 
 
-@post("/v1/billing/checkout", status_code=200)
-async def checkout(request: Request) -> Response:
-    raw = await request.body()
-
-    async def make(billing: Billing, account: int) -> str:
-        try:
-            body = _body(raw, CheckoutRequest)
-        except msgspec.DecodeError as exc:
-            raise msgspec.ValidationError(str(exc)) from None
-        return await billing.checkout(account, body.plan, body.interval)
-    return await _session(request, make)
+@post("/v1/billing/checkout", status_code=200, responses=_SESSION_ERRORS, **_JSON_API)
+async def checkout(request: Request, data: JSONBody[CheckoutRequest]) -> Response[SessionURL]:
+    """A Stripe Checkout session for the plan (`interval` month or year): the URL to send the
+    user to."""
+    return await _session(request, lambda billing, account: billing.checkout(account, data.plan, data.interval))
 
 
-@post("/v1/billing/portal", status_code=200)
-async def portal(request: Request) -> Response:
+@post("/v1/billing/portal", status_code=200, responses=_SESSION_ERRORS, **_JSON_API)
+async def portal(request: Request) -> Response[SessionURL]:
+    """A Stripe customer portal session for the key's account: the URL to send the user to."""
     return await _session(request, lambda billing, account: billing.portal(account))
 
 
-@post("/v1/billing/topup", status_code=200)
-async def topup(request: Request) -> Response:
-    raw = await request.body()
-
-    async def make(billing: Billing, account: int) -> str:
-        try:
-            body = _body(raw, TopupRequest)
-        except msgspec.DecodeError as exc:
-            raise msgspec.ValidationError(str(exc)) from None
-        return await billing.topup(account, body.block)
-    return await _session(request, make)
+@post("/v1/billing/topup", status_code=200, responses=_SESSION_ERRORS, **_JSON_API)
+async def topup(request: Request, data: JSONBody[TopupRequest]) -> Response[SessionURL]:
+    """A Stripe Checkout session for a top-up block (by its id or its credits)."""
+    return await _session(request, lambda billing, account: billing.topup(account, data.block))
 
 
-@get("/v1/billing")
-async def billing_state(request: Request) -> Response:
-    account = await _account(request)
-    if account is None:
-        return _problem(401, "Invalid API key", "Send your Codeplan key as `Authorization: Bearer <key>`.")
-    state = await state_of(request.app.state.pool, request.app.state.config, account)
+@get("/v1/billing", responses=problem_responses(401, 429, 503), **_JSON_API)
+async def billing_state(request: Request) -> Response[BillingState]:
+    """The key's account as billing sees it: subscription, its state, top-ups, overage."""
+    state = await state_of(request.app.state.pool, request.app.state.config, request.state.account)
     return Response(msgspec.json.encode(state), media_type="application/json")
 
 

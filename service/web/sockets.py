@@ -4,6 +4,11 @@
 site cannot open it with the visitor's cookie. `/v1/usage/live`: for plugins and status lines,
 the key in `Authorization: Bearer` / `x-api-key`, or as the first message
 `{"type": "auth", "key": "cp_..."}`. Both send a `usage` message at once and after every change.
+
+The key is looked up by the application's authenticator, like every other key: behind the
+failed-authentication throttle (service/throttle.py), so a socket is no cheaper way to guess
+keys than a request (an address past its limit is closed with 4429 and no query), and with the
+same cache of principals and of unknown keys.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
-from .. import keys
+from ..throttle import GuardedAuthenticator, Throttled
 from . import live, sessions
 
 log = logging.getLogger("codeplan.live")
@@ -26,6 +31,8 @@ AUTH_TIMEOUT = 10.0
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_NO_PLAN = 4402
 CLOSE_FORBIDDEN = 4403
+CLOSE_THROTTLED = 4429
+CLOSE_TRY_AGAIN = 1013  # RFC 6455 "Try Again Later": the database is away for a moment
 
 
 class AuthMessage(msgspec.Struct, tag="auth", tag_field="type"):
@@ -115,17 +122,10 @@ def _header_key(socket: WebSocket) -> str:
     return (socket.headers.get("x-api-key") or "").strip()
 
 
-_KEY_SQL = """
-SELECT k.id, k.account_id,
-       (SELECT s.id FROM subscriptions s WHERE s.account_id = k.account_id AND s.status <> 'canceled'
-         ORDER BY s.id DESC LIMIT 1) AS subscription_id
-  FROM api_keys k WHERE k.secret_hash = $1 AND k.revoked_at IS NULL
-"""
-
-
 @websocket("/v1/usage/live")
 async def key_live(socket: WebSocket) -> None:
     pool: asyncpg.Pool = socket.app.state.pool
+    auth: GuardedAuthenticator = socket.app.state.auth
     await socket.accept()
     key = _header_key(socket)
     if not key:
@@ -139,20 +139,32 @@ async def key_live(socket: WebSocket) -> None:
             return
         except WebSocketDisconnect:
             return
-    row = await pool.fetchrow(_KEY_SQL, keys.key_hash(key)) if key else None
-    if row is None:
+    try:
+        principal = await auth.authenticate(key, socket.client.host if socket.client else None)
+    except Throttled as exc:
+        await _refuse(socket, CLOSE_THROTTLED, "rate_limit_exceeded", "Too many requests with unknown "
+                      f"API keys from your address; retry in {exc.retry_after_header} s.")
+        return
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("live usage: database unavailable", extra={"error": type(exc).__name__})
+        await _refuse(socket, CLOSE_TRY_AGAIN, "unavailable",
+                      "The service cannot reach its database right now; reconnect in a few seconds.")
+        return
+    if principal is None:
         await _refuse(socket, CLOSE_UNAUTHORIZED, "invalid_api_key", "Invalid API key.")
         return
-    if row["subscription_id"] is None:
+    if principal.subscription_id is None:
         base = socket.app.state.config.base_url
         await _refuse(socket, CLOSE_NO_PLAN, "no_subscription",
                       f"This account has no plan: choose one at {base}/billing")
         return
-    key_id = row["id"]
+    key_id = principal.api_key_id
 
     async def key_alive() -> bool:
+        # by the key's id, not its secret: a revocation closes the socket at the next change,
+        # whatever the authenticator's cache still holds
         return bool(await pool.fetchval("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1", key_id))
-    await _pump(socket, row["subscription_id"], key_alive)
+    await _pump(socket, principal.subscription_id, key_alive)
 
 
 routes = [browser_live, key_live]

@@ -1,0 +1,62 @@
+"""The upstream router gives a key's slot back on every exit, including a request cancelled while
+the upstream's error answer is still arriving (the client left, or admission refused a request
+forwarded early): with a per-key cap, a slot lost there is lost for good."""
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from bridge import wire
+from bridge.upstreams import ProfileConfig, Router
+
+
+async def _slot_after_cancel_during_error_body() -> tuple[int, bool]:
+    release = asyncio.Event()
+    arrived: list[int] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        arrived.append(1)
+        response = web.StreamResponse(status=503, headers={"content-type": "application/json",
+                                                           "content-length": "100"})
+        await response.prepare(request)
+        await response.write(b'{"error":')
+        await release.wait()  # the rest of the error never comes in time
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    router = Router([ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",),
+                                   concurrency=1)], timeout=60, attempts=1)
+    await router.start()
+    request = wire.ChatRequest(model="glm-4.6", messages=[wire.Message(role="user", content="hi")], stream=True)
+    try:
+        opening = asyncio.ensure_future(router.open(request, "r1"))
+        await asyncio.sleep(0.5)  # the status is in, the error's body is being read
+        opening.cancel()
+        await asyncio.gather(opening, return_exceptions=True)
+        key = router.profiles[0].keys[0]
+        in_flight = key.in_flight
+        following = asyncio.ensure_future(router.open(request, "r2"))
+        for _ in range(50):  # the next request reaches the upstream: it had a slot
+            if len(arrived) == 2:
+                break
+            await asyncio.sleep(0.1)
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+        return in_flight, len(arrived) == 2
+    finally:
+        release.set()
+        await router.close()
+        await runner.cleanup()
+
+
+def test_a_request_cancelled_while_an_error_body_arrives_gives_its_slot_back():
+    in_flight, next_one_served = asyncio.run(_slot_after_cancel_during_error_body())
+    assert in_flight == 0
+    assert next_one_served  # with a cap of one, a leaked slot would keep it waiting forever
