@@ -13,6 +13,7 @@ import asyncpg
 from . import config as config_module
 from . import db, logs
 from .accounts import AccountError, create_key, create_user, revoke_key
+from .web.identity import signup_plan_problem
 
 log = logging.getLogger("codeplan")
 
@@ -101,11 +102,10 @@ async def _run(config: config_module.Config, workers: int) -> None:
     applied = await db.migrate(url)
     log.info("database ready", extra={"migrations_applied": len(applied)})
     if config.signup_plan:
-        plans = await _with_conn(url, lambda c: c.fetch("SELECT id FROM plans ORDER BY id"))
-        if config.signup_plan not in {r["id"] for r in plans}:
-            raise config_module.ConfigError(
-                f"CODEPLAN_SIGNUP_PLAN: no plan {config.signup_plan!r}; plans are: "
-                + ", ".join(r["id"] for r in plans))
+        plans = await _with_conn(url, lambda c: c.fetch("SELECT id, retired_at FROM plans ORDER BY id"))
+        problem = signup_plan_problem(config.signup_plan, plans)
+        if problem:
+            raise config_module.ConfigError(problem)
 
     main_sock = _bind(config.host, config.port)  # a busy port fails before anything starts
     simulator = sim_task = None

@@ -27,6 +27,8 @@ SECRET_FIELDS = {"upstream_keys", "stripe_secret_key", "stripe_webhook_secrets",
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# CODEPLAN_HOST values that listen on every address
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 Cents = Annotated[int, msgspec.Meta(ge=0)]
 
 
@@ -136,6 +138,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     mail_from: str = "Codeplan <codeplan@localhost>"
     # plan given to a new sign-up (e.g. lite); empty: no plan until billing or the operator gives one
     signup_plan: str = ""
+    # sign-ups one client address (IPv6: its /64) may make per signup_window; 0: no limit
+    signup_limit: Annotated[int, msgspec.Meta(ge=0)] = 10
+    signup_window: Seconds = 3600.0
     # signs CSRF tokens; empty: one made once and kept in the database (shared by all processes)
     secret_key: str = ""
     # HTTP limits (service/http_limits.py), far above what any coding tool sends: Claude Code's
@@ -222,6 +227,7 @@ def _describe(field: str) -> str:
         "auth_cache_ttl": "a non-negative number of seconds",
         "responses_websockets": "true or false",
         "max_websockets": "a non-negative integer",
+        "signup_limit": "a non-negative integer",
         "upstream_prices": "three non-negative numbers, input,cached,output USD per million tokens",
         "upstream_attempts": "an integer from 1 to 10",
         "workers": "an integer from 1 to 64",
@@ -310,6 +316,12 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     if config.smtp_url and not config.smtp_url.startswith(("smtp://", "smtps://")):
         raise ConfigError(
             f"{PREFIX}SMTP_URL: expected smtp://host:port or smtps://host:port, got a value of another form")
+    if config.smtp_url and not config.public_url and config.host in WILDCARD_HOSTS:
+        # mailed links (verify, reset) are built from the configured base URL only; on every
+        # address there is no one URL to name, and a request's Host header may be anybody's
+        raise ConfigError(
+            f"{PREFIX}PUBLIC_URL: required when {PREFIX}SMTP_URL is set and {PREFIX}HOST ({config.host or '*'}) "
+            "listens on every address: mailed links must name this server")
     if config.upstream_prices and len(config.upstream_prices) != 3:
         raise ConfigError(f"{PREFIX}UPSTREAM_PRICES: expected {_describe('upstream_prices')}, "
                           f"got {environ.get(PREFIX + 'UPSTREAM_PRICES', '')!r}")

@@ -36,11 +36,15 @@ def smtp():
     server.stop()
 
 
+# every test's browser signs up from 127.0.0.1: far more than one address's default share
+MANY_SIGNUPS = {"CODEPLAN_SIGNUP_LIMIT": "1000"}
+
+
 @pytest.fixture(scope="module")
 def web(database, simulator, smtp):
     server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_SMTP_URL=smtp.url,
                           CODEPLAN_AUTH_CACHE_TTL="0", CODEPLAN_SIGNUP_PLAN="lite",
-                          CODEPLAN_MAIL_FROM="Codeplan <noreply@codeplan.test>")
+                          CODEPLAN_MAIL_FROM="Codeplan <noreply@codeplan.test>", **MANY_SIGNUPS)
     yield server
     server.stop()
 
@@ -48,7 +52,7 @@ def web(database, simulator, smtp):
 @pytest.fixture(scope="module")
 def web_nomail(database, simulator):
     server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_AUTH_CACHE_TTL="0",
-                          CODEPLAN_LOG_LEVEL="info")
+                          CODEPLAN_LOG_LEVEL="info", **MANY_SIGNUPS)
     yield server
     server.stop()
 

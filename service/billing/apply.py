@@ -170,7 +170,12 @@ class EventApplier:
             row = await conn.fetchrow(sql, *args)
             outcome = row["outcome"]
         if outcome == "conflict":
-            log.error("two live Stripe subscriptions for one account; the second is not applied",
+            # paid twice (two Checkouts opened before either was paid): the one that drives the
+            # account stays; this one is cancelled and refunded by the worker (duplicates.py)
+            await conn.execute(
+                "INSERT INTO duplicate_subscriptions (stripe_subscription_id, account_id, kept_subscription_id)"
+                " VALUES ($1, $2, $3) ON CONFLICT (stripe_subscription_id) DO NOTHING", sub.id, account, row["detail"])
+            log.error("two live Stripe subscriptions for one account; the second is cancelled and refunded",
                       extra={"account": account, "subscription": sub.id, "other": row["detail"]})
         elif outcome == "unknown_plan":
             log.error("subscription to a price that maps to no plan",

@@ -27,7 +27,7 @@ class CatalogError(Exception):
 class Line(msgspec.Struct, frozen=True):
     what: str  # product codeplan_pro | price codeplan_pro_month | meter codeplan_overage_tokens
     stripe_id: str
-    action: str  # created | updated | unchanged | replaced
+    action: str  # created | updated | unchanged | replaced | archived
 
 
 class Wanted(msgspec.Struct, frozen=True):
@@ -58,9 +58,17 @@ class Catalog:
 
     async def sync(self) -> list[Line]:
         config = self._config
-        plans = await self._pool.fetch(
-            "SELECT id, name, window_tokens, weekly_tokens, monthly_price_cents, models FROM plans ORDER BY window_tokens")
-        known = {p["id"] for p in plans}
+        everything = await self._pool.fetch(
+            "SELECT id, name, window_tokens, weekly_tokens, monthly_price_cents, models, retired_at"
+            " FROM plans ORDER BY window_tokens")
+        known = {p["id"] for p in everything}
+        # a retired plan takes no new subscriptions: its prices are archived (Checkout and the
+        # Portal stop offering them); subscriptions on it keep it, their price still maps to it
+        for plan in everything:
+            if plan["retired_at"] is not None:
+                for interval in ("month", "year"):
+                    await self._archive(f"codeplan_{plan['id']}_{interval}")
+        plans = [p for p in everything if p["retired_at"] is None]
         for name in [p.plan for p in config.plan_prices] + list(config.overage_plans):
             if name not in known:
                 raise CatalogError(f"plan {name!r} is configured but not in the plans table "
@@ -153,6 +161,15 @@ class Catalog:
         return (recurring is not None and recurring.interval == want.interval and recurring.interval_count == 1
                 and recurring.usage_type == ("metered" if want.metered else "licensed")
                 and (recurring.meter == meter if want.metered else True))
+
+    async def _archive(self, lookup_key: str) -> None:
+        prices = await self._api.prices_by_lookup_key(lookup_key)
+        for price in prices:
+            if price.active:
+                await self._api.update_price(price.id, {"active": False})
+            self.lines.append(Line(f"price {lookup_key}", price.id, "archived" if price.active else "unchanged"))
+        await self._pool.execute("UPDATE stripe_prices SET current = false WHERE lookup_key = $1 AND current",
+                                 lookup_key)
 
     async def _price(self, want: Wanted, meter: str) -> None:
         meta = {"codeplan_kind": want.kind}

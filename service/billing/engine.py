@@ -13,6 +13,7 @@ import asyncpg
 from ..config import Config
 from .apply import EventApplier
 from .catalog import Catalog, Line
+from .duplicates import Duplicates
 from .outbox import Outbox
 from .sessions import Sessions
 from .state import BillingState, BlockView, account_state
@@ -43,7 +44,8 @@ class Billing:
         self.sessions = Sessions(pool, api, config, installation)
         self.applier = EventApplier(pool, api, config, retry_base)
         self.outbox = Outbox(pool, api, retry_base)
-        self.worker = BillingWorker(pool, self.applier, self.outbox, poll=poll)
+        self.duplicates = Duplicates(pool, api, installation, retry_base)
+        self.worker = BillingWorker(pool, self.applier, self.outbox, self.duplicates, poll=poll)
 
     @classmethod
     async def open(cls, pool: asyncpg.Pool, config: Config, *, retry_base: float = 2.0,

@@ -1,18 +1,25 @@
 """Checkout, Customer Portal and top-up sessions: account id in, a Stripe-hosted URL out.
 
 Free of HTTP, so the API routes (routes.py) and the web pages call the same functions. Every create
-carries an idempotency key; each account gets one Stripe Customer, made on first need (under a lock
-on the account row) and reused.
+carries an idempotency key; each account gets one Stripe Customer, made on first need and reused.
+
+Calls to Stripe take hundreds of milliseconds, seconds when it is slow, and are retried: none is
+made while holding a row lock. What must not run twice for one account at once (making its
+Customer, opening its Checkout) is serialised by a transaction-scoped advisory lock named after
+the account, which nothing else takes: logins, key creation and the ledger never wait for Stripe.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from typing import Any
+from typing import Any, AsyncIterator
 
 import asyncpg
 import msgspec
+import stripe
 
 from ..config import Config, TopupBlock
+from . import wire
 from .stripe_api import StripeAPI, idempotency_key
 
 
@@ -34,6 +41,7 @@ class SoldPrice(msgspec.Struct, frozen=True):
 
 # Stripe states in which a subscription still exists and may be changed in the Portal
 LIVE_STATUSES = ("active", "trialing", "past_due", "unpaid", "paused", "incomplete")
+_SUBSCRIBED = "this account already has a subscription; change its plan or cancel it in the billing portal"
 
 
 def _bucket(minutes: int) -> str:
@@ -54,25 +62,37 @@ class Sessions:
     def billing_url(self) -> str:
         return self._config.base_url + "/billing"
 
+    @contextlib.asynccontextmanager
+    async def _serialised(self, purpose: str, account_id: int) -> AsyncIterator[asyncpg.Connection]:
+        """One at a time per account and purpose, until the block ends: an advisory lock, not a
+        row lock, so what only reads or references the account row (a login, a new key or
+        session: the foreign key's KEY SHARE) never waits behind a slow Stripe call."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                               f"codeplan:{purpose}:{account_id}")
+            yield conn
+
     async def customer(self, account_id: int) -> str:
         """The account's Stripe Customer, created the first time and stored on the account."""
         existing = await self._pool.fetchval("SELECT stripe_customer_id FROM accounts WHERE id = $1", account_id)
         if existing:
             return existing
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow("SELECT email, stripe_customer_id FROM accounts WHERE id = $1 FOR UPDATE",
-                                      account_id)
+        async with self._serialised("customer", account_id) as conn:
+            row = await conn.fetchrow("SELECT email, stripe_customer_id FROM accounts WHERE id = $1", account_id)
             if row is None:
                 raise BillingError("not_found", f"no account {account_id}")
             if row["stripe_customer_id"]:
                 return row["stripe_customer_id"]
-            # The key is the account's own, so a crash before the commit below and a retry
+            # The key is the account's own, so a crash before the update below and a retry
             # (within Stripe's 24 hours) get the same Customer back, not a second one.
             customer = await self._api.create_customer(
                 {"email": row["email"], "metadata": {"codeplan_account_id": str(account_id)}},
                 idempotency_key(self._installation, "customer", account_id))
-            await conn.execute("UPDATE accounts SET stripe_customer_id = $2 WHERE id = $1", account_id, customer.id)
-            return customer.id
+            # a webhook may have linked it meanwhile (apply.py): the same Customer either way
+            stored = await conn.fetchval(
+                "UPDATE accounts SET stripe_customer_id = coalesce(stripe_customer_id, $2) WHERE id = $1"
+                " RETURNING stripe_customer_id", account_id, customer.id)
+            return stored
 
     async def _price(self, lookup_key: str) -> asyncpg.Record | None:
         return await self._pool.fetchrow(
@@ -87,22 +107,26 @@ class Sessions:
                 for r in rows]
 
     async def checkout(self, account_id: int, plan_id: str, interval: str = "month") -> str:
-        """A Checkout Session in subscription mode for `plan_id`, billed every `interval`."""
+        """A Checkout Session in subscription mode for `plan_id`, billed every `interval`.
+
+        An account pays for one subscription: opening this session expires the account's other
+        open subscription sessions (another plan, another tab), and one already paid on Stripe,
+        whose webhook has not reached us yet, refuses it. A subscription paid twice all the same
+        (a session opened before this rule) is cancelled and refunded (duplicates.py)."""
         if interval not in ("month", "year"):
             raise BillingError("invalid", f"interval is month or year, not {interval!r}")
-        if not await self._pool.fetchval("SELECT 1 FROM plans WHERE id = $1", plan_id):
-            names = ", ".join(r["id"] for r in await self._pool.fetch("SELECT id FROM plans ORDER BY window_tokens"))
-            raise BillingError("invalid", f"unknown plan {plan_id!r}; plans are: {names}")
+        plan = await self._pool.fetchrow("SELECT id, retired_at FROM plans WHERE id = $1", plan_id)
+        if plan is None or plan["retired_at"] is not None:
+            names = ", ".join(r["id"] for r in await self._pool.fetch(
+                "SELECT id FROM plans WHERE retired_at IS NULL ORDER BY window_tokens"))
+            what = "unknown plan" if plan is None else "plan"
+            why = "" if plan is None else " is retired and no longer sold"
+            raise BillingError("invalid", f"{what} {plan_id!r}{why}; plans are: {names}")
         price = await self._price(f"codeplan_{plan_id}_{interval}")
         if price is None:
             raise BillingError("invalid", f"plan {plan_id!r} is not sold {'yearly' if interval == 'year' else 'monthly'}"
                                " (the operator runs `codeplan stripe sync` to put plans on sale)")
-        live = await self._pool.fetchval(
-            "SELECT stripe_subscription_id FROM stripe_subscriptions WHERE account_id = $1 AND status = ANY($2)",
-            account_id, list(LIVE_STATUSES))
-        if live:
-            raise BillingError("conflict", "this account already has a subscription; change its plan or "
-                               "cancel it in the billing portal")
+        await self._refuse_if_subscribed(account_id)
         customer = await self.customer(account_id)
         items: list[dict[str, Any]] = [{"price": price["stripe_price_id"], "quantity": 1}]
         if plan_id in self._config.overage_plans:
@@ -116,8 +140,42 @@ class Sessions:
             "success_url": self.billing_url + "?checkout=success&session_id={CHECKOUT_SESSION_ID}",
             "cancel_url": self.billing_url + "?checkout=canceled",
         }
-        return await self._open_session(params, idempotency_key(self._installation, "checkout", account_id,
-                                                                params, _bucket(60)))
+        # two tabs opening sessions at once would each expire the other's: one at a time
+        async with self._serialised("checkout", account_id):
+            session = await self._open_session(params, idempotency_key(self._installation, "checkout", account_id,
+                                                                       params, _bucket(60)))
+            await self._only_open_subscription_session(customer, session)
+        return session.url or ""
+
+    async def _refuse_if_subscribed(self, account_id: int) -> None:
+        live = await self._pool.fetchval(
+            "SELECT stripe_subscription_id FROM stripe_subscriptions WHERE account_id = $1 AND status = ANY($2)",
+            account_id, list(LIVE_STATUSES))
+        if live:
+            raise BillingError("conflict", _SUBSCRIBED)
+
+    async def _only_open_subscription_session(self, customer: str, session: wire.CheckoutSession) -> None:
+        """Expire the customer's other open subscription sessions; then, with none left that could
+        still be paid, make sure none was paid: Stripe's own list of the customer's subscriptions,
+        not our mirror, which fills only once the webhook is applied. `session` is expired too
+        when the account turns out to be subscribed."""
+        for other in await self._api.open_checkout_sessions(customer):
+            if other.id == session.id or other.mode != "subscription":
+                continue
+            try:
+                await self._api.expire_checkout_session(other.id)
+            except stripe.InvalidRequestError:
+                # no longer open: paid (or expired) meanwhile; which one is Stripe's to say
+                if (await self._api.checkout_session(other.id)).status == "complete":
+                    await self._withdraw(session)
+                    raise BillingError("conflict", _SUBSCRIBED) from None
+        if any(s.status in LIVE_STATUSES for s in await self._api.subscriptions_of(customer)):
+            await self._withdraw(session)
+            raise BillingError("conflict", _SUBSCRIBED)
+
+    async def _withdraw(self, session: wire.CheckoutSession) -> None:
+        with contextlib.suppress(stripe.InvalidRequestError):  # paid or expired already
+            await self._api.expire_checkout_session(session.id)
 
     async def portal(self, account_id: int) -> str:
         """A Customer Portal session: card, invoices, plan changes and cancellation on Stripe."""
@@ -157,10 +215,11 @@ class Sessions:
             "success_url": self.billing_url + "?checkout=success&session_id={CHECKOUT_SESSION_ID}",
             "cancel_url": self.billing_url + "?checkout=canceled",
         }
-        return await self._open_session(params, idempotency_key(self._installation, "topup", account_id,
-                                                                params, _bucket(60)))
+        session = await self._open_session(params, idempotency_key(self._installation, "topup", account_id,
+                                                                   params, _bucket(60)))
+        return session.url or ""
 
-    async def _open_session(self, params: dict[str, Any], key: str) -> str:
+    async def _open_session(self, params: dict[str, Any], key: str) -> wire.CheckoutSession:
         """A Checkout Session still open for payment. The key gives a double click the session of
         the first click; if that one was paid (or expired) meanwhile, Stripe's replay of it is no
         use, and a key naming it asks for the next."""
@@ -171,6 +230,6 @@ class Sessions:
             if session.status in (None, "open"):
                 if not session.url:
                     raise BillingError("unavailable", "Stripe returned a Checkout Session without a URL")
-                return session.url
+                return session
             key = f"{key}-after-{session.id}"[-255:]
         raise BillingError("unavailable", "Stripe kept returning Checkout Sessions that are no longer open")

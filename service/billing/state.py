@@ -35,7 +35,7 @@ class TopupView(msgspec.Struct):
     tokens: int
     used: int  # spent on what the plan's windows could not hold
     remaining: int
-    revoked: int  # taken back by a refund
+    revoked: int  # taken back by a refund so far (the part held by requests in flight follows as they settle)
     amount: int
     currency: str
     amount_refunded: int
@@ -104,7 +104,7 @@ async def account_state(pool: asyncpg.Pool, account_id: int, *, enabled: bool,
         invoices = await conn.fetch(
             "SELECT * FROM billing_invoices WHERE account_id = $1 ORDER BY created_at DESC LIMIT 12", account_id)
         topups = await conn.fetch(
-            "SELECT t.*, coalesce(q.posted, 0) AS used,"
+            "SELECT t.*, coalesce(q.posted, 0) AS used, t.tokens_revoked - coalesce(q.revoke_owed, 0) AS revoked,"
             " CASE WHEN q.id IS NULL THEN t.tokens - t.tokens_revoked"
             "      WHEN q.ends_at <= now() THEN 0 ELSE greatest(q.allowance - q.posted - q.held, 0) END AS remaining"
             " FROM topups t LEFT JOIN quota_windows q ON q.id = t.window_id"
@@ -127,7 +127,7 @@ async def account_state(pool: asyncpg.Pool, account_id: int, *, enabled: bool,
                               amount_paid=r["amount_paid"], currency=r["currency"], created=iso_utc(r["created_at"]),
                               payment_problem=r["payment_problem"], hosted_invoice_url=r["hosted_invoice_url"])
                   for r in invoices],
-        topups=[TopupView(tokens=r["tokens"], used=r["used"], remaining=r["remaining"], revoked=r["tokens_revoked"],
+        topups=[TopupView(tokens=r["tokens"], used=r["used"], remaining=r["remaining"], revoked=r["revoked"],
                           amount=r["amount"], currency=r["currency"], amount_refunded=r["amount_refunded"],
                           purchased_at=iso_utc(r["purchased_at"]), expires_at=iso_utc(r["expires_at"]))
                 for r in topups],

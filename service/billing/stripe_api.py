@@ -7,7 +7,7 @@ we read. Responses are decoded from their raw JSON into the Structs of wire.py.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Awaitable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import msgspec
 import stripe
@@ -67,6 +67,17 @@ class StripeAPI:
         obj = await call
         return msgspec.json.decode(obj.last_response.body, type=type_)
 
+    async def _all(self, page: Callable[[dict[str, str]], Awaitable[Any]], type_: type[T]) -> list[T]:
+        """Every object of a list endpoint, page after page."""
+        found: list[T] = []
+        after: dict[str, str] = {}
+        while True:
+            batch = await self._decode(page(after), wire.Page[type_])  # type: ignore[valid-type]
+            found.extend(batch.data)
+            if not batch.has_more or not batch.data:
+                return found
+            after = {"starting_after": getattr(batch.data[-1], "id")}
+
     @staticmethod
     def _options(key: str | None) -> dict[str, Any]:
         return {"idempotency_key": key} if key else {}
@@ -86,6 +97,14 @@ class StripeAPI:
     async def checkout_session(self, ident: str) -> wire.CheckoutSession:
         return await self._decode(self._client.v1.checkout.sessions.retrieve_async(ident), wire.CheckoutSession)
 
+    async def open_checkout_sessions(self, customer: str) -> list[wire.CheckoutSession]:
+        """Every Checkout Session of `customer` still open for payment."""
+        return await self._all(lambda after: self._client.v1.checkout.sessions.list_async(
+            {"customer": customer, "status": "open", "limit": 100, **after}), wire.CheckoutSession)
+
+    async def expire_checkout_session(self, ident: str) -> wire.CheckoutSession:
+        return await self._decode(self._client.v1.checkout.sessions.expire_async(ident), wire.CheckoutSession)
+
     async def create_portal_session(self, params: dict[str, Any], key: str) -> wire.PortalSession:
         return await self._decode(self._client.v1.billing_portal.sessions.create_async(params, self._options(key)),
                                   wire.PortalSession)
@@ -95,6 +114,11 @@ class StripeAPI:
     async def subscription(self, ident: str) -> wire.Subscription:
         return await self._decode(self._client.v1.subscriptions.retrieve_async(ident), wire.Subscription)
 
+    async def subscriptions_of(self, customer: str) -> list[wire.Subscription]:
+        """Every subscription of `customer`, ended ones included."""
+        return await self._all(lambda after: self._client.v1.subscriptions.list_async(
+            {"customer": customer, "status": "all", "limit": 100, **after}), wire.Subscription)
+
     async def invoice(self, ident: str) -> wire.Invoice:
         return await self._decode(self._client.v1.invoices.retrieve_async(ident), wire.Invoice)
 
@@ -103,6 +127,23 @@ class StripeAPI:
 
     async def payment_intent(self, ident: str) -> wire.PaymentIntent:
         return await self._decode(self._client.v1.payment_intents.retrieve_async(ident), wire.PaymentIntent)
+
+    async def invoices_of(self, subscription: str) -> list[wire.Invoice]:
+        return await self._all(lambda after: self._client.v1.invoices.list_async(
+            {"subscription": subscription, "limit": 100, **after}), wire.Invoice)
+
+    async def invoice_payments(self, invoice: str) -> list[wire.InvoicePayment]:
+        return await self._all(lambda after: self._client.v1.invoice_payments.list_async(
+            {"invoice": invoice, "limit": 100, **after}), wire.InvoicePayment)
+
+    # ---- undoing a subscription bought twice -----------------------------------------------
+
+    async def cancel_subscription(self, ident: str, params: dict[str, Any], key: str) -> wire.Subscription:
+        return await self._decode(self._client.v1.subscriptions.cancel_async(ident, params, self._options(key)),
+                                  wire.Subscription)
+
+    async def create_refund(self, params: dict[str, Any], key: str) -> wire.Refund:
+        return await self._decode(self._client.v1.refunds.create_async(params, self._options(key)), wire.Refund)
 
     async def price(self, ident: str) -> wire.Price:
         return await self._decode(self._client.v1.prices.retrieve_async(ident), wire.Price)

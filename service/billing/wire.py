@@ -148,6 +148,20 @@ class PaymentIntent(msgspec.Struct):
     latest_charge: str | None = None
 
 
+class PaymentRef(msgspec.Struct):
+    type: str
+    payment_intent: str | None = None
+
+
+class InvoicePayment(msgspec.Struct):
+    """One payment of an invoice (since 2025-03-31.basil an invoice names no PaymentIntent itself)."""
+    id: str
+    invoice: str
+    status: str
+    payment: PaymentRef
+    amount_paid: int | None = None
+
+
 class Charge(msgspec.Struct):
     id: str
     amount: int
@@ -160,6 +174,7 @@ class Charge(msgspec.Struct):
 class Refund(msgspec.Struct):
     id: str
     charge: str | None = None
+    amount: int = 0
 
 
 class MeterEvent(msgspec.Struct):

@@ -3,6 +3,7 @@
 - applies queued webhook events (apply.py), woken at once by the webhook route of this process and
   polling for those received by others;
 - freezes closed minutes of the overage outbox and sends them (outbox.py);
+- cancels and refunds a second subscription an account paid for (duplicates.py);
 - ends the plan of past_due subscriptions whose grace period ran out.
 
 Several processes may run it against one database: every claim is `FOR UPDATE SKIP LOCKED`.
@@ -16,16 +17,19 @@ import logging
 import asyncpg
 
 from .apply import EventApplier
+from .duplicates import Duplicates
 from .outbox import Outbox
 
 log = logging.getLogger("codeplan.billing.worker")
 
 
 class BillingWorker:
-    def __init__(self, pool: asyncpg.Pool, applier: EventApplier, outbox: Outbox, *, poll: float = 1.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, applier: EventApplier, outbox: Outbox, duplicates: Duplicates, *,
+                 poll: float = 1.0) -> None:
         self._pool = pool
         self._applier = applier
         self._outbox = outbox
+        self._duplicates = duplicates
         self._poll = poll
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -64,6 +68,8 @@ class BillingWorker:
                     log.warning("grace period over: past_due subscriptions lost their plan", extra={"count": expired})
                 await self._outbox.freeze()
                 while await self._outbox.send_one():
+                    pass
+                while await self._duplicates.run_once():
                     pass
             except Exception as exc:  # noqa: BLE001
                 log.warning("billing tick failed", extra={"error": type(exc).__name__})

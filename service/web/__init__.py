@@ -122,10 +122,11 @@ class Web:
     async def start(self, app, pool: asyncpg.Pool, database_url: str) -> None:
         if not self.config.secret_key:
             self.csrf.secret = await _shared_secret(pool, "csrf")
-        if self.config.signup_plan and not await pool.fetchval(
-                "SELECT 1 FROM plans WHERE id = $1", self.config.signup_plan):
-            plans = ", ".join(r["id"] for r in await pool.fetch("SELECT id FROM plans ORDER BY id"))
-            raise RuntimeError(f"CODEPLAN_SIGNUP_PLAN: no plan {self.config.signup_plan!r}; plans are: {plans}")
+        if self.config.signup_plan:
+            problem = identity.signup_plan_problem(
+                self.config.signup_plan, await pool.fetch("SELECT id, retired_at FROM plans ORDER BY id"))
+            if problem:
+                raise RuntimeError(problem)
         if not self.mailer.enabled:
             log.warning("mail is off (no CODEPLAN_SMTP_URL): verification and reset links go to this log")
         self.hub = UsageHub(pool, database_url)
@@ -141,7 +142,7 @@ class Web:
     async def _keep_tidy(self, pool: asyncpg.Pool) -> None:
         while True:
             try:
-                await identity.housekeeping(pool)
+                await identity.housekeeping(pool, self.config.signup_window)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("web housekeeping failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(HOUSEKEEPING_SECONDS)

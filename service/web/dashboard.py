@@ -178,7 +178,10 @@ class PlanRow(msgspec.Struct, frozen=True):
     models: list[str]
 
 
-async def plans(pool: asyncpg.Pool) -> list[PlanRow]:
-    rows = await pool.fetch("SELECT id, name, window_tokens, weekly_tokens, max_concurrent,"
-                            " monthly_price_cents, models FROM plans ORDER BY monthly_price_cents, id")
+async def plans(pool: asyncpg.Pool, account_id: int) -> list[PlanRow]:
+    """The plans on sale, and the account's own even if it was retired since."""
+    rows = await pool.fetch(
+        "SELECT id, name, window_tokens, weekly_tokens, max_concurrent, monthly_price_cents, models FROM plans p"
+        " WHERE p.retired_at IS NULL OR EXISTS (SELECT 1 FROM subscriptions s WHERE s.account_id = $1"
+        " AND s.plan_id = p.id AND s.status <> 'canceled') ORDER BY monthly_price_cents, id", account_id)
     return [PlanRow(**{**dict(r), "models": list(r["models"])}) for r in rows]

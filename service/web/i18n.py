@@ -65,6 +65,8 @@ ZH: dict[str, str] = {
         "该邮箱已有账户。请登录，或重置密码。",
     "Wrong email or password.": "邮箱或密码错误。",
     "Too many failed attempts. Try again in {minutes} minutes.": "失败次数过多，请在 {minutes} 分钟后重试。",
+    "Too many sign-ups from your address. Try again in {minutes} minutes.":
+        "来自你的地址的注册次数过多，请在 {minutes} 分钟后重试。",
     "Mail is off on this server: verification links are written to the server's log, and verifying is not required.":
         "本服务器未配置邮件：验证链接会写入服务器日志，无需验证邮箱。",
     "We send a link to confirm your address.": "我们会发送一封邮件来确认你的邮箱地址。",

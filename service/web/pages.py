@@ -15,6 +15,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
+from ..config import WILDCARD_HOSTS
 from . import apikeys, dashboard, i18n, identity, sessions, tools
 from .mail import Letter, MailError
 
@@ -89,13 +90,13 @@ PAGE_HEADERS = {
 
 
 def render(request: Request, template: str, *, viewer: sessions.Viewer | None, status: int = 200,
-           cookies: list[Cookie] | None = None, **context: Any) -> Template:
+           cookies: list[Cookie] | None = None, headers: dict[str, str] | None = None, **context: Any) -> Template:
     lang = language(request)
     web = _web(request)
     here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return Template(
         template_name=template, status_code=status, cookies=cookies or [],
-        headers={**PAGE_HEADERS, "content-language": "zh-CN" if lang == "zh" else "en"},
+        headers={**PAGE_HEADERS, "content-language": "zh-CN" if lang == "zh" else "en", **(headers or {})},
         context={"_": i18n.translator(lang), "lang": lang, "viewer": viewer, "here": here,
                  "mail_enabled": web.mailer.enabled, "asset_version": web.asset_version,
                  "base_url": public_base(request), "billing_on": _billing(request) is not None,
@@ -118,10 +119,11 @@ async def form_of(request: Request, shape: type[T]) -> T:
 
 
 def public_base(request: Request) -> str:
-    """The URL users reach us at: CODEPLAN_PUBLIC_URL, else HOST:PORT, else (when we listen on
-    every address, 0.0.0.0) the host the browser used."""
+    """The URL shown on our pages: CODEPLAN_PUBLIC_URL, else HOST:PORT, else (when we listen on
+    every address, 0.0.0.0) the host the browser used. Only for the page this browser reads:
+    mailed links use the configured base URL alone (see _mail_link)."""
     config = _web(request).config
-    if not config.public_url and config.host in ("0.0.0.0", "::", ""):
+    if not config.public_url and config.host in WILDCARD_HOSTS:
         return f"{request.url.scheme}://{request.headers.get('host') or request.url.netloc}"
     return config.base_url
 
@@ -188,6 +190,9 @@ def _refusal_text(request: Request, refusal: identity.Refusal) -> str:
     if refusal.code == "throttled":
         minutes = max(1, -(-(refusal.retry_after or 60) // 60))
         return _("Too many failed attempts. Try again in {minutes} minutes.").format(minutes=minutes)
+    if refusal.code == "signup_throttled":
+        minutes = max(1, -(-(refusal.retry_after or 60) // 60))
+        return _("Too many sign-ups from your address. Try again in {minutes} minutes.").format(minutes=minutes)
     return _(_REFUSALS.get(refusal.code, "The request was not understood."))
 
 
@@ -197,7 +202,9 @@ async def _mail_link(request: Request, account: identity.Account, purpose: str) 
     if token is None:
         return "mail_limit"
     _ = i18n.translator(language(request))
-    base = public_base(request)
+    # never the request's Host header: a forged one would mail the owner a link to its sender
+    # (config refuses SMTP on every address without CODEPLAN_PUBLIC_URL)
+    base = _web(request).config.base_url
     if purpose == "verify":
         link = f"{base}/verify?token={token}"
         subject = _("Check your mail") + " · Codeplan"
@@ -230,8 +237,14 @@ async def signup(request: Request) -> Template | Redirect:
     form = await form_of(request, Credentials)
     web = _web(request)
     try:
-        account = await identity.sign_up(_pool(request), form.email, form.password, web.config.signup_plan)
+        account = await identity.sign_up(
+            _pool(request), form.email, form.password, web.config.signup_plan,
+            identity.SignupLimit(_address(request), web.config.signup_limit, web.config.signup_window))
     except identity.Refusal as refusal:
+        if refusal.code == "signup_throttled":
+            log.warning("sign-ups throttled", extra={"address": _address(request)})
+            return render(request, "signup.html", viewer=None, status=429, email=form.email,
+                          headers={"retry-after": str(refusal.retry_after)}, error=_refusal_text(request, refusal))
         return render(request, "signup.html", viewer=None, status=400, email=form.email,
                       error=_refusal_text(request, refusal))
     token = await sessions.create(_pool(request), account.id)
@@ -428,7 +441,7 @@ async def billing_page(request: Request, notice: FromQuery[str] = "", checkout: 
     billing = _billing(request)
     return render(request, "billing.html", viewer=viewer, nav="billing",
                   notice=notice or ("paid" if checkout == "success" else None),
-                  plans=await dashboard.plans(_pool(request)),
+                  plans=await dashboard.plans(_pool(request), viewer.account_id),
                   current=await dashboard.subscription(_pool(request), viewer.account_id),
                   topup_blocks=list(getattr(billing, "topup_blocks", ()) or ()) if billing else [])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import hmac
 import secrets
@@ -63,10 +64,17 @@ def weakness(password: str) -> str | None:
     return None
 
 
-# The hash takes ~0.1 s of CPU: off the event loop, so other requests keep flowing.
+# A hash takes ~0.1 s of CPU and 32 MiB: off the event loop, so other requests keep flowing, and
+# on threads of its own, not asyncio's default executor, which the bridge's token counting uses
+# (bridge/metering.py): a burst of sign-ups or logins queues behind itself, never ahead of metering.
+# Two threads: the cores this runs on, and at most 64 MiB of scrypt memory at once.
+HASHING_THREADS = 2
+_hashing = concurrent.futures.ThreadPoolExecutor(HASHING_THREADS, thread_name_prefix="codeplan-scrypt")
+
+
 async def hash_async(password: str) -> str:
-    return await asyncio.to_thread(hash_password, password)
+    return await asyncio.get_running_loop().run_in_executor(_hashing, hash_password, password)
 
 
 async def verify_async(password: str, stored: str | None) -> bool:
-    return await asyncio.to_thread(verify_password, password, stored)
+    return await asyncio.get_running_loop().run_in_executor(_hashing, verify_password, password, stored)

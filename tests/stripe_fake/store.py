@@ -657,6 +657,40 @@ class Store:
             raise no_such("checkout.session", ident)
         return found
 
+    def list_sessions(self, params: dict[str, Any]) -> dict[str, Any]:
+        allow(params, {"created", "customer", "customer_account", "customer_details", "ending_before", "limit",
+                       "payment_intent", "payment_link", "starting_after", "status", "subscription"})
+        status = params.get("status")
+        if status not in (None, "", "open", "complete", "expired"):
+            raise invalid("status", "Invalid status: must be one of complete, expired, or open",
+                          "parameter_invalid_string")
+        rows = [self.public(r) for r in self.sessions.values()]
+        for name in ("customer", "payment_intent", "subscription", "status"):
+            if params.get(name):
+                rows = [r for r in rows if r[name] == params[name]]
+        email = as_dict(params, "customer_details").get("email")
+        if email:
+            rows = [r for r in rows if (r["customer_details"] or {}).get("email") == email]
+        rows = self._created_between(rows, params)
+        return self.page("/v1/checkout/sessions", rows, params)
+
+    def _created_between(self, rows: list[dict[str, Any]], params: dict[str, Any]) -> list[dict[str, Any]]:
+        """`created=<t>` or `created[gt|gte|lt|lte]=<t>`, as every list endpoint takes it."""
+        raw = params.get("created")
+        if raw in (None, ""):
+            return rows
+        if not isinstance(raw, dict):
+            moment = as_int(params, "created")
+            return [r for r in rows if r["created"] == moment]
+        allow(raw, {"gt", "gte", "lt", "lte"}, "created")
+        tests = {"gt": lambda a, b: a > b, "gte": lambda a, b: a >= b, "lt": lambda a, b: a < b,
+                 "lte": lambda a, b: a <= b}
+        for op, test in tests.items():
+            if op in raw:
+                bound = as_int(raw, op)
+                rows = [r for r in rows if test(r["created"], bound)]
+        return rows
+
     def create_portal_session(self, params: dict[str, Any]) -> dict[str, Any]:
         allow(params, {"customer", "return_url", "configuration", "flow_data", "locale", "on_behalf_of"})
         if not params.get("customer"):
@@ -853,13 +887,28 @@ class Store:
         subscription = self.subscription(ident)
         if subscription["status"] == "canceled":
             raise StripeError(404, f"No such subscription: '{ident}'", param="id", code="resource_missing")
-        self._cancel(subscription, reason="cancellation_requested")
+        details = as_dict(params, "cancellation_details")
+        allow(details, {"comment", "feedback"}, "cancellation_details")
+        if details.get("feedback") not in (None, "", "customer_service", "low_quality", "missing_features", "other",
+                                           "switched_service", "too_complex", "too_expensive", "unused"):
+            raise invalid("cancellation_details[feedback]", "Invalid cancellation_details[feedback]",
+                          "parameter_invalid_string")
+        # (prorate and invoice_now are accepted and not modelled: a credit for unused time and a
+        # final invoice; Codeplan refunds through /v1/refunds instead)
+        self._cancel(subscription, reason="cancellation_requested",
+                     comment=details.get("comment") or None, feedback=details.get("feedback") or None)
         return subscription
 
-    def _cancel(self, subscription: dict[str, Any], reason: str) -> None:
+    def _cancel(self, subscription: dict[str, Any], reason: str, comment: str | None = None,
+                feedback: str | None = None) -> None:
         now = self.now()
+        details = dict(subscription["cancellation_details"], reason=reason)
+        if comment is not None:
+            details["comment"] = comment
+        if feedback is not None:
+            details["feedback"] = feedback
         subscription.update(status="canceled", ended_at=now, canceled_at=subscription["canceled_at"] or now,
-                            cancellation_details=dict(subscription["cancellation_details"], reason=reason))
+                            cancellation_details=details)
         self.scheduled_price.pop(subscription["id"], None)
         for invoice in self.invoices.values():  # Stripe stops retrying a canceled subscription's invoices
             if invoice["parent"]["subscription_details"]["subscription"] == subscription["id"]:
@@ -1091,6 +1140,40 @@ class Store:
             raise StripeError(402, "This payment requires additional user action before it can be "
                               "completed successfully.", type="card_error", code="authentication_required")
         return invoice
+
+    def _invoice_payments(self) -> list[dict[str, Any]]:
+        return [payment for invoice in self.invoices.values() for payment in invoice["payments"]["data"]]
+
+    def list_invoice_payments(self, params: dict[str, Any]) -> dict[str, Any]:
+        allow(params, {"created", "ending_before", "invoice", "limit", "payment", "starting_after", "status"})
+        rows = self._invoice_payments()
+        if params.get("invoice"):
+            if params["invoice"] not in self.invoices:
+                raise no_such("invoice", params["invoice"], "invoice")
+            rows = [r for r in rows if r["invoice"] == params["invoice"]]
+        status = params.get("status")
+        if status:
+            if status not in ("canceled", "open", "paid"):
+                raise invalid("status", "Invalid status: must be one of canceled, open, or paid",
+                              "parameter_invalid_string")
+            rows = [r for r in rows if r["status"] == status]
+        payment = as_dict(params, "payment")
+        if payment:
+            allow(payment, {"type", "payment_intent", "payment_record"}, "payment")
+            if payment.get("type") != "payment_intent":
+                raise missing("payment[type]") if not payment.get("type") else invalid(
+                    "payment[type]", "Invalid payment[type]: must be one of payment_intent or payment_record",
+                    "parameter_invalid_string")
+            if payment.get("payment_intent"):
+                rows = [r for r in rows if r["payment"].get("payment_intent") == payment["payment_intent"]]
+        rows = self._created_between(rows, params)
+        return self.page("/v1/invoice_payments", [copy.deepcopy(r) for r in rows], params)
+
+    def invoice_payment(self, ident: str) -> dict[str, Any]:
+        for payment in self._invoice_payments():
+            if payment["id"] == ident:
+                return payment
+        raise no_such("invoice_payment", ident)
 
     def payment_intent(self, ident: str) -> dict[str, Any]:
         found = self.payment_intents.get(ident)

@@ -1,0 +1,118 @@
+"""A subscription paid twice, undone: cancelled on Stripe, every payment it took refunded.
+
+Checkout lets an account open only one subscription session at a time (sessions.py), but a
+session opened before that rule, or one Stripe completed while another was being opened, can
+still leave an account with two paid subscriptions. Only one drives the account's allowance;
+billing_apply_subscription answers 'conflict' for the other, and the event applier records it in
+`duplicate_subscriptions` (0035) in the event's transaction. The billing worker takes it from
+there, here: the subscription is cancelled at once (no credit for unused time: the refund below
+returns everything) and each payment of its invoices refunded in full, reason `duplicate`.
+
+Every call carries an idempotency key naming what it undoes, and what is already done is read
+back from Stripe before it is asked again (a cancelled subscription, a charge refunded in full),
+so a retry after a crash or a lost answer never cancels or refunds twice. The row is claimed
+`FOR UPDATE SKIP LOCKED` and the Stripe object's advisory lock is the event applier's (apply.py),
+so an event about the same subscription waits until the row is settled and then reads Stripe's
+state after it. No account row is locked while Stripe answers.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import asyncpg
+import stripe
+
+from .stripe_api import StripeAPI, describe, idempotency_key, retryable
+
+log = logging.getLogger("codeplan.billing.duplicates")
+
+_ENDED = ("canceled", "incomplete_expired")
+
+
+class Duplicates:
+    def __init__(self, pool: asyncpg.Pool, api: StripeAPI, installation: str, retry_base: float) -> None:
+        self._pool = pool
+        self._api = api
+        self._installation = installation
+        self._retry_base = retry_base
+
+    async def run_once(self) -> bool:
+        """Undo the next due duplicate. False when none is due."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM duplicate_subscriptions WHERE state = 'pending' AND next_attempt_at <= now()"
+                " ORDER BY found_at LIMIT 1 FOR UPDATE SKIP LOCKED")
+            if row is None:
+                return False
+            ident = row["stripe_subscription_id"]
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "stripe:" + ident)
+            # the subscription it lost to ended first and this one was adopted: it is the plan now
+            if await conn.fetchval("SELECT subscription_id IS NOT NULL FROM stripe_subscriptions"
+                                   " WHERE stripe_subscription_id = $1", ident):
+                await conn.execute("UPDATE duplicate_subscriptions SET state = 'moot', done_at = now()"
+                                   " WHERE stripe_subscription_id = $1", ident)
+                log.info("duplicate subscription drives its account now; left alone", extra={"subscription": ident})
+                return True
+            await conn.execute("UPDATE duplicate_subscriptions SET attempts = attempts + 1"
+                               " WHERE stripe_subscription_id = $1", ident)
+            try:
+                refunded = await self._undo(ident, row["account_id"], row["kept_subscription_id"])
+            except stripe.StripeError as exc:
+                if retryable(exc) or isinstance(exc, stripe.AuthenticationError):
+                    delay = min(self._retry_base * 2 ** row["attempts"], 3600.0) * random.uniform(0.75, 1.25)
+                    await conn.execute(
+                        "UPDATE duplicate_subscriptions SET last_error = $2,"
+                        " next_attempt_at = now() + make_interval(secs => $3) WHERE stripe_subscription_id = $1",
+                        ident, describe(exc), delay)
+                    log.warning("duplicate subscription not undone yet; retried later",
+                                extra={"subscription": ident, "error": describe(exc), "retry_in": round(delay, 2)})
+                else:
+                    await conn.execute("UPDATE duplicate_subscriptions SET state = 'failed', last_error = $2"
+                                       " WHERE stripe_subscription_id = $1", ident, describe(exc))
+                    log.error("duplicate subscription could not be undone; cancel and refund it on Stripe",
+                              extra={"subscription": ident, "account": row["account_id"], "error": describe(exc)})
+                return True
+            await conn.execute(
+                "UPDATE duplicate_subscriptions SET state = 'done', refunded_amount = $2, last_error = NULL,"
+                " done_at = now() WHERE stripe_subscription_id = $1", ident, refunded)
+            log.warning("duplicate subscription cancelled and refunded",
+                        extra={"subscription": ident, "account": row["account_id"],
+                               "kept": row["kept_subscription_id"], "refunded": refunded})
+        return True
+
+    async def _undo(self, ident: str, account: int, kept: str) -> int:
+        """Cancel `ident` and refund every payment it took; returns the amount refunded in all."""
+        if (await self._api.subscription(ident)).status not in _ENDED:
+            params = {"cancellation_details": {
+                "comment": f"Codeplan: account {account} already pays for {kept}; this second subscription "
+                           "is cancelled and what it charged refunded"}}
+            try:
+                await self._api.cancel_subscription(ident, params, idempotency_key(
+                    self._installation, "duplicate-cancel", ident))
+            except stripe.InvalidRequestError as exc:
+                # Stripe answers a cancelled subscription's cancellation with a 404
+                if exc.http_status != 404 or (await self._api.subscription(ident)).status not in _ENDED:
+                    raise
+        refunded = 0
+        for invoice in await self._api.invoices_of(ident):
+            if invoice.amount_paid <= 0:
+                continue
+            for paid in await self._api.invoice_payments(invoice.id):
+                intent_id = paid.payment.payment_intent
+                if paid.status != "paid" or paid.payment.type != "payment_intent" or not intent_id:
+                    continue
+                intent = await self._api.payment_intent(intent_id)
+                if not intent.latest_charge:
+                    continue
+                charge = await self._api.charge(intent.latest_charge)
+                if charge.status != "succeeded":
+                    continue
+                left = charge.amount - charge.amount_refunded
+                if left > 0:
+                    await self._api.create_refund(
+                        {"payment_intent": intent_id, "amount": left, "reason": "duplicate",
+                         "metadata": {"codeplan_account_id": str(account), "codeplan_duplicate_of": kept}},
+                        idempotency_key(self._installation, "duplicate-refund", charge.id, charge.amount_refunded))
+                refunded += charge.amount
+        return refunded
