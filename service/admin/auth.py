@@ -15,17 +15,11 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi import ResponseSpec
 
+from bridge.app import api_key
+
 from ..problems import problem_responses
 from ..throttle import GuardedAuthenticator
 from ..web import sessions
-
-
-def _bearer(connection: ASGIConnection) -> str:
-    auth = connection.headers.get("authorization") or ""
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return (connection.headers.get("x-api-key") or "").strip()
 
 
 def errors(*statuses: int) -> dict[int, ResponseSpec]:
@@ -38,7 +32,7 @@ async def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     """Guard of every admin route; leaves the actor's name in `connection.state.actor`."""
     config = connection.app.state.config
     pool: asyncpg.Pool = connection.app.state.pool
-    credential = _bearer(connection)
+    credential = api_key(connection)
     if credential:
         if config.admin_token and hmac.compare_digest(credential.encode(), config.admin_token.encode()):
             connection.state.actor = "admin-token"

@@ -22,6 +22,8 @@ import msgspec
 from litestar import WebSocket, websocket
 from litestar.exceptions import WebSocketDisconnect
 
+from bridge.app import api_key
+
 from ..throttle import GuardedAuthenticator, Throttled
 from . import live, sessions
 
@@ -114,20 +116,12 @@ async def browser_live(socket: WebSocket) -> None:
     await _pump(socket, subscription_id, session_alive)
 
 
-def _header_key(socket: WebSocket) -> str:
-    auth = socket.headers.get("authorization") or ""
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return (socket.headers.get("x-api-key") or "").strip()
-
-
 @websocket("/v1/usage/live")
 async def key_live(socket: WebSocket) -> None:
     pool: asyncpg.Pool = socket.app.state.pool
     auth: GuardedAuthenticator = socket.app.state.auth
     await socket.accept()
-    key = _header_key(socket)
+    key = api_key(socket)
     if not key:
         try:
             first = await asyncio.wait_for(socket.receive_data(mode="text"), AUTH_TIMEOUT)
