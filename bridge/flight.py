@@ -185,11 +185,13 @@ class Flight:
                      else "client left before the first token")
             return
         self._draining = True
-        flights.spawn(self._drain(response))
+        # counted now, not when the drain starts running: when thousands of clients leave in
+        # one loop pass, each must see the drains already granted, or the cap is not one
+        flights.drains += 1
+        flights.spawn(self._drain(response)).add_done_callback(flights.drained)
 
     async def _drain(self, response: UpstreamResponse) -> None:
         flights = self._flights
-        flights.drains += 1
         try:
             async with asyncio.timeout(flights.settings.drain_timeout):
                 while not self._ended and (data := await response.content.readany()):
@@ -200,7 +202,6 @@ class Flight:
         except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         finally:
-            flights.drains -= 1
             self.end("client left; upstream read on for its usage")
 
     # ---- timers ----------------------------------------------------------------------------
@@ -252,10 +253,15 @@ class Flights:
         self.live: set[Flight] = set()  # admitted and not ended yet
         self._background: set[asyncio.Task] = set()
 
-    def spawn(self, coroutine: Coroutine) -> None:
+    def spawn(self, coroutine: Coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._done)
+        return task
+
+    def drained(self, task: asyncio.Task) -> None:
+        """A drain ended (even one cancelled before it began): its place under the cap is free."""
+        self.drains -= 1
 
     def _done(self, task: asyncio.Task) -> None:
         self._background.discard(task)

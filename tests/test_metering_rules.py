@@ -1,6 +1,7 @@
 """Each disconnect and fault rule, end to end through the bridge, with exact token counts."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import datetime as dt
 import json
@@ -13,7 +14,7 @@ import pytest
 
 from bridge.tokens import count
 
-from .conftest import new_plan, new_user, query, run, settled_query, wait_settled
+from .conftest import new_plan, new_user, query, run, settled_query, start_bridge, wait_settled
 from .test_skeleton import direct_usage
 
 
@@ -322,3 +323,47 @@ def test_upstream_concurrency_per_key_is_queued_not_refused(database, simulator)
         assert [r["state"] for r in rows] == ["posted"] * 6
     finally:
         server.stop()
+
+
+def test_drains_are_capped_when_many_clients_leave_at_once(database, simulator, key):
+    """CODEPLAN_MAX_DRAINS holds even when every client leaves in the same instant: a drain is
+    counted when it is granted, not when it starts running (it holds an upstream connection,
+    and its memory, for up to CODEPLAN_DRAIN_TIMEOUT)."""
+    bridge = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_MAX_DRAINS="2")
+    host, port = bridge.url.removeprefix("http://").split(":")
+    payload = json.dumps({**body("fault=silence silence=60 tokens=10 reasoning=0"), "stream": True}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {key}\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n").encode()
+
+    async def leave_together(n: int) -> list[str]:
+        async def begin():
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(head + payload)
+            data = b""
+            while b'"content":"' not in data and b'"reasoning_content":"' not in data:
+                chunk = await reader.read(65536)
+                assert chunk, data
+                data += chunk
+            entry = data.split(b"x-request-id: ", 1)[1].split(b"\r\n", 1)[0].decode()
+            return entry, writer
+        opened = await asyncio.gather(*(begin() for _ in range(n)))
+        for _, writer in opened:  # every client leaves in one pass, mid-answer
+            writer.transport.abort()
+        return [entry for entry, _ in opened]
+    try:
+        entries = asyncio.run(leave_together(12))
+        # the ten without a drain settle at once; the two drained wait for the upstream's usage
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = run(query(database, "SELECT state, settle_reason FROM usage_ledger WHERE id = ANY($1)",
+                             [uuid.UUID(e) for e in entries]))
+            if sum(r["state"] != "pending" for r in rows) >= 10:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)  # a third drain, were one granted, would show as a pending row here
+        rows = run(query(database, "SELECT state, settle_reason FROM usage_ledger WHERE id = ANY($1)",
+                         [uuid.UUID(e) for e in entries]))
+        assert sorted((r["state"], r["settle_reason"]) for r in rows) == (
+            [("pending", None)] * 2 + [("posted", "client left")] * 10)
+    finally:
+        bridge.stop()
