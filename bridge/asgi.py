@@ -79,12 +79,15 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
     stream = reply.stream
     task = asyncio.current_task()
     assert task is not None
-    gone = asyncio.Event()
+    # a flag, not an asyncio.Event: nothing waits on it, and an Event's waiter deque costs
+    # ~0.7 KB per open stream
+    gone = False
 
     async def listen() -> None:
+        nonlocal gone
         while (await receive())["type"] != "http.disconnect":
             pass
-        gone.set()
+        gone = True
         task.cancel()
 
     listener = asyncio.ensure_future(listen())
@@ -94,7 +97,7 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except asyncio.CancelledError:
-        if not gone.is_set():
+        if not gone:
             raise
         task.uncancel()  # the client left: nothing more to do, and this task lives on normally
     finally:

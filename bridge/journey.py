@@ -336,7 +336,7 @@ class Journey:
                      stream=self._relay(translator, flight, opening))
 
     async def _relay(self, translator: StreamTranslator, flight: Flight,
-                     opening: asyncio.Future) -> AsyncIterator[bytes]:
+                     opening: asyncio.Future | None) -> AsyncIterator[bytes]:
         settings = self.settings
         self.metrics.stream(1)
         try:
@@ -356,6 +356,7 @@ class Journey:
                 yield first
             response = flight.response
             assert response is not None
+            opening = None  # done, its result is the flight's: not kept for the stream's life
             normalizer = glm.StreamNormalizer(self._call_prefix(flight))
             meter, decoder = flight.meter, flight.decoder
             silence = 0.0
@@ -405,7 +406,8 @@ class Journey:
         finally:
             self.metrics.stream(-1)
             if not flight.ended:
-                opening.cancel()
+                if opening is not None:
+                    opening.cancel()
                 flight.client_gone()
 
     def _unreported(self, flight: Flight) -> wire.Usage:
