@@ -358,7 +358,7 @@ class Journey:
             assert response is not None
             opening = None  # done, its result is the flight's: not kept for the stream's life
             normalizer = glm.StreamNormalizer(self._call_prefix(flight))
-            meter, decoder = flight.meter, flight.decoder
+            meter = flight.meter
             silence = 0.0
             try:
                 while True:
@@ -374,14 +374,12 @@ class Journey:
                     if not data:
                         break
                     silence = 0.0
-                    events: list[glm.Event] = []
-                    for chunk in chunks(decoder, data, normalizer.done):
-                        meter.observe(chunk, delivered=True)
-                        events += normalizer.feed(chunk)
-                    if events:
-                        if flight.first_token is None:
-                            flight.first_token = time.monotonic()
-                        yield translator.feed(events)
+                    piece = self._translated(flight, translator, normalizer, data)
+                    # nothing of this read stays referenced while the stream waits for the next
+                    # one: an idle stream holds only its state (bench: idle streams)
+                    del data
+                    if piece is not None:
+                        yield piece
             except (aiohttp.ClientError, OSError, _UpstreamSilent) as exc:
                 log.warning("upstream died mid-stream", extra={
                     "entry": str(flight.entry), "upstream": _upstream_name(flight, self._upstream),
@@ -409,6 +407,21 @@ class Journey:
                 if opening is not None:
                     opening.cancel()
                 flight.client_gone()
+
+    @staticmethod
+    def _translated(flight: Flight, translator: StreamTranslator, normalizer: glm.StreamNormalizer,
+                    data: bytes) -> bytes | None:
+        """What the client gets for the upstream bytes `data`; None when they complete no event."""
+        events: list[glm.Event] = []
+        meter = flight.meter
+        for chunk in chunks(flight.decoder, data, normalizer.done):
+            meter.observe(chunk, delivered=True)
+            events += normalizer.feed(chunk)
+        if not events:
+            return None
+        if flight.first_token is None:
+            flight.first_token = time.monotonic()
+        return translator.feed(events)
 
     def _unreported(self, flight: Flight) -> wire.Usage:
         """A complete answer without usage (an upstream that sends it only when asked, and was
