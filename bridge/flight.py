@@ -259,6 +259,11 @@ class Flights:
         task.add_done_callback(self._done)
         return task
 
+    @property
+    def in_flight(self) -> int:
+        """Flights not ended, plus the work they left (settlement writes, drains)."""
+        return len(self.live) + len(self._background)
+
     def drained(self, task: asyncio.Task) -> None:
         """A drain ended (even one cancelled before it began): its place under the cap is free."""
         self.drains -= 1

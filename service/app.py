@@ -19,7 +19,7 @@ from bridge import shapes
 from bridge.journey import Journey
 from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
-from . import admin, credits, db, metrics, openapi, ops, usage
+from . import admin, credits, db, memory, metrics, openapi, ops, usage
 from .accounts import Authenticator
 from .billing.engine import Billing, set_overage
 from .billing import routes as billing_routes
@@ -169,7 +169,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         await web.start(app, pool, database_url)
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         background = [asyncio.create_task(store.run(config.upstream_refresh)),
-                      asyncio.create_task(metrics.pool_watcher(pool))]
+                      asyncio.create_task(metrics.pool_watcher(pool)),
+                      asyncio.create_task(memory.trim_after_bursts(lambda: journey.flights.in_flight))]
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection
         # walked ~67,000 start-up objects in 31-34 ms, a pause for every request in flight;
