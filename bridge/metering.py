@@ -30,6 +30,7 @@ from . import tokens, wire
 # prompt does not stall every other stream on the event loop.
 _OFFLOAD_CHARS = 32_000
 _CACHE_MIN_CHARS = 256
+_SHORT_CAPACITY = 4096
 
 BOUND_PER_REQUEST = 16
 BOUND_PER_MESSAGE = 32
@@ -64,6 +65,10 @@ class PromptEstimator:
     def __init__(self, capacity: int = 20_000) -> None:
         self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._capacity = capacity
+        # short pieces (a system prompt's lines, "Say hello.", a tool's name) recur in every
+        # request of a conversation: kept by their text (at most _SHORT_CAPACITY x 256 chars),
+        # so no collision can skew them, and evicted all at once when full (no LRU upkeep)
+        self._short: dict[str, int] = {}
         tokens.encoding()  # load the ranks at start-up, not on the first request
 
     async def count_request(self, request: wire.ChatRequest) -> PromptCount:
@@ -96,7 +101,13 @@ class PromptEstimator:
         todo: list[str] = []
         for piece in pieces:
             if len(piece) < _CACHE_MIN_CHARS:
-                total += tokens.count(piece)
+                n = self._short.get(piece)
+                if n is None:
+                    n = tokens.count(piece)
+                    if len(self._short) >= _SHORT_CAPACITY:
+                        self._short.clear()
+                    self._short[piece] = n
+                total += n
                 continue
             key = (len(piece), hash(piece))
             cached = self._cache.get(key)
