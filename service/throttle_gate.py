@@ -36,7 +36,8 @@ async def refused(scope: dict, send: Any, gated: frozenset[str], throttle: Calla
     if scope["type"] not in ("http", "websocket") or scope["path"] not in gated:
         return False
     key = api_key(scope["headers"])
-    wait = throttle(scope).retry_after(address, keys.key_hash(key)) if key else None
+    gate = throttle(scope)
+    wait = gate.retry_after(address, keys.key_hash(key)) if key and gate.watching(address) else None
     if wait is None:
         return False
     started = time.monotonic()
