@@ -61,7 +61,7 @@ class Flight:
                  "prompt_estimate",
                  "raw_prompt", "kind", "meter", "decoder", "response", "accepted", "status",
                  "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at",
-                 "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap")
+                 "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap", "_born")
 
     def __init__(self, flights: "Flights", *, entry: uuid.UUID, principal: Principal, surface: str,
                  model: str, shown_model: str, prompt_estimate: int, raw_prompt: int, kind: str,
@@ -93,11 +93,16 @@ class Flight:
         self._ended = False
         self._draining = False
         loop = asyncio.get_running_loop()
-        # timers, not tasks: most requests end long before either fires
-        self._keeper: asyncio.TimerHandle | None = loop.call_later(
-            flights.settings.heartbeat_interval, self._beat)
-        self._cap: asyncio.TimerHandle | None = loop.call_later(
-            flights.settings.max_request_seconds, self._overdue)
+        # timers, not tasks: most requests end long before either fires. The cap's timer is set
+        # at the first beat (for the same moment), so a request shorter than a beat sets one
+        # timer, not two; unless the cap comes first.
+        settings = flights.settings
+        self._born = loop.time()
+        self._keeper: asyncio.TimerHandle | None = loop.call_at(
+            self._born + settings.heartbeat_interval, self._beat)
+        self._cap: asyncio.TimerHandle | None = loop.call_at(
+            self._born + settings.max_request_seconds, self._overdue) \
+            if settings.max_request_seconds <= settings.heartbeat_interval else None
         flights.live.add(self)
 
     # ---- what happened ---------------------------------------------------------------------
@@ -220,6 +225,9 @@ class Flight:
     def _beat(self) -> None:
         self._keeper = None
         if not self._ended:
+            if self._cap is None:  # the first beat: the cap's timer, for its moment from the start
+                self._cap = asyncio.get_running_loop().call_at(
+                    self._born + self._flights.settings.max_request_seconds, self._overdue)
             self._flights.spawn(self._heartbeat())
 
     async def _heartbeat(self) -> None:
