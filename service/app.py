@@ -103,8 +103,8 @@ class CodeplanApp(Litestar):
     """Litestar, with the coding tools' hot HTTP paths (`bridge.app.HOT_ROUTES`, matched exactly)
     dispatched before its router: those handlers are raw ASGI and use nothing of Litestar's, so
     they skip its per-request objects and layers (scope state, routing, two exception layers,
-    the middleware stack): ~10% of the bridge's CPU per request (bench/PROFILE.md). What those
-    layers did for them is done here: the throttle gate first, then the handler, and an
+    the middleware stack): ~9-10% of the bridge's busy samples in py-spy (bench/PROFILE.md).
+    What those layers did for them is done here: the throttle gate first, then the handler, and an
     exception answered by the same exception handlers as any route's. Every other request (a
     trailing slash, WebSocket upgrades, the web page, the APIs) goes through Litestar as before."""
 
