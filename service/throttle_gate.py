@@ -35,9 +35,11 @@ async def refused(scope: dict, send: Any, gated: frozenset[str], throttle: Calla
     calling_client.set(address)
     if scope["type"] not in ("http", "websocket") or scope["path"] not in gated:
         return False
-    key = api_key(scope["headers"])
     gate = throttle(scope)
-    wait = gate.retry_after(address, keys.key_hash(key)) if key and gate.watching(address) else None
+    if not gate.watching(address):
+        return False  # nearly always: no need to find the key, let alone hash it
+    key = api_key(scope["headers"])
+    wait = gate.retry_after(address, keys.key_hash(key)) if key else None
     if wait is None:
         return False
     started = time.monotonic()
