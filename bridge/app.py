@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from typing import Awaitable, Callable
 
 import msgspec
 from litestar import Request, Response, Router, asgi, get, head, post, route
@@ -53,20 +54,28 @@ CHAT_PATHS = ["/v1/chat/completions", "/chat/completions",
               "/api/coding/paas/v4/chat/completions", "/api/paas/v4/chat/completions"]
 
 
-@asgi(CHAT_PATHS, copy_scope=False)
-async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+async def serve_chat(scope: Scope, receive: Receive, send: Send) -> None:
     app = scope["app"]
     await serve(app.state.journey, _chat, scope, receive, send, app.state.max_body)
+
+
+@asgi(CHAT_PATHS, copy_scope=False)
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    await serve_chat(scope, receive, send)
 
 
 # Claude Code appends /v1/messages to ANTHROPIC_BASE_URL; Z.ai-style bases end in /api/anthropic
 MESSAGES_PATHS = ["/v1/messages", "/messages", "/api/anthropic/v1/messages"]
 
 
-@asgi(MESSAGES_PATHS, copy_scope=False)
-async def messages(scope: Scope, receive: Receive, send: Send) -> None:
+async def serve_messages(scope: Scope, receive: Receive, send: Send) -> None:
     app = scope["app"]
     await serve(app.state.journey, _messages, scope, receive, send, app.state.max_body)
+
+
+@asgi(MESSAGES_PATHS, copy_scope=False)
+async def messages(scope: Scope, receive: Receive, send: Send) -> None:
+    await serve_messages(scope, receive, send)
 
 
 class InputTokens(msgspec.Struct):
@@ -118,9 +127,20 @@ async def create_response(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "websocket":
         await response_socket(WebSocket(scope, receive, send))
         return
+    await serve_responses(scope, receive, send)
+
+
+async def serve_responses(scope: Scope, receive: Receive, send: Send) -> None:
     app = scope["app"]
     # a surface per request: its translator needs what the request said
     await serve(app.state.journey, responses.ResponsesSurface(), scope, receive, send, app.state.max_body)
+
+
+# The hot HTTP paths and their raw ASGI handlers, for an application that dispatches them before
+# its framework's router (service/app.py): the same handlers the routes above call.
+HOT_ROUTES: dict[str, Callable[[Scope, Receive, Send], Awaitable[None]]] = {
+    **dict.fromkeys(CHAT_PATHS, serve_chat), **dict.fromkeys(MESSAGES_PATHS, serve_messages),
+    **dict.fromkeys(RESPONSES_PATHS, serve_responses)}
 
 
 def _openai_error(error: BridgeError, status: int | None = None) -> Response:

@@ -57,16 +57,20 @@ def chunks(decoder: sse.SSEDecoder, data: bytes, on_done=None) -> list[wire.Chun
 
 
 class Flight:
-    __slots__ = ("entry", "principal", "surface", "model", "shown_model", "prompt_estimate",
+    __slots__ = ("entry", "entry_text", "entry_hex", "principal", "surface", "model", "shown_model",
+                 "prompt_estimate",
                  "raw_prompt", "kind", "meter", "decoder", "response", "accepted", "status",
                  "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at",
-                 "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap")
+                 "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap", "_born")
 
     def __init__(self, flights: "Flights", *, entry: uuid.UUID, principal: Principal, surface: str,
                  model: str, shown_model: str, prompt_estimate: int, raw_prompt: int, kind: str,
-                 started: float) -> None:
+                 started: float, entry_text: str | None = None) -> None:
         self._flights = flights
         self.entry = entry
+        # its text forms, made once: the upstream's request id, headers, logs, ids in the answer
+        self.entry_text = entry_text or str(entry)
+        self.entry_hex = self.entry_text.replace("-", "")
         self.principal = principal
         self.surface = surface
         self.model = model
@@ -89,11 +93,16 @@ class Flight:
         self._ended = False
         self._draining = False
         loop = asyncio.get_running_loop()
-        # timers, not tasks: most requests end long before either fires
-        self._keeper: asyncio.TimerHandle | None = loop.call_later(
-            flights.settings.heartbeat_interval, self._beat)
-        self._cap: asyncio.TimerHandle | None = loop.call_later(
-            flights.settings.max_request_seconds, self._overdue)
+        # timers, not tasks: most requests end long before either fires. The cap's timer is set
+        # at the first beat (for the same moment), so a request shorter than a beat sets one
+        # timer, not two; unless the cap comes first.
+        settings = flights.settings
+        self._born = loop.time()
+        self._keeper: asyncio.TimerHandle | None = loop.call_at(
+            self._born + settings.heartbeat_interval, self._beat)
+        self._cap: asyncio.TimerHandle | None = loop.call_at(
+            self._born + settings.max_request_seconds, self._overdue) \
+            if settings.max_request_seconds <= settings.heartbeat_interval else None
         flights.live.add(self)
 
     # ---- what happened ---------------------------------------------------------------------
@@ -217,6 +226,9 @@ class Flight:
     def _beat(self) -> None:
         self._keeper = None
         if not self._ended:
+            if self._cap is None:  # the first beat: the cap's timer, for its moment from the start
+                self._cap = asyncio.get_running_loop().call_at(
+                    self._born + self._flights.settings.max_request_seconds, self._overdue)
             self._flights.spawn(self._heartbeat())
 
     async def _heartbeat(self) -> None:
@@ -226,7 +238,7 @@ class Flight:
             if await self._flights.ledger.heartbeat(self.entry, self.meter.delivered_tokens()):
                 self.lease_deadline = time.monotonic() + self._flights.settings.reservation_lease
         except Exception as exc:  # noqa: BLE001 - logged; the next beat tries again
-            log.warning("heartbeat failed", extra={"entry": str(self.entry), "error": type(exc).__name__})
+            log.warning("heartbeat failed", extra={"entry": self.entry_text, "error": type(exc).__name__})
         finally:
             if not self._ended:
                 self._keeper = asyncio.get_running_loop().call_later(
@@ -235,7 +247,7 @@ class Flight:
     def _overdue(self) -> None:
         self._cap = None
         log.warning("request passed its lifetime cap; settling and closing it",
-                    extra={"entry": str(self.entry), "seconds": self._flights.settings.max_request_seconds})
+                    extra={"entry": self.entry_text, "seconds": self._flights.settings.max_request_seconds})
         self.end("lifetime cap reached")
 
 
@@ -318,8 +330,10 @@ class Flights:
         if billed is not None and settlement.state != "voided":
             c = settlement.counts
             metrics.usage(flight.model, c.prompt_tokens, c.cached_tokens, c.completion_tokens, billed)
+        if not access.isEnabledFor(logging.INFO):
+            return  # the line's fields are not even gathered
         access.info("request", extra={
-            "request_id": str(flight.entry), "surface": flight.surface, "model": flight.model,
+            "request_id": flight.entry_text, "surface": flight.surface, "model": flight.model,
             "status": flight.status, "account_id": flight.principal.account_id,
             "prompt_tokens": settlement.counts.prompt_tokens,
             "completion_tokens": settlement.counts.completion_tokens,

@@ -200,6 +200,7 @@ class Journey:
         request.max_tokens = min(max_tokens or model.max_output, model.max_output,
                                  model.context_window - prompt)
         entry = uuid.uuid4()
+        entry_text = str(entry)
         assert principal.subscription_id is not None
         # held: the proven worst case, so no window can pass its allowance whatever the text
         held = max(count.bound, prompt) + request.max_tokens
@@ -215,7 +216,7 @@ class Journey:
         forwarded: float | None = None
         if room is not None and room >= 2 * held:
             forwarded = time.monotonic()
-            opening = asyncio.ensure_future(self._upstream.open(request, str(entry), principal.account_id))
+            opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
         try:
             admission = await self._ledger.admit(reservation)
         except BaseException as exc:
@@ -231,10 +232,10 @@ class Journey:
             raise self._refusal(admission)
         flight = Flight(self.flights, entry=entry, principal=principal, surface=surface.name,
                         model=model.id, shown_model=shown_model, prompt_estimate=prompt,
-                        raw_prompt=count.raw, kind=count.kind, started=started)
+                        raw_prompt=count.raw, kind=count.kind, started=started, entry_text=entry_text)
         if opening is None:
             forwarded = time.monotonic()
-            opening = asyncio.ensure_future(self._upstream.open(request, str(entry), principal.account_id))
+            opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
         flight.forwarded = forwarded
         # whenever the upstream's response arrives, it belongs to the flight
         opening.add_done_callback(_attach_when_open(flight))
@@ -307,9 +308,9 @@ class Journey:
             return self._broken(surface, flight, outcome.error.code or "broken", outcome.error)
         usage = flight.meter.completed_usage() or self._unreported(flight)
         flight.end("complete")
-        return Reply(status=200, headers={"x-request-id": str(flight.entry)},
+        return Reply(status=200, headers={"x-request-id": flight.entry_text},
                      body=surface.complete(glm.Answer(events), outcome.reason or glm.STOP,
-                                           flight.shown_model, flight.entry.hex, usage))
+                                           flight.shown_model, flight.entry_hex, usage))
 
     def _broken(self, surface: Surface, flight: Flight, cause: str,
                 error: BridgeError | None = None) -> Reply:
@@ -330,9 +331,9 @@ class Journey:
                 flight.status = error.status
                 flight.end(f"upstream refused: {error.kind.value}")
                 return self._error(surface, error)
-        translator = surface.stream(flight.shown_model, flight.entry.hex, flight.prompt_estimate)
+        translator = surface.stream(flight.shown_model, flight.entry_hex, flight.prompt_estimate)
         return Reply(status=200, media_type=translator.content_type,
-                     headers={"cache-control": "no-cache", "x-request-id": str(flight.entry)},
+                     headers={"cache-control": "no-cache", "x-request-id": flight.entry_text},
                      stream=self._relay(translator, flight, opening))
 
     async def _relay(self, translator: StreamTranslator, flight: Flight,
@@ -382,7 +383,7 @@ class Journey:
                         yield piece
             except (aiohttp.ClientError, OSError, _UpstreamSilent) as exc:
                 log.warning("upstream died mid-stream", extra={
-                    "entry": str(flight.entry), "upstream": _upstream_name(flight, self._upstream),
+                    "entry": flight.entry_text, "upstream": _upstream_name(flight, self._upstream),
                     "error": type(exc).__name__})
                 flight.end("upstream died mid-stream")
                 yield translator.fail(BridgeError(
@@ -427,12 +428,12 @@ class Journey:
         """A complete answer without usage (an upstream that sends it only when asked, and was
         not, or never): the client gets a whole answer; billing uses the estimate."""
         log.warning("upstream ended a complete answer without usage; billing the estimate",
-                    extra={"entry": str(flight.entry), "upstream": _upstream_name(flight, self._upstream)})
+                    extra={"entry": flight.entry_text, "upstream": _upstream_name(flight, self._upstream)})
         return flight.estimated_usage()
 
     @staticmethod
     def _call_prefix(flight: Flight) -> str:
-        return f"call_{flight.entry.hex[:12]}_"
+        return f"call_{flight.entry_hex[:12]}_"
 
     # ---- plumbing --------------------------------------------------------------------------
 

@@ -17,9 +17,9 @@ Two numbers per prompt:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import math
-import statistics
 from collections import OrderedDict
 
 import msgspec
@@ -30,6 +30,7 @@ from . import tokens, wire
 # prompt does not stall every other stream on the event loop.
 _OFFLOAD_CHARS = 32_000
 _CACHE_MIN_CHARS = 256
+_SHORT_CAPACITY = 4096
 
 BOUND_PER_REQUEST = 16
 BOUND_PER_MESSAGE = 32
@@ -64,6 +65,10 @@ class PromptEstimator:
     def __init__(self, capacity: int = 20_000) -> None:
         self._cache: OrderedDict[tuple[int, int], int] = OrderedDict()
         self._capacity = capacity
+        # short pieces (a system prompt's lines, "Say hello.", a tool's name) recur in every
+        # request of a conversation: kept by their text (at most _SHORT_CAPACITY x 256 chars),
+        # so no collision can skew them, and evicted all at once when full (no LRU upkeep)
+        self._short: dict[str, int] = {}
         tokens.encoding()  # load the ranks at start-up, not on the first request
 
     async def count_request(self, request: wire.ChatRequest) -> PromptCount:
@@ -96,7 +101,13 @@ class PromptEstimator:
         todo: list[str] = []
         for piece in pieces:
             if len(piece) < _CACHE_MIN_CHARS:
-                total += tokens.count(piece)
+                n = self._short.get(piece)
+                if n is None:
+                    n = tokens.count(piece)
+                    if len(self._short) >= _SHORT_CAPACITY:
+                        self._short.clear()
+                    self._short[piece] = n
+                total += n
                 continue
             key = (len(piece), hash(piece))
             cached = self._cache.get(key)
@@ -134,6 +145,10 @@ class Calibration:
 
     def __init__(self) -> None:
         self._samples: dict[tuple[str, str], collections.deque[tuple[int, float]]] = {}
+        # per model and kind: the samples' ratios kept sorted, and each account's count of
+        # samples, so an observation costs a bisection, not a scan and a sort of all of them
+        self._sorted: dict[tuple[str, str], list[float]] = {}
+        self._held: dict[tuple[str, str], dict[int, int]] = {}
         self._ratio: dict[tuple[str, str], float] = {}
         self._error: dict[tuple[str, str], tuple[int, float]] = {}
 
@@ -149,13 +164,34 @@ class Calibration:
         key = (model, kind)
         n, error = self._error.get(key, (0, 0.0))
         self._error[key] = (n + 1, error + abs(self.correct(model, kind, raw) - reported) / reported)
-        samples = self._samples.setdefault(key, collections.deque(maxlen=self.SAMPLES))
-        mine = [i for i, (account, _) in enumerate(samples) if account == account_id]
-        if len(mine) >= self.PER_ACCOUNT:
-            del samples[mine[0]]  # this account's oldest gives way, not another tenant's
-        samples.append((account_id, reported / raw))
-        ratio = statistics.median(r for _, r in samples)
+        samples = self._samples.get(key)
+        if samples is None:
+            samples = self._samples[key] = collections.deque(maxlen=self.SAMPLES)
+            self._sorted[key], self._held[key] = [], {}
+        ordered, held = self._sorted[key], self._held[key]
+        if held.get(account_id, 0) >= self.PER_ACCOUNT:
+            # this account's oldest gives way, not another tenant's
+            i = next(i for i, (account, _) in enumerate(samples) if account == account_id)
+            self._forget(ordered, held, samples[i])
+            del samples[i]
+        elif len(samples) == self.SAMPLES:
+            self._forget(ordered, held, samples[0])  # the deque drops it on the append below
+        sample = reported / raw
+        samples.append((account_id, sample))
+        bisect.insort(ordered, sample)
+        held[account_id] = held.get(account_id, 0) + 1
+        n = len(ordered)
+        ratio = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
         self._ratio[key] = min(max(ratio, self.MIN_RATIO), self.MAX_RATIO)
+
+    @staticmethod
+    def _forget(ordered: list[float], held: dict[int, int], sample: tuple[int, float]) -> None:
+        account, ratio = sample
+        del ordered[bisect.bisect_left(ordered, ratio)]
+        if held[account] == 1:
+            del held[account]
+        else:
+            held[account] -= 1
 
     def report(self) -> dict[str, dict[str, float]]:
         """Per model and kind: samples, current ratio, mean absolute relative error."""

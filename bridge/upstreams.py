@@ -269,6 +269,8 @@ class Profile:
         n = len(keys)
         if not n:
             return []
+        if n == 1:
+            return keys
         turn = self._turn
         self._turn = (turn + 1) % n
         return sorted(keys, key=lambda k: (k.lease_id in tried, k.cooling(now), k.in_flight,
@@ -393,6 +395,8 @@ class Router:
     def _pick(self, candidates: list[Profile], tried: set[str], now: float) -> Profile | None:
         """Weighted at random among profiles with an untried healthy key; then untried keys
         that are cooling; then anything (a retry on the same key beats none)."""
+        if len(candidates) == 1:
+            return candidates[0]  # the usual case; the last rule below takes it whatever its keys
         for usable in (lambda p: any(k.lease_id not in tried and not k.cooling(now) for k in p.live_keys()),
                        lambda p: any(k.lease_id not in tried for k in p.live_keys()),
                        lambda p: True):

@@ -100,7 +100,10 @@ class Authenticator:
     async def authenticate(self, key: str) -> Principal | None:
         if not key:
             return None
-        digest = keys.key_hash(key)
+        return await self.authenticate_digest(keys.key_hash(key))
+
+    async def authenticate_digest(self, digest: bytes) -> Principal | None:
+        """`authenticate` for a key already hashed (`keys.key_hash`) by the caller."""
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:

@@ -27,6 +27,7 @@ from .config import Config, model_catalog, peak_window, upstream_profiles
 from .ledger import Ledger
 from .metrics import PrometheusMetrics
 from .throttle import AuthThrottle, GuardedAuthenticator, Throttled
+from .throttle_gate import refused as throttle_refused
 from .throttle_gate import throttle_gate
 from .upstream_store import PgKeyLeases, UpstreamStore
 from .web import Web, error_page, wants_html
@@ -80,6 +81,64 @@ def _unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return _shaped(request, HTTP_500_INTERNAL_SERVER_ERROR,
                    "The service failed unexpectedly; the failure was logged.")
+
+
+class _Watched:
+    """An ASGI `send` that notes whether the response has started (an exception after that can
+    no longer be answered). A plain callable, not a coroutine: no frame per message."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send) -> None:
+        self.send = send
+        self.started = False
+
+    def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.started = True
+        return self.send(message)
+
+
+class CodeplanApp(Litestar):
+    """Litestar, with the coding tools' hot HTTP paths (`bridge.app.HOT_ROUTES`, matched exactly)
+    dispatched before its router: those handlers are raw ASGI and use nothing of Litestar's, so
+    they skip its per-request objects and layers (scope state, routing, two exception layers,
+    the middleware stack): ~9-10% of the bridge's busy samples in py-spy (bench/PROFILE.md).
+    What those layers did for them is done here: the throttle gate first, then the handler, and an
+    exception answered by the same exception handlers as any route's. Every other request (a
+    trailing slash, WebSocket upgrades, the web page, the APIs) goes through Litestar as before."""
+
+    def hot_routes(self, routes: dict, gated: frozenset[str], throttle, handlers: dict) -> None:
+        self._hot = routes
+        self._gated = gated
+        self._throttle = throttle
+        self._handlers = handlers
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            handler = self._hot.get(scope["path"])
+            if handler is not None:
+                scope["app"] = scope["litestar_app"] = self
+                if await throttle_refused(scope, send, self._gated, self._throttle):
+                    return
+                watched = _Watched(send)
+                try:
+                    await handler(scope, receive, watched)
+                except Exception as exc:
+                    if watched.started:
+                        raise
+                    await self._answer(scope, receive, send, exc)
+                return
+        await super().__call__(scope, receive, send)
+
+    async def _answer(self, scope, receive, send, exc: Exception) -> None:
+        """An exception from a hot handler, answered by the handler Litestar would pick (the
+        closest class in the exception's MRO)."""
+        scope.setdefault("state", {})
+        request = self.request_class(scope=scope, receive=receive, send=send)
+        on_error = next(self._handlers[kind] for kind in type(exc).__mro__ if kind in self._handlers)
+        response = on_error(request, exc)
+        await response.to_asgi_response(app=None, request=request)(scope, receive, send)
 
 
 async def _sweeper(ledger: Ledger, interval: float) -> None:
@@ -196,7 +255,12 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
     gated = [*bridge_app.CHAT_PATHS, *bridge_app.MESSAGES_PATHS,
              *(p + "/count_tokens" for p in bridge_app.MESSAGES_PATHS), *bridge_app.RESPONSES_PATHS,
              *bridge_app.MODELS_PATHS]
-    return Litestar(
+    handlers = {HTTPException: _http_exception, Throttled: _throttled,
+                **{kind: _database_away for kind in db.UNAVAILABLE},
+                asyncpg.exceptions.CharacterNotInRepertoireError: _unstorable_text,
+                Exception: _unexpected}
+    throttle = lambda scope: scope["app"].state.auth.throttle  # noqa: E731
+    app = CodeplanApp(
         # the OpenAPI schema documents the service's own JSON API; the coding tools' protocols
         # and the web page are not part of it (service/openapi.py)
         route_handlers=[Router(path="/", route_handlers=[bridge_app.router, *web.route_handlers],
@@ -205,17 +269,16 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
                         ops.healthz, ops.readyz, metrics.metrics],
         template_config=web.templates,
         lifespan=[lifespan],
-        middleware=[throttle_gate(gated, lambda scope: scope["app"].state.auth.throttle)],
-        exception_handlers={HTTPException: _http_exception, Throttled: _throttled,
-                            **{kind: _database_away for kind in db.UNAVAILABLE},
-                            asyncpg.exceptions.CharacterNotInRepertoireError: _unstorable_text,
-                            Exception: _unexpected},
+        middleware=[throttle_gate(gated, throttle)],
+        exception_handlers=handlers,
         # the HTTP server refuses bodies over CODEPLAN_MAX_BODY_BYTES first; this is the last line
         request_max_body_size=config.max_body_bytes + 1024,
         openapi_config=openapi.CONFIG,
         logging_config=None,
         debug=False,
     )
+    app.hot_routes(bridge_app.HOT_ROUTES, frozenset(gated), throttle, handlers)
+    return app
 
 
 def _health_log(profile: str, key: str, healthy: bool, error: str | None) -> None:

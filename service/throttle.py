@@ -89,6 +89,11 @@ class AuthThrottle:
         self.cached_unknown += 1
         return True
 
+    def watching(self, client: str | None) -> bool:
+        """Whether `retry_after` could refuse `client` at all: callers skip hashing its key when
+        not (nearly always: no address has failed lately)."""
+        return self.limit > 0 and client is not None and bool(self._failures)
+
     def retry_after(self, client: str | None, digest: bytes) -> float | None:
         """Seconds `client` must wait before looking up `digest`; None when it may now."""
         if self.limit <= 0 or client is None or not self._failures or digest in self._valid:
@@ -159,7 +164,9 @@ class GuardedAuthenticator:
             wait = throttle.retry_after(client, digest)
             if wait is not None:
                 raise Throttled(wait)
-        principal = await self.inner.authenticate(key)
+        # the inner authenticator takes the hash made here when it can (one SHA-256 a request)
+        by_digest = getattr(self.inner, "authenticate_digest", None)
+        principal = await (by_digest(digest) if by_digest is not None else self.inner.authenticate(key))
         if principal is None:
             throttle.failed(client if client is not None else calling_client.get(), digest)
         else:

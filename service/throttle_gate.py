@@ -27,41 +27,51 @@ from .throttle import AuthThrottle, calling_client
 access = logging.getLogger("codeplan.access")
 
 
+async def refused(scope: dict, send: Any, gated: frozenset[str], throttle: Callable[[Any], AuthThrottle]) -> bool:
+    """Record the client's address for the request; on a gated path, answer an address past its
+    limit (429, or a refused WebSocket upgrade) and return True: the request goes no further."""
+    client = scope.get("client")
+    address = client[0] if client else None
+    calling_client.set(address)
+    if scope["type"] not in ("http", "websocket") or scope["path"] not in gated:
+        return False
+    gate = throttle(scope)
+    if not gate.watching(address):
+        return False  # nearly always: no need to find the key, let alone hash it
+    key = api_key(scope["headers"])
+    wait = gate.retry_after(address, keys.key_hash(key)) if key else None
+    if wait is None:
+        return False
+    started = time.monotonic()
+    seconds = str(max(1, int(wait + 0.999)))
+    if scope["type"] == "websocket":
+        # refused before the upgrade is accepted: the client sees an HTTP 403
+        await send({"type": "websocket.close", "code": 1008})
+        return True
+    answer = shapes.render(scope["path"], 429, "Too many requests with unknown API keys from "
+                           f"your address; retry in {seconds} s.", "rate_limit_exceeded")
+    await send({"type": "http.response.start", "status": answer.status, "headers": [
+        (b"content-type", answer.content_type.encode()),
+        (b"content-length", str(len(answer.body)).encode()),
+        (b"retry-after", seconds.encode()), (b"x-should-retry", b"true")]})
+    await send({"type": "http.response.body", "body": answer.body})
+    access.info("request", extra={
+        "request_id": None, "surface": None, "path": scope["path"], "model": None, "status": 429,
+        "account_id": None, "prompt_tokens": 0, "completion_tokens": 0, "billed": 0,
+        "overhead_ms": round((time.monotonic() - started) * 1000, 2), "upstream_ms": 0.0,
+        "outcome": "refused: authentication throttled"})
+    return True
+
+
 def throttle_gate(paths: Iterable[str], throttle: Callable[[Any], AuthThrottle]):
-    """Litestar middleware; `throttle(scope)` finds the throttle (built in the app's lifespan)."""
+    """Litestar middleware; `throttle(scope)` finds the throttle (built in the app's lifespan).
+    The bridge's hot routes bypass Litestar (service/app.py) and call `refused` themselves."""
     gated = frozenset(paths)
 
     def middleware(app: Any) -> Any:
         async def gate(scope: dict, receive: Any, send: Any) -> None:
-            client = scope.get("client")
-            address = client[0] if client else None
-            calling_client.set(address)
-            if scope["type"] not in ("http", "websocket") or scope["path"] not in gated:
+            if not await refused(scope, send, gated, throttle):
                 await app(scope, receive, send)
-                return
-            key = api_key(scope["headers"])
-            wait = throttle(scope).retry_after(address, keys.key_hash(key)) if key else None
-            if wait is None:
-                await app(scope, receive, send)
-                return
-            started = time.monotonic()
-            seconds = str(max(1, int(wait + 0.999)))
-            if scope["type"] == "websocket":
-                # refused before the upgrade is accepted: the client sees an HTTP 403
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            answer = shapes.render(scope["path"], 429, "Too many requests with unknown API keys from "
-                                   f"your address; retry in {seconds} s.", "rate_limit_exceeded")
-            await send({"type": "http.response.start", "status": answer.status, "headers": [
-                (b"content-type", answer.content_type.encode()),
-                (b"content-length", str(len(answer.body)).encode()),
-                (b"retry-after", seconds.encode()), (b"x-should-retry", b"true")]})
-            await send({"type": "http.response.body", "body": answer.body})
-            access.info("request", extra={
-                "request_id": None, "surface": None, "path": scope["path"], "model": None, "status": 429,
-                "account_id": None, "prompt_tokens": 0, "completion_tokens": 0, "billed": 0,
-                "overhead_ms": round((time.monotonic() - started) * 1000, 2), "upstream_ms": 0.0,
-                "outcome": "refused: authentication throttled"})
         return gate
 
     return middleware
