@@ -8,7 +8,7 @@ client fleet reconnecting), the process would hold their peak for good. Measured
 idle streams (bench): trimming once they were settled gave back ~30 MB of ~165 MB; the rest is
 pymalloc arenas that a few live objects each keep (bench/PROFILE.md, "Memory").
 
-`trim_after_bursts` watches the work in flight and trims once it has fallen by `threshold`
+`trim_after_bursts` watches the work in flight (every half second) and trims once it has fallen by `threshold`
 since its last peak: a few milliseconds, only after a burst has ended, never per request.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def malloc_trim() -> Callable[[int], int] | None:
 
 
 async def trim_after_bursts(in_flight: Callable[[], int], threshold: int = 1000,
-                            interval: float = 1.0) -> None:
+                            interval: float = 0.5) -> None:
     trim = malloc_trim()
     if trim is None:
         return
