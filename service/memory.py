@@ -5,8 +5,8 @@ bytes into pymalloc's 1 MiB arenas (given back only when an arena is wholly empt
 ones (dict tables, deques, buffers) into glibc's heap, which keeps free pages below its top
 until asked with `malloc_trim`. So after thousands of streams close at once (a load test, a
 client fleet reconnecting), the process would hold their peak for good. Measured over 5,000
-idle streams (bench): trimming once they were settled gave back ~30 MB of ~165 MB; the rest is
-pymalloc arenas that a few live objects each keep (bench/PROFILE.md, "Memory").
+idle streams (bench): trimming once they were settled took RSS from ~293 to ~250 MB; the rest
+is pymalloc arenas that a few live objects each keep (bench/PROFILE.md, "Memory").
 
 `trim_after_bursts` watches the work in flight (every half second) and trims once it has fallen by `threshold`
 since its last peak: a few milliseconds, only after a burst has ended, never per request.
