@@ -13,15 +13,17 @@
 --   2. the subscriptions and their plans, read under their mutexes (a plan change commits before,
 --      or waits and then moves the windows this opens too: no re-read when a window opens);
 --   3. every window the batch may move, locked in id order: each subscription's newest 5-hour
---      and weekly windows (by index, LIMIT 1) and its live top-up and overage windows; the
---      weekly windows that must open are inserted together;
+--      and weekly windows (by index, LIMIT 1: 0031 read every 5-hour window the subscription
+--      ever had to find the newest, one more each 5 hours) and its live top-up and overage
+--      windows; the weekly windows that must open are inserted together;
 --   4. the arithmetic, per request in arrival order within its subscription, in PL/pgSQL arrays
 --      (as 0031: plan windows first, then one extra window, top-ups soonest to expire first, then
 --      this billing period's overage window, made when a request first needs it);
 --   5. the new 5-hour windows in one insert, the windows' holds in one update, the flight counts
 --      in one update, the entries in one insert.
 -- Outcomes, figures and room are 0031's exactly; the tests of the ledger, money safety and
--- billing hold them.
+-- billing hold them. It plans like the other ledger functions (0037, 0038): generic plans, and
+-- no sequential scan of a table that grows.
 CREATE OR REPLACE FUNCTION ledger_admit_batch(
     p_ids uuid[], p_subscription_ids bigint[], p_api_key_ids bigint[], p_surfaces text[],
     p_models text[], p_prompt_estimates integer[], p_reserves bigint[], p_helds bigint[],
