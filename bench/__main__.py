@@ -100,10 +100,11 @@ def rss_kb(pid: int) -> int:
 
 
 class Process:
-    def __init__(self, args: list[str], env: dict[str, str], cpu: int | str, port: int, ready: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], cpu: int | str, port: int, ready: str,
+                 cwd: Path = ROOT) -> None:
         self.port = port
         self.log = tempfile.NamedTemporaryFile(prefix="codeplan-bench-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(["taskset", "-c", str(cpu)] + args, env=env, cwd=ROOT,
+        self.proc = subprocess.Popen(["taskset", "-c", str(cpu)] + args, env=env, cwd=cwd,
                                      stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -128,6 +129,46 @@ class Process:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def start_database(work: Path, users: int) -> tuple[str, Path, list[str]]:
+    """The embedded PostgreSQL in `work` with a migrated `bench` database, a plan nothing
+    exhausts, and `users` accounts with a key each: (the database's URL, its data directory,
+    the keys)."""
+    pg = pgembed.start(work, delete_on_exit=True)
+    base, _, query = pg.partition("?")
+    url = base.rsplit("/", 1)[0] + "/bench" + ("?" + query if query else "")
+
+    async def prepare() -> list[str]:
+        conn = await asyncpg.connect(pg)
+        await conn.execute("DROP DATABASE IF EXISTS bench")
+        await conn.execute("CREATE DATABASE bench")
+        await conn.close()
+        await db.migrate(url)
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(
+                "INSERT INTO plans (id, name, window_tokens, weekly_tokens, monthly_price_cents, models)"
+                " VALUES ('bench', 'Bench', 1e15, 1e16, 0, ARRAY['glm-4.6'])")
+            return [(await accounts.create_user(conn, f"bench{i}@example.com", "bench")).key
+                    for i in range(users)]
+        finally:
+            await conn.close()
+    return url, work / "pgdata", asyncio.run(prepare())
+
+
+def base_env() -> dict[str, str]:
+    """This environment without Codeplan's settings, quiet logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
+    env.update(CODEPLAN_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    return env
+
+
+def server_env(env: dict[str, str], url: str, port: int, sim_port: int) -> dict[str, str]:
+    """`codeplan run` on `port`, its ledger in `url`, forwarding to the simulator on `sim_port`."""
+    return {**env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(port),
+            "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
+            "CODEPLAN_UPSTREAM_KEYS": "bench"}
 
 
 def wrk(port: int, path: str, key: str, body: dict, connections: int, seconds: int) -> dict:
@@ -279,35 +320,22 @@ def main() -> int:
     bench_started = time.monotonic()
 
     work = Path(tempfile.mkdtemp(prefix="codeplan-bench-"))
-    pg = pgembed.start(work, delete_on_exit=True)
-    pgdata = work / "pgdata"
-    base, _, query = pg.partition("?")
-    url = base.rsplit("/", 1)[0] + "/bench" + ("?" + query if query else "")
+    url, pgdata, keys = start_database(work, 1000)
 
-    async def prepare():
-        conn = await asyncpg.connect(pg)
-        await conn.execute("DROP DATABASE IF EXISTS bench")
-        await conn.execute("CREATE DATABASE bench")
-        await conn.close()
-        await db.migrate(url)
+    async def first_subscriptions() -> list[tuple[int, int]]:
         conn = await asyncpg.connect(url)
         try:
-            await conn.execute(
-                "INSERT INTO plans (id, name, window_tokens, weekly_tokens, monthly_price_cents, models)"
-                " VALUES ('bench', 'Bench', 1e15, 1e16, 0, ARRAY['glm-4.6'])")
-            users = [await accounts.create_user(conn, f"bench{i}@example.com", "bench") for i in range(1000)]
             rows = await conn.fetch("SELECT s.id AS sub, k.id AS key FROM subscriptions s JOIN api_keys k"
                                     " ON k.account_id = s.account_id ORDER BY s.id LIMIT 32")
-            return [u.key for u in users], [(r["sub"], r["key"]) for r in rows]
+            return [(r["sub"], r["key"]) for r in rows]
         finally:
             await conn.close()
-    keys, subscriptions = asyncio.run(prepare())
+    subscriptions = asyncio.run(first_subscriptions())
     one_key = keys[0]
     many_keys = ",".join(keys)  # wrk takes the next key for every request
     deadlocks_before = pg_log_count(pgdata, "deadlock detected", "lock timeout")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
-    env.update(CODEPLAN_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    env = base_env()
     sim_port, bridge_port = free_port(), free_port()
     results: dict[str, object] = {}
     simulator = bridge = None
@@ -327,10 +355,8 @@ def main() -> int:
         # now the bridge gets the core, and the simulator moves next to the load generator
         simulator = Process([sys.executable, "-m", "service.cli", "simulate", "--port", str(sim_port)],
                             env, LOAD_CPU, sim_port, "/")
-        bridge = Process([sys.executable, "-m", "service.cli", "run"], {
-            **env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(bridge_port),
-            "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
-            "CODEPLAN_UPSTREAM_KEYS": "bench"}, SERVER_CPU, bridge_port, "/healthz")
+        bridge = Process([sys.executable, "-m", "service.cli", "run"], server_env(env, url, bridge_port, sim_port),
+                         SERVER_CPU, bridge_port, "/healthz")
         path = "/v1/chat/completions"
         wrk(bridge_port, path, one_key, BODY, 16, 1)  # warm-up
         via: dict[str, dict] = {}
@@ -354,10 +380,9 @@ def main() -> int:
         scaling: dict[str, dict] = {}
         for n in (1, 2):
             port = free_port()
-            server = Process([sys.executable, "-m", "service.cli", "run", "--workers", str(n)], {
-                **env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(port),
-                "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
-                "CODEPLAN_UPSTREAM_KEYS": "bench"}, ",".join(map(str, sorted(CPUS))), port, "/healthz")
+            server = Process([sys.executable, "-m", "service.cli", "run", "--workers", str(n)],
+                             server_env(env, url, port, sim_port), ",".join(map(str, sorted(CPUS))), port,
+                             "/healthz")
             try:
                 wrk(port, path, one_key, BODY, 16, 1)  # warm-up, every worker
                 cpu0, pg0 = tree_cpu_seconds(server.pid), pg_cpu_seconds(pgdata)

