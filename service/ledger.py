@@ -5,8 +5,8 @@
             --sweep-> expired     the process that held it died; settled at what it can prove
 
 Every transition is one call of a guarded SQL function (rules: migrations/0005; the current
-version, with credits, top-ups and overage: migrations/0031) in one transaction,
-so a replay or a race between two settlers applies it at most once; each takes its locks in one
+version, with credits, top-ups and overage: migrations/0031, settlement's from 0038 and
+admission's from 0039) in one transaction, so a replay or a race between two settlers applies it at most once; each takes its locks in one
 order (the subscription's flight row, the entry, the windows by id). Under load, transitions
 that arrive while one call is in flight share the next call (migrations/0004).
 """
@@ -146,7 +146,7 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
 
 
 class Ledger:
-    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031 and 0032."""
+    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038 and 0039."""
 
     def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, linger: float = 0.01) -> None:
         self._pool = pool
