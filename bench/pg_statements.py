@@ -54,9 +54,8 @@ def main() -> int:
     bench.raise_fd_limit()
     os.sched_setaffinity(0, {bench.LOAD_CPU})
     work = Path(tempfile.mkdtemp(prefix="codeplan-pgstat-"))
-    os.chmod(work, 0o777)  # the server writes its log here
     url, pgdata, keys = bench.start_database(work, 1000 if args.many_keys else 1)
-    log = work / "postgresql.log"
+    log = pgdata / "restarted.log"  # where the server may write; gone with the data directory
     settings = ("\nshared_preload_libraries = 'pg_stat_statements'\npg_stat_statements.track = 'all'\n"
                 "track_functions = 'all'\n")
     if args.explain is not None:
