@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import random
 
 import asyncpg
 import msgspec
@@ -21,7 +20,7 @@ import stripe
 
 from ..config import Config
 from . import wire
-from .stripe_api import StripeAPI, describe
+from .stripe_api import StripeAPI, describe, retry_delay
 
 log = logging.getLogger("codeplan.billing")
 
@@ -77,7 +76,7 @@ class EventApplier:
                 error = describe(exc) if isinstance(exc, stripe.StripeError) else type(exc).__name__
                 if not isinstance(exc, (stripe.StripeError, asyncpg.PostgresError, OSError)):
                     log.error("stripe event raised", exc_info=exc, extra={"event": event.id})
-                delay = min(self._retry_base * 2 ** row["attempts"], 3600.0) * random.uniform(0.75, 1.25)
+                delay = retry_delay(self._retry_base, row["attempts"], 3600.0)
                 await conn.execute(
                     "UPDATE stripe_events SET attempts = attempts + 1, last_error = $2,"
                     " next_attempt_at = now() + make_interval(secs => $3) WHERE id = $1", event.id, error, delay)

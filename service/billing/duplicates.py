@@ -18,12 +18,11 @@ state after it. No account row is locked while Stripe answers.
 from __future__ import annotations
 
 import logging
-import random
 
 import asyncpg
 import stripe
 
-from .stripe_api import StripeAPI, describe, idempotency_key, retryable
+from .stripe_api import StripeAPI, describe, idempotency_key, retry_delay, retryable
 
 log = logging.getLogger("codeplan.billing.duplicates")
 
@@ -60,7 +59,7 @@ class Duplicates:
                 refunded = await self._undo(ident, row["account_id"], row["kept_subscription_id"])
             except stripe.StripeError as exc:
                 if retryable(exc) or isinstance(exc, stripe.AuthenticationError):
-                    delay = min(self._retry_base * 2 ** row["attempts"], 3600.0) * random.uniform(0.75, 1.25)
+                    delay = retry_delay(self._retry_base, row["attempts"], 3600.0)
                     await conn.execute(
                         "UPDATE duplicate_subscriptions SET last_error = $2,"
                         " next_attempt_at = now() + make_interval(secs => $3) WHERE stripe_subscription_id = $1",

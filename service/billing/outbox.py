@@ -13,13 +13,12 @@ least 24 hours; a row that could not be confirmed within 23 hours of being froze
 from __future__ import annotations
 
 import logging
-import random
 
 import asyncpg
 import stripe
 
 from .catalog import METER_EVENT_NAME
-from .stripe_api import StripeAPI, describe, is_duplicate_meter_event, retryable
+from .stripe_api import StripeAPI, describe, is_duplicate_meter_event, retry_delay, retryable
 
 log = logging.getLogger("codeplan.billing.outbox")
 
@@ -73,7 +72,7 @@ class Outbox:
                 if is_duplicate_meter_event(exc):
                     outcome = "sent"  # Stripe already holds this identifier: it was recorded
                 elif retryable(exc) or isinstance(exc, stripe.AuthenticationError):
-                    delay = min(self._retry_base * 2 ** row["attempts"], 300.0) * random.uniform(0.75, 1.25)
+                    delay = retry_delay(self._retry_base, row["attempts"], 300.0)
                     await conn.execute(
                         "UPDATE meter_outbox SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)"
                         " WHERE id = $1", row["id"], describe(exc), delay)

@@ -7,6 +7,7 @@ we read. Responses are decoded from their raw JSON into the Structs of wire.py.
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Any, Awaitable, Callable, TypeVar
 
 import msgspec
@@ -43,6 +44,12 @@ def retryable(exc: stripe.StripeError) -> bool:
     if exc.http_status is not None and (exc.http_status >= 500 or exc.http_status in (409, 429)):
         return True
     return exc.headers.get("stripe-should-retry") == "true" if exc.headers else False
+
+
+def retry_delay(base: float, attempts: int, cap: float) -> float:
+    """Seconds until the next attempt of a queued billing task: doubling from `base` with each
+    attempt, at most `cap`, jittered by a quarter either way so retries do not march together."""
+    return min(base * 2 ** attempts, cap) * random.uniform(0.75, 1.25)
 
 
 def is_duplicate_meter_event(exc: stripe.StripeError) -> bool:
