@@ -1,7 +1,8 @@
-"""`make bench`: Codeplan against the same load sent straight to the GLM simulator.
+"""`make bench`: Codeplan against the same load sent straight to its upstream.
 
-Everything runs on 127.0.0.1 in this run: embedded PostgreSQL, the simulator, the bridge with
-authentication, admission and the ledger on. Every figure is printed beside a baseline measured
+Everything runs on 127.0.0.1 in this run: embedded PostgreSQL, the upstream (the GLM simulator
+with an instant answer for non-streaming completions, bench/instant.py, as the issue measured
+every gateway), the bridge with authentication, admission and the ledger on. Every figure is printed beside a baseline measured
 in the same run, because these machines are shared and noisy. Results go to bench/results/.
 
     python -m bench [--quick] [--profile]
@@ -157,6 +158,12 @@ def start_database(work: Path, users: int) -> tuple[str, Path, list[str]]:
     return url, work / "pgdata", asyncio.run(prepare())
 
 
+def upstream(env: dict[str, str], cpu: int | str, port: int) -> Process:
+    """The upstream every run forwards to: the simulator, with an instant answer for the
+    non-streaming completions (bench/instant.py: the issue's "instant fake upstream")."""
+    return Process([sys.executable, "-m", "bench.instant", "--port", str(port)], env, cpu, port, "/")
+
+
 def base_env() -> dict[str, str]:
     """This environment without Codeplan's settings, quiet logs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CODEPLAN_")}
@@ -165,7 +172,7 @@ def base_env() -> dict[str, str]:
 
 
 def server_env(env: dict[str, str], url: str, port: int, sim_port: int) -> dict[str, str]:
-    """`codeplan run` on `port`, its ledger in `url`, forwarding to the simulator on `sim_port`."""
+    """`codeplan run` on `port`, its ledger in `url`, forwarding to the upstream on `sim_port`."""
     return {**env, "CODEPLAN_DATABASE_URL": url, "CODEPLAN_PORT": str(port),
             "CODEPLAN_UPSTREAM_URL": f"http://127.0.0.1:{sim_port}/api/coding/paas/v4",
             "CODEPLAN_UPSTREAM_KEYS": "bench"}
@@ -342,8 +349,7 @@ def main() -> int:
     scenarios = (("c=1", 1, one_key), ("c=32 one key", 32, one_key), ("c=256 over 1000 keys", 256, many_keys))
     try:
         # the baseline upstream runs where the bridge will: the same core, the same load path
-        simulator = Process([sys.executable, "-m", "service.cli", "simulate", "--port", str(sim_port)],
-                            env, SERVER_CPU, sim_port, "/")
+        simulator = upstream(env, SERVER_CPU, sim_port)
         direct = "/api/coding/paas/v4/chat/completions"
         wrk(sim_port, direct, one_key, BODY, 16, 1)  # warm-up
         baseline = {name: measure_requests(simulator, direct, key, c, seconds) for name, c, key in scenarios}
@@ -353,8 +359,7 @@ def main() -> int:
         simulator.stop()
 
         # now the bridge gets the core, and the simulator moves next to the load generator
-        simulator = Process([sys.executable, "-m", "service.cli", "simulate", "--port", str(sim_port)],
-                            env, LOAD_CPU, sim_port, "/")
+        simulator = upstream(env, LOAD_CPU, sim_port)
         bridge = Process([sys.executable, "-m", "service.cli", "run"], server_env(env, url, bridge_port, sim_port),
                          SERVER_CPU, bridge_port, "/healthz")
         path = "/v1/chat/completions"

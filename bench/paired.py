@@ -1,7 +1,7 @@
 """Paired, interleaved CPU per request of two (or more) checkouts of the bridge, on a shared,
 noisy machine: `python -m bench.paired before=/path/to/checkout after=.`
 
-One embedded PostgreSQL, one simulator (on the load core), one bridge per checkout (each on the
+One embedded PostgreSQL, one upstream (`bench.instant`, on the load core), one bridge per checkout (each on the
 server core, idle while another is measured). Each round runs wrk (c=32, one key,
 non-streaming) against every bridge in turn, the order alternating, and prints each bridge's
 CPU ms per request (utime+stime from /proc over the round's requests) and PostgreSQL's. Compare
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from .__main__ import (BODY, LOAD_CPU, SERVER_CPU, Process, base_env, cpu_seconds, free_port, pg_cpu_seconds,
-                       raise_fd_limit, server_env, start_database, wrk)
+                       raise_fd_limit, server_env, start_database, upstream, wrk)
 
 PY = sys.executable
 
@@ -38,8 +38,7 @@ def main():
     sim_port = free_port()
     procs = []
     try:
-        procs.append(Process([PY, "-m", "service.cli", "simulate", "--port", str(sim_port)], env, LOAD_CPU,
-                             sim_port, "/"))
+        procs.append(upstream(env, LOAD_CPU, sim_port))
         ports = {}
         for label, cwd in bridges.items():
             port = free_port()

@@ -70,8 +70,7 @@ def main() -> int:
     asyncio.run(extension())
     env = bench.base_env()
     sim_port, bridge_port = bench.free_port(), bench.free_port()
-    simulator = bench.Process([sys.executable, "-m", "service.cli", "simulate", "--port", str(sim_port)],
-                              env, bench.LOAD_CPU, sim_port, "/")
+    simulator = bench.upstream(env, bench.LOAD_CPU, sim_port)
     bridge = None
     try:
         bridge = bench.Process([sys.executable, "-m", "service.cli", "run"],
