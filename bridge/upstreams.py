@@ -338,10 +338,13 @@ class Router:
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
-        # no Accept-Encoding: a compressed SSE stream costs CPU per chunk and may be buffered
+        # no Accept-Encoding: a compressed SSE stream costs CPU per chunk and may be buffered.
+        # No cookie jar: every user's requests share this session, so a cookie the upstream sets
+        # on one answer (a load balancer's, a bot shield's) must not ride on the next request;
+        # it also spares each request the jar's look-up.
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"))
+            skip_auto_headers=("User-Agent", "Accept-Encoding"), cookie_jar=aiohttp.DummyCookieJar())
         await self._prepare_leases()
 
     async def close(self) -> None:

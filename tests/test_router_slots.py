@@ -60,3 +60,42 @@ def test_a_request_cancelled_while_an_error_body_arrives_gives_its_slot_back():
     in_flight, next_one_served = asyncio.run(_slot_after_cancel_during_error_body())
     assert in_flight == 0
     assert next_one_served  # with a cap of one, a leaked slot would keep it waiting forever
+
+
+async def _cookies_sent_upstream() -> list[str | None]:
+    seen: list[str | None] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("cookie"))
+        # what load balancers and bot shields put on API answers (AWSALB, __cf_bm, ...)
+        response = web.json_response({"id": "c", "choices": [], "usage": {"prompt_tokens": 1,
+                                      "completion_tokens": 1, "total_tokens": 2}})
+        response.set_cookie("affinity", f"user-{len(seen)}")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    # a host name, not an address: aiohttp's cookie jar keeps no cookie from an IP address
+    router = Router([ProfileConfig(name="p", base_url=f"http://localhost:{port}/v1", keys=("k1",))],
+                    timeout=60, attempts=1)
+    await router.start()
+    request = wire.ChatRequest(model="glm-4.6", messages=[wire.Message(role="user", content="hi")])
+    try:
+        for entry in ("r1", "r2", "r3"):  # three users' requests, one after the other
+            response = await router.open(request, entry)
+            await response.read()
+        return seen
+    finally:
+        await router.close()
+        await runner.cleanup()
+
+
+def test_no_cookie_of_one_request_rides_on_the_next():
+    """The upstream session is shared by every user's requests: a cookie the upstream set on one
+    answer must not be sent with the next request, whoever's it is."""
+    assert asyncio.run(_cookies_sent_upstream()) == [None, None, None]
