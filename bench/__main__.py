@@ -3,7 +3,8 @@
 Everything runs on 127.0.0.1 in this run: embedded PostgreSQL, the upstream (the GLM simulator
 with an instant answer for non-streaming completions, bench/instant.py, as the issue measured
 every gateway), the bridge with authentication, admission and the ledger on. Every figure is printed beside a baseline measured
-in the same run, because these machines are shared and noisy. Results go to bench/results/.
+in the same run, in alternate rounds, each the median of its rounds, because these machines are
+shared and noisy. Results go to bench/results/.
 
     python -m bench [--quick] [--profile]
 """
@@ -41,6 +42,7 @@ CPUS = os.sched_getaffinity(0)
 # the server under test gets a core of its own; load generator and upstream share the other
 SERVER_CPU, LOAD_CPU = (min(CPUS), max(CPUS)) if len(CPUS) > 1 else (min(CPUS), min(CPUS))
 TICKS = os.sysconf("SC_CLK_TCK")
+ROUNDS = 3  # direct and bridge measured in alternate rounds; the figures are the rounds' medians
 BODY = {"model": "glm-4.6", "max_tokens": 64,
         "messages": [{"role": "user", "content": "[[sim tokens=16 reasoning=0]] Say hello."}]}
 STREAM_BODY = {**BODY, "stream": True,
@@ -195,6 +197,29 @@ def wrk(port: int, path: str, key: str, body: dict, connections: int, seconds: i
     return data
 
 
+def quiesce(processes: list[Process], pgdata: Path, limit: float = 5.0) -> None:
+    """Wait (at most `limit` s) until the servers and PostgreSQL are idle: work a run left behind
+    (streams finishing, settlements, a drain, autovacuum) must not land in the next one's figures."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        before = sum(cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata)
+        time.sleep(0.2)
+        if sum(cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata) - before < 0.02:
+            return
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Each number the median of the rounds' (errors: their sum), the rounds kept beside."""
+    if len(runs) == 1:
+        return {**runs[0], "rounds": runs}
+    merged: dict = {"rounds": runs}
+    for field, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = sorted(r[field] for r in runs)
+            merged[field] = sum(values) if field == "errors" else values[len(values) // 2]
+    return merged
+
+
 def measure_requests(target: Process, path: str, key: str, connections: int, seconds: int,
                      body: dict = BODY) -> dict:
     cpu0 = cpu_seconds(target.pid)
@@ -318,7 +343,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="print py-spy's top frames (non-streaming, c32)")
     parser.add_argument("--idle-streams", type=int, default=int(os.environ.get("BENCH_IDLE_STREAMS", "5000")))
     args = parser.parse_args()
-    seconds = 2 if args.quick else 5
+    seconds = 2 if args.quick else 3
     raise_fd_limit()
     if shutil.which("wrk") is None:
         print("wrk not found: `apt-get install wrk` (make bench does it)", file=sys.stderr)
@@ -343,41 +368,62 @@ def main() -> int:
     deadlocks_before = pg_log_count(pgdata, "deadlock detected", "lock timeout")
 
     env = base_env()
-    sim_port, bridge_port = free_port(), free_port()
+    direct_port, sim_port, bridge_port = free_port(), free_port(), free_port()
     results: dict[str, object] = {}
-    simulator = bridge = None
+    direct_up = simulator = bridge = None
     scenarios = (("c=1", 1, one_key), ("c=32 one key", 32, one_key), ("c=256 over 1000 keys", 256, many_keys))
     try:
-        # the baseline upstream runs where the bridge will: the same core, the same load path
-        simulator = upstream(env, SERVER_CPU, sim_port)
-        direct = "/api/coding/paas/v4/chat/completions"
-        wrk(sim_port, direct, one_key, BODY, 16, 1)  # warm-up
-        baseline = {name: measure_requests(simulator, direct, key, c, seconds) for name, c, key in scenarios}
-        stream_raw = streams.request_bytes("127.0.0.1", sim_port, direct, one_key, STREAM_BODY)
-        stream1_direct = asyncio.run(streams.stream_load("127.0.0.1", sim_port, stream_raw, 1, seconds))
-        stream_direct = asyncio.run(streams.stream_load("127.0.0.1", sim_port, stream_raw, 64, seconds))
-        simulator.stop()
-
-        # now the bridge gets the core, and the simulator moves next to the load generator
+        # The direct baseline's upstream runs where the bridge does (the server core, the same
+        # load path); the bridge's upstream next to the load generator. Both stay up, so the
+        # baseline and the bridge are measured in alternate rounds: this host's speed drifts by
+        # a third from one minute to the next, and a figure is only compared with a baseline
+        # taken in the same minutes. Each figure is the median of its rounds.
+        direct_up = upstream(env, SERVER_CPU, direct_port)
         simulator = upstream(env, LOAD_CPU, sim_port)
         bridge = Process([sys.executable, "-m", "service.cli", "run"], server_env(env, url, bridge_port, sim_port),
                          SERVER_CPU, bridge_port, "/healthz")
-        path = "/v1/chat/completions"
-        wrk(bridge_port, path, one_key, BODY, 16, 1)  # warm-up
+        direct, path = "/api/coding/paas/v4/chat/completions", "/v1/chat/completions"
+        wrk(direct_port, direct, one_key, BODY, 16, 1)  # warm-up (and the instant answer recorded)
+        wrk(bridge_port, path, one_key, BODY, 16, 1)
+        rounds = 1 if args.quick else ROUNDS
+        baseline: dict[str, dict] = {}
         via: dict[str, dict] = {}
         max_connections = 0
         for name, c, key in scenarios:
-            pg0 = pg_cpu_seconds(pgdata)
-            via[name] = measure_requests(bridge, path, key, c, seconds)
-            via[name]["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, via[name]["requests"])
-            max_connections = max(max_connections, asyncio.run(pg_connections(url)))
+            direct_runs, bridge_runs = [], []
+            for r in range(rounds):
+                for side in (("direct", "bridge") if r % 2 == 0 else ("bridge", "direct")):
+                    quiesce([direct_up, simulator, bridge], pgdata)
+                    if side == "direct":
+                        direct_runs.append(measure_requests(direct_up, direct, key, c, seconds))
+                        continue
+                    pg0 = pg_cpu_seconds(pgdata)
+                    run = measure_requests(bridge, path, key, c, seconds)
+                    run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
+                    bridge_runs.append(run)
+                    max_connections = max(max_connections, asyncio.run(pg_connections(url)))
+            baseline[name], via[name] = median_of(direct_runs), median_of(bridge_runs)
         if args.profile:
             print(profile(bridge, one_key, seconds * 2))
-        stream_raw = streams.request_bytes("127.0.0.1", bridge_port, path, one_key, STREAM_BODY)
-        stream1_via = asyncio.run(streams.stream_load("127.0.0.1", bridge_port, stream_raw, 1, seconds))
-        cpu0 = cpu_seconds(bridge.pid)
-        stream_via = asyncio.run(streams.stream_load("127.0.0.1", bridge_port, stream_raw, 64, seconds))
-        stream_cpu = cpu_seconds(bridge.pid) - cpu0
+        stream_runs: dict[str, list[dict]] = {"direct1": [], "bridge1": [], "direct64": [], "bridge64": []}
+        for r in range(rounds):
+            for side in (("direct", "bridge") if r % 2 == 0 else ("bridge", "direct")):
+                port, p = (direct_port, direct) if side == "direct" else (bridge_port, path)
+                raw = streams.request_bytes("127.0.0.1", port, p, one_key, STREAM_BODY)
+                quiesce([direct_up, simulator, bridge], pgdata)
+                stream_runs[side + "1"].append(asyncio.run(streams.stream_load("127.0.0.1", port, raw, 1, seconds)))
+                quiesce([direct_up, simulator, bridge], pgdata)
+                cpu0 = cpu_seconds(bridge.pid)
+                run = asyncio.run(streams.stream_load("127.0.0.1", port, raw, 64, seconds))
+                run["events_per_s"] = run["events"] / run["wall_s"]
+                if side == "bridge":
+                    run["bridge_cpu_s"] = cpu_seconds(bridge.pid) - cpu0
+                    run["events_per_cpu_s"] = run["events"] / max(run["bridge_cpu_s"], 1e-9)
+                stream_runs[side + "64"].append(run)
+        stream1_direct, stream1_via = median_of(stream_runs["direct1"]), median_of(stream_runs["bridge1"])
+        stream_direct, stream_via = median_of(stream_runs["direct64"]), median_of(stream_runs["bridge64"])
+        direct_up.stop()
+        direct_up = None
 
         # worker processes: c=32 on one key served by 1, then 2, `codeplan run --workers` processes,
         # unpinned (the load generator and the simulator stay on their core, so on a 2-core
@@ -410,7 +456,7 @@ def main() -> int:
         ledger_pairs, floor_pairs = asyncio.run(ledger_rate(url, subscriptions, seconds))
         tokens = estimation()
     finally:
-        for process in (bridge, simulator):
+        for process in (bridge, simulator, direct_up):
             if process is not None:
                 process.stop()
     deadlocks = pg_log_count(pgdata, "deadlock detected", "lock timeout") - deadlocks_before
@@ -442,10 +488,9 @@ def main() -> int:
                  f"{stream_via['ttft_p50_ms'] - stream_direct['ttft_p50_ms']:+.2f} ms"))
     rows.append(("stream c=64: TTFT p99 ms", stream_direct["ttft_p99_ms"], stream_via["ttft_p99_ms"],
                  f"{stream_via['ttft_p99_ms'] - stream_direct['ttft_p99_ms']:+.2f} ms"))
-    direct_rate = stream_direct["events"] / stream_direct["wall_s"]
-    via_rate = stream_via["events"] / stream_via["wall_s"]
+    direct_rate, via_rate = stream_direct["events_per_s"], stream_via["events_per_s"]
     rows.append(("stream c=64: events/s", direct_rate, via_rate, f"x{via_rate / direct_rate:.2f}"))
-    rows.append(("stream c=64: bridge events/s per core", direct_rate, stream_via["events"] / max(stream_cpu, 1e-9),
+    rows.append(("stream c=64: bridge events/s per core", direct_rate, stream_via["events_per_cpu_s"],
                  "vs upstream events/s"))
     per_stream_bridge = (idle["bridge_rss_kb"] - rss_before) / max(1, idle["open"])
     per_stream_sim = (idle["sim_rss_kb"] - sim_before) / max(1, idle["open"])
@@ -475,7 +520,7 @@ def main() -> int:
             "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
         seconds_per_run=seconds, direct=baseline, bridge=via, workers=scaling, stream1_direct=stream1_direct,
         stream1_bridge=stream1_via, stream_direct=stream_direct,
-        stream_bridge=stream_via, stream_bridge_cpu_s=stream_cpu, idle=idle, rss_kb_before=rss_before,
+        stream_bridge=stream_via, idle=idle, rounds=rounds, rss_kb_before=rss_before,
         rss_kb_after=rss_after, pg_connections_max=max_connections, deadlocks_and_lock_timeouts=deadlocks,
         ledger_pairs_per_s=ledger_pairs, select1_pairs_per_s=floor_pairs,
         estimation=tokens, table=[list(r) for r in rows])
