@@ -11,6 +11,17 @@ from bridge import wire
 from bridge.upstreams import ProfileConfig, Router
 
 
+async def _upstream(handler) -> tuple[web.AppRunner, int]:
+    """An upstream on 127.0.0.1 answering chat completions with `handler`: (its runner, its port)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
 async def _slot_after_cancel_during_error_body() -> tuple[int, bool]:
     release = asyncio.Event()
     arrived: list[int] = []
@@ -24,13 +35,7 @@ async def _slot_after_cancel_during_error_body() -> tuple[int, bool]:
         await release.wait()  # the rest of the error never comes in time
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await _upstream(handler)
     router = Router([ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",),
                                    concurrency=1)], timeout=60, attempts=1)
     await router.start()
@@ -73,13 +78,7 @@ async def _cookies_sent_upstream() -> list[str | None]:
         response.set_cookie("affinity", f"user-{len(seen)}")
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await _upstream(handler)
     # a host name, not an address: aiohttp's cookie jar keeps no cookie from an IP address
     router = Router([ProfileConfig(name="p", base_url=f"http://localhost:{port}/v1", keys=("k1",))],
                     timeout=60, attempts=1)
