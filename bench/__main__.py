@@ -2,9 +2,10 @@
 
 Everything runs on 127.0.0.1 in this run: embedded PostgreSQL, the upstream (the GLM simulator
 with an instant answer for non-streaming completions, bench/instant.py, as the issue measured
-every gateway), the bridge with authentication, admission and the ledger on. Every figure is printed beside a baseline measured
-in the same run, in alternate rounds, each the median of its rounds, because these machines are
-shared and noisy. Results go to bench/results/.
+every gateway), the bridge with authentication, admission and the ledger on. Every figure is printed beside a
+baseline measured in the same run, because these machines are shared and noisy; the
+non-streaming and stream figures in alternate rounds, each the median of its rounds (errors:
+their sum). Results go to bench/results/.
 
     python -m bench [--quick] [--profile]
 """
@@ -197,15 +198,22 @@ def wrk(port: int, path: str, key: str, body: dict, connections: int, seconds: i
     return data
 
 
-def quiesce(processes: list[Process], pgdata: Path, limit: float = 5.0) -> None:
-    """Wait (at most `limit` s) until the servers and PostgreSQL are idle: work a run left behind
-    (streams finishing, settlements, a drain, autovacuum) must not land in the next one's figures."""
+def quiesce(processes: list[Process], pgdata: Path, limit: float = 5.0) -> bool:
+    """Wait (at most `limit` s) until the servers and PostgreSQL are idle, so that work a run
+    left behind (streams finishing, settlements, a drain, autovacuum) does not land in the next
+    one's figures. False when they were still busy at the limit (counted in the results)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         before = sum(cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata)
         time.sleep(0.2)
         if sum(cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata) - before < 0.02:
-            return
+            return True
+    return False
+
+
+def alternating(r: int) -> tuple[str, str]:
+    """Round r's order: the baseline first in even rounds, the bridge first in odd ones."""
+    return ("direct", "bridge") if r % 2 == 0 else ("bridge", "direct")
 
 
 def median_of(runs: list[dict]) -> dict:
@@ -370,7 +378,7 @@ def main() -> int:
     env = base_env()
     direct_port, sim_port, bridge_port = free_port(), free_port(), free_port()
     results: dict[str, object] = {}
-    direct_up = simulator = bridge = None
+    direct_upstream = bridge_upstream = bridge = None
     scenarios = (("c=1", 1, one_key), ("c=32 one key", 32, one_key), ("c=256 over 1000 keys", 256, many_keys))
     try:
         # The direct baseline's upstream runs where the bridge does (the server core, the same
@@ -378,24 +386,25 @@ def main() -> int:
         # baseline and the bridge are measured in alternate rounds: this host's speed drifts by
         # a third from one minute to the next, and a figure is only compared with a baseline
         # taken in the same minutes. Each figure is the median of its rounds.
-        direct_up = upstream(env, SERVER_CPU, direct_port)
-        simulator = upstream(env, LOAD_CPU, sim_port)
+        direct_upstream = upstream(env, SERVER_CPU, direct_port)
+        bridge_upstream = upstream(env, LOAD_CPU, sim_port)
         bridge = Process([sys.executable, "-m", "service.cli", "run"], server_env(env, url, bridge_port, sim_port),
                          SERVER_CPU, bridge_port, "/healthz")
-        direct, path = "/api/coding/paas/v4/chat/completions", "/v1/chat/completions"
-        wrk(direct_port, direct, one_key, BODY, 16, 1)  # warm-up (and the instant answer recorded)
+        direct_path, path = "/api/coding/paas/v4/chat/completions", "/v1/chat/completions"
+        wrk(direct_port, direct_path, one_key, BODY, 16, 1)  # warm-up (and the instant answer recorded)
         wrk(bridge_port, path, one_key, BODY, 16, 1)
         rounds = 1 if args.quick else ROUNDS
         baseline: dict[str, dict] = {}
         via: dict[str, dict] = {}
         max_connections = 0
+        busy = 0  # runs that began before the servers went idle (quiesce's limit)
         for name, c, key in scenarios:
             direct_runs, bridge_runs = [], []
             for r in range(rounds):
-                for side in (("direct", "bridge") if r % 2 == 0 else ("bridge", "direct")):
-                    quiesce([direct_up, simulator, bridge], pgdata)
+                for side in alternating(r):
+                    busy += not quiesce([direct_upstream, bridge_upstream, bridge], pgdata)
                     if side == "direct":
-                        direct_runs.append(measure_requests(direct_up, direct, key, c, seconds))
+                        direct_runs.append(measure_requests(direct_upstream, direct_path, key, c, seconds))
                         continue
                     pg0 = pg_cpu_seconds(pgdata)
                     run = measure_requests(bridge, path, key, c, seconds)
@@ -407,13 +416,13 @@ def main() -> int:
             print(profile(bridge, one_key, seconds * 2))
         stream_runs: dict[str, list[dict]] = {"direct1": [], "bridge1": [], "direct64": [], "bridge64": []}
         for r in range(rounds):
-            for side in (("direct", "bridge") if r % 2 == 0 else ("bridge", "direct")):
-                port, p = (direct_port, direct) if side == "direct" else (bridge_port, path)
-                raw = streams.request_bytes("127.0.0.1", port, p, one_key, STREAM_BODY)
-                quiesce([direct_up, simulator, bridge], pgdata)
+            for side in alternating(r):
+                port, target_path = (direct_port, direct_path) if side == "direct" else (bridge_port, path)
+                raw = streams.request_bytes("127.0.0.1", port, target_path, one_key, STREAM_BODY)
+                busy += not quiesce([direct_upstream, bridge_upstream, bridge], pgdata)
                 stream_runs[side + "1"].append(asyncio.run(streams.stream_load("127.0.0.1", port, raw, 1, seconds)))
-                quiesce([direct_up, simulator, bridge], pgdata)
-                cpu0 = cpu_seconds(bridge.pid)
+                busy += not quiesce([direct_upstream, bridge_upstream, bridge], pgdata)
+                cpu0 = cpu_seconds(bridge.pid) if side == "bridge" else 0.0
                 run = asyncio.run(streams.stream_load("127.0.0.1", port, raw, 64, seconds))
                 run["events_per_s"] = run["events"] / run["wall_s"]
                 if side == "bridge":
@@ -422,11 +431,11 @@ def main() -> int:
                 stream_runs[side + "64"].append(run)
         stream1_direct, stream1_via = median_of(stream_runs["direct1"]), median_of(stream_runs["bridge1"])
         stream_direct, stream_via = median_of(stream_runs["direct64"]), median_of(stream_runs["bridge64"])
-        direct_up.stop()
-        direct_up = None
+        direct_upstream.stop()
+        direct_upstream = None
 
         # worker processes: c=32 on one key served by 1, then 2, `codeplan run --workers` processes,
-        # unpinned (the load generator and the simulator stay on their core, so on a 2-core
+        # unpinned (the load generator and the bridge's upstream stay on their core, so on a 2-core
         # machine the second worker competes with them: read the CPU per request beside the rate)
         scaling: dict[str, dict] = {}
         for n in (1, 2):
@@ -444,19 +453,19 @@ def main() -> int:
             finally:
                 server.stop()
 
-        # idle streams: memory per open stream, bridge against simulator holding the same
+        # idle streams: memory per open stream, bridge against its upstream (the simulator) holding the same
         rss_before = rss_kb(bridge.pid)
-        sim_before = rss_kb(simulator.pid)
+        sim_before = rss_kb(bridge_upstream.pid)
         idle = asyncio.run(streams.hold_idle(
             "127.0.0.1", bridge_port, streams.request_bytes("127.0.0.1", bridge_port, path, one_key, IDLE_BODY),
-            args.idle_streams, lambda: {"bridge_rss_kb": rss_kb(bridge.pid), "sim_rss_kb": rss_kb(simulator.pid)}))
+            args.idle_streams, lambda: {"bridge_rss_kb": rss_kb(bridge.pid), "sim_rss_kb": rss_kb(bridge_upstream.pid)}))
         time.sleep(2)
         rss_after = rss_kb(bridge.pid)
 
         ledger_pairs, floor_pairs = asyncio.run(ledger_rate(url, subscriptions, seconds))
         tokens = estimation()
     finally:
-        for process in (bridge, simulator, direct_up):
+        for process in (bridge, bridge_upstream, direct_upstream):
             if process is not None:
                 process.stop()
     deadlocks = pg_log_count(pgdata, "deadlock detected", "lock timeout") - deadlocks_before
@@ -471,7 +480,7 @@ def main() -> int:
                      f"{(b['p99_us'] - d['p99_us']) / 1000:+.2f} ms"))
         rows.append((f"non-stream {name}: p99 / p50", d["p99_us"] / max(1, d["p50_us"]),
                      b["p99_us"] / max(1, b["p50_us"]), "ratio"))
-        rows.append((f"non-stream {name}: non-2xx / errors", d["errors"], b["errors"], "count"))
+        rows.append((f"non-stream {name}: non-2xx / errors (all rounds)", d["errors"], b["errors"], "count"))
         rows.append((f"non-stream {name}: CPU ms/req (bridge + PostgreSQL)", d["server_cpu_ms_per_req"],
                      b["server_cpu_ms_per_req"] + b["pg_cpu_ms_per_req"],
                      f"bridge {b['server_cpu_ms_per_req']:.2f} + pg {b['pg_cpu_ms_per_req']:.2f}"))
@@ -520,7 +529,7 @@ def main() -> int:
             "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
         seconds_per_run=seconds, direct=baseline, bridge=via, workers=scaling, stream1_direct=stream1_direct,
         stream1_bridge=stream1_via, stream_direct=stream_direct,
-        stream_bridge=stream_via, idle=idle, rounds=rounds, rss_kb_before=rss_before,
+        stream_bridge=stream_via, idle=idle, rounds=rounds, runs_started_busy=busy, rss_kb_before=rss_before,
         rss_kb_after=rss_after, pg_connections_max=max_connections, deadlocks_and_lock_timeouts=deadlocks,
         ledger_pairs_per_s=ledger_pairs, select1_pairs_per_s=floor_pairs,
         estimation=tokens, table=[list(r) for r in rows])

@@ -9,7 +9,8 @@ the bridge's runs, with PostgreSQL (an instant answer: ~0.05 ms). So this front 
 simulator's answer to the first non-streaming completion it is sent and replays it, body and
 headers, to every later one; streaming requests (the bench's streams and idle streams, whose
 directives matter) and everything else go to the simulator itself, in this process. Served like
-the bridge: uvicorn with httptools and uvloop.
+the bridge: uvicorn with httptools and uvloop. For the benchmarks only: it checks no key and
+answers every non-streaming request alike, whatever it asks, so no test may use it.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Where PostgreSQL's time goes under the bridge: `python -m bench.pg_statements [--connections N] [--many-keys]`.
 
 Starts its own embedded PostgreSQL with pg_stat_statements (nested statements tracked, so every
-statement inside the ledger's functions is counted) and track_functions, the simulator and the
+statement inside the ledger's functions is counted) and track_functions, the upstream and the
 bridge as `make bench` does, sends non-streaming completions with wrk, and prints the bridge's
 and PostgreSQL's CPU per request, each ledger function's time per call, and the statements that
 took the most time, per request. `--explain MS` logs the plan of every statement slower than MS

@@ -238,11 +238,12 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         gc.freeze()
         # And the youngest generation is collected after 10,000 net allocations, not 700. A
         # request's objects are freed by their reference counts when it ends, but while 32 are
-        # in flight their sum swings by more than 700, so the default ran a collection every
-        # ~17 requests (~100 a second at 32 connections), each walking the live requests'
-        # objects and finding no garbage; at 10,000 it runs about once in five seconds. Bridge
-        # CPU per request at 32 connections: -20% (bench/PROFILE.md). Cyclic garbage waits a
-        # little longer: at most 10,000 objects.
+        # in flight the count of live objects swings by more than 700, so the default ran a
+        # collection every ~17 requests (~100 a second at 32 connections), each walking the live
+        # requests' objects and finding no garbage; at 10,000 it runs about once in five
+        # seconds. Bridge CPU per request at 32 connections: -6% and -15% (medians of paired
+        # runs, bench/PROFILE.md). Cyclic garbage is found later in proportion (the older
+        # generations follow the youngest), which the RSS figure of `make bench` watches.
         gc.set_threshold(10_000, 10, 10)
         try:
             yield
