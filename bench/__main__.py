@@ -121,6 +121,7 @@ class Process:
                 if self.proc.poll() is not None:
                     raise RuntimeError(Path(self.log.name).read_text()[-2000:])
                 time.sleep(0.1)
+        self.stop()  # never ready: not left running behind the failed bench
         raise RuntimeError(f"not ready: {args}")
 
     @property
