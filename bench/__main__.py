@@ -2,10 +2,10 @@
 
 Everything runs on 127.0.0.1 in this run: embedded PostgreSQL, the upstream (the GLM simulator
 with an instant answer for non-streaming completions, bench/instant.py, as the issue measured
-every gateway), the bridge with authentication, admission and the ledger on. Every figure is printed beside a
-baseline measured in the same run, because these machines are shared and noisy; the
-non-streaming and stream figures in alternate rounds, each the median of its rounds (errors:
-their sum). Results go to bench/results/.
+every gateway), the bridge with authentication, admission and the ledger on. Every figure is
+printed beside a baseline measured in the same run, because these machines are shared and
+noisy; the non-streaming and stream figures in alternate rounds, each the median of its rounds
+(errors: their sum). Results go to bench/results/.
 
     python -m bench [--quick] [--profile]
 """
@@ -219,9 +219,7 @@ def alternating(r: int) -> tuple[str, str]:
 
 def median_of(runs: list[dict]) -> dict:
     """Each number the median of the rounds' (errors: their sum), the rounds kept beside."""
-    if len(runs) == 1:
-        return {**runs[0], "rounds": runs}
-    merged: dict = {"rounds": runs}
+    merged: dict = {**runs[0], "rounds": runs}
     for field, value in runs[0].items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             values = sorted(r[field] for r in runs)

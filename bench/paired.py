@@ -1,10 +1,10 @@
 """Paired, interleaved CPU per request of two (or more) checkouts of the bridge, on a shared,
 noisy machine: `python -m bench.paired before=/path/to/checkout after=.`
 
-One embedded PostgreSQL, one upstream (`bench.instant`, on the load core), one bridge per checkout (each on the
-server core, idle while another is measured). Each round runs wrk (c=32, one key,
-non-streaming) against every bridge in turn, the order alternating, and prints each bridge's
-CPU ms per request (utime+stime from /proc over the round's requests) and PostgreSQL's. Compare
+One embedded PostgreSQL, one upstream (`bench.instant`, on the load core), one bridge per
+checkout (each on the server core, idle while another is measured). Each round runs wrk (c=32,
+one key, non-streaming) against every bridge in turn, the order alternating, and prints each
+bridge's CPU ms per request (utime+stime from /proc over the round's requests) and PostgreSQL's. Compare
 the pairs, round by round: a busy neighbour inflates both of a round's figures.
 A checkout for "before": `git archive <commit> | tar -x -C /tmp/before`.
 Env: ROUNDS (5), SECONDS (5), CONNS (32), PROFILE=<label> (py-spy raw on that bridge, 10 s,

@@ -8,8 +8,9 @@ client fleet reconnecting), the process would hold their peak for good. Measured
 idle streams (bench): trimming once they were settled took RSS from ~293 to ~250 MB; the rest
 is pymalloc arenas that a few live objects each keep (bench/PROFILE.md, "Memory").
 
-`trim_after_bursts` watches the work in flight (every half second) and trims once it has fallen by `threshold`
-since its last peak: a few milliseconds, only after a burst has ended, never per request.
+`trim_after_bursts` watches the work in flight (every half second) and trims once it has fallen
+by `threshold` since its last peak: a few milliseconds, only after a burst has ended, never per
+request.
 """
 from __future__ import annotations
 
