@@ -49,29 +49,33 @@ async def test_no_window_passes_its_allowance_at_the_edge_whatever_the_text(brid
     rng = random.Random(7)
     texts = _hostile_texts(rng)
     violations: list[tuple] = []
-    done = threading.Event()
-    polls = 0
+    watching, loading, done = threading.Event(), threading.Event(), threading.Event()
+    polls_under_load = 0
 
     def watch() -> None:
-        """Polls the windows on its own thread and loop, so the clients' load cannot starve it."""
+        """Polls the windows on its own thread and loop, so the clients' load cannot starve it;
+        as often as it can, since how long the load lasts depends on the machine."""
         async def poll() -> None:
-            nonlocal polls
+            nonlocal polls_under_load
             conn = await asyncpg.connect(database)
             try:
                 while True:
+                    under_load = loading.is_set()
                     rows = await conn.fetch(
                         "SELECT w.kind, w.allowance, w.reserved, w.held, w.posted FROM quota_windows w"
                         " JOIN api_keys k ON k.prefix = $1 JOIN subscriptions s ON s.account_id = k.account_id"
                         " AND s.id = w.subscription_id", key[:10])
+                    polls_under_load += under_load and bool(rows)  # no window yet proves nothing
                     for row in rows:
-                        polls += 1
                         if (row["posted"] + row["reserved"] > row["allowance"]
                                 or row["posted"] + row["held"] > row["allowance"]):
                             violations.append(tuple(row.values()))
+                    watching.set()
                     if done.is_set():
                         return
-                    await asyncio.sleep(0.005)
+                    await asyncio.sleep(0.001)
             finally:
+                watching.set()
                 await conn.close()
         asyncio.run(poll())
 
@@ -99,14 +103,17 @@ async def test_no_window_passes_its_allowance_at_the_edge_whatever_the_text(brid
 
     watcher = threading.Thread(target=watch)
     watcher.start()
+    await asyncio.to_thread(watching.wait, 30)
+    loading.set()
     async with httpx.AsyncClient(timeout=120) as client:
         results = await asyncio.gather(*(one(client, i) for i in range(100)))
+    loading.clear()
     await asyncio.to_thread(wait_settled, database)
     done.set()
     watcher.join()
 
     statuses = [status for _, status, _ in results]
-    assert polls > 20 and violations == []
+    assert polls_under_load >= 3 and violations == [], (polls_under_load, violations)
     assert statuses.count(200) >= 10, statuses
     assert 429 in statuses, "the edge was never reached: the test proves nothing"
     for surface, status, body in results:
