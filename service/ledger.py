@@ -64,14 +64,19 @@ class _Ticker:
     """Every ledger transition of this process, in as few commits as the database allows.
 
     With synchronous_commit on (no money on an unsynced commit), what a transition costs is its
-    commit's WAL flush, not its statements. So the admissions and settlements waiting at any
-    moment go to the database together, in one `ledger_tick` call, one transaction, one commit
-    (migrations/0032): settlements first, then admissions. An admission starts a tick at once
-    when none is running (a client waits for it); a settlement, which nobody waits for (its
-    response went out before it), lingers a moment to share the next admission's commit, so at
-    one request at a time a request costs one commit, not two. Under load the transitions that
-    arrive during one tick share the next. A tick that fails is retried element by element, so
-    a fault stays with the element that caused it.
+    commit's WAL flush and its statements' start-up, so the admissions and settlements waiting
+    at any moment go to the database together, in one `ledger_tick` call, one transaction, one
+    commit (migrations/0032): settlements first, then admissions. An admission starts a tick at
+    once when none is running (a client waits for it). A settlement, which nobody waits for (its
+    response went out before it), waits `linger` and then goes in the next tick, with whatever
+    else waits then; under load those ticks carry many settlements at once.
+
+    So an admission does not wait for the settlement of the request before it, which at one
+    request at a time was most of what it waited for (bench/PROFILE.md). Where that settlement
+    would have changed the answer (a window full, a plan's concurrency cap reached, while
+    settlements were still waiting), the admission is tried once more with them settled first:
+    every answer is the one a settle-first tick would give. A tick that fails is retried element
+    by element, so a fault stays with the element that caused it.
     """
 
     def __init__(self, tick: Callable[[list, list], Awaitable[tuple[list, list]]],
@@ -82,52 +87,73 @@ class _Ticker:
         self._linger = linger
         self._max = max_size
         self._settles: list[tuple[Settlement, asyncio.Future]] = []
-        self._admits: list[tuple[Reservation, asyncio.Future]] = []
+        # (the reservation, its caller's future, whether it was tried already)
+        self._admits: list[tuple[Reservation, asyncio.Future, bool]] = []
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
+        self._settles_due = False  # the waiting settlements go in the next tick
 
     async def admit(self, reservation: Reservation) -> Admission:
         future = asyncio.get_running_loop().create_future()
-        self._admits.append((reservation, future))
+        self._admits.append((reservation, future, False))
         self._start()
         return await future
 
     async def settle(self, settlement: Settlement) -> int | None:
         future = asyncio.get_running_loop().create_future()
         self._settles.append((settlement, future))
-        if not self._busy and self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._start)
+        if self._timer is None and not self._settles_due:
+            self._timer = asyncio.get_running_loop().call_later(self._linger, self._lingered)
         return await future
 
+    def _lingered(self) -> None:
+        self._timer = None
+        self._settles_due = True
+        self._start()
+
     def _start(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if not self._busy:
             self._busy = True
             asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         try:
-            while self._settles or self._admits:
-                settles, admits = self._settles[:self._max], self._admits[:self._max]
-                del self._settles[:self._max]
+            while self._admits or (self._settles and self._settles_due):
+                admits = self._admits[:self._max]
                 del self._admits[:self._max]
+                settles: list[tuple[Settlement, asyncio.Future]] = []
+                if self._settles_due:
+                    settles = self._settles[:self._max]
+                    del self._settles[:self._max]
+                    self._settles_due = bool(self._settles)
+                left_waiting = bool(self._settles)
                 try:
-                    billed, admissions = await self._tick([s for s, _ in settles], [a for a, _ in admits])
+                    billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits])
                 except Exception:  # noqa: BLE001 - each element alone, so a fault stays with its cause
                     billed = [await self._alone([s], []) for s, _ in settles]
-                    admissions = [await self._alone([], [a]) for a, _ in admits]
+                    admissions = [await self._alone([], [a]) for a, _, _ in admits]
                 for (_, future), result in zip(settles, billed):
                     _deliver(future, result)
-                for (reservation, future), result in zip(admits, admissions):
+                again: list[tuple[Reservation, asyncio.Future, bool]] = []
+                for (reservation, future, tried), result in zip(admits, admissions):
                     if future.done():  # the caller was cancelled meanwhile
                         if isinstance(result, Admission):
                             self._orphan(reservation, result)
+                    elif (left_waiting and not tried and isinstance(result, Admission)
+                          and result.outcome in _SETTLEMENT_MAY_CHANGE):
+                        again.append((reservation, future, True))
                     else:
                         _deliver(future, result)
+                if again:  # first in the next tick, the waiting settlements with them
+                    self._admits[:0] = again
+                    self._settles_due = True
         finally:
             self._busy = False
+            # A linger that ended during the last tick, whose settlements that tick took, must
+            # not outlive it: the next settlement would wait for a tick nobody starts.
+            self._settles_due = False
+            if self._settles and self._timer is None:  # left by a failure: they linger again
+                self._timer = asyncio.get_running_loop().call_later(self._linger, self._lingered)
 
     async def _alone(self, settles: list, admits: list) -> Any:
         try:
@@ -135,6 +161,11 @@ class _Ticker:
             return billed[0] if settles else admissions[0]
         except Exception as exc:  # noqa: BLE001 - handed to its caller
             return exc
+
+
+# refusals that a settlement still waiting could turn into an admission: it gives back its hold
+# on the windows and its place under the plan's concurrency cap
+_SETTLEMENT_MAY_CHANGE = frozenset({"window_full", "concurrency"})
 
 
 def _deliver(future: asyncio.Future, result: Any) -> None:

@@ -160,6 +160,31 @@ async def test_concurrency_cap(fresh_database):
         await pool.close()
 
 
+async def test_one_request_at_a_time_is_never_refused_by_the_settlement_before_it(fresh_database):
+    # The settlement of an answered request lingers (service/ledger.py `_Ticker`), so the next
+    # admission goes without it; on a plan of one request at a time, and a window with room
+    # for one hold, each next request must still be admitted, as if settled first.
+    plan = new_plan(fresh_database, window=399, weekly=100_000, max_concurrent=1)
+    new_user(fresh_database, plan)
+    sub, key = await _subscription(fresh_database, plan)
+    pool, ledger = await _ledger(fresh_database)
+    args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
+    try:
+        settling = []
+        for _ in range(10):
+            entry = uuid.uuid4()
+            admission = await admit(ledger, entry, reserve=10, held=200, **args)
+            assert admission.admitted, admission
+            settling.append(asyncio.ensure_future(ledger.post(entry, Usage(prompt_tokens=1, completion_tokens=9),
+                                                              estimated=False, reason="t")))
+            await asyncio.sleep(0)  # answered: its settlement waits, the next request comes
+        assert await asyncio.gather(*settling) == [10] * 10
+        windows = await _windows(fresh_database)
+        assert (windows["5h"]["posted"], windows["5h"]["held"]) == (100, 0)
+    finally:
+        await pool.close()
+
+
 async def test_sweeper_expires_only_lapsed_leases_at_what_they_proved(env):
     url, pool, ledger, sub, key = env
     ledger = Ledger(pool, lease_seconds=0.2)

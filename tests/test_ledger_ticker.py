@@ -1,0 +1,157 @@
+"""The ledger's ticker (service/ledger.py `_Ticker`) against a model of the database: an admission
+does not wait for the settlement before it, and every answer is the one a settle-first tick
+would give. The same rules end to end, through the bridge and PostgreSQL, are in
+tests/test_ledger_under_load.py and tests/test_money_safe.py."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from bridge.ports import Admission, Counts, Reservation, Settlement
+from service.ledger import _Ticker
+
+LINGER = 0.05
+
+
+class Model:
+    """One subscription with a concurrency cap and a window, as ledger_tick treats them:
+    settlements first, then admissions in order. Records what each tick carried."""
+
+    def __init__(self, cap: int = 1, window: int = 1_000) -> None:
+        self.cap, self.room = cap, window
+        self.holds: dict[uuid.UUID, int] = {}
+        self.ticks: list[tuple[list[str], list[str]]] = []
+        self.gate: asyncio.Event | None = None  # when set: each tick waits for it
+        self.delay = 0.0  # seconds each tick that carries settlements takes
+
+    async def tick(self, settles: list[Settlement], admits: list[Reservation]) -> tuple[list, list]:
+        self.ticks.append(([s.reason for s in settles], [a.surface for a in admits]))
+        if self.gate is not None:
+            await self.gate.wait()
+        if settles:
+            await asyncio.sleep(self.delay)
+        billed = []
+        for s in settles:
+            self.room += self.holds.pop(s.entry_id) - s.counts.completion_tokens
+            billed.append(s.counts.completion_tokens)
+        admissions = []
+        for a in admits:
+            if len(self.holds) >= self.cap:
+                admissions.append(Admission("concurrency", allowance=self.cap))
+            elif a.held > self.room:
+                admissions.append(Admission("window_full", window_kind="5h"))
+            else:
+                self.holds[a.entry_id] = a.held
+                self.room -= a.held
+                admissions.append(Admission("admitted", room=self.room))
+        return billed, admissions
+
+
+def _reservation(name: str, held: int = 100) -> Reservation:
+    return Reservation(entry_id=uuid.uuid4(), subscription_id=1, api_key_id=1, surface=name, model="glm-4.6",
+                       prompt_estimate=10, reserve=held, held=held)
+
+
+def _settlement(reservation: Reservation, used: int = 40) -> Settlement:
+    return Settlement(reservation.entry_id, "posted", Counts(completion_tokens=used), False,
+                      reservation.surface)
+
+
+def _ticker(model: Model) -> _Ticker:
+    orphans: list = []
+    return _Ticker(model.tick, lambda r, a: orphans.append((r, a)), linger=LINGER)
+
+
+async def test_an_admission_does_not_wait_for_the_settlement_before_it():
+    model = Model(cap=2)
+    ticker = _ticker(model)
+    first = _reservation("first")
+    assert (await ticker.admit(first)).admitted
+    settled = asyncio.ensure_future(ticker.settle(_settlement(first)))
+    await asyncio.sleep(0)
+    assert (await ticker.admit(_reservation("second"))).admitted
+    assert model.ticks == [([], ["first"]), ([], ["second"])]  # the settlement waits
+    assert await settled == 40  # and goes on its own once it has lingered
+    assert model.ticks[2] == (["first"], [])
+
+
+async def test_a_refusal_a_waiting_settlement_would_lift_is_tried_again_after_it():
+    # a client one request at a time on a plan of one request at a time: the request before
+    # is answered, its settlement waits, and the next request must not be told "too many"
+    model = Model(cap=1)
+    ticker = _ticker(model)
+    first = _reservation("first")
+    assert (await ticker.admit(first)).admitted
+    settled = asyncio.ensure_future(ticker.settle(_settlement(first)))
+    await asyncio.sleep(0)
+    second = await ticker.admit(_reservation("second"))
+    assert second.admitted, second
+    assert model.ticks == [([], ["first"]), ([], ["second"]), (["first"], ["second"])]
+    assert await settled == 40
+
+
+async def test_a_window_the_waiting_settlement_frees_admits_after_it():
+    model = Model(cap=10, window=150)  # the first request's hold leaves room for no second one
+    ticker = _ticker(model)
+    first = _reservation("first")
+    assert (await ticker.admit(first)).admitted
+    asyncio.ensure_future(ticker.settle(_settlement(first, used=40)))
+    await asyncio.sleep(0)
+    assert (await ticker.admit(_reservation("second"))).admitted
+    assert model.ticks[-1] == (["first"], ["second"])
+
+
+async def test_a_refusal_with_nothing_waiting_is_answered_at_once():
+    model = Model(cap=1)
+    ticker = _ticker(model)
+    assert (await ticker.admit(_reservation("first"))).admitted
+    refused = await ticker.admit(_reservation("second"))
+    assert refused.outcome == "concurrency"
+    assert model.ticks == [([], ["first"]), ([], ["second"])]  # no second try: nothing could change
+
+
+async def test_a_refusal_is_tried_again_once_only():
+    model = Model(cap=1)
+    ticker = _ticker(model)
+    first, second = _reservation("first"), _reservation("second")
+    assert (await ticker.admit(first)).admitted
+    assert (await ticker.admit(second)).outcome == "concurrency"
+    # a settlement waits, but it is for an entry still holding the only place
+    model.holds[second.entry_id] = 0  # (the model's own bookkeeping: a second holder)
+    settled = asyncio.ensure_future(ticker.settle(_settlement(second, used=0)))
+    await asyncio.sleep(0)
+    third = await ticker.admit(_reservation("third"))
+    assert third.outcome == "concurrency"  # still full after the settlement: refused, once
+    assert model.ticks[-2:] == [([], ["third"]), (["second"], ["third"])]
+    await settled
+
+
+async def test_a_linger_that_ends_during_the_tick_that_took_its_settlements_leaves_none_behind():
+    # the first settlement's linger ends while the retried admission's tick, which took that
+    # settlement, is still running; the next settlement must still be written
+    model = Model(cap=1)
+    ticker = _ticker(model)
+    first, second = _reservation("first"), _reservation("second")
+    assert (await ticker.admit(first)).admitted
+    settled = asyncio.ensure_future(ticker.settle(_settlement(first)))
+    await asyncio.sleep(0)
+    model.delay = LINGER * 1.5
+    assert (await ticker.admit(second)).admitted
+    assert model.ticks[-1] == (["first"], ["second"])
+    assert await settled == 40
+    model.delay = 0.0
+    assert await asyncio.wait_for(ticker.settle(_settlement(second)), LINGER * 20) == 40
+
+
+async def test_under_load_the_settlements_share_ticks():
+    model = Model(cap=1_000, window=10**9)
+    model.gate = asyncio.Event()
+    ticker = _ticker(model)
+    firsts = [_reservation(f"r{i}") for i in range(20)]
+    admitted = asyncio.gather(*(ticker.admit(r) for r in firsts))
+    await asyncio.sleep(0)
+    model.gate.set()
+    assert all(a.admitted for a in await admitted)
+    billed = await asyncio.gather(*(ticker.settle(_settlement(r)) for r in firsts))
+    assert billed == [40] * 20
+    assert sum(1 for settles, _ in model.ticks if settles) == 1  # one tick for all twenty
