@@ -62,13 +62,20 @@ def _ticker(model: Model) -> _Ticker:
     return _Ticker(model.tick, lambda r, a: orphans.append((r, a)), linger=LINGER)
 
 
+async def _answered(ticker: _Ticker, name: str = "first") -> asyncio.Future:
+    """A request admitted and answered: its settlement is on its way (the future), and the
+    client's next request comes at once."""
+    reservation = _reservation(name)
+    assert (await ticker.admit(reservation)).admitted
+    settled = asyncio.ensure_future(ticker.settle(_settlement(reservation)))
+    await asyncio.sleep(0)
+    return settled
+
+
 async def test_an_admission_does_not_wait_for_the_settlement_before_it():
     model = Model(cap=2)
     ticker = _ticker(model)
-    first = _reservation("first")
-    assert (await ticker.admit(first)).admitted
-    settled = asyncio.ensure_future(ticker.settle(_settlement(first)))
-    await asyncio.sleep(0)
+    settled = await _answered(ticker)
     assert (await ticker.admit(_reservation("second"))).admitted
     assert model.ticks == [([], ["first"]), ([], ["second"])]  # the settlement waits
     assert await settled == 40  # and goes on its own once it has lingered
@@ -80,10 +87,7 @@ async def test_a_refusal_a_waiting_settlement_would_lift_is_tried_again_after_it
     # is answered, its settlement waits, and the next request must not be told "too many"
     model = Model(cap=1)
     ticker = _ticker(model)
-    first = _reservation("first")
-    assert (await ticker.admit(first)).admitted
-    settled = asyncio.ensure_future(ticker.settle(_settlement(first)))
-    await asyncio.sleep(0)
+    settled = await _answered(ticker)
     second = await ticker.admit(_reservation("second"))
     assert second.admitted, second
     assert model.ticks == [([], ["first"]), ([], ["second"]), (["first"], ["second"])]
@@ -93,10 +97,7 @@ async def test_a_refusal_a_waiting_settlement_would_lift_is_tried_again_after_it
 async def test_a_window_the_waiting_settlement_frees_admits_after_it():
     model = Model(cap=10, window=150)  # the first request's hold leaves room for no second one
     ticker = _ticker(model)
-    first = _reservation("first")
-    assert (await ticker.admit(first)).admitted
-    asyncio.ensure_future(ticker.settle(_settlement(first, used=40)))
-    await asyncio.sleep(0)
+    await _answered(ticker)
     assert (await ticker.admit(_reservation("second"))).admitted
     assert model.ticks[-1] == (["first"], ["second"])
 
@@ -131,10 +132,8 @@ async def test_a_linger_that_ends_during_the_tick_that_took_its_settlements_leav
     # settlement, is still running; the next settlement must still be written
     model = Model(cap=1)
     ticker = _ticker(model)
-    first, second = _reservation("first"), _reservation("second")
-    assert (await ticker.admit(first)).admitted
-    settled = asyncio.ensure_future(ticker.settle(_settlement(first)))
-    await asyncio.sleep(0)
+    settled = await _answered(ticker)
+    second = _reservation("second")
     model.delay = LINGER * 1.5
     assert (await ticker.admit(second)).admitted
     assert model.ticks[-1] == (["first"], ["second"])
