@@ -6,8 +6,8 @@
 
 Every transition is one call of a guarded SQL function (rules: migrations/0005; the current
 version, with credits, top-ups and overage: migrations/0031, settlement's from 0038 and
-admission's from 0039) in one transaction, so a replay or a race between two settlers applies it
-at most once; each takes its locks in one order (the subscription's flight row, the entry, the
+admission's from 0039 and 0041) in one transaction, so a replay or a race between two settlers
+applies it at most once; each takes its locks in one order (the subscription's flight row, the entry, the
 windows by id). Under load, transitions that arrive while one call is in flight share the next
 call (migrations/0004).
 """
@@ -74,12 +74,14 @@ class _Ticker:
     So an admission does not wait for the settlement of the request before it, which at one
     request at a time was most of what it waited for (bench/PROFILE.md). Where that settlement
     would have changed the answer (a window full, a plan's concurrency cap reached, while
-    settlements were still waiting), the admission is tried once more with them settled first:
-    every answer is the one a settle-first tick would give. A tick that fails is retried element
-    by element, so a fault stays with the element that caused it.
+    settlements were still waiting), the admission is tried once more with them settled first;
+    and while they wait, a first try may not put any of a request on a top-up or overage window
+    (refused as full instead, then tried again: migrations/0041). So every answer is the one a
+    settle-first tick would give. A tick that fails is retried element by element, so a fault
+    stays with the element that caused it.
     """
 
-    def __init__(self, tick: Callable[[list, list], Awaitable[tuple[list, list]]],
+    def __init__(self, tick: Callable[[list, list, list], Awaitable[tuple[list, list]]],
                  orphan: Callable[[Reservation, Admission], None], *, linger: float = 0.01,
                  max_size: int = 128) -> None:
         self._tick = tick
@@ -127,11 +129,15 @@ class _Ticker:
                     del self._settles[:self._max]
                     self._settles_due = bool(self._settles)
                 left_waiting = bool(self._settles)
+                # while settlements wait, a first try may not draw on a top-up or overage window
+                # (migrations/0041): settled first, the plan might have held the request
+                plan_only = [left_waiting and not tried for _, _, tried in admits]
                 try:
-                    billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits])
+                    billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits],
+                                                          plan_only)
                 except Exception:  # noqa: BLE001 - each element alone, so a fault stays with its cause
-                    billed = [await self._alone([s], []) for s, _ in settles]
-                    admissions = [await self._alone([], [a]) for a, _, _ in admits]
+                    billed = [await self._alone([s], [], []) for s, _ in settles]
+                    admissions = [await self._alone([], [a], [only]) for (a, _, _), only in zip(admits, plan_only)]
                 for (_, future), result in zip(settles, billed):
                     _deliver(future, result)
                 again: list[tuple[Reservation, asyncio.Future, bool]] = []
@@ -155,16 +161,17 @@ class _Ticker:
             if self._settles and self._timer is None:  # left by a failure: they linger again
                 self._timer = asyncio.get_running_loop().call_later(self._linger, self._lingered)
 
-    async def _alone(self, settles: list, admits: list) -> Any:
+    async def _alone(self, settles: list, admits: list, plan_only: list) -> Any:
         try:
-            billed, admissions = await self._tick(settles, admits)
+            billed, admissions = await self._tick(settles, admits, plan_only)
             return billed[0] if settles else admissions[0]
         except Exception as exc:  # noqa: BLE001 - handed to its caller
             return exc
 
 
 # refusals that a settlement still waiting could turn into an admission: it gives back its hold
-# on the windows and its place under the plan's concurrency cap
+# on the windows and its place under the plan's concurrency cap (a plan-only try that the plan
+# could not hold is refused as window_full too)
 _SETTLEMENT_MAY_CHANGE = frozenset({"window_full", "concurrency"})
 
 
@@ -178,7 +185,7 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
 
 
 class Ledger:
-    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038 and 0039."""
+    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038, 0039 and 0041."""
 
     def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, linger: float = 0.01) -> None:
         self._pool = pool
@@ -205,11 +212,11 @@ class Ledger:
     async def void(self, entry_id: uuid.UUID, *, reason: str) -> int | None:
         return await self.settle(Settlement(entry_id, "voided", Counts(), False, reason))
 
-    async def _tick(self, settles: list[Settlement], admits: list[Reservation]
+    async def _tick(self, settles: list[Settlement], admits: list[Reservation], plan_only: list[bool]
                     ) -> tuple[list[int | None], list[Admission]]:
         rows = await _retrying(lambda: self._pool.fetch(
             "SELECT * FROM ledger_tick($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-            " $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+            " $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
             [s.entry_id for s in settles], [s.state for s in settles],
             [s.counts.prompt_tokens for s in settles], [s.counts.completion_tokens for s in settles],
             [s.counts.cached_tokens for s in settles], [s.counts.reasoning_tokens for s in settles],
@@ -219,7 +226,7 @@ class Ledger:
             [a.entry_id for a in admits], [a.subscription_id for a in admits],
             [a.api_key_id for a in admits], [a.surface for a in admits], [a.model for a in admits],
             [a.prompt_estimate for a in admits], [a.reserve for a in admits],
-            [a.held for a in admits], self._lease))
+            [a.held for a in admits], self._lease, plan_only))
         billed: dict[int, int] = {}
         admissions: dict[int, Admission] = {}
         for r in rows:

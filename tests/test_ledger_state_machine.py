@@ -185,6 +185,35 @@ async def test_one_request_at_a_time_is_never_refused_by_the_settlement_before_i
         await pool.close()
 
 
+async def test_a_request_the_plan_can_hold_draws_nothing_from_a_top_up_while_the_last_settles(fresh_database):
+    # The same, with a top-up instead of a cap: while the request before still holds the
+    # window, the next one would fit only with part of it on the top-up; settled first, the plan
+    # holds it all, so nothing may go on the top-up (migrations/0041).
+    plan = new_plan(fresh_database, window=399, weekly=100_000)
+    new_user(fresh_database, plan)
+    sub, key = await _subscription(fresh_database, plan)
+    await query(fresh_database, "INSERT INTO quota_windows (subscription_id, kind, starts_at, ends_at, allowance)"
+                                " VALUES ($1, 'topup', now() - interval '1 minute', now() + interval '1 day', 100000)",
+                sub)
+    pool, ledger = await _ledger(fresh_database)
+    args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
+    try:
+        settling = []
+        for _ in range(10):
+            entry = uuid.uuid4()
+            assert (await admit(ledger, entry, reserve=10, held=200, **args)).admitted
+            settling.append(asyncio.ensure_future(ledger.post(entry, Usage(prompt_tokens=1, completion_tokens=9),
+                                                              estimated=False, reason="t")))
+            await asyncio.sleep(0)
+        await asyncio.gather(*settling)
+        rows = await query(fresh_database, "SELECT * FROM usage_ledger WHERE subscription_id = $1", sub)
+        assert len(rows) == 10
+        assert all(r["extra_window_id"] is None and r["extra_billed_tokens"] == 0 for r in rows)
+        assert (await _windows(fresh_database))["topup"]["posted"] == 0
+    finally:
+        await pool.close()
+
+
 async def test_sweeper_expires_only_lapsed_leases_at_what_they_proved(env):
     url, pool, ledger, sub, key = env
     ledger = Ledger(pool, lease_seconds=0.2)

@@ -17,14 +17,16 @@ class Model:
     """One subscription with a concurrency cap and a window, as ledger_tick treats them:
     settlements first, then admissions in order. Records what each tick carried."""
 
-    def __init__(self, cap: int = 1, window: int = 1_000) -> None:
-        self.cap, self.room = cap, window
+    def __init__(self, cap: int = 1, window: int = 1_000, extra: int = 0) -> None:
+        self.cap, self.room, self.extra = cap, window, extra  # extra: a top-up's room
         self.holds: dict[uuid.UUID, int] = {}
         self.ticks: list[tuple[list[str], list[str]]] = []
         self.gate: asyncio.Event | None = None  # when set: each tick waits for it
         self.delay = 0.0  # seconds each tick that carries settlements takes
+        self.spilled = 0  # held on the top-up
 
-    async def tick(self, settles: list[Settlement], admits: list[Reservation]) -> tuple[list, list]:
+    async def tick(self, settles: list[Settlement], admits: list[Reservation], plan_only: list[bool]
+                   ) -> tuple[list, list]:
         self.ticks.append(([s.reason for s in settles], [a.surface for a in admits]))
         if self.gate is not None:
             await self.gate.wait()
@@ -35,15 +37,18 @@ class Model:
             self.room += self.holds.pop(s.entry_id) - s.counts.completion_tokens
             billed.append(s.counts.completion_tokens)
         admissions = []
-        for a in admits:
+        for a, only in zip(admits, plan_only):
             if len(self.holds) >= self.cap:
                 admissions.append(Admission("concurrency", allowance=self.cap))
-            elif a.held > self.room:
+            elif a.held > self.room and (only or a.held - self.room > self.extra):
                 admissions.append(Admission("window_full", window_kind="5h"))
-            else:
-                self.holds[a.entry_id] = a.held
-                self.room -= a.held
-                admissions.append(Admission("admitted", room=self.room))
+            else:  # what the plan cannot hold goes on the top-up
+                part = min(a.held, self.room)
+                self.holds[a.entry_id] = part
+                self.room -= part
+                self.extra -= a.held - part
+                self.spilled += a.held - part
+                admissions.append(Admission("admitted", room=self.room + self.extra))
         return billed, admissions
 
 
@@ -100,6 +105,25 @@ async def test_a_window_the_waiting_settlement_frees_admits_after_it():
     await _answered(ticker)
     assert (await ticker.admit(_reservation("second"))).admitted
     assert model.ticks[-1] == (["first"], ["second"])
+
+
+async def test_a_request_the_plan_could_hold_after_the_waiting_settlement_draws_nothing_from_a_top_up():
+    # a top-up could take the part the previous request's hold still covers; settled first, the
+    # plan holds it all, so the first try may not spill and the second, after the settlement, fits
+    model = Model(cap=10, window=150, extra=1_000)
+    ticker = _ticker(model)
+    await _answered(ticker)
+    assert (await ticker.admit(_reservation("second"))).admitted
+    assert model.ticks[-2:] == [([], ["second"]), (["first"], ["second"])]
+    assert model.spilled == 0
+
+
+async def test_a_request_the_plan_cannot_hold_still_spills_at_once_with_nothing_waiting():
+    model = Model(cap=10, window=150, extra=1_000)
+    ticker = _ticker(model)
+    assert (await ticker.admit(_reservation("first"))).admitted
+    assert (await ticker.admit(_reservation("second"))).admitted
+    assert model.spilled == 50 and len(model.ticks) == 2
 
 
 async def test_a_refusal_with_nothing_waiting_is_answered_at_once():
