@@ -160,29 +160,34 @@ async def test_concurrency_cap(fresh_database):
         await pool.close()
 
 
-async def test_one_request_at_a_time_is_never_refused_by_the_settlement_before_it(fresh_database):
-    # The settlement of an answered request lingers (service/ledger.py `_Ticker`), so the next
-    # admission goes without it; on a plan of one request at a time, and a window with room
-    # for one hold, each next request must still be admitted, as if settled first.
-    plan = new_plan(fresh_database, window=399, weekly=100_000, max_concurrent=1)
-    new_user(fresh_database, plan)
-    sub, key = await _subscription(fresh_database, plan)
-    pool, ledger = await _ledger(fresh_database)
+async def _one_at_a_time(url: str, sub: int, key: int, requests: int = 10) -> None:
+    """`requests` requests of one client, one at a time: each admitted (holding 200, using 10)
+    and answered, its settlement on its way while the next is admitted."""
+    pool, ledger = await _ledger(url)
     args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
     try:
         settling = []
-        for _ in range(10):
+        for _ in range(requests):
             entry = uuid.uuid4()
             admission = await admit(ledger, entry, reserve=10, held=200, **args)
             assert admission.admitted, admission
             settling.append(asyncio.ensure_future(ledger.post(entry, Usage(prompt_tokens=1, completion_tokens=9),
                                                               estimated=False, reason="t")))
             await asyncio.sleep(0)  # answered: its settlement waits, the next request comes
-        assert await asyncio.gather(*settling) == [10] * 10
-        windows = await _windows(fresh_database)
-        assert (windows["5h"]["posted"], windows["5h"]["held"]) == (100, 0)
+        assert await asyncio.gather(*settling) == [10] * requests
     finally:
         await pool.close()
+
+
+async def test_one_request_at_a_time_is_never_refused_by_the_settlement_before_it(fresh_database):
+    # The settlement of an answered request lingers (service/ledger.py `_Ticker`), so the next
+    # admission goes without it; on a plan of one request at a time, and a window with room
+    # for one hold, each next request must still be admitted, as if settled first.
+    plan = new_plan(fresh_database, window=399, weekly=100_000, max_concurrent=1)
+    new_user(fresh_database, plan)
+    await _one_at_a_time(fresh_database, *await _subscription(fresh_database, plan))
+    windows = await _windows(fresh_database)
+    assert (windows["5h"]["posted"], windows["5h"]["held"]) == (100, 0)
 
 
 async def test_a_request_the_plan_can_hold_draws_nothing_from_a_top_up_while_the_last_settles(fresh_database):
@@ -195,23 +200,11 @@ async def test_a_request_the_plan_can_hold_draws_nothing_from_a_top_up_while_the
     await query(fresh_database, "INSERT INTO quota_windows (subscription_id, kind, starts_at, ends_at, allowance)"
                                 " VALUES ($1, 'topup', now() - interval '1 minute', now() + interval '1 day', 100000)",
                 sub)
-    pool, ledger = await _ledger(fresh_database)
-    args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
-    try:
-        settling = []
-        for _ in range(10):
-            entry = uuid.uuid4()
-            assert (await admit(ledger, entry, reserve=10, held=200, **args)).admitted
-            settling.append(asyncio.ensure_future(ledger.post(entry, Usage(prompt_tokens=1, completion_tokens=9),
-                                                              estimated=False, reason="t")))
-            await asyncio.sleep(0)
-        await asyncio.gather(*settling)
-        rows = await query(fresh_database, "SELECT * FROM usage_ledger WHERE subscription_id = $1", sub)
-        assert len(rows) == 10
-        assert all(r["extra_window_id"] is None and r["extra_billed_tokens"] == 0 for r in rows)
-        assert (await _windows(fresh_database))["topup"]["posted"] == 0
-    finally:
-        await pool.close()
+    await _one_at_a_time(fresh_database, sub, key)
+    rows = await query(fresh_database, "SELECT * FROM usage_ledger WHERE subscription_id = $1", sub)
+    assert len(rows) == 10
+    assert all(r["extra_window_id"] is None and r["extra_billed_tokens"] == 0 for r in rows)
+    assert (await _windows(fresh_database))["topup"]["posted"] == 0
 
 
 async def test_sweeper_expires_only_lapsed_leases_at_what_they_proved(env):
