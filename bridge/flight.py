@@ -155,21 +155,22 @@ class Flight:
         usage = self.meter.completed_usage()
         response = self.response
         upstream = response.profile if response is not None else None
+        subscription = self.principal.subscription_id
         if usage is not None:
             counts = Counts(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
                             usage.reasoning_tokens)
             settlement = Settlement(self.entry, "posted", counts, estimated=False, reason=cause,
                                     upstream_request_id=self.meter.upstream_id, upstream=upstream,
-                                    upstream_cost=self._cost(counts))
+                                    upstream_cost=self._cost(counts), subscription_id=subscription)
         elif not self.accepted:
             settlement = Settlement(self.entry, "voided", Counts(), estimated=False, reason=cause,
-                                    upstream=upstream)
+                                    upstream=upstream, subscription_id=subscription)
         else:
             estimate = self.estimated_usage()
             counts = Counts(estimate.prompt_tokens, estimate.completion_tokens)
             settlement = Settlement(self.entry, "posted", counts, estimated=True, reason=cause,
                                     upstream_request_id=self.meter.upstream_id, upstream=upstream,
-                                    upstream_cost=self._cost(counts))
+                                    upstream_cost=self._cost(counts), subscription_id=subscription)
         self._flights.settle(self, settlement, usage)
 
     def _cost(self, counts: Counts) -> float | None:

@@ -74,6 +74,9 @@ class Settlement(msgspec.Struct, frozen=True):
     # the upstream profile that served it and what that cost, in USD (its prices)
     upstream: str | None = None
     upstream_cost: float | None = None
+    # whose windows it releases; None when the settler does not know (the ledger then assumes
+    # it may be anyone's: service/ledger.py `_Ticker`)
+    subscription_id: int | None = None
 
 
 class KeyAuthority(Protocol):

@@ -74,11 +74,12 @@ class _Ticker:
     So an admission does not wait for the settlement of the request before it, which at one
     request at a time was most of what it waited for (bench/PROFILE.md). Where that settlement
     would have changed the answer (a window full, a plan's concurrency cap reached, while
-    settlements were still waiting), the admission is tried once more with them settled first;
-    and while they wait, a first try may not put any of a request on a top-up or overage window
-    (refused as full instead, then tried again: migrations/0041). So every answer is the one a
-    settle-first tick would give. A tick that fails is retried element by element, so a fault
-    stays with the element that caused it.
+    settlements of its subscription were still waiting), the admission is tried once more with
+    them settled first; and while they wait, a first try may not put any of a request on a top-up
+    or overage window (refused as full instead, then tried again: migrations/0041). So an answer
+    is the one a settle-first tick would give, as far as a tick's batch reaches (more than
+    `max_size` settlements waiting: the rest wait for the next, as they always did). A tick that
+    fails is retried element by element, so a fault stays with the element that caused it.
     """
 
     def __init__(self, tick: Callable[[list, list, list], Awaitable[tuple[list, list]]],
@@ -128,25 +129,27 @@ class _Ticker:
                     settles = self._settles[:self._max]
                     del self._settles[:self._max]
                     self._settles_due = bool(self._settles)
-                left_waiting = bool(self._settles)
-                # while settlements wait, a first try may not draw on a top-up or overage window
-                # (migrations/0041): settled first, the plan might have held the request
-                plan_only = [left_waiting and not tried for _, _, tried in admits]
+                # the subscriptions whose settlements are left waiting (None: one of unknown
+                # subscription waits, so any may be one of them)
+                waiting = {s.subscription_id for s, _ in self._settles}
+                behind = [not tried and (None in waiting or a.subscription_id in waiting)
+                          for a, _, tried in admits]
+                # while a subscription's settlements wait, a first try may not draw on a top-up
+                # or overage window (migrations/0041): settled first, the plan might hold it
                 try:
                     billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits],
-                                                          plan_only)
+                                                          behind)
                 except Exception:  # noqa: BLE001 - each element alone, so a fault stays with its cause
                     billed = [await self._alone([s], [], []) for s, _ in settles]
-                    admissions = [await self._alone([], [a], [only]) for (a, _, _), only in zip(admits, plan_only)]
+                    admissions = [await self._alone([], [a], [only]) for (a, _, _), only in zip(admits, behind)]
                 for (_, future), result in zip(settles, billed):
                     _deliver(future, result)
                 again: list[tuple[Reservation, asyncio.Future, bool]] = []
-                for (reservation, future, tried), result in zip(admits, admissions):
+                for (reservation, future, _), result, waited in zip(admits, admissions, behind):
                     if future.done():  # the caller was cancelled meanwhile
                         if isinstance(result, Admission):
                             self._orphan(reservation, result)
-                    elif (left_waiting and not tried and isinstance(result, Admission)
-                          and result.outcome in _SETTLEMENT_MAY_CHANGE):
+                    elif waited and isinstance(result, Admission) and result.outcome in _SETTLEMENT_MAY_CHANGE:
                         again.append((reservation, future, True))
                     else:
                         _deliver(future, result)

@@ -57,9 +57,15 @@ def _reservation(name: str, held: int = 100) -> Reservation:
                        prompt_estimate=10, reserve=held, held=held)
 
 
-def _settlement(reservation: Reservation, used: int = 40) -> Settlement:
+_ITS_OWN = object()
+
+
+def _settlement(reservation: Reservation, used: int = 40, subscription=_ITS_OWN) -> Settlement:
+    """The bridge names the subscription a settlement releases; a settler that does not know it
+    (`Ledger.post`) leaves None."""
     return Settlement(reservation.entry_id, "posted", Counts(completion_tokens=used), False,
-                      reservation.surface)
+                      reservation.surface,
+                      subscription_id=reservation.subscription_id if subscription is _ITS_OWN else subscription)
 
 
 def _ticker(model: Model) -> _Ticker:
@@ -67,12 +73,12 @@ def _ticker(model: Model) -> _Ticker:
     return _Ticker(model.tick, lambda r, a: orphans.append((r, a)), linger=LINGER)
 
 
-async def _answered(ticker: _Ticker, name: str = "first") -> asyncio.Future:
+async def _answered(ticker: _Ticker, name: str = "first", subscription=_ITS_OWN) -> asyncio.Future:
     """A request admitted and answered: its settlement is on its way (the future), and the
     client's next request comes at once."""
     reservation = _reservation(name)
     assert (await ticker.admit(reservation)).admitted
-    settled = asyncio.ensure_future(ticker.settle(_settlement(reservation)))
+    settled = asyncio.ensure_future(ticker.settle(_settlement(reservation, subscription=subscription)))
     await asyncio.sleep(0)
     return settled
 
@@ -97,6 +103,26 @@ async def test_a_refusal_a_waiting_settlement_would_lift_is_tried_again_after_it
     assert second.admitted, second
     assert model.ticks == [([], ["first"]), ([], ["second"]), (["first"], ["second"])]
     assert await settled == 40
+
+
+async def test_a_settlement_of_unknown_subscription_counts_as_anyones():
+    model = Model(cap=1)
+    ticker = _ticker(model)
+    settled = await _answered(ticker, subscription=None)
+    assert (await ticker.admit(_reservation("second"))).admitted
+    assert model.ticks == [([], ["first"]), ([], ["second"]), (["first"], ["second"])]
+    await settled
+
+
+async def test_another_subscriptions_waiting_settlement_changes_nothing_here():
+    # (the model keeps one subscription's books: the settlement is labelled another's, so the
+    # ticker must not wait for it, and the refusal stands at once)
+    model = Model(cap=1)
+    ticker = _ticker(model)
+    settled = await _answered(ticker, subscription=2)
+    assert (await ticker.admit(_reservation("second"))).outcome == "concurrency"
+    assert model.ticks == [([], ["first"]), ([], ["second"])]
+    await settled
 
 
 async def test_a_window_the_waiting_settlement_frees_admits_after_it():
