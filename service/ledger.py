@@ -129,27 +129,27 @@ class _Ticker:
                     settles = self._settles[:self._max]
                     del self._settles[:self._max]
                     self._settles_due = bool(self._settles)
-                # the subscriptions whose settlements are left waiting (None: one of unknown
-                # subscription waits, so any may be one of them)
+                # A first try is marked while settlements of its subscription are left waiting
+                # (None: one of unknown subscription waits, so any may be one of them): marked,
+                # it may not draw on a top-up or overage window (migrations/0041), and a refusal
+                # those settlements could lift is tried again after them.
                 waiting = {s.subscription_id for s, _ in self._settles}
-                behind = [not tried and (None in waiting or a.subscription_id in waiting)
+                marked = [not tried and (None in waiting or a.subscription_id in waiting)
                           for a, _, tried in admits]
-                # while a subscription's settlements wait, a first try may not draw on a top-up
-                # or overage window (migrations/0041): settled first, the plan might hold it
                 try:
                     billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits],
-                                                          behind)
+                                                          marked)
                 except Exception:  # noqa: BLE001 - each element alone, so a fault stays with its cause
                     billed = [await self._alone([s], [], []) for s, _ in settles]
-                    admissions = [await self._alone([], [a], [only]) for (a, _, _), only in zip(admits, behind)]
+                    admissions = [await self._alone([], [a], [mark]) for (a, _, _), mark in zip(admits, marked)]
                 for (_, future), result in zip(settles, billed):
                     _deliver(future, result)
                 again: list[tuple[Reservation, asyncio.Future, bool]] = []
-                for (reservation, future, _), result, waited in zip(admits, admissions, behind):
+                for (reservation, future, _), result, mark in zip(admits, admissions, marked):
                     if future.done():  # the caller was cancelled meanwhile
                         if isinstance(result, Admission):
                             self._orphan(reservation, result)
-                    elif waited and isinstance(result, Admission) and result.outcome in _SETTLEMENT_MAY_CHANGE:
+                    elif mark and isinstance(result, Admission) and result.outcome in _SETTLEMENT_MAY_CHANGE:
                         again.append((reservation, future, True))
                     else:
                         _deliver(future, result)
