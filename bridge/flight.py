@@ -17,6 +17,7 @@ The settlement rules (README, "The ledger"):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -265,6 +266,8 @@ class Flights:
         self.drains = 0
         self.live: set[Flight] = set()  # admitted and not ended yet
         self._background: set[asyncio.Task] = set()
+        self._settling: set[Flight] = set()  # ended, settlement not written (or given up) yet
+        self._quiet: asyncio.Future | None = None  # set when the last one lands, if awaited
 
     def spawn(self, coroutine: Coroutine) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -275,7 +278,7 @@ class Flights:
     @property
     def in_flight(self) -> int:
         """Flights not ended, plus the work they left (settlement writes, drains)."""
-        return len(self.live) + len(self._background)
+        return len(self.live) + len(self._background) + len(self._settling)
 
     def drained(self, task: asyncio.Task) -> None:
         """A drain ended (even one cancelled before it began): its place under the cap is free."""
@@ -290,33 +293,44 @@ class Flights:
         if usage is not None:
             self.calibration.observe(flight.model, flight.kind, flight.principal.account_id,
                                      flight.raw_prompt, usage.prompt_tokens)
-        self.spawn(self._write(flight, settlement))
+        self._settling.add(flight)
+        self._write(flight, settlement, _SETTLE_FIRST_DELAY)
 
-    async def _write(self, flight: Flight, settlement: Settlement) -> None:
-        """Write the settlement; a database blip is retried with backoff (a settlement is
-        idempotent) until it is written or the lease is about to pass to the sweeper."""
-        delay = _SETTLE_FIRST_DELAY
-        outcome = "settled"
-        billed: int | None = None
-        while True:
-            try:
-                billed = await self.ledger.settle(settlement)
-                if billed is None:
-                    # settled before: the first write's reply was lost, or the sweeper won
-                    outcome = "settled_before"
-                break
-            except Exception as exc:  # noqa: BLE001 - any failure: retry or leave to the sweeper
-                if time.monotonic() + delay > flight.lease_deadline - _LEASE_MARGIN:
-                    log.error("settlement not written; the sweeper will expire the entry",
-                              extra={"entry": str(settlement.entry_id), "error": type(exc).__name__})
-                    outcome = "left_to_sweeper"
-                    break
-                log.warning("settlement failed; retrying",
-                            extra={"entry": str(settlement.entry_id), "error": type(exc).__name__,
-                                   "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _SETTLE_MAX_DELAY)
-        self._access_line(flight, settlement, billed, outcome)
+    def _write(self, flight: Flight, settlement: Settlement, delay: float) -> None:
+        """Write the settlement: queued with the ledger, its answer taken by a callback (no task
+        per request); a database blip is retried after `delay`, doubling (a settlement is
+        idempotent), until it is written or the lease is about to pass to the sweeper."""
+        self.ledger.settle(settlement).add_done_callback(
+            functools.partial(self._written, flight, settlement, delay))
+
+    def _written(self, flight: Flight, settlement: Settlement, delay: float,
+                 writing: "asyncio.Future[int | None]") -> None:
+        if writing.cancelled():  # the loop is going away: the sweeper settles the entry
+            self._landed(flight)
+            return
+        exc = writing.exception()
+        if exc is None:
+            billed = writing.result()
+            # None: settled before (the first write's reply was lost, or the sweeper won)
+            self._landed(flight)
+            self._access_line(flight, settlement, billed, "settled" if billed is not None else "settled_before")
+            return
+        if time.monotonic() + delay > flight.lease_deadline - _LEASE_MARGIN:
+            log.error("settlement not written; the sweeper will expire the entry",
+                      extra={"entry": str(settlement.entry_id), "error": type(exc).__name__})
+            self._landed(flight)
+            self._access_line(flight, settlement, None, "left_to_sweeper")
+            return
+        log.warning("settlement failed; retrying",
+                    extra={"entry": str(settlement.entry_id), "error": type(exc).__name__,
+                           "retry_in_s": delay})
+        asyncio.get_running_loop().call_later(delay, self._write, flight, settlement,
+                                              min(delay * 2, _SETTLE_MAX_DELAY))
+
+    def _landed(self, flight: Flight) -> None:
+        self._settling.discard(flight)
+        if not self._settling and self._quiet is not None and not self._quiet.done():
+            self._quiet.set_result(None)
 
     def _access_line(self, flight: Flight, settlement: Settlement, billed: int | None, outcome: str) -> None:
         now = flight.ended_at or time.monotonic()
@@ -353,5 +367,10 @@ class Flights:
 
     async def land(self, timeout: float = 10.0) -> None:
         """At shutdown: let settlements and drains in flight finish (the sweeper covers the rest)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
+        if self._settling:  # drains end in settlements: these are waited for after them
+            self._quiet = loop.create_future()
+            await asyncio.wait({self._quiet}, timeout=max(0.0, deadline - loop.time()))

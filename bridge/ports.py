@@ -6,6 +6,7 @@ the boundary are the Structs below.
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 from typing import Protocol
@@ -87,9 +88,11 @@ class KeyAuthority(Protocol):
 class LedgerPort(Protocol):
     async def admit(self, reservation: Reservation) -> Admission: ...
 
-    async def settle(self, settlement: Settlement) -> int | None:
-        """The billed tokens, or None when the entry was settled already (a replay: the first
-        settlement's reply was lost). Raises on a database failure; safe to call again."""
+    def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
+        """Queued at once; the future holds the billed tokens, or None when the entry was
+        settled already (a replay: the first settlement's reply was lost), or the database's
+        failure (safe to settle again). A future, not a coroutine: the bridge settles every
+        request and keeps no task per settlement (bridge/flight.py)."""
 
     async def heartbeat(self, entry_id: uuid.UUID, delivered_tokens: int) -> bool:
         """Extend the lease; False when the entry is no longer pending."""

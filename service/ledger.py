@@ -102,12 +102,13 @@ class _Ticker:
         self._start()
         return await future
 
-    async def settle(self, settlement: Settlement) -> int | None:
-        future = asyncio.get_running_loop().create_future()
+    def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._settles.append((settlement, future))
         if self._timer is None and not self._settles_due:
-            self._timer = asyncio.get_running_loop().call_later(self._linger, self._lingered)
-        return await future
+            self._timer = loop.call_later(self._linger, self._lingered)
+        return future
 
     def _lingered(self) -> None:
         self._timer = None
@@ -198,10 +199,11 @@ class Ledger:
     async def admit(self, reservation: Reservation) -> Admission:
         return await self._ticker.admit(reservation)
 
-    async def settle(self, settlement: Settlement) -> int | None:
-        """Settle a pending entry. Returns the billed credits, or None if it was settled already
-        (a replay). Raises on a database failure: the caller retries, harmlessly."""
-        return await self._ticker.settle(settlement)
+    def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
+        """Settle a pending entry, in the next tick. The future holds the billed credits, or None
+        if it was settled already (a replay), or a database failure: the caller retries,
+        harmlessly."""
+        return self._ticker.settle(settlement)
 
     def _void_orphan(self, a: Reservation, admission: Admission) -> None:
         """An admission whose caller went away before hearing of it: nothing was forwarded."""

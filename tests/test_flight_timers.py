@@ -25,9 +25,11 @@ class RecordingLedger:
         self.beats.append(time.monotonic())
         return True
 
-    async def settle(self, settlement: Settlement) -> int | None:
+    def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
         self.settled.append((time.monotonic(), settlement))
-        return 0
+        written = asyncio.get_running_loop().create_future()
+        written.set_result(0)
+        return written
 
 
 def _flight(settings: BridgeSettings, ledger: RecordingLedger):

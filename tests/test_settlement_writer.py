@@ -1,0 +1,102 @@
+"""The settlement writer (bridge/flight.py `Flights`): a settlement is queued with the ledger and
+its answer taken by a callback, with no task of its own. A database blip is retried with
+backoff until the write lands, once; a settlement still failing near its lease's end is left to
+the sweeper; shutdown (`land`) waits for the writes in flight and no longer. A scripted ledger
+stands in for the database: what is asserted is what the flights ask of it, and when."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from bridge.flight import Flight, Flights
+from bridge.metering import Calibration
+from bridge.ports import Principal, Settlement
+from bridge.settings import BridgeSettings
+
+PRINCIPAL = Principal(account_id=1, api_key_id=1, subscription_id=1, plan_id="p", models=())
+
+
+class ScriptedLedger:
+    """Fails the first `failures` writes; answers each write after `delay` seconds."""
+
+    def __init__(self, failures: int = 0, delay: float = 0.0) -> None:
+        self.failures = failures
+        self.delay = delay
+        self.writes: list[tuple[float, Settlement]] = []
+
+    def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
+        loop = asyncio.get_running_loop()
+        self.writes.append((time.monotonic(), settlement))
+        written = loop.create_future()
+        if len(self.writes) <= self.failures:
+            loop.call_later(self.delay, written.set_exception, ConnectionResetError("database gone"))
+        else:
+            loop.call_later(self.delay, written.set_result, 42)
+        return written
+
+    async def heartbeat(self, entry_id: uuid.UUID, delivered_tokens: int) -> bool:
+        return True
+
+
+def _flights(ledger: ScriptedLedger, **settings) -> Flights:
+    return Flights(BridgeSettings(**settings), ledger, Calibration(), "test")
+
+
+def _flight(flights: Flights) -> Flight:
+    return Flight(flights, entry=uuid.uuid4(), principal=PRINCIPAL, surface="chat", model="glm-4.6",
+                  shown_model="glm-4.6", prompt_estimate=10, raw_prompt=10, kind="ascii",
+                  started=time.monotonic())
+
+
+async def test_a_blip_is_retried_with_backoff_until_the_write_lands_once(caplog):
+    ledger = ScriptedLedger(failures=2)
+    flights = _flights(ledger)
+    flight = _flight(flights)
+    with caplog.at_level(logging.INFO):
+        flight.end("complete")
+        assert flights.in_flight == 1  # the write counts until it lands
+        await asyncio.wait_for(flights.land(), 5)
+    assert flights.in_flight == 0
+    times = [t for t, _ in ledger.writes]
+    assert len(times) == 3 and {s.entry_id for _, s in ledger.writes} == {flight.entry}
+    # 0.05 s, then 0.1 s: doubling
+    assert 0.04 <= times[1] - times[0] < 0.5 and times[2] - times[1] >= 0.09, times
+    retried = [r for r in caplog.records if r.getMessage() == "settlement failed; retrying"]
+    assert len(retried) == 2
+    lines = [r for r in caplog.records if r.name == "codeplan.access"]
+    assert len(lines) == 1 and lines[0].outcome == "settled" and lines[0].billed == 42
+
+
+async def test_a_write_still_failing_near_the_lease_end_is_left_to_the_sweeper(caplog):
+    ledger = ScriptedLedger(failures=1000)
+    # a lease of 2.2 s and a margin of 2 s: the first retry (0.05 s) fits, a later one does not
+    flights = _flights(ledger, reservation_lease=2.2)
+    flight = _flight(flights)
+    with caplog.at_level(logging.INFO):
+        flight.end("complete")
+        await asyncio.wait_for(flights.land(), 5)
+    assert flights.in_flight == 0
+    assert 2 <= len(ledger.writes) < 10
+    assert any(r.getMessage() == "settlement not written; the sweeper will expire the entry"
+               for r in caplog.records)
+    lines = [r for r in caplog.records if r.name == "codeplan.access"]
+    assert len(lines) == 1 and lines[0].outcome == "left_to_sweeper"
+
+
+async def test_land_waits_for_writes_in_flight_and_no_longer():
+    slow = ScriptedLedger(delay=0.3)
+    flights = _flights(slow)
+    for _ in range(3):
+        _flight(flights).end("complete")
+    started = time.monotonic()
+    await flights.land(timeout=5)
+    assert 0.25 <= time.monotonic() - started < 2 and flights.in_flight == 0
+
+    stuck = ScriptedLedger(delay=60)
+    flights = _flights(stuck)
+    _flight(flights).end("complete")
+    started = time.monotonic()
+    await flights.land(timeout=0.2)
+    assert time.monotonic() - started < 1 and flights.in_flight == 1
