@@ -214,11 +214,13 @@ class Journey:
         room = self._room.get(principal.subscription_id)
         opening: asyncio.Future | None = None
         forwarded: float | None = None
+        # queued first: the database starts on the admission before the upstream request is built
+        admitting = self._ledger.admit(reservation)
         if room is not None and room >= 2 * held:
             forwarded = time.monotonic()
             opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
         try:
-            admission = await self._ledger.admit(reservation)
+            admission = await admitting
         except BaseException as exc:
             if opening is not None:
                 _abandon(opening)

@@ -86,7 +86,10 @@ class KeyAuthority(Protocol):
 
 
 class LedgerPort(Protocol):
-    async def admit(self, reservation: Reservation) -> Admission: ...
+    def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
+        """Queued at once, so the database works on it while the upstream request is built;
+        the future holds the answer, or the database's failure. Cancelling it abandons the
+        admission (an entry admitted meanwhile is voided)."""
 
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
         """Queued at once; the future holds the billed tokens, or None when the entry was

@@ -96,11 +96,11 @@ class _Ticker:
         self._timer: asyncio.TimerHandle | None = None
         self._settles_due = False  # the waiting settlements go in the next tick
 
-    async def admit(self, reservation: Reservation) -> Admission:
+    def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
         future = asyncio.get_running_loop().create_future()
         self._admits.append((reservation, future, False))
         self._start()
-        return await future
+        return future
 
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
         loop = asyncio.get_running_loop()
@@ -196,8 +196,8 @@ class Ledger:
         self._lease = lease_seconds
         self._ticker = _Ticker(self._tick, self._void_orphan, linger=linger)
 
-    async def admit(self, reservation: Reservation) -> Admission:
-        return await self._ticker.admit(reservation)
+    def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
+        return self._ticker.admit(reservation)
 
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
         """Settle a pending entry, in the next tick. The future holds the billed credits, or None
