@@ -54,6 +54,23 @@ def _usd(cost: float | None) -> decimal.Decimal | None:
     return None if cost is None else decimal.Decimal(f"{cost:.9f}")
 
 
+def _settle_arguments(settles: list[Settlement]) -> tuple[list, ...]:
+    """ledger_settle_batch's (and ledger_tick's first) eleven arrays, one element per settlement."""
+    return ([s.entry_id for s in settles], [s.state for s in settles],
+            [s.counts.prompt_tokens for s in settles], [s.counts.completion_tokens for s in settles],
+            [s.counts.cached_tokens for s in settles], [s.counts.reasoning_tokens for s in settles],
+            [s.estimated for s in settles], [s.reason for s in settles],
+            [s.upstream_request_id for s in settles], [s.upstream for s in settles],
+            [_usd(s.upstream_cost) for s in settles])
+
+
+def _admit_arguments(admits: list[Reservation]) -> tuple[list, ...]:
+    """ledger_admit_batch's (and ledger_tick's next) eight arrays, one element per admission."""
+    return ([a.entry_id for a in admits], [a.subscription_id for a in admits],
+            [a.api_key_id for a in admits], [a.surface for a in admits], [a.model for a in admits],
+            [a.prompt_estimate for a in admits], [a.reserve for a in admits], [a.held for a in admits])
+
+
 def _admission(row: asyncpg.Record) -> Admission:
     return Admission(outcome=row["outcome"], window_kind=row["window_kind"],
                      resets_at=row["resets_at"], allowance=row["allowance"], detail=row["detail"],
@@ -219,26 +236,31 @@ class Ledger:
 
     async def _tick(self, settles: list[Settlement], admits: list[Reservation], plan_only: list[bool]
                     ) -> tuple[list[int | None], list[Admission]]:
-        rows = await _retrying(lambda: self._pool.fetch(
-            "SELECT * FROM ledger_tick($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-            " $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
-            [s.entry_id for s in settles], [s.state for s in settles],
-            [s.counts.prompt_tokens for s in settles], [s.counts.completion_tokens for s in settles],
-            [s.counts.cached_tokens for s in settles], [s.counts.reasoning_tokens for s in settles],
-            [s.estimated for s in settles], [s.reason for s in settles],
-            [s.upstream_request_id for s in settles], [s.upstream for s in settles],
-            [_usd(s.upstream_cost) for s in settles],
-            [a.entry_id for a in admits], [a.subscription_id for a in admits],
-            [a.api_key_id for a in admits], [a.surface for a in admits], [a.model for a in admits],
-            [a.prompt_estimate for a in admits], [a.reserve for a in admits],
-            [a.held for a in admits], self._lease, plan_only))
+        # One transaction either way. A tick of one kind calls its function directly: each takes
+        # the subscriptions' mutexes first, in id order, as ledger_tick does for both, and
+        # ledger_tick's own statements cost ~0.1 ms a call (bench/PROFILE.md), which at one
+        # request at a time is on every admission's path.
         billed: dict[int, int] = {}
         admissions: dict[int, Admission] = {}
-        for r in rows:
-            if r["kind"] == "settle":
+        if not admits:
+            for r in await _retrying(lambda: self._pool.fetch(
+                    "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    *_settle_arguments(settles))):
                 billed[r["i"]] = r["billed"]
-            else:
+        elif not settles:
+            for r in await _retrying(lambda: self._pool.fetch(
+                    "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    *_admit_arguments(admits), self._lease, plan_only)):
                 admissions[r["i"]] = _admission(r)
+        else:
+            for r in await _retrying(lambda: self._pool.fetch(
+                    "SELECT * FROM ledger_tick($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
+                    " $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
+                    *_settle_arguments(settles), *_admit_arguments(admits), self._lease, plan_only)):
+                if r["kind"] == "settle":
+                    billed[r["i"]] = r["billed"]
+                else:
+                    admissions[r["i"]] = _admission(r)
         return ([billed.get(i + 1) for i in range(len(settles))],
                 [admissions[i + 1] for i in range(len(admits))])
 
