@@ -142,6 +142,8 @@ class _Ticker:
             while self._admits or (self._settles and self._settles_due):
                 admits = self._admits[:self._max]
                 del self._admits[:self._max]
+                if not self._settles_due and _one_subscription_twice(admits, self._settles):
+                    self._settles_due = True
                 settles: list[tuple[Settlement, asyncio.Future]] = []
                 if self._settles_due:
                     settles = self._settles[:self._max]
@@ -188,6 +190,25 @@ class _Ticker:
             return billed[0] if settles else admissions[0]
         except Exception as exc:  # noqa: BLE001 - handed to its caller
             return exc
+
+
+def _one_subscription_twice(admits: list[tuple[Reservation, asyncio.Future, bool]],
+                            settles: list[tuple[Settlement, asyncio.Future]]) -> bool:
+    """Two first tries of one subscription while its settlements wait. Marked, the first could
+    be refused (plan-only) and the second take the plan's room before the first's retry: a
+    request the plan would hold, settled first, put on a top-up or overage window. So such a
+    batch takes the settlements (under load, most batches: as they did before they lingered)."""
+    if not settles:
+        return False
+    waiting = {s.subscription_id for s, _ in settles}
+    seen: set[int] = set()
+    for reservation, _, tried in admits:
+        subscription = reservation.subscription_id
+        if not tried and (None in waiting or subscription in waiting):
+            if subscription in seen:
+                return True
+            seen.add(subscription)
+    return False
 
 
 # refusals that a settlement still waiting could turn into an admission: it gives back its hold

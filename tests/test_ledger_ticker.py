@@ -24,6 +24,7 @@ class Model:
         self.gate: asyncio.Event | None = None  # when set: each tick waits for it
         self.delay = 0.0  # seconds each tick that carries settlements takes
         self.spilled = 0  # held on the top-up
+        self.spilled_by: dict[str, int] = {}  # per request (by its surface, the test's name for it)
 
     async def tick(self, settles: list[Settlement], admits: list[Reservation], plan_only: list[bool]
                    ) -> tuple[list, list]:
@@ -48,6 +49,8 @@ class Model:
                 self.room -= part
                 self.extra -= a.held - part
                 self.spilled += a.held - part
+                if a.held > part:
+                    self.spilled_by[a.surface] = a.held - part
                 admissions.append(Admission("admitted", room=self.room + self.extra))
         return billed, admissions
 
@@ -141,6 +144,20 @@ async def test_a_request_the_plan_could_hold_after_the_waiting_settlement_draws_
     assert (await ticker.admit(_reservation("second"))).admitted
     assert model.ticks[-2:] == [([], ["second"]), (["first"], ["second"])]
     assert model.spilled == 0
+
+
+async def test_two_first_tries_of_one_subscription_go_after_its_waiting_settlement():
+    # settled first, the plan holds the larger request whole and the smaller one spills; both
+    # marked in a tick before the settlement, the larger would be refused, the smaller would
+    # take the plan's room, and the larger would spill on its retry
+    model = Model(cap=10, window=250, extra=1_000)
+    ticker = _ticker(model)
+    await _answered(ticker)  # holds 100, uses 40: settled, the plan has 210 left
+    big, small = _reservation("big", held=200), _reservation("small", held=100)
+    answers = await asyncio.gather(ticker.admit(big), ticker.admit(small))  # one batch
+    assert all(a.admitted for a in answers)
+    assert model.ticks[-1] == (["first"], ["big", "small"])
+    assert model.spilled_by == {"small": 90}
 
 
 async def test_a_request_the_plan_cannot_hold_still_spills_at_once_with_nothing_waiting():
