@@ -6,7 +6,7 @@
 
 Every transition is one call of a guarded SQL function (rules: migrations/0005; the current
 version, with credits, top-ups and overage: migrations/0031, settlement's from 0038 and
-admission's from 0039 and 0041) in one transaction, so a replay or a race between two settlers
+admission's from 0039, 0041 and 0042) in one transaction, so a replay or a race between two settlers
 applies it at most once; each takes its locks in one order (the subscription's flight row, the entry, the
 windows by id). Under load, transitions that arrive while one call is in flight share the next
 call (migrations/0004).
@@ -93,7 +93,8 @@ class _Ticker:
     would have changed the answer (a window full, a plan's concurrency cap reached, while
     settlements of its subscription were still waiting), the admission is tried once more with
     them settled first; and while they wait, a first try may not put any of a request on a top-up
-    or overage window (refused as full instead, then tried again: migrations/0041). So an answer
+    or overage window (refused as full instead, then tried again: migrations/0041; a later first
+    try of the same subscription in the batch waits behind such a refusal: 0042). So an answer
     is the one a settle-first tick would give, as far as a tick's batch reaches (more than
     `max_size` settlements waiting: the rest wait for the next, as they always did). A tick that
     fails is retried element by element, so a fault stays with the element that caused it.
@@ -142,8 +143,6 @@ class _Ticker:
             while self._admits or (self._settles and self._settles_due):
                 admits = self._admits[:self._max]
                 del self._admits[:self._max]
-                if not self._settles_due and _one_subscription_twice(admits, self._settles):
-                    self._settles_due = True
                 settles: list[tuple[Settlement, asyncio.Future]] = []
                 if self._settles_due:
                     settles = self._settles[:self._max]
@@ -192,25 +191,6 @@ class _Ticker:
             return exc
 
 
-def _one_subscription_twice(admits: list[tuple[Reservation, asyncio.Future, bool]],
-                            settles: list[tuple[Settlement, asyncio.Future]]) -> bool:
-    """Two first tries of one subscription while its settlements wait. Marked, the first could
-    be refused (plan-only) and the second take the plan's room before the first's retry: a
-    request the plan would hold, settled first, put on a top-up or overage window. So such a
-    batch takes the settlements (under load, most batches: as they did before they lingered)."""
-    if not settles:
-        return False
-    waiting = {s.subscription_id for s, _ in settles}
-    seen: set[int] = set()
-    for reservation, _, tried in admits:
-        subscription = reservation.subscription_id
-        if not tried and (None in waiting or subscription in waiting):
-            if subscription in seen:
-                return True
-            seen.add(subscription)
-    return False
-
-
 # refusals that a settlement still waiting could turn into an admission: it gives back its hold
 # on the windows and its place under the plan's concurrency cap (a plan-only try that the plan
 # could not hold is refused as window_full too)
@@ -227,7 +207,7 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
 
 
 class Ledger:
-    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038, 0039 and 0041."""
+    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038, 0039, 0041 and 0042."""
 
     def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, linger: float = 0.01) -> None:
         self._pool = pool

@@ -221,3 +221,28 @@ async def test_admission_locks_extra_windows_in_id_order_with_the_plans(fresh_da
         await holder.close()
         await prober.close()
     assert (await _windows(s))["topup"]["held"] == 0  # the plan held it; the block was only locked
+
+
+async def test_a_refused_plan_only_request_keeps_its_place_before_the_next_one(fresh_database, ledger):
+    # The ticker marks first tries plan-only while settlements of their subscription wait
+    # (migrations/0041) and tries a refused one again after them. Two in one batch: the larger is
+    # refused while the previous request's hold is still on the plan; the smaller must not take
+    # the plan's room meanwhile (0042), or on the retry, settled first, the larger spills onto the
+    # top-up where the plan would have held it whole.
+    s = await _subscription(fresh_database, window=2_350)
+    block = await _topup(s, 5_000)
+    first = uuid.uuid4()
+    assert (await ledger.admit(_ask(s, first))).admitted  # holds 900 credits: 1,450 left
+    big = Reservation(uuid.uuid4(), s.id, s.key, "chat", "glm-4.6", PROMPT, PROMPT + 400, BOUND + 400)  # 1,500
+    small = _ask(s)  # 900
+    _, tried = await ledger._tick([], [big, small], [True, True])
+    assert [a.outcome for a in tried] == ["window_full", "window_full"]
+    assert [r["id"] for r in await _rows(s)] == [first]
+    # the retry: the settlement first (800 billed: 1,550 left), then both in arrival order
+    settled = Settlement(first, "posted", ANSWER, False, "t", subscription_id=s.id)
+    billed, retried = await ledger._tick([settled], [big, small], [False, False])
+    assert billed == [BILLED] and all(a.admitted for a in retried)
+    rows = {r["id"]: r for r in await _rows(s)}
+    assert (rows[big.entry_id]["held_tokens"], rows[big.entry_id]["extra_window_id"]) == (1_500, None)
+    assert (rows[small.entry_id]["held_tokens"], rows[small.entry_id]["extra_window_id"]) == (50, block)
+    assert rows[small.entry_id]["extra_held_tokens"] == 850

@@ -38,10 +38,14 @@ class Model:
             self.room += self.holds.pop(s.entry_id) - s.counts.completion_tokens
             billed.append(s.counts.completion_tokens)
         admissions = []
+        marked_refused = False  # migrations/0042: later plan-only requests keep their place behind it
         for a, only in zip(admits, plan_only):
             if len(self.holds) >= self.cap:
                 admissions.append(Admission("concurrency", allowance=self.cap))
+            elif only and marked_refused:
+                admissions.append(Admission("window_full", window_kind="5h"))
             elif a.held > self.room and (only or a.held - self.room > self.extra):
+                marked_refused = marked_refused or only
                 admissions.append(Admission("window_full", window_kind="5h"))
             else:  # what the plan cannot hold goes on the top-up
                 part = min(a.held, self.room)
@@ -146,17 +150,17 @@ async def test_a_request_the_plan_could_hold_after_the_waiting_settlement_draws_
     assert model.spilled == 0
 
 
-async def test_two_first_tries_of_one_subscription_go_after_its_waiting_settlement():
-    # settled first, the plan holds the larger request whole and the smaller one spills; both
-    # marked in a tick before the settlement, the larger would be refused, the smaller would
-    # take the plan's room, and the larger would spill on its retry
+async def test_two_first_tries_of_one_subscription_are_tried_again_in_their_order():
+    # settled first, the plan holds the larger request whole and the smaller one spills. Both
+    # marked in a tick before the settlement, the larger is refused; the smaller must not take
+    # the plan's room meanwhile (migrations/0042), or the larger would spill on its retry
     model = Model(cap=10, window=250, extra=1_000)
     ticker = _ticker(model)
     await _answered(ticker)  # holds 100, uses 40: settled, the plan has 210 left
     big, small = _reservation("big", held=200), _reservation("small", held=100)
     answers = await asyncio.gather(ticker.admit(big), ticker.admit(small))  # one batch
     assert all(a.admitted for a in answers)
-    assert model.ticks[-1] == (["first"], ["big", "small"])
+    assert model.ticks[-2:] == [([], ["big", "small"]), (["first"], ["big", "small"])]
     assert model.spilled_by == {"small": 90}
 
 
