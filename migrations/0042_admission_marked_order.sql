@@ -9,8 +9,16 @@
 -- extra window", README; overage reaches Stripe). Now, once a plan-only request of a
 -- subscription is refused as full, its later plan-only requests in the batch are refused too,
 -- and the ticker tries them all again after the settlements, in arrival order. Requests not
--- marked are untouched; everything else is 0041's function, unchanged (a PL/pgSQL function is
--- replaced whole).
+-- marked are untouched.
+--
+-- And the lock order of a tick of admissions alone, which the ticker now sends here directly
+-- rather than through ledger_tick (service/ledger.py): 0039-0041 made the flight rows of new
+-- subscriptions before locking the existing ones, while ledger_tick locks the existing ones
+-- first. A direct call and a ledger_tick in another process, both carrying a new subscription
+-- and an existing one, could each hold what the other waits for (a deadlock, retried after a
+-- second). The existing rows are now locked first, in id order, and the missing ones made after,
+-- as inside ledger_tick; in the common case (every row exists) that is one statement fewer.
+-- Everything else is 0041's function, unchanged (a PL/pgSQL function is replaced whole).
 CREATE OR REPLACE FUNCTION ledger_admit_batch(
     p_ids uuid[], p_subscription_ids bigint[], p_api_key_ids bigint[], p_surfaces text[],
     p_models text[], p_prompt_estimates integer[], p_reserves bigint[], p_helds bigint[],
@@ -118,6 +126,7 @@ DECLARE
     x_overage_looked boolean;
     x_pick integer;
     marked_refused boolean;  -- a plan-only request of this subscription was refused as full
+    mutexes integer;  -- the batch's subscriptions whose flight row exists
 BEGIN
     -- The token figures (0031): max_tokens is what reserve adds to the estimate, the prompt's
     -- proven bound what held adds to max_tokens, priced at the request's model for its plan.
@@ -149,18 +158,31 @@ BEGIN
     SELECT array_agg(s.id ORDER BY s.id) INTO s_id FROM subscriptions s WHERE s.id = ANY(p_subscription_ids);
     s_count := coalesce(cardinality(s_id), 0);
     IF s_count > 0 THEN
-        INSERT INTO subscription_flights (subscription_id)
-        SELECT x.id FROM unnest(s_id) AS x(id)
-         WHERE NOT EXISTS (SELECT 1 FROM subscription_flights f WHERE f.subscription_id = x.id)
-         ORDER BY x.id
-        ON CONFLICT (subscription_id) DO NOTHING;
+        -- the mutexes that exist, in id order, before any is made: the order ledger_tick takes
+        -- them in (its own lock first), now that a tick of admissions alone calls this directly
         s_in_flight := array_fill(0, ARRAY[s_count]);
+        mutexes := 0;
         FOR sub IN
             SELECT f.subscription_id, f.in_flight FROM subscription_flights f
              WHERE f.subscription_id = ANY(s_id) ORDER BY f.subscription_id FOR NO KEY UPDATE
         LOOP
             s_in_flight[array_position(s_id, sub.subscription_id)] := sub.in_flight;
+            mutexes := mutexes + 1;
         END LOOP;
+        IF mutexes < s_count THEN
+            -- a subscription's first admission ever: its row is made (and so held) here
+            INSERT INTO subscription_flights (subscription_id)
+            SELECT x.id FROM unnest(s_id) AS x(id)
+             WHERE NOT EXISTS (SELECT 1 FROM subscription_flights f WHERE f.subscription_id = x.id)
+             ORDER BY x.id
+            ON CONFLICT (subscription_id) DO NOTHING;
+            FOR sub IN
+                SELECT f.subscription_id, f.in_flight FROM subscription_flights f
+                 WHERE f.subscription_id = ANY(s_id) ORDER BY f.subscription_id FOR NO KEY UPDATE
+            LOOP
+                s_in_flight[array_position(s_id, sub.subscription_id)] := sub.in_flight;
+            END LOOP;
+        END IF;
 
         -- 2. under the mutexes: the subscriptions' standing and their plans' figures
         s_refusal := array_fill(NULL::text, ARRAY[s_count]);

@@ -246,3 +246,41 @@ async def test_a_refused_plan_only_request_keeps_its_place_before_the_next_one(f
     assert (rows[big.entry_id]["held_tokens"], rows[big.entry_id]["extra_window_id"]) == (1_500, None)
     assert (rows[small.entry_id]["held_tokens"], rows[small.entry_id]["extra_window_id"]) == (50, block)
     assert rows[small.entry_id]["extra_held_tokens"] == 850
+
+
+class _Undone(Exception):
+    pass
+
+
+async def test_admission_locks_existing_mutexes_before_it_makes_a_new_one(fresh_database, ledger):
+    # A tick of admissions alone calls ledger_admit_batch directly (service/ledger.py), and
+    # ledger_tick in another process locks the existing flight rows before admission makes a new
+    # subscription's. Made first and waiting for an existing one, a new row would close a cycle
+    # with such a tick (0042): while the admission waits for an existing mutex it holds no new one.
+    old, new = await _subscription(fresh_database, window=10**9), await _subscription(fresh_database, window=10**9)
+    assert (await ledger.admit(_ask(old))).admitted  # the old subscription has its flight row
+    holder = await asyncpg.connect(old.url)
+    prober = await asyncpg.connect(old.url)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1 FOR NO KEY UPDATE",
+                                 old.id)
+            batch = asyncio.ensure_future(ledger._tick([], [_ask(old), _ask(new)], [False, False]))
+            for _ in range(600):
+                if await prober.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                         " AND query LIKE '%ledger_admit_batch%' AND datname = current_database()"):
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the admission never waited for the old subscription's mutex")
+            with pytest.raises(_Undone):
+                async with prober.transaction():  # the new row is not made (nor held) yet: no wait
+                    await prober.execute("SET LOCAL lock_timeout = '500ms'")
+                    await prober.execute("INSERT INTO subscription_flights (subscription_id) VALUES ($1)"
+                                         " ON CONFLICT DO NOTHING", new.id)
+                    raise _Undone()  # rolled back: the row is the admission's to make
+        _, admissions = await asyncio.wait_for(batch, 60)
+        assert all(a.admitted for a in admissions)
+    finally:
+        await holder.close()
+        await prober.close()
