@@ -25,7 +25,7 @@ from .flight import Flight, Flights, chunks
 from .metering import Calibration, PromptEstimator
 from .metrics import BridgeMetrics, NoMetrics
 from .models import CATALOG, ModelResolver
-from .ports import Admission, KeyAuthority, LedgerPort, Principal, Reservation
+from .ports import Admission, Counts, KeyAuthority, LedgerPort, Principal, Reservation, Settlement
 from .settings import BridgeSettings
 from .surfaces import StreamTranslator, Surface
 from .upstream import Upstream, UpstreamResponse
@@ -83,6 +83,13 @@ def _abandon(opening: asyncio.Future) -> None:
         if not done.cancelled() and done.exception() is None:
             done.result().close()
     opening.add_done_callback(close)
+
+
+def _left_to_sweeper(voiding: asyncio.Future) -> None:
+    """A void nobody waits for: if the database failed it, the sweeper expires the entry."""
+    if not voiding.cancelled() and voiding.exception() is not None:
+        log.warning("abandoned admission not voided; the sweeper will expire it",
+                    extra={"error": type(voiding.exception()).__name__})
 
 
 def _attach_when_open(flight: Flight) -> Callable[[asyncio.Future], None]:
@@ -213,17 +220,20 @@ class Journey:
         # where a refusal is likely, admission comes first.
         room = self._room.get(principal.subscription_id)
         opening: asyncio.Future | None = None
+        admitting: asyncio.Future[Admission] | None = None
         forwarded: float | None = None
-        # queued first: the database starts on the admission before the upstream request is built
-        admitting = self._ledger.admit(reservation)
-        if room is not None and room >= 2 * held:
-            forwarded = time.monotonic()
-            opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
         try:
+            # queued first: the database starts on the admission before the upstream request is built
+            admitting = self._ledger.admit(reservation)
+            if room is not None and room >= 2 * held:
+                forwarded = time.monotonic()
+                opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
             admission = await admitting
         except BaseException as exc:
             if opening is not None:
                 _abandon(opening)
+            if admitting is not None:
+                self._unheard(admitting, reservation)
             if isinstance(exc, Exception):
                 raise _unavailable(exc) from None
             raise
@@ -242,6 +252,21 @@ class Journey:
         # whenever the upstream's response arrives, it belongs to the flight
         opening.add_done_callback(_attach_when_open(flight))
         return flight, opening
+
+    def _unheard(self, admitting: "asyncio.Future[Admission]", reservation: Reservation) -> None:
+        """The request went away while its admission was pending: still pending, the admission
+        is cancelled (the ledger voids an entry it admits meanwhile); answered already, but not
+        yet heard (the client left in the same moment), an entry admitted is voided here, or it
+        would hold its windows and its place under the plan's cap until the sweeper's expiry."""
+        if not admitting.done():
+            admitting.cancel()
+            return
+        if admitting.cancelled() or admitting.exception() is not None or not admitting.result().admitted:
+            return
+        self._ledger.settle(Settlement(reservation.entry_id, "voided", Counts(), estimated=False,
+                                       reason="admission abandoned",
+                                       subscription_id=reservation.subscription_id)
+                            ).add_done_callback(_left_to_sweeper)
 
     def _note_room(self, subscription_id: int, room: int | None) -> None:
         if len(self._room) > 100_000:

@@ -1,0 +1,90 @@
+"""A client that leaves while its admission is decided (bridge/journey.py `Journey._unheard`).
+
+Still pending, the admission is cancelled and the ledger voids an entry it admits meanwhile
+(service/ledger.py, tested in tests/test_money_safe.py). Answered in the very moment the
+request is cancelled, the answer is never heard: an entry admitted then must be voided at once,
+not left holding its windows and its place under the plan's cap until the sweeper expires it.
+A ledger that hands out its futures stands in for the database."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from bridge.journey import Journey
+from bridge.ports import Admission, Principal, Reservation, Settlement
+from bridge.settings import BridgeSettings
+from bridge.surfaces.chat import ChatSurface
+
+PRINCIPAL = Principal(account_id=1, api_key_id=1, subscription_id=1, plan_id="p", models=("glm-4.6",))
+BODY = json.dumps({"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+class Keys:
+    async def authenticate(self, key: str) -> Principal | None:
+        return PRINCIPAL
+
+
+class HandOutLedger:
+    def __init__(self) -> None:
+        self.admissions: list[tuple[Reservation, asyncio.Future]] = []
+        self.settled: list[Settlement] = []
+
+    def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
+        future = asyncio.get_running_loop().create_future()
+        self.admissions.append((reservation, future))
+        return future
+
+    def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
+        self.settled.append(settlement)
+        written = asyncio.get_running_loop().create_future()
+        written.set_result(0)
+        return written
+
+    async def heartbeat(self, entry_id, delivered_tokens: int) -> bool:
+        return True
+
+
+class NoUpstream:
+    name = "test"
+
+    async def open(self, request, request_id, account=None):
+        raise AssertionError("nothing is forwarded before the admission is heard")
+
+
+async def _waiting(ledger: HandOutLedger) -> tuple[asyncio.Task, Reservation, asyncio.Future]:
+    journey = Journey(settings=BridgeSettings(), auth=Keys(), ledger=ledger, upstream=NoUpstream())
+
+    async def body() -> bytes:
+        return BODY
+    asked = len(ledger.admissions)
+    handling = asyncio.ensure_future(journey.handle(ChatSurface(), "key", body))
+    while len(ledger.admissions) == asked:
+        assert not handling.done(), handling.result()  # answered without asking the ledger
+        await asyncio.sleep(0)
+    reservation, admitting = ledger.admissions[-1]
+    return handling, reservation, admitting
+
+
+async def test_an_admission_answered_as_the_client_leaves_is_voided_at_once():
+    ledger = HandOutLedger()
+    handling, reservation, admitting = await _waiting(ledger)
+    admitting.set_result(Admission("admitted", room=10**9))  # answered...
+    handling.cancel()  # ...and the client gone before the request hears it
+    await asyncio.gather(handling, return_exceptions=True)
+    assert handling.cancelled()
+    assert [(s.entry_id, s.state, s.reason) for s in ledger.settled] == [
+        (reservation.entry_id, "voided", "admission abandoned")]
+
+
+async def test_a_pending_admission_is_cancelled_and_a_refusal_voids_nothing():
+    ledger = HandOutLedger()
+    handling, _, admitting = await _waiting(ledger)
+    handling.cancel()
+    await asyncio.gather(handling, return_exceptions=True)
+    assert admitting.cancelled() and ledger.settled == []  # the ledger's orphan path voids it
+
+    handling, _, admitting = await _waiting(ledger)
+    admitting.set_result(Admission("window_full", window_kind="5h"))
+    handling.cancel()
+    await asyncio.gather(handling, return_exceptions=True)
+    assert ledger.settled == []  # nothing was admitted
