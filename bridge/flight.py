@@ -300,21 +300,32 @@ class Flights:
         """Write the settlement: queued with the ledger, its answer taken by a callback (no task
         per request); a database blip is retried after `delay`, doubling (a settlement is
         idempotent), until it is written or the lease is about to pass to the sweeper."""
-        self.ledger.settle(settlement).add_done_callback(
-            functools.partial(self._written, flight, settlement, delay))
+        try:
+            writing = self.ledger.settle(settlement)
+        except Exception as exc:  # noqa: BLE001 - a port that fails at once fails like a write
+            self._failed(flight, settlement, delay, exc)
+            return
+        writing.add_done_callback(functools.partial(self._written, flight, settlement, delay))
 
     def _written(self, flight: Flight, settlement: Settlement, delay: float,
                  writing: "asyncio.Future[int | None]") -> None:
-        if writing.cancelled():  # the loop is going away: the sweeper settles the entry
+        if writing.cancelled():
+            # nothing cancels a settlement's future (the ticker resolves each one); were one
+            # cancelled, the entry would be the sweeper's, as one left when the loop stops is
+            log.error("settlement cancelled; the sweeper will expire the entry",
+                      extra={"entry": str(settlement.entry_id)})
             self._landed(flight)
             return
         exc = writing.exception()
-        if exc is None:
-            billed = writing.result()
-            # None: settled before (the first write's reply was lost, or the sweeper won)
-            self._landed(flight)
-            self._access_line(flight, settlement, billed, "settled" if billed is not None else "settled_before")
+        if exc is not None:
+            self._failed(flight, settlement, delay, exc)
             return
+        billed = writing.result()
+        # None: settled before (the first write's reply was lost, or the sweeper won)
+        self._landed(flight)
+        self._access_line(flight, settlement, billed, "settled" if billed is not None else "settled_before")
+
+    def _failed(self, flight: Flight, settlement: Settlement, delay: float, exc: BaseException) -> None:
         if time.monotonic() + delay > flight.lease_deadline - _LEASE_MARGIN:
             log.error("settlement not written; the sweeper will expire the entry",
                       extra={"entry": str(settlement.entry_id), "error": type(exc).__name__})
@@ -372,5 +383,6 @@ class Flights:
         if self._background:
             await asyncio.wait(set(self._background), timeout=timeout)
         if self._settling:  # drains end in settlements: these are waited for after them
-            self._quiet = loop.create_future()
+            if self._quiet is None or self._quiet.done():
+                self._quiet = loop.create_future()
             await asyncio.wait({self._quiet}, timeout=max(0.0, deadline - loop.time()))

@@ -92,7 +92,7 @@ class LedgerPort(Protocol):
         admission (an entry admitted meanwhile is voided)."""
 
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
-        """Queued at once; the future holds the billed tokens, or None when the entry was
+        """Queued at once; the future holds the billed credits, or None when the entry was
         settled already (a replay: the first settlement's reply was lost), or the database's
         failure (safe to settle again). A future, not a coroutine: the bridge settles every
         request and keeps no task per settlement (bridge/flight.py)."""

@@ -82,8 +82,9 @@ class _Ticker:
 
     With synchronous_commit on (no money on an unsynced commit), what a transition costs is its
     commit's WAL flush and its statements' start-up, so the admissions and settlements waiting
-    at any moment go to the database together, in one `ledger_tick` call, one transaction, one
-    commit (migrations/0032): settlements first, then admissions. An admission starts a tick at
+    at any moment go to the database together, in one transaction, one commit: one
+    `ledger_tick` call, settlements first, then admissions (migrations/0032), or, when only one
+    kind waits, its batch function alone (`Ledger._tick`). An admission starts a tick at
     once when none is running (a client waits for it). A settlement, which nobody waits for (its
     response went out before it), waits `linger` and then goes in the next tick, with whatever
     else waits then; under load those ticks carry many settlements at once.
@@ -237,10 +238,11 @@ class Ledger:
 
     async def _tick(self, settles: list[Settlement], admits: list[Reservation], plan_only: list[bool]
                     ) -> tuple[list[int | None], list[Admission]]:
-        # One transaction either way. A tick of one kind calls its function directly: each takes
-        # the subscriptions' mutexes first, in id order, as ledger_tick does for both, and
-        # ledger_tick's own statements cost ~0.1 ms a call (bench/PROFILE.md), which at one
-        # request at a time is on every admission's path.
+        # One transaction either way. A tick of one kind calls its function directly: each locks
+        # the subscriptions' existing flight rows first, in id order, as ledger_tick does for both
+        # (admission makes a new subscription's row after them: migrations/0042), and
+        # ledger_tick's own statements cost ~0.12 ms a call, which at one request at a time is on
+        # every admission's path (bench/PROFILE.md).
         billed: dict[int, int] = {}
         admissions: dict[int, Admission] = {}
         if not admits:

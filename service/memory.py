@@ -5,9 +5,10 @@ bytes into pymalloc's 1 MiB arenas (given back only when an arena is wholly empt
 ones (dict tables, deques, buffers) into glibc's heap, which keeps free pages below its top
 until asked with `malloc_trim`. So after thousands of streams close at once (a load test, a
 client fleet reconnecting), the process would hold their peak for good. Measured over 5,000
-idle streams (bench): trimming once they were settled took RSS from ~293 to ~250 MB, and a full
-collection before it (free lists) ~13 MB more; the rest is pymalloc arenas that a few live
-objects each keep (bench/PROFILE.md, "Memory").
+idle streams (bench): trimming once they were settled took RSS from ~293 to ~250 MB. A full
+collection by hand 3 s after they closed freed 13 MB more (free lists), so the trim now starts
+with one (RSS then: 232-233 MB before, 225 after, single runs). The rest is pymalloc arenas that
+a few live objects each keep (bench/PROFILE.md, "Memory").
 
 `trim_after_bursts` watches the work in flight (every half second) and trims once it has fallen
 by `threshold` since its last peak: a few milliseconds, only after a burst has ended, never per
@@ -48,7 +49,7 @@ async def trim_after_bursts(in_flight: Callable[[], int], threshold: int = 1000,
             started = time.perf_counter()
             # a full collection first: besides cyclic garbage it empties the interpreter's free
             # lists (tuples, floats, dicts... kept for reuse), whose few objects each keep a
-            # pymalloc arena of the burst alive (5,000 idle streams closed: -13 MB, ~10 ms)
+            # pymalloc arena of the burst alive (~10 ms; bench/PROFILE.md, "Memory")
             gc.collect()
             trim(0)
             log.info("memory given back after a burst", extra={

@@ -40,10 +40,10 @@ class Model:
         admissions = []
         marked_refused = False  # migrations/0042: later plan-only requests keep their place behind it
         for a, only in zip(admits, plan_only):
-            if len(self.holds) >= self.cap:
-                admissions.append(Admission("concurrency", allowance=self.cap))
-            elif only and marked_refused:
+            if only and marked_refused:  # (checked before the cap, as in 0042)
                 admissions.append(Admission("window_full", window_kind="5h"))
+            elif len(self.holds) >= self.cap:
+                admissions.append(Admission("concurrency", allowance=self.cap))
             elif a.held > self.room and (only or a.held - self.room > self.extra):
                 marked_refused = marked_refused or only
                 admissions.append(Admission("window_full", window_kind="5h"))

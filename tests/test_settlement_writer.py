@@ -25,10 +25,13 @@ class ScriptedLedger:
         self.failures = failures
         self.delay = delay
         self.writes: list[tuple[float, Settlement]] = []
+        self.raise_at_once = False  # the port itself raises, as a coroutine's call never did
 
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
         loop = asyncio.get_running_loop()
         self.writes.append((time.monotonic(), settlement))
+        if self.raise_at_once:
+            raise ConnectionResetError("no database")
         written = loop.create_future()
         if len(self.writes) <= self.failures:
             loop.call_later(self.delay, written.set_exception, ConnectionResetError("database gone"))
@@ -100,3 +103,27 @@ async def test_land_waits_for_writes_in_flight_and_no_longer():
     started = time.monotonic()
     await flights.land(timeout=0.2)
     assert time.monotonic() - started < 1 and flights.in_flight == 1
+
+
+async def test_a_settlement_takes_no_task_of_its_own():
+    slow = ScriptedLedger(delay=0.2)
+    flights = _flights(slow)
+    flight = _flight(flights)
+    before = asyncio.all_tasks()
+    flight.end("complete")
+    assert asyncio.all_tasks() == before  # queued with the ledger, answered by a callback
+    assert flights.in_flight == 1
+    await flights.land(timeout=5)
+    assert flights.in_flight == 0 and len(slow.writes) == 1
+
+
+async def test_a_port_that_raises_at_once_is_retried_like_a_failed_write():
+    ledger = ScriptedLedger()
+    ledger.raise_at_once = True
+    flights = _flights(ledger)
+    _flight(flights).end("complete")
+    await asyncio.sleep(0.2)
+    assert len(ledger.writes) >= 2 and flights.in_flight == 1  # retried, still owed
+    ledger.raise_at_once = False
+    await asyncio.wait_for(flights.land(), 5)
+    assert flights.in_flight == 0
