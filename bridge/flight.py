@@ -386,3 +386,6 @@ class Flights:
             if self._quiet is None or self._quiet.done():
                 self._quiet = loop.create_future()
             await asyncio.wait({self._quiet}, timeout=max(0.0, deadline - loop.time()))
+        if self._settling:  # (a retry still waiting for its moment is dropped with the loop)
+            log.error("settlements not written at shutdown; the sweeper will expire their entries",
+                      extra={"count": len(self._settling)})

@@ -125,7 +125,7 @@ DECLARE
     x_add_reserved bigint[];
     x_overage_looked boolean;
     x_pick integer;
-    marked_refused boolean;  -- a plan-only request of this subscription was refused as full
+    marked_refused integer;  -- this subscription's first plan-only request refused as full
     mutexes integer;  -- the batch's subscriptions whose flight row exists
 BEGIN
     -- The token figures (0031): max_tokens is what reserve adds to the estimate, the prompt's
@@ -336,7 +336,7 @@ BEGIN
             x_add_held := array_fill(0::bigint, ARRAY[cardinality(x_ids)]);
             x_add_reserved := array_fill(0::bigint, ARRAY[cardinality(x_ids)]);
             x_overage_looked := s_overage_cap[j] IS NULL;
-            marked_refused := false;
+            marked_refused := NULL;
             admitted_here := 0;
             add_reserved := 0;
             add_held := 0;
@@ -351,11 +351,12 @@ BEGIN
                 ELSIF c_held[k] > s_weekly[j] THEN
                     v_outcome[k] := 'too_large'; v_kind[k] := 'week'; v_allowance[k] := s_weekly[j];
                     CONTINUE;
-                ELSIF marked_refused AND coalesce(p_plan_only[k], false) THEN
+                ELSIF marked_refused IS NOT NULL AND coalesce(p_plan_only[k], false) THEN
                     -- an earlier plan-only request of the batch was refused: this one goes after
                     -- it, on the retry, in arrival order, not into the room it could not use
-                    v_outcome[k] := 'window_full'; v_kind[k] := '5h';
-                    v_resets[k] := p5_ends; v_allowance[k] := p5_allowance;
+                    -- (refused as it was, should the answer ever reach a client)
+                    v_outcome[k] := 'window_full'; v_kind[k] := v_kind[marked_refused];
+                    v_resets[k] := v_resets[marked_refused]; v_allowance[k] := v_allowance[marked_refused];
                     CONTINUE;
                 ELSIF s_max_concurrent[j] IS NOT NULL
                       AND s_in_flight[j] + admitted_here >= s_max_concurrent[j] THEN
@@ -413,7 +414,9 @@ BEGIN
                         END LOOP;
                     END IF;
                     IF x_pick IS NULL THEN
-                        marked_refused := marked_refused OR coalesce(p_plan_only[k], false);
+                        IF marked_refused IS NULL AND coalesce(p_plan_only[k], false) THEN
+                            marked_refused := k;
+                        END IF;
                         IF ww_posted[j] + ww_held[j] + add_held + c_held[k] > ww_allowance[j] THEN
                             v_outcome[k] := 'window_full'; v_kind[k] := 'week';
                             v_resets[k] := ww_ends[j]; v_allowance[k] := ww_allowance[j];

@@ -223,20 +223,23 @@ async def test_admission_locks_extra_windows_in_id_order_with_the_plans(fresh_da
     assert (await _windows(s))["topup"]["held"] == 0  # the plan held it; the block was only locked
 
 
-async def test_a_refused_plan_only_request_keeps_its_place_before_the_next_one(fresh_database, ledger):
+@pytest.mark.parametrize("binding", ["5h", "week"])
+async def test_a_refused_plan_only_request_keeps_its_place_before_the_next_one(fresh_database, ledger, binding):
     # The ticker marks first tries plan-only while settlements of their subscription wait
     # (migrations/0041) and tries a refused one again after them. Two in one batch: the larger is
     # refused while the previous request's hold is still on the plan; the smaller must not take
     # the plan's room meanwhile (0042), or on the retry, settled first, the larger spills onto the
     # top-up where the plan would have held it whole.
-    s = await _subscription(fresh_database, window=2_350)
+    s = await (_subscription(fresh_database, window=2_350) if binding == "5h" else
+               _subscription(fresh_database, window=10**6, weekly=2_350))
     block = await _topup(s, 5_000)
     first = uuid.uuid4()
     assert (await ledger.admit(_ask(s, first))).admitted  # holds 900 credits: 1,450 left
     big = Reservation(uuid.uuid4(), s.id, s.key, "chat", "glm-4.6", PROMPT, PROMPT + 400, BOUND + 400)  # 1,500
     small = _ask(s)  # 900
     _, tried = await ledger._tick([], [big, small], [True, True])
-    assert [a.outcome for a in tried] == ["window_full", "window_full"]
+    assert [(a.outcome, a.window_kind) for a in tried] == [("window_full", binding)] * 2
+    assert tried[1].resets_at == tried[0].resets_at  # refused as the one before it was
     assert [r["id"] for r in await _rows(s)] == [first]
     # the retry: the settlement first (800 billed: 1,550 left), then both in arrival order
     settled = Settlement(first, "posted", ANSWER, False, "t", subscription_id=s.id)

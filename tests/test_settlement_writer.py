@@ -88,7 +88,7 @@ async def test_a_write_still_failing_near_the_lease_end_is_left_to_the_sweeper(c
     assert len(lines) == 1 and lines[0].outcome == "left_to_sweeper"
 
 
-async def test_land_waits_for_writes_in_flight_and_no_longer():
+async def test_land_waits_for_writes_in_flight_and_no_longer(caplog):
     slow = ScriptedLedger(delay=0.3)
     flights = _flights(slow)
     for _ in range(3):
@@ -103,6 +103,8 @@ async def test_land_waits_for_writes_in_flight_and_no_longer():
     started = time.monotonic()
     await flights.land(timeout=0.2)
     assert time.monotonic() - started < 1 and flights.in_flight == 1
+    left = [r for r in caplog.records if r.getMessage().startswith("settlements not written at shutdown")]
+    assert len(left) == 1 and left[0].count == 1  # said, for the operator: the sweeper's now
 
 
 async def test_a_settlement_takes_no_task_of_its_own():
