@@ -18,6 +18,10 @@
 -- and an existing one, could each hold what the other waits for (a deadlock, retried after a
 -- second). The existing rows are now locked first, in id order, and the missing ones made after,
 -- as inside ledger_tick; in the common case (every row exists) that is one statement fewer.
+-- A second review found a three-transaction race left (a row committed by a third process between
+-- the two locking passes, locked after a higher id), so every subscription now gets its flight
+-- row when it is made (a trigger; existing ones backfilled below) and the making here is only a
+-- fallback for a row that is missing anyway.
 -- Everything else is 0041's function, unchanged (a PL/pgSQL function is replaced whole).
 CREATE OR REPLACE FUNCTION ledger_admit_batch(
     p_ids uuid[], p_subscription_ids bigint[], p_api_key_ids bigint[], p_surfaces text[],
@@ -528,3 +532,20 @@ BEGIN
           FROM generate_series(1, n) AS g(k);
 END;
 $$;
+
+-- Every subscription has its flight row from the moment it exists: admission's first
+-- transaction for it then only locks, in id order, like every later one.
+CREATE FUNCTION subscription_flight_row() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO subscription_flights (subscription_id) VALUES (NEW.id) ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER subscriptions_flight_row AFTER INSERT ON subscriptions
+    FOR EACH ROW EXECUTE FUNCTION subscription_flight_row();
+
+INSERT INTO subscription_flights (subscription_id)
+SELECT s.id FROM subscriptions s ORDER BY s.id
+ON CONFLICT (subscription_id) DO NOTHING;

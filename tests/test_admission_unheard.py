@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 from bridge.journey import Journey
 from bridge.ports import Admission, Principal, Reservation, Settlement
@@ -88,3 +89,18 @@ async def test_a_pending_admission_is_cancelled_and_a_refusal_voids_nothing():
     handling.cancel()
     await asyncio.gather(handling, return_exceptions=True)
     assert ledger.settled == []  # nothing was admitted
+
+
+async def test_the_ledgers_own_orphan_void_names_its_subscription():
+    # service/ledger.py voids an admission whose caller was cancelled while it was pending; a void
+    # of unknown subscription would mark every first try of the next batch plan-only
+    from service.ledger import Ledger
+    ledger = Ledger(None, lease_seconds=60)  # type: ignore[arg-type] - no tick is run here
+    handed = HandOutLedger()
+    ledger.settle = handed.settle  # type: ignore[method-assign]
+    reservation = Reservation(entry_id=uuid.uuid4(), subscription_id=7, api_key_id=1,
+                              surface="chat", model="glm-4.6", prompt_estimate=1, reserve=2, held=3)
+    ledger._void_orphan(reservation, Admission("admitted"))
+    ledger._void_orphan(reservation, Admission("window_full"))  # nothing admitted, nothing voided
+    assert [(s.entry_id, s.state, s.reason, s.subscription_id) for s in handed.settled] == [
+        (reservation.entry_id, "voided", "admission abandoned", 7)]

@@ -261,7 +261,11 @@ async def test_admission_locks_existing_mutexes_before_it_makes_a_new_one(fresh_
     # subscription's. Made first and waiting for an existing one, a new row would close a cycle
     # with such a tick (0042): while the admission waits for an existing mutex it holds no new one.
     old, new = await _subscription(fresh_database, window=10**9), await _subscription(fresh_database, window=10**9)
-    assert (await ledger.admit(_ask(old))).admitted  # the old subscription has its flight row
+    # every subscription has its flight row from its creation (0042's trigger); this test is of
+    # the fallback for one that is missing all the same
+    await query(new.url, "DELETE FROM subscription_flights WHERE subscription_id = $1", new.id)
+    assert not await query(new.url, "SELECT 1 FROM subscription_flights WHERE subscription_id = $1", new.id)
+    assert (await ledger.admit(_ask(old))).admitted
     holder = await asyncpg.connect(old.url)
     prober = await asyncpg.connect(old.url)
     try:
@@ -287,3 +291,9 @@ async def test_admission_locks_existing_mutexes_before_it_makes_a_new_one(fresh_
     finally:
         await holder.close()
         await prober.close()
+
+
+async def test_a_subscription_has_its_flight_row_from_its_creation(fresh_database):
+    s = await _subscription(fresh_database, window=10_000)
+    rows = await query(s.url, "SELECT in_flight FROM subscription_flights WHERE subscription_id = $1", s.id)
+    assert [r["in_flight"] for r in rows] == [0]
