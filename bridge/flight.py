@@ -29,7 +29,7 @@ import msgspec
 from . import sse, wire
 from .metering import StreamMeter
 from .metrics import BridgeMetrics, NoMetrics
-from .ports import Counts, LedgerPort, Principal, Settlement
+from .ports import Counts, LedgerPort, Principal, Reservation, Settlement
 from .settings import BridgeSettings
 from .upstream import UpstreamResponse
 
@@ -251,6 +251,24 @@ class Flight:
         log.warning("request passed its lifetime cap; settling and closing it",
                     extra={"entry": self.entry_text, "seconds": self._flights.settings.max_request_seconds})
         self.end("lifetime cap reached")
+
+
+def void_abandoned(ledger: LedgerPort, reservation: Reservation) -> None:
+    """An admission whose caller went away before hearing of it (nothing was forwarded): its
+    entry is voided, naming its subscription (one of unknown subscription would mark every first
+    try of the ledger's next batch plan-only). Nobody waits for it: should the write fail, the
+    sweeper expires the entry. Both places an admission can be left unheard call this: the
+    ledger's ticker (the caller was cancelled while it was pending) and the journey (the answer
+    came in the moment the client left)."""
+    ledger.settle(Settlement(reservation.entry_id, "voided", Counts(), estimated=False,
+                             reason="admission abandoned", subscription_id=reservation.subscription_id)
+                  ).add_done_callback(_void_unwatched)
+
+
+def _void_unwatched(voiding: asyncio.Future) -> None:
+    if not voiding.cancelled() and voiding.exception() is not None:
+        log.warning("abandoned admission not voided; the sweeper will expire it",
+                    extra={"error": type(voiding.exception()).__name__})
 
 
 class Flights:

@@ -21,11 +21,11 @@ import msgspec
 
 from . import depth, glm, wire
 from .errors import BridgeError, Kind
-from .flight import Flight, Flights, chunks
+from .flight import Flight, Flights, chunks, void_abandoned
 from .metering import Calibration, PromptEstimator
 from .metrics import BridgeMetrics, NoMetrics
 from .models import CATALOG, ModelResolver
-from .ports import Admission, Counts, KeyAuthority, LedgerPort, Principal, Reservation, Settlement
+from .ports import Admission, KeyAuthority, LedgerPort, Principal, Reservation
 from .settings import BridgeSettings
 from .surfaces import StreamTranslator, Surface
 from .upstream import Upstream, UpstreamResponse
@@ -83,13 +83,6 @@ def _abandon(opening: asyncio.Future) -> None:
         if not done.cancelled() and done.exception() is None:
             done.result().close()
     opening.add_done_callback(close)
-
-
-def _left_to_sweeper(voiding: asyncio.Future) -> None:
-    """A void nobody waits for: if the database failed it, the sweeper expires the entry."""
-    if not voiding.cancelled() and voiding.exception() is not None:
-        log.warning("abandoned admission not voided; the sweeper will expire it",
-                    extra={"error": type(voiding.exception()).__name__})
 
 
 def _attach_when_open(flight: Flight) -> Callable[[asyncio.Future], None]:
@@ -263,10 +256,7 @@ class Journey:
             return
         if admitting.cancelled() or admitting.exception() is not None or not admitting.result().admitted:
             return
-        self._ledger.settle(Settlement(reservation.entry_id, "voided", Counts(), estimated=False,
-                                       reason="admission abandoned",
-                                       subscription_id=reservation.subscription_id)
-                            ).add_done_callback(_left_to_sweeper)
+        void_abandoned(self._ledger, reservation)
 
     def _note_room(self, subscription_id: int, room: int | None) -> None:
         if len(self._room) > 100_000:

@@ -23,6 +23,7 @@ from typing import Any, Awaitable, Callable
 
 import asyncpg
 
+from bridge.flight import void_abandoned
 from bridge.ports import Admission, Counts, Reservation, Settlement
 
 log = logging.getLogger("codeplan.ledger")
@@ -198,13 +199,6 @@ class _Ticker:
 _SETTLEMENT_MAY_CHANGE = frozenset({"window_full", "concurrency"})
 
 
-def _unwatched(settling: asyncio.Future) -> None:
-    """A settlement nobody waits for: a failure is logged (the sweeper expires its entry)."""
-    if not settling.cancelled() and settling.exception() is not None:
-        log.warning("abandoned admission not voided; the sweeper will expire it",
-                    extra={"error": type(settling.exception()).__name__})
-
-
 def _deliver(future: asyncio.Future, result: Any) -> None:
     if future.done():
         return
@@ -232,12 +226,9 @@ class Ledger:
         return self._ticker.settle(settlement)
 
     def _void_orphan(self, a: Reservation, admission: Admission) -> None:
-        """An admission whose caller went away before hearing of it: nothing was forwarded. The
-        void names its subscription (a settlement of unknown subscription would mark every first
-        try of the next batch plan-only); should it fail, the sweeper expires the entry."""
+        """An admission whose caller was cancelled while it was pending: voided if admitted."""
         if admission.admitted:
-            self.settle(Settlement(a.entry_id, "voided", Counts(), False, "admission abandoned",
-                                   subscription_id=a.subscription_id)).add_done_callback(_unwatched)
+            void_abandoned(self, a)
 
     async def post(self, entry_id: uuid.UUID, usage: Counts, *, estimated: bool, reason: str,
                    upstream_request_id: str | None = None) -> int | None:
