@@ -25,6 +25,7 @@ from .billing.engine import Billing, set_overage
 from .billing import routes as billing_routes
 from .config import Config, model_catalog, peak_window, upstream_profiles
 from .ledger import Ledger
+from .tick_baton import TickBaton
 from .metrics import PrometheusMetrics
 from .throttle import AuthThrottle, GuardedAuthenticator, Throttled
 from .throttle_gate import refused as throttle_refused
@@ -201,7 +202,10 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         await router.start()
         store = UpstreamStore(pool, router, profiles)
         await store.refresh()
-        ledger = Ledger(pool, lease_seconds=config.reservation_lease)
+        # one of several workers: their ledger ticks take turns, so each carries what one
+        # process's would (service/tick_baton.py)
+        baton = TickBaton(database_url) if config.workers > 1 else None
+        ledger = Ledger(pool, lease_seconds=config.reservation_lease, baton=baton)
         # unknown keys cached briefly for every caller; failures counted per client address,
         # refused (429) by the throttle gate and the quota API (service/throttle.py)
         auth = GuardedAuthenticator(
@@ -252,6 +256,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
                 task.cancel()
             await ops.settle_everything(journey)
             sweeper.cancel()
+            if baton is not None:
+                await baton.close()
             await web.stop()
             if billing is not None:
                 await billing.close()

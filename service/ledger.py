@@ -26,6 +26,8 @@ import asyncpg
 from bridge.flight import void_abandoned
 from bridge.ports import Admission, Counts, Reservation, Settlement
 
+from .tick_baton import TickBaton
+
 log = logging.getLogger("codeplan.ledger")
 
 
@@ -100,12 +102,17 @@ class _Ticker:
     is the one a settle-first tick would give, as far as a tick's batch reaches (more than
     `max_size` settlements waiting: the rest wait for the next, as they always did). A tick that
     fails is retried element by element, so a fault stays with the element that caused it.
+
+    In one of several worker processes, each tick holds the host's tick baton while it is in
+    flight and its batch is cut once the baton is had (service/tick_baton.py), so the workers'
+    ticks take turns and carry what one process's would.
     """
 
     def __init__(self, tick: Callable[[list, list, list], Awaitable[tuple[list, list]]],
                  orphan: Callable[[Reservation, Admission], None], *, linger: float = 0.01,
-                 max_size: int = 128) -> None:
+                 max_size: int = 128, baton: TickBaton | None = None) -> None:
         self._tick = tick
+        self._baton = baton  # one of several workers: their ticks take turns (service/tick_baton.py)
         self._orphan = orphan  # an admission nobody waits for any more
         self._linger = linger
         self._max = max_size
@@ -143,6 +150,9 @@ class _Ticker:
     async def _run(self) -> None:
         try:
             while self._admits or (self._settles and self._settles_due):
+                # the batch is cut once the baton is had: what arrives while another worker's
+                # tick is in flight goes in this one
+                held = self._baton is not None and await self._baton.take()
                 admits = self._admits[:self._max]
                 del self._admits[:self._max]
                 settles: list[tuple[Settlement, asyncio.Future]] = []
@@ -163,6 +173,9 @@ class _Ticker:
                 except Exception:  # noqa: BLE001 - each element alone, so a fault stays with its cause
                     billed = [await self._alone([s], [], []) for s, _ in settles]
                     admissions = [await self._alone([], [a], [mark]) for (a, _, _), mark in zip(admits, marked)]
+                finally:
+                    if held:
+                        self._baton.give()  # type: ignore[union-attr]
                 for (_, future), result in zip(settles, billed):
                     _deliver(future, result)
                 again: list[tuple[Reservation, asyncio.Future, bool]] = []
@@ -211,10 +224,11 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
 class Ledger:
     """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038, 0039, 0041 and 0042."""
 
-    def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, linger: float = 0.01) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, linger: float = 0.01,
+                 baton: TickBaton | None = None) -> None:
         self._pool = pool
         self._lease = lease_seconds
-        self._ticker = _Ticker(self._tick, self._void_orphan, linger=linger)
+        self._ticker = _Ticker(self._tick, self._void_orphan, linger=linger, baton=baton)
 
     def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
         return self._ticker.admit(reservation)

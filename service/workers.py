@@ -30,7 +30,9 @@ log = logging.getLogger("codeplan.workers")
 async def supervise(config: Config, database_url: str, sock: socket.socket, simulator_url: str,
                     count: int) -> None:
     metrics_dir = tempfile.mkdtemp(prefix="codeplan-metrics-")
-    env = {**os.environ, "CODEPLAN_DATABASE_URL": database_url, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    # a worker knows it is one of `count` (its ledger's ticks take turns with theirs)
+    env = {**os.environ, "CODEPLAN_DATABASE_URL": database_url, "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+           "CODEPLAN_WORKERS": str(count)}
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
