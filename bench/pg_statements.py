@@ -1,4 +1,4 @@
-"""Where PostgreSQL's time goes under the bridge: `python -m bench.pg_statements [--connections N] [--many-keys]`.
+"""Where PostgreSQL's time goes under the bridge: `python -m bench.pg_statements [--connections N] [--many-keys] [--workers N]`.
 
 Starts its own embedded PostgreSQL with pg_stat_statements (nested statements tracked, so every
 statement inside the ledger's functions is counted) and track_functions, the upstream and the
@@ -46,6 +46,7 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--many-keys", action="store_true", help="1,000 keys, each request the next one")
+    parser.add_argument("--workers", type=int, default=1, help="`codeplan run --workers N` (unpinned when N > 1)")
     parser.add_argument("--explain", type=float, metavar="MS", help="log plans of statements slower than MS")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -73,9 +74,9 @@ def main() -> int:
     simulator = bench.upstream(env, bench.LOAD_CPU, sim_port)
     bridge = None
     try:
-        bridge = bench.Process([sys.executable, "-m", "service.cli", "run"],
-                               bench.server_env(env, url, bridge_port, sim_port), bench.SERVER_CPU, bridge_port,
-                               "/healthz")
+        cpus = bench.SERVER_CPU if args.workers == 1 else ",".join(map(str, sorted(bench.CPUS)))
+        bridge = bench.Process([sys.executable, "-m", "service.cli", "run", "--workers", str(args.workers)],
+                               bench.server_env(env, url, bridge_port, sim_port), cpus, bridge_port, "/healthz")
         path = "/v1/chat/completions"
         bench.wrk(bridge_port, path, keys[0], bench.BODY, 16, 1)  # warm-up
 
@@ -84,11 +85,14 @@ def main() -> int:
             await conn.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
             await conn.close()
         asyncio.run(reset())
-        pg0 = bench.pg_cpu_seconds(pgdata)
+        pg0, tree0 = bench.pg_cpu_seconds(pgdata), bench.tree_cpu_seconds(bridge.pid)
         run = bench.measure_requests(bridge, path, ",".join(keys), args.connections, args.seconds)
         requests = max(1, run["requests"])
+        if args.workers > 1:  # the supervisor's CPU is nothing: its workers' is the bridge's
+            run["server_cpu_ms_per_req"] = 1000 * (bench.tree_cpu_seconds(bridge.pid) - tree0) / requests
         pg_ms = 1000 * (bench.pg_cpu_seconds(pgdata) - pg0) / requests
-        print(f"c={args.connections} {'over 1000 keys' if args.many_keys else 'one key'}: "
+        print(f"c={args.connections} {'over 1000 keys' if args.many_keys else 'one key'}"
+              f"{f', {args.workers} workers' if args.workers > 1 else ''}: "
               f"{run['rps']:.0f} requests/s, p50 {run['p50_us'] / 1000:.2f} ms, p99 {run['p99_us'] / 1000:.2f} ms, "
               f"non-2xx {run['errors']}; CPU per request: bridge {run['server_cpu_ms_per_req']:.3f} ms, "
               f"PostgreSQL {pg_ms:.3f} ms")
