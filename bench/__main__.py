@@ -433,24 +433,32 @@ def main() -> int:
         direct_upstream.stop()
         direct_upstream = None
 
-        # worker processes: c=32 on one key served by 1, then 2, `codeplan run --workers` processes,
+        # worker processes: c=32 on one key served by 1 and by 2 `codeplan run --workers` processes,
         # unpinned (the load generator and the bridge's upstream stay on their core, so on a 2-core
-        # machine the second worker competes with them: read the CPU per request beside the rate)
-        scaling: dict[str, dict] = {}
-        for n in (1, 2):
-            port = free_port()
-            server = Process([sys.executable, "-m", "service.cli", "run", "--workers", str(n)],
-                             server_env(env, url, port, sim_port), ",".join(map(str, sorted(CPUS))), port,
-                             "/healthz")
-            try:
+        # machine the second worker competes with them: read the CPU per request beside the rate);
+        # both servers up at once, measured in alternate rounds like the figures above, each
+        # figure the median of its rounds
+        servers: dict[int, Process] = {}
+        worker_runs: dict[int, list[dict]] = {1: [], 2: []}
+        try:
+            for n in (1, 2):
+                port = free_port()
+                servers[n] = Process([sys.executable, "-m", "service.cli", "run", "--workers", str(n)],
+                                     server_env(env, url, port, sim_port), ",".join(map(str, sorted(CPUS))), port,
+                                     "/healthz")
                 wrk(port, path, one_key, BODY, 16, 1)  # warm-up, every worker
-                cpu0, pg0 = tree_cpu_seconds(server.pid), pg_cpu_seconds(pgdata)
-                run = wrk(port, path, one_key, BODY, 32, seconds)
-                run["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(server.pid) - cpu0) / max(1, run["requests"])
-                run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
-                scaling[f"workers={n}"] = run
-            finally:
+            for r in range(rounds):
+                for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                    server = servers[n]
+                    cpu0, pg0 = tree_cpu_seconds(server.pid), pg_cpu_seconds(pgdata)
+                    run = wrk(server.port, path, one_key, BODY, 32, seconds)
+                    run["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(server.pid) - cpu0) / max(1, run["requests"])
+                    run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
+                    worker_runs[n].append(run)
+        finally:
+            for server in servers.values():
                 server.stop()
+        scaling = {f"workers={n}": median_of(runs) for n, runs in worker_runs.items()}
 
         # idle streams: memory per open stream, bridge against its upstream (the simulator) holding the same
         rss_before = rss_kb(bridge.pid)

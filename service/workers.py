@@ -3,8 +3,9 @@
 The supervisor binds the port, migrates, starts the simulator when there is no upstream, and
 starts N workers (`codeplan worker`), each inheriting the listening socket and serving it with
 its own event loop, pool and bridge. Nothing is shared between them but PostgreSQL: allowances
-are exact because the ledger is (one transaction per transition), and a per-key upstream cap
-holds because its slots are leases in PostgreSQL. Prometheus samples are shared through
+are exact because the ledger is (one transaction per transition), a per-key upstream cap holds
+because its slots are leases in PostgreSQL, and the workers' ledger ticks take turns through an
+advisory lock there (service/tick_baton.py). Prometheus samples are shared through
 prometheus_client's multi-process files, so any worker's /metrics reports them all.
 
 On SIGTERM (or SIGINT) the supervisor passes SIGTERM to every worker, which finish their
