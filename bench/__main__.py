@@ -202,12 +202,13 @@ def wrk(port: int, path: str, key: str, body: dict, connections: int, seconds: i
 def quiesce(processes: list[Process], pgdata: Path, limit: float = 5.0) -> bool:
     """Wait (at most `limit` s) until the servers and PostgreSQL are idle, so that work a run
     left behind (streams finishing, settlements, a drain, autovacuum) does not land in the next
-    one's figures. False when they were still busy at the limit (counted in the results)."""
+    one's figures. False when they were still busy at the limit (counted in the results). A
+    server's CPU is its process tree's (a `--workers` supervisor's workers)."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        before = sum(cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata)
+        before = sum(tree_cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata)
         time.sleep(0.2)
-        if sum(cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata) - before < 0.02:
+        if sum(tree_cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata) - before < 0.02:
             return True
     return False
 
@@ -450,6 +451,7 @@ def main() -> int:
             for r in range(rounds):
                 for n in ((1, 2) if r % 2 == 0 else (2, 1)):
                     server = servers[n]
+                    busy += not quiesce([bridge, bridge_upstream, *servers.values()], pgdata)
                     cpu0, pg0 = tree_cpu_seconds(server.pid), pg_cpu_seconds(pgdata)
                     run = wrk(server.port, path, one_key, BODY, 32, seconds)
                     run["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(server.pid) - cpu0) / max(1, run["requests"])

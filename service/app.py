@@ -173,10 +173,11 @@ async def _billing(pool: asyncpg.Pool, config: Config) -> Billing | None:
 
 def create_app(config: Config, database_url: str, upstream_url: str = "",
                upstream_keys: tuple[str, ...] = (), *,
-               profiles: list[ProfileConfig] | None = None) -> Litestar:
+               profiles: list[ProfileConfig] | None = None, tick_baton: int | None = None) -> Litestar:
     """The application, forwarding to `profiles` (config.upstream_profiles: the configured
     upstreams, or the simulator) plus what admins add at run time. Given a URL and keys
-    instead, they are the single upstream, as CODEPLAN_UPSTREAM_URL / _KEYS would be."""
+    instead, they are the single upstream, as CODEPLAN_UPSTREAM_URL / _KEYS would be.
+    `tick_baton`: a worker's supervisor's key for the workers' tick baton."""
     if profiles is None:
         profiles = upstream_profiles(msgspec.structs.replace(
             config, upstream_url=upstream_url or config.upstream_url,
@@ -202,9 +203,11 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         await router.start()
         store = UpstreamStore(pool, router, profiles)
         await store.refresh()
-        # one of several workers: their ledger ticks take turns, so each carries what one
-        # process's would (service/tick_baton.py)
-        baton = TickBaton(database_url) if config.workers > 1 else None
+        # a worker of `codeplan run --workers N`: its ledger ticks take turns with the other
+        # workers', so each carries what one process's would (service/tick_baton.py)
+        baton = TickBaton(database_url, tick_baton) if tick_baton is not None else None
+        if baton is not None:
+            await baton.open()
         ledger = Ledger(pool, lease_seconds=config.reservation_lease, baton=baton)
         # unknown keys cached briefly for every caller; failures counted per client address,
         # refused (429) by the throttle gate and the quota API (service/throttle.py)

@@ -89,11 +89,13 @@ async def _start_simulator(config: config_module.Config):
     return simulator, task, url
 
 
-async def _serve(config: config_module.Config, url: str, sock: socket.socket, simulator_url: str) -> None:
+async def _serve(config: config_module.Config, url: str, sock: socket.socket, simulator_url: str,
+                 tick_baton: int | None = None) -> None:
     from .app import create_app
 
     profiles = config_module.upstream_profiles(config, simulator_url)
-    server = _uvicorn(create_app(config, url, profiles=profiles), lifespan=True, config=config)
+    server = _uvicorn(create_app(config, url, profiles=profiles, tick_baton=tick_baton), lifespan=True,
+                      config=config)
     await server.serve(sockets=[sock])
 
 
@@ -126,11 +128,11 @@ async def _run(config: config_module.Config, workers: int) -> None:
             await sim_task
 
 
-async def _worker(config: config_module.Config, fd: int, simulator_url: str) -> None:
+async def _worker(config: config_module.Config, fd: int, simulator_url: str, tick_baton: int | None) -> None:
     """One of `codeplan run --workers N`: serves the socket its supervisor bound."""
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
-    await _serve(config, config.database_url, sock, simulator_url)
+    await _serve(config, config.database_url, sock, simulator_url, tick_baton)
 
 
 async def _simulate(args: argparse.Namespace) -> None:
@@ -154,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help=argparse.SUPPRESS)
     worker.add_argument("--fd", type=int, required=True)
     worker.add_argument("--simulator-url", default="")
+    worker.add_argument("--tick-baton", type=int, default=None)  # the supervisor's key (service/tick_baton.py)
     commands.add_parser("migrate", help="apply the database migrations")
     commands.add_parser("sweep", help="expire reservations whose process died, once")
     rollup = commands.add_parser("rollup", help="move settled ledger rows into per-day totals")
@@ -274,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             asyncio.run(_run(config, workers))
         elif args.command == "worker":
-            asyncio.run(_worker(config, args.fd, args.simulator_url))
+            asyncio.run(_worker(config, args.fd, args.simulator_url, args.tick_baton))
         elif args.command == "simulate":
             asyncio.run(_simulate(args))
         elif args.command == "migrate":

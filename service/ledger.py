@@ -103,8 +103,8 @@ class _Ticker:
     `max_size` settlements waiting: the rest wait for the next, as they always did). A tick that
     fails is retried element by element, so a fault stays with the element that caused it.
 
-    In one of several worker processes, each tick holds the host's tick baton while it is in
-    flight and its batch is cut once the baton is had (service/tick_baton.py), so the workers'
+    In a worker of `codeplan run --workers N`, each tick holds the run's tick baton while it is
+    in flight and its batch is cut once the baton is had (service/tick_baton.py), so the workers'
     ticks take turns and carry what one process's would.
     """
 
@@ -152,7 +152,7 @@ class _Ticker:
             while self._admits or (self._settles and self._settles_due):
                 # the batch is cut once the baton is had: what arrives while another worker's
                 # tick is in flight goes in this one
-                held = self._baton is not None and await self._baton.take()
+                held = self._baton is not None and await self._take_baton()
                 admits = self._admits[:self._max]
                 del self._admits[:self._max]
                 settles: list[tuple[Settlement, asyncio.Future]] = []
@@ -197,6 +197,13 @@ class _Ticker:
             self._settles_due = False
             if self._settles and self._timer is None:  # left by a failure: they linger again
                 self._timer = asyncio.get_running_loop().call_later(self._linger, self._lingered)
+
+    async def _take_baton(self) -> bool:
+        try:
+            return await self._baton.take()  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - an optimisation failing: this tick goes without it
+            log.exception("tick baton failed; this tick goes without it")
+            return False
 
     async def _alone(self, settles: list, admits: list, plan_only: list) -> Any:
         try:

@@ -1,30 +1,33 @@
-"""One ledger tick in flight at a time across `codeplan run --workers N`'s processes.
+"""One ledger tick in flight at a time across the worker processes of one `codeplan run --workers N`.
 
 Why: what a tick costs PostgreSQL is mostly fixed (its transaction and commit, its statements'
-start-up, `ledger_admit_batch`'s PL/pgSQL set up once per call: bench/PROFILE.md), so a request
-costs less the more requests share its tick. One process sends its next tick when the last is
-answered, with everything that arrived meanwhile. N processes ticking on their own send about N
-times as many ticks with 1/N of the batch each (measured with two workers at c=32 on one key:
-PostgreSQL's CPU per request 0.24-0.28 ms against 0.16-0.17 with one), and on one subscription
-they wait for each other in PostgreSQL anyway (its flight row). A worker that holds the baton
-while its tick is in flight, and cuts its batch only once it has the baton, gives N workers
-about the batches of one.
+start-up, `ledger_admit_batch`'s PL/pgSQL set up once per transaction: bench/PROFILE.md), so a
+request costs less the more requests share its tick. One process sends its next tick when the
+last is answered, with everything that arrived meanwhile. N processes ticking on their own send
+about N times as many ticks with 1/N of the batch each (measured with two workers at c=32 on one
+key: PostgreSQL's CPU per request 0.24-0.28 ms against 0.16-0.17 with one), and on one
+subscription they wait for each other in PostgreSQL anyway (its flight row). A worker that holds
+the baton while its tick is in flight, and cuts its batch only once it has the baton, gives N
+workers about the batches of one.
 
 The baton is a PostgreSQL advisory lock, taken in a transaction of its own on a connection of
-its own and given back by committing it (so it works behind PgBouncer in transaction mode too,
-where a session's lock would stay with a server connection someone else gets): PostgreSQL
-grants it in the order it was asked for (a worker that gives it back and asks again queues
-behind the one waiting), and lets go of it when its holder's connection ends, so a worker that
-dies holding it stalls nobody. It is an optimisation, never a rule of the ledger, which is exact
-without it (every transition one guarded transaction): a baton not had within `patience` (its
-holder's tick stuck behind a row lock, say) or not had at all (the connection failed) means a
-tick without it, as before.
+its own and given back by committing it (so PgBouncer's transaction mode keeps it with its
+holder, where a session's lock would stay with a server connection someone else gets next).
+PostgreSQL grants it in the order it was asked for (a worker that gives it back and asks again
+queues behind the one waiting) and lets go of it when its holder's connection ends, so a worker
+that dies holding it stalls nobody. Its key is the supervisor's (one per `codeplan run`, so the
+hosts of a multi-host layout each have their own lane), in the two-integer key space, which
+never meets the one-integer key of the migrations' lock (service/db.py).
+
+It is an optimisation, never a rule of the ledger, which is exact without it (every transition
+one guarded transaction). So nothing here waits without a bound or raises into the ticker: a
+baton not had within `patience` (its holder's tick stuck behind a row lock, say) means this tick
+goes without, and the next ones for `rest` seconds; so does a connection that fails or is still
+being opened (in the background, never on a tick's path); a holder idle for `_HOLD_LIMIT` (frozen,
+cut off) loses its session and with it the baton.
 
 Cost: one round trip before each tick (the lock), and one after it, sent without waiting (the
-commit), in processes of a multi-worker run only; one connection per worker beyond its pool.
-One lane for the whole host also caps the ledger's ticks at one at a time: a tick of 128
-admissions takes a few milliseconds, thousands of requests a second, beyond what one
-subscription's flight row allowed anyway.
+commit), in the processes of a multi-worker run only; one connection per worker beyond its pool.
 """
 from __future__ import annotations
 
@@ -35,40 +38,56 @@ import asyncpg
 
 log = logging.getLogger("codeplan.ledger")
 
-# the advisory lock's key: any constant no other lock in this database uses ('codeplan' in ASCII)
-_KEY = 0x636F6465706C616E
-_TAKE = "BEGIN; SET LOCAL lock_timeout = '{patience_ms}ms'; SELECT pg_advisory_xact_lock(" + str(_KEY) + ")"
-_GIVE = "COMMIT"
-
-# a connection that failed is not tried again for this long (ticks go without meanwhile)
-_RECONNECT_AFTER = 1.0
+# the first of the lock's two keys: 'tick' in ASCII; the second is the supervisor's
+_CLASS = 0x7469636B
+# a holder idle in its baton's transaction this long has its session ended by PostgreSQL
+_HOLD_LIMIT = "5s"
+# the most a connection attempt may take (it runs in the background)
+_CONNECT_TIMEOUT = 5.0
+# beyond `patience`, how long a take may wait for its answer (a PgBouncer queue, a lost server)
+_ANSWER_SLACK = 0.5
 
 
 class TickBaton:
-    """`take()` before cutting a tick's batch, `give()` once its answer is in."""
+    """`take()` before cutting a tick's batch, `give()` once its answer is in; `open()` at
+    start-up, `close()` at shutdown."""
 
-    def __init__(self, database_url: str, *, patience: float = 0.05) -> None:
+    def __init__(self, database_url: str, key: int, *, patience: float = 0.05, rest: float = 1.0) -> None:
         self._url = database_url
-        self._take = _TAKE.format(patience_ms=max(1, round(patience * 1000)))
+        self._take = (f"BEGIN; SET LOCAL lock_timeout = '{max(1, round(patience * 1000))}ms';"
+                      f" SET LOCAL idle_in_transaction_session_timeout = '{_HOLD_LIMIT}';"
+                      f" SELECT pg_advisory_xact_lock({_CLASS}, {int(key)})")
+        self._answer_within = patience + _ANSWER_SLACK
+        self._rest = rest
         self._connection: asyncpg.Connection | None = None
-        self._giving: asyncio.Task | None = None  # the unlock sent after the last tick
-        self._retry_at = 0.0
+        self._connecting: asyncio.Task | None = None
+        self._giving: asyncio.Task | None = None  # the commit sent after the last tick
+        self._rest_until = 0.0
+        self._closed = False
+
+    async def open(self) -> None:
+        """Connect now, so the first ticks have the baton (a failure is logged; later ticks
+        go without until a background attempt succeeds)."""
+        self._ready()
+        if self._connecting is not None:
+            await asyncio.shield(self._connecting)
 
     async def take(self) -> bool:
         """Wait for the baton, in line; True when this process holds it, False when this tick
-        goes without (after `patience`, or with no connection)."""
+        goes without it."""
         giving, self._giving = self._giving, None
-        if giving is not None:  # the last unlock goes first on this connection
-            await giving
-        connection = await self._connect()
+        if giving is not None:  # the last commit goes first on this connection, cancelled or not
+            await asyncio.shield(giving)
+        connection = self._ready()
         if connection is None:
             return False
         try:
-            await connection.execute(self._take)
+            await connection.execute(self._take, timeout=self._answer_within)
             return True
         except asyncpg.LockNotAvailableError:  # lock_timeout: the holder's tick is slow
+            self._resting()
             try:
-                await connection.execute("ROLLBACK")
+                await connection.execute("ROLLBACK", timeout=self._answer_within)
             except Exception as exc:  # noqa: BLE001 - whatever it was, this tick goes without
                 self._failed(connection, exc)
             return False
@@ -87,43 +106,62 @@ class TickBaton:
             self._giving = asyncio.get_running_loop().create_task(self._give(connection))
 
     async def close(self) -> None:
+        self._closed = True
+        if self._connecting is not None:
+            self._connecting.cancel()
         giving, self._giving = self._giving, None
         if giving is not None:
             await giving
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
+        connection, self._connection = self._connection, None
+        if connection is not None:
             try:
                 await asyncio.wait_for(connection.close(), 2.0)
-            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            except Exception:  # noqa: BLE001 - it goes either way
                 connection.terminate()
+
+    def _ready(self) -> asyncpg.Connection | None:
+        """The connection, when it is open and not resting; otherwise None, with a connection
+        being opened in the background if there is none."""
+        loop = asyncio.get_running_loop()
+        if self._closed or loop.time() < self._rest_until:
+            return None
+        connection = self._connection
+        if connection is not None and not connection.is_closed():
+            return connection
+        self._connection = None
+        if self._connecting is None:
+            self._connecting = loop.create_task(self._connect())
+        return None
+
+    async def _connect(self) -> None:
+        try:
+            connection = await asyncpg.connect(self._url, timeout=_CONNECT_TIMEOUT,
+                                               server_settings={"application_name": "codeplan tick baton"})
+        except Exception as exc:  # noqa: BLE001 - ticks go without meanwhile
+            self._resting()
+            log.warning("tick baton unavailable; ticks go without it", extra={"error": type(exc).__name__})
+            return
+        finally:
+            self._connecting = None
+        if self._closed:
+            connection.terminate()
+        else:
+            self._connection = connection
 
     async def _give(self, connection: asyncpg.Connection) -> None:
         try:
-            await connection.execute(_GIVE)
+            await connection.execute("COMMIT", timeout=self._answer_within)
         except Exception as exc:  # noqa: BLE001 - its session ends, and with it the lock
             self._failed(connection, exc)
-
-    async def _connect(self) -> asyncpg.Connection | None:
-        if self._connection is not None and not self._connection.is_closed():
-            return self._connection
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._retry_at:
-            return None
-        try:
-            self._connection = await asyncpg.connect(self._url, server_settings={
-                "application_name": "codeplan tick baton"})
-        except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._retry_at = loop.time() + _RECONNECT_AFTER
-            log.warning("tick baton unavailable; ticks go without it",
-                        extra={"error": type(exc).__name__})
-            return None
-        return self._connection
 
     def _failed(self, connection: asyncpg.Connection, exc: BaseException) -> None:
         log.warning("tick baton connection failed; ticks go without it for a moment",
                     extra={"error": type(exc).__name__})
-        self._retry_at = asyncio.get_running_loop().time() + _RECONNECT_AFTER
+        self._resting()
         self._drop(connection)
+
+    def _resting(self) -> None:
+        self._rest_until = asyncio.get_running_loop().time() + self._rest
 
     def _drop(self, connection: asyncpg.Connection) -> None:
         connection.terminate()

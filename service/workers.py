@@ -2,11 +2,12 @@
 
 The supervisor binds the port, migrates, starts the simulator when there is no upstream, and
 starts N workers (`codeplan worker`), each inheriting the listening socket and serving it with
-its own event loop, pool and bridge. Nothing is shared between them but PostgreSQL: allowances
-are exact because the ledger is (one transaction per transition), a per-key upstream cap holds
-because its slots are leases in PostgreSQL, and the workers' ledger ticks take turns through an
-advisory lock there (service/tick_baton.py). Prometheus samples are shared through
-prometheus_client's multi-process files, so any worker's /metrics reports them all.
+its own event loop, pool and bridge. What they share of the business lives in PostgreSQL:
+allowances are exact because the ledger is (one transaction per transition), a per-key upstream
+cap holds because its slots are leases there, and the workers' ledger ticks take turns through
+an advisory lock there, on a key this supervisor picks (service/tick_baton.py). Prometheus
+samples are shared through prometheus_client's multi-process files, so any worker's /metrics
+reports them all.
 
 On SIGTERM (or SIGINT) the supervisor passes SIGTERM to every worker, which finish their
 streams (CODEPLAN_SHUTDOWN_TIMEOUT), settle and exit 0; then it exits 0. A worker that dies
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -31,15 +33,17 @@ log = logging.getLogger("codeplan.workers")
 async def supervise(config: Config, database_url: str, sock: socket.socket, simulator_url: str,
                     count: int) -> None:
     metrics_dir = tempfile.mkdtemp(prefix="codeplan-metrics-")
-    # a worker knows it is one of `count` (its ledger's ticks take turns with theirs)
-    env = {**os.environ, "CODEPLAN_DATABASE_URL": database_url, "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
-           "CODEPLAN_WORKERS": str(count)}
+    env = {**os.environ, "CODEPLAN_DATABASE_URL": database_url, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     fd = sock.fileno()
-    args = [sys.executable, "-m", "service.cli", "worker", "--fd", str(fd), "--simulator-url", simulator_url]
+    # this run's own key for its workers' tick baton: the workers of another run (another host
+    # on the same database) take turns among themselves, not with these
+    baton = secrets.randbits(31)
+    args = [sys.executable, "-m", "service.cli", "worker", "--fd", str(fd), "--simulator-url", simulator_url,
+            "--tick-baton", str(baton)]
 
     async def start() -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(*args, env=env, pass_fds=(fd,))

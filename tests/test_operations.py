@@ -619,12 +619,18 @@ def test_run_with_workers_serves_one_port_and_stops_cleanly(fresh_database, simu
                                   json={"model": "glm-4.6", "messages": _say("tokens=3 reasoning=0")})
             assert response.status_code == 200
         wait_settled(fresh_database)
-        # the workers that ticked took turns with the tick baton (service/tick_baton.py): a
-        # session of its own each, holding no lock between ticks
-        batons = run(query(fresh_database, "SELECT count(*) AS n FROM pg_stat_activity"
-                                           " WHERE application_name = 'codeplan tick baton' AND datname = current_database()"))[0]["n"]
-        assert 1 <= batons <= 3
-        held = run(query(fresh_database, "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory'"))[0]["n"]
+        # the workers' ticks take turns with the run's tick baton (service/tick_baton.py): a
+        # session of its own each, opened at start-up, holding no lock between ticks
+        deadline = time.monotonic() + 15  # (the last worker may still be starting)
+        while (batons := run(query(fresh_database, "SELECT count(*) AS n FROM pg_stat_activity"
+                                                   " WHERE application_name = 'codeplan tick baton'"
+                                                   " AND datname = current_database()"))[0]["n"]) < 3:
+            assert time.monotonic() < deadline, batons
+            time.sleep(0.1)
+        assert batons == 3
+        held = run(query(fresh_database, "SELECT count(*) AS n FROM pg_locks l JOIN pg_database d"
+                                         " ON d.oid = l.database WHERE l.locktype = 'advisory'"
+                                         " AND d.datname = current_database()"))[0]["n"]
         assert held == 0
         # every worker's samples, from whichever worker answers the scrape
         for _ in range(3):
@@ -633,9 +639,6 @@ def test_run_with_workers_serves_one_port_and_stops_cleanly(fresh_database, simu
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(40) == 0
         assert all(not Path(f"/proc/{pid}").exists() for pid in children)
-        gone = run(query(fresh_database, "SELECT count(*) AS n FROM pg_stat_activity"
-                                         " WHERE application_name = 'codeplan tick baton' AND datname = current_database()"))[0]["n"]
-        assert gone == 0
     finally:
         server.stop()
 

@@ -10,26 +10,56 @@ import time
 
 import asyncpg
 
+from service import db
 from service.ledger import _Ticker
-from service.tick_baton import TickBaton
+from service.tick_baton import _CLASS, TickBaton
 from tests.conftest import query
 from tests.test_ledger_ticker import Model, _reservation
 
+KEY = 12345  # a supervisor's
 
-async def _settles(awaitable, within: float = 0.3) -> bool:
-    """Whether `awaitable` (a task) finishes within `within` seconds (it keeps running if not)."""
-    done, _ = await asyncio.wait({awaitable}, timeout=within)
+
+async def _baton(url: str, key: int = KEY, **options) -> TickBaton:
+    baton = TickBaton(url, key, **{"patience": 5.0, **options})
+    await baton.open()
+    return baton
+
+
+async def _finishes(task: asyncio.Future, within: float = 0.3) -> bool:
+    """Whether `task` finishes within `within` seconds (it keeps running if not)."""
+    done, _ = await asyncio.wait({task}, timeout=within)
     return bool(done)
 
 
+async def _batons_held(url: str) -> int:
+    rows = await query(url, "SELECT count(*) AS n FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+                            " WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()"
+                            " AND l.classid = $1", _CLASS)
+    return rows[0]["n"]
+
+
+async def _free(url: str, within: float = 5.0) -> None:
+    """Until the baton's COMMIT, sent without waiting, has landed."""
+    deadline = time.monotonic() + within
+    while await _batons_held(url):
+        assert time.monotonic() < deadline, "the baton was never given back"
+        await asyncio.sleep(0.01)
+
+
+async def _sessions(url: str) -> int:
+    rows = await query(url, "SELECT count(*) AS n FROM pg_stat_activity"
+                            " WHERE application_name = 'codeplan tick baton' AND datname = current_database()")
+    return rows[0]["n"]
+
+
 async def test_a_second_worker_waits_for_the_baton_and_gets_it_when_given(fresh_database):
-    first, second = TickBaton(fresh_database, patience=5), TickBaton(fresh_database, patience=5)
+    first, second = await _baton(fresh_database), await _baton(fresh_database)
     try:
         assert await first.take()
         waiting = asyncio.ensure_future(second.take())
-        assert not await _settles(waiting)  # held: the second tick waits
+        assert not await _finishes(waiting)  # held: the second tick waits
         first.give()
-        assert await _settles(waiting, 5) and waiting.result() is True
+        assert await _finishes(waiting, 5) and waiting.result() is True
         second.give()
     finally:
         await first.close()
@@ -39,32 +69,39 @@ async def test_a_second_worker_waits_for_the_baton_and_gets_it_when_given(fresh_
 async def test_a_worker_that_gives_the_baton_and_asks_again_queues_behind_the_one_waiting(fresh_database):
     # (flock or a pipe would let the giver take it straight back while it has work: PostgreSQL
     # grants an advisory lock in the order it was asked for)
-    first, second = TickBaton(fresh_database, patience=5), TickBaton(fresh_database, patience=5)
+    first, second = await _baton(fresh_database), await _baton(fresh_database)
     try:
         assert await first.take()
         theirs = asyncio.ensure_future(second.take())
-        assert not await _settles(theirs)
+        assert not await _finishes(theirs)
         first.give()
         again = asyncio.ensure_future(first.take())
-        assert await _settles(theirs, 5) and theirs.result() is True
-        assert not await _settles(again)  # the second worker's tick is in flight now
+        assert await _finishes(theirs, 5) and theirs.result() is True
+        assert not await _finishes(again)  # the second worker's tick is in flight now
         second.give()
-        assert await _settles(again, 5) and again.result() is True
+        assert await _finishes(again, 5) and again.result() is True
         first.give()
     finally:
         await first.close()
         await second.close()
 
 
-async def test_a_baton_held_past_patience_means_a_tick_without_it(fresh_database):
-    holder, other = TickBaton(fresh_database, patience=5), TickBaton(fresh_database, patience=0.05)
+async def test_a_baton_held_past_patience_means_ticks_without_it_for_a_rest(fresh_database):
+    holder = await _baton(fresh_database)
+    other = await _baton(fresh_database, patience=0.05, rest=0.5)
     try:
         assert await holder.take()
         started = time.monotonic()
         assert await other.take() is False
         assert time.monotonic() - started < 2.0
+        # resting: the next ticks go without at once, not 50 ms each
+        started = time.monotonic()
+        assert await other.take() is False
+        assert time.monotonic() - started < 0.02
         holder.give()
-        assert await other.take() is True  # the same connection takes it once free
+        await _free(fresh_database)
+        await asyncio.sleep(0.5)
+        assert await other.take() is True  # the same connection, after its rest
         other.give()
     finally:
         await holder.close()
@@ -72,41 +109,87 @@ async def test_a_baton_held_past_patience_means_a_tick_without_it(fresh_database
 
 
 async def test_a_worker_that_dies_holding_the_baton_stalls_nobody(fresh_database):
-    dying, other = TickBaton(fresh_database, patience=5), TickBaton(fresh_database, patience=5)
+    dying, other = await _baton(fresh_database), await _baton(fresh_database)
     try:
         assert await dying.take()
         waiting = asyncio.ensure_future(other.take())
-        assert not await _settles(waiting)
+        assert not await _finishes(waiting)
         # the holder's process dies: its session ends (here: ended from outside, as a crash would)
         await query(fresh_database, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                                    " WHERE application_name = 'codeplan tick baton' AND state = 'idle in transaction'")
-        assert await _settles(waiting, 5) and waiting.result() is True
+                                    " WHERE application_name = 'codeplan tick baton' AND datname = current_database()"
+                                    " AND state = 'idle in transaction'")
+        assert await _finishes(waiting, 5) and waiting.result() is True
         other.give()
     finally:
         await dying.close()
         await other.close()
 
 
+async def test_the_migrations_lock_and_another_runs_baton_are_other_locks(fresh_database):
+    # a migration in progress (service/db.py's lock, one-integer key space) and another
+    # `codeplan run` on this database (another host: another key) leave this baton free
+    migrating = await asyncpg.connect(fresh_database)
+    theirs, ours = await _baton(fresh_database, key=KEY + 1), await _baton(fresh_database, patience=0.05)
+    try:
+        await migrating.execute("SELECT pg_advisory_lock($1)", db._MIGRATION_LOCK)
+        assert await theirs.take()
+        assert await ours.take() is True
+        ours.give()
+        theirs.give()
+    finally:
+        await migrating.close()
+        await theirs.close()
+        await ours.close()
+
+
 async def test_no_database_means_ticks_without_the_baton_and_no_error(pg_url):
-    baton = TickBaton(pg_url.rsplit("/", 1)[0] + "/no_such_database", patience=5)
-    assert await baton.take() is False
+    baton = await _baton(pg_url.rsplit("/", 1)[0] + "/no_such_database")
     started = time.monotonic()
-    assert await baton.take() is False  # not tried again at once
+    assert await baton.take() is False
+    assert await baton.take() is False  # resting: not tried again at once
     assert time.monotonic() - started < 0.05
     baton.give()  # nothing held: nothing to give, and no error
     await baton.close()
 
 
-async def test_a_given_baton_is_free_for_others_even_before_the_next_take(fresh_database):
-    first = TickBaton(fresh_database, patience=5)
+async def test_a_given_baton_is_free_for_others_before_the_next_take(fresh_database):
+    first = await _baton(fresh_database)
     try:
         assert await first.take()
+        assert await _batons_held(fresh_database) == 1
         first.give()
-        await asyncio.sleep(0.2)
-        rows = await query(fresh_database, "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND granted")
-        assert rows[0]["n"] == 0
+        await _free(fresh_database)
     finally:
         await first.close()
+
+
+async def test_a_closed_baton_takes_nothing_and_opens_no_connection(fresh_database):
+    baton = await _baton(fresh_database)
+    assert await _sessions(fresh_database) == 1
+    assert await baton.take()
+    baton.give()
+    await baton.close()
+    assert await baton.take() is False
+    await asyncio.sleep(0.1)
+    assert await _sessions(fresh_database) == 0
+    assert await _batons_held(fresh_database) == 0
+
+
+async def test_a_take_cancelled_while_waiting_leaves_no_lock_behind(fresh_database):
+    holder, cancelled, third = await _baton(fresh_database), await _baton(fresh_database), await _baton(fresh_database)
+    try:
+        assert await holder.take()
+        waiting = asyncio.ensure_future(cancelled.take())
+        assert not await _finishes(waiting)
+        waiting.cancel()
+        holder.give()
+        # the cancelled waiter's session is ended, so the lock is not granted to it
+        assert await third.take() is True
+        third.give()
+    finally:
+        await holder.close()
+        await cancelled.close()
+        await third.close()
 
 
 class _FakeBaton:
@@ -144,6 +227,17 @@ async def test_a_tick_without_the_baton_gives_nothing_back():
     ticker = _Ticker(model.tick, lambda reservation, admission: None, baton=baton)  # type: ignore[arg-type]
     assert (await ticker.admit(_reservation("first"))).admitted
     assert (baton.taken, baton.given) == (1, 0)
+
+
+async def test_a_baton_that_raises_costs_the_tick_nothing():
+    class Raising(_FakeBaton):
+        async def take(self) -> bool:
+            raise RuntimeError("unexpected")
+
+    model = Model(cap=10, window=10_000)
+    ticker = _Ticker(model.tick, lambda reservation, admission: None, baton=Raising())  # type: ignore[arg-type]
+    answer = await asyncio.wait_for(ticker.admit(_reservation("first")), 5)
+    assert answer.admitted
 
 
 async def test_a_failing_tick_gives_the_baton_back():
