@@ -52,7 +52,7 @@ class TickBaton:
     """`take()` before cutting a tick's batch, `give()` once its answer is in; `open()` at
     start-up, `close()` at shutdown."""
 
-    def __init__(self, database_url: str, key: int, *, patience: float = 0.05, rest: float = 1.0) -> None:
+    def __init__(self, database_url: str, key: int, *, patience: float = 0.2, rest: float = 1.0) -> None:
         self._url = database_url
         self._take = (f"BEGIN; SET LOCAL lock_timeout = '{max(1, round(patience * 1000))}ms';"
                       f" SET LOCAL idle_in_transaction_session_timeout = '{_HOLD_LIMIT}';"
