@@ -57,6 +57,7 @@ class TickBaton:
         self._take = (f"BEGIN; SET LOCAL lock_timeout = '{max(1, round(patience * 1000))}ms';"
                       f" SET LOCAL idle_in_transaction_session_timeout = '{_HOLD_LIMIT}';"
                       f" SELECT pg_advisory_xact_lock({_CLASS}, {int(key)})")
+        self._patience = patience
         self._answer_within = patience + _ANSWER_SLACK
         self._rest = rest
         self._connection: asyncpg.Connection | None = None
@@ -86,6 +87,8 @@ class TickBaton:
             return True
         except asyncpg.LockNotAvailableError:  # lock_timeout: the holder's tick is slow
             self._resting()
+            log.warning("tick baton not had in time; ticks go without it for a moment",
+                        extra={"patience_s": self._patience, "rest_s": self._rest})
             try:
                 await connection.execute("ROLLBACK", timeout=self._answer_within)
             except Exception as exc:  # noqa: BLE001 - whatever it was, this tick goes without

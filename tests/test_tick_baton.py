@@ -86,7 +86,7 @@ async def test_a_worker_that_gives_the_baton_and_asks_again_queues_behind_the_on
         await second.close()
 
 
-async def test_a_baton_held_past_patience_means_ticks_without_it_for_a_rest(fresh_database):
+async def test_a_baton_held_past_patience_means_ticks_without_it_for_a_rest(fresh_database, caplog):
     holder = await _baton(fresh_database)
     other = await _baton(fresh_database, patience=0.05, rest=0.5)
     try:
@@ -94,6 +94,7 @@ async def test_a_baton_held_past_patience_means_ticks_without_it_for_a_rest(fres
         started = time.monotonic()
         assert await other.take() is False
         assert time.monotonic() - started < 2.0
+        assert "tick baton not had in time" in caplog.text  # an operator sees it
         # resting: the next ticks go without at once, not 50 ms each
         started = time.monotonic()
         assert await other.take() is False
