@@ -40,8 +40,9 @@ log = logging.getLogger("codeplan.ledger")
 
 # the first of the lock's two keys: 'tick' in ASCII; the second is the supervisor's
 _CLASS = 0x7469636B
-# a holder idle in its baton's transaction this long has its session ended by PostgreSQL
-_HOLD_LIMIT = "5s"
+# a holder idle in its baton's transaction this long (frozen, cut off) has its session ended by
+# PostgreSQL; well above a tick, even one retried element by element
+_HOLD_LIMIT = "30s"
 # the most a connection attempt may take (it runs in the background)
 _CONNECT_TIMEOUT = 5.0
 # beyond `patience`, how long a take may wait for its answer (a PgBouncer queue, a lost server)
@@ -54,7 +55,10 @@ class TickBaton:
 
     def __init__(self, database_url: str, key: int, *, patience: float = 0.2, rest: float = 1.0) -> None:
         self._url = database_url
+        # (statement_timeout off: a role's or database's own below the patience would turn every
+        # wait into a failure)
         self._take = (f"BEGIN; SET LOCAL lock_timeout = '{max(1, round(patience * 1000))}ms';"
+                      " SET LOCAL statement_timeout = 0;"
                       f" SET LOCAL idle_in_transaction_session_timeout = '{_HOLD_LIMIT}';"
                       f" SELECT pg_advisory_xact_lock({_CLASS}, {int(key)})")
         self._patience = patience
@@ -62,7 +66,8 @@ class TickBaton:
         self._rest = rest
         self._connection: asyncpg.Connection | None = None
         self._connecting: asyncio.Task | None = None
-        self._giving: asyncio.Task | None = None  # the commit sent after the last tick
+        self._held: asyncpg.Connection | None = None  # the connection whose transaction holds it
+        self._giving: asyncio.Task | None = None  # the commit (or rollback) sent after the last take
         self._rest_until = 0.0
         self._closed = False
 
@@ -76,23 +81,22 @@ class TickBaton:
     async def take(self) -> bool:
         """Wait for the baton, in line; True when this process holds it, False when this tick
         goes without it."""
-        giving, self._giving = self._giving, None
-        if giving is not None:  # the last commit goes first on this connection, cancelled or not
-            await asyncio.shield(giving)
+        if self._giving is not None:  # the last commit goes first on this connection
+            await asyncio.shield(self._giving)  # (a take cancelled here leaves it running, and kept)
+            self._giving = None
         connection = self._ready()
         if connection is None:
             return False
         try:
             await connection.execute(self._take, timeout=self._answer_within)
+            self._held = connection
             return True
         except asyncpg.LockNotAvailableError:  # lock_timeout: the holder's tick is slow
             self._resting()
             log.warning("tick baton not had in time; ticks go without it for a moment",
                         extra={"patience_s": self._patience, "rest_s": self._rest})
-            try:
-                await connection.execute("ROLLBACK", timeout=self._answer_within)
-            except Exception as exc:  # noqa: BLE001 - whatever it was, this tick goes without
-                self._failed(connection, exc)
+            # the aborted transaction ends off this tick's path; the next take waits for it
+            self._giving = asyncio.get_running_loop().create_task(self._end(connection, "ROLLBACK"))
             return False
         except asyncio.CancelledError:
             # the lock may be granted after we stop waiting: only ending the session is sure
@@ -104,14 +108,15 @@ class TickBaton:
 
     def give(self) -> None:
         """Let the next worker's tick go; sent now, answered whenever (the next take waits)."""
-        connection = self._connection
+        connection, self._held = self._held, None
         if connection is not None:
-            self._giving = asyncio.get_running_loop().create_task(self._give(connection))
+            self._giving = asyncio.get_running_loop().create_task(self._end(connection, "COMMIT"))
 
     async def close(self) -> None:
         self._closed = True
         if self._connecting is not None:
             self._connecting.cancel()
+            await asyncio.wait({self._connecting})  # ended either way, and its connection with it
         giving, self._giving = self._giving, None
         if giving is not None:
             await giving
@@ -151,15 +156,17 @@ class TickBaton:
         else:
             self._connection = connection
 
-    async def _give(self, connection: asyncpg.Connection) -> None:
+    async def _end(self, connection: asyncpg.Connection, how: str) -> None:
+        """COMMIT (the baton given back) or ROLLBACK (a take that timed out)."""
         try:
-            await connection.execute("COMMIT", timeout=self._answer_within)
+            await connection.execute(how, timeout=self._answer_within)
         except Exception as exc:  # noqa: BLE001 - its session ends, and with it the lock
             self._failed(connection, exc)
 
     def _failed(self, connection: asyncpg.Connection, exc: BaseException) -> None:
-        log.warning("tick baton connection failed; ticks go without it for a moment",
-                    extra={"error": type(exc).__name__})
+        if not self._closed:
+            log.warning("tick baton connection failed; ticks go without it for a moment",
+                        extra={"error": type(exc).__name__})
         self._resting()
         self._drop(connection)
 
