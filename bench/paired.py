@@ -60,7 +60,7 @@ def main():
                 g = 1000 * (pg_cpu_seconds(pgdata) - pg0) / n
                 results[label].append((b, g, d["rps"], d["errors"]))
                 print(f"round {r} {label:>8}: bridge {b:.3f} ms/req  pg {g:.3f}  rps {d['rps']:.0f}  "
-                      f"p50 {d['p50_us']/1000:.1f} ms  err {d['errors']}", flush=True)
+                      f"p50 {d['p50_us']/1000:.1f} ms  p99 {d['p99_us']/1000:.1f} ms  err {d['errors']}", flush=True)
         print("\nmedian bridge ms/req, pg ms/req, rps:")
         for label, rows in results.items():
             rows_b = sorted(x[0] for x in rows)
