@@ -6,7 +6,8 @@ checkout (each on the server core, idle while another is measured). Each round r
 one key, non-streaming) against every bridge in turn, the order alternating, and prints each
 bridge's CPU ms per request (utime+stime from /proc over the round's requests) and PostgreSQL's. Compare
 the pairs, round by round: a busy neighbour inflates both of a round's figures.
-A checkout for "before": `git archive <commit> | tar -x -C /tmp/before`.
+A checkout for "before": `git archive <commit> | tar -x -C /tmp/before`. One checkout under two
+environments: `python -m bench.paired pymalloc=. "malloc=.;PYTHONMALLOC=malloc"`.
 Env: ROUNDS (5), SECONDS (5), CONNS (32), PROFILE=<label> (py-spy raw on that bridge, 10 s,
 after the rounds; PROFILE_OUT names the file).
 """
@@ -27,7 +28,14 @@ PY = sys.executable
 
 
 def main():
-    bridges = {label: str(Path(path).resolve()) for label, path in (a.split("=", 1) for a in sys.argv[1:])}
+    # label=path, or label=path;NAME=value;... for a bridge with its own environment
+    bridges: dict[str, str] = {}
+    extra_env: dict[str, dict[str, str]] = {}
+    for arg in sys.argv[1:]:
+        label, spec = arg.split("=", 1)
+        path, *settings = spec.split(";")
+        bridges[label] = str(Path(path).resolve())
+        extra_env[label] = dict(setting.split("=", 1) for setting in settings)
     rounds, seconds = int(os.environ.get("ROUNDS", "5")), int(os.environ.get("SECONDS", "5"))
     conns = int(os.environ.get("CONNS", "32"))
     raise_fd_limit()
@@ -42,8 +50,8 @@ def main():
         ports = {}
         for label, cwd in bridges.items():
             port = free_port()
-            p = Process([PY, "-m", "service.cli", "run"], server_env(env, url, port, sim_port), SERVER_CPU, port,
-                        "/healthz", Path(cwd))
+            p = Process([PY, "-m", "service.cli", "run"], {**server_env(env, url, port, sim_port), **extra_env[label]},
+                        SERVER_CPU, port, "/healthz", Path(cwd))
             procs.append(p)
             ports[label] = (port, p)
             wrk(port, "/v1/chat/completions", key, BODY, 16, 2)  # warm-up

@@ -10,9 +10,17 @@ collection by hand 3 s after they closed freed 13 MB more (free lists), so the t
 with one (RSS then: 232-233 MB before, 225 after, single runs). The rest is pymalloc arenas that
 a few live objects each keep (bench/PROFILE.md, "Memory").
 
-`trim_after_bursts` watches the work in flight (every half second) and trims once it has fallen
-by `threshold` since its last peak: a few milliseconds, only after a burst has ended, never per
+`trim_after_bursts` trims once just after start-up (what the imports, migrations and caches'
+temporaries left free: 128 -> 124 MB with pymalloc, 148 -> 126 MB with PYTHONMALLOC=malloc),
+then watches the work in flight (every half second) and trims once it has fallen by
+`threshold` since its last peak: a few milliseconds, only after a burst has ended, never per
 request.
+
+With PYTHONMALLOC=malloc in the service's environment (every object from glibc, so a trim
+reaches all of it) the process gives back nearly all of a burst: after the bench's loads and
+5,000 idle streams, RSS 150 MB against 211-229 with pymalloc, for ~5% more bridge CPU per
+non-streaming request (8 paired rounds at c=32, bench.paired) and ~10% per relayed stream
+event (bench/PROFILE.md). An operator's choice; the default stays pymalloc.
 """
 from __future__ import annotations
 
@@ -41,6 +49,8 @@ async def trim_after_bursts(in_flight: Callable[[], int], threshold: int = 1000,
     if trim is None:
         return
     peak = 0
+    await asyncio.sleep(interval)
+    trim(0)  # what start-up freed (imports, migrations' and caches' temporaries)
     while True:
         await asyncio.sleep(interval)
         now = in_flight()
