@@ -69,11 +69,15 @@ def _anthropic_or_openai_503(stream: Stream) -> bool:
     return stream.error["error"]["type"] == "server_error"
 
 
-def test_a_postgres_restart_under_load_gives_quick_503s_and_loses_no_usage(postgres, simulator):
+# one process, and two workers whose ledger ticks take turns through a baton held in the
+# PostgreSQL that goes away (service/tick_baton.py: its failure must cost nothing but the baton)
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_postgres_restart_under_load_gives_quick_503s_and_loses_no_usage(postgres, simulator, workers):
     database = with_database(postgres.url, "codeplan")
     run(query(postgres.url, "CREATE DATABASE codeplan"))
     run(db.migrate(database))
-    bridge = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_DB_POOL_SIZE="4")
+    bridge = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_DB_POOL_SIZE="4",
+                          CODEPLAN_WORKERS=workers)
     key = new_user(database)
     streams: list[Stream] = []
     stopping = threading.Event()
@@ -110,6 +114,11 @@ def test_a_postgres_restart_under_load_gives_quick_503s_and_loses_no_usage(postg
             recovered = next((s.answered for s in list(streams)
                               if s.started >= up and s.finished and s.usage), None)
         time.sleep(1.0)
+        batons, deadline = 0, time.monotonic() + 10  # (a failed baton rests a second, then reconnects)
+        while workers != "1" and batons < 1 and time.monotonic() < deadline:
+            batons = run(query(database, "SELECT count(*) AS n FROM pg_stat_activity"
+                                         " WHERE application_name = 'codeplan tick baton'"))[0]["n"]
+            time.sleep(0.2)
         stopping.set()
         loader.join()
         for s in streams + spanning:
@@ -138,6 +147,8 @@ def test_a_postgres_restart_under_load_gives_quick_503s_and_loses_no_usage(postg
         assert time.monotonic() < deadline, "rows still pending 30 s after the restart"
         time.sleep(0.2)
     assert_ledger_consistent(database)
+    if workers != "1":  # the workers that ticked after the restart took their batons again
+        assert batons >= 1
     rows = key_rows(database, key)
     answers = sorted(s.usage for s in streams + spanning if s.status == 200)
     posted = [r for r in rows if r["state"] == "posted"]
