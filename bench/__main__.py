@@ -230,9 +230,10 @@ def median_of(runs: list[dict]) -> dict:
 
 def measure_requests(target: Process, path: str, key: str, connections: int, seconds: int,
                      body: dict = BODY) -> dict:
-    cpu0 = cpu_seconds(target.pid)
+    # a server's CPU is its process tree's: a `--workers` supervisor's is its workers'
+    cpu0 = tree_cpu_seconds(target.pid)
     data = wrk(target.port, path, key, body, connections, seconds)
-    data["server_cpu_ms_per_req"] = 1000 * (cpu_seconds(target.pid) - cpu0) / max(1, data["requests"])
+    data["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(target.pid) - cpu0) / max(1, data["requests"])
     return data
 
 
@@ -452,9 +453,8 @@ def main() -> int:
                 for n in ((1, 2) if r % 2 == 0 else (2, 1)):
                     server = servers[n]
                     busy += not quiesce([bridge, bridge_upstream, *servers.values()], pgdata)
-                    cpu0, pg0 = tree_cpu_seconds(server.pid), pg_cpu_seconds(pgdata)
-                    run = wrk(server.port, path, one_key, BODY, 32, seconds)
-                    run["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(server.pid) - cpu0) / max(1, run["requests"])
+                    pg0 = pg_cpu_seconds(pgdata)
+                    run = measure_requests(server, path, one_key, 32, seconds)
                     run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
                     worker_runs[n].append(run)
         finally:

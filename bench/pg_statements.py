@@ -85,11 +85,9 @@ def main() -> int:
             await conn.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
             await conn.close()
         asyncio.run(reset())
-        pg0, tree0 = bench.pg_cpu_seconds(pgdata), bench.tree_cpu_seconds(bridge.pid)
+        pg0 = bench.pg_cpu_seconds(pgdata)
         run = bench.measure_requests(bridge, path, ",".join(keys), args.connections, args.seconds)
         requests = max(1, run["requests"])
-        if args.workers > 1:  # the supervisor's CPU is nothing: its workers' is the bridge's
-            run["server_cpu_ms_per_req"] = 1000 * (bench.tree_cpu_seconds(bridge.pid) - tree0) / requests
         pg_ms = 1000 * (bench.pg_cpu_seconds(pgdata) - pg0) / requests
         print(f"c={args.connections} {'over 1000 keys' if args.many_keys else 'one key'}"
               f"{f', {args.workers} workers' if args.workers > 1 else ''}: "
