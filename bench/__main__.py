@@ -36,6 +36,7 @@ from bridge.ports import Reservation
 from service.ledger import Ledger, Usage
 
 from . import streams
+from .cpucap import CpuCap
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -43,6 +44,9 @@ CPUS = os.sched_getaffinity(0)
 # the server under test gets a core of its own; load generator and upstream share the other
 SERVER_CPU, LOAD_CPU = (min(CPUS), max(CPUS)) if len(CPUS) > 1 else (min(CPUS), min(CPUS))
 TICKS = os.sysconf("SC_CLK_TCK")
+# the workers' CPU budget: each worker's share of a core, n workers n times it (bench/cpucap.py);
+# on 2 cores, 0.4 leaves 1.2 for the load generator, the upstream and PostgreSQL at 2 workers
+WORKER_CORES = float(os.environ.get("BENCH_WORKER_CORES", "0.4"))
 ROUNDS = 3  # direct and bridge measured in alternate rounds; the figures are the rounds' medians
 BODY = {"model": "glm-4.6", "max_tokens": 64,
         "messages": [{"role": "user", "content": "[[sim tokens=16 reasoning=0]] Say hello."}]}
@@ -105,11 +109,16 @@ def rss_kb(pid: int) -> int:
 
 class Process:
     def __init__(self, args: list[str], env: dict[str, str], cpu: int | str, port: int, ready: str,
-                 cwd: Path = ROOT) -> None:
+                 cwd: Path = ROOT, cap: CpuCap | None = None) -> None:
         self.port = port
         self.log = tempfile.NamedTemporaryFile(prefix="codeplan-bench-", suffix=".log", delete=False)
+
+        def prepare() -> None:  # in the child, before it runs: its children inherit both
+            raise_fd_limit()
+            if cap is not None:
+                cap.enter()
         self.proc = subprocess.Popen(["taskset", "-c", str(cpu)] + args, env=env, cwd=cwd,
-                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=raise_fd_limit)
+                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=prepare)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -235,6 +244,49 @@ def measure_requests(target: Process, path: str, key: str, connections: int, sec
     data = wrk(target.port, path, key, body, connections, seconds)
     data["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(target.pid) - cpu0) / max(1, data["requests"])
     return data
+
+
+def worker_scaling(env: dict[str, str], url: str, sim_port: int, key: str, rounds: int, seconds: int,
+                   pgdata: Path, others: list[Process], cores: float | None) -> tuple[dict | None, int]:
+    """c=32 on one key served by 1 and by 2 `codeplan run --workers` processes, both up at once
+    and measured in alternate rounds, each figure the median of its rounds; with `cores`, each
+    server's process tree held to that many cores per worker (None, 0 when no cgroup can be
+    made). Also the runs that began before the servers went idle."""
+    servers: dict[int, Process] = {}
+    caps: dict[int, CpuCap] = {}
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    busy = 0
+    path = "/v1/chat/completions"
+    try:
+        for n in (1, 2):
+            if cores is not None:
+                cap = CpuCap.open(f"codeplan-bench-{os.getpid()}-{n}", n * cores)
+                if cap is None:
+                    return None, 0
+                caps[n] = cap
+            port = free_port()
+            servers[n] = Process([sys.executable, "-m", "service.cli", "run", "--workers", str(n)],
+                                 server_env(env, url, port, sim_port), ",".join(map(str, sorted(CPUS))), port,
+                                 "/healthz", cap=caps.get(n))
+            wrk(port, path, key, BODY, 16, 1)  # warm-up, every worker
+        for r in range(rounds):
+            for n in ((1, 2) if r % 2 == 0 else (2, 1)):
+                busy += not quiesce([*others, *servers.values()], pgdata)
+                pg0 = pg_cpu_seconds(pgdata)
+                throttled0 = caps[n].throttled() if n in caps else (0, 0)
+                run = measure_requests(servers[n], path, key, 32, seconds)
+                run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
+                if n in caps:  # how often the budget, not the load, stopped the server
+                    throttled, periods = caps[n].throttled()
+                    run["periods_throttled"] = throttled - throttled0[0]
+                    run["periods"] = periods - throttled0[1]
+                runs[n].append(run)
+    finally:
+        for server in servers.values():
+            server.stop()
+        for cap in caps.values():
+            cap.close()
+    return {f"workers={n}": median_of(r) for n, r in runs.items()}, busy
 
 
 async def ledger_rate(url: str, subscriptions: list[tuple[int, int]], seconds: float) -> tuple[float, float]:
@@ -435,32 +487,16 @@ def main() -> int:
         direct_upstream.stop()
         direct_upstream = None
 
-        # worker processes: c=32 on one key served by 1 and by 2 `codeplan run --workers` processes,
-        # unpinned (the load generator and the bridge's upstream stay on their core, so on a 2-core
-        # machine the second worker competes with them: read the CPU per request beside the rate);
-        # both servers up at once, measured in alternate rounds like the figures above, each
-        # figure the median of its rounds
-        servers: dict[int, Process] = {}
-        worker_runs: dict[int, list[dict]] = {1: [], 2: []}
-        try:
-            for n in (1, 2):
-                port = free_port()
-                servers[n] = Process([sys.executable, "-m", "service.cli", "run", "--workers", str(n)],
-                                     server_env(env, url, port, sim_port), ",".join(map(str, sorted(CPUS))), port,
-                                     "/healthz")
-                wrk(port, path, one_key, BODY, 16, 1)  # warm-up, every worker
-            for r in range(rounds):
-                for n in ((1, 2) if r % 2 == 0 else (2, 1)):
-                    server = servers[n]
-                    busy += not quiesce([bridge, bridge_upstream, *servers.values()], pgdata)
-                    pg0 = pg_cpu_seconds(pgdata)
-                    run = measure_requests(server, path, one_key, 32, seconds)
-                    run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
-                    worker_runs[n].append(run)
-        finally:
-            for server in servers.values():
-                server.stop()
-        scaling = {f"workers={n}": median_of(runs) for n, runs in worker_runs.items()}
+        # worker processes: unpinned (on a 2-core machine the second worker competes with the
+        # load generator, the upstream and PostgreSQL: read the CPU per request beside the rate),
+        # then each server held to a budget of cores per worker (bench/cpucap.py), which keeps
+        # the rest of the host for the others, as the goal asks
+        scaling, busy_here = worker_scaling(env, url, sim_port, one_key, rounds, seconds, pgdata,
+                                            [bridge, bridge_upstream], None)
+        budgeted, busy_budgeted = worker_scaling(env, url, sim_port, one_key, rounds, seconds, pgdata,
+                                                 [bridge, bridge_upstream], WORKER_CORES)
+        busy += busy_here + busy_budgeted
+        assert scaling is not None  # without a budget there is always a figure
 
         # idle streams: memory per open stream, bridge against its upstream (the simulator) holding the same
         rss_before = rss_kb(bridge.pid)
@@ -500,6 +536,14 @@ def main() -> int:
                  one["server_cpu_ms_per_req"] + one["pg_cpu_ms_per_req"],
                  two["server_cpu_ms_per_req"] + two["pg_cpu_ms_per_req"],
                  f"x{(two['server_cpu_ms_per_req'] + two['pg_cpu_ms_per_req']) / max(1e-9, one['server_cpu_ms_per_req'] + one['pg_cpu_ms_per_req']):.2f}"))
+    if budgeted is not None:
+        one, two = budgeted["workers=1"], budgeted["workers=2"]
+        rows.append((f"c=32 one key, {WORKER_CORES:g} core per worker: requests/s, 1 / 2 workers", one["rps"],
+                     two["rps"], f"x{two['rps'] / one['rps']:.2f}"))
+        rows.append((f"c=32 one key, {WORKER_CORES:g} core per worker: CPU ms/req (all + PostgreSQL), 1 / 2",
+                     one["server_cpu_ms_per_req"] + one["pg_cpu_ms_per_req"],
+                     two["server_cpu_ms_per_req"] + two["pg_cpu_ms_per_req"],
+                     f"x{(two['server_cpu_ms_per_req'] + two['pg_cpu_ms_per_req']) / max(1e-9, one['server_cpu_ms_per_req'] + one['pg_cpu_ms_per_req']):.2f}"))
     rows.append(("stream c=1: TTFT p50 ms", stream1_direct["ttft_p50_ms"], stream1_via["ttft_p50_ms"],
                  f"{stream1_via['ttft_p50_ms'] - stream1_direct['ttft_p50_ms']:+.2f} ms"))
     rows.append(("stream c=64: TTFT p50 ms", stream_direct["ttft_p50_ms"], stream_via["ttft_p50_ms"],
@@ -532,11 +576,14 @@ def main() -> int:
     print(f"\nwrk used {100 * load_cpu / load_wall:.0f}% of a core on the bridge runs; server on CPU {SERVER_CPU}, "
           f"load and upstream on CPU {LOAD_CPU}, PostgreSQL unpinned; {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}; the whole run took {time.monotonic() - bench_started:.0f} s")
+    if budgeted is None:
+        print("workers under a CPU budget: not measured (no writable cpu cgroup here: bench/cpucap.py)")
 
     results.update(
         when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine={
             "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
-        seconds_per_run=seconds, direct=baseline, bridge=via, workers=scaling, stream1_direct=stream1_direct,
+        seconds_per_run=seconds, direct=baseline, bridge=via, workers=scaling, workers_budgeted=budgeted,
+        worker_budget_cores=WORKER_CORES, stream1_direct=stream1_direct,
         stream1_bridge=stream1_via, stream_direct=stream_direct,
         stream_bridge=stream_via, idle=idle, rounds=rounds, runs_started_busy=busy, rss_kb_before=rss_before,
         rss_kb_after=rss_after, pg_connections_max=max_connections, deadlocks_and_lock_timeouts=deadlocks,
