@@ -246,7 +246,9 @@ def key(database) -> str:
 class TcpProxy:
     """A TCP proxy in front of the embedded PostgreSQL's unix socket, on its own thread and loop,
     that can be cut: while cut, open connections are closed and new ones refused. A database that
-    vanishes and comes back, for real, without disturbing the other tests' server."""
+    vanishes and comes back, for real, without disturbing the other tests' server. Or frozen:
+    connections stay open (new ones are accepted) and no byte passes either way until thawed, a
+    server that never answers."""
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
@@ -254,6 +256,7 @@ class TcpProxy:
         self._cut_until = 0.0
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
+        self._flowing: asyncio.Event | None = None  # made on the proxy's loop
         self._ready = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -267,6 +270,8 @@ class TcpProxy:
         asyncio.set_event_loop(self._loop)
 
         async def serve() -> None:
+            self._flowing = asyncio.Event()
+            self._flowing.set()
             server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
             self._ready.set_result(None)
             async with server:
@@ -277,7 +282,9 @@ class TcpProxy:
         if time.monotonic() < self._cut_until:
             writer.close()
             return
+        assert self._flowing is not None
         try:
+            await self._flowing.wait()
             up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
         except OSError:
             writer.close()
@@ -287,6 +294,7 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    await self._flowing.wait()
                     dst.write(data)
                     await dst.drain()
             except (OSError, asyncio.CancelledError):
@@ -295,6 +303,23 @@ class TcpProxy:
                 dst.close()
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers.difference_update((writer, up_writer))
+
+    def freeze(self) -> None:
+        """From now on no byte passes, and no new connection reaches the server, until `thaw`."""
+        self._call(lambda: self._flowing.clear())
+
+    def thaw(self) -> None:
+        self._call(lambda: self._flowing.set())
+
+    def _call(self, action) -> None:
+        """`action` on the proxy's loop, done when this returns."""
+        done = concurrent.futures.Future()
+
+        def run() -> None:
+            action()
+            done.set_result(None)
+        self._loop.call_soon_threadsafe(run)
+        done.result(5)
 
     def cut(self, seconds: float) -> None:
         """Drop every open connection now and refuse new ones for `seconds`."""

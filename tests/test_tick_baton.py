@@ -10,10 +10,10 @@ import time
 
 import asyncpg
 
-from service import db
+from service import db, tick_baton
 from service.ledger import _Ticker
 from service.tick_baton import _CLASS, TickBaton
-from tests.conftest import query
+from tests.conftest import TcpProxy, pg_socket, query
 from tests.test_ledger_ticker import Model, _reservation
 
 KEY = 12345  # a supervisor's
@@ -192,6 +192,94 @@ async def test_a_take_cancelled_while_waiting_leaves_no_lock_behind(fresh_databa
         await holder.close()
         await cancelled.close()
         await third.close()
+
+
+# ---- a database that stops answering: every wait has its bound -----------------------------------
+
+async def _within(seconds: float, awaitable) -> tuple[object, float]:
+    """(its result, the seconds it took), failing the test rather than hanging it."""
+    started = time.monotonic()
+    result = await asyncio.wait_for(awaitable, seconds + 5)
+    return result, time.monotonic() - started
+
+
+async def test_a_take_the_database_never_answers_costs_the_tick_its_bound(fresh_database, caplog):
+    proxy = TcpProxy(pg_socket(fresh_database))
+    baton = await _baton(proxy.url(fresh_database), patience=0.2, rest=0.3)
+    other = await _baton(fresh_database)
+    try:
+        assert await baton.take()
+        baton.give()
+        await _free(fresh_database)
+        await asyncio.wait({baton._giving})  # its COMMIT answered: the next take sends the lock
+        proxy.freeze()
+        # the lock's statement goes out and nothing comes back: the tick goes without it after
+        # patience + slack (0.7 s), and the connection is given up
+        taken, seconds = await _within(0.7, baton.take())
+        assert taken is False and 0.6 < seconds < 2.5
+        assert "tick baton connection failed" in caplog.text
+        taken, seconds = await _within(0.1, baton.take())  # resting: no wait at all
+        assert taken is False and seconds < 0.1
+        proxy.thaw()
+        # the session given up lets go of whatever it held, and the baton comes back
+        assert await other.take()
+        other.give()
+        deadline = time.monotonic() + 5
+        while not await baton.take():
+            assert time.monotonic() < deadline, "the baton never came back after the database did"
+            await asyncio.sleep(0.05)
+        baton.give()
+    finally:
+        proxy.thaw()
+        await baton.close()
+        await other.close()
+
+
+async def test_a_give_the_database_never_answers_does_not_hold_the_next_tick(fresh_database):
+    proxy = TcpProxy(pg_socket(fresh_database))
+    baton = await _baton(proxy.url(fresh_database), patience=0.2, rest=0.3)
+    other = await _baton(fresh_database)
+    try:
+        assert await baton.take()
+        proxy.freeze()
+        baton.give()  # the COMMIT goes out and is never answered
+        # the next take waits for it at most its bound, then goes without the baton
+        taken, seconds = await _within(0.7, baton.take())
+        assert taken is False and 0.6 < seconds < 2.5
+        proxy.thaw()
+        # the holder's session was ended, not left holding the baton: another worker gets it
+        taken, seconds = await _within(3, other.take())
+        assert taken is True
+        other.give()
+    finally:
+        proxy.thaw()
+        await baton.close()
+        await other.close()
+
+
+async def test_a_connection_that_never_opens_keeps_no_tick_waiting(fresh_database, monkeypatch, caplog):
+    monkeypatch.setattr(tick_baton, "_CONNECT_TIMEOUT", 0.5)
+    proxy = TcpProxy(pg_socket(fresh_database))
+    proxy.freeze()  # accepted, and then not a byte: the start-up never finishes
+    baton = TickBaton(proxy.url(fresh_database), KEY, patience=0.2, rest=0.3)
+    try:
+        # the connection is made in the background; the ticks meanwhile go without the baton
+        for _ in range(3):
+            taken, seconds = await _within(0.1, baton.take())
+            assert taken is False and seconds < 0.1
+        assert baton._connecting is not None
+        await asyncio.sleep(0.8)  # the attempt's own bound ends it
+        assert baton._connecting is None
+        assert "tick baton unavailable" in caplog.text
+        proxy.thaw()
+        deadline = time.monotonic() + 5
+        while not await baton.take():
+            assert time.monotonic() < deadline, "the baton never came once the database answered"
+            await asyncio.sleep(0.05)
+        baton.give()
+    finally:
+        proxy.thaw()
+        await baton.close()
 
 
 class _FakeBaton:
