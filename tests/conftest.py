@@ -248,15 +248,17 @@ class TcpProxy:
     that can be cut: while cut, open connections are closed and new ones refused. A database that
     vanishes and comes back, for real, without disturbing the other tests' server. Or frozen:
     connections stay open (new ones are accepted) and no byte passes either way until thawed, a
-    server that never answers."""
+    server that never answers. `close()` ends it (its connections, its thread)."""
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
         self.port = free_port()
         self._cut_until = 0.0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._flowing = asyncio.Event()  # bound to the proxy's loop when first waited on
+        self._flowing.set()
         self._loop = asyncio.new_event_loop()
-        self._flowing: asyncio.Event | None = None  # made on the proxy's loop
+        self._serving: asyncio.Task | None = None
         self._ready = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -270,26 +272,36 @@ class TcpProxy:
         asyncio.set_event_loop(self._loop)
 
         async def serve() -> None:
-            self._flowing = asyncio.Event()
-            self._flowing.set()
             server = await asyncio.start_server(self._client, "127.0.0.1", self.port)
             self._ready.set_result(None)
             async with server:
                 await server.serve_forever()
-        self._loop.run_until_complete(serve())
+        self._serving = self._loop.create_task(serve())
+        try:
+            self._loop.run_until_complete(self._serving)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._loop.close()
+
+    def _cut(self) -> bool:
+        return time.monotonic() < self._cut_until
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if time.monotonic() < self._cut_until:
-            writer.close()
-            return
-        assert self._flowing is not None
+        self._writers.add(writer)  # so that a cut while frozen drops it too
+        up_writer = None
         try:
-            await self._flowing.wait()
-            up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
+            if not self._cut():
+                await self._flowing.wait()
+            if not self._cut():
+                up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
         except OSError:
+            pass
+        if up_writer is None:
+            self._writers.discard(writer)
             writer.close()
             return
-        self._writers.update((writer, up_writer))
+        self._writers.add(up_writer)
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
@@ -306,18 +318,22 @@ class TcpProxy:
 
     def freeze(self) -> None:
         """From now on no byte passes, and no new connection reaches the server, until `thaw`."""
-        self._call(lambda: self._flowing.clear())
+        self._call(self._flowing.clear)
 
     def thaw(self) -> None:
-        self._call(lambda: self._flowing.set())
+        self._call(self._flowing.set)
 
     def _call(self, action) -> None:
-        """`action` on the proxy's loop, done when this returns."""
+        """`action` on the proxy's loop, done (or its exception raised here) when this returns."""
         done = concurrent.futures.Future()
 
         def run() -> None:
-            action()
-            done.set_result(None)
+            try:
+                action()
+            except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
         self._loop.call_soon_threadsafe(run)
         done.result(5)
 
@@ -328,6 +344,20 @@ class TcpProxy:
             for writer in list(self._writers):
                 writer.transport.abort()
         self._loop.call_soon_threadsafe(drop)
+
+    def close(self) -> None:
+        """Every connection dropped, the listener closed, the thread ended."""
+        if not self._thread.is_alive():
+            return
+
+        def stop() -> None:
+            self._flowing.set()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            assert self._serving is not None
+            self._serving.cancel()
+        self._loop.call_soon_threadsafe(stop)
+        self._thread.join(10)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import asyncpg
+import pytest
 
 from service import db, tick_baton
 from service.ledger import _Ticker
@@ -196,15 +197,30 @@ async def test_a_take_cancelled_while_waiting_leaves_no_lock_behind(fresh_databa
 
 # ---- a database that stops answering: every wait has its bound -----------------------------------
 
-async def _within(seconds: float, awaitable) -> tuple[object, float]:
-    """(its result, the seconds it took), failing the test rather than hanging it."""
+@pytest.fixture
+def proxy(fresh_database):
+    """The test database behind a proxy that can stop passing bytes (tests/conftest.py)."""
+    proxy = TcpProxy(pg_socket(fresh_database))
+    yield proxy
+    proxy.close()
+
+
+async def _timed(awaitable) -> tuple[object, float]:
+    """(its result, the seconds it took); a test that would hang fails after 10 s instead."""
     started = time.monotonic()
-    result = await asyncio.wait_for(awaitable, seconds + 5)
+    result = await asyncio.wait_for(awaitable, 10)
     return result, time.monotonic() - started
 
 
-async def test_a_take_the_database_never_answers_costs_the_tick_its_bound(fresh_database, caplog):
-    proxy = TcpProxy(pg_socket(fresh_database))
+async def _only_other_session_left(url: str) -> None:
+    """Until the baton's given-up session has ended in PostgreSQL (the other worker's is left)."""
+    deadline = time.monotonic() + 5
+    while await _sessions(url) != 1:
+        assert time.monotonic() < deadline, "the connection given up still has its session"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_take_the_database_never_answers_costs_the_tick_its_bound(fresh_database, proxy, caplog):
     baton = await _baton(proxy.url(fresh_database), patience=0.2, rest=0.3)
     other = await _baton(fresh_database)
     try:
@@ -215,13 +231,15 @@ async def test_a_take_the_database_never_answers_costs_the_tick_its_bound(fresh_
         proxy.freeze()
         # the lock's statement goes out and nothing comes back: the tick goes without it after
         # patience + slack (0.7 s), and the connection is given up
-        taken, seconds = await _within(0.7, baton.take())
+        taken, seconds = await _timed(baton.take())
         assert taken is False and 0.6 < seconds < 2.5
         assert "tick baton connection failed" in caplog.text
-        taken, seconds = await _within(0.1, baton.take())  # resting: no wait at all
-        assert taken is False and seconds < 0.1
+        assert baton._connection is None
+        taken, seconds = await _timed(baton.take())  # resting: no wait, and no new connection
+        assert taken is False and seconds < 0.3 and baton._connecting is None
         proxy.thaw()
-        # the session given up lets go of whatever it held, and the baton comes back
+        # the session given up ends, and the baton is free for the other worker
+        await _only_other_session_left(fresh_database)
         assert await other.take()
         other.give()
         deadline = time.monotonic() + 5
@@ -235,8 +253,7 @@ async def test_a_take_the_database_never_answers_costs_the_tick_its_bound(fresh_
         await other.close()
 
 
-async def test_a_give_the_database_never_answers_does_not_hold_the_next_tick(fresh_database):
-    proxy = TcpProxy(pg_socket(fresh_database))
+async def test_a_give_the_database_never_answers_does_not_hold_the_next_tick(fresh_database, proxy):
     baton = await _baton(proxy.url(fresh_database), patience=0.2, rest=0.3)
     other = await _baton(fresh_database)
     try:
@@ -244,11 +261,13 @@ async def test_a_give_the_database_never_answers_does_not_hold_the_next_tick(fre
         proxy.freeze()
         baton.give()  # the COMMIT goes out and is never answered
         # the next take waits for it at most its bound, then goes without the baton
-        taken, seconds = await _within(0.7, baton.take())
+        taken, seconds = await _timed(baton.take())
         assert taken is False and 0.6 < seconds < 2.5
+        assert baton._connection is None
         proxy.thaw()
         # the holder's session was ended, not left holding the baton: another worker gets it
-        taken, seconds = await _within(3, other.take())
+        await _only_other_session_left(fresh_database)
+        taken, seconds = await _timed(other.take())
         assert taken is True
         other.give()
     finally:
@@ -257,19 +276,21 @@ async def test_a_give_the_database_never_answers_does_not_hold_the_next_tick(fre
         await other.close()
 
 
-async def test_a_connection_that_never_opens_keeps_no_tick_waiting(fresh_database, monkeypatch, caplog):
+async def test_a_connection_that_never_opens_keeps_no_tick_waiting(fresh_database, proxy, monkeypatch, caplog):
     monkeypatch.setattr(tick_baton, "_CONNECT_TIMEOUT", 0.5)
-    proxy = TcpProxy(pg_socket(fresh_database))
     proxy.freeze()  # accepted, and then not a byte: the start-up never finishes
     baton = TickBaton(proxy.url(fresh_database), KEY, patience=0.2, rest=0.3)
     try:
         # the connection is made in the background; the ticks meanwhile go without the baton
+        started = time.monotonic()
         for _ in range(3):
-            taken, seconds = await _within(0.1, baton.take())
-            assert taken is False and seconds < 0.1
+            taken, seconds = await _timed(baton.take())
+            assert taken is False and seconds < 0.3
         assert baton._connecting is not None
-        await asyncio.sleep(0.8)  # the attempt's own bound ends it
-        assert baton._connecting is None
+        while baton._connecting is not None:  # the attempt's own bound ends it
+            assert time.monotonic() - started < 3, "the connection attempt has no bound"
+            await asyncio.sleep(0.02)
+        assert time.monotonic() - started > 0.45
         assert "tick baton unavailable" in caplog.text
         proxy.thaw()
         deadline = time.monotonic() + 5
