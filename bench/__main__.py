@@ -36,7 +36,7 @@ from bridge.ports import Reservation
 from service.ledger import Ledger, Usage
 
 from . import streams
-from .cpucap import CpuCap
+from .cpucap import CpuCap, CpuCapUnavailable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -247,11 +247,11 @@ def measure_requests(target: Process, path: str, key: str, connections: int, sec
 
 
 def worker_scaling(env: dict[str, str], url: str, sim_port: int, key: str, rounds: int, seconds: int,
-                   pgdata: Path, others: list[Process], cores: float | None) -> tuple[dict | None, int]:
+                   pgdata: Path, others: list[Process], cores: float | None) -> tuple[dict, int]:
     """c=32 on one key served by 1 and by 2 `codeplan run --workers` processes, both up at once
     and measured in alternate rounds, each figure the median of its rounds; with `cores`, each
     server's process tree held to that many cores per worker (None, 0 when no cgroup can be
-    made). Also the runs that began before the servers went idle."""
+    made: CpuCapUnavailable). Also the runs that began before the servers went idle."""
     servers: dict[int, Process] = {}
     caps: dict[int, CpuCap] = {}
     runs: dict[int, list[dict]] = {1: [], 2: []}
@@ -260,10 +260,7 @@ def worker_scaling(env: dict[str, str], url: str, sim_port: int, key: str, round
     try:
         for n in (1, 2):
             if cores is not None:
-                cap = CpuCap.open(f"codeplan-bench-{os.getpid()}-{n}", n * cores)
-                if cap is None:
-                    return None, 0
-                caps[n] = cap
+                caps[n] = CpuCap.open(f"{os.getpid()}-{n}", n * cores)
             port = free_port()
             servers[n] = Process([sys.executable, "-m", "service.cli", "run", "--workers", str(n)],
                                  server_env(env, url, port, sim_port), ",".join(map(str, sorted(CPUS))), port,
@@ -273,13 +270,13 @@ def worker_scaling(env: dict[str, str], url: str, sim_port: int, key: str, round
             for n in ((1, 2) if r % 2 == 0 else (2, 1)):
                 busy += not quiesce([*others, *servers.values()], pgdata)
                 pg0 = pg_cpu_seconds(pgdata)
-                throttled0 = caps[n].throttled() if n in caps else (0, 0)
+                throttled0, periods0 = caps[n].throttled() if n in caps else (0, 0)
                 run = measure_requests(servers[n], path, key, 32, seconds)
                 run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
                 if n in caps:  # how often the budget, not the load, stopped the server
                     throttled, periods = caps[n].throttled()
-                    run["periods_throttled"] = throttled - throttled0[0]
-                    run["periods"] = periods - throttled0[1]
+                    run["periods_throttled"] = throttled - throttled0
+                    run["periods"] = periods - periods0
                 runs[n].append(run)
     finally:
         for server in servers.values():
@@ -287,6 +284,24 @@ def worker_scaling(env: dict[str, str], url: str, sim_port: int, key: str, round
         for cap in caps.values():
             cap.close()
     return {f"workers={n}": median_of(r) for n, r in runs.items()}, busy
+
+
+def worker_rows(label: str, figures: dict) -> list[tuple[str, float, float, str]]:
+    """The table's two rows for one worker_scaling: requests/s and CPU per request, 1 / 2 workers;
+    under a budget, with the share of its periods each spent throttled (near 100%: the budget,
+    not something else, was what held it)."""
+    one, two = figures["workers=1"], figures["workers=2"]
+
+    def cpu(run: dict) -> float:
+        return run["server_cpu_ms_per_req"] + run["pg_cpu_ms_per_req"]
+
+    def throttled(run: dict) -> str:
+        return f"{100 * run['periods_throttled'] / max(1, run['periods']):.0f}%"
+    note = (f"; throttled {throttled(one)} / {throttled(two)} of periods" if "periods" in one else "")
+    return [(f"c=32 one key, {label}: requests/s, 1 / 2 workers", one["rps"], two["rps"],
+             f"x{two['rps'] / one['rps']:.2f}{note}"),
+            (f"c=32 one key, {label}: CPU ms/req (all workers + PostgreSQL), 1 / 2 workers", cpu(one), cpu(two),
+             f"x{cpu(two) / max(1e-9, cpu(one)):.2f}")]
 
 
 async def ledger_rate(url: str, subscriptions: list[tuple[int, int]], seconds: float) -> tuple[float, float]:
@@ -431,6 +446,7 @@ def main() -> int:
     env = base_env()
     direct_port, sim_port, bridge_port = free_port(), free_port(), free_port()
     results: dict[str, object] = {}
+    budget_note = ""
     direct_upstream = bridge_upstream = bridge = None
     scenarios = (("c=1", 1, one_key), ("c=32 one key", 32, one_key), ("c=256 over 1000 keys", 256, many_keys))
     try:
@@ -491,12 +507,16 @@ def main() -> int:
         # load generator, the upstream and PostgreSQL: read the CPU per request beside the rate),
         # then each server held to a budget of cores per worker (bench/cpucap.py), which keeps
         # the rest of the host for the others, as the goal asks
-        scaling, busy_here = worker_scaling(env, url, sim_port, one_key, rounds, seconds, pgdata,
-                                            [bridge, bridge_upstream], None)
-        budgeted, busy_budgeted = worker_scaling(env, url, sim_port, one_key, rounds, seconds, pgdata,
-                                                 [bridge, bridge_upstream], WORKER_CORES)
-        busy += busy_here + busy_budgeted
-        assert scaling is not None  # without a budget there is always a figure
+        scaling, busy_unbudgeted = worker_scaling(env, url, sim_port, one_key, rounds, seconds, pgdata,
+                                                  [bridge, bridge_upstream], None)
+        busy += busy_unbudgeted
+        budgeted: dict | None = None
+        try:
+            budgeted, busy_budgeted = worker_scaling(env, url, sim_port, one_key, rounds, seconds, pgdata,
+                                                     [bridge, bridge_upstream], WORKER_CORES)
+            busy += busy_budgeted
+        except CpuCapUnavailable as exc:
+            budget_note = f"workers under a CPU budget: not measured (no writable cpu cgroup: {exc})"
 
         # idle streams: memory per open stream, bridge against its upstream (the simulator) holding the same
         rss_before = rss_kb(bridge.pid)
@@ -529,21 +549,9 @@ def main() -> int:
         rows.append((f"non-stream {name}: CPU ms/req (bridge + PostgreSQL)", d["server_cpu_ms_per_req"],
                      b["server_cpu_ms_per_req"] + b["pg_cpu_ms_per_req"],
                      f"bridge {b['server_cpu_ms_per_req']:.2f} + pg {b['pg_cpu_ms_per_req']:.2f}"))
-    one, two = scaling["workers=1"], scaling["workers=2"]
-    rows.append(("c=32 one key, unpinned: requests/s, 1 / 2 workers", one["rps"], two["rps"],
-                 f"x{two['rps'] / one['rps']:.2f}"))
-    rows.append(("c=32 one key, unpinned: CPU ms/req (all workers + PostgreSQL), 1 / 2 workers",
-                 one["server_cpu_ms_per_req"] + one["pg_cpu_ms_per_req"],
-                 two["server_cpu_ms_per_req"] + two["pg_cpu_ms_per_req"],
-                 f"x{(two['server_cpu_ms_per_req'] + two['pg_cpu_ms_per_req']) / max(1e-9, one['server_cpu_ms_per_req'] + one['pg_cpu_ms_per_req']):.2f}"))
+    rows += worker_rows("unpinned", scaling)
     if budgeted is not None:
-        one, two = budgeted["workers=1"], budgeted["workers=2"]
-        rows.append((f"c=32 one key, {WORKER_CORES:g} core per worker: requests/s, 1 / 2 workers", one["rps"],
-                     two["rps"], f"x{two['rps'] / one['rps']:.2f}"))
-        rows.append((f"c=32 one key, {WORKER_CORES:g} core per worker: CPU ms/req (all + PostgreSQL), 1 / 2",
-                     one["server_cpu_ms_per_req"] + one["pg_cpu_ms_per_req"],
-                     two["server_cpu_ms_per_req"] + two["pg_cpu_ms_per_req"],
-                     f"x{(two['server_cpu_ms_per_req'] + two['pg_cpu_ms_per_req']) / max(1e-9, one['server_cpu_ms_per_req'] + one['pg_cpu_ms_per_req']):.2f}"))
+        rows += worker_rows(f"{WORKER_CORES:g} core per worker, PostgreSQL outside", budgeted)
     rows.append(("stream c=1: TTFT p50 ms", stream1_direct["ttft_p50_ms"], stream1_via["ttft_p50_ms"],
                  f"{stream1_via['ttft_p50_ms'] - stream1_direct['ttft_p50_ms']:+.2f} ms"))
     rows.append(("stream c=64: TTFT p50 ms", stream_direct["ttft_p50_ms"], stream_via["ttft_p50_ms"],
@@ -576,14 +584,14 @@ def main() -> int:
     print(f"\nwrk used {100 * load_cpu / load_wall:.0f}% of a core on the bridge runs; server on CPU {SERVER_CPU}, "
           f"load and upstream on CPU {LOAD_CPU}, PostgreSQL unpinned; {os.cpu_count()} CPUs, "
           f"{platform.processor() or platform.machine()}; the whole run took {time.monotonic() - bench_started:.0f} s")
-    if budgeted is None:
-        print("workers under a CPU budget: not measured (no writable cpu cgroup here: bench/cpucap.py)")
+    if budget_note:
+        print(budget_note)
 
     results.update(
         when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine={
             "cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
         seconds_per_run=seconds, direct=baseline, bridge=via, workers=scaling, workers_budgeted=budgeted,
-        worker_budget_cores=WORKER_CORES, stream1_direct=stream1_direct,
+        worker_budget_cores=WORKER_CORES, worker_budget_note=budget_note, stream1_direct=stream1_direct,
         stream1_bridge=stream1_via, stream_direct=stream_direct,
         stream_bridge=stream_via, idle=idle, rounds=rounds, runs_started_busy=busy, rss_kb_before=rss_before,
         rss_kb_after=rss_after, pg_connections_max=max_connections, deadlocks_and_lock_timeouts=deadlocks,

@@ -8,15 +8,25 @@ others: whether n workers then do n times the work, at the same CPU per request,
 design decides. The kernel's CFS quota enforces the budget; a short period keeps a throttled
 process from stalling for long (latency under a budget is not the figure, throughput is).
 
-cgroup v1 (a `cpu` hierarchy, as here) and v2 (`cpu.max`) both work; without a writable one
-(not root, or a container without delegation) `CpuCap.open` returns None and the bench says so.
+cgroup v1 (a `cpu` hierarchy, as here) and v2 (`cpu.max`) both work; where neither can be
+written (not root, a container without delegation) `CpuCap.open` raises `CpuCapUnavailable`
+with the reason, and the bench prints it.
 """
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 PERIOD_US = 10_000
+PREFIX = "codeplan-bench-"
+_ROOTS = ((Path("/sys/fs/cgroup/cpu"), False), (Path("/sys/fs/cgroup/unified"), True),
+          (Path("/sys/fs/cgroup"), True))
+
+
+class CpuCapUnavailable(Exception):
+    pass
 
 
 class CpuCap:
@@ -25,18 +35,21 @@ class CpuCap:
         self._v2 = v2
 
     @classmethod
-    def open(cls, name: str, cores: float) -> "CpuCap | None":
-        """A new cgroup `name` limited to `cores` (fractions allowed), or None where none can be made."""
-        for root, v2 in ((Path("/sys/fs/cgroup/cpu"), False), (Path("/sys/fs/cgroup/unified"), True),
-                         (Path("/sys/fs/cgroup"), True)):
+    def open(cls, name: str, cores: float) -> "CpuCap":
+        """A new cgroup `PREFIX + name` limited to `cores` (fractions allowed)."""
+        reasons = []
+        for root, v2 in _ROOTS:
             try:
                 if v2:
                     if "cpu" not in (root / "cgroup.controllers").read_text().split():
                         continue
-                    (root / "cgroup.subtree_control").write_text("+cpu")
+                    control = root / "cgroup.subtree_control"
+                    if "cpu" not in control.read_text().split():
+                        control.write_text("+cpu")
                 elif not (root / "cpu.cfs_quota_us").exists():
                     continue
-                path = root / name
+                _remove_stale(root)
+                path = root / (PREFIX + name)
                 path.mkdir(exist_ok=True)
                 quota = max(1000, int(PERIOD_US * cores))
                 if v2:
@@ -45,13 +58,13 @@ class CpuCap:
                     (path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
                     (path / "cpu.cfs_quota_us").write_text(str(quota))
                 return cls(path, v2)
-            except OSError:
-                continue
-        return None
+            except OSError as exc:
+                reasons.append(f"{root}: {exc.strerror or exc}")
+        raise CpuCapUnavailable("; ".join(reasons) or "no cpu cgroup controller mounted")
 
     def enter(self) -> None:
         """Move the calling process into the group (a `preexec_fn`: its children follow)."""
-        (self.path / ("cgroup.procs" if self._v2 else "tasks")).write_text(str(os.getpid()))
+        (self.path / self._members).write_text(str(os.getpid()))
 
     def throttled(self) -> tuple[int, int]:
         """(periods throttled, periods run) so far: how often the budget was what stopped it."""
@@ -59,8 +72,41 @@ class CpuCap:
         return int(stat.get("nr_throttled", 0)), int(stat.get("nr_periods", 0))
 
     def close(self) -> None:
-        """Removed once its processes have exited (a group with members cannot be)."""
+        """Removed, once whatever is left in it (a worker its supervisor left behind) is killed."""
+        deadline = time.monotonic() + 2
+        while True:
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    print(f"cgroup {self.path} left behind: it still has processes")
+                    return
+            for pid in _members(self.path / self._members):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+
+    @property
+    def _members(self) -> str:
+        return "cgroup.procs" if self._v2 else "tasks"
+
+
+def _members(path: Path) -> list[int]:
+    try:
+        return [int(line) for line in path.read_text().split()]
+    except OSError:
+        return []
+
+
+def _remove_stale(root: Path) -> None:
+    """Groups a bench killed before its end left behind, once empty."""
+    for stale in root.glob(PREFIX + "*"):
         try:
-            self.path.rmdir()
+            stale.rmdir()
         except OSError:
             pass
