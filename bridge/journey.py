@@ -43,6 +43,25 @@ OFFLOAD_BYTES = 1 << 20
 _Parsed = TypeVar("_Parsed")
 
 
+# A request still authenticating, reading its body or waiting for its admission this long after
+# it came is logged once with its stage (`Journey.warn_stalled`). Each of those takes a database
+# round trip or two, a body read and a ledger tick; CI once saw a request get no headers in 120 s
+# and nothing logged, which this would have placed.
+STALL_SECONDS = 30.0
+
+
+class _Arriving:
+    """A request not yet admitted: when it came, where it waits now."""
+
+    __slots__ = ("started", "surface", "stage", "warned")
+
+    def __init__(self, started: float, surface: str) -> None:
+        self.started = started
+        self.surface = surface
+        self.stage = "authentication"
+        self.warned = False
+
+
 class Reply(msgspec.Struct):
     status: int
     headers: dict[str, str]
@@ -111,22 +130,30 @@ class Journey:
         self.flights = Flights(settings, ledger, self.calibration, upstream.name, self.metrics)
         # each subscription's room after its last admission: where forwarding may start early
         self._room: dict[int, int] = {}
+        # requests not yet admitted, for `warn_stalled`
+        self._arriving: set[_Arriving] = set()
 
     # ---- the journey -----------------------------------------------------------------------
 
     async def handle(self, surface: Surface, key: str, read_body: Callable[[], Awaitable[bytes]]) -> Reply:
         started = time.monotonic()
         principal: Principal | None = None
+        arriving = _Arriving(started, surface.name)
+        self._arriving.add(arriving)
         try:
             principal = await self._authenticate(key)
             # the key is checked before the body is read: strangers cannot make us read megabytes
+            arriving.stage = "body"
             parsed = await self._parse(surface.parse, await read_body())
+            arriving.stage = "admission"
             flight, opening = await self._admit(surface, principal, parsed.request, parsed.max_tokens, started)
         except BridgeError as error:
             self._refused(surface, principal, error, started)
             reply = self._error(surface, error)
             reply.headers[OVERHEAD_HEADER] = f"{(time.monotonic() - started) * 1000:.2f}"
             return reply
+        finally:
+            self._arriving.discard(arriving)
         try:
             if parsed.request.stream:
                 reply = await self._stream(surface, flight, opening)
@@ -138,6 +165,24 @@ class Journey:
             raise
         reply.headers[OVERHEAD_HEADER] = f"{flight.overhead_ms():.2f}"
         return reply
+
+    def warn_stalled(self, after: float = STALL_SECONDS) -> None:
+        """Log, once each, the requests still before their admission `after` seconds after they
+        came, with where they wait. Nothing there takes more than a database round trip or two
+        and reading a body, so such a request is stuck (or its client sends its body that
+        slowly), and the stage and the count per stage say where to look."""
+        now = time.monotonic()
+        stalled = [a for a in self._arriving if not a.warned and now - a.started >= after]
+        if not stalled:
+            return
+        stages: dict[str, int] = {}
+        for a in self._arriving:
+            stages[a.stage] = stages.get(a.stage, 0) + 1
+        for a in stalled:
+            a.warned = True
+            log.warning("request stalled before its admission", extra={
+                "stage": a.stage, "surface": a.surface, "seconds": round(now - a.started, 1),
+                "arriving_by_stage": stages})
 
     async def count_tokens(self, surface: Surface, parse: Callable[[bytes], wire.ChatRequest],
                            key: str, read_body: Callable[[], Awaitable[bytes]]) -> tuple[Reply, int | None]:

@@ -16,7 +16,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from bridge import app as bridge_app
 from bridge import shapes
-from bridge.journey import Journey
+from bridge.journey import STALL_SECONDS, Journey
 from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
 from . import admin, credits, db, memory, metrics, openapi, ops, usage
@@ -154,6 +154,18 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
+async def _watch_stalls(journey: Journey, ledger: Ledger, every: float = 10.0) -> None:
+    """Every few seconds, log requests stuck before their admission and a ledger tick left
+    unanswered (bridge/journey.py `STALL_SECONDS`): a hang says where it is."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            journey.warn_stalled()
+            ledger.warn_stalled(STALL_SECONDS)
+        except Exception:  # noqa: BLE001 - a watcher never takes the process down
+            log.exception("stall watch failed")
+
+
 async def _billing(pool: asyncpg.Pool, config: Config) -> Billing | None:
     """Billing's engine and worker, or None (said once) when no Stripe key is configured."""
     if not config.billing_enabled:
@@ -236,7 +248,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
         background = [asyncio.create_task(store.run(config.upstream_refresh)),
                       asyncio.create_task(metrics.pool_watcher(pool)),
-                      asyncio.create_task(memory.trim_after_bursts(lambda: journey.flights.in_flight))]
+                      asyncio.create_task(memory.trim_after_bursts(lambda: journey.flights.in_flight)),
+                      asyncio.create_task(_watch_stalls(journey, ledger))]
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection
         # walked ~67,000 start-up objects in 31-34 ms, a pause for every request in flight;

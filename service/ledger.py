@@ -122,6 +122,10 @@ class _Ticker:
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
         self._settles_due = False  # the waiting settlements go in the next tick
+        # the tick in flight: when it was sent and what it carries (`warn_stalled`)
+        self._sent_at: float | None = None
+        self._carrying = (0, 0)
+        self._warned_at: float | None = None
 
     def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
         future = asyncio.get_running_loop().create_future()
@@ -167,6 +171,8 @@ class _Ticker:
                 waiting = {s.subscription_id for s, _ in self._settles}
                 marked = [not tried and (None in waiting or a.subscription_id in waiting)
                           for a, _, tried in admits]
+                self._sent_at = asyncio.get_running_loop().time()
+                self._carrying = (len(settles), len(admits))
                 try:
                     billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits],
                                                           marked)
@@ -174,6 +180,7 @@ class _Ticker:
                     billed = [await self._alone([s], [], []) for s, _ in settles]
                     admissions = [await self._alone([], [a], [mark]) for (a, _, _), mark in zip(admits, marked)]
                 finally:
+                    self._sent_at = None
                     if held:
                         self._baton.give()  # type: ignore[union-attr]
                 for (_, future), result in zip(settles, billed):
@@ -197,6 +204,22 @@ class _Ticker:
             self._settles_due = False
             if self._settles and self._timer is None:  # left by a failure: they linger again
                 self._timer = asyncio.get_running_loop().call_later(self._linger, self._lingered)
+
+    def warn_stalled(self, after: float) -> None:
+        """Log a tick unanswered for `after` seconds (once per tick), and admissions queued with no
+        tick running to carry them, which should never be (the tick is started again)."""
+        now = asyncio.get_running_loop().time()
+        sent_at = self._sent_at
+        if sent_at is not None and now - sent_at >= after and self._warned_at != sent_at:
+            self._warned_at = sent_at
+            log.warning("ledger tick unanswered", extra={
+                "seconds": round(now - sent_at, 1), "settlements": self._carrying[0],
+                "admissions": self._carrying[1], "queued_admissions": len(self._admits),
+                "queued_settlements": len(self._settles)})
+        if not self._busy and self._admits:
+            log.error("admissions queued with no ledger tick running; starting one",
+                      extra={"queued_admissions": len(self._admits)})
+            self._start()
 
     async def _take_baton(self) -> bool:
         try:
@@ -245,6 +268,10 @@ class Ledger:
         if it was settled already (a replay), or a database failure: the caller retries,
         harmlessly."""
         return self._ticker.settle(settlement)
+
+    def warn_stalled(self, after: float) -> None:
+        """A tick unanswered for `after` seconds is logged (service/app.py asks every few seconds)."""
+        self._ticker.warn_stalled(after)
 
     def _void_orphan(self, a: Reservation, admission: Admission) -> None:
         """An admission whose caller was cancelled while it was pending: voided if admitted."""
