@@ -43,13 +43,6 @@ OFFLOAD_BYTES = 1 << 20
 _Parsed = TypeVar("_Parsed")
 
 
-# A request still authenticating, reading its body or waiting for its admission this long after
-# it came is logged once with its stage (`Journey.warn_stalled`). Each of those takes a database
-# round trip or two, a body read and a ledger tick; CI once saw a request get no headers in 120 s
-# and nothing logged, which this would have placed.
-STALL_SECONDS = 30.0
-
-
 class _Arriving:
     """A request not yet admitted: when it came, where it waits now."""
 
@@ -166,11 +159,12 @@ class Journey:
         reply.headers[OVERHEAD_HEADER] = f"{flight.overhead_ms():.2f}"
         return reply
 
-    def warn_stalled(self, after: float = STALL_SECONDS) -> None:
+    def warn_stalled(self, after: float) -> None:
         """Log, once each, the requests still before their admission `after` seconds after they
-        came, with where they wait. Nothing there takes more than a database round trip or two
-        and reading a body, so such a request is stuck (or its client sends its body that
-        slowly), and the stage and the count per stage say where to look."""
+        came, with where they wait. Nothing there takes more than a database round trip or two,
+        a ledger tick and reading a body, so such a request is stuck (or its client sends its
+        body that slowly), and the stage and the count per stage say where to look. (CI once saw
+        a request get no headers in 120 s with nothing logged, which this would have placed.)"""
         now = time.monotonic()
         stalled = [a for a in self._arriving if not a.warned and now - a.started >= after]
         if not stalled:
@@ -178,11 +172,12 @@ class Journey:
         stages: dict[str, int] = {}
         for a in self._arriving:
             stages[a.stage] = stages.get(a.stage, 0) + 1
+        arriving = ",".join(f"{stage}:{n}" for stage, n in sorted(stages.items()))
         for a in stalled:
             a.warned = True
             log.warning("request stalled before its admission", extra={
                 "stage": a.stage, "surface": a.surface, "seconds": round(now - a.started, 1),
-                "arriving_by_stage": stages})
+                "arriving": arriving})
 
     async def count_tokens(self, surface: Surface, parse: Callable[[bytes], wire.ChatRequest],
                            key: str, read_body: Callable[[], Awaitable[bytes]]) -> tuple[Reply, int | None]:

@@ -16,7 +16,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from bridge import app as bridge_app
 from bridge import shapes
-from bridge.journey import STALL_SECONDS, Journey
+from bridge.journey import Journey
 from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
 from . import admin, credits, db, memory, metrics, openapi, ops, usage
@@ -154,16 +154,29 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def _watch_stalls(journey: Journey, ledger: Ledger, every: float = 10.0) -> None:
-    """Every few seconds, log requests stuck before their admission and a ledger tick left
-    unanswered (bridge/journey.py `STALL_SECONDS`): a hang says where it is."""
+# A request still authenticating, reading its body or waiting for its admission this long after
+# it came, and a ledger tick unanswered this long, are logged (each of those takes a database
+# round trip or two at most); the watch looks every `_STALL_CHECK` seconds.
+_STALL_SECONDS = 30.0
+_STALL_CHECK = 10.0
+
+
+async def _watch_stalls(journey: Journey, ledger: Ledger, every: float = _STALL_CHECK,
+                        after: float = _STALL_SECONDS) -> None:
+    """Log requests stuck before their admission, a ledger tick left unanswered, and the event
+    loop itself held up (this watch waking late): a hang says where it is."""
+    loop = asyncio.get_running_loop()
     while True:
+        due = loop.time() + every
         await asyncio.sleep(every)
-        try:
-            journey.warn_stalled()
-            ledger.warn_stalled(STALL_SECONDS)
-        except Exception:  # noqa: BLE001 - a watcher never takes the process down
-            log.exception("stall watch failed")
+        late = loop.time() - due
+        if late > 5.0:
+            log.warning("event loop held up", extra={"seconds": round(late, 1)})
+        for check in (lambda: journey.warn_stalled(after), lambda: ledger.warn_stalled(after)):
+            try:
+                check()
+            except Exception:  # noqa: BLE001 - a watcher never takes the process down
+                log.exception("stall watch failed")
 
 
 async def _billing(pool: asyncpg.Pool, config: Config) -> Billing | None:

@@ -122,10 +122,12 @@ class _Ticker:
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
         self._settles_due = False  # the waiting settlements go in the next tick
-        # the tick in flight: when it was sent and what it carries (`warn_stalled`)
+        # the tick in flight: when it was sent and what it carries (`warn_stalled`), and the
+        # futures of the batch cut last, answered with the error should the loop itself fail
         self._sent_at: float | None = None
         self._carrying = (0, 0)
         self._warned_at: float | None = None
+        self._batch: list[asyncio.Future] = []
 
     def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
         future = asyncio.get_running_loop().create_future()
@@ -149,7 +151,22 @@ class _Ticker:
     def _start(self) -> None:
         if not self._busy:
             self._busy = True
-            asyncio.get_running_loop().create_task(self._run())
+            asyncio.get_running_loop().create_task(self._run()).add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task) -> None:
+        """The loop ended. Raising (nothing known makes it) must not leave the batch it had cut
+        unanswered, its callers waiting for ever: they get the error, it is logged, and whatever
+        is queued gets a new loop."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("ledger ticker failed; its batch is answered with the error", exc_info=error)
+        for future in self._batch:
+            if not future.done():
+                future.set_exception(error)
+        self._batch = []
+        if self._admits:  # (waiting settlements have their linger's timer, set as the loop ended)
+            self._start()
 
     async def _run(self) -> None:
         try:
@@ -171,6 +188,7 @@ class _Ticker:
                 waiting = {s.subscription_id for s, _ in self._settles}
                 marked = [not tried and (None in waiting or a.subscription_id in waiting)
                           for a, _, tried in admits]
+                self._batch = [f for _, f in settles] + [f for _, f, _ in admits]
                 self._sent_at = asyncio.get_running_loop().time()
                 self._carrying = (len(settles), len(admits))
                 try:
@@ -205,9 +223,10 @@ class _Ticker:
             if self._settles and self._timer is None:  # left by a failure: they linger again
                 self._timer = asyncio.get_running_loop().call_later(self._linger, self._lingered)
 
-    def warn_stalled(self, after: float) -> None:
-        """Log a tick unanswered for `after` seconds (once per tick), and admissions queued with no
-        tick running to carry them, which should never be (the tick is started again)."""
+    def warn_stalled(self, after: float, **context: Any) -> None:
+        """Log a tick unanswered for `after` seconds (once per tick, with `context`), and
+        admissions queued with no tick running to carry them, which should never be (the tick is
+        started again)."""
         now = asyncio.get_running_loop().time()
         sent_at = self._sent_at
         if sent_at is not None and now - sent_at >= after and self._warned_at != sent_at:
@@ -215,7 +234,7 @@ class _Ticker:
             log.warning("ledger tick unanswered", extra={
                 "seconds": round(now - sent_at, 1), "settlements": self._carrying[0],
                 "admissions": self._carrying[1], "queued_admissions": len(self._admits),
-                "queued_settlements": len(self._settles)})
+                "queued_settlements": len(self._settles), **context})
         if not self._busy and self._admits:
             log.error("admissions queued with no ledger tick running; starting one",
                       extra={"queued_admissions": len(self._admits)})
@@ -270,8 +289,9 @@ class Ledger:
         return self._ticker.settle(settlement)
 
     def warn_stalled(self, after: float) -> None:
-        """A tick unanswered for `after` seconds is logged (service/app.py asks every few seconds)."""
-        self._ticker.warn_stalled(after)
+        """A tick unanswered for `after` seconds is logged (service/app.py asks every few
+        seconds), with the pool's idle connections: none idle, the tick may be waiting for one."""
+        self._ticker.warn_stalled(after, pool_idle=self._pool.get_idle_size(), pool_size=self._pool.get_size())
 
     def _void_orphan(self, a: Reservation, admission: Admission) -> None:
         """An admission whose caller was cancelled while it was pending: voided if admitted."""
