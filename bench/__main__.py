@@ -238,11 +238,16 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def measure_requests(target: Process, path: str, key: str, connections: int, seconds: int,
-                     body: dict = BODY) -> dict:
+                     body: dict = BODY, pgdata: Path | None = None) -> dict:
+    """wrk against `target`, with its CPU per request (and PostgreSQL's, given its data directory)."""
     # a server's CPU is its process tree's: a `--workers` supervisor's is its workers'
     cpu0 = tree_cpu_seconds(target.pid)
+    pg0 = pg_cpu_seconds(pgdata) if pgdata is not None else 0.0
     data = wrk(target.port, path, key, body, connections, seconds)
-    data["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(target.pid) - cpu0) / max(1, data["requests"])
+    requests = max(1, data["requests"])
+    data["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(target.pid) - cpu0) / requests
+    if pgdata is not None:
+        data["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / requests
     return data
 
 
@@ -269,10 +274,8 @@ def worker_scaling(env: dict[str, str], url: str, sim_port: int, key: str, round
         for r in range(rounds):
             for n in ((1, 2) if r % 2 == 0 else (2, 1)):
                 busy += not quiesce([*others, *servers.values()], pgdata)
-                pg0 = pg_cpu_seconds(pgdata)
                 throttled0, periods0 = caps[n].throttled() if n in caps else (0, 0)
-                run = measure_requests(servers[n], path, key, 32, seconds)
-                run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
+                run = measure_requests(servers[n], path, key, 32, seconds, pgdata=pgdata)
                 if n in caps:  # how often the budget, not the load, stopped the server
                     throttled, periods = caps[n].throttled()
                     run["periods_throttled"] = throttled - throttled0
@@ -475,9 +478,7 @@ def main() -> int:
                     if side == "direct":
                         direct_runs.append(measure_requests(direct_upstream, direct_path, key, c, seconds))
                         continue
-                    pg0 = pg_cpu_seconds(pgdata)
-                    run = measure_requests(bridge, path, key, c, seconds)
-                    run["pg_cpu_ms_per_req"] = 1000 * (pg_cpu_seconds(pgdata) - pg0) / max(1, run["requests"])
+                    run = measure_requests(bridge, path, key, c, seconds, pgdata=pgdata)
                     bridge_runs.append(run)
                     max_connections = max(max_connections, asyncio.run(pg_connections(url)))
             baseline[name], via[name] = median_of(direct_runs), median_of(bridge_runs)

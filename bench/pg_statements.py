@@ -85,10 +85,9 @@ def main() -> int:
             await conn.execute("SELECT pg_stat_statements_reset(), pg_stat_reset()")
             await conn.close()
         asyncio.run(reset())
-        pg0 = bench.pg_cpu_seconds(pgdata)
-        run = bench.measure_requests(bridge, path, ",".join(keys), args.connections, args.seconds)
+        run = bench.measure_requests(bridge, path, ",".join(keys), args.connections, args.seconds, pgdata=pgdata)
         requests = max(1, run["requests"])
-        pg_ms = 1000 * (bench.pg_cpu_seconds(pgdata) - pg0) / requests
+        pg_ms = run["pg_cpu_ms_per_req"]
         print(f"c={args.connections} {'over 1000 keys' if args.many_keys else 'one key'}"
               f"{f', {args.workers} workers' if args.workers > 1 else ''}: "
               f"{run['rps']:.0f} requests/s, p50 {run['p50_us'] / 1000:.2f} ms, p99 {run['p99_us'] / 1000:.2f} ms, "

@@ -122,12 +122,11 @@ class _Ticker:
         self._busy = False
         self._timer: asyncio.TimerHandle | None = None
         self._settles_due = False  # the waiting settlements go in the next tick
-        # the tick in flight: when it was sent and what it carries (`warn_stalled`), and the
-        # futures of the batch cut last, answered with the error should the loop itself fail
+        # the tick in flight: when it was sent (`warn_stalled`), and the batch cut last, whose
+        # callers get the error should the loop itself fail
         self._sent_at: float | None = None
-        self._carrying = (0, 0)
         self._warned_at: float | None = None
-        self._batch: list[asyncio.Future] = []
+        self._batch: tuple[list, list] = ([], [])  # (settlements, admissions) with their futures
 
     def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
         future = asyncio.get_running_loop().create_future()
@@ -161,10 +160,11 @@ class _Ticker:
             return
         error = task.exception()
         log.error("ledger ticker failed; its batch is answered with the error", exc_info=error)
-        for future in self._batch:
+        settles, admits = self._batch
+        for future in [f for _, f in settles] + [f for _, f, _ in admits]:
             if not future.done():
                 future.set_exception(error)
-        self._batch = []
+        self._batch = ([], [])
         if self._admits:  # (waiting settlements have their linger's timer, set as the loop ended)
             self._start()
 
@@ -188,9 +188,8 @@ class _Ticker:
                 waiting = {s.subscription_id for s, _ in self._settles}
                 marked = [not tried and (None in waiting or a.subscription_id in waiting)
                           for a, _, tried in admits]
-                self._batch = [f for _, f in settles] + [f for _, f, _ in admits]
+                self._batch = (settles, admits)
                 self._sent_at = asyncio.get_running_loop().time()
-                self._carrying = (len(settles), len(admits))
                 try:
                     billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits],
                                                           marked)
@@ -232,8 +231,8 @@ class _Ticker:
         if sent_at is not None and now - sent_at >= after and self._warned_at != sent_at:
             self._warned_at = sent_at
             log.warning("ledger tick unanswered", extra={
-                "seconds": round(now - sent_at, 1), "settlements": self._carrying[0],
-                "admissions": self._carrying[1], "queued_admissions": len(self._admits),
+                "seconds": round(now - sent_at, 1), "settlements": len(self._batch[0]),
+                "admissions": len(self._batch[1]), "queued_admissions": len(self._admits),
                 "queued_settlements": len(self._settles), **context})
         if not self._busy and self._admits:
             log.error("admissions queued with no ledger tick running; starting one",

@@ -343,7 +343,7 @@ class TcpProxy:
             self._cut_until = time.monotonic() + seconds
             for writer in list(self._writers):
                 writer.transport.abort()
-        self._loop.call_soon_threadsafe(drop)
+        self._call(drop)
 
     def close(self) -> None:
         """Every connection dropped, the listener closed, the thread ended."""
@@ -356,7 +356,7 @@ class TcpProxy:
                 writer.transport.abort()
             assert self._serving is not None
             self._serving.cancel()
-        self._loop.call_soon_threadsafe(stop)
+        self._call(stop)
         self._thread.join(10)
 
 
