@@ -21,7 +21,7 @@ import functools
 import logging
 import time
 import uuid
-from typing import Coroutine
+from typing import Callable, Coroutine
 
 import aiohttp
 import msgspec
@@ -253,22 +253,82 @@ class Flight:
         self.end("lifetime cap reached")
 
 
-def void_abandoned(ledger: LedgerPort, reservation: Reservation) -> None:
-    """An admission whose caller went away before hearing of it (nothing was forwarded): its
-    entry is voided, naming its subscription (one of unknown subscription would mark every first
-    try of the ledger's next batch plan-only). Nobody waits for it: should the write fail, the
-    sweeper expires the entry. Both places an admission can be left unheard call this: the
-    ledger's ticker (the caller was cancelled while it was pending) and the journey (the answer
-    came in the moment the client left)."""
-    ledger.settle(Settlement(reservation.entry_id, "voided", Counts(), estimated=False,
-                             reason="admission abandoned", subscription_id=reservation.subscription_id)
-                  ).add_done_callback(_void_unwatched)
+class SettlementWrite:
+    """One settlement on its way to the ledger: queued, its answer taken by a callback (no task
+    per request); a database blip is retried after a delay, doubling (a settlement is
+    idempotent), until it is written or the entry's lease is about to pass to the sweeper
+    (`deadline()`, a monotonic moment, read at each failure: a live flight's heartbeats move it).
+    `landed(billed, outcome)` is called once: "settled" (billed: the credits), "settled_before"
+    (a replay, or the sweeper won), "left_to_sweeper" or "cancelled"."""
+
+    __slots__ = ("ledger", "settlement", "deadline", "landed", "delay")
+
+    def __init__(self, ledger: LedgerPort, settlement: Settlement, deadline: Callable[[], float],
+                 landed: Callable[[int | None, str], None]) -> None:
+        self.ledger = ledger
+        self.settlement = settlement
+        self.deadline = deadline
+        self.landed = landed
+        self.delay = _SETTLE_FIRST_DELAY
+
+    def start(self) -> None:
+        try:
+            writing = self.ledger.settle(self.settlement)
+        except Exception as exc:  # noqa: BLE001 - a port that fails at once fails like a write
+            self._failed(exc)
+            return
+        writing.add_done_callback(self._written)
+
+    def _written(self, writing: "asyncio.Future[int | None]") -> None:
+        if writing.cancelled():
+            # nothing cancels a settlement's future (the ticker resolves each one); were one
+            # cancelled, the entry would be the sweeper's, as one left when the loop stops is
+            log.error("settlement cancelled; the sweeper will expire the entry",
+                      extra={"entry": str(self.settlement.entry_id)})
+            self.landed(None, "cancelled")
+            return
+        exc = writing.exception()
+        if exc is not None:
+            self._failed(exc)
+            return
+        billed = writing.result()
+        # None: settled before (the first write's reply was lost, or the sweeper won)
+        self.landed(billed, "settled" if billed is not None else "settled_before")
+
+    def _failed(self, exc: BaseException) -> None:
+        settlement = self.settlement
+        if time.monotonic() + self.delay > self.deadline() - _LEASE_MARGIN:
+            log.error("settlement not written; the sweeper will expire the entry",
+                      extra={"entry": str(settlement.entry_id), "state": settlement.state,
+                             "error": type(exc).__name__})
+            self.landed(None, "left_to_sweeper")
+            return
+        log.warning("settlement failed; retrying",
+                    extra={"entry": str(settlement.entry_id), "state": settlement.state,
+                           "error": type(exc).__name__, "retry_in_s": self.delay})
+        asyncio.get_running_loop().call_later(self.delay, self.start)
+        self.delay = min(self.delay * 2, _SETTLE_MAX_DELAY)
 
 
-def _void_unwatched(voiding: asyncio.Future) -> None:
-    if not voiding.cancelled() and voiding.exception() is not None:
-        log.warning("abandoned admission not voided; the sweeper will expire it",
-                    extra={"error": type(voiding.exception()).__name__})
+def void_abandoned(ledger: LedgerPort, reservation: Reservation, lease: float) -> None:
+    """An admission whose caller never heard it (nothing was forwarded), or whose answer was lost
+    with the database's reply: its entry, should the ledger have written it, is voided, naming
+    its subscription (one of unknown subscription would mark every first try of the ledger's
+    next batch plan-only). A void of an entry never written changes nothing. Retried like any
+    settlement until the entry's `lease` (seconds from now) is about to end: left to the sweeper
+    instead, the entry would be expired and billed its prompt estimate for an answer nobody got.
+    Called by the ledger's ticker (the caller was cancelled, or given up, while it was pending;
+    the database's answer was lost) and by the journey (the answer came in the moment the client
+    left)."""
+    deadline = time.monotonic() + lease
+    SettlementWrite(ledger, Settlement(reservation.entry_id, "voided", Counts(), estimated=False,
+                                       reason="admission abandoned",
+                                       subscription_id=reservation.subscription_id),
+                    lambda: deadline, _void_landed).start()
+
+
+def _void_landed(billed: int | None, outcome: str) -> None:
+    pass  # a void bills nothing; one not written was logged with its entry
 
 
 class Flights:
@@ -312,49 +372,13 @@ class Flights:
             self.calibration.observe(flight.model, flight.kind, flight.principal.account_id,
                                      flight.raw_prompt, usage.prompt_tokens)
         self._settling.add(flight)
-        self._write(flight, settlement, _SETTLE_FIRST_DELAY)
+        SettlementWrite(self.ledger, settlement, lambda: flight.lease_deadline,
+                        functools.partial(self._written, flight, settlement)).start()
 
-    def _write(self, flight: Flight, settlement: Settlement, delay: float) -> None:
-        """Write the settlement: queued with the ledger, its answer taken by a callback (no task
-        per request); a database blip is retried after `delay`, doubling (a settlement is
-        idempotent), until it is written or the lease is about to pass to the sweeper."""
-        try:
-            writing = self.ledger.settle(settlement)
-        except Exception as exc:  # noqa: BLE001 - a port that fails at once fails like a write
-            self._failed(flight, settlement, delay, exc)
-            return
-        writing.add_done_callback(functools.partial(self._written, flight, settlement, delay))
-
-    def _written(self, flight: Flight, settlement: Settlement, delay: float,
-                 writing: "asyncio.Future[int | None]") -> None:
-        if writing.cancelled():
-            # nothing cancels a settlement's future (the ticker resolves each one); were one
-            # cancelled, the entry would be the sweeper's, as one left when the loop stops is
-            log.error("settlement cancelled; the sweeper will expire the entry",
-                      extra={"entry": str(settlement.entry_id)})
-            self._landed(flight)
-            return
-        exc = writing.exception()
-        if exc is not None:
-            self._failed(flight, settlement, delay, exc)
-            return
-        billed = writing.result()
-        # None: settled before (the first write's reply was lost, or the sweeper won)
+    def _written(self, flight: Flight, settlement: Settlement, billed: int | None, outcome: str) -> None:
         self._landed(flight)
-        self._access_line(flight, settlement, billed, "settled" if billed is not None else "settled_before")
-
-    def _failed(self, flight: Flight, settlement: Settlement, delay: float, exc: BaseException) -> None:
-        if time.monotonic() + delay > flight.lease_deadline - _LEASE_MARGIN:
-            log.error("settlement not written; the sweeper will expire the entry",
-                      extra={"entry": str(settlement.entry_id), "error": type(exc).__name__})
-            self._landed(flight)
-            self._access_line(flight, settlement, None, "left_to_sweeper")
-            return
-        log.warning("settlement failed; retrying",
-                    extra={"entry": str(settlement.entry_id), "error": type(exc).__name__,
-                           "retry_in_s": delay})
-        asyncio.get_running_loop().call_later(delay, self._write, flight, settlement,
-                                              min(delay * 2, _SETTLE_MAX_DELAY))
+        if outcome != "cancelled":
+            self._access_line(flight, settlement, billed, outcome)
 
     def _landed(self, flight: Flight) -> None:
         self._settling.discard(flight)

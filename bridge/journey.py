@@ -44,15 +44,22 @@ _Parsed = TypeVar("_Parsed")
 
 
 class _Arriving:
-    """A request not yet admitted: when it came, where it waits now."""
+    """A request not yet admitted: when it came, where it waits now, and, once it waits for its
+    admission, the ledger's future it waits on (`Journey.answer_overdue`)."""
 
-    __slots__ = ("started", "surface", "stage", "warned")
+    __slots__ = ("started", "surface", "stage", "warned", "admitting", "admitting_since")
 
     def __init__(self, started: float, surface: str) -> None:
         self.started = started
         self.surface = surface
         self.stage = "authentication"
         self.warned = False
+        self.admitting: asyncio.Future | None = None
+        self.admitting_since = 0.0
+
+
+class AdmissionOverdue(Exception):
+    """The ledger did not answer an admission in `admission_timeout` seconds."""
 
 
 class Reply(msgspec.Struct):
@@ -139,7 +146,8 @@ class Journey:
             arriving.stage = "body"
             parsed = await self._parse(surface.parse, await read_body())
             arriving.stage = "admission"
-            flight, opening = await self._admit(surface, principal, parsed.request, parsed.max_tokens, started)
+            flight, opening = await self._admit(surface, principal, parsed.request, parsed.max_tokens,
+                                                arriving)
         except BridgeError as error:
             self._refused(surface, principal, error, started)
             reply = self._error(surface, error)
@@ -178,6 +186,25 @@ class Journey:
             log.warning("request stalled before its admission", extra={
                 "stage": a.stage, "surface": a.surface, "seconds": round(now - a.started, 1),
                 "arriving": arriving})
+
+    def answer_overdue(self, after: float) -> int:
+        """Answer every request waiting `after` seconds for its admission with a 503 (retry
+        later), and return how many. Admission is one ledger tick, milliseconds; one that takes
+        this long has a database that does not answer (or a stuck tick), and a client told so
+        can retry, where one left waiting holds its connection, and the coding tool its user,
+        for as long as its own timeout. The ledger's future is answered with `AdmissionOverdue`:
+        should its tick still admit the request later, nobody waits for it, and the ledger voids
+        the entry (service/ledger.py). Called by the process's watch (service/app.py) every few
+        seconds, so no request pays for a timer of its own."""
+        now = time.monotonic()
+        overdue = [a for a in self._arriving if a.admitting is not None and not a.admitting.done()
+                   and now - a.admitting_since >= after]
+        for a in overdue:
+            a.admitting.set_exception(AdmissionOverdue())  # type: ignore[union-attr]
+        if overdue:
+            log.warning("admissions overdue; answered 503", extra={
+                "count": len(overdue), "seconds": after})
+        return len(overdue)
 
     async def count_tokens(self, surface: Surface, parse: Callable[[bytes], wire.ChatRequest],
                            key: str, read_body: Callable[[], Awaitable[bytes]]) -> tuple[Reply, int | None]:
@@ -223,7 +250,7 @@ class Journey:
         return principal
 
     async def _admit(self, surface: Surface, principal: Principal, request: wire.ChatRequest,
-                     max_tokens: int | None, started: float) -> tuple[Flight, asyncio.Future]:
+                     max_tokens: int | None, arriving: _Arriving) -> tuple[Flight, asyncio.Future]:
         shown_model = request.model
         model = self._models.resolve(request.model, principal.models)
         request.model = model.id
@@ -257,7 +284,8 @@ class Journey:
         forwarded: float | None = None
         try:
             # queued first: the database starts on the admission before the upstream request is built
-            admitting = self._ledger.admit(reservation)
+            admitting = arriving.admitting = self._ledger.admit(reservation)
+            arriving.admitting_since = time.monotonic()
             if room is not None and room >= 2 * held:
                 forwarded = time.monotonic()
                 opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
@@ -277,7 +305,7 @@ class Journey:
             raise self._refusal(admission)
         flight = Flight(self.flights, entry=entry, principal=principal, surface=surface.name,
                         model=model.id, shown_model=shown_model, prompt_estimate=prompt,
-                        raw_prompt=count.raw, kind=count.kind, started=started, entry_text=entry_text)
+                        raw_prompt=count.raw, kind=count.kind, started=arriving.started, entry_text=entry_text)
         if opening is None:
             forwarded = time.monotonic()
             opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
@@ -290,13 +318,15 @@ class Journey:
         """The request went away while its admission was pending: still pending, the admission
         is cancelled (the ledger voids an entry it admits meanwhile); answered already, but not
         yet heard (the client left in the same moment), an entry admitted is voided here, or it
-        would hold its windows and its place under the plan's cap until the sweeper's expiry."""
+        would hold its windows and its place under the plan's cap until the sweeper's expiry.
+        (An admission answered with the database's failure, or given up as overdue, is the
+        ledger's to void: only it knows whether it wrote the entry.)"""
         if not admitting.done():
             admitting.cancel()
             return
         if admitting.cancelled() or admitting.exception() is not None or not admitting.result().admitted:
             return
-        void_abandoned(self._ledger, reservation)
+        void_abandoned(self._ledger, reservation, self.settings.reservation_lease)
 
     def _note_room(self, subscription_id: int, room: int | None) -> None:
         if len(self._room) > 100_000:

@@ -88,8 +88,10 @@ class KeyAuthority(Protocol):
 class LedgerPort(Protocol):
     def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
         """Queued at once, so the database works on it while the upstream request is built;
-        the future holds the answer, or the database's failure. Cancelling it abandons the
-        admission (an entry admitted meanwhile is voided)."""
+        the future holds the answer, or the database's failure (the ledger then voids the
+        entry it may have written: the caller forwards nothing). Cancelling it, or answering it
+        first (`Journey.answer_overdue`), abandons the admission: one not yet sent is never
+        sent, an entry admitted meanwhile is voided."""
 
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
         """Queued at once; the future holds the billed credits, or None when the entry was

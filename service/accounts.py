@@ -1,6 +1,7 @@
 """Accounts, their subscription and their keys; authentication of a key."""
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Callable
 
@@ -90,9 +91,10 @@ class Authenticator:
     """
 
     def __init__(self, pool: asyncpg.Pool, ttl: float,
-                 on_use: Callable[[int], None] | None = None) -> None:
+                 on_use: Callable[[int], None] | None = None, timeout: float = 30.0) -> None:
         self._pool = pool
         self._ttl = ttl
+        self._timeout = timeout  # the database's answer to a lookup, at most (`_lookup`)
         self._cache: dict[bytes, tuple[float, Principal | None]] = {}
         # told the key id of every successful authentication (the web's "last used"); must not block
         self._on_use = on_use
@@ -110,7 +112,7 @@ class Authenticator:
             if self._on_use is not None and hit[1] is not None:
                 self._on_use(hit[1].api_key_id)
             return hit[1]
-        row = await self._pool.fetchrow(_AUTH_SQL, digest)
+        row = await self._lookup(digest)
         principal = None if row is None else Principal(
             account_id=row["account_id"], api_key_id=row["api_key_id"],
             subscription_id=row["subscription_id"], plan_id=row["plan_id"],
@@ -125,3 +127,23 @@ class Authenticator:
         if self._on_use is not None and principal is not None:
             self._on_use(principal.api_key_id)
         return principal
+
+    async def _lookup(self, digest: bytes) -> asyncpg.Record | None:
+        """The key's row; a database that does not answer in `timeout` seconds is an error (the
+        journey's 503), not a request left waiting as long as its client does. The query is
+        left to finish on its own, not cancelled: a cancelled asyncpg query gives its connection
+        back only once the cancellation reached the server, which a database that does not
+        answer never confirms. Only a key not in the cache gets here."""
+        lookup = asyncio.ensure_future(self._pool.fetchrow(_AUTH_SQL, digest))
+        lookup.add_done_callback(_heard)
+        done, _ = await asyncio.wait({lookup}, timeout=self._timeout)
+        if not done:
+            raise TimeoutError(f"the database did not answer a key's lookup in {self._timeout} s")
+        return lookup.result()
+
+
+def _heard(lookup: asyncio.Future) -> None:
+    """A lookup's failure is its caller's to raise; one given up on must not be reported as
+    never retrieved."""
+    if not lookup.cancelled():
+        lookup.exception()

@@ -161,18 +161,21 @@ _STALL_SECONDS = 30.0
 _STALL_CHECK = 10.0
 
 
-async def _watch_stalls(journey: Journey, ledger: Ledger, every: float = _STALL_CHECK,
+async def _watch_stalls(journey: Journey, ledger: Ledger, *, overdue: float,
                         after: float = _STALL_SECONDS) -> None:
     """Log requests stuck before their admission, a ledger tick left unanswered, and the event
-    loop itself held up (this watch waking late): a hang says where it is."""
+    loop itself held up (this watch waking late): a hang says where it is. And answer requests
+    waiting `overdue` seconds for their admission with a 503 (`Journey.answer_overdue`)."""
     loop = asyncio.get_running_loop()
+    every = min(_STALL_CHECK, overdue / 3)
     while True:
         due = loop.time() + every
         await asyncio.sleep(every)
         late = loop.time() - due
         if late > 5.0:
             log.warning("event loop held up", extra={"seconds": round(late, 1)})
-        for check in (lambda: journey.warn_stalled(after), lambda: ledger.warn_stalled(after)):
+        for check in (lambda: journey.warn_stalled(after), lambda: ledger.warn_stalled(after),
+                      lambda: journey.answer_overdue(overdue)):
             try:
                 check()
             except Exception:  # noqa: BLE001 - a watcher never takes the process down
@@ -237,7 +240,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         # unknown keys cached briefly for every caller; failures counted per client address,
         # refused (429) by the throttle gate and the quota API (service/throttle.py)
         auth = GuardedAuthenticator(
-            Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch),
+            Authenticator(pool, config.auth_cache_ttl, on_use=web.recorder(pool).touch,
+                          timeout=config.admission_timeout),
             AuthThrottle(limit=config.auth_failure_limit, window=config.auth_failure_window,
                          unknown_ttl=config.auth_unknown_ttl))
         journey = Journey(settings=config.bridge_settings(), auth=auth, ledger=ledger, upstream=router,
@@ -262,7 +266,7 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         background = [asyncio.create_task(store.run(config.upstream_refresh)),
                       asyncio.create_task(metrics.pool_watcher(pool)),
                       asyncio.create_task(memory.trim_after_bursts(lambda: journey.flights.in_flight)),
-                      asyncio.create_task(_watch_stalls(journey, ledger))]
+                      asyncio.create_task(_watch_stalls(journey, ledger, overdue=config.admission_timeout))]
         # Everything built so far lives as long as the process. Freezing it keeps the cyclic
         # GC's full collections from walking it again: measured on this app, a full collection
         # walked ~67,000 start-up objects in 31-34 ms, a pause for every request in flight;

@@ -110,6 +110,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # A stream waits this long for the upstream's status, so a refusal keeps its HTTP status;
     # past it the client gets its headers (some tools give up after 10 s without them).
     header_wait: Seconds = 3.0
+    # A request whose key's lookup or admission the database has not answered in this long gets
+    # a 503 to retry; should the ledger admit it later, the entry is voided.
+    admission_timeout: Seconds = 30.0
     auth_cache_ttl: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
     # prepared statements kept per connection; 0 behind PgBouncer in transaction mode
@@ -248,7 +251,7 @@ def _describe(field: str) -> str:
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
         "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
         "body_timeout", "keepalive_timeout", "auth_failure_window", "upstream_cooldown",
-        "upstream_lease", "upstream_refresh", "shutdown_timeout",
+        "upstream_lease", "upstream_refresh", "shutdown_timeout", "admission_timeout",
         "billing_retry_seconds"} else "a valid value")
 
 

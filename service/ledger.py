@@ -109,11 +109,13 @@ class _Ticker:
     """
 
     def __init__(self, tick: Callable[[list, list, list], Awaitable[tuple[list, list]]],
-                 orphan: Callable[[Reservation, Admission], None], *, linger: float = 0.01,
+                 orphan: Callable[[Reservation], None], *, linger: float = 0.01,
                  max_size: int = 128, baton: TickBaton | None = None) -> None:
         self._tick = tick
         self._baton = baton  # one of several workers: their ticks take turns (service/tick_baton.py)
-        self._orphan = orphan  # an admission nobody waits for any more
+        # an admission that may be written but nobody will act on: its caller went away, or the
+        # database's answer was lost (service/ledger.py `Ledger._void_orphan` voids it)
+        self._orphan = orphan
         self._linger = linger
         self._max = max_size
         self._settles: list[tuple[Settlement, asyncio.Future]] = []
@@ -161,9 +163,19 @@ class _Ticker:
         error = task.exception()
         log.error("ledger ticker failed; its batch is answered with the error", exc_info=error)
         settles, admits = self._batch
-        for future in [f for _, f in settles] + [f for _, f, _ in admits]:
+        for _, future in settles:
             if not future.done():
                 future.set_exception(error)
+        for reservation, future, _ in admits:
+            # sent or not, its entry may be written: voided unless its caller heard an answer
+            if not future.done():
+                future.set_exception(error)
+            elif not future.cancelled():
+                continue
+            try:
+                self._orphan(reservation)
+            except Exception:  # noqa: BLE001 - the rest of the batch is still answered
+                log.exception("abandoned admission not voided; the sweeper will expire it")
         self._batch = ([], [])
         if self._admits:  # (waiting settlements have their linger's timer, set as the loop ended)
             self._start()
@@ -174,6 +186,10 @@ class _Ticker:
                 # the batch is cut once the baton is had: what arrives while another worker's
                 # tick is in flight goes in this one
                 held = self._baton is not None and await self._take_baton()
+                # an admission whose caller went away (or gave up: `Journey.answer_overdue`)
+                # before it was sent is dropped: nothing was written, nobody waits
+                if any(future.done() for _, future, _ in self._admits):
+                    self._admits = [a for a in self._admits if not a[1].done()]
                 admits = self._admits[:self._max]
                 del self._admits[:self._max]
                 settles: list[tuple[Settlement, asyncio.Future]] = []
@@ -181,6 +197,10 @@ class _Ticker:
                     settles = self._settles[:self._max]
                     del self._settles[:self._max]
                     self._settles_due = bool(self._settles)
+                if not admits and not settles:  # every admission queued was given up
+                    if held:
+                        self._baton.give()  # type: ignore[union-attr]
+                    continue
                 # A first try is marked while settlements of its subscription are left waiting
                 # (None: one of unknown subscription waits, so any may be one of them): marked,
                 # it may not draw on a top-up or overage window (migrations/0041), and a refusal
@@ -204,10 +224,15 @@ class _Ticker:
                     _deliver(future, result)
                 again: list[tuple[Reservation, asyncio.Future, bool]] = []
                 for (reservation, future, _), result, mark in zip(admits, admissions, marked):
-                    if future.done():  # the caller was cancelled meanwhile
-                        if isinstance(result, Admission):
-                            self._orphan(reservation, result)
-                    elif mark and isinstance(result, Admission) and result.outcome in _SETTLEMENT_MAY_CHANGE:
+                    if not isinstance(result, Admission):
+                        # the database's answer is lost: the entry may be written, and its
+                        # caller (told the error) will forward nothing on it
+                        _deliver(future, result)
+                        self._orphan(reservation)
+                    elif future.done():  # the caller went away meanwhile
+                        if result.admitted:
+                            self._orphan(reservation)
+                    elif mark and result.outcome in _SETTLEMENT_MAY_CHANGE:
                         again.append((reservation, future, True))
                     else:
                         _deliver(future, result)
@@ -292,10 +317,9 @@ class Ledger:
         seconds), with the pool's idle connections: none idle, the tick may be waiting for one."""
         self._ticker.warn_stalled(after, pool_idle=self._pool.get_idle_size(), pool_size=self._pool.get_size())
 
-    def _void_orphan(self, a: Reservation, admission: Admission) -> None:
-        """An admission whose caller was cancelled while it was pending: voided if admitted."""
-        if admission.admitted:
-            void_abandoned(self, a)
+    def _void_orphan(self, a: Reservation) -> None:
+        """An admission that may be written and that nobody will forward: voided."""
+        void_abandoned(self, a, self._lease)
 
     async def post(self, entry_id: uuid.UUID, usage: Counts, *, estimated: bool, reason: str,
                    upstream_request_id: str | None = None) -> int | None:

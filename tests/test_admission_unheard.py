@@ -100,7 +100,32 @@ async def test_the_ledgers_own_orphan_void_names_its_subscription():
     ledger.settle = handed.settle  # type: ignore[method-assign]
     reservation = Reservation(entry_id=uuid.uuid4(), subscription_id=7, api_key_id=1,
                               surface="chat", model="glm-4.6", prompt_estimate=1, reserve=2, held=3)
-    ledger._void_orphan(reservation, Admission("admitted"))
-    ledger._void_orphan(reservation, Admission("window_full"))  # nothing admitted, nothing voided
+    ledger._void_orphan(reservation)
     assert [(s.entry_id, s.state, s.reason, s.subscription_id) for s in handed.settled] == [
         (reservation.entry_id, "voided", "admission abandoned", 7)]
+
+
+async def test_an_admission_waiting_past_its_bound_is_answered_503_and_left_to_the_ledger():
+    """`Journey.answer_overdue` (called by the process's watch): a request whose admission the
+    ledger has not answered in time gets a retryable 503 in its protocol's shape; the ledger's
+    future holds `AdmissionOverdue`, so a tick that admits it later finds nobody waiting and
+    voids it (service/ledger.py, tests/test_money_safe.py)."""
+    from bridge.journey import AdmissionOverdue
+    ledger = HandOutLedger()
+    journey = Journey(settings=BridgeSettings(), auth=Keys(), ledger=ledger, upstream=NoUpstream())
+
+    async def body() -> bytes:
+        return BODY
+    handling = asyncio.ensure_future(journey.handle(ChatSurface(), "key", body))
+    while not ledger.admissions:
+        await asyncio.sleep(0)
+    assert journey.answer_overdue(after=30) == 0  # just asked: nothing overdue
+    for arriving in journey._arriving:  # its admission began 31 s ago (its arrival is not the clock)
+        arriving.admitting_since -= 31
+    assert journey.answer_overdue(after=30) == 1
+    reply = await asyncio.wait_for(handling, 5)
+    assert reply.status == 503 and reply.headers.get("retry-after") == "2"
+    assert json.loads(reply.body)["error"]["type"] == "server_error"  # OpenAI's word for a 503
+    assert isinstance(ledger.admissions[0][1].exception(), AdmissionOverdue)
+    assert journey.answer_overdue(after=30) == 0 and not journey._arriving
+    assert ledger.settled == []  # the journey voids nothing: only the ledger knows what it wrote

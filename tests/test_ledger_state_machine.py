@@ -254,3 +254,33 @@ async def test_rollup_keeps_every_total(env):
     assert before["glm-4.6"].requests == 2 and before["glm-4.5-air"].prompt_tokens == 12
     assert await _windows(url) == windows_before
     assert [r["state"] for r in await query(url, "SELECT state FROM usage_ledger")] == ["pending"]
+
+
+async def test_an_admission_committed_whose_answer_is_lost_is_voided_not_billed(env):
+    """`ledger_admit_batch` commits and the reply never arrives (the connection dropped after
+    COMMIT), for the batch and for the admission tried alone: the caller gets the error (a 503,
+    nothing forwarded), and the entry, pending in PostgreSQL, is voided. Left pending, the
+    sweeper would expire it at its prompt estimate: a charge for an answer nobody got."""
+    url, pool, ledger, sub, key = env
+    real_tick = ledger._ticker._tick
+
+    async def lost_after_commit(settles, admits, plan_only):
+        answer = await real_tick(settles, admits, plan_only)
+        if admits:
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        return answer
+    ledger._ticker._tick = lost_after_commit
+    entry = uuid.uuid4()
+    with pytest.raises(asyncpg.ConnectionDoesNotExistError):
+        await admit(ledger, entry, subscription_id=sub, api_key_id=key, prompt_estimate=300, reserve=1300)
+    ledger._ticker._tick = real_tick
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        [row] = await query(url, "SELECT state, billed_tokens, settle_reason FROM usage_ledger WHERE id = $1", entry)
+        if row["state"] != "pending" or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert (row["state"], row["billed_tokens"], row["settle_reason"]) == ("voided", 0, "admission abandoned")
+    windows = await _windows(url)
+    assert (windows["5h"]["reserved"], windows["5h"]["posted"]) == (0, 0)
+    assert await ledger.expire_due() == 0  # nothing left for the sweeper to bill

@@ -76,7 +76,7 @@ def _settlement(reservation: Reservation, used: int = 40, subscription=_ITS_OWN)
 
 
 def _ticker(model: Model) -> _Ticker:
-    return _Ticker(model.tick, lambda reservation, admission: None, linger=LINGER)  # no caller goes away here
+    return _Ticker(model.tick, lambda reservation: None, linger=LINGER)  # no caller goes away here
 
 
 async def _answered(ticker: _Ticker, name: str = "first", subscription=_ITS_OWN) -> asyncio.Future:
@@ -224,3 +224,65 @@ async def test_under_load_the_settlements_share_ticks():
     billed = await asyncio.gather(*(ticker.settle(_settlement(r)) for r in firsts))
     assert billed == [40] * 20
     assert sum(1 for settles, _ in model.ticks if settles) == 1  # one tick for all twenty
+
+
+# ---- admissions nobody will act on ----------------------------------------------------------
+
+async def test_an_admission_whose_answer_is_lost_is_handed_over_to_be_voided():
+    """The database failed the batch and the admission alone: whether it committed is unknown
+    (a reply lost after COMMIT), and its caller, told the error, forwards nothing. Left pending,
+    the sweeper would bill the entry its prompt estimate; it is handed to the orphan path, which
+    voids it (a void of an entry never written changes nothing)."""
+    orphans: list[Reservation] = []
+    calls = []
+
+    async def tick(settles, admits, plan_only):
+        calls.append([a.surface for a in admits])
+        raise ConnectionResetError("the reply is lost")
+    ticker = _Ticker(tick, orphans.append, linger=LINGER)
+    lost = _reservation("lost")
+    try:
+        await asyncio.wait_for(ticker.admit(lost), 5)
+        raise AssertionError("answered")
+    except ConnectionResetError:
+        pass
+    assert calls == [["lost"], ["lost"]]  # the batch, then the element alone
+    assert orphans == [lost]
+
+
+async def test_an_admission_given_up_before_its_batch_is_cut_is_never_sent():
+    model = Model(cap=10)
+    model.gate = asyncio.Event()
+    orphans: list[Reservation] = []
+    ticker = _Ticker(model.tick, orphans.append, linger=LINGER)
+    first = ticker.admit(_reservation("first"))
+    while not model.ticks:  # the first tick is in flight, held at the gate
+        await asyncio.sleep(0)
+    gone = ticker.admit(_reservation("gone"))
+    kept = ticker.admit(_reservation("kept"))
+    gone.cancel()  # its client left (or `Journey.answer_overdue` gave up) before it was sent
+    model.gate.set()
+    assert (await first).admitted and (await kept).admitted
+    assert [admits for _, admits in model.ticks] == [["first"], ["kept"]]
+    # a queue of only given-up admissions makes no tick at all, and the ticker goes on
+    model.gate = asyncio.Event()
+    held = ticker.admit(_reservation("held"))
+    while len(model.ticks) < 3:
+        await asyncio.sleep(0)
+    alone = ticker.admit(_reservation("alone"))
+    alone.cancel()
+    model.gate.set()
+    assert (await held).admitted
+    await asyncio.sleep(LINGER)
+    assert [admits for _, admits in model.ticks] == [["first"], ["kept"], ["held"]]
+    assert orphans == []  # nothing sent, nothing to void
+    # given up while its tick is in flight: admitted meanwhile, it is handed over to be voided
+    model.gate = asyncio.Event()
+    late = _reservation("late")
+    pending = ticker.admit(late)
+    while len(model.ticks) < 4:
+        await asyncio.sleep(0)
+    pending.cancel()
+    model.gate.set()
+    assert (await ticker.admit(_reservation("after"))).admitted
+    assert orphans == [late]

@@ -249,6 +249,52 @@ def test_settlement_completes_after_the_database_is_unreachable_for_2s(database,
         server.stop()
 
 
+def test_an_admission_the_database_does_not_answer_is_a_503_in_time_and_voided_later(database, simulator):
+    """A database that takes the admission's statement and says nothing (frozen, not gone): the
+    client gets a retryable 503 in its protocol's shape after CODEPLAN_ADMISSION_TIMEOUT, not a
+    hang as long as its own timeout (a key's lookup too); when the database answers at last and
+    admits the request, nobody waits for it, and its entry is voided, not left for the sweeper
+    to bill."""
+    proxy = TcpProxy(pg_socket(database))
+    server = start_bridge(proxy.url(database), simulator.url + "/api/coding/paas/v4",
+                          CODEPLAN_DB_POOL_SIZE="4", CODEPLAN_ADMISSION_TIMEOUT="1",
+                          CODEPLAN_AUTH_CACHE_TTL="300")
+    try:
+        key = new_user(database)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+        client.chat.completions.create(model="glm-4.6", messages=_say("tokens=2"))  # the key is known now
+        wait_settled(database)
+        proxy.freeze()
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="glm-4.6", messages=_say("tokens=2"))
+        seconds = time.monotonic() - started
+        assert refused.value.status_code == 503 and 1.0 <= seconds < 10, seconds
+        assert refused.value.response.headers.get("x-should-retry") == "true"
+        assert refused.value.body["type"] == "server_error"
+        assert [r["state"] for r in _rows(database, key)] == ["posted"]  # the tick is still held
+        # a key not looked up yet: its lookup is bounded the same way
+        stranger = openai.OpenAI(base_url=server.url + "/v1", api_key=new_user(database), max_retries=0, timeout=60)
+        started = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as refused:
+            stranger.chat.completions.create(model="glm-4.6", messages=_say("tokens=2"))
+        seconds = time.monotonic() - started
+        assert refused.value.status_code == 503 and 1.0 <= seconds < 10, seconds
+        proxy.thaw()
+        deadline = time.monotonic() + 30
+        while sorted(r["state"] for r in _rows(database, key)) != ["posted", "voided"]:
+            assert time.monotonic() < deadline, [dict(r) for r in _rows(database, key)]
+            time.sleep(0.1)
+        voided = [r for r in _rows(database, key) if r["state"] == "voided"][0]
+        assert (voided["billed_tokens"], voided["settle_reason"]) == (0, "admission abandoned")
+        assert "admissions overdue; answered 503" in server.output()
+        # and the process serves on
+        assert client.chat.completions.create(model="glm-4.6", messages=_say("tokens=2")).usage.completion_tokens > 0
+    finally:
+        server.stop()
+        proxy.close()
+
+
 # ---- any OpenAI-style upstream --------------------------------------------------------------
 
 @pytest.fixture(scope="module")

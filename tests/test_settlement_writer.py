@@ -129,3 +129,29 @@ async def test_a_port_that_raises_at_once_is_retried_like_a_failed_write():
     ledger.raise_at_once = False
     await asyncio.wait_for(flights.land(), 5)
     assert flights.in_flight == 0
+
+
+async def test_an_abandoned_admissions_void_is_retried_like_a_settlement(caplog):
+    """`void_abandoned` (an admission nobody forwards): left unwritten, the sweeper would expire
+    the entry and bill its prompt estimate for an answer nobody got, so a blip is retried with
+    the same backoff, until written or the lease is about to end."""
+    from bridge.flight import void_abandoned
+    from bridge.ports import Reservation
+    reservation = Reservation(entry_id=uuid.uuid4(), subscription_id=7, api_key_id=1, surface="chat",
+                              model="glm-4.6", prompt_estimate=10, reserve=20, held=20)
+    ledger = ScriptedLedger(failures=2)
+    void_abandoned(ledger, reservation, lease=60)  # type: ignore[arg-type]
+    while len(ledger.writes) < 3:
+        await asyncio.sleep(0.01)
+    assert {(s.entry_id, s.state, s.subscription_id) for _, s in ledger.writes} == {
+        (reservation.entry_id, "voided", 7)}
+    await asyncio.sleep(0.3)
+    assert len(ledger.writes) == 3  # written: no more tries
+
+    failing = ScriptedLedger(failures=1000)
+    with caplog.at_level(logging.INFO):
+        void_abandoned(failing, reservation, lease=2.2)  # type: ignore[arg-type]
+        await asyncio.sleep(0.6)
+    assert 2 <= len(failing.writes) < 10
+    assert any(r.getMessage() == "settlement not written; the sweeper will expire the entry"
+               and r.state == "voided" for r in caplog.records)
