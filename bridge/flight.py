@@ -419,7 +419,8 @@ class Flights:
         return len(live)
 
     async def land(self, timeout: float = 10.0) -> None:
-        """At shutdown: let settlements and drains in flight finish (the sweeper covers the rest)."""
+        """At shutdown: let settlements and drains in flight finish (the sweeper covers the rest;
+        voids of abandoned admissions, `void_abandoned`, are not waited for)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         if self._background:

@@ -134,12 +134,18 @@ class Authenticator:
         left to finish on its own, not cancelled: a cancelled asyncpg query gives its connection
         back only once the cancellation reached the server, which a database that does not
         answer never confirms. Only a key not in the cache gets here."""
-        lookup = asyncio.ensure_future(self._pool.fetchrow(_AUTH_SQL, digest))
+        lookup = asyncio.ensure_future(self._fetch(digest))
         lookup.add_done_callback(_heard)
         done, _ = await asyncio.wait({lookup}, timeout=self._timeout)
         if not done:
             raise TimeoutError(f"the database did not answer a key's lookup in {self._timeout} s")
         return lookup.result()
+
+    async def _fetch(self, digest: bytes) -> asyncpg.Record | None:
+        # waiting for a connection is bounded too (giving up on that needs no word from the
+        # server), so lookups given up on do not pile up ahead of the ledger's ticks
+        async with self._pool.acquire(timeout=self._timeout) as connection:
+            return await connection.fetchrow(_AUTH_SQL, digest)
 
 
 def _heard(lookup: asyncio.Future) -> None:

@@ -109,12 +109,13 @@ class _Ticker:
     """
 
     def __init__(self, tick: Callable[[list, list, list], Awaitable[tuple[list, list]]],
-                 orphan: Callable[[Reservation], None], *, linger: float = 0.01,
+                 orphan: Callable[[Reservation, float], None], *, linger: float = 0.01,
                  max_size: int = 128, baton: TickBaton | None = None) -> None:
         self._tick = tick
         self._baton = baton  # one of several workers: their ticks take turns (service/tick_baton.py)
         # an admission that may be written but nobody will act on: its caller went away, or the
-        # database's answer was lost (service/ledger.py `Ledger._void_orphan` voids it)
+        # database's answer was lost (`Ledger._void_orphan` voids it); with the loop time its
+        # tick was sent, from which the entry's lease runs
         self._orphan = orphan
         self._linger = linger
         self._max = max_size
@@ -162,18 +163,19 @@ class _Ticker:
             return
         error = task.exception()
         log.error("ledger ticker failed; its batch is answered with the error", exc_info=error)
-        settles, admits = self._batch
+        settles, admits = self._batch  # cut, and its answers not all handed out
         for _, future in settles:
             if not future.done():
                 future.set_exception(error)
+        sent_at = self._sent_at if self._sent_at is not None else asyncio.get_running_loop().time()
         for reservation, future, _ in admits:
-            # sent or not, its entry may be written: voided unless its caller heard an answer
+            # sent or not, its entry may be written: voided unless its caller heard an admission
+            if future.done() and not future.cancelled() and future.exception() is None:
+                continue
             if not future.done():
                 future.set_exception(error)
-            elif not future.cancelled():
-                continue
             try:
-                self._orphan(reservation)
+                self._orphan(reservation, sent_at)
             except Exception:  # noqa: BLE001 - the rest of the batch is still answered
                 log.exception("abandoned admission not voided; the sweeper will expire it")
         self._batch = ([], [])
@@ -209,13 +211,15 @@ class _Ticker:
                 marked = [not tried and (None in waiting or a.subscription_id in waiting)
                           for a, _, tried in admits]
                 self._batch = (settles, admits)
-                self._sent_at = asyncio.get_running_loop().time()
+                sent_at = self._sent_at = asyncio.get_running_loop().time()
                 try:
                     billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits],
                                                           marked)
-                except Exception:  # noqa: BLE001 - each element alone, so a fault stays with its cause
+                except Exception as failure:  # noqa: BLE001 - each element alone, so a fault stays with its cause
                     billed = [await self._alone([s], [], []) for s, _ in settles]
-                    admissions = [await self._alone([], [a], [mark]) for (a, _, _), mark in zip(admits, marked)]
+                    # (one whose caller is gone meanwhile is not tried again: it is voided below)
+                    admissions = [failure if future.done() else await self._alone([], [a], [mark])
+                                  for (a, future, _), mark in zip(admits, marked)]
                 finally:
                     self._sent_at = None
                     if held:
@@ -228,14 +232,15 @@ class _Ticker:
                         # the database's answer is lost: the entry may be written, and its
                         # caller (told the error) will forward nothing on it
                         _deliver(future, result)
-                        self._orphan(reservation)
+                        self._orphan(reservation, sent_at)
                     elif future.done():  # the caller went away meanwhile
                         if result.admitted:
-                            self._orphan(reservation)
+                            self._orphan(reservation, sent_at)
                     elif mark and result.outcome in _SETTLEMENT_MAY_CHANGE:
                         again.append((reservation, future, True))
                     else:
                         _deliver(future, result)
+                self._batch = ([], [])  # answered: nothing left for `_ran`
                 if again:  # first in the next tick, the waiting settlements with them
                     self._admits[:0] = again
                     self._settles_due = True
@@ -317,9 +322,10 @@ class Ledger:
         seconds), with the pool's idle connections: none idle, the tick may be waiting for one."""
         self._ticker.warn_stalled(after, pool_idle=self._pool.get_idle_size(), pool_size=self._pool.get_size())
 
-    def _void_orphan(self, a: Reservation) -> None:
-        """An admission that may be written and that nobody will forward: voided."""
-        void_abandoned(self, a, self._lease)
+    def _void_orphan(self, a: Reservation, sent_at: float) -> None:
+        """An admission that may be written and that nobody will forward: voided, in time to
+        beat the sweeper (its lease runs from its transaction, at most since `sent_at`)."""
+        void_abandoned(self, a, self._lease - (asyncio.get_running_loop().time() - sent_at))
 
     async def post(self, entry_id: uuid.UUID, usage: Counts, *, estimated: bool, reason: str,
                    upstream_request_id: str | None = None) -> int | None:

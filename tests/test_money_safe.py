@@ -250,11 +250,12 @@ def test_settlement_completes_after_the_database_is_unreachable_for_2s(database,
 
 
 def test_an_admission_the_database_does_not_answer_is_a_503_in_time_and_voided_later(database, simulator):
-    """A database that takes the admission's statement and says nothing (frozen, not gone): the
-    client gets a retryable 503 in its protocol's shape after CODEPLAN_ADMISSION_TIMEOUT, not a
-    hang as long as its own timeout (a key's lookup too); when the database answers at last and
-    admits the request, nobody waits for it, and its entry is voided, not left for the sweeper
-    to bill."""
+    """A database that says nothing (the proxy frozen, not cut: connections stay open, no byte
+    passes, the admission's statement held on its way): the client gets a retryable 503 in its
+    protocol's shape after CODEPLAN_ADMISSION_TIMEOUT, not a hang as long as its own timeout (a
+    key's lookup too); when the statement reaches the database at last and admits the request,
+    nobody waits for it, and its entry is voided, not left for the sweeper to bill. (A commit
+    whose reply is lost: tests/test_ledger_state_machine.py.)"""
     proxy = TcpProxy(pg_socket(database))
     server = start_bridge(proxy.url(database), simulator.url + "/api/coding/paas/v4",
                           CODEPLAN_DB_POOL_SIZE="4", CODEPLAN_ADMISSION_TIMEOUT="1",

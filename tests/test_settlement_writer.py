@@ -150,7 +150,7 @@ async def test_an_abandoned_admissions_void_is_retried_like_a_settlement(caplog)
 
     failing = ScriptedLedger(failures=1000)
     with caplog.at_level(logging.INFO):
-        void_abandoned(failing, reservation, lease=2.2)  # type: ignore[arg-type]
+        void_abandoned(failing, reservation, lease=2.5)  # type: ignore[arg-type]
         await asyncio.sleep(0.6)
     assert 2 <= len(failing.writes) < 10
     assert any(r.getMessage() == "settlement not written; the sweeper will expire the entry"

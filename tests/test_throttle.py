@@ -2,6 +2,7 @@
 and end to end through a real bridge."""
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sys
@@ -40,9 +41,11 @@ class CountingPool:
         self.pool = pool
         self.queries = 0
 
-    async def fetchrow(self, *args):
-        self.queries += 1
-        return await self.pool.fetchrow(*args)
+    @contextlib.asynccontextmanager
+    async def acquire(self, timeout=None):
+        async with self.pool.acquire(timeout=timeout) as connection:
+            self.queries += 1  # the authenticator makes one query per connection it takes
+            yield connection
 
 
 # ---- the throttle alone -------------------------------------------------------------------
