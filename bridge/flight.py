@@ -259,17 +259,20 @@ class SettlementWrite:
     idempotent), until it is written or the entry's lease is about to pass to the sweeper
     (`deadline()`, a monotonic moment, read at each failure: a live flight's heartbeats move it).
     `landed(billed, outcome)` is called once: "settled" (billed: the credits), "settled_before"
-    (a replay, or the sweeper won), "left_to_sweeper" or "cancelled"."""
+    (a replay, or the sweeper won), "left_to_sweeper" or "cancelled". `quiet`: its retries and
+    giving up are logged at debug level (a void after every admission that failed in a database
+    outage would otherwise log dozens of lines each, beside the one warning its request logged)."""
 
-    __slots__ = ("ledger", "settlement", "deadline", "landed", "delay")
+    __slots__ = ("ledger", "settlement", "deadline", "landed", "delay", "level")
 
     def __init__(self, ledger: LedgerPort, settlement: Settlement, deadline: Callable[[], float],
-                 landed: Callable[[int | None, str], None]) -> None:
+                 landed: Callable[[int | None, str], None], *, quiet: bool = False) -> None:
         self.ledger = ledger
         self.settlement = settlement
         self.deadline = deadline
         self.landed = landed
         self.delay = _SETTLE_FIRST_DELAY
+        self.level = logging.DEBUG if quiet else logging.WARNING
 
     def start(self) -> None:
         try:
@@ -298,14 +301,15 @@ class SettlementWrite:
     def _failed(self, exc: BaseException) -> None:
         settlement = self.settlement
         if time.monotonic() + self.delay > self.deadline() - _LEASE_MARGIN:
-            log.error("settlement not written; the sweeper will expire the entry",
-                      extra={"entry": str(settlement.entry_id), "state": settlement.state,
-                             "error": type(exc).__name__})
+            log.log(logging.ERROR if self.level == logging.WARNING else self.level,
+                    "settlement not written; the sweeper will expire the entry",
+                    extra={"entry": str(settlement.entry_id), "state": settlement.state,
+                           "error": type(exc).__name__})
             self.landed(None, "left_to_sweeper")
             return
-        log.warning("settlement failed; retrying",
-                    extra={"entry": str(settlement.entry_id), "state": settlement.state,
-                           "error": type(exc).__name__, "retry_in_s": self.delay})
+        log.log(self.level, "settlement failed; retrying",
+                extra={"entry": str(settlement.entry_id), "state": settlement.state,
+                       "error": type(exc).__name__, "retry_in_s": self.delay})
         asyncio.get_running_loop().call_later(self.delay, self.start)
         self.delay = min(self.delay * 2, _SETTLE_MAX_DELAY)
 
@@ -324,7 +328,7 @@ def void_abandoned(ledger: LedgerPort, reservation: Reservation, lease: float) -
     SettlementWrite(ledger, Settlement(reservation.entry_id, "voided", Counts(), estimated=False,
                                        reason="admission abandoned",
                                        subscription_id=reservation.subscription_id),
-                    lambda: deadline, _void_landed).start()
+                    lambda: deadline, _void_landed, quiet=True).start()
 
 
 def _void_landed(billed: int | None, outcome: str) -> None:

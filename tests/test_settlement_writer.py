@@ -149,9 +149,12 @@ async def test_an_abandoned_admissions_void_is_retried_like_a_settlement(caplog)
     assert len(ledger.writes) == 3  # written: no more tries
 
     failing = ScriptedLedger(failures=1000)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         void_abandoned(failing, reservation, lease=2.5)  # type: ignore[arg-type]
         await asyncio.sleep(0.6)
     assert 2 <= len(failing.writes) < 10
-    assert any(r.getMessage() == "settlement not written; the sweeper will expire the entry"
-               and r.state == "voided" for r in caplog.records)
+    given_up = [r for r in caplog.records if r.getMessage() == "settlement not written; the sweeper will expire the entry"]
+    assert len(given_up) == 1 and given_up[0].state == "voided"
+    # quietly: every admission that failed in an outage has one of these, and its request's
+    # warning already says the database was away
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "codeplan.flight")
