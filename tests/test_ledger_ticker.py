@@ -323,31 +323,3 @@ async def test_a_caller_gone_whose_admission_was_refused_leaves_nothing_to_void(
     assert (await ticker.admit(_reservation("next"))).outcome == "concurrency"
     assert orphans == []
 
-
-async def test_a_failed_loop_voids_every_admission_whose_caller_heard_none():
-    """`_Ticker._ran`: the loop raised while handing out a batch's answers (nothing known makes
-    it; here the orphan path itself raises). An admission whose caller had already been given up
-    (`Journey.answer_overdue` answers the future with an error) is voided as well, not only the
-    cancelled ones."""
-    orphans: list[str] = []
-    sent = asyncio.Event()
-    answer = asyncio.Event()
-
-    async def tick(settles, admits, plan_only):
-        sent.set()
-        await answer.wait()
-        return [], [Admission("admitted", room=10**9) for _ in admits]
-
-    def orphan(reservation: Reservation, sent_at: float) -> None:
-        orphans.append(reservation.surface)
-        if len(orphans) == 1:
-            raise RuntimeError("a bug in the loop")
-    ticker = _Ticker(tick, orphan, linger=LINGER)
-    cancelled = ticker.admit(_reservation("cancelled"))
-    overdue = ticker.admit(_reservation("overdue"))
-    await sent.wait()
-    cancelled.cancel()
-    overdue.set_exception(TimeoutError("given up"))
-    answer.set()
-    assert (await asyncio.wait_for(ticker.admit(_reservation("next")), 5)).admitted
-    assert "overdue" in orphans and "cancelled" in orphans

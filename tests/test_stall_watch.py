@@ -144,6 +144,7 @@ async def test_a_failed_tick_retried_element_by_element_is_still_in_flight_then_
 async def test_a_ticker_loop_that_fails_answers_its_batch_and_carries_on(caplog):
     sent = asyncio.Event()
     answer = asyncio.Event()
+    orphans: list[str] = []
 
     async def tick(settles, admits, plan_only):
         sent.set()
@@ -151,17 +152,23 @@ async def test_a_ticker_loop_that_fails_answers_its_batch_and_carries_on(caplog)
         return [], [Admission("admitted", room=10**9) for _ in admits]
 
     def orphan(reservation, sent_at):
-        raise RuntimeError("a bug in the loop")
+        orphans.append(reservation.surface)
+        if len(orphans) == 1:
+            raise RuntimeError("a bug in the loop")
     ticker = _Ticker(tick, orphan)
     left = ticker.admit(_reservation("left", held=10))
+    overdue = ticker.admit(_reservation("overdue", held=10))
     waiting = ticker.admit(_reservation("waiting", held=10))
     await sent.wait()
     left.cancel()  # its admission, once answered, is an orphan, and the orphan's handling raises
+    overdue.set_exception(TimeoutError("given up"))  # as `Journey.answer_overdue` does
     answer.set()
     with pytest.raises(RuntimeError):
         await asyncio.wait_for(waiting, 5)  # answered with the error, not left waiting
     assert any(r.getMessage() == "ledger ticker failed; its batch is answered with the error"
                for r in caplog.records)
+    # every admission whose caller heard no admission is voided, the given-up one too
+    assert {"left", "overdue", "waiting"} <= set(orphans)
     assert (await asyncio.wait_for(ticker.admit(_reservation("next", held=10)), 5)).outcome == "admitted"
 
 
