@@ -259,9 +259,10 @@ class SettlementWrite:
     idempotent), until it is written or the entry's lease is about to pass to the sweeper
     (`deadline()`, a monotonic moment, read at each failure: a live flight's heartbeats move it).
     `landed(billed, outcome)` is called once: "settled" (billed: the credits), "settled_before"
-    (a replay, or the sweeper won), "left_to_sweeper" or "cancelled". `quiet`: its retries and
-    giving up are logged at debug level (a void after every admission that failed in a database
-    outage would otherwise log dozens of lines each, beside the one warning its request logged)."""
+    (a replay, or the sweeper won), "left_to_sweeper" or "cancelled". `quiet`: its retries are
+    logged at debug level (a void after every admission that failed in a database outage would
+    otherwise log dozens of lines each, beside the one warning its request logged); giving up is
+    a warning, one line per entry left to the sweeper."""
 
     __slots__ = ("ledger", "settlement", "deadline", "landed", "delay", "level")
 
@@ -301,7 +302,7 @@ class SettlementWrite:
     def _failed(self, exc: BaseException) -> None:
         settlement = self.settlement
         if time.monotonic() + self.delay > self.deadline() - _LEASE_MARGIN:
-            log.log(logging.ERROR if self.level == logging.WARNING else self.level,
+            log.log(logging.ERROR if self.level == logging.WARNING else logging.WARNING,
                     "settlement not written; the sweeper will expire the entry",
                     extra={"entry": str(settlement.entry_id), "state": settlement.state,
                            "error": type(exc).__name__})
@@ -332,7 +333,7 @@ def void_abandoned(ledger: LedgerPort, reservation: Reservation, lease: float) -
 
 
 def _void_landed(billed: int | None, outcome: str) -> None:
-    pass  # a void bills nothing; one not written was logged with its entry
+    pass  # a void bills nothing; one given up on was logged with its entry (`SettlementWrite`)
 
 
 class Flights:

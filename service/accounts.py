@@ -134,17 +134,27 @@ class Authenticator:
         left to finish on its own, not cancelled: a cancelled asyncpg query gives its connection
         back only once the cancellation reached the server, which a database that does not
         answer never confirms. Only a key not in the cache gets here."""
-        lookup = asyncio.ensure_future(self._fetch(digest))
+        sent: list[bool] = []  # once it has a connection and its query is under way
+        lookup = asyncio.ensure_future(self._fetch(digest, sent))
         lookup.add_done_callback(_heard)
-        done, _ = await asyncio.wait({lookup}, timeout=self._timeout)
+        try:
+            done, _ = await asyncio.wait({lookup}, timeout=self._timeout)
+        except asyncio.CancelledError:  # the client left
+            if not sent:
+                lookup.cancel()
+            raise
         if not done:
+            if not sent:
+                lookup.cancel()
             raise TimeoutError(f"the database did not answer a key's lookup in {self._timeout} s")
         return lookup.result()
 
-    async def _fetch(self, digest: bytes) -> asyncpg.Record | None:
-        # waiting for a connection is bounded too (giving up on that needs no word from the
-        # server), so lookups given up on do not pile up ahead of the ledger's ticks
+    async def _fetch(self, digest: bytes, sent: list[bool]) -> asyncpg.Record | None:
+        # A lookup still waiting for a connection when it is given up (or its client leaves) is
+        # cancelled, which asks nothing of the server, so given-up lookups do not take
+        # connections ahead of the ledger's ticks; and that wait is bounded as well.
         async with self._pool.acquire(timeout=self._timeout) as connection:
+            sent.append(True)
             return await connection.fetchrow(_AUTH_SQL, digest)
 
 

@@ -167,7 +167,8 @@ async def _watch_stalls(journey: Journey, ledger: Ledger, *, overdue: float,
     loop itself held up (this watch waking late): a hang says where it is. And answer requests
     waiting `overdue` seconds for their admission with a 503 (`Journey.answer_overdue`)."""
     loop = asyncio.get_running_loop()
-    every = max(0.5, min(_STALL_CHECK, overdue / 3))  # so an admission waits at most ~4/3 of it
+    # an admission waits at most `overdue` and one interval more: a third of it, within [0.5, 10] s
+    every = max(0.5, min(_STALL_CHECK, overdue / 3))
     while True:
         due = loop.time() + every
         await asyncio.sleep(every)

@@ -111,7 +111,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # past it the client gets its headers (some tools give up after 10 s without them).
     header_wait: Seconds = 3.0
     # A request whose key's lookup or admission the database has not answered in this long gets
-    # a 503 to retry (an admission's is checked every third of it, at most every 10 s); should
+    # a 503 to retry (an admission's is checked every third of it, within 0.5-10 s); should
     # the ledger admit it later, the entry is voided.
     admission_timeout: Seconds = 30.0
     auth_cache_ttl: Annotated[float, msgspec.Meta(ge=0)] = 5.0

@@ -109,13 +109,12 @@ class _Ticker:
     """
 
     def __init__(self, tick: Callable[[list, list, list], Awaitable[tuple[list, list]]],
-                 orphan: Callable[[Reservation, float], None], *, linger: float = 0.01,
+                 orphan: Callable[[Reservation], None], *, linger: float = 0.01,
                  max_size: int = 128, baton: TickBaton | None = None) -> None:
         self._tick = tick
         self._baton = baton  # one of several workers: their ticks take turns (service/tick_baton.py)
         # an admission that may be written but nobody will act on: its caller went away, or the
-        # database's answer was lost (`Ledger._void_orphan` voids it); with the loop time its
-        # tick was sent, from which the entry's lease runs
+        # database's answer was lost (`Ledger._void_orphan` voids it)
         self._orphan = orphan
         self._linger = linger
         self._max = max_size
@@ -167,7 +166,6 @@ class _Ticker:
         for _, future in settles:
             if not future.done():
                 future.set_exception(error)
-        sent_at = self._sent_at if self._sent_at is not None else asyncio.get_running_loop().time()
         for reservation, future, _ in admits:
             # sent or not, its entry may be written: voided unless its caller heard an admission
             if future.done() and not future.cancelled() and future.exception() is None:
@@ -175,7 +173,7 @@ class _Ticker:
             if not future.done():
                 future.set_exception(error)
             try:
-                self._orphan(reservation, sent_at)
+                self._orphan(reservation)
             except Exception:  # noqa: BLE001 - the rest of the batch is still answered
                 log.exception("abandoned admission not voided; the sweeper will expire it")
         self._batch = ([], [])
@@ -211,7 +209,7 @@ class _Ticker:
                 marked = [not tried and (None in waiting or a.subscription_id in waiting)
                           for a, _, tried in admits]
                 self._batch = (settles, admits)
-                sent_at = self._sent_at = asyncio.get_running_loop().time()
+                self._sent_at = asyncio.get_running_loop().time()
                 try:
                     billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits],
                                                           marked)
@@ -232,10 +230,10 @@ class _Ticker:
                         # the database's answer is lost: the entry may be written, and its
                         # caller (told the error) will forward nothing on it
                         _deliver(future, result)
-                        self._orphan(reservation, sent_at)
+                        self._orphan(reservation)
                     elif future.done():  # the caller went away meanwhile
                         if result.admitted:
-                            self._orphan(reservation, sent_at)
+                            self._orphan(reservation)
                     elif mark and result.outcome in _SETTLEMENT_MAY_CHANGE:
                         again.append((reservation, future, True))
                     else:
@@ -322,10 +320,11 @@ class Ledger:
         seconds), with the pool's idle connections: none idle, the tick may be waiting for one."""
         self._ticker.warn_stalled(after, pool_idle=self._pool.get_idle_size(), pool_size=self._pool.get_size())
 
-    def _void_orphan(self, a: Reservation, sent_at: float) -> None:
-        """An admission that may be written and that nobody will forward: voided, in time to
-        beat the sweeper (its lease runs from its transaction, at most since `sent_at`)."""
-        void_abandoned(self, a, self._lease - (asyncio.get_running_loop().time() - sent_at))
+    def _void_orphan(self, a: Reservation) -> None:
+        """An admission that may be written and that nobody will forward: voided, retried for a
+        whole lease from now (a deadline too late costs only retries that find the entry expired;
+        one too early would leave it to the sweeper, who bills its prompt estimate)."""
+        void_abandoned(self, a, self._lease)
 
     async def post(self, entry_id: uuid.UUID, usage: Counts, *, estimated: bool, reason: str,
                    upstream_request_id: str | None = None) -> int | None:

@@ -100,7 +100,7 @@ async def test_the_ledgers_own_orphan_void_names_its_subscription():
     ledger.settle = handed.settle  # type: ignore[method-assign]
     reservation = Reservation(entry_id=uuid.uuid4(), subscription_id=7, api_key_id=1,
                               surface="chat", model="glm-4.6", prompt_estimate=1, reserve=2, held=3)
-    ledger._void_orphan(reservation, asyncio.get_running_loop().time())
+    ledger._void_orphan(reservation)
     assert [(s.entry_id, s.state, s.reason, s.subscription_id) for s in handed.settled] == [
         (reservation.entry_id, "voided", "admission abandoned", 7)]
 

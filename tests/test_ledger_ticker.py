@@ -76,7 +76,7 @@ def _settlement(reservation: Reservation, used: int = 40, subscription=_ITS_OWN)
 
 
 def _ticker(model: Model) -> _Ticker:
-    return _Ticker(model.tick, lambda reservation, sent_at: None, linger=LINGER)  # no caller goes away here
+    return _Ticker(model.tick, lambda reservation: None, linger=LINGER)  # no caller goes away here
 
 
 async def _answered(ticker: _Ticker, name: str = "first", subscription=_ITS_OWN) -> asyncio.Future:
@@ -239,7 +239,7 @@ async def test_an_admission_whose_answer_is_lost_is_handed_over_to_be_voided():
     async def tick(settles, admits, plan_only):
         calls.append([a.surface for a in admits])
         raise ConnectionResetError("the reply is lost")
-    ticker = _Ticker(tick, lambda r, t: orphans.append(r), linger=LINGER)
+    ticker = _Ticker(tick, orphans.append, linger=LINGER)
     lost = _reservation("lost")
     try:
         await asyncio.wait_for(ticker.admit(lost), 5)
@@ -254,7 +254,7 @@ async def test_an_admission_given_up_before_its_batch_is_cut_is_never_sent():
     model = Model(cap=10)
     model.gate = asyncio.Event()
     orphans: list[Reservation] = []
-    ticker = _Ticker(model.tick, lambda r, t: orphans.append(r), linger=LINGER)
+    ticker = _Ticker(model.tick, orphans.append, linger=LINGER)
     first = ticker.admit(_reservation("first"))
     while not model.ticks:  # the first tick is in flight, held at the gate
         await asyncio.sleep(0)
@@ -300,7 +300,7 @@ async def test_a_caller_gone_while_its_batch_failed_is_not_tried_again_but_voide
             await asyncio.sleep(0.05)
             raise ConnectionResetError("the reply is lost")
         return [], [Admission("admitted", room=10**9) for _ in admits]
-    ticker = _Ticker(tick, lambda r, t: orphans.append(r), linger=LINGER)
+    ticker = _Ticker(tick, orphans.append, linger=LINGER)
     gone, stays = _reservation("gone"), _reservation("stays")
     leaving, staying = ticker.admit(gone), ticker.admit(stays)
     await failing.wait()
@@ -314,7 +314,7 @@ async def test_a_caller_gone_whose_admission_was_refused_leaves_nothing_to_void(
     model = Model(cap=0)  # every admission refused
     model.gate = asyncio.Event()
     orphans: list[Reservation] = []
-    ticker = _Ticker(model.tick, lambda r, t: orphans.append(r), linger=LINGER)
+    ticker = _Ticker(model.tick, orphans.append, linger=LINGER)
     leaving = ticker.admit(_reservation("gone"))
     while not model.ticks:
         await asyncio.sleep(0)

@@ -105,7 +105,7 @@ async def test_a_tick_left_unanswered_is_logged_once_with_its_context(caplog):
     async def tick(settles, admits, plan_only):
         await answer.wait()
         return [], [Admission("admitted", room=10**9) for _ in admits]
-    ticker = _Ticker(tick, lambda a, t: None)
+    ticker = _Ticker(tick, lambda a: None)
     admitted = ticker.admit(_reservation("a", held=10))
     await asyncio.sleep(0)
     ticker.warn_stalled(after=30, pool_idle=0)  # just sent: nothing to say
@@ -131,7 +131,7 @@ async def test_a_failed_tick_retried_element_by_element_is_still_in_flight_then_
             raise OSError("the batch fails")
         await answer.wait()
         return [], [Admission("admitted", room=10**9) for _ in admits]
-    ticker = _Ticker(tick, lambda a, t: None)
+    ticker = _Ticker(tick, lambda a: None)
     admitted = ticker.admit(_reservation("a", held=10))
     while len(calls) < 2:
         await asyncio.sleep(0)
@@ -151,7 +151,7 @@ async def test_a_ticker_loop_that_fails_answers_its_batch_and_carries_on(caplog)
         await answer.wait()
         return [], [Admission("admitted", room=10**9) for _ in admits]
 
-    def orphan(reservation, sent_at):
+    def orphan(reservation):
         orphans.append(reservation.surface)
         if len(orphans) == 1:
             raise RuntimeError("a bug in the loop")
@@ -175,7 +175,7 @@ async def test_a_ticker_loop_that_fails_answers_its_batch_and_carries_on(caplog)
 async def test_admissions_queued_with_no_tick_running_are_logged_and_carried(caplog):
     async def tick(settles, admits, plan_only):
         return [], [Admission("admitted", room=10**9) for _ in admits]
-    ticker = _Ticker(tick, lambda a, t: None)
+    ticker = _Ticker(tick, lambda a: None)
     ticker.warn_stalled(after=30)
     assert not caplog.records
     # the state a ticker that died with work queued would leave (nothing known makes it)

@@ -2,6 +2,7 @@
 and end to end through a real bridge."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -269,3 +270,32 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_limit(database, simulato
         assert from_client("198.51.100.9") == 401  # another client, its own count
     finally:
         server.stop()
+
+
+async def test_a_lookup_given_up_while_waiting_for_a_connection_leaves_the_pools_queue():
+    """A key's lookup bounded by the authenticator's timeout (service/accounts.py `_lookup`):
+    given up (or its client gone) while it still waits for a connection, it is cancelled, so it
+    takes no connection later ahead of the ledger's ticks; a query under way is left to finish."""
+    waiting: list[asyncio.Future] = []
+
+    class StuckPool:
+        @contextlib.asynccontextmanager
+        async def acquire(self, timeout=None):
+            waiter = asyncio.get_running_loop().create_future()
+            waiting.append(waiter)
+            await waiter  # never given a connection
+            yield None
+
+    auth = Authenticator(StuckPool(), ttl=5, timeout=0.2)  # type: ignore[arg-type]
+    with pytest.raises(TimeoutError):
+        await auth.authenticate(random_key())
+    await asyncio.sleep(0)
+    assert waiting[0].cancelled()  # out of the queue
+    leaving = asyncio.ensure_future(auth.authenticate(random_key()))
+    while len(waiting) < 2:
+        await asyncio.sleep(0)
+    leaving.cancel()  # the client left
+    await asyncio.gather(leaving, return_exceptions=True)
+    await asyncio.sleep(0)
+    assert waiting[1].cancelled()
+

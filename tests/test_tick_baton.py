@@ -324,7 +324,7 @@ class _FakeBaton:
 
 async def test_the_ticker_cuts_its_batch_once_it_has_the_baton():
     model, baton = Model(cap=10, window=10_000), _FakeBaton()
-    ticker = _Ticker(model.tick, lambda reservation, sent_at: None, baton=baton)  # type: ignore[arg-type]
+    ticker = _Ticker(model.tick, lambda reservation: None, baton=baton)  # type: ignore[arg-type]
     answers = [ticker.admit(_reservation("first"))]
     await asyncio.sleep(0.01)  # the other worker's tick is still in flight
     answers += [ticker.admit(_reservation(name)) for name in ("second", "third")]
@@ -337,7 +337,7 @@ async def test_the_ticker_cuts_its_batch_once_it_has_the_baton():
 async def test_a_tick_without_the_baton_gives_nothing_back():
     model, baton = Model(cap=10, window=10_000), _FakeBaton(grant=False)
     baton.free.set()
-    ticker = _Ticker(model.tick, lambda reservation, sent_at: None, baton=baton)  # type: ignore[arg-type]
+    ticker = _Ticker(model.tick, lambda reservation: None, baton=baton)  # type: ignore[arg-type]
     assert (await ticker.admit(_reservation("first"))).admitted
     assert (baton.taken, baton.given) == (1, 0)
 
@@ -348,7 +348,7 @@ async def test_a_baton_that_raises_costs_the_tick_nothing():
             raise RuntimeError("unexpected")
 
     model = Model(cap=10, window=10_000)
-    ticker = _Ticker(model.tick, lambda reservation, sent_at: None, baton=Raising())  # type: ignore[arg-type]
+    ticker = _Ticker(model.tick, lambda reservation: None, baton=Raising())  # type: ignore[arg-type]
     answer = await asyncio.wait_for(ticker.admit(_reservation("first")), 5)
     assert answer.admitted
 
@@ -360,7 +360,7 @@ async def test_a_failing_tick_retried_alone_gives_the_baton_back_once():
     async def broken(settles, admits, plan_only):
         raise asyncpg.InterfaceError("connection lost")
 
-    ticker = _Ticker(broken, lambda reservation, sent_at: None, baton=baton)  # type: ignore[arg-type]
+    ticker = _Ticker(broken, lambda reservation: None, baton=baton)  # type: ignore[arg-type]
     try:
         await ticker.admit(_reservation("first"))
     except asyncpg.InterfaceError:
