@@ -264,7 +264,7 @@ class SettlementWrite:
     otherwise log dozens of lines each, beside the one warning its request logged); giving up is
     a warning, one line per entry left to the sweeper."""
 
-    __slots__ = ("ledger", "settlement", "deadline", "landed", "delay", "level")
+    __slots__ = ("ledger", "settlement", "deadline", "landed", "delay", "retry_level", "give_up_level")
 
     def __init__(self, ledger: LedgerPort, settlement: Settlement, deadline: Callable[[], float],
                  landed: Callable[[int | None, str], None], *, quiet: bool = False) -> None:
@@ -273,7 +273,8 @@ class SettlementWrite:
         self.deadline = deadline
         self.landed = landed
         self.delay = _SETTLE_FIRST_DELAY
-        self.level = logging.DEBUG if quiet else logging.WARNING
+        self.retry_level = logging.DEBUG if quiet else logging.WARNING
+        self.give_up_level = logging.WARNING if quiet else logging.ERROR
 
     def start(self) -> None:
         try:
@@ -302,13 +303,12 @@ class SettlementWrite:
     def _failed(self, exc: BaseException) -> None:
         settlement = self.settlement
         if time.monotonic() + self.delay > self.deadline() - _LEASE_MARGIN:
-            log.log(logging.ERROR if self.level == logging.WARNING else logging.WARNING,
-                    "settlement not written; the sweeper will expire the entry",
+            log.log(self.give_up_level, "settlement not written; the sweeper will expire the entry",
                     extra={"entry": str(settlement.entry_id), "state": settlement.state,
                            "error": type(exc).__name__})
             self.landed(None, "left_to_sweeper")
             return
-        log.log(self.level, "settlement failed; retrying",
+        log.log(self.retry_level, "settlement failed; retrying",
                 extra={"entry": str(settlement.entry_id), "state": settlement.state,
                        "error": type(exc).__name__, "retry_in_s": self.delay})
         asyncio.get_running_loop().call_later(self.delay, self.start)

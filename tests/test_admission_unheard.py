@@ -82,7 +82,7 @@ async def test_a_pending_admission_is_cancelled_and_a_refusal_voids_nothing():
     handling, _, admitting = await _waiting(ledger)
     handling.cancel()
     await asyncio.gather(handling, return_exceptions=True)
-    assert admitting.cancelled() and ledger.settled == []  # the ledger's orphan path voids it
+    assert admitting.cancelled() and ledger.settled == []  # the ledger never sends it, or voids it
 
     handling, _, admitting = await _waiting(ledger)
     admitting.set_result(Admission("window_full", window_kind="5h"))
