@@ -287,7 +287,7 @@ class Journey:
             admitting = arriving.admitting = self._ledger.admit(reservation)
             arriving.admitting_since = time.monotonic()
             if room is not None and room >= 2 * held:
-                forwarded = time.monotonic()
+                forwarded = arriving.admitting_since  # the same moment: one clock read
                 opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
             admission = await admitting
         except BaseException as exc:
