@@ -218,7 +218,7 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await db.create_pool(database_url, size=config.db_pool_size,
-                                    statement_cache=config.db_statement_cache)
+                                    statement_cache=config.db_statement_cache, dead_after=config.db_dead_after)
         # a model the models file names (or changes) is the configuration's word
         configured = {m.id for m in models if m not in credits.DEFAULT_MODELS}
         await credits.sync(pool, models, configured=configured,

@@ -118,6 +118,10 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     db_pool_size: Annotated[int, msgspec.Meta(ge=1, le=200)] = 10
     # prepared statements kept per connection; 0 behind PgBouncer in transaction mode
     db_statement_cache: Annotated[int, msgspec.Meta(ge=0, le=10000)] = 256
+    # A database connection whose host has been silent this long is given up (TCP keepalive and
+    # TCP_USER_TIMEOUT: a partition, a failover without a reset), and opening one takes at most
+    # this long; a slow statement never counts (service/db.py `hear_from_server`).
+    db_dead_after: Seconds = 30.0
     # operator-configurable model aliases: "alias=model,alias2=model2"
     model_aliases: tuple[str, ...] = ()
     # what Claude Code's claude-* model ids are served by (Z.ai's own defaults)
@@ -252,7 +256,7 @@ def _describe(field: str) -> str:
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
         "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
         "body_timeout", "keepalive_timeout", "auth_failure_window", "upstream_cooldown",
-        "upstream_lease", "upstream_refresh", "shutdown_timeout", "admission_timeout",
+        "upstream_lease", "upstream_refresh", "shutdown_timeout", "admission_timeout", "db_dead_after",
         "billing_retry_seconds"} else "a valid value")
 
 

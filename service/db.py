@@ -1,10 +1,13 @@
 """The asyncpg pool and the migration runner."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
+import socket
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -28,7 +31,63 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     release, buys nothing. asyncpg still rolls back any transaction left open."""
 
 
-async def create_pool(url: str, *, size: int = 10, statement_cache: int = 256) -> asyncpg.Pool:
+# Seconds a connection may go without a sign of life from the database's host before it is
+# given up (CODEPLAN_DB_DEAD_AFTER), and the most a new connection may take to open.
+DEAD_AFTER = 30.0
+_KEEPALIVE_PROBES = 3
+
+
+@functools.cache
+def _no_transport_warning() -> None:
+    log.warning("this asyncpg has no connection._transport: database connections keep the "
+                "kernel's keepalive defaults (CODEPLAN_DB_DEAD_AFTER bounds only opening one)")
+
+
+def hear_from_server(conn: asyncpg.Connection, dead_after: float) -> bool:
+    """Make a TCP connection fail once the database's host has been silent for about
+    `dead_after` seconds, as libpq's keepalives_* and tcp_user_timeout do, which asyncpg has no
+    option for (MagicStack/asyncpg#606). Without them a host that vanishes without a reset (a
+    partition, a failover behind a virtual address, a NAT dropping the flow) holds a query for
+    as long as the kernel retransmits (~15 minutes with tcp_retries2 = 15) and a quiet
+    connection (LISTEN, an idle pooled one) for ever: the ledger's tick, and every admission
+    behind it, would wait that long. Only silence of the host counts, never a slow statement:
+    the server's kernel acknowledges the probes while PostgreSQL waits on a lock or a flush.
+    Keepalive probes cover a connection waiting for an answer to what was acknowledged;
+    TCP_USER_TIMEOUT one whose sent bytes are not acknowledged. A unix socket has no host to
+    lose: False, unchanged."""
+    # asyncpg keeps its transport private; its socket is what its maintainers point to (#606)
+    transport = getattr(conn, "_transport", None)
+    if transport is None:
+        _no_transport_warning()
+        return False
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    interval = max(1, round(dead_after / (2 * _KEEPALIVE_PROBES)))
+    idle = max(1, round(dead_after) - _KEEPALIVE_PROBES * interval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    # (Linux names; a system without one of them keeps its own default for it)
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", _KEEPALIVE_PROBES),
+                        ("TCP_USER_TIMEOUT", max(1000, round(dead_after * 1000)))):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+    return True
+
+
+async def connect(url: str, *, dead_after: float = DEAD_AFTER, **kwargs: Any) -> asyncpg.Connection:
+    """A connection of its own (not the pool's), given up as `hear_from_server` says; opening it
+    takes at most `dead_after` seconds."""
+    conn = await asyncpg.connect(url, timeout=dead_after, **kwargs)
+    hear_from_server(conn, dead_after)
+    return conn
+
+
+async def create_pool(url: str, *, size: int = 10, statement_cache: int = 256,
+                      dead_after: float = DEAD_AFTER) -> asyncpg.Pool:
+    async def init(conn: asyncpg.Connection) -> None:
+        hear_from_server(conn, dead_after)
+
     return await asyncpg.create_pool(
         url, min_size=min(2, size), max_size=size,
         # The ledger's statements are few and fixed: let asyncpg keep them prepared. Behind
@@ -36,7 +95,8 @@ async def create_pool(url: str, *, size: int = 10, statement_cache: int = 256) -
         # connection: CODEPLAN_DB_STATEMENT_CACHE=0 turns the cache off there.
         statement_cache_size=statement_cache,
         server_settings={"application_name": "codeplan"},
-        reset=_keep_session,
+        reset=_keep_session, init=init,
+        timeout=dead_after,  # opening a connection (asyncpg's default: 60 s)
     )
 
 

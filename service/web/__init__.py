@@ -129,7 +129,7 @@ class Web:
                 raise RuntimeError(problem)
         if not self.mailer.enabled:
             log.warning("mail is off (no CODEPLAN_SMTP_URL): verification and reset links go to this log")
-        self.hub = UsageHub(pool, database_url)
+        self.hub = UsageHub(pool, database_url, dead_after=self.config.db_dead_after)
         await self.hub.start()
         app.state.web = self
         app.state.usage_hub = self.hub

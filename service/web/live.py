@@ -19,7 +19,7 @@ import msgspec
 
 from bridge.journey import iso_utc
 
-from .. import usage
+from .. import db, usage
 
 log = logging.getLogger("codeplan.live")
 
@@ -89,9 +89,13 @@ class Watcher:
 
 class UsageHub:
     def __init__(self, pool: asyncpg.Pool, dsn: str,
-                 read: Callable[[asyncpg.Pool, int], Awaitable[LiveUsage]] = snapshot) -> None:
+                 read: Callable[[asyncpg.Pool, int], Awaitable[LiveUsage]] = snapshot, *,
+                 dead_after: float = db.DEAD_AFTER) -> None:
         self._pool = pool
         self._dsn = dsn
+        # the listening connection is quiet between notifications: without keepalive probes a
+        # vanished host would leave it listening to nothing, for ever (service/db.py)
+        self._dead_after = dead_after
         self._read = read
         self._watchers: dict[int, set[Watcher]] = {}
         self._dirty: set[int] = set()
@@ -115,7 +119,7 @@ class UsageHub:
         while not self._closing:
             lost = asyncio.Event()
             try:
-                conn = await asyncpg.connect(self._dsn, server_settings={
+                conn = await db.connect(self._dsn, dead_after=self._dead_after, server_settings={
                     "application_name": f"codeplan-live-{os.getpid()}"})
                 conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
