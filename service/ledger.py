@@ -26,6 +26,7 @@ import asyncpg
 from bridge.flight import void_abandoned
 from bridge.ports import Admission, Counts, Reservation, Settlement
 
+from .db import UNAVAILABLE
 from .tick_baton import TickBaton
 
 log = logging.getLogger("codeplan.ledger")
@@ -38,6 +39,9 @@ Usage = Counts
 # reaches a client (the lock order in migrations/0005 is meant to leave none).
 _TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _TRANSIENT_ATTEMPTS = 5
+# A tick that failed with one of these lost its connection or its server, through no element's
+# fault (asyncpg's InterfaceError is left out: its DataError is an argument's fault).
+_LOST = tuple(kind for kind in UNAVAILABLE if kind is not asyncpg.InterfaceError)
 
 
 async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
@@ -101,7 +105,8 @@ class _Ticker:
     try of the same subscription in the batch waits behind such a refusal: 0042). So an answer
     is the one a settle-first tick would give, as far as a tick's batch reaches (more than
     `max_size` settlements waiting: the rest wait for the next, as they always did). A tick that
-    fails is retried element by element, so a fault stays with the element that caused it.
+    fails is retried element by element, so a fault stays with the element that caused it; one
+    that lost its connection is retried once whole, then answered with the error (`_after`).
 
     In a worker of `codeplan run --workers N`, each tick holds the run's tick baton while it is
     in flight and its batch is cut once the baton is had (service/tick_baton.py), so the workers'
@@ -213,11 +218,8 @@ class _Ticker:
                 try:
                     billed, admissions = await self._tick([s for s, _ in settles], [a for a, _, _ in admits],
                                                           marked)
-                except Exception as failure:  # noqa: BLE001 - each element alone, so a fault stays with its cause
-                    billed = [await self._alone([s], [], []) for s, _ in settles]
-                    # (one whose caller is gone meanwhile is not tried again: it is voided below)
-                    admissions = [failure if future.done() else await self._alone([], [a], [mark])
-                                  for (a, future, _), mark in zip(admits, marked)]
+                except Exception as failure:  # noqa: BLE001 - answered below, each element with its own
+                    billed, admissions = await self._after(failure, settles, admits, marked)
                 finally:
                     self._sent_at = None
                     if held:
@@ -273,6 +275,34 @@ class _Ticker:
         except Exception:  # noqa: BLE001 - an optimisation failing: this tick goes without it
             log.exception("tick baton failed; this tick goes without it")
             return False
+
+    async def _after(self, failure: Exception, settles: list, admits: list, marked: list
+                     ) -> tuple[list, list]:
+        """The answers to a batch whose tick failed. A fault of the data is kept with the element
+        that caused it: each is tried alone. A lost connection is nobody's fault: the batch is
+        tried once more as a whole (on another connection: the pool drops the failed one), and
+        if that fails too, every element gets the error (settlements are retried by their
+        writers, admissions answered 503 and voided), rather than one attempt each, which
+        against a database that does not answer costs each a connection's timeout while the
+        batch holds the ticker. A gone caller's admission is not tried again (it is voided)."""
+        if isinstance(failure, _LOST) and (settles or any(not f.done() for _, f, _ in admits)):
+            waited = [i for i, (_, future, _) in enumerate(admits) if not future.done()]
+            try:
+                billed, answers = await self._tick([s for s, _ in settles], [admits[i][0] for i in waited],
+                                                   [marked[i] for i in waited])
+            except Exception as again:  # noqa: BLE001 - handed to the callers
+                if isinstance(again, _LOST):
+                    return [again] * len(settles), [again] * len(admits)
+                failure = again  # answered, then a fault of the data: each alone, below
+            else:
+                answered: list = [failure] * len(admits)
+                for i, answer in zip(waited, answers):
+                    answered[i] = answer
+                return billed, answered
+        billed = [await self._alone([s], [], []) for s, _ in settles]
+        admissions = [failure if future.done() else await self._alone([], [a], [mark])
+                      for (a, future, _), mark in zip(admits, marked)]
+        return billed, admissions
 
     async def _alone(self, settles: list, admits: list, plan_only: list) -> Any:
         try:

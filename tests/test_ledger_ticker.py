@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import asyncpg
+
 from bridge.ports import Admission, Counts, Reservation, Settlement
 from service.ledger import _Ticker
 
@@ -229,7 +231,7 @@ async def test_under_load_the_settlements_share_ticks():
 # ---- admissions nobody will act on ----------------------------------------------------------
 
 async def test_an_admission_whose_answer_is_lost_is_handed_over_to_be_voided():
-    """The database failed the batch and the admission alone: whether it committed is unknown
+    """The database failed the batch, and again when it was tried once more: whether it committed is unknown
     (a reply lost after COMMIT), and its caller, told the error, forwards nothing. Left pending,
     the sweeper would bill the entry its prompt estimate; it is handed to the orphan path, which
     voids it (a void of an entry never written changes nothing)."""
@@ -246,7 +248,7 @@ async def test_an_admission_whose_answer_is_lost_is_handed_over_to_be_voided():
         raise AssertionError("answered")
     except ConnectionResetError:
         pass
-    assert calls == [["lost"], ["lost"]]  # the batch, then the element alone
+    assert calls == [["lost"], ["lost"]]  # the batch, then once more
     assert orphans == [lost]
 
 
@@ -323,3 +325,62 @@ async def test_a_caller_gone_whose_admission_was_refused_leaves_nothing_to_void(
     assert (await ticker.admit(_reservation("next"))).outcome == "concurrency"
     assert orphans == []
 
+
+
+# ---- a batch that fails ---------------------------------------------------------------------
+
+async def _queued_behind_a_gate(tick, names: list[str]) -> tuple[_Ticker, list[asyncio.Future], list]:
+    """`names` queued while a first admission's tick waits at a gate: they go in one batch."""
+    gate, calls = asyncio.Event(), []
+
+    async def gated(settles, admits, plan_only):
+        calls.append([a.surface for a in admits])
+        if len(calls) == 1:
+            await gate.wait()
+            return [], [Admission("admitted", room=10**9)]
+        return await tick(settles, admits, plan_only)
+    ticker = _Ticker(gated, lambda reservation: None, linger=LINGER)
+    first = ticker.admit(_reservation("first"))
+    while not calls:
+        await asyncio.sleep(0)
+    futures = [ticker.admit(_reservation(name)) for name in names]
+    gate.set()
+    assert (await first).admitted
+    return ticker, futures, calls
+
+
+async def test_a_lost_connection_costs_a_batch_two_tries_not_one_per_element():
+    """Against a database that does not answer each try costs a connection's timeout while the
+    batch holds the ticker: the batch is tried once more whole, then every element has the error."""
+    async def lost(settles, admits, plan_only):
+        raise ConnectionResetError("no route to the database")
+    _, futures, calls = await _queued_behind_a_gate(lost, ["a", "b", "c"])
+    answers = await asyncio.gather(*futures, return_exceptions=True)
+    assert all(isinstance(a, ConnectionResetError) for a in answers)
+    assert calls == [["first"], ["a", "b", "c"], ["a", "b", "c"]]
+
+
+async def test_a_connection_lost_once_is_answered_by_the_batchs_second_try():
+    tries = []
+
+    async def once(settles, admits, plan_only):
+        tries.append(1)
+        if len(tries) == 1:
+            raise ConnectionResetError("the pool's connection had died")
+        return [], [Admission("admitted", room=10**9) for _ in admits]
+    _, futures, calls = await _queued_behind_a_gate(once, ["a", "b"])
+    assert all(a.admitted for a in await asyncio.gather(*futures))
+    assert calls == [["first"], ["a", "b"], ["a", "b"]]
+
+
+async def test_a_fault_of_the_data_stays_with_its_element():
+    """An error that is not the connection's (here asyncpg's own for an argument it cannot
+    encode) fails the batch; each element is then tried alone, and only its cause gets it."""
+    async def poisoned(settles, admits, plan_only):
+        if any(a.surface == "bad" for a in admits):
+            raise asyncpg.exceptions._base.DataError("invalid input for query argument $6")
+        return [], [Admission("admitted", room=10**9) for _ in admits]
+    _, futures, calls = await _queued_behind_a_gate(poisoned, ["a", "bad", "c"])
+    a, bad, c = await asyncio.gather(*futures, return_exceptions=True)
+    assert a.admitted and c.admitted and isinstance(bad, asyncpg.exceptions._base.DataError)
+    assert calls == [["first"], ["a", "bad", "c"], ["a"], ["bad"], ["c"]]
