@@ -8,7 +8,6 @@ import signal
 import socket
 import sys
 
-import asyncpg
 
 from . import config as config_module
 from . import db, logs
@@ -27,7 +26,7 @@ def _database_url(config: config_module.Config) -> str:
 
 
 async def _with_conn(url: str, action):
-    conn = await asyncpg.connect(url)
+    conn = await db.connect(url)
     try:
         return await action(conn)
     finally:

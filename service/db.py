@@ -116,7 +116,7 @@ async def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
     changed after it was applied is refused, since the database no longer matches it.
     """
     applied: list[str] = []
-    conn = await asyncpg.connect(url)
+    conn = await connect(url)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
         try:
