@@ -8,7 +8,6 @@ import signal
 import socket
 import sys
 
-
 from . import config as config_module
 from . import db, logs
 from .accounts import AccountError, create_key, create_user, revoke_key
