@@ -208,7 +208,7 @@ def _stripe_sync(config: config_module.Config) -> int:
 
     async def sync(url: str):
         await db.migrate(url)
-        pool = await db.create_pool(url, size=2)
+        pool = await db.create_pool(url, size=2, dead_after=config.db_dead_after)
         billing = await Billing.open(pool, config)
         try:
             return await billing.sync_catalog()
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             from .ledger import Ledger
 
             async def sweep(url: str) -> int:
-                pool = await db.create_pool(url, size=2)
+                pool = await db.create_pool(url, size=2, dead_after=config.db_dead_after)
                 try:
                     return await Ledger(pool, lease_seconds=config.reservation_lease).expire_due()
                 finally:
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
             from .ledger import Ledger
 
             async def roll(url: str) -> int:
-                pool = await db.create_pool(url, size=2)
+                pool = await db.create_pool(url, size=2, dead_after=config.db_dead_after)
                 try:
                     before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=args.older_than_days)
                     return await Ledger(pool, lease_seconds=config.reservation_lease).rollup(before)

@@ -121,7 +121,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # A database connection whose host has been silent this long is given up (TCP keepalive and
     # TCP_USER_TIMEOUT: a partition, a failover without a reset), and opening one takes at most
     # this long; a slow statement never counts (service/db.py `hear_from_server`).
-    db_dead_after: Seconds = 30.0
+    db_dead_after: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
     # operator-configurable model aliases: "alias=model,alias2=model2"
     model_aliases: tuple[str, ...] = ()
     # what Claude Code's claude-* model ids are served by (Z.ai's own defaults)
@@ -230,6 +230,7 @@ def _describe(field: str) -> str:
         "log_level": "one of debug, info, warning, error",
         "upstream_stream_usage": "one of auto, ask, never",
         "db_pool_size": "an integer from 1 to 200",
+        "db_dead_after": "a number of seconds from 1 to 3600",
         "max_drains": "a non-negative integer",
         "upstream_concurrency": "a non-negative integer",
         "auth_cache_ttl": "a non-negative number of seconds",
@@ -256,7 +257,7 @@ def _describe(field: str) -> str:
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
         "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
         "body_timeout", "keepalive_timeout", "auth_failure_window", "upstream_cooldown",
-        "upstream_lease", "upstream_refresh", "shutdown_timeout", "admission_timeout", "db_dead_after",
+        "upstream_lease", "upstream_refresh", "shutdown_timeout", "admission_timeout",
         "billing_retry_seconds"} else "a valid value")
 
 

@@ -38,6 +38,12 @@ _KEEPALIVE_PROBES = 3
 
 
 @functools.cache
+def _option_refused(name: str, error: str) -> None:
+    log.warning("a database connection keeps the system's default for a socket option",
+                extra={"option": name, "error": error})
+
+
+@functools.cache
 def _no_transport_warning() -> None:
     log.warning("this asyncpg has no connection._transport: database connections keep the "
                 "kernel's keepalive defaults (CODEPLAN_DB_DEAD_AFTER bounds only opening one)")
@@ -65,13 +71,19 @@ def hear_from_server(conn: asyncpg.Connection, dead_after: float) -> bool:
         return False
     interval = max(1, round(dead_after / (2 * _KEEPALIVE_PROBES)))
     idle = max(1, round(dead_after) - _KEEPALIVE_PROBES * interval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    # (Linux names; a system without one of them keeps its own default for it)
-    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval), ("TCP_KEEPCNT", _KEEPALIVE_PROBES),
-                        ("TCP_USER_TIMEOUT", max(1000, round(dead_after * 1000)))):
+    # (Linux names; a system without one of them, or refusing it, keeps its own default for it)
+    for level, name, value in (
+            (socket.SOL_SOCKET, "SO_KEEPALIVE", 1), (socket.IPPROTO_TCP, "TCP_KEEPIDLE", idle),
+            (socket.IPPROTO_TCP, "TCP_KEEPINTVL", interval),
+            (socket.IPPROTO_TCP, "TCP_KEEPCNT", _KEEPALIVE_PROBES),
+            (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", max(1000, round(dead_after * 1000)))):
         option = getattr(socket, name, None)
-        if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        try:
+            if option is None:
+                raise OSError(f"no {name} here")
+            sock.setsockopt(level, option, value)
+        except OSError as exc:
+            _option_refused(name, str(exc))
     return True
 
 
@@ -79,7 +91,11 @@ async def connect(url: str, *, dead_after: float = DEAD_AFTER, **kwargs: Any) ->
     """A connection of its own (not the pool's), given up as `hear_from_server` says; opening it
     takes at most `dead_after` seconds."""
     conn = await asyncpg.connect(url, timeout=dead_after, **kwargs)
-    hear_from_server(conn, dead_after)
+    try:
+        hear_from_server(conn, dead_after)
+    except BaseException:
+        conn.terminate()
+        raise
     return conn
 
 

@@ -40,8 +40,15 @@ Usage = Counts
 _TRANSIENT = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _TRANSIENT_ATTEMPTS = 5
 # A tick that failed with one of these lost its connection or its server, through no element's
-# fault (asyncpg's InterfaceError is left out: its DataError is an argument's fault).
+# fault. Left out: asyncpg's InterfaceError (its DataError is an argument's fault); a statement
+# cancelled (a statement_timeout a batch may exceed where its elements alone would not; a
+# pg_cancel_backend); a protocol violation.
 _LOST = tuple(kind for kind in UNAVAILABLE if kind is not asyncpg.InterfaceError)
+
+
+def _lost(error: BaseException) -> bool:
+    return isinstance(error, _LOST) and not isinstance(
+        error, (asyncpg.QueryCanceledError, asyncpg.ProtocolViolationError))
 
 
 async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
@@ -285,13 +292,13 @@ class _Ticker:
         writers, admissions answered 503 and voided), rather than one attempt each, which
         against a database that does not answer costs each a connection's timeout while the
         batch holds the ticker. A gone caller's admission is not tried again (it is voided)."""
-        if isinstance(failure, _LOST) and (settles or any(not f.done() for _, f, _ in admits)):
+        if _lost(failure) and (settles or any(not f.done() for _, f, _ in admits)):
             waited = [i for i, (_, future, _) in enumerate(admits) if not future.done()]
             try:
                 billed, answers = await self._tick([s for s, _ in settles], [admits[i][0] for i in waited],
                                                    [marked[i] for i in waited])
             except Exception as again:  # noqa: BLE001 - handed to the callers
-                if isinstance(again, _LOST):
+                if _lost(again):
                     return [again] * len(settles), [again] * len(admits)
                 failure = again  # answered, then a fault of the data: each alone, below
             else:

@@ -41,7 +41,9 @@ log = logging.getLogger("codeplan.ledger")
 # the first of the lock's two keys: 'tick' in ASCII; the second is the supervisor's
 _CLASS = 0x7469636B
 # a holder idle in its baton's transaction this long (frozen, cut off) has its session ended by
-# PostgreSQL; well above a tick, even one retried element by element
+# PostgreSQL; well above a tick, even one retried element by element. A tick whose connection's
+# host vanished can outlast it (two of CODEPLAN_DB_DEAD_AFTER: service/ledger.py `_after`): its
+# baton's session ends meanwhile, which costs the ticks a rest, nothing else
 _HOLD_LIMIT = "30s"
 # the most a connection attempt may take (it runs in the background)
 _CONNECT_TIMEOUT = 5.0

@@ -384,3 +384,65 @@ async def test_a_fault_of_the_data_stays_with_its_element():
     a, bad, c = await asyncio.gather(*futures, return_exceptions=True)
     assert a.admitted and c.admitted and isinstance(bad, asyncpg.exceptions._base.DataError)
     assert calls == [["first"], ["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+
+
+async def test_a_caller_gone_during_the_second_try_is_voided_and_settlements_get_its_answers():
+    orphans: list[Reservation] = []
+    tries, gate, second = [], asyncio.Event(), asyncio.Event()
+
+    async def lost_once(settles, admits, plan_only):
+        tries.append(([s.reason for s in settles], [a.surface for a in admits]))
+        if len(tries) == 1:  # the first admission's tick, held while the batch gathers behind it
+            await gate.wait()
+            return [], [Admission("admitted", room=10**9)]
+        if len(tries) == 2:
+            raise ConnectionResetError("the pool's connection had died")
+        second.set()
+        await asyncio.sleep(0.05)
+        return [40 for _ in settles], [Admission("admitted", room=10**9) for _ in admits]
+    ticker = _Ticker(lost_once, orphans.append, linger=LINGER)
+    first = ticker.admit(_reservation("first"))
+    while not tries:
+        await asyncio.sleep(0)
+    settled = ticker.settle(_settlement(_reservation("done")))
+    await asyncio.sleep(LINGER * 2)  # its linger ends: it goes in the next tick
+    gone, stays = _reservation("gone"), _reservation("stays")
+    leaving, staying = ticker.admit(gone), ticker.admit(stays)
+    gate.set()
+    await second.wait()
+    leaving.cancel()  # during the second try: it is admitted for nobody
+    assert (await first).admitted and (await staying).admitted and await settled == 40
+    assert tries[1:] == [(["done"], ["gone", "stays"])] * 2
+    assert orphans == [gone]
+
+
+async def test_a_settlement_in_a_batch_lost_twice_gets_the_error_for_its_writer_to_retry():
+    async def lost(settles, admits, plan_only):
+        raise ConnectionResetError("no route to the database")
+    ticker = _Ticker(lost, lambda reservation: None, linger=LINGER)
+    settled = ticker.settle(_settlement(_reservation("done")))
+    try:
+        await asyncio.wait_for(settled, 5)
+        raise AssertionError("answered")
+    except ConnectionResetError:
+        pass
+
+
+async def test_a_cancelled_statement_or_a_data_fault_on_the_second_try_goes_element_by_element():
+    """A statement_timeout a whole batch exceeds may not be exceeded by its elements alone."""
+    for error in (asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+                  asyncpg.exceptions._base.DataError("invalid input for query argument $6")):
+        tries = []
+
+        async def failing(settles, admits, plan_only, error=error):
+            tries.append(1)
+            if len(tries) == 1 and not isinstance(error, asyncpg.QueryCanceledError):
+                raise ConnectionResetError("lost")  # the first try lost, the second the data's
+            if len(admits) > 1:
+                raise error
+            return [], [Admission("admitted", room=10**9) for _ in admits]
+        _, futures, calls = await _queued_behind_a_gate(failing, ["a", "b"])
+        assert all(a.admitted for a in await asyncio.gather(*futures))
+        expected = ([["first"], ["a", "b"], ["a"], ["b"]] if isinstance(error, asyncpg.QueryCanceledError)
+                    else [["first"], ["a", "b"], ["a", "b"], ["a"], ["b"]])
+        assert calls == expected, (error, calls)

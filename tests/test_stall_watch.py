@@ -121,7 +121,7 @@ async def test_a_tick_left_unanswered_is_logged_once_with_its_context(caplog):
     assert len(_logged(caplog, UNANSWERED)) == 1
 
 
-async def test_a_failed_tick_retried_element_by_element_is_still_in_flight_then_cleared():
+async def test_a_failed_tick_tried_again_is_still_in_flight_then_cleared():
     calls = []
     answer = asyncio.Event()
 
@@ -135,7 +135,7 @@ async def test_a_failed_tick_retried_element_by_element_is_still_in_flight_then_
     admitted = ticker.admit(_reservation("a", held=10))
     while len(calls) < 2:
         await asyncio.sleep(0)
-    assert ticker._sent_at is not None  # the element alone is the same tick, still in flight
+    assert ticker._sent_at is not None  # the batch tried again is the same tick, still in flight
     answer.set()
     assert (await admitted).outcome == "admitted"
     assert ticker._sent_at is None

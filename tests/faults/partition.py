@@ -7,38 +7,76 @@ into a network namespace of its own, where this module, run as a program, forwar
 embedded PostgreSQL's unix socket (the filesystem is shared across namespaces). `cut()` takes
 the namespace's end of the link down: from then on every packet the test process sends there is
 dropped, silently, as in a partition; `heal()` brings it back. Needs root (`ip netns`); without it
-the tests that use it are skipped, saying why.
+the tests that use it are skipped, saying why. Concurrent runs take distinct names (their pids)
+and subnets (picked under a lock); a run killed outright leaves a namespace the next run removes,
+and a forwarder that exits with it (its stdin closes).
 """
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 PORT = 5432
+_PREFIX = "cpdb"
+_LOCK = "/tmp/codeplan-test-partition.lock"
+
+
+def _remove(namespace: str) -> None:
+    subprocess.run(["ip", "link", "del", "cpa" + namespace.removeprefix(_PREFIX)], capture_output=True)
+    subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+def _sweep() -> None:
+    """Remove what runs killed before their clean-up left: namespaces of processes gone."""
+    listed = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    for namespace in (line.split()[0] for line in listed.splitlines() if line.startswith(_PREFIX)):
+        try:
+            pid = int(namespace.removeprefix(_PREFIX), 16)
+            if pid != os.getpid():  # (this process has none yet: one of its number is a leftover)
+                os.kill(pid, 0)
+                continue
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        _remove(namespace)
+
+
+def _free_subnet() -> tuple[str, str]:
+    """A /30 of 10.213.0.0/16 no interface here uses: (this end's address, the far end's)."""
+    used = subprocess.run(["ip", "-4", "-o", "addr", "show"], check=True, capture_output=True, text=True).stdout
+    for n in range(0, 65536, 4):
+        near = f"10.213.{n // 256}.{n % 256 + 1}"
+        if f" {near}/" not in used:
+            return near, f"10.213.{n // 256}.{n % 256 + 2}"
+    raise RuntimeError("no free subnet in 10.213.0.0/16")
 
 
 class Partition:
     def __init__(self, socket_path: str) -> None:
-        tag = f"{os.getpid() % 100000}"
-        self.namespace = f"cpdb{tag}"
+        tag = f"{os.getpid():x}"  # this process's: a killed run's leftovers are known by theirs
+        self.namespace = f"{_PREFIX}{tag}"
         self._host_end, self._far_end = f"cpa{tag}", f"cpb{tag}"
-        subnet = 4 * (os.getpid() % 60)  # a /30 of 10.213.0.0/24, one per test process
-        self._host_address, self.address = f"10.213.0.{subnet + 1}", f"10.213.0.{subnet + 2}"
         self._forwarder: subprocess.Popen | None = None
-        self._remove()  # left by a run killed before its clean-up, under this process's number
         try:
+            _sweep()
             self._ip("netns", "add", self.namespace)
         except (OSError, subprocess.CalledProcessError) as exc:
             pytest.skip(f"a network namespace cannot be made here (root and `ip netns` needed): {exc}")
         try:
-            self._ip("link", "add", self._host_end, "type", "veth", "peer", "name", self._far_end)
-            self._ip("link", "set", self._far_end, "netns", self.namespace)
-            self._ip("addr", "add", f"{self._host_address}/30", "dev", self._host_end)
+            with open(_LOCK, "w") as lock:  # concurrent runs pick their subnets one at a time
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._host_address, self.address = _free_subnet()
+                self._ip("link", "add", self._host_end, "type", "veth", "peer", "name", self._far_end)
+                self._ip("link", "set", self._far_end, "netns", self.namespace)
+                self._ip("addr", "add", f"{self._host_address}/30", "dev", self._host_end)
             self._ip("link", "set", self._host_end, "up")
             self._inside("addr", "add", f"{self.address}/30", "dev", self._far_end)
             self._inside("link", "set", self._far_end, "up")
@@ -47,9 +85,10 @@ class Partition:
             mac = subprocess.run(["ip", "netns", "exec", self.namespace, "cat", f"/sys/class/net/{self._far_end}/address"],
                                  check=True, capture_output=True, text=True).stdout.strip()
             self._ip("neigh", "replace", self.address, "lladdr", mac, "dev", self._host_end, "nud", "permanent")
+            # (it exits when its stdin closes: with this process, however that ends)
             self._forwarder = subprocess.Popen(
                 ["ip", "netns", "exec", self.namespace, sys.executable, __file__, self.address,
-                 str(PORT), socket_path], stdout=subprocess.PIPE)
+                 str(PORT), socket_path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             assert self._forwarder.stdout is not None
             if self._forwarder.stdout.readline() != b"listening\n":
                 raise RuntimeError("the forwarder in the namespace did not start")
@@ -77,11 +116,7 @@ class Partition:
         if self._forwarder is not None:
             self._forwarder.kill()
             self._forwarder.wait()
-        self._remove()
-
-    def _remove(self) -> None:
-        subprocess.run(["ip", "link", "del", self._host_end], capture_output=True)
-        subprocess.run(["ip", "netns", "del", self.namespace], capture_output=True)
+        _remove(self.namespace)
 
     def _ip(self, *args: str) -> None:
         subprocess.run(["ip", *args], check=True, capture_output=True)
@@ -115,5 +150,11 @@ async def _forward(address: str, port: int, socket_path: str) -> None:
         await server.serve_forever()
 
 
+def _exit_with_stdin() -> None:
+    sys.stdin.buffer.read()
+    os._exit(0)
+
+
 if __name__ == "__main__":  # the forwarder, inside the namespace
+    threading.Thread(target=_exit_with_stdin, daemon=True).start()
     asyncio.run(_forward(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
