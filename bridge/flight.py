@@ -328,7 +328,7 @@ def void_abandoned(ledger: LedgerPort, reservation: Reservation, lease: float) -
     deadline = time.monotonic() + lease
     SettlementWrite(ledger, Settlement(reservation.entry_id, "voided", Counts(), estimated=False,
                                        reason="admission abandoned",
-                                       subscription_id=reservation.subscription_id),
+                                       subscription_id=reservation.subscription_id, abandoned=True),
                     lambda: deadline, _void_landed, quiet=True).start()
 
 

@@ -78,6 +78,9 @@ class Settlement(msgspec.Struct, frozen=True):
     # whose windows it releases; None when the settler does not know (the ledger then assumes
     # it may be anyone's: service/ledger.py `_Ticker`)
     subscription_id: int | None = None
+    # a void of an admission whose answer nobody heard (bridge/flight.py `void_abandoned`): that
+    # admission may still be in flight in the database, and the ledger waits for it
+    abandoned: bool = False
 
 
 class KeyAuthority(Protocol):

@@ -349,8 +349,31 @@ class Ledger:
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
         """Settle a pending entry, in the next tick. The future holds the billed credits, or None
         if it was settled already (a replay), or a database failure: the caller retries,
-        harmlessly."""
+        harmlessly. An abandoned admission's void goes on its own (`_void_abandoned`)."""
+        if settlement.abandoned and settlement.subscription_id is not None:
+            return asyncio.ensure_future(self._void_abandoned(settlement))
         return self._ticker.settle(settlement)
+
+    async def _void_abandoned(self, void: Settlement) -> int | None:
+        """The void of an admission whose answer was lost with its connection, or whose caller
+        left: that admission's statement may still be in PostgreSQL, waiting for a lock, and
+        commit later. A void that looked for the entry at once would find nothing, change
+        nothing, and leave the entry committed after it to the sweeper, who bills its prompt
+        estimate. So the void first takes the subscription's flight row, which every admission of
+        that subscription holds until it commits (the first lock of every transition,
+        migrations/0042): behind it, the next statement sees the entry such an admission wrote.
+        Not covered: an admission still waiting for another subscription's flight row (a tick
+        of several), which takes this one after the void. Rare (a lost connection or a client
+        gone during its admission), so a transaction of its own rather than a place in a tick."""
+        async def transaction() -> int | None:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1"
+                                   " FOR NO KEY UPDATE", void.subscription_id)
+                rows = await conn.fetch(
+                    "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                    *_settle_arguments([void]))
+            return rows[0]["billed"] if rows else None
+        return await _retrying(transaction)
 
     def warn_stalled(self, after: float) -> None:
         """A tick unanswered for `after` seconds is logged (service/app.py asks every few

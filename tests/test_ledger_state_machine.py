@@ -10,8 +10,9 @@ import asyncpg
 import pytest
 
 from service import db
+from bridge.flight import void_abandoned
 from bridge.ports import Reservation
-from service.ledger import Ledger, Usage
+from service.ledger import Ledger, Usage, _admit_arguments
 
 from .conftest import new_plan, new_user, query, run
 
@@ -284,3 +285,42 @@ async def test_an_admission_committed_whose_answer_is_lost_is_voided_not_billed(
     windows = await _windows(url)
     assert (windows["5h"]["reserved"], windows["5h"]["posted"]) == (0, 0)
     assert await ledger.expire_due() == 0  # nothing left for the sweeper to bill
+
+
+async def test_a_void_of_an_abandoned_admission_waits_for_the_admission_still_waiting_on_its_subscription(env):
+    """The admission's connection was lost while its statement waited in PostgreSQL for the
+    subscription's flight row (another tick held it): the caller was told 503, and the statement
+    commits later. A void that looked for the entry at once found nothing and changed nothing,
+    and the entry, committed after it, was left to the sweeper, who bills its prompt estimate.
+    The void takes the subscription's flight row first, so it waits for that admission and
+    voids what it committed."""
+    url, pool, ledger, sub, key = env
+    entry = uuid.uuid4()
+    holder = await asyncpg.connect(url)  # another tick, holding the subscription's flight row
+    admitting = await asyncpg.connect(url)  # the admission's connection, whose answer is lost
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1 FOR NO KEY UPDATE", sub)
+        reservation = Reservation(entry, sub, key, "chat", "glm-4.6", 300, 1300, 1300)
+        statement = asyncio.ensure_future(admitting.fetch(
+            "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            *_admit_arguments([reservation]), 60.0, [False]))
+        while not await query(url, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                   " AND query LIKE '%ledger_admit_batch%'"):
+            await asyncio.sleep(0.01)
+        void_abandoned(ledger, reservation, 60.0)  # what the ticker does with a lost answer
+        await asyncio.sleep(0.3)  # a void that does not wait has landed by now
+        await holder.execute("COMMIT")
+        assert (await statement)[0]["outcome"] == "admitted"  # committed, its answer unheard
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            [row] = await query(url, "SELECT state, billed_tokens FROM usage_ledger WHERE id = $1", entry)
+            if row["state"] != "pending" or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert (row["state"], row["billed_tokens"]) == ("voided", 0)
+        assert (await _windows(url))["5h"]["reserved"] == 0
+        assert await ledger.expire_due() == 0
+    finally:
+        await holder.close()
+        await admitting.close()
