@@ -257,6 +257,17 @@ async def test_rollup_keeps_every_total(env):
     assert [r["state"] for r in await query(url, "SELECT state FROM usage_ledger")] == ["pending"]
 
 
+async def _settled(url: str, entry: uuid.UUID, within: float = 10.0) -> asyncpg.Record:
+    """The entry once it is no longer pending (its void is written after its caller is answered),
+    or as it is after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while True:
+        [row] = await query(url, "SELECT state, billed_tokens, settle_reason FROM usage_ledger WHERE id = $1", entry)
+        if row["state"] != "pending" or asyncio.get_running_loop().time() > deadline:
+            return row
+        await asyncio.sleep(0.05)
+
+
 async def test_an_admission_committed_whose_answer_is_lost_is_voided_not_billed(env):
     """`ledger_admit_batch` commits and the reply never arrives (the connection dropped after
     COMMIT), for the batch and for the admission tried alone: the caller gets the error (a 503,
@@ -275,12 +286,7 @@ async def test_an_admission_committed_whose_answer_is_lost_is_voided_not_billed(
     with pytest.raises(asyncpg.ConnectionDoesNotExistError):
         await admit(ledger, entry, subscription_id=sub, api_key_id=key, prompt_estimate=300, reserve=1300)
     ledger._ticker._tick = real_tick
-    deadline = asyncio.get_running_loop().time() + 10
-    while True:
-        [row] = await query(url, "SELECT state, billed_tokens, settle_reason FROM usage_ledger WHERE id = $1", entry)
-        if row["state"] != "pending" or asyncio.get_running_loop().time() > deadline:
-            break
-        await asyncio.sleep(0.05)
+    row = await _settled(url, entry)
     assert (row["state"], row["billed_tokens"], row["settle_reason"]) == ("voided", 0, "admission abandoned")
     windows = await _windows(url)
     assert (windows["5h"]["reserved"], windows["5h"]["posted"]) == (0, 0)
@@ -312,13 +318,8 @@ async def test_a_void_of_an_abandoned_admission_waits_for_the_admission_still_wa
         await asyncio.sleep(0.3)  # a void that does not wait has landed by now
         await holder.execute("COMMIT")
         assert (await statement)[0]["outcome"] == "admitted"  # committed, its answer unheard
-        deadline = asyncio.get_running_loop().time() + 10
-        while True:
-            [row] = await query(url, "SELECT state, billed_tokens FROM usage_ledger WHERE id = $1", entry)
-            if row["state"] != "pending" or asyncio.get_running_loop().time() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        assert (row["state"], row["billed_tokens"]) == ("voided", 0)
+        row = await _settled(url, entry)
+        assert (row["state"], row["billed_tokens"], row["settle_reason"]) == ("voided", 0, "admission abandoned")
         assert (await _windows(url))["5h"]["reserved"] == 0
         assert await ledger.expire_due() == 0
     finally:
