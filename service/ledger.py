@@ -5,10 +5,10 @@
             --sweep-> expired     the process that held it died; settled at what it can prove
 
 Every transition is one call of a guarded SQL function (rules: migrations/0005; the current
-version, with credits, top-ups and overage: migrations/0031, settlement's from 0038 and
-admission's from 0039, 0041 and 0042) in one transaction, so a replay or a race between two settlers
-applies it at most once; each takes its locks in one order (the subscription's flight row, the entry, the
-windows by id). Under load, transitions that arrive while one call is in flight share the next
+version, with credits, top-ups and overage: migrations/0031, settlement's from 0038,
+admission's from 0039, 0041 and 0042, the tick's from 0043) in one transaction, so a replay or
+a race between two settlers applies it at most once; each takes its locks in one order (the
+subscription's flight row, the entry, the windows by id). Under load, transitions that arrive while one call is in flight share the next
 call (migrations/0004).
 """
 from __future__ import annotations
@@ -349,31 +349,8 @@ class Ledger:
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
         """Settle a pending entry, in the next tick. The future holds the billed credits, or None
         if it was settled already (a replay), or a database failure: the caller retries,
-        harmlessly. An abandoned admission's void goes on its own (`_void_abandoned`)."""
-        if settlement.abandoned and settlement.subscription_id is not None:
-            return asyncio.ensure_future(self._void_abandoned(settlement))
+        harmlessly."""
         return self._ticker.settle(settlement)
-
-    async def _void_abandoned(self, void: Settlement) -> int | None:
-        """The void of an admission whose answer was lost with its connection, or whose caller
-        left: that admission's statement may still be in PostgreSQL, waiting for a lock, and
-        commit later. A void that looked for the entry at once would find nothing, change
-        nothing, and leave the entry committed after it to the sweeper, who bills its prompt
-        estimate. So the void first takes the subscription's flight row, which every admission of
-        that subscription holds until it commits (the first lock of every transition,
-        migrations/0042): behind it, the next statement sees the entry such an admission wrote.
-        Not covered: an admission still waiting for another subscription's flight row (a tick
-        of several), which takes this one after the void. Rare (a lost connection or a client
-        gone during its admission), so a transaction of its own rather than a place in a tick."""
-        async def transaction() -> int | None:
-            async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1"
-                                   " FOR NO KEY UPDATE", void.subscription_id)
-                rows = await conn.fetch(
-                    "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                    *_settle_arguments([void]))
-            return rows[0]["billed"] if rows else None
-        return await _retrying(transaction)
 
     def warn_stalled(self, after: float) -> None:
         """A tick unanswered for `after` seconds is logged (service/app.py asks every few
@@ -402,7 +379,12 @@ class Ledger:
         # every admission's path (bench/PROFILE.md).
         billed: dict[int, int] = {}
         admissions: dict[int, Admission] = {}
-        if not admits:
+        # An abandoned admission's void locks its subscription's flight row whether or not its
+        # entry is there yet: the admission may still be waiting for that row in PostgreSQL, and
+        # commit after a void that found nothing (migrations/0043). Only ledger_tick takes them.
+        waits_for = ([s.subscription_id if s.abandoned else None for s in settles]
+                     if any(s.abandoned for s in settles) else None)
+        if not admits and waits_for is None:
             for r in await _retrying(lambda: self._pool.fetch(
                     "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     *_settle_arguments(settles))):
@@ -415,8 +397,9 @@ class Ledger:
         else:
             for r in await _retrying(lambda: self._pool.fetch(
                     "SELECT * FROM ledger_tick($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,"
-                    " $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)",
-                    *_settle_arguments(settles), *_admit_arguments(admits), self._lease, plan_only)):
+                    " $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22)",
+                    *_settle_arguments(settles), *_admit_arguments(admits), self._lease, plan_only,
+                    waits_for)):
                 if r["kind"] == "settle":
                     billed[r["i"]] = r["billed"]
                 else:

@@ -93,7 +93,8 @@ async def test_a_pending_admission_is_cancelled_and_a_refusal_voids_nothing():
 
 async def test_the_ledgers_own_orphan_void_names_its_subscription():
     # service/ledger.py voids an admission whose caller was cancelled while it was pending; a void
-    # of unknown subscription would mark every first try of the next batch plan-only
+    # of unknown subscription would mark every first try of the next batch plan-only, and could
+    # not wait for an admission of its entry still in PostgreSQL (migrations/0043)
     from service.ledger import Ledger
     ledger = Ledger(None, lease_seconds=60)  # type: ignore[arg-type] - no tick is run here
     handed = HandOutLedger()
@@ -101,8 +102,9 @@ async def test_the_ledgers_own_orphan_void_names_its_subscription():
     reservation = Reservation(entry_id=uuid.uuid4(), subscription_id=7, api_key_id=1,
                               surface="chat", model="glm-4.6", prompt_estimate=1, reserve=2, held=3)
     ledger._void_orphan(reservation)
-    assert [(s.entry_id, s.state, s.reason, s.subscription_id) for s in handed.settled] == [
-        (reservation.entry_id, "voided", "admission abandoned", 7)]
+    # (abandoned: its tick locks that subscription's flight row even before the entry exists)
+    assert [(s.entry_id, s.state, s.reason, s.subscription_id, s.abandoned) for s in handed.settled] == [
+        (reservation.entry_id, "voided", "admission abandoned", 7, True)]
 
 
 async def test_an_admission_waiting_past_its_bound_is_answered_503_and_left_to_the_ledger():

@@ -161,6 +161,29 @@ async def test_concurrency_cap(fresh_database):
         await pool.close()
 
 
+async def test_a_request_sent_again_after_its_client_left_is_not_refused_by_its_own_abandoned_slot(fresh_database):
+    """A client that gives up on a request while it is being admitted and sends it again at once
+    (a plan with one request at a time): the first, admitted for nobody, is voided in the ticker's
+    next tick with the second, settlements first, so the second is admitted, not refused for
+    the slot of a request nobody will ever send."""
+    plan = new_plan(fresh_database, window=100_000, max_concurrent=1)
+    new_user(fresh_database, plan)
+    sub, key = await _subscription(fresh_database, plan)
+    pool, ledger = await _ledger(fresh_database)
+    args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
+    try:
+        for _ in range(5):
+            given_up = admit(ledger, uuid.uuid4(), reserve=10, **args)
+            while ledger._ticker._sent_at is None:  # its tick is in flight
+                await asyncio.sleep(0)
+            given_up.cancel()
+            again = uuid.uuid4()
+            assert (await admit(ledger, again, reserve=10, **args)).admitted
+            await ledger.void(again, reason="t")
+    finally:
+        await pool.close()
+
+
 async def _one_at_a_time(url: str, sub: int, key: int, requests: int = 10) -> None:
     """`requests` requests of one client, one at a time: each admitted (holding 200, using 10)
     and answered, its settlement on its way while the next is admitted."""
@@ -298,8 +321,8 @@ async def test_a_void_of_an_abandoned_admission_waits_for_the_admission_still_wa
     subscription's flight row (another tick held it): the caller was told 503, and the statement
     commits later. A void that looked for the entry at once found nothing and changed nothing,
     and the entry, committed after it, was left to the sweeper, who bills its prompt estimate.
-    The void takes the subscription's flight row first, so it waits for that admission and
-    voids what it committed."""
+    The void's tick takes the subscription's flight row whether or not the entry is there
+    (migrations/0043), so it waits for that admission and voids what it committed."""
     url, pool, ledger, sub, key = env
     entry = uuid.uuid4()
     holder = await asyncpg.connect(url)  # another tick, holding the subscription's flight row
@@ -311,11 +334,16 @@ async def test_a_void_of_an_abandoned_admission_waits_for_the_admission_still_wa
         statement = asyncio.ensure_future(admitting.fetch(
             "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             *_admit_arguments([reservation]), 60.0, [False]))
-        while not await query(url, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-                                   " AND query LIKE '%ledger_admit_batch%'"):
+        while not await query(url, "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                              admitting.get_server_pid()):
             await asyncio.sleep(0.01)
         void_abandoned(ledger, reservation, 60.0)  # what the ticker does with a lost answer
-        await asyncio.sleep(0.3)  # a void that does not wait has landed by now
+        # the void's tick queues behind the admission (one that does not wait lands meanwhile)
+        deadline = asyncio.get_running_loop().time() + 5
+        while asyncio.get_running_loop().time() < deadline and not await query(
+                url, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%ledger_tick%'"
+                     " AND datname = current_database()"):
+            await asyncio.sleep(0.01)
         await holder.execute("COMMIT")
         assert (await statement)[0]["outcome"] == "admitted"  # committed, its answer unheard
         row = await _settled(url, entry)
