@@ -144,12 +144,17 @@ async def test_concurrent_admissions_never_overbook(env):
     assert (await _windows(url))["5h"]["reserved"] == 9800
 
 
+async def _capped(url: str, max_concurrent: int) -> tuple[asyncpg.Pool, Ledger, dict]:
+    """A user on a plan of `max_concurrent` requests at a time, a ledger, and `admit`'s arguments."""
+    plan = new_plan(url, window=100_000, max_concurrent=max_concurrent)
+    new_user(url, plan)
+    sub, key = await _subscription(url, plan)
+    pool, ledger = await _ledger(url)
+    return pool, ledger, dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
+
+
 async def test_concurrency_cap(fresh_database):
-    plan = new_plan(fresh_database, window=100_000, max_concurrent=2)
-    new_user(fresh_database, plan)
-    sub, key = await _subscription(fresh_database, plan)
-    pool, ledger = await _ledger(fresh_database)
-    args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
+    pool, ledger, args = await _capped(fresh_database, max_concurrent=2)
     try:
         first = uuid.uuid4()
         assert (await admit(ledger, first, reserve=10, **args)).admitted
@@ -166,11 +171,7 @@ async def test_a_request_sent_again_after_its_client_left_is_not_refused_by_its_
     (a plan with one request at a time): the first, admitted for nobody, is voided in the ticker's
     next tick with the second, settlements first, so the second is admitted, not refused for
     the slot of a request nobody will ever send."""
-    plan = new_plan(fresh_database, window=100_000, max_concurrent=1)
-    new_user(fresh_database, plan)
-    sub, key = await _subscription(fresh_database, plan)
-    pool, ledger = await _ledger(fresh_database)
-    args = dict(subscription_id=sub, api_key_id=key, surface="chat", model="glm-4.6", prompt_estimate=1)
+    pool, ledger, args = await _capped(fresh_database, max_concurrent=1)
     try:
         for _ in range(5):
             given_up = admit(ledger, uuid.uuid4(), reserve=10, **args)
