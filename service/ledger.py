@@ -97,8 +97,10 @@ class _Ticker:
     With synchronous_commit on (no money on an unsynced commit), what a transition costs is its
     commit's WAL flush and its statements' start-up, so the admissions and settlements waiting
     at any moment go to the database together, in one transaction, one commit: one
-    `ledger_tick` call, settlements first, then admissions (migrations/0032), or, when only one
-    kind waits, its batch function alone (`Ledger._tick`). An admission starts a tick at
+    `ledger_tick` call, settlements first, then admissions (migrations/0032, 0043), or, when
+    only one kind waits, its batch function alone (`Ledger._tick`; settlements only with an
+    abandoned admission's void among them still go through `ledger_tick`, which locks that
+    subscription's flight row even before its entry exists). An admission starts a tick at
     once when none is running (a client waits for it). A settlement, which nobody waits for (its
     response went out before it), waits `linger` and then goes in the next tick, with whatever
     else waits then; under load those ticks carry many settlements at once.
@@ -335,7 +337,8 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
 
 
 class Ledger:
-    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038, 0039, 0041 and 0042."""
+    """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038, 0039, 0041,
+    0042 and 0043."""
 
     def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, linger: float = 0.01,
                  baton: TickBaton | None = None) -> None:
