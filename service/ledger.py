@@ -8,8 +8,8 @@ Every transition is one call of a guarded SQL function (rules: migrations/0005; 
 version, with credits, top-ups and overage: migrations/0031, settlement's from 0038,
 admission's from 0039, 0041 and 0042, the tick's from 0043) in one transaction, so a replay or
 a race between two settlers applies it at most once; each takes its locks in one order (the
-subscription's flight row, the entry, the windows by id). Under load, transitions that arrive while one call is in flight share the next
-call (migrations/0004).
+subscription's flight row, the entry, the windows by id). Under load, transitions that arrive
+while one call is in flight share the next call (migrations/0004).
 """
 from __future__ import annotations
 
