@@ -6,6 +6,8 @@ back. Without the socket options the same query is still waiting when the test g
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 import time
 import uuid
 
@@ -16,7 +18,7 @@ from bridge.ports import Reservation
 from service import db
 from service.ledger import Ledger
 
-from ..conftest import new_plan, new_user, pg_socket, query, run
+from ..conftest import TcpProxy, new_plan, new_user, pg_socket, query, run, start_bridge
 from .partition import Partition
 
 DEAD_AFTER = 2.0
@@ -174,3 +176,38 @@ def test_the_ledgers_tick_is_given_up_and_the_ledger_serves_again_after_the_part
     took, outcome = run(scenario())
     assert took <= 2 * (DEAD_AFTER + SLACK), took
     assert outcome == "admitted"
+
+
+def _keepalive_seconds(line: str) -> float | None:
+    """The keepalive timer `ss -o` shows for a socket (`timer:(keepalive,1min2sec,0)`), if any."""
+    found = re.search(r"timer:\(keepalive,(?:(\d+)min)?(?:(\d+)sec)?(?:(\d+)ms)?", line)
+    if found is None:
+        return None
+    minutes, seconds, millis = (int(g or 0) for g in found.groups())
+    return minutes * 60 + seconds + millis / 1000
+
+
+def test_the_services_database_connections_carry_the_bound_it_is_configured_with(database, simulator):
+    """CODEPLAN_DB_DEAD_AFTER reaches every TCP connection `codeplan run` opens to PostgreSQL
+    (its pool's, the live page's LISTEN): seen from outside, as the kernel's keepalive timer on
+    each socket (`ss -o`). 120 s gives probes after 60 s of silence, unlike the default's 15 s
+    (30) or no timer at all (no options). No partition needed: a TCP proxy on 127.0.0.1."""
+    proxy = TcpProxy(pg_socket(database))
+    server = start_bridge(proxy.url(database), simulator.url + "/api/coding/paas/v4",
+                          CODEPLAN_DB_DEAD_AFTER="120")
+    try:
+        assert server.process is not None
+        deadline = time.monotonic() + 10
+        while True:
+            listed = subprocess.run(["ss", "-tnopH", "state", "established", f"( dport = :{proxy.port} )"],
+                                    check=True, capture_output=True, text=True).stdout
+            ours = [line for line in listed.splitlines() if f"pid={server.process.pid}," in line]
+            if len(ours) >= 3 or time.monotonic() > deadline:  # two pooled at least, and LISTEN
+                break
+            time.sleep(0.2)
+        assert len(ours) >= 3, listed
+        timers = [_keepalive_seconds(line) for line in ours]
+        assert all(t is not None and 15 < t <= 60 for t in timers), ours
+    finally:
+        server.stop()
+        proxy.close()
