@@ -38,15 +38,8 @@ _KEEPALIVE_PROBES = 3
 
 
 @functools.cache
-def _option_refused(name: str, error: str) -> None:
-    log.warning("a database connection keeps the system's default for a socket option",
-                extra={"option": name, "error": error})
-
-
-@functools.cache
-def _no_transport_warning() -> None:
-    log.warning("this asyncpg has no connection._transport: database connections keep the "
-                "kernel's keepalive defaults (CODEPLAN_DB_DEAD_AFTER bounds only opening one)")
+def _warn_once(message: str, option: str = "", error: str = "") -> None:
+    log.warning(message, extra={"option": option, "error": error} if option else None)
 
 
 def hear_from_server(conn: asyncpg.Connection, dead_after: float) -> bool:
@@ -64,7 +57,8 @@ def hear_from_server(conn: asyncpg.Connection, dead_after: float) -> bool:
     # asyncpg keeps its transport private; its socket is what its maintainers point to (#606)
     transport = getattr(conn, "_transport", None)
     if transport is None:
-        _no_transport_warning()
+        _warn_once("this asyncpg has no connection._transport: database connections keep the "
+                   "kernel's keepalive defaults (CODEPLAN_DB_DEAD_AFTER bounds only opening one)")
         return False
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -83,7 +77,8 @@ def hear_from_server(conn: asyncpg.Connection, dead_after: float) -> bool:
                 raise OSError(f"no {name} here")
             sock.setsockopt(level, option, value)
         except OSError as exc:
-            _option_refused(name, str(exc))
+            _warn_once("a database connection keeps the system's default for a socket option",
+                       name, str(exc))
     return True
 
 

@@ -294,8 +294,8 @@ class _Ticker:
         writers, admissions answered 503 and voided), rather than one attempt each, which
         against a database that does not answer costs each a connection's timeout while the
         batch holds the ticker. A gone caller's admission is not tried again (it is voided)."""
-        if _lost(failure) and (settles or any(not f.done() for _, f, _ in admits)):
-            waited = [i for i, (_, future, _) in enumerate(admits) if not future.done()]
+        waited = [i for i, (_, future, _) in enumerate(admits) if not future.done()]
+        if _lost(failure) and (settles or waited):
             try:
                 billed, answers = await self._tick([s for s, _ in settles], [admits[i][0] for i in waited],
                                                    [marked[i] for i in waited])
