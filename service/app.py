@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 from typing import AsyncIterator
@@ -159,28 +160,38 @@ async def _sweeper(ledger: Ledger, interval: float) -> None:
 # round trip or two at most); the watch looks every `_STALL_CHECK` seconds.
 _STALL_SECONDS = 30.0
 _STALL_CHECK = 10.0
+# the event loop held by one call this long: every thread's stack goes to stderr
+_HELD_DUMP = 30.0
 
 
 async def _watch_stalls(journey: Journey, ledger: Ledger, *, overdue: float,
                         after: float = _STALL_SECONDS) -> None:
     """Log requests stuck before their admission, a ledger tick left unanswered, and the event
-    loop itself held up (this watch waking late): a hang says where it is. And answer requests
+    loop itself held up (this watch waking late; held `_HELD_DUMP` seconds, with every
+    thread's stack while it still is): a hang says where it is. And answer requests
     waiting `overdue` seconds for their admission with a 503 (`Journey.answer_overdue`)."""
     loop = asyncio.get_running_loop()
     # an admission waits at most `overdue` and one interval more: a third of it, within [0.5, 10] s
     every = max(0.5, min(_STALL_CHECK, overdue / 3))
-    while True:
-        due = loop.time() + every
-        await asyncio.sleep(every)
-        late = loop.time() - due
-        if late > 5.0:
-            log.warning("event loop held up", extra={"seconds": round(late, 1)})
-        for check in (lambda: journey.warn_stalled(after), lambda: ledger.warn_stalled(after),
-                      lambda: journey.answer_overdue(overdue)):
-            try:
-                check()
-            except Exception:  # noqa: BLE001 - a watcher never takes the process down
-                log.exception("stall watch failed")
+    try:
+        while True:
+            due = loop.time() + every
+            # should this watch not wake `_HELD_DUMP` seconds after it is due, the loop is held
+            # by one call: faulthandler's own thread then writes every thread's stack to stderr
+            # (re-armed each time, so it fires only for a loop held that long, and once)
+            faulthandler.dump_traceback_later(every + _HELD_DUMP)
+            await asyncio.sleep(every)
+            late = loop.time() - due
+            if late > 5.0:
+                log.warning("event loop held up", extra={"seconds": round(late, 1)})
+            for check in (lambda: journey.warn_stalled(after), lambda: ledger.warn_stalled(after),
+                          lambda: journey.answer_overdue(overdue)):
+                try:
+                    check()
+                except Exception:  # noqa: BLE001 - a watcher never takes the process down
+                    log.exception("stall watch failed")
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 async def _billing(pool: asyncpg.Pool, config: Config) -> Billing | None:

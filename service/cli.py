@@ -9,7 +9,7 @@ import socket
 import sys
 
 from . import config as config_module
-from . import db, logs
+from . import db, logs, stacks
 from .accounts import AccountError, create_key, create_user, revoke_key
 from .web.identity import signup_plan_problem
 
@@ -98,6 +98,7 @@ async def _serve(config: config_module.Config, url: str, sock: socket.socket, si
 
 
 async def _run(config: config_module.Config, workers: int) -> None:
+    stacks.install()
     url = _database_url(config)
     applied = await db.migrate(url)
     log.info("database ready", extra={"migrations_applied": len(applied)})
@@ -128,6 +129,7 @@ async def _run(config: config_module.Config, workers: int) -> None:
 
 async def _worker(config: config_module.Config, fd: int, simulator_url: str, tick_baton: int | None) -> None:
     """One of `codeplan run --workers N`: serves the socket its supervisor bound."""
+    stacks.install()
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
     await _serve(config, config.database_url, sock, simulator_url, tick_baton)
@@ -139,6 +141,7 @@ async def _simulate(args: argparse.Namespace) -> None:
 
     sim = SimConfig(seed=args.seed, ttft_ms=args.ttft_ms, tokens_per_second=args.tps,
                     output_tokens=args.tokens, usage_mode=args.usage_mode, fault=args.fault)
+    stacks.install()
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     log.info("GLM simulator listening", extra={"url": f"http://{host}:{port}/api/coding/paas/v4"})
@@ -238,6 +241,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
+    # until a server's loop answers it (service/stacks.py), a stack dump asked for too early is
+    # ignored, not the default's death
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     args = _parser().parse_args(argv)
     # client-side commands: no server configuration, no database, just the HTTP API
     if args.command in ("usage", "statusline"):

@@ -11,7 +11,8 @@ reports them all.
 
 On SIGTERM (or SIGINT) the supervisor passes SIGTERM to every worker, which finish their
 streams (CODEPLAN_SHUTDOWN_TIMEOUT), settle and exit 0; then it exits 0. A worker that dies
-otherwise is started again after a second.
+otherwise is started again after a second. SIGUSR1 (service/stacks.py) is passed on to every
+worker, after the supervisor's own stacks.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import socket
 import sys
 import tempfile
 
+from . import stacks
 from .config import Config
 
 log = logging.getLogger("codeplan.workers")
@@ -64,6 +66,11 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
             log.error("worker exited; starting another", extra={"worker": index, "code": code})
             await asyncio.sleep(1.0)
 
+    def pass_on_dump() -> None:  # SIGUSR1 (service/stacks.py): the workers' stacks too
+        for process in running.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGUSR1)
+    stacks.also.append(pass_on_dump)
     keepers = [asyncio.create_task(keep(i)) for i in range(count)]
     try:
         await stopping.wait()
@@ -75,6 +82,7 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
                 process.send_signal(signal.SIGTERM)
         await asyncio.wait(keepers, timeout=config.shutdown_timeout + 30)
     finally:
+        stacks.also.remove(pass_on_dump)
         for task in keepers:
             task.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):

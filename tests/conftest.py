@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -179,10 +180,51 @@ class Server:
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
+                # a server that does not stop is stuck somewhere: its stacks go to the test's
+                # output (shown when it fails) before it is killed
+                print(f"{Path(self.log.name).name} did not stop on SIGTERM in 10 s; its stacks:\n"
+                      f"{self.stacks()}", file=sys.stderr)
                 self.kill()
 
     def output(self) -> str:
         return Path(self.log.name).read_text()
+
+    def stacks(self, wait: float = 3.0) -> str:
+        """What the server is doing now (service/stacks.py, SIGUSR1): its threads' stacks, and
+        its asyncio tasks' once its event loop is free (at most `wait` seconds)."""
+        if self.process is None or self.process.poll() is not None:
+            return "(not running)"
+        start = Path(self.log.name).stat().st_size
+        self.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + wait
+        text = ""
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            with open(self.log.name, "rb") as log:
+                log.seek(start)
+                text = log.read().decode(errors="replace")
+            listed = [json.loads(line) for line in text.split("\n")[:-1]  # whole lines only
+                      if line.startswith("{") and '"logger":"codeplan.stacks"' in line]
+            heads = [entry for entry in listed if entry["msg"] == "asyncio tasks"]
+            if heads and len(listed) - 1 >= heads[0]["count"]:
+                return text
+        return text + f"\n(no task list in {wait} s: its event loop is held)"
+
+
+def hang_report(servers: list[Server]) -> str:
+    """For a request that hung: every server's stacks, and this test process's own tasks (the
+    client side), as text."""
+    from service.stacks import await_chain
+
+    parts = [f"== {Path(s.log.name).name} (port {s.port})\n{s.stacks()}" for s in servers]
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:  # called outside an event loop
+        tasks = set()
+    parts.append("== this test process's tasks\n" + "\n".join(
+        f"{t.get_name()}: {' > '.join(chain)} awaiting {awaits}"
+        for t in tasks for chain, awaits in [await_chain(t)]))
+    return "\n".join(parts)
 
 
 def base_env(**extra: str) -> dict[str, str]:

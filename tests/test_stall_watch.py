@@ -7,7 +7,9 @@ slept through."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 
 import pytest
 
@@ -184,3 +186,37 @@ async def test_admissions_queued_with_no_tick_running_are_logged_and_carried(cap
     ticker.warn_stalled(after=30)
     assert _logged(caplog, "admissions queued with no ledger tick running; starting one")
     assert (await asyncio.wait_for(future, 5)).outcome == "admitted"
+
+
+class _Quiet:
+    """A journey and a ledger with nothing stalled."""
+
+    def warn_stalled(self, after: float) -> None:
+        pass
+
+    def answer_overdue(self, after: float) -> int:
+        return 0
+
+
+def test_an_event_loop_held_by_one_call_leaves_every_threads_stack_on_stderr(monkeypatch, capfd, caplog):
+    import service.app
+
+    monkeypatch.setattr(service.app, "_HELD_DUMP", 0.5)
+
+    async def main() -> None:
+        # checks every 0.5 s (a third of the overdue bound); its dump armed 1 s ahead
+        watch = asyncio.create_task(service.app._watch_stalls(_Quiet(), _Quiet(), overdue=1.5))
+        await asyncio.sleep(0.1)
+        time.sleep(6.0)  # the loop held by one call, long past the dump's moment
+        await asyncio.sleep(0.1)
+        watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch
+        # cancelled with its watch: a loop held now is nobody's to report
+        time.sleep(1.5)
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    err = capfd.readouterr().err
+    assert err.count("Timeout (") == 1 and "most recent call first" in err
+    assert "test_stall_watch.py" in err and "in main" in err  # where it was held
+    assert _logged(caplog, "event loop held up")

@@ -1,0 +1,105 @@
+"""SIGUSR1 (service/stacks.py): a running server writes its threads' stacks and then one log
+line per asyncio task with the coroutines it waits in, and goes on serving; a request waiting
+for its upstream is found in its relay; `--workers N` passes the signal to every worker."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+
+import httpx
+
+from service.stacks import await_chain
+
+from .conftest import CODEPLAN, Server, base_env, free_port, new_user, start_bridge
+
+
+def _stack_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.split("\n")[:-1]
+            if line.startswith("{") and '"logger":"codeplan.stacks"' in line]
+
+
+def test_a_chain_is_followed_through_every_coroutine_a_task_awaits():
+    async def innermost(event: asyncio.Event) -> None:
+        await event.wait()
+
+    async def middle(event: asyncio.Event) -> None:
+        await innermost(event)
+
+    async def outer(event: asyncio.Event) -> None:
+        await middle(event)
+
+    async def main() -> tuple[list[str], str]:
+        event = asyncio.Event()
+        task = asyncio.create_task(outer(event))
+        await asyncio.sleep(0)
+        found = await_chain(task)
+        event.set()
+        await task
+        return found
+    chain, awaits = asyncio.run(main())
+    names = [frame.rsplit(" ", 1)[1] for frame in chain]
+    # Task.get_stack would give only `outer`
+    assert names == ["outer", "middle", "innermost", "wait"]
+    assert awaits == "Future"
+
+
+def test_a_server_dumps_its_stacks_on_sigusr1_and_goes_on_serving(fresh_database, simulator):
+    server = start_bridge(fresh_database, simulator.url + "/api/coding/paas/v4")
+    try:
+        key = new_user(fresh_database)
+        received: list[str] = []
+
+        def read() -> None:  # a stream whose upstream sends a token a second
+            with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                              headers={"authorization": f"Bearer {key}"},
+                              json={"model": "glm-4.6", "stream": True, "messages": [
+                                  {"role": "user", "content": "[[sim tps=1 tokens=6 reasoning=0]]"}]}) as response:
+                for line in response.iter_lines():
+                    received.append(line)
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 10
+        while not any('"content"' in line for line in received):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        text = server.stacks()
+        # the threads, from faulthandler: written whatever the event loop is doing
+        assert "most recent call first" in text and "service/cli.py" in text
+        lines = _stack_lines(text)
+        assert lines[0]["msg"] == "asyncio tasks" and len(lines) == 1 + lines[0]["count"]
+        # the stream's task, suspended in its relay, reading the upstream
+        relaying = [entry for entry in lines[1:] if "bridge/journey.py" in entry["chain"]]
+        assert len(relaying) == 1 and " _relay" in relaying[0]["chain"], lines
+        assert server.process is not None and server.process.poll() is None
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        reader.join(30)
+        assert [line for line in received if line][-1] == "data: [DONE]"
+    finally:
+        server.stop()
+
+
+def test_the_supervisor_of_workers_passes_the_signal_on_to_each_of_them(fresh_database, simulator):
+    port = free_port()
+    server = Server(CODEPLAN + ["run", "--workers", "2"], base_env(
+        CODEPLAN_DATABASE_URL=fresh_database, CODEPLAN_PORT=str(port),
+        CODEPLAN_UPSTREAM_URL=simulator.url + "/api/coding/paas/v4", CODEPLAN_UPSTREAM_KEYS="w-key"),
+        port, "/readyz").start()
+    try:
+        assert server.process is not None
+        time.sleep(2)  # (the second worker may still be starting: until then it ignores the signal)
+        start = len(server.output())
+        server.process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while len([e for e in _stack_lines(server.output()[start:]) if e["msg"] == "asyncio tasks"]) < 3:
+            assert time.monotonic() < deadline, server.output()[start:]
+            time.sleep(0.1)
+        # the supervisor's and each worker's, from three processes, and all of them still serve
+        assert server.output()[start:].count("most recent call first") == 3
+        assert httpx.get(server.url + "/readyz").status_code == 200
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(40) == 0
+    finally:
+        server.stop()
