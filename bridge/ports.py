@@ -40,7 +40,8 @@ class Reservation(msgspec.Struct, frozen=True):
 
 
 class Admission(msgspec.Struct, frozen=True):
-    # admitted | replayed | inactive | too_large | window_full | concurrency
+    # admitted | replayed | inactive | too_large | window_full | concurrency | voided (its void
+    # came first: only a try nobody waits for any more gets it, migrations/0044)
     outcome: str
     window_kind: str | None = None  # '5h' or 'week' for too_large / window_full
     resets_at: dt.datetime | None = None

@@ -144,12 +144,13 @@ class CodeplanApp(Litestar):
 
 
 async def _sweeper(ledger: Ledger, interval: float) -> None:
-    """Expire what dead processes left pending. Survives anything but its cancellation: a
-    failed sweep is logged and the next one tries again."""
+    """Expire what dead processes left pending, and forget old void marks. Survives anything
+    but its cancellation: a failed sweep is logged and the next one tries again."""
     while True:
         try:
             while await ledger.expire_due() > 0:
                 pass
+            await ledger.forget_void_marks()
         except Exception as exc:  # noqa: BLE001 - logged; the sweeper must not die
             log.warning("sweep failed", extra={"error": type(exc).__name__})
         await asyncio.sleep(interval)

@@ -6,10 +6,10 @@
 
 Every transition is one call of a guarded SQL function (rules: migrations/0005; the current
 version, with credits, top-ups and overage: migrations/0031, settlement's from 0038,
-admission's from 0039, 0041 and 0042, the tick's from 0043) in one transaction, so a replay or
-a race between two settlers applies it at most once; each takes its locks in one order (the
-subscription's flight row, the entry, the windows by id). Under load, transitions that arrive
-while one call is in flight share the next call (migrations/0004).
+admission's from 0039, 0041, 0042 and 0044, the tick's from 0044) in one transaction, so a
+replay or a race between two settlers applies it at most once; each takes its locks in one
+order (the subscription's flight row, the entry, the windows by id). Under load, transitions
+that arrive while one call is in flight share the next call (migrations/0004).
 """
 from __future__ import annotations
 
@@ -338,7 +338,7 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
 
 class Ledger:
     """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038, 0039, 0041,
-    0042 and 0043."""
+    0042, 0043 and 0044."""
 
     def __init__(self, pool: asyncpg.Pool, *, lease_seconds: float, linger: float = 0.01,
                  baton: TickBaton | None = None) -> None:
@@ -384,7 +384,8 @@ class Ledger:
         admissions: dict[int, Admission] = {}
         # An abandoned admission's void locks its subscription's flight row whether or not its
         # entry is there yet: the admission may still be waiting for that row in PostgreSQL, and
-        # commit after a void that found nothing (migrations/0043). Only ledger_tick takes them.
+        # commit after a void that found nothing (migrations/0043); finding nothing, the void
+        # leaves a mark there that such an admission reads (0044). Only ledger_tick takes them.
         waits_for = ([s.subscription_id if s.abandoned else None for s in settles]
                      if any(s.abandoned for s in settles) else None)
         if not admits and waits_for is None:
@@ -425,6 +426,13 @@ class Ledger:
         if rows:
             log.warning("expired pending reservations", extra={"count": len(rows)})
         return len(rows)
+
+    async def forget_void_marks(self, older_than: float = 86_400.0) -> int:
+        """Delete the marks abandoned admissions' voids left (migrations/0044) once no statement
+        of theirs can still be on its way: a day by default."""
+        status = await self._pool.execute(
+            "DELETE FROM ledger_void_marks WHERE marked_at < now() - make_interval(secs => $1)", older_than)
+        return int(status.split()[-1])
 
     async def rollup(self, before: dt.datetime) -> int:
         """Move settled rows created before `before` into per-day aggregates; totals unchanged."""

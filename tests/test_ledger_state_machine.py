@@ -351,6 +351,92 @@ async def test_a_void_of_an_abandoned_admission_waits_for_the_admission_still_wa
         assert (row["state"], row["billed_tokens"], row["settle_reason"]) == ("voided", 0, "admission abandoned")
         assert (await _windows(url))["5h"]["reserved"] == 0
         assert await ledger.expire_due() == 0
+        # it found its entry: no mark (migrations/0044) is left for it
+        assert await query(url, "SELECT * FROM ledger_void_marks") == []
     finally:
         await holder.close()
         await admitting.close()
+
+
+async def test_a_void_of_an_abandoned_admission_still_on_its_way_to_its_subscription_leaves_a_mark_it_reads(env):
+    """The same, with the admission's statement still waiting for another subscription's flight
+    row (a tick of two locks them in id order) when the void's tick takes this one: the void finds
+    no entry and leaves a mark under that row (migrations/0044); the admission, once it holds the
+    row, reads it and writes nothing. Without the mark its entry committed after the void and was
+    left to the sweeper, who bills its prompt estimate."""
+    url, pool, ledger, first, first_key = env
+    plan = (await query(url, "SELECT plan_id FROM subscriptions WHERE id = $1", first))[0]["plan_id"]
+    new_user(url, plan)
+    [other] = await query(url, "SELECT s.id AS sub, k.id AS key FROM subscriptions s JOIN api_keys k"
+                               " ON k.account_id = s.account_id WHERE s.plan_id = $1 AND s.id <> $2", plan, first)
+    assert other["sub"] > first  # its row is locked after the first's
+    before = Reservation(uuid.uuid4(), first, first_key, "chat", "glm-4.6", 300, 1300, 1300)
+    abandoned = Reservation(uuid.uuid4(), other["sub"], other["key"], "chat", "glm-4.6", 300, 1300, 1300)
+    holder = await asyncpg.connect(url)  # another tick, holding the first subscription's row
+    admitting = await asyncpg.connect(url)  # the batch's connection, whose answer is lost
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1 FOR NO KEY UPDATE",
+                             first)
+        statement = asyncio.ensure_future(admitting.fetch(
+            "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            *_admit_arguments([before, abandoned]), 60.0, [False, False]))
+        while not await query(url, "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                              admitting.get_server_pid()):
+            await asyncio.sleep(0.01)
+        void_abandoned(ledger, abandoned, 60.0)  # its row is free: the void's tick commits now
+        deadline = asyncio.get_running_loop().time() + 10
+        while not await query(url, "SELECT 1 FROM ledger_void_marks WHERE id = $1", abandoned.entry_id):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.01)
+        await holder.execute("COMMIT")
+        outcomes = {r["i"]: r["outcome"] for r in await statement}
+        assert outcomes == {1: "admitted", 2: "voided"}
+        assert await query(url, "SELECT * FROM usage_ledger WHERE id = $1", abandoned.entry_id) == []
+        windows = await query(url, "SELECT reserved, held FROM quota_windows WHERE subscription_id = $1",
+                              other["sub"])
+        assert windows and all((w["reserved"], w["held"]) == (0, 0) for w in windows)
+        [flight] = await query(url, "SELECT in_flight FROM subscription_flights WHERE subscription_id = $1",
+                               other["sub"])
+        assert flight["in_flight"] == 0
+        assert await ledger.expire_due() == 0  # nothing for the sweeper to bill
+    finally:
+        await holder.close()
+        await admitting.close()
+
+
+async def test_a_retry_queued_behind_its_own_first_try_is_answered_replayed(env):
+    """A tick whose connection was lost is tried once more whole (service/ledger.py `_after`),
+    and its first try may still be alive in PostgreSQL, waiting for a flight row. The retry,
+    queued behind it, reads what was admitted once it holds the row (migrations/0044): it answers
+    'replayed', where a check before the lock found nothing and the insert then failed on the
+    entry's key (and the ticker fell back to one request at a time)."""
+    url, pool, ledger, sub, key = env
+    reservation = Reservation(uuid.uuid4(), sub, key, "chat", "glm-4.6", 300, 1300, 1300)
+    holder, lost, retry = [await asyncpg.connect(url) for _ in range(3)]
+    try:
+        await holder.execute("BEGIN")
+        await holder.execute("SELECT 1 FROM subscription_flights WHERE subscription_id = $1 FOR NO KEY UPDATE", sub)
+        tries = []
+        for conn in (lost, retry):
+            tries.append(asyncio.ensure_future(conn.fetch(
+                "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                *_admit_arguments([reservation]), 60.0, [False])))
+            while not await query(url, "SELECT 1 FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                                  conn.get_server_pid()):
+                await asyncio.sleep(0.01)
+        await holder.execute("COMMIT")
+        assert [(await t)[0]["outcome"] for t in tries] == ["admitted", "replayed"]
+        assert (await _windows(url))["5h"]["reserved"] == 1300  # held once
+    finally:
+        for conn in (holder, lost, retry):
+            await conn.close()
+
+
+async def test_void_marks_are_forgotten_after_a_day(env):
+    url, pool, ledger, sub, key = env
+    old, new = uuid.uuid4(), uuid.uuid4()
+    await query(url, "INSERT INTO ledger_void_marks (id, marked_at) VALUES ($1, now() - interval '25 hours'),"
+                     " ($2, now() - interval '23 hours')", old, new)
+    assert await ledger.forget_void_marks() == 1
+    assert [r["id"] for r in await query(url, "SELECT id FROM ledger_void_marks")] == [new]
