@@ -8,6 +8,8 @@ import signal
 import socket
 import sys
 
+import asyncpg
+
 from . import config as config_module
 from . import db, logs, stacks
 from .accounts import AccountError, create_key, create_user, revoke_key
@@ -24,8 +26,8 @@ def _database_url(config: config_module.Config) -> str:
     return pgembed.start(config.data_dir)
 
 
-async def _with_conn(url: str, action):
-    conn = await db.connect(url)
+async def _with_conn(url: str, config: config_module.Config, action):
+    conn = await db.connect(url, dead_after=config.db_dead_after)
     try:
         return await action(conn)
     finally:
@@ -100,10 +102,10 @@ async def _serve(config: config_module.Config, url: str, sock: socket.socket, si
 async def _run(config: config_module.Config, workers: int) -> None:
     stacks.install()
     url = _database_url(config)
-    applied = await db.migrate(url)
+    applied = await db.migrate(url, dead_after=config.db_dead_after)
     log.info("database ready", extra={"migrations_applied": len(applied)})
     if config.signup_plan:
-        plans = await _with_conn(url, lambda c: c.fetch("SELECT id, retired_at FROM plans ORDER BY id"))
+        plans = await _with_conn(url, config, lambda c: c.fetch("SELECT id, retired_at FROM plans ORDER BY id"))
         problem = signup_plan_problem(config.signup_plan, plans)
         if problem:
             raise config_module.ConfigError(problem)
@@ -210,7 +212,7 @@ def _stripe_sync(config: config_module.Config) -> int:
     from .billing.stripe_api import describe
 
     async def sync(url: str):
-        await db.migrate(url)
+        await db.migrate(url, dead_after=config.db_dead_after)
         pool = await db.create_pool(url, size=2, dead_after=config.db_dead_after)
         billing = await Billing.open(pool, config)
         try:
@@ -285,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "simulate":
             asyncio.run(_simulate(args))
         elif args.command == "migrate":
-            applied = asyncio.run(db.migrate(_database_url(config)))
+            applied = asyncio.run(db.migrate(_database_url(config), dead_after=config.db_dead_after))
             print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else ""))
         elif args.command == "sweep":
             from .ledger import Ledger
@@ -314,29 +316,36 @@ def main(argv: list[str] | None = None) -> int:
             from .web.identity import promote
 
             url = _database_url(config)
-            asyncio.run(db.migrate(url))
-            account = asyncio.run(_with_conn(url, lambda c: promote(c, args.email)))
+            asyncio.run(db.migrate(url, dead_after=config.db_dead_after))
+            account = asyncio.run(_with_conn(url, config, lambda c: promote(c, args.email)))
             if account is None:
                 raise AccountError(f"no account with email {args.email!r}")
             print(f"account {account} ({args.email}) is now an admin")
         elif args.command == "users":
             url = _database_url(config)
-            asyncio.run(db.migrate(url))
-            new = asyncio.run(_with_conn(url, lambda c: create_user(c, args.email, args.plan)))
+            asyncio.run(db.migrate(url, dead_after=config.db_dead_after))
+            new = asyncio.run(_with_conn(url, config, lambda c: create_user(c, args.email, args.plan)))
             print(f"account {new.account_id} created on plan {args.plan}; its API key (shown once):")
             print(new.key)
         elif args.command == "stripe":
             return _stripe_sync(config)
         elif args.command == "keys" and args.action == "revoke":
-            account = asyncio.run(_with_conn(_database_url(config), lambda c: revoke_key(c, args.prefix)))
+            account = asyncio.run(_with_conn(_database_url(config), config, lambda c: revoke_key(c, args.prefix)))
             print(f"key {args.prefix}... of account {account} revoked")
         elif args.command == "keys":
             url = _database_url(config)
-            new = asyncio.run(_with_conn(url, lambda c: create_key(c, args.email, args.name)))
+            new = asyncio.run(_with_conn(url, config, lambda c: create_key(c, args.email, args.name)))
             print(f"key {new.prefix}... added to account {new.account_id} (shown once):")
             print(new.key)
     except AccountError as exc:
         print(f"codeplan: {exc}", file=sys.stderr)
+        return 1
+    except (TimeoutError, ConnectionError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        # the database unreachable, silent or refusing: one line, not a traceback, and never its
+        # URL (it may carry a password)
+        reason = (f"the database did not answer in {config.db_dead_after:g} s (CODEPLAN_DB_DEAD_AFTER)"
+                  if isinstance(exc, TimeoutError) else f"database error: {type(exc).__name__}: {exc}")
+        print(f"codeplan: {reason}", file=sys.stderr)
         return 1
     except config_module.ConfigError as exc:
         print(f"codeplan: configuration error: {exc}", file=sys.stderr)

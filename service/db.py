@@ -120,14 +120,15 @@ def migration_files(directory: Path = MIGRATIONS_DIR) -> list[Path]:
     return files
 
 
-async def migrate(url: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def migrate(url: str, directory: Path = MIGRATIONS_DIR, *, dead_after: float = DEAD_AFTER) -> list[str]:
     """Apply the migrations not applied yet, in order, each in its own transaction.
 
     An advisory lock makes concurrent runners wait for each other; a migration file
     changed after it was applied is refused, since the database no longer matches it.
+    `dead_after`: CODEPLAN_DB_DEAD_AFTER (`connect`).
     """
     applied: list[str] = []
-    conn = await connect(url)
+    conn = await connect(url, dead_after=dead_after)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
         try:

@@ -18,7 +18,7 @@ from bridge.ports import Reservation
 from service import db
 from service.ledger import Ledger
 
-from ..conftest import TcpProxy, new_plan, new_user, pg_socket, query, run, start_bridge
+from ..conftest import CODEPLAN, ROOT, TcpProxy, base_env, new_plan, new_user, pg_socket, query, run, start_bridge
 from .partition import Partition
 
 DEAD_AFTER = 2.0
@@ -210,4 +210,26 @@ def test_the_services_database_connections_carry_the_bound_it_is_configured_with
         assert all(t is not None and 15 < t <= 60 for t in timers), ours
     finally:
         server.stop()
+        proxy.close()
+
+
+@pytest.mark.parametrize("command", [["users", "create", "--email", "silent@example.com"],
+                                     ["keys", "revoke", "--prefix", "cp_nothing"]])
+def test_a_one_shot_command_gives_up_on_a_silent_database_in_its_bound(database, command):
+    """The CLI's own connections (the migration runner's, a command's) take CODEPLAN_DB_DEAD_AFTER
+    too, and say so in one line: here a server that accepts the connection and never answers (a
+    frozen proxy), given up in 2 s, where the default bound is 30."""
+    proxy = TcpProxy(pg_socket(database))
+    proxy.freeze()
+    try:
+        started = time.monotonic()
+        done = subprocess.run(CODEPLAN + command, env=base_env(
+            CODEPLAN_DATABASE_URL=proxy.url(database), CODEPLAN_DB_DEAD_AFTER="2"),
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert time.monotonic() - started < 15
+        assert done.stderr.strip().splitlines()[-1] == (
+            "codeplan: the database did not answer in 2 s (CODEPLAN_DB_DEAD_AFTER)"), done.stderr
+        assert "Traceback" not in done.stderr and "postgresql://" not in done.stderr
+    finally:
         proxy.close()
