@@ -355,6 +355,11 @@ class Journey:
             return BridgeError(Kind.concurrency,
                                f"Too many requests in flight for this plan (at most {admission.allowance}).",
                                code="1302", retry_after=1)
+        if admission.outcome == "voided":
+            # its void came first (migrations/0044); only a try nobody waits for is answered so,
+            # but should one reach a client, it is a retryable failure, not a billing state
+            return BridgeError(Kind.unavailable, "The service could not admit this request; "
+                               "please retry in a few seconds.", retry_after=2)
         state = admission.detail or "inactive"
         if state == "suspended":
             # an operator's decision (admin API), not a billing state

@@ -15,11 +15,16 @@
 -- first try (still alive in PostgreSQL) found nothing before the locks, then failed on the
 -- entry's key once that first try committed, and the ticker fell back to trying each request
 -- alone. Now it sees the entry and answers 'replayed'. Both reads are one statement, where the
--- replay check alone was one before: nothing more per tick.
+-- replay check alone was one before: no statement more per tick.
 --
--- Marks are kept a day (the sweeper deletes older ones, service/ledger.py `expire_due`); a
--- request's id is never admitted again after its void. Everything else is 0042's admission and
--- 0043's tick, replaced whole (same signatures: prepared statements of older processes still run).
+-- And a replay is answered 'replayed' before a subscription's refusal: a request admitted whose
+-- reply was lost, tried again after its account was suspended (or its subscription lapsed) in
+-- between, was answered 'inactive', and its entry, pending, was left to the sweeper.
+--
+-- Marks are kept a day (the sweepers delete older ones, service/ledger.py `forget_void_marks`);
+-- a request's id is never admitted again after its void. Everything else is 0042's admission
+-- and 0043's tick, replaced whole (same signatures: prepared statements of older processes
+-- still run).
 
 CREATE TABLE ledger_void_marks (
     id uuid PRIMARY KEY,
@@ -322,8 +327,12 @@ BEGIN
             IF s_refusal[j] IS NOT NULL THEN
                 FOR idx IN s_first[j]..s_last[j] LOOP
                     k := r_order[idx];
-                    v_outcome[k] := 'inactive';
-                    v_detail[k] := s_refusal[j];
+                    IF v_seen IS NOT NULL AND p_ids[k] = ANY(v_seen) THEN
+                        v_outcome[k] := 'replayed';  -- admitted before the refusal came
+                    ELSE
+                        v_outcome[k] := 'inactive';
+                        v_detail[k] := s_refusal[j];
+                    END IF;
                 END LOOP;
                 CONTINUE;
             END IF;

@@ -178,8 +178,9 @@ async def _watch_stalls(journey: Journey, ledger: Ledger, *, overdue: float,
         while True:
             due = loop.time() + every
             # should this watch not wake `_HELD_DUMP` seconds after it is due, the loop is held
-            # by one call: faulthandler's own thread then writes every thread's stack to stderr
-            # (re-armed each time, so it fires only for a loop held that long, and once)
+            # (by one call, or starved): faulthandler's own thread then writes every thread's
+            # stack to stderr (re-armed each time, so it fires only for a loop held that long,
+            # once; one such timer per process, and this watch is its only user)
             faulthandler.dump_traceback_later(every + _HELD_DUMP)
             await asyncio.sleep(every)
             late = loop.time() - due

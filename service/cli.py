@@ -295,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             async def sweep(url: str) -> int:
                 pool = await db.create_pool(url, size=2, dead_after=config.db_dead_after)
                 try:
-                    return await Ledger(pool, lease_seconds=config.reservation_lease).expire_due()
+                    ledger = Ledger(pool, lease_seconds=config.reservation_lease)
+                    expired = await ledger.expire_due()
+                    await ledger.forget_void_marks()
+                    return expired
                 finally:
                     await pool.close()
             print(f"expired {asyncio.run(sweep(_database_url(config)))} reservation(s)")

@@ -10,7 +10,8 @@
 
 A request that hangs with nothing logged is then placed: a stuck loop shows in (1), a request
 waiting on something that never comes in (2). `codeplan run --workers N` passes the signal on
-to its workers. Nothing here costs anything until the signal comes.
+to its workers (signal the supervisor only), each once it answers the signal: one still starting
+would die of it. Nothing here costs anything until the signal comes.
 """
 from __future__ import annotations
 
@@ -38,14 +39,29 @@ def install() -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
-        log_tasks()
-        for then in also:
-            then()
+        for step in (log_tasks, *also):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - one failing step must not keep the others
+                log.exception("stack dump step failed")
     # the loop's handler first: faulthandler's, registered after it, dumps the threads and then
     # passes the signal on to it (chain); registered the other way round, the loop's
     # `signal.signal` would replace faulthandler's
     loop.add_signal_handler(signal.SIGUSR1, on_signal)
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
+
+
+def answers(pid: int) -> bool:
+    """Whether process `pid` catches or ignores SIGUSR1 now (Linux: /proc): a process still
+    starting has the default action, and the signal would end it."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except OSError:
+        return False
+    bit = 1 << (signal.SIGUSR1 - 1)
+    masks = {line.split(":")[0]: int(line.split(":")[1], 16) for line in status.splitlines()
+             if line.startswith(("SigCgt:", "SigIgn:"))}
+    return bool((masks.get("SigCgt", 0) | masks.get("SigIgn", 0)) & bit)
 
 
 def log_tasks() -> None:

@@ -68,7 +68,8 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
 
     def pass_on_dump() -> None:  # SIGUSR1 (service/stacks.py): the workers' stacks too
         for process in running.values():
-            if process.returncode is None:
+            # not to one still starting: until it answers the signal, its default action ends it
+            if process.returncode is None and stacks.answers(process.pid):
                 process.send_signal(signal.SIGUSR1)
     stacks.also.append(pass_on_dump)
     keepers = [asyncio.create_task(keep(i)) for i in range(count)]

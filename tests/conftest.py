@@ -182,9 +182,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 # a server that does not stop is stuck somewhere: its stacks go to the test's
                 # output (shown when it fails) before it is killed
-                print(f"{Path(self.log.name).name} did not stop on SIGTERM in 10 s; its stacks:\n"
-                      f"{self.stacks()}", file=sys.stderr)
-                self.kill()
+                try:
+                    print(f"{Path(self.log.name).name} did not stop on SIGTERM in 10 s; its stacks:\n"
+                          f"{self.stacks()}", file=sys.stderr)
+                finally:
+                    self.kill()
 
     def output(self) -> str:
         return Path(self.log.name).read_text()
@@ -203,12 +205,23 @@ class Server:
             with open(self.log.name, "rb") as log:
                 log.seek(start)
                 text = log.read().decode(errors="replace")
-            listed = [json.loads(line) for line in text.split("\n")[:-1]  # whole lines only
-                      if line.startswith("{") and '"logger":"codeplan.stacks"' in line]
+            listed = stack_lines(text)
             heads = [entry for entry in listed if entry["msg"] == "asyncio tasks"]
             if heads and len(listed) - 1 >= heads[0]["count"]:
                 return text
         return text + f"\n(no task list in {wait} s: its event loop is held)"
+
+
+def stack_lines(text: str) -> list[dict]:
+    """The JSON lines of service/stacks.py in a server's log text, whole lines only. (The
+    threads' dump is written in small pieces: another process's line in the same log may follow
+    a piece of it on one line.)"""
+    found = []
+    for line in text.split("\n")[:-1]:
+        start = line.find('{"ts":')
+        if start >= 0 and '"logger":"codeplan.stacks"' in line:
+            found.append(json.loads(line[start:]))
+    return found
 
 
 def hang_report(servers: list[Server]) -> str:

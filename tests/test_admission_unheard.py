@@ -131,3 +131,14 @@ async def test_an_admission_waiting_past_its_bound_is_answered_503_and_left_to_t
     assert isinstance(ledger.admissions[0][1].exception(), AdmissionOverdue)
     assert journey.answer_overdue(after=30) == 0 and not journey._arriving
     assert ledger.settled == []  # the journey voids nothing: only the ledger knows what it wrote
+
+
+async def test_an_admission_answered_voided_is_a_retryable_503_not_a_billing_state():
+    """'voided' (migrations/0044) answers only a try nobody waits for; should one reach a client
+    all the same, it says retry, not "this subscription is inactive, resolve billing"."""
+    ledger = HandOutLedger()
+    handling, reservation, admitting = await _waiting(ledger)
+    admitting.set_result(Admission("voided"))
+    reply = await handling
+    assert (reply.status, reply.headers.get("retry-after")) == (503, "2"), reply
+    assert b"billing" not in reply.body and ledger.settled == []

@@ -440,3 +440,18 @@ async def test_void_marks_are_forgotten_after_a_day(env):
                      " ($2, now() - interval '23 hours')", old, new)
     assert await ledger.forget_void_marks() == 1
     assert [r["id"] for r in await query(url, "SELECT id FROM ledger_void_marks")] == [new]
+
+
+async def test_a_replay_after_the_account_was_suspended_is_answered_replayed(env):
+    """An admission committed whose reply was lost, tried again after its account was suspended
+    in between: it was admitted, so it is 'replayed' (forwarded), not 'inactive', which left its
+    entry pending for the sweeper to bill (migrations/0044). A new request is refused."""
+    url, pool, ledger, sub, key = env
+    reservation = Reservation(uuid.uuid4(), sub, key, "chat", "glm-4.6", 300, 1300, 1300)
+    assert (await ledger.admit(reservation)).admitted
+    await query(url, "UPDATE accounts SET suspended_at = now() WHERE id = (SELECT account_id FROM subscriptions"
+                     " WHERE id = $1)", sub)
+    fresh = Reservation(uuid.uuid4(), sub, key, "chat", "glm-4.6", 300, 1300, 1300)
+    rows = await query(url, "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                       *_admit_arguments([reservation, fresh]), 60.0, [False, False])
+    assert [(r["outcome"], r["detail"]) for r in rows] == [("replayed", None), ("inactive", "suspended")]

@@ -4,21 +4,18 @@ for its upstream is found in its relay; `--workers N` passes the signal to every
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 
-from service.stacks import await_chain
+from service.stacks import answers, await_chain
 
-from .conftest import CODEPLAN, Server, base_env, free_port, new_user, start_bridge
-
-
-def _stack_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.split("\n")[:-1]
-            if line.startswith("{") and '"logger":"codeplan.stacks"' in line]
+from .conftest import CODEPLAN, Server, base_env, free_port, new_user, stack_lines, start_bridge
 
 
 def test_a_chain_is_followed_through_every_coroutine_a_task_awaits():
@@ -68,7 +65,7 @@ def test_a_server_dumps_its_stacks_on_sigusr1_and_goes_on_serving(fresh_database
         text = server.stacks()
         # the threads, from faulthandler: written whatever the event loop is doing
         assert "most recent call first" in text and "service/cli.py" in text
-        lines = _stack_lines(text)
+        lines = stack_lines(text)
         assert lines[0]["msg"] == "asyncio tasks" and len(lines) == 1 + lines[0]["count"]
         # the stream's task, suspended in its relay, reading the upstream
         relaying = [entry for entry in lines[1:] if "bridge/journey.py" in entry["chain"]]
@@ -81,6 +78,10 @@ def test_a_server_dumps_its_stacks_on_sigusr1_and_goes_on_serving(fresh_database
         server.stop()
 
 
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
 def test_the_supervisor_of_workers_passes_the_signal_on_to_each_of_them(fresh_database, simulator):
     port = free_port()
     server = Server(CODEPLAN + ["run", "--workers", "2"], base_env(
@@ -89,17 +90,40 @@ def test_the_supervisor_of_workers_passes_the_signal_on_to_each_of_them(fresh_da
         port, "/readyz").start()
     try:
         assert server.process is not None
-        time.sleep(2)  # (the second worker may still be starting: until then it ignores the signal)
+        # the workers started, each answering the signal (the supervisor passes it on only then)
+        deadline = time.monotonic() + 30
+        while len(workers := [pid for pid in _children(server.process.pid) if answers(pid)]) < 2:
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.1)
         start = len(server.output())
         server.process.send_signal(signal.SIGUSR1)
         deadline = time.monotonic() + 10
-        while len([e for e in _stack_lines(server.output()[start:]) if e["msg"] == "asyncio tasks"]) < 3:
+        while len([e for e in stack_lines(server.output()[start:]) if e["msg"] == "asyncio tasks"]) < 3:
             assert time.monotonic() < deadline, server.output()[start:]
             time.sleep(0.1)
         # the supervisor's and each worker's, from three processes, and all of them still serve
-        assert server.output()[start:].count("most recent call first") == 3
+        assert server.output()[start:].count("Current thread ") == 3
         assert httpx.get(server.url + "/readyz").status_code == 200
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(40) == 0
     finally:
         server.stop()
+
+
+def test_a_process_still_starting_is_not_said_to_answer_the_signal():
+    """A new process has SIGUSR1's default action (it ends the process) until `codeplan` ignores
+    it and then catches it: the supervisor must not pass the signal on before."""
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    ignoring = subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_IGN);"
+                                 " print('ready', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert ignoring.stdout is not None and ignoring.stdout.readline() == "ready\n"
+        assert not answers(plain.pid)
+        assert answers(ignoring.pid)
+        assert not answers(2 ** 22 + 1)  # no such process
+    finally:
+        plain.kill()
+        ignoring.kill()
+        plain.wait()
+        ignoring.wait()

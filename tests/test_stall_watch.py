@@ -201,10 +201,10 @@ class _Quiet:
 def test_an_event_loop_held_by_one_call_leaves_every_threads_stack_on_stderr(monkeypatch, capfd, caplog):
     import service.app
 
-    monkeypatch.setattr(service.app, "_HELD_DUMP", 0.5)
+    monkeypatch.setattr(service.app, "_HELD_DUMP", 1.5)
 
     async def main() -> None:
-        # checks every 0.5 s (a third of the overdue bound); its dump armed 1 s ahead
+        # checks every 0.5 s (a third of the overdue bound); its dump armed 2 s ahead
         watch = asyncio.create_task(service.app._watch_stalls(_Quiet(), _Quiet(), overdue=1.5))
         await asyncio.sleep(0.1)
         time.sleep(6.0)  # the loop held by one call, long past the dump's moment
@@ -213,7 +213,7 @@ def test_an_event_loop_held_by_one_call_leaves_every_threads_stack_on_stderr(mon
         with contextlib.suppress(asyncio.CancelledError):
             await watch
         # cancelled with its watch: a loop held now is nobody's to report
-        time.sleep(1.5)
+        time.sleep(2.5)
     with caplog.at_level(logging.WARNING):
         asyncio.run(main())
     err = capfd.readouterr().err
