@@ -265,6 +265,28 @@ def start_bridge(database: str, upstream: str, **env: str) -> Server:
     return server.start()
 
 
+def start_workers(database: str, upstream: str, count: int) -> Server:
+    """`codeplan run --workers count`, ready once a worker answers /readyz."""
+    port = free_port()
+    return Server(CODEPLAN + ["run", "--workers", str(count)], base_env(
+        CODEPLAN_DATABASE_URL=database, CODEPLAN_PORT=str(port), CODEPLAN_UPSTREAM_URL=upstream,
+        CODEPLAN_UPSTREAM_KEYS="w-key"), port, "/readyz").start()
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started, still running or not yet reaped (Linux: /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 @pytest.fixture(scope="module")
 def bridge(database, simulator):
     server = start_bridge(database, simulator.url + "/api/coding/paas/v4")

@@ -20,8 +20,8 @@ import httpx
 import openai
 import pytest
 
-from .conftest import (CODEPLAN, Server, base_env, free_port, hang_report, new_plan, new_user, query, run,
-                       settled_query, start_bridge, wait_settled)
+from .conftest import (CODEPLAN, Server, base_env, children, free_port, hang_report, new_plan, new_user, query,
+                       run, settled_query, start_bridge, start_workers, wait_settled)
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 
@@ -616,15 +616,11 @@ async def test_three_processes_hold_one_allowance_and_one_upstream_key_cap(fresh
 
 
 def test_run_with_workers_serves_one_port_and_stops_cleanly(fresh_database, simulator):
-    port = free_port()
-    server = Server(CODEPLAN + ["run", "--workers", "3"], base_env(
-        CODEPLAN_DATABASE_URL=fresh_database, CODEPLAN_PORT=str(port),
-        CODEPLAN_UPSTREAM_URL=simulator.url + "/api/coding/paas/v4", CODEPLAN_UPSTREAM_KEYS="w-key"),
-        port, "/readyz").start()
+    server = start_workers(fresh_database, simulator.url + "/api/coding/paas/v4", 3)
     try:
         assert server.process is not None
-        children = _children(server.process.pid)
-        assert len(children) == 3
+        workers = children(server.process.pid)
+        assert len(workers) == 3
         key = new_user(fresh_database)
         for _ in range(12):
             response = httpx.post(server.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
@@ -652,19 +648,7 @@ def test_run_with_workers_serves_one_port_and_stops_cleanly(fresh_database, simu
             assert _sample(text, "codeplan_requests_total", status="200") == 12
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(40) == 0
-        assert all(not Path(f"/proc/{pid}").exists() for pid in children)
+        assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
     finally:
         server.stop()
 
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found

@@ -9,13 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 
 from service.stacks import answers, await_chain
 
-from .conftest import CODEPLAN, Server, base_env, free_port, new_user, stack_lines, start_bridge
+from .conftest import children, new_user, stack_lines, start_bridge, start_workers
 
 
 def test_a_chain_is_followed_through_every_coroutine_a_task_awaits():
@@ -78,21 +77,13 @@ def test_a_server_dumps_its_stacks_on_sigusr1_and_goes_on_serving(fresh_database
         server.stop()
 
 
-def _children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_the_supervisor_of_workers_passes_the_signal_on_to_each_of_them(fresh_database, simulator):
-    port = free_port()
-    server = Server(CODEPLAN + ["run", "--workers", "2"], base_env(
-        CODEPLAN_DATABASE_URL=fresh_database, CODEPLAN_PORT=str(port),
-        CODEPLAN_UPSTREAM_URL=simulator.url + "/api/coding/paas/v4", CODEPLAN_UPSTREAM_KEYS="w-key"),
-        port, "/readyz").start()
+    server = start_workers(fresh_database, simulator.url + "/api/coding/paas/v4", 2)
     try:
         assert server.process is not None
         # the workers started, each answering the signal (the supervisor passes it on only then)
         deadline = time.monotonic() + 30
-        while len(workers := [pid for pid in _children(server.process.pid) if answers(pid)]) < 2:
+        while len(workers := [pid for pid in children(server.process.pid) if answers(pid)]) < 2:
             assert time.monotonic() < deadline, workers
             time.sleep(0.1)
         start = len(server.output())
