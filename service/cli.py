@@ -234,6 +234,14 @@ def _stripe_sync(config: config_module.Config) -> int:
     return 0
 
 
+# a database that cannot be reached, does not answer, or will not let us in (a wrong password,
+# no such database): what a command answers with one line (`main`)
+_UNREACHABLE = (TimeoutError, ConnectionError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.TooManyConnectionsError,
+                asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+                asyncpg.exceptions.InvalidCatalogNameError)
+
+
 def _terminate(signum: int, frame: object) -> None:
     # uvicorn shuts down gracefully on SIGTERM (open streams finish, everything is settled),
     # then re-raises it to the handler it found: with the default one the process would die
@@ -343,11 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     except AccountError as exc:
         print(f"codeplan: {exc}", file=sys.stderr)
         return 1
-    except (TimeoutError, ConnectionError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        # the database unreachable, silent or refusing: one line, not a traceback, and never its
-        # URL (it may carry a password)
+    except _UNREACHABLE as exc:
+        # the database unreachable, silent or refusing us: one line, not a traceback, and never
+        # its URL (it may carry a password). Any other error keeps its traceback.
         reason = (f"the database did not answer in {config.db_dead_after:g} s (CODEPLAN_DB_DEAD_AFTER)"
-                  if isinstance(exc, TimeoutError) else f"database error: {type(exc).__name__}: {exc}")
+                  if isinstance(exc, TimeoutError) else
+                  f"cannot use the database: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
         print(f"codeplan: {reason}", file=sys.stderr)
         return 1
     except config_module.ConfigError as exc:

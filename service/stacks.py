@@ -10,8 +10,8 @@
 
 A request that hangs with nothing logged is then placed: a stuck loop shows in (1), a request
 waiting on something that never comes in (2). `codeplan run --workers N` passes the signal on
-to its workers (signal the supervisor only), each once it answers the signal: one still starting
-would die of it. Nothing here costs anything until the signal comes.
+to its workers (signal the supervisor only), each once it catches the signal: one still
+starting would die of it. Nothing here costs anything until the signal comes.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import gc
 import inspect
 import logging
 import signal
+from pathlib import Path
 from typing import Callable
 
 log = logging.getLogger("codeplan.stacks")
@@ -51,17 +52,16 @@ def install() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
 
 
-def answers(pid: int) -> bool:
-    """Whether process `pid` catches or ignores SIGUSR1 now (Linux: /proc): a process still
-    starting has the default action, and the signal would end it."""
+def catches(pid: int) -> bool:
+    """Whether process `pid` catches SIGUSR1 now, so a signal gets its stacks (Linux: /proc). A
+    process still starting has the default action, and the signal would end it; one that only
+    ignores it yet (service/cli.py `main`, until `install`) would drop it."""
     try:
-        status = open(f"/proc/{pid}/status").read()
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
-    bit = 1 << (signal.SIGUSR1 - 1)
-    masks = {line.split(":")[0]: int(line.split(":")[1], 16) for line in status.splitlines()
-             if line.startswith(("SigCgt:", "SigIgn:"))}
-    return bool((masks.get("SigCgt", 0) | masks.get("SigIgn", 0)) & bit)
+    caught = next((int(line.split(":")[1], 16) for line in status.splitlines() if line.startswith("SigCgt:")), 0)
+    return bool(caught & 1 << (signal.SIGUSR1 - 1))
 
 
 def log_tasks() -> None:

@@ -17,6 +17,7 @@ worker, after the supervisor's own stacks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -68,9 +69,10 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
 
     def pass_on_dump() -> None:  # SIGUSR1 (service/stacks.py): the workers' stacks too
         for process in running.values():
-            # not to one still starting: until it answers the signal, its default action ends it
-            if process.returncode is None and stacks.answers(process.pid):
-                process.send_signal(signal.SIGUSR1)
+            # not to one still starting: until it catches the signal, its default action ends it
+            if process.returncode is None and stacks.catches(process.pid):
+                with contextlib.suppress(ProcessLookupError):  # (it ended meanwhile)
+                    process.send_signal(signal.SIGUSR1)
     stacks.also.append(pass_on_dump)
     keepers = [asyncio.create_task(keep(i)) for i in range(count)]
     try:

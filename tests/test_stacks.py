@@ -12,7 +12,7 @@ import time
 
 import httpx
 
-from service.stacks import answers, await_chain
+from service.stacks import await_chain, catches
 
 from .conftest import children, new_user, stack_lines, start_bridge, start_workers
 
@@ -81,9 +81,9 @@ def test_the_supervisor_of_workers_passes_the_signal_on_to_each_of_them(fresh_da
     server = start_workers(fresh_database, simulator.url + "/api/coding/paas/v4", 2)
     try:
         assert server.process is not None
-        # the workers started, each answering the signal (the supervisor passes it on only then)
+        # the workers started, each catching the signal (the supervisor passes it on only then)
         deadline = time.monotonic() + 30
-        while len(workers := [pid for pid in children(server.process.pid) if answers(pid)]) < 2:
+        while len(workers := [pid for pid in children(server.process.pid) if catches(pid)]) < 2:
             assert time.monotonic() < deadline, workers
             time.sleep(0.1)
         start = len(server.output())
@@ -101,20 +101,24 @@ def test_the_supervisor_of_workers_passes_the_signal_on_to_each_of_them(fresh_da
         server.stop()
 
 
-def test_a_process_still_starting_is_not_said_to_answer_the_signal():
+def test_only_a_process_that_catches_the_signal_is_said_to():
     """A new process has SIGUSR1's default action (it ends the process) until `codeplan` ignores
-    it and then catches it: the supervisor must not pass the signal on before."""
-    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    ignoring = subprocess.Popen([sys.executable, "-c",
-                                 "import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_IGN);"
-                                 " print('ready', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    it, then catches it: the supervisor passes the signal on only then."""
+    default = [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(30)"]
+    ignoring = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGUSR1, signal.SIG_IGN);"
+                " print('ready', flush=True); time.sleep(30)"]
+    catching = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGUSR1, lambda *a: None);"
+                " print('ready', flush=True); time.sleep(30)"]
+    # (each starts with the default action, whatever this test process does with the signal)
+    started = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_DFL))
+               for args in (default, ignoring, catching)]
     try:
-        assert ignoring.stdout is not None and ignoring.stdout.readline() == "ready\n"
-        assert not answers(plain.pid)
-        assert answers(ignoring.pid)
-        assert not answers(2 ** 22 + 1)  # no such process
+        for process in started:
+            assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        assert [catches(p.pid) for p in started] == [False, False, True]
+        assert not catches(2 ** 22 + 1)  # no such process
     finally:
-        plain.kill()
-        ignoring.kill()
-        plain.wait()
-        ignoring.wait()
+        for process in started:
+            process.kill()
+            process.wait()
