@@ -149,11 +149,15 @@ async def migrate(url: str, directory: Path = MIGRATIONS_DIR, *, dead_after: flo
                             f"migration {path.name} was changed after it was applied; "
                             "add a new migration instead")
                     continue
-                async with conn.transaction():
-                    await conn.execute(sql)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
-                        version, checksum)
+                try:
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                            version, checksum)
+                except asyncpg.PostgresError as exc:
+                    exc.add_note(f"in migration {path.name}")  # shown with its traceback
+                    raise
                 log.info("migration applied", extra={"migration": path.name})
                 applied.append(version)
         finally:

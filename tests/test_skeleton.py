@@ -158,8 +158,9 @@ def test_migrations_apply_in_order_each_once(pg_url, tmp_path):
         run(db.migrate(url, tmp_path))
     (tmp_path / "0003_c.sql").write_text("INSERT INTO a VALUES (3")  # a failing migration
     (tmp_path / "0002_b.sql").write_text("INSERT INTO a VALUES (1);")
-    with pytest.raises(asyncpg.PostgresSyntaxError):
+    with pytest.raises(asyncpg.PostgresSyntaxError) as failed:
         run(db.migrate(url, tmp_path))
+    assert failed.value.__notes__ == ["in migration 0003_c.sql"]  # which file, with its traceback
     assert "0003_c" not in [r["version"] for r in run(query(url, "SELECT version FROM schema_migrations"))]
 
 
