@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from service import accounts, db, pgembed
@@ -263,6 +264,30 @@ def start_bridge(database: str, upstream: str, **env: str) -> Server:
         CODEPLAN_DATABASE_URL=database, CODEPLAN_PORT=str(port), CODEPLAN_UPSTREAM_URL=upstream, **env),
         port, "/healthz")
     return server.start()
+
+
+def stream_started(server: Server, key: str, content: str) -> tuple[threading.Thread, list[str]]:
+    """A chat stream read line by line on a thread of its own (a server cut mid-stream ends it
+    quietly), once its first content has arrived: the thread and the lines so far, and to come."""
+    received: list[str] = []
+
+    def read() -> None:
+        try:
+            with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                              headers={"authorization": f"Bearer {key}"},
+                              json={"model": "glm-4.6", "stream": True,
+                                    "messages": [{"role": "user", "content": content}]}) as response:
+                for line in response.iter_lines():
+                    received.append(line)
+        except httpx.HTTPError:
+            pass
+    reader = threading.Thread(target=read)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while not any('"content"' in line for line in received):
+        assert time.monotonic() < deadline, received
+        time.sleep(0.05)
+    return reader, received
 
 
 def start_workers(database: str, upstream: str, count: int) -> Server:

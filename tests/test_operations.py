@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ import openai
 import pytest
 
 from .conftest import (CODEPLAN, Server, base_env, children, free_port, hang_report, new_plan, new_user, query,
-                       run, settled_query, start_bridge, start_workers, wait_settled)
+                       run, settled_query, start_bridge, start_workers, stream_started, wait_settled)
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 
@@ -518,24 +517,7 @@ def test_a_stream_past_the_shutdown_deadline_is_cut_and_settled(fresh_database, 
     server = start_bridge(fresh_database, simulator.url + "/api/coding/paas/v4", CODEPLAN_SHUTDOWN_TIMEOUT="1",
                           CODEPLAN_DRAIN_TIMEOUT="60")
     key = new_user(fresh_database)
-    received: list[str] = []
-
-    def read() -> None:
-        try:
-            with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
-                              headers={"authorization": f"Bearer {key}"},
-                              json={"model": "glm-4.6", "stream": True,
-                                    "messages": _say("tps=5 tokens=200 reasoning=0")}) as response:
-                for line in response.iter_lines():
-                    received.append(line)
-        except httpx.HTTPError:
-            pass
-    reader = threading.Thread(target=read)
-    reader.start()
-    deadline = time.monotonic() + 10
-    while not any('"content"' in line for line in received):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    reader, _ = stream_started(server, key, _say("tps=5 tokens=200 reasoning=0")[0]["content"])
     started = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(30) == 0

@@ -7,14 +7,13 @@ import asyncio
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 
 from service.stacks import await_chain, catches
 
-from .conftest import children, new_user, stack_lines, start_bridge, start_workers
+from .conftest import children, new_user, stack_lines, start_bridge, start_workers, stream_started
 
 
 def test_a_chain_is_followed_through_every_coroutine_a_task_awaits():
@@ -46,21 +45,8 @@ def test_a_server_dumps_its_stacks_on_sigusr1_and_goes_on_serving(fresh_database
     server = start_bridge(fresh_database, simulator.url + "/api/coding/paas/v4")
     try:
         key = new_user(fresh_database)
-        received: list[str] = []
-
-        def read() -> None:  # a stream whose upstream sends a token a second
-            with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
-                              headers={"authorization": f"Bearer {key}"},
-                              json={"model": "glm-4.6", "stream": True, "messages": [
-                                  {"role": "user", "content": "[[sim tps=1 tokens=6 reasoning=0]]"}]}) as response:
-                for line in response.iter_lines():
-                    received.append(line)
-        reader = threading.Thread(target=read)
-        reader.start()
-        deadline = time.monotonic() + 10
-        while not any('"content"' in line for line in received):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # a stream whose upstream sends a token a second
+        reader, received = stream_started(server, key, "[[sim tps=1 tokens=6 reasoning=0]]")
         text = server.stacks()
         # the threads, from faulthandler: written whatever the event loop is doing
         assert "most recent call first" in text and "service/cli.py" in text
