@@ -4,9 +4,9 @@
    (`faulthandler`): it is written even while the event loop is stuck in one call, where
    nothing else in the process would run;
 2. then, as soon as the event loop is free, one JSON log line per asyncio task with the chain
-   of coroutines it is suspended in (outermost first) and the type of what the innermost one
-   awaits. A request's task says where that request waits (`asyncio.Task.get_stack` gives
-   only one frame of a suspended coroutine, so the chain is followed through `cr_await`).
+   of coroutines it is suspended in (outermost first) and the type of the future it waits
+   on. A request's task says where that request waits (`asyncio.Task.get_stack` gives only
+   one frame of a suspended coroutine, so the chain is followed through `cr_await`).
 
 A request that hangs with nothing logged is then placed: a stuck loop shows in (1), a request
 waiting on something that never comes in (2). `codeplan run --workers N` passes the signal on

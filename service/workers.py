@@ -12,7 +12,7 @@ reports them all.
 On SIGTERM (or SIGINT) the supervisor passes SIGTERM to every worker, which finish their
 streams (CODEPLAN_SHUTDOWN_TIMEOUT), settle and exit 0; then it exits 0. A worker that dies
 otherwise is started again after a second. SIGUSR1 (service/stacks.py) is passed on to every
-worker, after the supervisor's own stacks.
+worker that catches it (one still starting would die of it), after the supervisor's own stacks.
 """
 from __future__ import annotations
 
