@@ -54,6 +54,14 @@ STREAM_BODY = {**BODY, "stream": True,
                "messages": [{"role": "user", "content": "[[sim tokens=48 reasoning=16]] Say hello."}]}
 IDLE_BODY = {**BODY, "stream": True,
              "messages": [{"role": "user", "content": "[[sim fault=silence silence=300 tokens=4 reasoning=0]] wait"}]}
+# The same requests to an upstream that takes time, as a model does (GLM's first token: hundreds
+# of milliseconds; 20 keeps a round's samples in the hundreds, and is well above the admission's
+# few milliseconds): what a client sees the bridge add once early forwarding (bridge/journey.py)
+# starts the upstream while the admission commits. The simulator keeps the delay (bench/instant.py).
+SLOW_MS = 20
+SLOW_BODY = {**BODY, "messages": [{"role": "user", "content": f"[[sim tokens=16 reasoning=0 ttft={SLOW_MS}]] Say hello."}]}
+SLOW_STREAM_BODY = {**STREAM_BODY, "messages": [
+    {"role": "user", "content": f"[[sim tokens=48 reasoning=16 ttft={SLOW_MS}]] Say hello."}]}
 
 
 def free_port() -> int:
@@ -191,12 +199,14 @@ def server_env(env: dict[str, str], url: str, port: int, sim_port: int) -> dict[
             "CODEPLAN_UPSTREAM_KEYS": "bench"}
 
 
-def wrk(port: int, path: str, key: str, body: dict, connections: int, seconds: int) -> dict:
+def wrk(port: int, path: str, key: str, body: dict, connections: int, seconds: int,
+        overhead: bool = False) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(
         ["taskset", "-c", str(LOAD_CPU), "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s",
          "-s", str(HERE / "wrk.lua"), f"http://127.0.0.1:{port}{path}"],
-        env={**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_KEY": key},
+        env={**os.environ, "BENCH_BODY": json.dumps(body), "BENCH_KEY": key,
+             "BENCH_OVERHEAD": "1" if overhead else "0"},
         capture_output=True, text=True, timeout=seconds + 60)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     line = next((l for l in result.stdout.splitlines() if l.startswith("WRKJSON ")), None)
@@ -238,12 +248,13 @@ def median_of(runs: list[dict]) -> dict:
 
 
 def measure_requests(target: Process, path: str, key: str, connections: int, seconds: int,
-                     body: dict = BODY, pgdata: Path | None = None) -> dict:
-    """wrk against `target`, with its CPU per request (and PostgreSQL's, given its data directory)."""
+                     body: dict = BODY, pgdata: Path | None = None, overhead: bool = False) -> dict:
+    """wrk against `target`, with its CPU per request (and PostgreSQL's, given its data directory);
+    with `overhead`, the median of the time the bridge says it spent itself."""
     # a server's CPU is its process tree's: a `--workers` supervisor's is its workers'
     cpu0 = tree_cpu_seconds(target.pid)
     pg0 = pg_cpu_seconds(pgdata) if pgdata is not None else 0.0
-    data = wrk(target.port, path, key, body, connections, seconds)
+    data = wrk(target.port, path, key, body, connections, seconds, overhead)
     requests = max(1, data["requests"])
     data["server_cpu_ms_per_req"] = 1000 * (tree_cpu_seconds(target.pid) - cpu0) / requests
     if pgdata is not None:
@@ -501,6 +512,20 @@ def main() -> int:
                 stream_runs[side + "64"].append(run)
         stream1_direct, stream1_via = median_of(stream_runs["direct1"]), median_of(stream_runs["bridge1"])
         stream_direct, stream_via = median_of(stream_runs["direct64"]), median_of(stream_runs["bridge64"])
+        # one request at a time again, behind an upstream that takes SLOW_MS to answer
+        slow_runs: dict[str, list[dict]] = {"direct": [], "bridge": [], "direct_stream": [], "bridge_stream": []}
+        for r in range(rounds):
+            for side in alternating(r):
+                target, target_path = (direct_upstream, direct_path) if side == "direct" else (bridge, path)
+                busy += not quiesce([direct_upstream, bridge_upstream, bridge], pgdata)
+                slow_runs[side].append(measure_requests(target, target_path, one_key, 1, seconds, body=SLOW_BODY,
+                                                        pgdata=pgdata if side == "bridge" else None,
+                                                        overhead=side == "bridge"))
+                raw = streams.request_bytes("127.0.0.1", target.port, target_path, one_key, SLOW_STREAM_BODY)
+                busy += not quiesce([direct_upstream, bridge_upstream, bridge], pgdata)
+                slow_runs[side + "_stream"].append(asyncio.run(streams.stream_load("127.0.0.1", target.port, raw, 1,
+                                                                                   seconds)))
+        slow = {name: median_of(runs) for name, runs in slow_runs.items()}
         direct_upstream.stop()
         direct_upstream = None
 
@@ -559,6 +584,14 @@ def main() -> int:
                  f"{stream_via['ttft_p50_ms'] - stream_direct['ttft_p50_ms']:+.2f} ms"))
     rows.append(("stream c=64: TTFT p99 ms", stream_direct["ttft_p99_ms"], stream_via["ttft_p99_ms"],
                  f"{stream_via['ttft_p99_ms'] - stream_direct['ttft_p99_ms']:+.2f} ms"))
+    rows.append((f"non-stream c=1, upstream answering in {SLOW_MS} ms: p50 ms", slow["direct"]["p50_us"] / 1000,
+                 slow["bridge"]["p50_us"] / 1000,
+                 f"{(slow['bridge']['p50_us'] - slow['direct']['p50_us']) / 1000:+.2f} ms;"
+                 f" the bridge's own time {slow['bridge']['overhead_p50_ms']:.2f} ms (x-codeplan-overhead-ms);"
+                 f" non-2xx {slow['direct']['errors']:g} / {slow['bridge']['errors']:g}"))
+    rows.append((f"stream c=1, upstream's first token at {SLOW_MS} ms: TTFT p50 ms",
+                 slow["direct_stream"]["ttft_p50_ms"], slow["bridge_stream"]["ttft_p50_ms"],
+                 f"{slow['bridge_stream']['ttft_p50_ms'] - slow['direct_stream']['ttft_p50_ms']:+.2f} ms"))
     direct_rate, via_rate = stream_direct["events_per_s"], stream_via["events_per_s"]
     rows.append(("stream c=64: events/s", direct_rate, via_rate, f"x{via_rate / direct_rate:.2f}"))
     rows.append(("stream c=64: bridge events/s per core", direct_rate, stream_via["events_per_cpu_s"],
@@ -594,7 +627,8 @@ def main() -> int:
         seconds_per_run=seconds, direct=baseline, bridge=via, workers=scaling, workers_budgeted=budgeted,
         worker_budget_cores=WORKER_CORES, worker_budget_note=budget_note, stream1_direct=stream1_direct,
         stream1_bridge=stream1_via, stream_direct=stream_direct,
-        stream_bridge=stream_via, idle=idle, rounds=rounds, runs_started_busy=busy, rss_kb_before=rss_before,
+        stream_bridge=stream_via, slow_upstream_ms=SLOW_MS, slow_upstream=slow, idle=idle, rounds=rounds,
+        runs_started_busy=busy, rss_kb_before=rss_before,
         rss_kb_after=rss_after, pg_connections_max=max_connections, deadlocks_and_lock_timeouts=deadlocks,
         ledger_pairs_per_s=ledger_pairs, select1_pairs_per_s=floor_pairs,
         estimation=tokens, table=[list(r) for r in rows])

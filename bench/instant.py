@@ -8,7 +8,8 @@ it, ~0.3-0.45 ms of CPU per request here, on the core it shares with the load ge
 the bridge's runs, with PostgreSQL (an instant answer: ~0.05 ms). So this front records the
 simulator's answer to the first non-streaming completion it is sent and replays it, body and
 headers, to every later one; streaming requests (the bench's streams and idle streams, whose
-directives matter) and everything else go to the simulator itself, in this process. Served like
+directives matter), requests that ask for a delay (`ttft=` in their directive: the bench's
+slower-upstream rows) and everything else go to the simulator itself, in this process. Served like
 the bridge: uvicorn with httptools and uvloop. For the benchmarks only: it checks no key and
 answers every non-streaming request alike, whatever it asks, so no test may use it.
 """
@@ -56,7 +57,9 @@ class InstantFront:
                 break
         body = b"".join(chunks)
         streaming = _streaming(body)
-        if self._answer is not None and not streaming:
+        # a delay asked for is the simulator's to keep (it sleeps, then answers)
+        delayed = b"ttft=" in body
+        if self._answer is not None and not streaming and not delayed:
             await send(self._answer[0])
             await send(self._answer[1])
             return
@@ -68,7 +71,7 @@ class InstantFront:
                 replayed = True
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
-        if streaming:
+        if streaming or delayed:
             await self._simulator(scope, replay, send)
             return
         sent: list[dict] = []
