@@ -439,6 +439,25 @@ def test_statusline_and_usage_commands_print_the_window_in_one_line(web, smtp, d
     assert failed.returncode == 1 and "invalid api key" in failed.stderr
 
 
+def test_the_client_commands_import_nothing_of_the_server():
+    """Claude Code runs its status line after every update: `codeplan statusline` and `usage` are
+    answered from the standard library (service/cli.py), not after importing the server, its
+    database driver and its web framework (~0.7 s a call where they now take ~0.1)."""
+    server = ("asyncpg", "aiohttp", "litestar", "stripe", "tiktoken", "msgspec", "uvicorn", "service.commands",
+              "service.config", "bridge")
+    probe = ("import io, sys\n"
+             "from service.cli import main\n"
+             "for command in ('statusline', 'usage'):\n"
+             "    sys.stdin = io.StringIO('{}')\n"
+             "    main([command])\n"
+             f"print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in {server!r} or m in {server!r}))\n")
+    env = {k: v for k, v in base_env(CODEPLAN_BASE_URL="http://127.0.0.1:9").items()
+           if not k.startswith("ANTHROPIC_")}  # no key anywhere: each command answers at once
+    done = subprocess.run([CODEPLAN[0], "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "IMPORTED []" in done.stdout, done.stdout + done.stderr
+    assert "no key" in done.stdout + done.stderr  # both commands ran
+
+
 def test_users_promote_makes_an_admin(web, smtp, database):
     client, address = verified_user(web, smtp)
     env = base_env(CODEPLAN_DATABASE_URL=database)
