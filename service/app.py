@@ -23,6 +23,7 @@ from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 from . import admin, credits, db, memory, metrics, openapi, ops, usage
 from .accounts import Authenticator
 from .billing.engine import Billing, set_overage
+from .billing import load_stripe
 from .billing import routes as billing_routes
 from .config import Config, model_catalog, peak_window, upstream_profiles
 from .ledger import Ledger
@@ -198,6 +199,8 @@ async def _watch_stalls(journey: Journey, ledger: Ledger, *, overdue: float,
 
 async def _billing(pool: asyncpg.Pool, config: Config) -> Billing | None:
     """Billing's engine and worker, or None (said once) when no Stripe key is configured."""
+    if config.billing_enabled or config.stripe_webhook_secrets:
+        load_stripe()  # now, not in the first request or webhook that needs it
     if not config.billing_enabled:
         # nothing could bill it: no plan goes beyond its windows
         await set_overage(pool, plans=(), cap=0)

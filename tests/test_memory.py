@@ -4,8 +4,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from service import memory
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 async def test_trims_once_a_burst_has_ended_and_not_while_it_grows(caplog):
@@ -41,3 +47,22 @@ async def test_trims_once_after_start_up_and_then_only_after_bursts(monkeypatch)
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     assert trims == [0]  # steady load: no trim after the first
+
+
+def test_a_server_without_billing_never_loads_stripes_library():
+    """Importing Stripe's library imports its HTTP clients too (~10 MB, ~0.2 s): a server with no
+    Stripe key and no webhook secret builds its whole app without it; `load_stripe` loads it (what
+    the app does at start-up where billing or webhooks are on)."""
+    probe = ("import sys\n"
+             "from service import config as config_module\n"
+             "from service.app import create_app\n"
+             "create_app(config_module.load(), 'postgresql://127.0.0.1:9/none')\n"
+             "print('BUILT', 'stripe._http_client' in sys.modules, 'httpx' in sys.modules)\n"
+             "from service.billing import load_stripe, stripe\n"
+             "load_stripe()\n"
+             "print('LOADED', 'stripe._http_client' in sys.modules, stripe.StripeError.__name__)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CODEPLAN_", "STRIPE_"))}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert "BUILT False False" in done.stdout, done.stdout + done.stderr
+    assert "LOADED True StripeError" in done.stdout, done.stdout + done.stderr

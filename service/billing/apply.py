@@ -16,10 +16,9 @@ import logging
 
 import asyncpg
 import msgspec
-import stripe
 
 from ..config import Config
-from . import wire
+from . import stripe, wire  # stripe: loaded on first use (service/billing/__init__.py)
 from .stripe_api import StripeAPI, describe, retry_delay
 
 log = logging.getLogger("codeplan.billing")

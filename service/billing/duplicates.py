@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-import stripe
 
+from . import stripe  # Stripe's library, loaded on first use (service/billing/__init__.py)
 from .stripe_api import StripeAPI, describe, idempotency_key, retry_delay, retryable
 
 log = logging.getLogger("codeplan.billing.duplicates")

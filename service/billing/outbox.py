@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 
 import asyncpg
-import stripe
 
+from . import stripe  # Stripe's library, loaded on first use (service/billing/__init__.py)
 from .catalog import METER_EVENT_NAME
 from .stripe_api import StripeAPI, describe, is_duplicate_meter_event, retry_delay, retryable
 

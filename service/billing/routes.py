@@ -10,7 +10,6 @@ import logging
 from typing import Literal
 
 import msgspec
-import stripe
 from litestar import Request, Response, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
@@ -22,6 +21,7 @@ from bridge.app import api_key
 from ..problems import problem, problem_responses
 from ..strict_input import strict_input
 from ..throttle import GuardedAuthenticator
+from . import stripe  # Stripe's library, loaded on first use (service/billing/__init__.py)
 from .engine import Billing, state_of
 from .state import BillingState
 from .sessions import BillingError

@@ -16,10 +16,9 @@ from typing import Any, AsyncIterator
 
 import asyncpg
 import msgspec
-import stripe
 
 from ..config import Config, TopupBlock
-from . import wire
+from . import stripe, wire  # stripe: loaded on first use (service/billing/__init__.py)
 from .stripe_api import StripeAPI, idempotency_key
 
 

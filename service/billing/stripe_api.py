@@ -11,9 +11,8 @@ import random
 from typing import Any, Awaitable, Callable, TypeVar
 
 import msgspec
-import stripe
 
-from . import wire
+from . import stripe, wire  # stripe: loaded on first use (service/billing/__init__.py)
 
 # Bump together with the `stripe` library, after reading the changelog (a test holds them equal).
 STRIPE_API_VERSION = "2026-10-28.endive"

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncpg
 import msgspec
-import stripe
 
-from . import wire
+from . import stripe, wire  # stripe: loaded on first use (service/billing/__init__.py)
 
 TOLERANCE_SECONDS = 300
 
