@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -27,8 +28,10 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import asyncpg
+import psutil
 
 from bridge import tokens as estimate
 from service import accounts, db, pgembed
@@ -156,8 +159,15 @@ class Process:
 def start_database(work: Path, users: int) -> tuple[str, Path, list[str]]:
     """The embedded PostgreSQL in `work` with a migrated `bench` database, a plan nothing
     exhausts, and `users` accounts with a key each: (the database's URL, its data directory,
-    the keys)."""
-    pg = pgembed.start(work, delete_on_exit=True)
+    the keys). The database runs unpinned, whatever cores this process is held to: its
+    processes would inherit them (until 2026-11-30 every `make bench` had PostgreSQL on the load
+    core this way, beside wrk and the upstream, while its summary said "unpinned")."""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, CPUS)
+    try:
+        pg = pgembed.start(work, delete_on_exit=True)
+    finally:
+        os.sched_setaffinity(0, mine)
     base, _, query = pg.partition("?")
     url = base.rsplit("/", 1)[0] + "/bench" + ("?" + query if query else "")
 
@@ -230,6 +240,11 @@ def quiesce(processes: list[Process], pgdata: Path, limit: float = 5.0) -> bool:
         if sum(tree_cpu_seconds(p.pid) for p in processes) + pg_cpu_seconds(pgdata) - before < 0.02:
             return True
     return False
+
+
+def _ms(value: float) -> str:
+    """A median wrk collected, or n/a where no reply carried it (wrk.lua says -1)."""
+    return f"{value:.2f} ms" if value >= 0 else "n/a"
 
 
 def alternating(r: int) -> tuple[str, str]:
@@ -414,16 +429,24 @@ def pg_cpu_seconds(pgdata: Path) -> float:
     return total / TICKS
 
 
-def pin_postgres(pgdata: Path, cpus: set[int]) -> None:
+@contextlib.contextmanager
+def postgres_on(pgdata: Path, cpus: set[int]) -> Iterator[None]:
     """Hold an embedded PostgreSQL (its postmaster and every process it runs now, the pool's
-    backends among them; later ones inherit the postmaster's) to `cpus`."""
-    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-    for pid in [postmaster] + [int(child) for child in
-                               Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()]:
-        try:
-            os.sched_setaffinity(pid, cpus)
-        except ProcessLookupError:
-            pass
+    backends among them) to `cpus` for the block, then give each the cores it had (one started
+    meanwhile, the postmaster's)."""
+    postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+    before: dict[psutil.Process, list[int]] = {}
+    try:
+        for process in [postmaster] + postmaster.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                before[process] = process.cpu_affinity()
+                process.cpu_affinity(sorted(cpus))
+        yield
+    finally:
+        restore = before.get(postmaster, sorted(CPUS))
+        for process in [postmaster] + postmaster.children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.cpu_affinity(before.get(process, restore))
 
 
 def pg_log_count(pgdata: Path, *needles: str) -> int:
@@ -528,10 +551,9 @@ def main() -> int:
         # upstream stands for a remote one, so PostgreSQL is held to the server's core meanwhile:
         # unpinned, the scheduler puts it beside the simulator as often as not, and its admission
         # then delays the simulator's reading of the request, which a real upstream never shares
-        # a core with (+3.2-3.4 ms added there against +1.7-2.0 on the server's core: PROFILE.md)
+        # a core with (+3.2-3.4 ms added there against +1.7-2.0 elsewhere: PROFILE.md)
         slow_runs: dict[str, list[dict]] = {"direct": [], "bridge": [], "direct_stream": [], "bridge_stream": []}
-        pin_postgres(pgdata, {SERVER_CPU})
-        try:
+        with postgres_on(pgdata, {SERVER_CPU}):
             for r in range(rounds):
                 for side in alternating(r):
                     target, target_path = (direct_upstream, direct_path) if side == "direct" else (bridge, path)
@@ -543,8 +565,6 @@ def main() -> int:
                     busy += not quiesce([direct_upstream, bridge_upstream, bridge], pgdata)
                     slow_runs[side + "_stream"].append(asyncio.run(streams.stream_load("127.0.0.1", target.port, raw, 1,
                                                                                        seconds)))
-        finally:
-            pin_postgres(pgdata, CPUS)
         slow = {name: median_of(runs) for name, runs in slow_runs.items()}
         direct_upstream.stop()
         direct_upstream = None
@@ -607,7 +627,7 @@ def main() -> int:
     rows.append((f"non-stream c=1, upstream answering in {SLOW_MS} ms: p50 ms", slow["direct"]["p50_us"] / 1000,
                  slow["bridge"]["p50_us"] / 1000,
                  f"{(slow['bridge']['p50_us'] - slow['direct']['p50_us']) / 1000:+.2f} ms;"
-                 f" the bridge's own time {slow['bridge']['overhead_p50_ms']:.2f} ms (x-codeplan-overhead-ms);"
+                 f" the bridge's own time {_ms(slow['bridge']['overhead_p50_ms'])} (x-codeplan-overhead-ms);"
                  f" non-2xx {slow['direct']['errors']:g} / {slow['bridge']['errors']:g}"))
     rows.append((f"stream c=1, upstream's first token at {SLOW_MS} ms: TTFT p50 ms",
                  slow["direct_stream"]["ttft_p50_ms"], slow["bridge_stream"]["ttft_p50_ms"],

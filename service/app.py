@@ -199,8 +199,6 @@ async def _watch_stalls(journey: Journey, ledger: Ledger, *, overdue: float,
 
 async def _billing(pool: asyncpg.Pool, config: Config) -> Billing | None:
     """Billing's engine and worker, or None (said once) when no Stripe key is configured."""
-    if config.billing_enabled or config.stripe_webhook_secrets:
-        load_stripe()  # now, not in the first request or webhook that needs it
     if not config.billing_enabled:
         # nothing could bill it: no plan goes beyond its windows
         await set_overage(pool, plans=(), cap=0)
@@ -276,6 +274,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         # billing's engine when Stripe is configured; None: the page says billing is off. One set
         # before start-up (a test's stand-in) is kept.
         injected = getattr(app.state, "billing", None)
+        if config.billing_enabled or config.stripe_webhook_secrets or injected is not None:
+            load_stripe()  # now, on the loop's thread, not in the first request or webhook that needs it
         billing = None if injected is not None else await _billing(pool, config)
         app.state.billing = injected if injected is not None else billing
         await web.start(app, pool, database_url)

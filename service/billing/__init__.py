@@ -6,8 +6,9 @@ importing it imports its HTTP clients too (requests, httpx and the command-line 
 own imports pull in), ~10 MB and ~0.2 s of every process, which a server without billing never
 uses. This package's modules take it as `from . import stripe`: an `import stripe` of a module
 already in `sys.modules` reads its `__spec__`, which would load it there and then. Where billing
-is on, or webhooks are verified, `load_stripe()` loads it at start-up, so no request waits for
-the import.
+is on, or webhooks are verified, `load_stripe()` loads it at start-up (service/app.py), so no
+request waits for the import, and so its first use is on the event loop's thread: CPython 3.11's
+lazy module is not safe to load from two threads at once.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _lazily(name: str) -> None:
         return
     spec = importlib.util.find_spec(name)
     if spec is None or spec.loader is None:
+        importlib.import_module(name)  # not installed: the import's own error, now
         return
     spec.loader = importlib.util.LazyLoader(spec.loader)
     module = importlib.util.module_from_spec(spec)
