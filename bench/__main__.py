@@ -449,6 +449,16 @@ def postgres_on(pgdata: Path, cpus: set[int]) -> Iterator[None]:
                 process.cpu_affinity(before.get(process, restore))
 
 
+def pg_log_since(pgdata: Path, offset: int, *needles: str) -> list[str]:
+    """The lines of PostgreSQL's log past `offset` (bytes) that contain a needle, each with the
+    two lines after it (its STATEMENT), so a count can be told apart: a ledger deadlock, or the
+    workers' tick baton giving up its wait (service/tick_baton.py, by design)."""
+    with open(pgdata / "log", "rb") as log:
+        log.seek(offset)
+        lines = log.read().decode(errors="replace").splitlines()
+    return [" | ".join(lines[i:i + 3]) for i, line in enumerate(lines) if any(n in line for n in needles)]
+
+
 def pg_log_count(pgdata: Path, *needles: str) -> int:
     text = (pgdata / "log").read_text(errors="replace")
     return sum(text.count(n) for n in needles)
@@ -491,6 +501,7 @@ def main() -> int:
     one_key = keys[0]
     many_keys = ",".join(keys)  # wrk takes the next key for every request
     deadlocks_before = pg_log_count(pgdata, "deadlock detected", "lock timeout")
+    log_offset = (pgdata / "log").stat().st_size
 
     env = base_env()
     direct_port, sim_port, bridge_port = free_port(), free_port(), free_port()
@@ -600,6 +611,7 @@ def main() -> int:
             if process is not None:
                 process.stop()
     deadlocks = pg_log_count(pgdata, "deadlock detected", "lock timeout") - deadlocks_before
+    lock_lines = pg_log_since(pgdata, log_offset, "deadlock detected", "lock timeout")
 
     rows = []
     for name, _, _ in scenarios:
@@ -661,6 +673,8 @@ def main() -> int:
           f"{platform.processor() or platform.machine()}; the whole run took {time.monotonic() - bench_started:.0f} s")
     if budget_note:
         print(budget_note)
+    for line in lock_lines[:10]:
+        print(f"PostgreSQL's log: {line[:400]}")
 
     results.update(
         when=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), machine={
@@ -671,6 +685,7 @@ def main() -> int:
         stream_bridge=stream_via, slow_upstream_ms=SLOW_MS, slow_upstream=slow, idle=idle, rounds=rounds,
         runs_started_busy=busy, rss_kb_before=rss_before,
         rss_kb_after=rss_after, pg_connections_max=max_connections, deadlocks_and_lock_timeouts=deadlocks,
+        deadlock_and_lock_timeout_lines=lock_lines[:20],
         ledger_pairs_per_s=ledger_pairs, select1_pairs_per_s=floor_pairs,
         estimation=tokens, table=[list(r) for r in rows])
     out = HERE / "results"
