@@ -416,12 +416,17 @@ def profile(bridge: Process, key: str, seconds: int) -> str:
         f"{100 * n / busy:5.1f}%  {frame}" for frame, n in top)
 
 
+def postmaster(pgdata: Path) -> int:
+    """The pid of an embedded PostgreSQL's postmaster."""
+    return int((pgdata / "postmaster.pid").read_text().split()[0])
+
+
 def pg_cpu_seconds(pgdata: Path) -> float:
     """CPU of an embedded PostgreSQL: its postmaster, the children it reaped, the live ones."""
-    postmaster = int((pgdata / "postmaster.pid").read_text().split()[0])
-    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    postmaster_pid = postmaster(pgdata)
+    fields = Path(f"/proc/{postmaster_pid}/stat").read_text().rsplit(")", 1)[1].split()
     total = sum(int(f) for f in fields[11:15])
-    for child in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split():
+    for child in Path(f"/proc/{postmaster_pid}/task/{postmaster_pid}/children").read_text().split():
         try:
             total += sum(int(f) for f in Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
         except FileNotFoundError:
@@ -434,17 +439,17 @@ def postgres_on(pgdata: Path, cpus: set[int]) -> Iterator[None]:
     """Hold an embedded PostgreSQL (its postmaster and every process it runs now, the pool's
     backends among them) to `cpus` for the block, then give each the cores it had (one started
     meanwhile, the postmaster's)."""
-    postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+    parent = psutil.Process(postmaster(pgdata))
     before: dict[psutil.Process, list[int]] = {}
     try:
-        for process in [postmaster] + postmaster.children():
+        for process in [parent] + parent.children():
             with contextlib.suppress(psutil.NoSuchProcess):
                 before[process] = process.cpu_affinity()
                 process.cpu_affinity(sorted(cpus))
         yield
     finally:
-        restore = before.get(postmaster, sorted(CPUS))
-        for process in [postmaster] + postmaster.children():
+        restore = before.get(parent, sorted(CPUS))
+        for process in [parent] + parent.children():
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.cpu_affinity(before.get(process, restore))
 
@@ -554,9 +559,9 @@ def main() -> int:
         stream_direct, stream_via = median_of(stream_runs["direct64"]), median_of(stream_runs["bridge64"])
         # One request at a time again, behind an upstream that takes SLOW_MS to answer. That
         # upstream stands for a remote one, so PostgreSQL is held to the server's core meanwhile:
-        # unpinned, the scheduler puts it beside the simulator as often as not, and its admission
-        # then delays the simulator's reading of the request, which a real upstream never shares
-        # a core with (+3.2-3.4 ms added there against +1.7-2.0 elsewhere: PROFILE.md)
+        # left free, it may run beside the simulator, and its admission then delays the
+        # simulator's reading of the request, which a real upstream never shares a core with
+        # (+3.2-3.4 ms added on the load core against +1.7-2.0 elsewhere: PROFILE.md)
         slow_runs: dict[str, list[dict]] = {"direct": [], "bridge": [], "direct_stream": [], "bridge_stream": []}
         with postgres_on(pgdata, {SERVER_CPU}):
             for r in range(rounds):

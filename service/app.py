@@ -23,8 +23,7 @@ from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 from . import admin, credits, db, memory, metrics, openapi, ops, usage
 from .accounts import Authenticator
 from .billing.engine import Billing, set_overage
-from .billing import load_stripe
-from .billing import routes as billing_routes
+from .billing import load_stripe, routes as billing_routes
 from .config import Config, model_catalog, peak_window, upstream_profiles
 from .ledger import Ledger
 from .tick_baton import TickBaton

@@ -35,6 +35,4 @@ stripe = sys.modules["stripe"]
 
 def load_stripe() -> None:
     """Load Stripe's library now (its first attribute read runs its import)."""
-    import stripe
-
     stripe.StripeError  # noqa: B018 - the read is the point
