@@ -86,7 +86,7 @@ class Flight:
         self.status = 200  # what the client was told
         self.started = started
         self.forwarded: float | None = None
-        self.opened: float | None = None  # the upstream's status arrived
+        self.opened: float | None = None  # the upstream's status arrived (`UpstreamResponse.arrived`)
         self.first_token: float | None = None  # the first answer bytes went to the client
         self.upstream_done: float | None = None
         self.ended_at: float | None = None
@@ -118,7 +118,7 @@ class Flight:
             return
         self.response = response
         self.accepted = True
-        self.opened = time.monotonic()
+        self.opened = response.arrived  # not now: it may have waited for the admission
 
     def estimated_usage(self) -> wire.Usage:
         """What can be proven without the upstream's word: the prompt estimate and the

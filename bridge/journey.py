@@ -384,7 +384,8 @@ class Journey:
             completion = wire.completion_decoder.decode(await response.read())
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
             return self._broken(surface, flight, f"upstream failed: {type(exc).__name__}")
-        flight.upstream_done = time.monotonic()
+        # when its last byte came, which may be before the admission was heard
+        flight.upstream_done = response.body_done or time.monotonic()
         for choice in completion.choices[:1]:
             message = choice.message
             flight.meter.observe(wire.Chunk(id=completion.id, choices=[wire.ChunkChoice(delta=wire.Delta(

@@ -11,6 +11,7 @@ remembered and the request resent without it, before any byte reaches the client
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
 from typing import Callable, Hashable, Literal, Protocol
 
@@ -24,9 +25,13 @@ log = logging.getLogger("codeplan.upstream")
 class UpstreamResponse:
     """An upstream response that gives its key's slot back, once, when it is ended. It names the
     upstream profile that answered and that profile's price for the model (bridge/upstreams.py),
-    so the settlement can record what the request cost."""
+    so the settlement can record what the request cost.
 
-    __slots__ = ("_response", "_on_done", "content", "profile", "price")
+    It also keeps when the upstream's status and its body's end arrived: an upstream faster than
+    the admission answers before the request has heard it, and what the bridge says it spent
+    itself (`Flight.overhead_ms`) must count that wait as the bridge's, not the upstream's."""
+
+    __slots__ = ("_response", "_on_done", "content", "profile", "price", "arrived", "body_done")
 
     def __init__(self, response: aiohttp.ClientResponse, on_done: Callable[[], None],
                  profile: str | None = None, price=None) -> None:
@@ -35,6 +40,12 @@ class UpstreamResponse:
         self.content = response.content
         self.profile = profile
         self.price = price
+        self.arrived = time.monotonic()  # made as the status and headers are read
+        self.body_done: float | None = None
+        response.content.on_eof(self._body_ended)
+
+    def _body_ended(self) -> None:
+        self.body_done = time.monotonic()
 
     async def read(self) -> bytes:
         return await self._response.read()

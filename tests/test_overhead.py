@@ -1,0 +1,114 @@
+"""What the bridge says it spent itself (`x-codeplan-overhead-ms`, the access line's
+`overhead_ms`, `codeplan_bridge_overhead_seconds`): everything but waiting for the upstream.
+
+With early forwarding an upstream faster than the admission answers before the request has
+heard its admission; that wait is the bridge's (bridge/flight.py `Flight.overhead_ms`), and an
+upstream that takes its time is not. A real upstream client (bridge/upstreams.py `Router`) to
+an upstream on 127.0.0.1; a ledger whose admissions answer after a delay stands in for the
+database."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from bridge.journey import OVERHEAD_HEADER, Journey
+from bridge.ports import Admission, Principal, Reservation, Settlement
+from bridge.settings import BridgeSettings
+from bridge.surfaces.chat import ChatSurface
+from bridge.upstreams import ProfileConfig, Router
+
+PRINCIPAL = Principal(account_id=1, api_key_id=1, subscription_id=1, plan_id="p", models=("glm-4.6",))
+COMPLETION = {"id": "c1", "object": "chat.completion", "created": 1, "model": "glm-4.6",
+              "choices": [{"index": 0, "finish_reason": "stop",
+                           "message": {"role": "assistant", "content": "hello"}}],
+              "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+
+
+class Keys:
+    async def authenticate(self, key: str) -> Principal | None:
+        return PRINCIPAL
+
+
+class SlowLedger:
+    """Admits everything with room to spare, `delay` seconds after it is asked."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+
+    def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
+        future = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(self.delay, future.set_result, Admission("admitted", room=10**12))
+        return future
+
+    def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
+        written = asyncio.get_running_loop().create_future()
+        written.set_result(0)
+        return written
+
+    async def heartbeat(self, entry_id, delivered_tokens: int) -> bool:
+        return True
+
+
+async def test_a_wait_for_the_admission_is_the_bridges_and_a_slow_upstream_is_not():
+    upstream_delay = [0.0]
+    forwarded_at: list[float] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        forwarded_at.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(upstream_delay[0])
+        if not (await request.json()).get("stream"):
+            return web.json_response(COMPLETION)
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"id": "c1", "created": 1, "model": "glm-4.6",
+                 "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hello"}}]}
+        last = {"id": "c1", "created": 1, "model": "glm-4.6",
+                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": COMPLETION["usage"]}
+        await response.write(f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(last)}\n\ndata: [DONE]\n\n".encode())
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    router = Router([ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",))],
+                    timeout=60, attempts=1)
+    await router.start()
+    ledger = SlowLedger()
+    journey = Journey(settings=BridgeSettings(), auth=Keys(), ledger=ledger, upstream=router)
+
+    async def overhead_ms(stream: bool = False) -> float:
+        body = json.dumps({"model": "glm-4.6", "stream": stream,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+        async def read_body() -> bytes:
+            return body
+        reply = await journey.handle(ChatSurface(), "key", read_body)
+        assert reply.status == 200, reply.body
+        if stream:
+            assert b"hello" in b"".join([part async for part in reply.stream])
+        return float(reply.headers[OVERHEAD_HEADER])
+
+    try:
+        await overhead_ms()  # admitted first: the journey learns the subscription's room
+        # forwarded early: the upstream answers at once, the admission 300 ms later
+        ledger.delay = 0.3
+        asked = len(forwarded_at)
+        waited_for_admission = await overhead_ms()
+        assert len(forwarded_at) == asked + 1
+        assert waited_for_admission >= 250, waited_for_admission  # (it read ~0 before)
+        # the same for a stream, whose headers go out once the upstream's status is in
+        assert await overhead_ms(stream=True) >= 250
+        # the admission at once, the upstream 300 ms: none of its time is the bridge's
+        ledger.delay, upstream_delay[0] = 0.0, 0.3
+        waited_for_upstream = await overhead_ms()
+        assert waited_for_upstream < 150, waited_for_upstream
+    finally:
+        await router.close()
+        await runner.cleanup()
