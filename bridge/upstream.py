@@ -31,7 +31,7 @@ class UpstreamResponse:
     the admission answers before the request has heard it, and what the bridge says it spent
     itself (`Flight.overhead_ms`) must count that wait as the bridge's, not the upstream's."""
 
-    __slots__ = ("_response", "_on_done", "content", "profile", "price", "arrived", "body_done")
+    __slots__ = ("_response", "_on_done", "content", "profile", "price", "arrived", "_body_done")
 
     def __init__(self, response: aiohttp.ClientResponse, on_done: Callable[[], None],
                  profile: str | None = None, price=None) -> None:
@@ -41,11 +41,17 @@ class UpstreamResponse:
         self.profile = profile
         self.price = price
         self.arrived = time.monotonic()  # made as the status and headers are read
-        self.body_done: float | None = None
-        response.content.on_eof(self._body_ended)
+        # stamped by the body's reader at its end; a list, not a method of self: the reader keeps
+        # its callbacks until that end, which a stream cut short never reaches, and must not
+        # hold this response (and its ClientResponse) in a cycle meanwhile
+        body_done: list[float] = []
+        self._body_done = body_done
+        response.content.on_eof(lambda: body_done.append(time.monotonic()))
 
-    def _body_ended(self) -> None:
-        self.body_done = time.monotonic()
+    @property
+    def body_done(self) -> float | None:
+        """When the body's last byte came, if it has."""
+        return self._body_done[0] if self._body_done else None
 
     async def read(self) -> bytes:
         return await self._response.read()
