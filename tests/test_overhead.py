@@ -19,6 +19,8 @@ from bridge.settings import BridgeSettings
 from bridge.surfaces.chat import ChatSurface
 from bridge.upstreams import ProfileConfig, Router
 
+from .test_router_slots import local_upstream
+
 PRINCIPAL = Principal(account_id=1, api_key_id=1, subscription_id=1, plan_id="p", models=("glm-4.6",))
 COMPLETION = {"id": "c1", "object": "chat.completion", "created": 1, "model": "glm-4.6",
               "choices": [{"index": 0, "finish_reason": "stop",
@@ -70,13 +72,7 @@ async def test_a_wait_for_the_admission_is_the_bridges_and_a_slow_upstream_is_no
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
+    runner, port = await local_upstream(handler)
     router = Router([ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",))],
                     timeout=60, attempts=1)
     await router.start()

@@ -11,7 +11,7 @@ from bridge import wire
 from bridge.upstreams import ProfileConfig, Router
 
 
-async def _upstream(handler) -> tuple[web.AppRunner, int]:
+async def local_upstream(handler) -> tuple[web.AppRunner, int]:
     """An upstream on 127.0.0.1 answering chat completions with `handler`: (its runner, its port)."""
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
@@ -35,7 +35,7 @@ async def _slot_after_cancel_during_error_body() -> tuple[int, bool]:
         await release.wait()  # the rest of the error never comes in time
         return response
 
-    runner, port = await _upstream(handler)
+    runner, port = await local_upstream(handler)
     router = Router([ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",),
                                    concurrency=1)], timeout=60, attempts=1)
     await router.start()
@@ -78,7 +78,7 @@ async def _cookies_sent_upstream() -> list[str | None]:
         response.set_cookie("affinity", f"user-{len(seen)}")
         return response
 
-    runner, port = await _upstream(handler)
+    runner, port = await local_upstream(handler)
     # a host name, not an address: aiohttp's cookie jar keeps no cookie from an IP address
     router = Router([ProfileConfig(name="p", base_url=f"http://localhost:{port}/v1", keys=("k1",))],
                     timeout=60, attempts=1)
