@@ -61,7 +61,7 @@ class Flight:
     __slots__ = ("entry", "entry_text", "entry_hex", "principal", "surface", "model", "shown_model",
                  "prompt_estimate",
                  "raw_prompt", "kind", "meter", "decoder", "response", "accepted", "status",
-                 "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at",
+                 "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at", "told_overhead_ms",
                  "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap", "_born")
 
     def __init__(self, flights: "Flights", *, entry: uuid.UUID, principal: Principal, surface: str,
@@ -90,6 +90,9 @@ class Flight:
         self.first_token: float | None = None  # the first answer bytes went to the client
         self.upstream_done: float | None = None
         self.ended_at: float | None = None
+        # the bridge's own time as the reply's header said it (`Journey.handle`): the access
+        # line and the histogram say the same, for a stream too, whose upstream time runs to its end
+        self.told_overhead_ms: float | None = None
         self.lease_deadline = time.monotonic() + flights.settings.reservation_lease
         self._ended = False
         self._draining = False
@@ -395,9 +398,11 @@ class Flights:
         upstream_ms = 0.0
         if flight.forwarded is not None:
             upstream_ms = ((flight.upstream_done or now) - flight.forwarded) * 1000
-        total_ms = (now - flight.started) * 1000
+        overhead_ms = flight.told_overhead_ms
+        if overhead_ms is None:  # no reply was made (the client went away first)
+            overhead_ms = max(0.0, (now - flight.started) * 1000 - upstream_ms)
         metrics = self.metrics
-        metrics.request(flight.surface, flight.model, flight.status, max(0.0, total_ms - upstream_ms) / 1000,
+        metrics.request(flight.surface, flight.model, flight.status, overhead_ms / 1000,
                         flight.first_token - flight.started if flight.first_token is not None else None)
         metrics.settled(time.monotonic() - now)
         if billed is not None and settlement.state != "voided":
@@ -412,7 +417,7 @@ class Flights:
             "completion_tokens": settlement.counts.completion_tokens,
             "cached_tokens": settlement.counts.cached_tokens, "billed": billed,
             "estimated": settlement.estimated, "state": settlement.state, "cause": settlement.reason,
-            "overhead_ms": round(max(0.0, total_ms - upstream_ms), 2), "upstream_ms": round(upstream_ms, 2),
+            "overhead_ms": round(overhead_ms, 2), "upstream_ms": round(upstream_ms, 2),
             "outcome": outcome})
 
     def end_all(self, cause: str) -> int:

@@ -164,7 +164,8 @@ class Journey:
             opening.cancel()
             flight.client_gone()
             raise
-        reply.headers[OVERHEAD_HEADER] = f"{flight.overhead_ms():.2f}"
+        flight.told_overhead_ms = flight.overhead_ms()
+        reply.headers[OVERHEAD_HEADER] = f"{flight.told_overhead_ms:.2f}"
         return reply
 
     def warn_stalled(self, after: float) -> None:

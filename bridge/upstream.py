@@ -34,23 +34,25 @@ class UpstreamResponse:
     __slots__ = ("_response", "_on_done", "content", "profile", "price", "arrived", "_body_done")
 
     def __init__(self, response: aiohttp.ClientResponse, on_done: Callable[[], None],
-                 profile: str | None = None, price=None) -> None:
+                 profile: str | None = None, price=None, *, stream: bool = False) -> None:
         self._response = response
         self._on_done: Callable[[], None] | None = on_done
         self.content = response.content
         self.profile = profile
         self.price = price
         self.arrived = time.monotonic()  # made as the status and headers are read
-        # stamped by the body's reader at its end; a list, not a method of self: the reader keeps
-        # its callbacks until that end, which a stream cut short never reaches, and must not
-        # hold this response (and its ClientResponse) in a cycle meanwhile
-        body_done: list[float] = []
-        self._body_done = body_done
-        response.content.on_eof(lambda: body_done.append(time.monotonic()))
+        # A whole answer's end is stamped by its reader (a stream's relay reads as it comes, so
+        # it is not, and an idle stream keeps nothing for it); a closure over a list, so that
+        # the reader, which keeps its callbacks until then, keeps nothing of this object
+        self._body_done: list[float] | None = None
+        if not stream:
+            body_done: list[float] = []
+            self._body_done = body_done
+            response.content.on_eof(lambda: body_done.append(time.monotonic()))
 
     @property
     def body_done(self) -> float | None:
-        """When the body's last byte came, if it has."""
+        """When a whole answer's last byte came, if it has (None for a stream)."""
         return self._body_done[0] if self._body_done else None
 
     async def read(self) -> bytes:

@@ -535,7 +535,7 @@ class Router:
             body = wire.encoder.encode(request)
             try:
                 return await self._post(profile, key, slot, body, headers, request_id,
-                                        profile.price(request.model))
+                                        profile.price(request.model), bool(request.stream))
             except _RefusedStreamOptions:
                 # remembered for every later request; this one is resent at once, without it
                 log.warning("upstream refuses stream_options; no longer asking it for stream usage",
@@ -543,7 +543,7 @@ class Router:
                 profile.ask_usage = False
 
     async def _post(self, profile: Profile, key: _Key, slot: int | None, body: bytes,
-                    headers: dict[str, str], request_id: str, price: Price) -> UpstreamResponse:
+                    headers: dict[str, str], request_id: str, price: Price, stream: bool) -> UpstreamResponse:
         assert self._session is not None
         try:
             response = await self._session.post(profile.url, data=body, headers=headers)
@@ -574,7 +574,7 @@ class Router:
             at_once = response.status in (401, 403) or error.code in _QUOTA_CODES
             raise _Failure(error, key_fault=error.kind in _RETRY_ON or at_once, at_once=at_once)
         key.served += 1
-        return UpstreamResponse(response, lambda: self._give_back(key, slot), profile.name, price)
+        return UpstreamResponse(response, lambda: self._give_back(key, slot), profile.name, price, stream=stream)
 
     # ---- health ------------------------------------------------------------------------------
 

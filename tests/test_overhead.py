@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 from aiohttp import web
 
 from bridge.journey import OVERHEAD_HEADER, Journey
+from bridge.metrics import NoMetrics
 from bridge.ports import Admission, Principal, Reservation, Settlement
 from bridge.settings import BridgeSettings
 from bridge.surfaces.chat import ChatSurface
@@ -28,6 +30,16 @@ COMPLETION = {"id": "c1", "object": "chat.completion", "created": 1, "model": "g
               "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
 
 
+class Recorded(NoMetrics):
+    """What the access line gives the histogram (`codeplan_bridge_overhead_seconds`)."""
+
+    def __init__(self) -> None:
+        self.overheads_ms: list[float] = []
+
+    def request(self, surface: str, model: str, status: int, overhead_s: float, ttft_s: float | None) -> None:
+        self.overheads_ms.append(overhead_s * 1000)
+
+
 class Keys:
     async def authenticate(self, key: str) -> Principal | None:
         return PRINCIPAL
@@ -38,10 +50,16 @@ class SlowLedger:
 
     def __init__(self) -> None:
         self.delay = 0.0
+        self.admitted_at: list[float] = []
 
     def admit(self, reservation: Reservation) -> "asyncio.Future[Admission]":
-        future = asyncio.get_running_loop().create_future()
-        asyncio.get_running_loop().call_later(self.delay, future.set_result, Admission("admitted", room=10**12))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def answer() -> None:
+            self.admitted_at.append(loop.time())
+            future.set_result(Admission("admitted", room=10**12))
+        loop.call_later(self.delay, answer)
         return future
 
     def settle(self, settlement: Settlement) -> "asyncio.Future[int | None]":
@@ -77,7 +95,10 @@ async def test_a_wait_for_the_admission_is_the_bridges_and_a_slow_upstream_is_no
                     timeout=60, attempts=1)
     await router.start()
     ledger = SlowLedger()
-    journey = Journey(settings=BridgeSettings(), auth=Keys(), ledger=ledger, upstream=router)
+    metrics = Recorded()
+    journey = Journey(settings=BridgeSettings(), auth=Keys(), ledger=ledger, upstream=router, metrics=metrics)
+
+    told_ms: list[float] = []
 
     async def overhead_ms(stream: bool = False) -> float:
         body = json.dumps({"model": "glm-4.6", "stream": stream,
@@ -89,18 +110,26 @@ async def test_a_wait_for_the_admission_is_the_bridges_and_a_slow_upstream_is_no
         assert reply.status == 200, reply.body
         if stream:
             assert b"hello" in b"".join([part async for part in reply.stream])
-        return float(reply.headers[OVERHEAD_HEADER])
+        told = float(reply.headers[OVERHEAD_HEADER])
+        # settled (the ledger writes at once): the access line and the histogram say the same
+        for _ in range(100):
+            if len(metrics.overheads_ms) == len(told_ms) + 1:
+                break
+            await asyncio.sleep(0.01)
+        told_ms.append(told)
+        assert metrics.overheads_ms == pytest.approx(told_ms, abs=0.01)
+        return told
 
     try:
         await overhead_ms()  # admitted first: the journey learns the subscription's room
         # forwarded early: the upstream answers at once, the admission 300 ms later
         ledger.delay = 0.3
-        asked = len(forwarded_at)
         waited_for_admission = await overhead_ms()
-        assert len(forwarded_at) == asked + 1
+        assert forwarded_at[-1] < ledger.admitted_at[-1] - 0.2  # forwarded early, answered at once
         assert waited_for_admission >= 250, waited_for_admission  # (it read ~0 before)
         # the same for a stream, whose headers go out once the upstream's status is in
         assert await overhead_ms(stream=True) >= 250
+        assert forwarded_at[-1] < ledger.admitted_at[-1] - 0.2
         # the admission at once, the upstream 300 ms: none of its time is the bridge's
         ledger.delay, upstream_delay[0] = 0.0, 0.3
         waited_for_upstream = await overhead_ms()
