@@ -61,8 +61,8 @@ class Flight:
     __slots__ = ("entry", "entry_text", "entry_hex", "principal", "surface", "model", "shown_model",
                  "prompt_estimate",
                  "raw_prompt", "kind", "meter", "decoder", "response", "accepted", "status",
-                 "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at", "told_overhead_ms",
-                 "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap", "_born")
+                 "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at",
+                 "told_overhead_ms", "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap", "_born")
 
     def __init__(self, flights: "Flights", *, entry: uuid.UUID, principal: Principal, surface: str,
                  model: str, shown_model: str, prompt_estimate: int, raw_prompt: int, kind: str,
