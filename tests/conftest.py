@@ -384,6 +384,13 @@ class TcpProxy:
         except asyncio.CancelledError:
             pass
         finally:
+            # connections still being made (a frozen proxy's, let go by `close`) are ended on
+            # this loop, as asyncio.run ends its leftovers: destroyed after it closed, each
+            # raised "Event loop is closed" from a finaliser (pytest's unraisable warning)
+            leftovers = asyncio.all_tasks(self._loop)
+            for task in leftovers:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
             self._loop.close()
 
     def _cut(self) -> bool:
