@@ -53,6 +53,9 @@ class BridgeError(Exception):
         # for context_length: the model's window and the request's size
         self.limit = limit
         self.requested = requested
+        # when the upstream router gave up (bridge/upstreams.py): the upstream's time ends there,
+        # though the request may hear it only after its admission
+        self.upstream_at: float | None = None
 
     @property
     def status(self) -> int:

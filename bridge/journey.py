@@ -104,6 +104,14 @@ def _abandon(opening: asyncio.Future) -> None:
     opening.add_done_callback(close)
 
 
+def _refused_upstream(flight: Flight, error: BridgeError) -> None:
+    """The upstream router gave up: the flight ends, its upstream time where the router gave up
+    (which may be before the admission was heard), not when the request got round to it."""
+    if error.upstream_at is not None:
+        flight.upstream_done = error.upstream_at
+    flight.end(f"upstream refused: {error.kind.value}")
+
+
 def _attach_when_open(flight: Flight) -> Callable[[asyncio.Future], None]:
     """Whenever the upstream's response arrives, it belongs to the flight: one that arrives
     after the flight ended is closed at once, never leaked with its key's slot."""
@@ -378,7 +386,7 @@ class Journey:
             response = await opening
         except BridgeError as error:
             flight.status = error.status
-            flight.end(f"upstream refused: {error.kind.value}")
+            _refused_upstream(flight, error)
             return self._error(surface, error)
         flight.accept(response)
         try:
@@ -423,7 +431,7 @@ class Journey:
                 flight.accept(opening.result())
             except BridgeError as error:
                 flight.status = error.status
-                flight.end(f"upstream refused: {error.kind.value}")
+                _refused_upstream(flight, error)
                 return self._error(surface, error)
         translator = surface.stream(flight.shown_model, flight.entry_hex, flight.prompt_estimate)
         return Reply(status=200, media_type=translator.content_type,
@@ -444,7 +452,7 @@ class Journey:
                 try:
                     flight.accept(opening.result())
                 except BridgeError as error:
-                    flight.end(f"upstream refused: {error.kind.value}")
+                    _refused_upstream(flight, error)
                     yield translator.fail(error)
                     return
             elif first:

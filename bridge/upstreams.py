@@ -418,8 +418,8 @@ class Router:
         assert self._session is not None, "Router.start() was not awaited"
         candidates = self._candidates(request.model)
         if not candidates:
-            raise BridgeError(Kind.upstream_error, f"No upstream serves the model `{request.model}` "
-                              f"right now. Request id {request_id}.")
+            raise _given_up(BridgeError(Kind.upstream_error, f"No upstream serves the model "
+                                        f"`{request.model}` right now. Request id {request_id}."))
         tried: set[str] = set()
         last: BridgeError | None = None
         for attempt in range(self._attempts):
@@ -429,7 +429,11 @@ class Router:
             profile = self._pick(candidates, tried, time.monotonic())
             if profile is None:
                 break
-            key, slot = await self._take(profile, tried, account)
+            try:
+                key, slot = await self._take(profile, tried, account)
+            except _Failure as failure:  # its keys were disabled while this request waited for a slot
+                last = failure.error
+                continue
             tried.add(key.lease_id)
             try:
                 response = await self._send(profile, key, slot, request, request_id)
@@ -437,7 +441,7 @@ class Router:
                 last = failure.error
                 self._failed(profile, key, failure)
                 if failure.error.kind not in _RETRY_ON:
-                    raise failure.error from None
+                    raise _given_up(failure.error) from None
                 log.warning("upstream attempt failed; trying another", extra={
                     "upstream": profile.name, "kind": failure.error.kind.value,
                     "code": failure.error.code, "attempt": attempt + 1})
@@ -445,7 +449,7 @@ class Router:
             self._succeeded(profile, key)
             return response
         assert last is not None
-        raise last
+        raise _given_up(last)
 
     async def _take(self, profile: Profile, tried: set[str],
                     account: Hashable = None) -> tuple[_Key, int | None]:
@@ -603,6 +607,12 @@ class Router:
                 self._on_health(profile.name, key.fingerprint, True, None)
             key.failures = key.trips = 0
             key.cooling_until = 0.0
+
+
+def _given_up(error: BridgeError) -> BridgeError:
+    """`error`, stamped with the moment the router gave up on the upstream."""
+    error.upstream_at = time.monotonic()
+    return error
 
 
 def _no_key(profile: Profile) -> _Failure:

@@ -73,11 +73,14 @@ class SlowLedger:
 
 async def test_a_wait_for_the_admission_is_the_bridges_and_a_slow_upstream_is_not():
     upstream_delay = [0.0]
+    upstream_fails = [False]
     forwarded_at: list[float] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
         forwarded_at.append(asyncio.get_running_loop().time())
         await asyncio.sleep(upstream_delay[0])
+        if upstream_fails[0]:
+            return web.json_response({"error": {"code": "1234", "message": "Network error"}}, status=500)
         if not (await request.json()).get("stream"):
             return web.json_response(COMPLETION)
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -107,7 +110,7 @@ async def test_a_wait_for_the_admission_is_the_bridges_and_a_slow_upstream_is_no
         async def read_body() -> bytes:
             return body
         reply = await journey.handle(ChatSurface(), "key", read_body)
-        assert reply.status == 200, reply.body
+        assert reply.status == (502 if upstream_fails[0] else 200), reply.body
         if stream:
             assert b"hello" in b"".join([part async for part in reply.stream])
         told = float(reply.headers[OVERHEAD_HEADER])
@@ -130,6 +133,11 @@ async def test_a_wait_for_the_admission_is_the_bridges_and_a_slow_upstream_is_no
         # the same for a stream, whose headers go out once the upstream's status is in
         assert await overhead_ms(stream=True) >= 250
         assert forwarded_at[-1] < ledger.admitted_at[-1] - 0.2
+        # an error answer too: the router gave up at once, the admission came 300 ms later
+        upstream_fails[0] = True
+        assert await overhead_ms() >= 250
+        assert forwarded_at[-1] < ledger.admitted_at[-1] - 0.2
+        upstream_fails[0] = False
         # the admission at once, the upstream 300 ms: none of its time is the bridge's
         ledger.delay, upstream_delay[0] = 0.0, 0.3
         waited_for_upstream = await overhead_ms()

@@ -98,3 +98,44 @@ def test_no_cookie_of_one_request_rides_on_the_next():
     """The upstream session is shared by every user's requests: a cookie the upstream set on one
     answer must not be sent with the next request, whoever's it is."""
     assert asyncio.run(_cookies_sent_upstream()) == [None, None, None]
+
+
+async def _waiting_when_its_keys_are_disabled() -> BaseException | None:
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"id": "c", "choices": [], "usage": {"prompt_tokens": 1,
+                                  "completion_tokens": 1, "total_tokens": 2}})
+
+    runner, port = await local_upstream(handler)
+    router = Router([ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",),
+                                   concurrency=1)], timeout=60, attempts=2)
+    await router.start()
+    request = wire.ChatRequest(model="glm-4.6", messages=[wire.Message(role="user", content="hi")])
+    try:
+        first = asyncio.ensure_future(router.open(request, "r1"))
+        await asyncio.sleep(0.2)  # it holds the one slot
+        second = asyncio.ensure_future(router.open(request, "r2"))
+        await asyncio.sleep(0.2)  # it waits for that slot
+        router.profiles[0].keys[0].enabled = False  # an operator disables the key meanwhile
+        release.set()
+        (await first).end()
+        try:
+            (await asyncio.wait_for(second, 10)).end()
+        except BaseException as exc:  # noqa: BLE001 - what the journey would get
+            return exc
+        return None
+    finally:
+        release.set()
+        await router.close()
+        await runner.cleanup()
+
+
+def test_a_request_waiting_for_a_slot_whose_keys_are_disabled_gets_the_bridges_error():
+    """Not the router's internal failure, which the journey does not catch (the client got a
+    500 and the flight ended as if the client had gone): an upstream error in its protocol."""
+    from bridge.errors import BridgeError, Kind
+    raised = asyncio.run(_waiting_when_its_keys_are_disabled())
+    assert isinstance(raised, BridgeError), repr(raised)
+    assert raised.kind is Kind.upstream_error and raised.upstream_at is not None
