@@ -107,7 +107,7 @@ def _abandon(opening: asyncio.Future) -> None:
 def _refused_upstream(flight: Flight, error: BridgeError) -> None:
     """The upstream router gave up: the flight ends, its upstream time where the router gave up
     (which may be before the admission was heard), not when the request got round to it."""
-    if error.upstream_at is not None:
+    if error.upstream_at is not None and not flight.ended:  # (ended: its figures are taken)
         flight.upstream_done = error.upstream_at
     flight.end(f"upstream refused: {error.kind.value}")
 

@@ -431,8 +431,15 @@ class Router:
                 break
             try:
                 key, slot = await self._take(profile, tried, account)
-            except _Failure as failure:  # its keys were disabled while this request waited for a slot
-                last = failure.error
+            except _Failure as failure:
+                # its keys were disabled while this request waited for a slot (the profile is
+                # dropped, the others are tried), or the database keeping the slots failed (tried
+                # again after the backoff); an upstream's answer to an earlier attempt says more
+                last = last or failure.error
+                if failure.error.kind is not Kind.unavailable:  # no usable key left in it
+                    candidates = [p for p in candidates if p is not profile]
+                    if not candidates:
+                        break
                 continue
             tried.add(key.lease_id)
             try:
@@ -520,6 +527,11 @@ class Router:
                     leases.release(*done.result())
             acquiring.add_done_callback(give_back)
             raise
+        except Exception as exc:  # noqa: BLE001 - the database keeping the slots: a 503 at last, not a 500
+            log.warning("upstream key lease failed", extra={"error": type(exc).__name__})
+            raise _Failure(BridgeError(Kind.unavailable, "The service cannot reach its database right "
+                                       "now; please retry in a few seconds.", retry_after=2),
+                           key_fault=False) from None
 
     def _give_back(self, key: _Key, slot: int | None) -> None:
         key.in_flight -= 1

@@ -139,3 +139,54 @@ def test_a_request_waiting_for_a_slot_whose_keys_are_disabled_gets_the_bridges_e
     raised = asyncio.run(_waiting_when_its_keys_are_disabled())
     assert isinstance(raised, BridgeError), repr(raised)
     assert raised.kind is Kind.upstream_error and raised.upstream_at is not None
+
+
+class _DatabaseGone:
+    """Per-key slots kept by a database that fails (service/upstream_store.py's in production)."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    async def prepare(self, key_ids: list[str], cap: int) -> None:
+        pass
+
+    async def acquire(self, key_ids: list[str], cap: int) -> tuple[str, int] | None:
+        self.asked += 1
+        raise OSError("connection refused")
+
+    def release(self, key_id: str, slot: int) -> None:
+        pass
+
+
+async def _when_the_slots_database_fails() -> tuple[BaseException | None, int, int]:
+    served: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        served.append(1)
+        return web.json_response({})
+
+    runner, port = await local_upstream(handler)
+    leases = _DatabaseGone()
+    router = Router([ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",),
+                                   concurrency=2)], timeout=60, attempts=2, leases=leases)
+    await router.start()
+    request = wire.ChatRequest(model="glm-4.6", messages=[wire.Message(role="user", content="hi")])
+    try:
+        (await asyncio.wait_for(router.open(request, "r1"), 10)).end()
+        return None, leases.asked, len(served)
+    except BaseException as exc:  # noqa: BLE001 - what the journey would get
+        return exc, leases.asked, len(served)
+    finally:
+        await router.close()
+        await runner.cleanup()
+
+
+def test_a_failed_database_of_slots_is_a_retryable_503_not_a_500():
+    """The lease of a capped key's slot is a database call: its failure is tried again once
+    (attempts=2) and then answered as our database's unavailability, never let out as an
+    exception the journey does not expect (a 500, the flight ended as if the client had gone)."""
+    from bridge.errors import BridgeError, Kind
+    raised, asked, served = asyncio.run(_when_the_slots_database_fails())
+    assert isinstance(raised, BridgeError), repr(raised)
+    assert (raised.kind, raised.status, raised.retry_after) == (Kind.unavailable, 503, 2)
+    assert asked == 2 and served == 0
