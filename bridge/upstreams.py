@@ -378,6 +378,11 @@ class Router:
                 if before.config.base_url == config.base_url:
                     profile.ask_usage = before.ask_usage  # what it learned about stream_options
             profiles.append(profile)
+        # A request waiting for a slot holds the profile it picked: one disabled or removed now
+        # must not serve it (it is told no usable key is left there, and tries the others)
+        kept = {p.name: p.enabled for p in profiles}
+        for before in self.profiles:
+            before.enabled = before.enabled and kept.get(before.name, False)
         self.profiles = profiles
         await self._prepare_leases()
 
@@ -449,7 +454,8 @@ class Router:
                 self._failed(profile, key, failure)
                 if failure.error.kind not in _RETRY_ON:
                     raise _given_up(failure.error) from None
-                log.warning("upstream attempt failed; trying another", extra={
+                log.warning("upstream attempt failed" + ("; trying another" if attempt + 1 < self._attempts
+                                                         else "; no attempts left"), extra={
                     "upstream": profile.name, "kind": failure.error.kind.value,
                     "code": failure.error.code, "attempt": attempt + 1})
                 continue

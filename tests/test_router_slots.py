@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from aiohttp import web
 
 from bridge import wire
@@ -100,7 +101,7 @@ def test_no_cookie_of_one_request_rides_on_the_next():
     assert asyncio.run(_cookies_sent_upstream()) == [None, None, None]
 
 
-async def _waiting_when_its_keys_are_disabled() -> BaseException | None:
+async def _waiting_when_its_keys_are_disabled(how: str) -> BaseException | None:
     release = asyncio.Event()
 
     async def handler(request: web.Request) -> web.Response:
@@ -109,8 +110,8 @@ async def _waiting_when_its_keys_are_disabled() -> BaseException | None:
                                   "completion_tokens": 1, "total_tokens": 2}})
 
     runner, port = await local_upstream(handler)
-    router = Router([ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",),
-                                   concurrency=1)], timeout=60, attempts=2)
+    config = ProfileConfig(name="p", base_url=f"http://127.0.0.1:{port}/v1", keys=("k1",), concurrency=1)
+    router = Router([config], timeout=60, attempts=2)
     await router.start()
     request = wire.ChatRequest(model="glm-4.6", messages=[wire.Message(role="user", content="hi")])
     try:
@@ -118,7 +119,12 @@ async def _waiting_when_its_keys_are_disabled() -> BaseException | None:
         await asyncio.sleep(0.2)  # it holds the one slot
         second = asyncio.ensure_future(router.open(request, "r2"))
         await asyncio.sleep(0.2)  # it waits for that slot
-        router.profiles[0].keys[0].enabled = False  # an operator disables the key meanwhile
+        # an operator disables the key, or the whole upstream, meanwhile (the admin API; the
+        # store's refresh hands the router the new profiles)
+        if how == "key":
+            await router.replace([config], {}, {"p": frozenset({router.profiles[0].keys[0].fingerprint})})
+        else:
+            await router.replace([config], {"p": False}, {})
         release.set()
         (await first).end()
         try:
@@ -132,11 +138,13 @@ async def _waiting_when_its_keys_are_disabled() -> BaseException | None:
         await runner.cleanup()
 
 
-def test_a_request_waiting_for_a_slot_whose_keys_are_disabled_gets_the_bridges_error():
-    """Not the router's internal failure, which the journey does not catch (the client got a
-    500 and the flight ended as if the client had gone): an upstream error in its protocol."""
+@pytest.mark.parametrize("how", ["key", "profile"])
+def test_a_request_waiting_for_a_slot_whose_keys_are_disabled_gets_the_bridges_error(how):
+    """Not served by what the operator disabled, and not the router's internal failure, which
+    the journey does not catch (the client got a 500 and the flight ended as if the client had
+    gone): an upstream error in its protocol."""
     from bridge.errors import BridgeError, Kind
-    raised = asyncio.run(_waiting_when_its_keys_are_disabled())
+    raised = asyncio.run(_waiting_when_its_keys_are_disabled(how))
     assert isinstance(raised, BridgeError), repr(raised)
     assert raised.kind is Kind.upstream_error and raised.upstream_at is not None
 
