@@ -134,9 +134,11 @@ class Flight:
     def ended(self) -> bool:
         return self._ended
 
-    def overhead_ms(self) -> float:
-        """Time the bridge itself spent so far: everything but waiting for the upstream."""
-        now = time.monotonic()
+    def overhead_ms(self, now: float | None = None) -> float:
+        """Time the bridge itself spent until `now` (by default, now): everything but waiting
+        for the upstream."""
+        if now is None:
+            now = time.monotonic()
         upstream = 0.0
         if self.forwarded is not None:
             upstream = (self.upstream_done or self.opened or now) - self.forwarded
@@ -400,7 +402,7 @@ class Flights:
             upstream_ms = ((flight.upstream_done or now) - flight.forwarded) * 1000
         overhead_ms = flight.told_overhead_ms
         if overhead_ms is None:  # no reply was made (the client went away first)
-            overhead_ms = max(0.0, (now - flight.started) * 1000 - upstream_ms)
+            overhead_ms = flight.overhead_ms(now)
         metrics = self.metrics
         metrics.request(flight.surface, flight.model, flight.status, overhead_ms / 1000,
                         flight.first_token - flight.started if flight.first_token is not None else None)
