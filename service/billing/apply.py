@@ -32,11 +32,17 @@ INVOICE_EVENTS = {
     "invoice.updated": None, "invoice.voided": None, "invoice.marked_uncollectible": None,
     "invoice.payment_failed": "payment_failed", "invoice.payment_action_required": "action_required"}
 CHECKOUT_EVENTS = {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
-REFUND_EVENTS = {"charge.refunded", "charge.refund.updated", "refund.created", "refund.updated"}
+# what of a top-up's payment we keep: refunds, and disputes (chargebacks), which withdraw money
+# without refunding it
+MONEY_BACK_EVENTS = {
+    "charge.refunded", "charge.refund.updated", "refund.created", "refund.updated", "refund.failed",
+    "charge.dispute.created", "charge.dispute.updated", "charge.dispute.closed",
+    "charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated"}
 
 _ref = msgspec.json.Decoder(wire.Ref)
 _invoice_ref = msgspec.json.Decoder(wire.Invoice)
 _refund_ref = msgspec.json.Decoder(wire.Refund)
+_dispute_ref = msgspec.json.Decoder(wire.Dispute)
 _event = msgspec.json.Decoder(wire.Event)
 
 
@@ -94,13 +100,14 @@ class EventApplier:
                 await self.invoice(conn, invoice.id, invoice.subscription, INVOICE_EVENTS[event.type])
             elif event.type in CHECKOUT_EVENTS:
                 await self.checkout(conn, _ref.decode(raw).id or "")
-            elif event.type in REFUND_EVENTS:
-                if event.type.startswith("refund."):
-                    charge = _refund_ref.decode(raw).charge
-                else:
-                    charge = _ref.decode(raw).id
+            elif event.type in MONEY_BACK_EVENTS:
+                # a refund's or a dispute's events carry that object (charge.refund.updated a
+                # refund too), charge.refunded the charge
+                kind = _ref.decode(raw).object
+                charge = (_refund_ref.decode(raw).charge if kind == "refund"
+                          else _dispute_ref.decode(raw).charge if kind == "dispute" else _ref.decode(raw).id)
                 if charge:
-                    await self.refund(conn, charge)
+                    await self.money_back(conn, charge)
             else:
                 return "ignored"
         except stripe.InvalidRequestError as exc:
@@ -235,13 +242,14 @@ class EventApplier:
         tokens = session.metadata.get("codeplan_topup_tokens", "")
         if not tokens.isdigit() or int(tokens) <= 0:
             raise Ignored(f"payment {session.id} is not a Codeplan top-up")
-        refunded = 0
+        refunded = disputed = 0
         if session.payment_intent:
-            # a refund may have been processed before this purchase (events are unordered)
+            # a refund or a dispute may have come before this purchase was applied (events are
+            # unordered)
             await self._lock(conn, session.payment_intent)
             intent = await self._api.payment_intent(session.payment_intent)
             if intent.latest_charge:
-                refunded = (await self._api.charge(intent.latest_charge)).amount_refunded
+                refunded, disputed = await self._not_kept(await self._api.charge(intent.latest_charge))
         inserted = await conn.fetchval(
             "INSERT INTO topups (account_id, tokens, amount, currency, expires_at, stripe_checkout_session_id,"
             " stripe_payment_intent_id) VALUES ($1, $2, $3, $4, now() + make_interval(days => $5), $6, $7)"
@@ -250,21 +258,34 @@ class EventApplier:
             self._config.topup_valid_days, session.id, session.payment_intent)
         if inserted:
             window = await conn.fetchval("SELECT billing_topup_attach($1)", inserted)
-            if refunded and session.payment_intent:
-                await conn.fetchval("SELECT billing_topup_refund($1, $2)", session.payment_intent, refunded)
+            if (refunded or disputed) and session.payment_intent:
+                await conn.fetchval("SELECT billing_topup_money_back($1, $2, $3)", session.payment_intent,
+                                    refunded, disputed)
             log.info("top-up bought", extra={"account": account, "tokens": int(tokens), "topup": inserted,
                                              "window": window})
 
-    async def refund(self, conn: asyncpg.Connection, charge_id: str) -> None:
+    async def _not_kept(self, charge: wire.Charge) -> tuple[int, int]:
+        """What of `charge` is refunded, and what its disputes have withdrawn, as Stripe says now."""
+        disputed = 0
+        if charge.payment_intent:
+            disputed = sum(d.withdrawn for d in await self._api.disputes_of(charge.payment_intent)
+                           if d.charge in (None, charge.id))
+        return charge.amount_refunded, disputed
+
+    async def money_back(self, conn: asyncpg.Connection, charge_id: str) -> None:
+        """A top-up's block revoked in proportion to what of its payment we no longer keep, or
+        given back as that falls (a dispute won, a refund that failed)."""
         charge = await self._api.charge(charge_id)
         if not charge.payment_intent:
             raise Ignored(f"charge {charge.id} has no payment intent")
         await self._lock(conn, charge.payment_intent)
         charge = await self._api.charge(charge_id)  # read again under the lock
-        taken = await conn.fetchval("SELECT billing_topup_refund($1, $2)", charge.payment_intent,
-                                    charge.amount_refunded)
-        if taken is None:
+        refunded, disputed = await self._not_kept(charge)
+        change = await conn.fetchval("SELECT billing_topup_money_back($1, $2, $3)", charge.payment_intent,
+                                     refunded, disputed)
+        if change is None:
             raise Ignored(f"charge {charge.id} is not for a top-up (subscription refunds change no allowance)")
-        if taken:
-            log.info("top-up refunded", extra={"payment_intent": charge.payment_intent,
-                                               "amount_refunded": charge.amount_refunded, "tokens_taken_back": taken})
+        if change:
+            log.info("top-up taken back" if change > 0 else "top-up given back", extra={
+                "payment_intent": charge.payment_intent, "amount_refunded": refunded, "amount_disputed": disputed,
+                "tokens": abs(change)})

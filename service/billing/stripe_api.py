@@ -131,6 +131,10 @@ class StripeAPI:
     async def charge(self, ident: str) -> wire.Charge:
         return await self._decode(self._client.v1.charges.retrieve_async(ident), wire.Charge)
 
+    async def disputes_of(self, payment_intent: str) -> list[wire.Dispute]:
+        return await self._all(lambda after: self._client.v1.disputes.list_async(
+            {"payment_intent": payment_intent, "limit": 100, **after}), wire.Dispute)
+
     async def payment_intent(self, ident: str) -> wire.PaymentIntent:
         return await self._decode(self._client.v1.payment_intents.retrieve_async(ident), wire.PaymentIntent)
 

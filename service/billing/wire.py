@@ -177,6 +177,23 @@ class Refund(msgspec.Struct):
     amount: int = 0
 
 
+# a dispute's statuses that withdraw nothing: an inquiry (warning_*), a dispute won or prevented;
+# every other status, a future one too, is money Stripe has taken back from us
+DISPUTE_KEEPS = frozenset({"warning_needs_response", "warning_under_review", "warning_closed", "won", "prevented"})
+
+
+class Dispute(msgspec.Struct):
+    id: str
+    amount: int = 0
+    charge: str | None = None
+    payment_intent: str | None = None
+    status: str | None = None
+
+    @property
+    def withdrawn(self) -> int:
+        return 0 if self.status in DISPUTE_KEEPS else self.amount
+
+
 class MeterEvent(msgspec.Struct):
     identifier: str
     event_name: str

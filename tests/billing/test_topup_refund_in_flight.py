@@ -156,3 +156,40 @@ async def test_a_block_refunded_before_it_is_attached_starts_at_what_is_left(fre
         assert (start["allowance"], start["revoke_owed"]) == (BLOCK - BLOCK // 4, 0)
     finally:
         await conn.close()
+
+
+async def _money_back(conn: asyncpg.Connection, topup: int, refunded: int, disputed: int) -> int:
+    intent = await conn.fetchval("SELECT stripe_payment_intent_id FROM topups WHERE id = $1", topup)
+    return await conn.fetchval("SELECT billing_topup_money_back($1, $2, $3)", intent, refunded, disputed)
+
+
+async def test_a_dispute_won_gives_back_what_it_took_and_forgives_what_was_still_owed(fresh_database):
+    conn, sub, key, window, topup = await _setup(fresh_database)
+    try:
+        entry = await _admit(conn, sub, key, 40_000)  # the block holds 34,900
+        # a quarter refunded, then the rest disputed (a chargeback withdraws it): all of it revoked,
+        # what requests in flight hold owed
+        assert await _money_back(conn, topup, 250, 0) == BLOCK // 4
+        assert await _money_back(conn, topup, 250, 750) == BLOCK - BLOCK // 4
+        now = await _window(conn, window)
+        assert (now["allowance"], now["revoke_owed"], _room(now)) == (34_900, 34_900, 0)
+        assert await _money_back(conn, topup, 250, 750) == 0  # redelivered: nothing
+        # the bank decides for us: the disputed three quarters come back, the refunded quarter
+        # stays revoked; the owed part is forgiven first, the rest goes back to the allowance
+        assert await _money_back(conn, topup, 250, 0) == -(BLOCK - BLOCK // 4)
+        won = await _window(conn, window)
+        assert (won["allowance"], won["held"], won["revoke_owed"]) == (BLOCK - BLOCK // 4, 34_900, 0)
+        # what the block is worth now: bought less the refunded quarter, whatever the order of events
+        await _settle(conn, entry, 50)
+        after = await _window(conn, window)
+        assert after["revoke_owed"] == 0
+        assert after["allowance"] == BLOCK - BLOCK // 4
+        row = await conn.fetchrow("SELECT amount_refunded, amount_disputed, tokens_revoked FROM topups WHERE id = $1",
+                                  topup)
+        assert tuple(row) == (250, 0, BLOCK // 4)
+        # an older process's refund call keeps the dispute figure the newer one recorded
+        assert await _money_back(conn, topup, 250, 750) == BLOCK - BLOCK // 4
+        assert await _refund(conn, topup, 250) == 0
+        assert (await conn.fetchval("SELECT tokens_revoked FROM topups WHERE id = $1", topup)) == BLOCK
+    finally:
+        await conn.close()

@@ -214,3 +214,48 @@ def test_overage_beyond_the_window_up_to_the_cap_billed_once_through_the_meter(d
                                       " WHERE stripe_subscription_id = $1 AND billing_reason = 'subscription_cycle'",
                             mirror["stripe_subscription_id"])
     assert [(r["amount_due"], r["status"]) for r in renewal] == [(100 + overage["posted"], "paid")]
+
+
+def test_a_disputed_topup_is_taken_back_and_given_back_when_the_dispute_is_won(database, fake, service):
+    key = new_user(database, "tiny")
+    topup = buy_topup(service, fake, database, key)
+    client = fake.client()
+    charge = client.v1.payment_intents.retrieve(topup["stripe_payment_intent_id"]).latest_charge
+
+    def block() -> tuple[int, int, int]:
+        row = one(database, "SELECT t.amount_disputed, t.tokens_revoked, q.allowance FROM topups t"
+                            " JOIN quota_windows q ON q.id = t.window_id WHERE t.id = $1", topup["id"])
+        return tuple(row)
+
+    # an inquiry withdraws nothing: the block stays
+    inquiry = fake.dispute(charge, "warning_needs_response")
+    events_settled(database, fake)
+    assert block() == (0, 0, 20_000_000)
+    fake.close_dispute(inquiry["id"], "warning_closed")
+    # a chargeback withdraws the payment at once: the block is taken back with it
+    dispute = fake.dispute(charge)
+    events_settled(database, fake)
+    assert block() == (1000, 20_000_000, 0)
+    # the dispute won, the money reinstated: the block comes back
+    fake.close_dispute(dispute["id"], "won")
+    events_settled(database, fake)
+    assert block() == (0, 0, 20_000_000)
+    types = {r["type"]: r["state"] for r in settled_query(
+        database, "SELECT type, state FROM stripe_events WHERE type LIKE 'charge.dispute.%'")}
+    assert set(types) == {"charge.dispute.created", "charge.dispute.funds_withdrawn", "charge.dispute.closed",
+                          "charge.dispute.funds_reinstated"} and set(types.values()) == {"applied"}
+
+
+def test_a_dispute_lost_after_a_partial_refund_takes_back_the_whole_block(database, fake, service):
+    key = new_user(database, "tiny")
+    topup = buy_topup(service, fake, database, key)
+    client = fake.client()
+    client.v1.refunds.create({"payment_intent": topup["stripe_payment_intent_id"], "amount": 400})
+    events_settled(database, fake)
+    charge = client.v1.payment_intents.retrieve(topup["stripe_payment_intent_id"]).latest_charge
+    dispute = fake.dispute(charge)  # what was not refunded
+    fake.close_dispute(dispute["id"], "lost")
+    events_settled(database, fake)
+    row = one(database, "SELECT t.amount_refunded, t.amount_disputed, t.tokens_revoked, q.allowance FROM topups t"
+                        " JOIN quota_windows q ON q.id = t.window_id WHERE t.id = $1", topup["id"])
+    assert tuple(row) == (400, 600, 20_000_000, 0)

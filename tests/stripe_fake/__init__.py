@@ -52,6 +52,13 @@ class Control:
     def schedule_price(self, subscription: str, price: str) -> dict[str, Any]:
         return self.call("POST", f"subscriptions/{subscription}/schedule_price", {"price": price})
 
+    def dispute(self, charge: str, status: str = "needs_response") -> dict[str, Any]:
+        """The cardholder's bank disputes `charge` (a chargeback; `warning_needs_response` an inquiry)."""
+        return self.call("POST", f"charges/{charge}/dispute", {"status": status})
+
+    def close_dispute(self, dispute: str, status: str) -> dict[str, Any]:
+        return self.call("POST", f"disputes/{dispute}/close", {"status": status})
+
     def settings(self, **values: Any) -> dict[str, Any]:
         return self.call("POST", "settings", values)
 

@@ -77,6 +77,8 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
         ("GET", r"/v1/charges/(?P<id>[^/]+)", get_only(lambda s, i: s.charge(i))),
         ("POST", r"/v1/refunds", lambda s, m, p: s.create_refund(p)),
         ("GET", r"/v1/refunds/(?P<id>[^/]+)", get_only(Store.refund)),
+        ("GET", r"/v1/disputes", lambda s, m, p: s.list_disputes(p)),
+        ("GET", r"/v1/disputes/(?P<id>[^/]+)", get_only(Store.dispute)),
         ("GET", r"/v1/events", lambda s, m, p: s.list_events(p)),
         ("GET", r"/v1/events/(?P<id>[^/]+)", get_only(Store.event)),
     ]
@@ -380,6 +382,10 @@ class FakeStripe:
                 raise ValueError("behavior is ok, decline or requires_action")
             store.payment_behavior[match.group(1)] = body["behavior"]
             return {"ok": True}
+        if match := re.fullmatch(r"charges/([^/]+)/dispute", path):
+            return store.open_dispute(match.group(1), body.get("status", "needs_response"))
+        if match := re.fullmatch(r"disputes/([^/]+)/close", path):
+            return store.close_dispute(match.group(1), body["status"])
         if match := re.fullmatch(r"subscriptions/([^/]+)/schedule_price", path):
             return store.schedule_price(match.group(1), body["price"])
         if path == "settings":
@@ -405,7 +411,8 @@ class FakeStripe:
         if path == "objects":
             return {"customers": list(store.customers.values()), "subscriptions": list(store.subscriptions.values()),
                     "invoices": list(store.invoices.values()), "sessions": list(store.sessions.values()),
-                    "charges": list(store.charges.values()), "refunds": list(store.refunds.values())}
+                    "charges": list(store.charges.values()), "refunds": list(store.refunds.values()),
+                    "disputes": list(store.disputes.values())}
         if path == "webhooks/endpoints":
             if method == "DELETE":
                 self.endpoints.clear()

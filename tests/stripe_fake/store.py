@@ -190,6 +190,7 @@ class Store:
         self.payment_intents: dict[str, dict[str, Any]] = {}
         self.charges: dict[str, dict[str, Any]] = {}
         self.refunds: dict[str, dict[str, Any]] = {}
+        self.disputes: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.undelivered: list[dict[str, Any]] = []  # events the server has not handed to delivery yet
         self.payment_behavior: dict[str, str] = {}  # customer -> ok | decline | requires_action
@@ -1232,6 +1233,55 @@ class Store:
         if found is None:
             raise no_such("refund", ident)
         return found
+
+    # ---- disputes (a cardholder's bank takes a payment back) ----------------------------------
+
+    DISPUTE_WITHDRAWS = ("needs_response", "under_review", "lost")
+
+    def open_dispute(self, charge_id: str, status: str = "needs_response") -> dict[str, Any]:
+        """What Stripe does when a bank disputes a charge: a Dispute, `charge.disputed`, and for a
+        chargeback (not an inquiry, `warning_*`) the funds withdrawn at once."""
+        charge = self.charge(charge_id)
+        dispute = self._keep(self.disputes, {
+            "id": self.new_id("du_"), "object": "dispute", "amount": charge["amount"] - charge["amount_refunded"],
+            "balance_transactions": [], "charge": charge["id"], "created": self.now(), "currency": charge["currency"],
+            "evidence_details": {"due_by": self.now() + 7 * 86400, "has_evidence": False, "past_due": False,
+                                 "submission_count": 0},
+            "is_charge_refundable": False, "livemode": False, "metadata": {},
+            "payment_intent": charge["payment_intent"], "reason": "fraudulent", "status": status})
+        charge["disputed"] = True
+        self.emit("charge.dispute.created", dispute)
+        if status in self.DISPUTE_WITHDRAWS:
+            dispute["balance_transactions"].append(self.new_id("txn_"))
+            self.emit("charge.dispute.funds_withdrawn", dispute)
+        return dispute
+
+    def close_dispute(self, ident: str, status: str) -> dict[str, Any]:
+        """The bank's decision: `won` reinstates the funds, `lost` keeps them withdrawn."""
+        dispute = self.dispute(ident)
+        if status not in ("won", "lost", "warning_closed"):
+            raise ValueError("a dispute closes as won, lost or warning_closed")
+        previous = {"status": dispute["status"]}
+        dispute["status"] = status
+        self.emit("charge.dispute.closed", dispute, previous)
+        if status == "won" and dispute["balance_transactions"]:
+            dispute["balance_transactions"].append(self.new_id("txn_"))
+            self.emit("charge.dispute.funds_reinstated", dispute)
+        return dispute
+
+    def dispute(self, ident: str) -> dict[str, Any]:
+        found = self.disputes.get(ident)
+        if found is None:
+            raise no_such("dispute", ident)
+        return found
+
+    def list_disputes(self, params: dict[str, Any]) -> dict[str, Any]:
+        allow(params, {"charge", "payment_intent", "limit", "starting_after", "ending_before", "created"})
+        rows = list(self.disputes.values())
+        for field in ("charge", "payment_intent"):
+            if params.get(field):
+                rows = [r for r in rows if r[field] == params[field]]
+        return self.page("/v1/disputes", rows, params)
 
     # ---- events ----------------------------------------------------------------------
 
