@@ -277,3 +277,29 @@ def test_a_window_opening_while_the_plan_changes_takes_the_new_plan(database, fa
     asyncio.run(race())
     assert replies == [200]
     assert user.windows() == {"5h": 800_000_000, "week": 4_000_000_000}
+
+
+def test_an_upgrade_whose_payment_fails_keeps_the_paid_plan_until_it_is_paid(database, fake, service):
+    user = Subscriber(database, fake, service, "lite")
+    assert user.chat() == 200
+    fake.payment_behavior(user.customer, "decline")  # the card now fails
+    sub = user.stripe()
+    max_price = fake.client().v1.prices.list({"lookup_keys": ["codeplan_max_month"]}).data[0]
+    fake.client().v1.subscriptions.update(user.stripe_id, {
+        "items": [{"id": sub["items"].data[0].id, "price": max_price.id}], "proration_behavior": "always_invoice"})
+    user.settle()
+    # Stripe holds the new price, past_due, its proration invoice open: the plan stays lite (the
+    # account is in its grace period, so it is still served)
+    assert (user.stripe().status, user.stripe()["items"].data[0].price.lookup_key) == ("past_due", "codeplan_max_month")
+    proration = user.open_invoice()
+    assert proration["billing_reason"] == "subscription_update" and proration["amount_paid"] == 0
+    row = user.row()
+    assert (row["plan_id"], row["status"], row["refusal"]) == ("lite", "active", None)
+    assert user.windows() == {"5h": 40_000_000, "week": 200_000_000}
+    assert user.chat() == 200
+    # paid: the upgrade reaches the open windows
+    fake.payment_behavior(user.customer, "ok")
+    fake.client().v1.invoices.pay(proration["stripe_invoice_id"])
+    user.settle()
+    assert (user.row()["plan_id"], user.row()["status"]) == ("max", "active")
+    assert user.windows() == {"5h": 800_000_000, "week": 4_000_000_000}

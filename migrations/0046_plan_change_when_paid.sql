@@ -1,0 +1,134 @@
+-- An upgrade whose payment fails does not give the bigger plan.
+--
+-- Stripe applies a subscription's new price at once and, with its default payment_behavior
+-- (allow_incomplete), leaves the proration invoice open and the subscription past_due when the
+-- card declines. 0011 changed the Codeplan plan whenever the subscription was not cancelled, and a
+-- past_due subscription inside its grace period is active here: the subscriber had the bigger
+-- plan unpaid for the whole grace (3 days by default), and could then let dunning cancel it
+-- (found by a review, proven against the Stripe fake). Now a plan change is applied only while
+-- Stripe says active or trialing; the mirror (stripe_subscriptions) still records the price
+-- Stripe holds, and the change is applied by the event that follows the invoice's payment. A
+-- downgrade made while past_due likewise waits for the account to be in good standing.
+--
+-- Everything else is 0011's function, replaced whole (same signature).
+
+CREATE OR REPLACE FUNCTION billing_apply_subscription(
+    p_stripe_id text, p_account_id bigint, p_customer text, p_status text, p_plan_id text,
+    p_price_id text, p_period_start timestamptz, p_period_end timestamptz, p_has_overage_item boolean,
+    p_cancel_at_period_end boolean, p_cancel_at timestamptz, p_ended_at timestamptz,
+    p_grace_seconds double precision)
+RETURNS TABLE (outcome text, subscription_id bigint, detail text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    mirror stripe_subscriptions;
+    local subscriptions;
+    live subscriptions;
+    v_since timestamptz;
+    v_alive boolean := p_status IN ('active', 'trialing', 'past_due', 'unpaid', 'paused');
+    v_target text;
+BEGIN
+    PERFORM 1 FROM accounts a WHERE a.id = p_account_id FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT 'no_account'::text, NULL::bigint, NULL::text;
+        RETURN;
+    END IF;
+    SELECT * INTO mirror FROM stripe_subscriptions m WHERE m.stripe_subscription_id = p_stripe_id FOR UPDATE;
+    v_since := CASE WHEN p_status = 'past_due' THEN
+                   CASE WHEN mirror.status = 'past_due' THEN coalesce(mirror.past_due_since, now()) ELSE now() END
+               END;
+    INSERT INTO stripe_subscriptions AS m (
+        stripe_subscription_id, account_id, stripe_customer_id, status, plan_id, stripe_price_id,
+        current_period_start, current_period_end, has_overage_item, cancel_at_period_end, cancel_at,
+        ended_at, past_due_since, grace_until, synced_at)
+    VALUES (p_stripe_id, p_account_id, p_customer, p_status, p_plan_id, p_price_id, p_period_start,
+            p_period_end, p_has_overage_item, p_cancel_at_period_end, p_cancel_at, p_ended_at, v_since,
+            v_since + make_interval(secs => p_grace_seconds), now())
+    ON CONFLICT (stripe_subscription_id) DO UPDATE SET
+        status = excluded.status, plan_id = coalesce(excluded.plan_id, m.plan_id),
+        stripe_price_id = excluded.stripe_price_id, current_period_start = excluded.current_period_start,
+        current_period_end = excluded.current_period_end, has_overage_item = excluded.has_overage_item,
+        cancel_at_period_end = excluded.cancel_at_period_end, cancel_at = excluded.cancel_at,
+        ended_at = excluded.ended_at, past_due_since = excluded.past_due_since,
+        grace_until = CASE WHEN m.past_due_since = excluded.past_due_since THEN m.grace_until
+                           ELSE excluded.grace_until END,
+        synced_at = now()
+    RETURNING * INTO mirror;
+
+    IF mirror.subscription_id IS NOT NULL THEN
+        SELECT * INTO local FROM subscriptions s WHERE s.id = mirror.subscription_id FOR NO KEY UPDATE;
+    END IF;
+    IF local.id IS NULL THEN
+        IF NOT v_alive THEN
+            RETURN QUERY SELECT 'not_live'::text, NULL::bigint, p_status;
+            RETURN;
+        END IF;
+        IF mirror.plan_id IS NULL THEN
+            RETURN QUERY SELECT 'unknown_plan'::text, NULL::bigint, p_price_id;
+            RETURN;
+        END IF;
+        SELECT * INTO live FROM subscriptions s
+         WHERE s.account_id = mirror.account_id AND s.status <> 'canceled' FOR NO KEY UPDATE;
+        IF live.id IS NOT NULL AND live.stripe_subscription_id IS NOT NULL
+           AND live.stripe_subscription_id <> p_stripe_id THEN
+            RETURN QUERY SELECT 'conflict'::text, live.id, live.stripe_subscription_id;
+            RETURN;
+        END IF;
+        IF live.id IS NOT NULL THEN
+            UPDATE subscriptions s SET stripe_subscription_id = p_stripe_id WHERE s.id = live.id
+            RETURNING * INTO local;
+        ELSE
+            INSERT INTO subscriptions (account_id, plan_id, status, stripe_subscription_id)
+            VALUES (mirror.account_id, mirror.plan_id, 'active', p_stripe_id)
+            RETURNING * INTO local;
+            -- top-ups outlive the subscription they were bought under: unexpired blocks of the
+            -- account's ended subscriptions move to this one (under each one's mutex, in id order)
+            PERFORM 1 FROM subscription_flights f
+             WHERE f.subscription_id IN (SELECT q.subscription_id FROM quota_windows q
+                                           JOIN subscriptions s ON s.id = q.subscription_id
+                                          WHERE s.account_id = mirror.account_id AND s.status = 'canceled'
+                                            AND q.kind = 'topup' AND q.ends_at > now())
+             ORDER BY f.subscription_id FOR NO KEY UPDATE;
+            UPDATE quota_windows q SET subscription_id = local.id
+              FROM subscriptions s
+             WHERE s.id = q.subscription_id AND s.account_id = mirror.account_id AND s.status = 'canceled'
+               AND q.kind = 'topup' AND q.ends_at > now();
+        END IF;
+        UPDATE stripe_subscriptions m SET subscription_id = local.id
+         WHERE m.stripe_subscription_id = p_stripe_id;
+        -- blocks bought while the account had no live subscription
+        PERFORM billing_topup_attach(t.id) FROM topups t
+         WHERE t.account_id = mirror.account_id AND t.window_id IS NULL AND t.expires_at > now();
+    END IF;
+    IF local.status = 'canceled' THEN
+        RETURN QUERY SELECT 'ended'::text, local.id, NULL::text;
+        RETURN;
+    END IF;
+
+    v_target := CASE WHEN p_status IN ('active', 'trialing')
+                       OR (p_status = 'past_due' AND mirror.grace_until > now()) THEN 'active'
+                     WHEN v_alive THEN 'past_due'
+                     ELSE 'canceled' END;
+    -- the plan Stripe has been paid for: a change reaches the windows while Stripe says active
+    -- or trialing; past_due (an upgrade's proration invoice unpaid, with Stripe's default
+    -- payment_behavior) keeps the last plan until it is paid (0046)
+    IF p_status IN ('active', 'trialing') AND mirror.plan_id IS NOT NULL AND mirror.plan_id <> local.plan_id THEN
+        PERFORM 1 FROM subscription_flights f WHERE f.subscription_id = local.id FOR NO KEY UPDATE;
+        PERFORM 1 FROM quota_windows w
+         WHERE w.subscription_id = local.id AND w.ends_at > now() AND w.kind IN ('5h', 'week')
+         ORDER BY w.id FOR NO KEY UPDATE;
+        UPDATE subscriptions s SET plan_id = mirror.plan_id WHERE s.id = local.id;
+        UPDATE quota_windows w
+           SET allowance = CASE w.kind WHEN '5h' THEN p.window_tokens ELSE p.weekly_tokens END
+          FROM plans p
+         WHERE p.id = mirror.plan_id AND w.subscription_id = local.id AND w.ends_at > now()
+           AND w.kind IN ('5h', 'week');
+    END IF;
+    IF v_target <> local.status THEN
+        UPDATE subscriptions s
+           SET status = v_target,
+               ended_at = CASE WHEN v_target = 'canceled' THEN coalesce(p_ended_at, now()) END
+         WHERE s.id = local.id;
+    END IF;
+    RETURN QUERY SELECT 'applied'::text, local.id, v_target;
+END;
+$$;
