@@ -164,3 +164,34 @@ def test_killed_between_stripes_answer_and_the_commit_never_double_counts(databa
     # or, past Stripe's memory of the key, "an event already exists with identifier"
     assert len(sends) == 2 and (sends[1].get("replayed") or sends[1]["status"] == 400)
     assert len(at_stripe(fake, cus)) == 1 and total_at_stripe(fake, synced, cus) == 777
+
+
+def test_a_failure_stripe_keeps_under_its_key_is_not_replayed_for_good(database, fake, service, synced):
+    cus = customer(fake)
+    idle_outbox(database, fake)
+    # Stripe's endpoint fails once and remembers that 500 under the request's idempotency key for
+    # 24 hours: a retry under the same key gets it again, however often it is tried
+    fake.fault("/v1/billing/meter_events", 500, count=1, when="during")
+    add(database, cus, 2468, minutes_ago(3))
+    wait_for(lambda: rows(database, cus)[0]["state"] == "sent", 60, what="sent after a remembered failure")
+    assert len(at_stripe(fake, cus)) == 1 and total_at_stripe(fake, synced, cus) == 2468
+    sends = [r for r in fake.requests("/v1/billing/meter_events")
+             if r["params"].get("payload", {}).get("stripe_customer_id") == cus]
+    assert sends[0]["status"] == 500 and sends[-1]["status"] == 200
+    assert len({r["idempotency_key"] for r in sends}) == 2  # the worker's second attempt, a key of its own
+    assert rows(database, cus)[0]["uncertain"]  # a 500: Stripe may have recorded it
+
+
+def test_only_a_row_stripe_may_hold_is_set_aside_after_23_hours(database, fake, service):
+    sure, unsure = customer(fake), customer(fake)
+    idle_outbox(database, fake)
+    now = dt.datetime.now(dt.timezone.utc)
+    for cus, uncertain in ((sure, False), (unsure, True)):
+        row = add(database, cus, 55, now)
+        # frozen a day ago; every attempt since refused before it ran (sure), or one of them lost (unsure)
+        run(query(database, "UPDATE meter_outbox SET state = 'sending', frozen_at = now() - interval '24 hours',"
+                            " attempts = 3, uncertain = $2 WHERE id = $1", row, uncertain))
+    wait_for(lambda: rows(database, sure)[0]["state"] == "sent" and rows(database, unsure)[0]["state"] == "failed",
+             60, what="the sure row sent, the unsure one set aside")
+    assert [e["payload"]["value"] for e in at_stripe(fake, sure)] == ["55"] and at_stripe(fake, unsure) == []
+    assert "identifier window" in rows(database, unsure)[0]["last_error"]

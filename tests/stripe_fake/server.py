@@ -2,8 +2,9 @@
 
 What a client sees is what Stripe answers: form-encoded requests, JSON objects, the error
 envelope, `Request-Id` headers, idempotency keys remembered as Stripe remembers them (same key and
-parameters: the first answer again, marked `Idempotent-Replayed`; same key, other parameters or
-endpoint: `idempotency_error`; while the first is still running: 409).
+parameters: the first answer again, an error of a request that began executing as well, marked
+`Idempotent-Replayed`; same key, other parameters or endpoint: `idempotency_error`; while the first
+is still running: 409).
 
 Test-only controls live under `/_fake/` (JSON in, JSON out): complete a Checkout Session as the
 hosted page would, move the account's clock, make a customer's card fail, schedule a price change as
@@ -94,7 +95,10 @@ class Fault:
     path: str
     status: int = 500
     count: int = 1
-    when: str = "before"  # before: refuse without acting; after: act, then answer this status
+    # before: refuse without acting (nothing remembered under the request's key); during: fail
+    # without acting, the answer remembered under the key as Stripe does; after: act, then answer
+    # this status (the key remembers the real answer: a reply lost on its way back)
+    when: str = "before"
     delay: float = 0.0  # after acting, stall this long before answering
     type: str = "api_error"
     message: str = "An unknown error occurred"
@@ -272,6 +276,9 @@ class FakeStripe:
 
         self.store.request = {"id": request_id, "idempotency_key": key}
         try:
+            if fault and fault.when == "during":
+                # the endpoint began and failed: what Stripe answers, and remembers under the key
+                raise StripeError(fault.status, fault.message, type=fault.type, code=fault.code)
             status, body, extra = 200, strip(handler(self.store, match.groupdict(), params)), {}
             saved = True
         except StripeError as error:
@@ -282,7 +289,9 @@ class FakeStripe:
         response_headers = {**headers, **extra}
         encoded = json.dumps(body, indent=2).encode()
         if key:
-            if saved and status < 500:
+            # Stripe keeps the first answer of a request that began executing, an error (a 500 too)
+            # as well as a success, and replays it for 24 hours
+            if saved:
                 self.remembered[key] = Remembered(method, path, params, request_id, status, encoded,
                                                   {k: v for k, v in response_headers.items() if k != "Request-Id"},
                                                   done=True)
