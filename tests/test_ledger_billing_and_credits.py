@@ -5,6 +5,7 @@ states both refuse; extra windows are locked in id order with the plan's."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 
 import asyncpg
@@ -297,3 +298,58 @@ async def test_a_subscription_has_its_flight_row_from_its_creation(fresh_databas
     s = await _subscription(fresh_database, window=10_000)
     rows = await query(s.url, "SELECT in_flight FROM subscription_flights WHERE subscription_id = $1", s.id)
     assert [r["in_flight"] for r in rows] == [0]
+
+
+async def test_overage_of_a_period_is_metered_in_that_period_when_its_request_outlives_it(fresh_database):
+    """A request admitted on one Stripe period's overage window, settled after that period ended
+    (a long stream at the renewal): its overage is stamped inside its own period, and a minute's
+    outbox row never holds two periods' usage (migrations/0048)."""
+    plan = new_plan(fresh_database, 10_000, 1_000_000)
+    new_user(fresh_database, plan)
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await conn.execute("UPDATE plans SET overage_cap_tokens = 100000 WHERE id = $1", plan)
+        account, sub, key = await conn.fetchrow(
+            "SELECT s.account_id, s.id, k.id FROM subscriptions s JOIN api_keys k ON k.account_id = s.account_id"
+            " WHERE s.plan_id = $1", plan)
+        await conn.execute("UPDATE accounts SET stripe_customer_id = 'cus_boundary' WHERE id = $1", account)
+        # Stripe's mirror: active, metered overage item, a period that ends in 2 seconds
+        start, end = await conn.fetchrow(
+            "INSERT INTO stripe_subscriptions (stripe_subscription_id, account_id, stripe_customer_id, status,"
+            " plan_id, current_period_start, current_period_end, has_overage_item, subscription_id)"
+            " VALUES ('sub_boundary', $1, 'cus_boundary', 'active', $2, now() - interval '30 days',"
+            " now() + interval '2 seconds', true, $3) RETURNING current_period_start, current_period_end",
+            account, plan, sub)
+
+        async def admit_and_run() -> uuid.UUID:
+            entry = uuid.uuid4()
+            row = await conn.fetchrow(
+                "SELECT * FROM ledger_admit($1, $2, $3, 'chat', 'glm-4.6', 100, 5000, 5000, 60)", entry, sub, key)
+            assert row["outcome"] == "admitted", dict(row)
+            return entry
+
+        spent = uuid.uuid4()  # the plan's 5-hour window spent down to 1,000
+        await conn.fetch("SELECT * FROM ledger_admit($1, $2, $3, 'chat', 'glm-4.6', 100, 9000, 9000, 60)", spent, sub, key)
+        await conn.fetch("SELECT * FROM ledger_settle($1, 'posted', 100, 8900, 0, 0, false, 'done', NULL)", spent)
+        old = await admit_and_run()  # on period N's overage window
+        await asyncio.sleep(2.5)  # it streams on past the period's end
+        # Stripe renews: period N+1, and a request on its own overage window
+        await conn.execute("UPDATE stripe_subscriptions SET current_period_start = $1::timestamptz,"
+                           " current_period_end = $1 + interval '30 days' WHERE stripe_subscription_id = 'sub_boundary'",
+                           end)
+        new = await admit_and_run()
+        for entry in (old, new):  # both settle now, after the renewal, each 2,100 beyond the plan
+            await conn.fetch("SELECT * FROM ledger_settle($1, 'posted', 100, 3000, 0, 0, false, 'done', NULL)", entry)
+        rows = await conn.fetch("SELECT value, last_at, period_start FROM meter_outbox"
+                                " WHERE stripe_customer_id = 'cus_boundary' ORDER BY period_start")
+        windows = await conn.fetch("SELECT starts_at, ends_at, posted FROM quota_windows"
+                                   " WHERE subscription_id = $1 AND kind = 'overage' ORDER BY starts_at", sub)
+        assert [(w["starts_at"], w["ends_at"]) for w in windows] == [(start, end), (end, end + dt.timedelta(days=30))]
+        # 3,100 each: the first on the plan's last 1,000 and its period's window, the second (the
+        # plan's 1,000 held by the first when it came) all on its own period's window
+        assert [w["posted"] for w in windows] == [2100, 3100]
+        assert [r["period_start"] for r in rows] == [start, end]
+        assert [r["value"] for r in rows] == [w["posted"] for w in windows]
+        assert start <= rows[0]["last_at"] < end <= rows[1]["last_at"]
+    finally:
+        await conn.close()
