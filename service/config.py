@@ -191,6 +191,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # first delay before a failed billing job (a webhook's effect, a meter event) is retried;
     # it doubles with each failure
     billing_retry_seconds: Seconds = 2.0
+    # how often Stripe's list of events is read for any the webhook endpoint missed (a delivery
+    # given up after Stripe's three days of retries, an endpoint disabled or misconfigured)
+    stripe_catchup_seconds: Seconds = 600.0
 
     @property
     def simulated(self) -> bool:
@@ -258,7 +261,7 @@ def _describe(field: str) -> str:
         "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
         "body_timeout", "keepalive_timeout", "auth_failure_window", "upstream_cooldown",
         "upstream_lease", "upstream_refresh", "shutdown_timeout", "admission_timeout",
-        "billing_retry_seconds"} else "a valid value")
+        "billing_retry_seconds", "stripe_catchup_seconds"} else "a valid value")
 
 
 _LISTS = {"upstream_keys", "model_aliases", "upstream_prices", "stripe_webhook_secrets", "overage_plans"}

@@ -13,6 +13,7 @@ import asyncpg
 from ..config import Config
 from .apply import EventApplier
 from .catalog import Catalog, Line
+from .catchup import Catchup
 from .duplicates import Duplicates
 from .outbox import Outbox
 from .sessions import Sessions
@@ -45,7 +46,8 @@ class Billing:
         self.applier = EventApplier(pool, api, config, retry_base)
         self.outbox = Outbox(pool, api, retry_base)
         self.duplicates = Duplicates(pool, api, installation, retry_base)
-        self.worker = BillingWorker(pool, self.applier, self.outbox, self.duplicates, poll=poll)
+        self.worker = BillingWorker(pool, self.applier, self.outbox, self.duplicates, Catchup(pool, api), poll=poll,
+                                    catchup_every=config.stripe_catchup_seconds)
 
     @classmethod
     async def open(cls, pool: asyncpg.Pool, config: Config, *, retry_base: float = 2.0,

@@ -18,6 +18,7 @@ from . import stripe, wire  # stripe: loaded on first use (service/billing/__ini
 STRIPE_API_VERSION = "2026-10-28.endive"
 
 T = TypeVar("T")
+_event = msgspec.json.Decoder(wire.Event)
 
 
 def idempotency_key(installation: str, purpose: str, *parts: object) -> str:
@@ -134,6 +135,19 @@ class StripeAPI:
     async def disputes_of(self, payment_intent: str) -> list[wire.Dispute]:
         return await self._all(lambda after: self._client.v1.disputes.list_async(
             {"payment_intent": payment_intent, "limit": 100, **after}), wire.Dispute)
+
+    async def events_since(self, created: int) -> list[tuple[wire.Event, bytes]]:
+        """Every event Stripe lists created at `created` (epoch seconds) or later, each with its
+        JSON as Stripe sent it (what a webhook would have carried)."""
+        found: list[tuple[wire.Event, bytes]] = []
+        after: dict[str, str] = {}
+        while True:
+            obj = await self._client.v1.events.list_async({"created": {"gte": created}, "limit": 100, **after})
+            page = msgspec.json.decode(obj.last_response.body, type=wire.Page[msgspec.Raw])
+            found.extend((_event.decode(raw), bytes(raw)) for raw in page.data)
+            if not page.has_more or not page.data:
+                return found
+            after = {"starting_after": found[-1][0].id}
 
     async def payment_intent(self, ident: str) -> wire.PaymentIntent:
         return await self._decode(self._client.v1.payment_intents.retrieve_async(ident), wire.PaymentIntent)

@@ -55,9 +55,9 @@ def verify(payload: bytes, header: str | None, secrets: tuple[str, ...],
     return event
 
 
-async def record(pool: asyncpg.Pool, event: wire.Event, payload: bytes) -> bool:
+async def record(db: asyncpg.Pool | asyncpg.Connection, event: wire.Event, payload: bytes) -> bool:
     """Keep the event for the worker. False when it was received before (a redelivery)."""
-    inserted = await pool.fetchval(
+    inserted = await db.fetchval(
         "INSERT INTO stripe_events (id, type, created, livemode, payload)"
         " VALUES ($1, $2, to_timestamp($3), $4, $5::jsonb) ON CONFLICT (id) DO NOTHING RETURNING true",
         event.id, event.type, event.created, event.livemode, payload.decode("utf-8"))

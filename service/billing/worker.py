@@ -4,7 +4,8 @@
   polling for those received by others;
 - freezes closed minutes of the overage outbox and sends them (outbox.py);
 - cancels and refunds a second subscription an account paid for (duplicates.py);
-- ends the plan of past_due subscriptions whose grace period ran out.
+- ends the plan of past_due subscriptions whose grace period ran out;
+- reads Stripe's list of events for any the webhook endpoint missed (catchup.py).
 
 Several processes may run it against one database: every claim is `FOR UPDATE SKIP LOCKED`.
 """
@@ -17,6 +18,7 @@ import logging
 import asyncpg
 
 from .apply import EventApplier
+from .catchup import Catchup
 from .duplicates import Duplicates
 from .outbox import Outbox
 
@@ -24,13 +26,15 @@ log = logging.getLogger("codeplan.billing.worker")
 
 
 class BillingWorker:
-    def __init__(self, pool: asyncpg.Pool, applier: EventApplier, outbox: Outbox, duplicates: Duplicates, *,
-                 poll: float = 1.0) -> None:
+    def __init__(self, pool: asyncpg.Pool, applier: EventApplier, outbox: Outbox, duplicates: Duplicates,
+                 catchup: Catchup, *, poll: float = 1.0, catchup_every: float = 600.0) -> None:
         self._pool = pool
         self._applier = applier
         self._outbox = outbox
         self._duplicates = duplicates
+        self._catchup = catchup
         self._poll = poll
+        self._catchup_every = catchup_every
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -39,7 +43,8 @@ class BillingWorker:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._events(), name="billing-events"),
-                       asyncio.create_task(self._ticks(), name="billing-ticks")]
+                       asyncio.create_task(self._ticks(), name="billing-ticks"),
+                       asyncio.create_task(self._catchups(), name="billing-catchup")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -74,3 +79,14 @@ class BillingWorker:
             except Exception as exc:  # noqa: BLE001
                 log.warning("billing tick failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(self._poll)
+
+    async def _catchups(self) -> None:
+        while True:
+            # not at start-up: Stripe retries a delivery for three days, so what a restart
+            # missed arrives by itself; this is for what Stripe gave up on
+            await asyncio.sleep(self._catchup_every)
+            try:
+                if await self._catchup.run_once():
+                    self.wake()
+            except Exception as exc:  # noqa: BLE001 - Stripe or the database away: the next pass
+                log.warning("stripe events catch-up failed", extra={"error": type(exc).__name__})

@@ -305,3 +305,25 @@ def test_a_thousand_events_shuffled_with_duplicates_reach_the_in_order_state(pg_
         for server in servers:
             server.stop()
         fake_server.stop()
+
+
+def test_events_the_endpoint_never_received_are_read_from_stripes_list(database, simulator, fake, service):
+    """Stripe gave up on the endpoint (or it was never subscribed): a purchase still reaches the
+    ledger, from Stripe's list of events, each event once however often it is read."""
+    server = start_billing_bridge(database, simulator, fake, endpoint=False, CODEPLAN_STRIPE_CATCHUP_SECONDS="0.5")
+    try:
+        account, key = new_account(database)
+        response = post(server, "/v1/billing/checkout", key, {"plan": "pro"})
+        assert response.status_code == 200, response.text
+        fake.complete_checkout(session_id(response.json()["url"]))
+        wanted = [e["id"] for e in fake.events("checkout.session.completed")][-1:]
+        assert not fake.deliveries() or all(not d["url"].startswith(server.url) for d in fake.deliveries())
+        wait_for(lambda: one(database, "SELECT s.plan_id FROM subscriptions s WHERE s.account_id = $1"
+                                       " AND s.status = 'active'", account), 60, what="the purchase applied")
+        wait_for(lambda: one(database, "SELECT state FROM stripe_events WHERE id = $1", wanted[0])["state"]
+                 == "applied", 30, what="the checkout's event applied")
+        time.sleep(1.5)  # more passes read the same events again: recorded once
+        assert one(database, "SELECT count(*) FROM stripe_events WHERE id = $1", wanted[0])[0] == 1
+        assert one(database, "SELECT through IS NOT NULL FROM stripe_catchup")[0]
+    finally:
+        server.stop()

@@ -1295,6 +1295,15 @@ class Store:
         allow(params, {"type", "types", "created", "limit", "starting_after", "ending_before",
                        "delivery_success"})
         rows = self.events
+        created = params.get("created")
+        if isinstance(created, dict):  # created[gte]=... and the like
+            bounds = {"gte": int.__ge__, "gt": int.__gt__, "lte": int.__le__, "lt": int.__lt__}
+            for op, value in created.items():
+                if op not in bounds:
+                    raise invalid(f"created[{op}]", "Received unknown parameter", "parameter_unknown")
+                rows = [e for e in rows if bounds[op](e["created"], int(value))]
+        elif created is not None:
+            rows = [e for e in rows if e["created"] == int(created)]
         if params.get("type"):
             wanted = params["type"]
             rows = [e for e in rows if e["type"] == wanted or (wanted.endswith("*") and e["type"].startswith(wanted[:-1]))]
