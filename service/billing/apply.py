@@ -55,11 +55,21 @@ class Ignored(Exception):
 
 
 class EventApplier:
-    def __init__(self, pool: asyncpg.Pool, api: StripeAPI, config: Config, retry_base: float) -> None:
+    def __init__(self, pool: asyncpg.Pool, api: StripeAPI, config: Config, retry_base: float,
+                 installation: str = "") -> None:
         self._pool = pool
         self._api = api
         self._config = config
         self._retry_base = retry_base
+        self._installation = installation
+
+    def _ours(self, what: str, meta: dict[str, str]) -> None:
+        """Objects our Checkout made carry this installation's id: one that names another (a
+        staging copy, a second database on the same Stripe account, whose account ids overlap
+        ours) is not ours to apply. Objects made before the id was written carry none."""
+        named = meta.get("codeplan_installation")
+        if named and self._installation and named != self._installation:
+            raise Ignored(f"{what} belongs to another Codeplan installation")
 
     async def run_once(self) -> bool:
         """Apply the next due event. False when none is due."""
@@ -152,6 +162,7 @@ class EventApplier:
     async def subscription(self, conn: asyncpg.Connection, stripe_id: str, *, depth: int = 0) -> None:
         await self._lock(conn, stripe_id)
         sub = await self._api.subscription(stripe_id)
+        self._ours(f"subscription {sub.id}", sub.metadata)
         account = await self._account(conn, sub.customer, sub.metadata)
         item = sub.plan_item
         plan = await self._plan(conn, item.price) if item else None
@@ -224,12 +235,17 @@ class EventApplier:
     async def checkout(self, conn: asyncpg.Connection, session_id: str) -> None:
         await self._lock(conn, session_id)
         session = await self._api.checkout_session(session_id)
+        self._ours(f"checkout session {session.id}", session.metadata)
         reference = session.client_reference_id or ""
         if not reference.isdigit():
             raise Ignored(f"checkout session {session.id} names no Codeplan account")
         account = int(reference)
-        if not await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1", account):
+        found = await conn.fetchrow("SELECT stripe_customer_id FROM accounts WHERE id = $1", account)
+        if found is None:
             raise Ignored(f"checkout session {session.id} names unknown account {account}")
+        if session.customer and found["stripe_customer_id"] not in (None, session.customer):
+            # our sessions are opened for the account's own Customer: this one is another's
+            raise Ignored(f"checkout session {session.id} is not account {account}'s customer's")
         if session.customer:
             await conn.execute("UPDATE accounts SET stripe_customer_id = $2 WHERE id = $1 AND stripe_customer_id IS NULL",
                                account, session.customer)

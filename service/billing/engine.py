@@ -43,7 +43,7 @@ class Billing:
         self.api = api
         self.installation = installation
         self.sessions = Sessions(pool, api, config, installation)
-        self.applier = EventApplier(pool, api, config, retry_base)
+        self.applier = EventApplier(pool, api, config, retry_base, installation)
         self.outbox = Outbox(pool, api, retry_base)
         self.duplicates = Duplicates(pool, api, installation, retry_base)
         self.worker = BillingWorker(pool, self.applier, self.outbox, self.duplicates, Catchup(pool, api), poll=poll,

@@ -85,7 +85,8 @@ class Sessions:
             # The key is the account's own, so a crash before the update below and a retry
             # (within Stripe's 24 hours) get the same Customer back, not a second one.
             customer = await self._api.create_customer(
-                {"email": row["email"], "metadata": {"codeplan_account_id": str(account_id)}},
+                {"email": row["email"], "metadata": {"codeplan_account_id": str(account_id),
+                                                     "codeplan_installation": self._installation}},
                 idempotency_key(self._installation, "customer", account_id))
             # a webhook may have linked it meanwhile (apply.py): the same Customer either way
             stored = await conn.fetchval(
@@ -132,7 +133,8 @@ class Sessions:
             overage = await self._price(f"codeplan_overage_{interval}")
             if overage is not None:
                 items.append({"price": overage["stripe_price_id"]})
-        meta = {"codeplan_account_id": str(account_id), "codeplan_plan": plan_id}
+        meta = {"codeplan_account_id": str(account_id), "codeplan_plan": plan_id,
+                "codeplan_installation": self._installation}
         params = {
             "mode": "subscription", "customer": customer, "client_reference_id": str(account_id),
             "line_items": items, "metadata": meta, "subscription_data": {"metadata": meta},
@@ -206,7 +208,8 @@ class Sessions:
                 "SELECT 1 FROM subscriptions WHERE account_id = $1 AND status <> 'canceled'", account_id):
             raise BillingError("conflict", "a top-up extends a plan: subscribe to a plan first")
         customer = await self.customer(account_id)
-        meta = {"codeplan_account_id": str(account_id), "codeplan_topup_tokens": str(block.tokens)}
+        meta = {"codeplan_account_id": str(account_id), "codeplan_topup_tokens": str(block.tokens),
+                "codeplan_installation": self._installation}
         params = {
             "mode": "payment", "customer": customer, "client_reference_id": str(account_id),
             "line_items": [{"price": price["stripe_price_id"], "quantity": 1}], "metadata": meta,

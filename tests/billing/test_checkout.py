@@ -253,3 +253,37 @@ def test_topup_is_bought_recorded_once_and_a_refund_is_recorded(database, fake, 
     state = httpx.get(service.url + "/v1/billing", headers={"authorization": f"Bearer {key}"}).json()
     assert state["topups"][0]["amount_refunded"] == 1000
     assert [b["id"] for b in state["topup_blocks"]] == ["20000000", "100000000"]
+
+
+def test_a_second_installation_on_the_same_stripe_account_takes_none_of_our_purchases(
+        database, fresh_database, simulator, fake, service):
+    """A staging copy (or a second database) pointed at the same Stripe account receives every
+    event too. Its account ids overlap ours: a purchase of our account 7 must not become its
+    account 7's plan or top-up."""
+    account, key = new_account(database)
+    other = fresh_database
+    assert stripe_sync(other, fake).returncode == 0
+    run(query(other, "INSERT INTO accounts (id, email) OVERRIDING SYSTEM VALUE VALUES ($1, 'twin@example.com')",
+              account))
+    # an installation of its own (the test databases are clones of one template, which share it)
+    run(query(other, "UPDATE billing_installation SET id = gen_random_uuid()"))
+    twin = start_billing_bridge(other, simulator, fake)  # its endpoint gets every event as well
+    try:
+        response = post(service, "/v1/billing/checkout", key, {"plan": "pro"})
+        assert response.status_code == 200, response.text
+        fake.complete_checkout(session_id(response.json()["url"]))
+        events_settled(database, fake)
+        response = post(service, "/v1/billing/topup", key, {"block": "20000000"})
+        assert response.status_code == 200, response.text
+        fake.complete_checkout(session_id(response.json()["url"]))
+        events_settled(database, fake)
+        events_settled(other, fake)
+        assert one(database, "SELECT plan_id FROM subscriptions WHERE account_id = $1", account)[0] == "pro"
+        assert one(database, "SELECT tokens FROM topups WHERE account_id = $1", account)[0] == 20_000_000
+        # the other installation received the same events, and applied none of them to its account
+        assert one(other, "SELECT count(*) FROM stripe_events WHERE type = 'checkout.session.completed'")[0] >= 2
+        assert one(other, "SELECT stripe_customer_id FROM accounts WHERE id = $1", account)[0] is None
+        assert one(other, "SELECT count(*) FROM subscriptions WHERE account_id = $1", account)[0] == 0
+        assert one(other, "SELECT count(*) FROM topups WHERE account_id = $1", account)[0] == 0
+    finally:
+        twin.stop()
