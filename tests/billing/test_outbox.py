@@ -43,6 +43,12 @@ def at_stripe(fake, customer_id: str) -> list[dict]:
     return [e for e in fake.meter_events() if e["payload"]["stripe_customer_id"] == customer_id]
 
 
+def sends_for(fake, customer_id: str) -> list[dict]:
+    """The meter event requests Stripe received for `customer_id`, answered or not, in order."""
+    return [r for r in fake.requests("/v1/billing/meter_events")
+            if r["params"].get("payload", {}).get("stripe_customer_id") == customer_id]
+
+
 def total_at_stripe(fake, meter: str, customer_id: str) -> int:
     summaries = fake.client().v1.billing.meters.event_summaries.list(
         meter, {"customer": customer_id, "start_time": 0, "end_time": int(time.time()) + 3600})
@@ -158,8 +164,7 @@ def test_killed_between_stripes_answer_and_the_commit_never_double_counts(databa
         wait_for(lambda: rows(database, cus)[0]["state"] == "sent", 120, what="resent after restart")
     finally:
         restarted.stop()
-    sends = [r for r in fake.requests("/v1/billing/meter_events")
-             if r["params"].get("payload", {}).get("stripe_customer_id") == cus]
+    sends = sends_for(fake, cus)
     # the resend is answered as already done: a replay of the first answer (same idempotency key)
     # or, past Stripe's memory of the key, "an event already exists with identifier"
     assert len(sends) == 2 and (sends[1].get("replayed") or sends[1]["status"] == 400)
@@ -175,8 +180,7 @@ def test_a_failure_stripe_keeps_under_its_key_is_not_replayed_for_good(database,
     add(database, cus, 2468, minutes_ago(3))
     wait_for(lambda: rows(database, cus)[0]["state"] == "sent", 60, what="sent after a remembered failure")
     assert len(at_stripe(fake, cus)) == 1 and total_at_stripe(fake, synced, cus) == 2468
-    sends = [r for r in fake.requests("/v1/billing/meter_events")
-             if r["params"].get("payload", {}).get("stripe_customer_id") == cus]
+    sends = sends_for(fake, cus)
     assert sends[0]["status"] == 500 and sends[-1]["status"] == 200
     assert len({r["idempotency_key"] for r in sends}) == 2  # the worker's second attempt, a key of its own
     assert rows(database, cus)[0]["uncertain"]  # a 500: Stripe may have recorded it
