@@ -35,10 +35,11 @@ class TopupView(msgspec.Struct):
     tokens: int
     used: int  # spent on what the plan's windows could not hold
     remaining: int
-    revoked: int  # taken back by a refund so far (the part held by requests in flight follows as they settle)
+    revoked: int  # taken back by a refund or a dispute so far (the part held by requests in flight follows as they settle)
     amount: int
     currency: str
     amount_refunded: int
+    amount_disputed: int  # withdrawn by an open or lost dispute (a chargeback)
     purchased_at: str
     expires_at: str
 
@@ -129,6 +130,7 @@ async def account_state(pool: asyncpg.Pool, account_id: int, *, enabled: bool,
                   for r in invoices],
         topups=[TopupView(tokens=r["tokens"], used=r["used"], remaining=r["remaining"], revoked=r["revoked"],
                           amount=r["amount"], currency=r["currency"], amount_refunded=r["amount_refunded"],
+                          amount_disputed=r["amount_disputed"],
                           purchased_at=iso_utc(r["purchased_at"]), expires_at=iso_utc(r["expires_at"]))
                 for r in topups],
         overage=None if overage is None else OverageView(

@@ -236,6 +236,8 @@ def test_a_disputed_topup_is_taken_back_and_given_back_when_the_dispute_is_won(d
     dispute = fake.dispute(charge)
     events_settled(database, fake)
     assert block() == (1000, 20_000_000, 0)
+    shown = httpx.get(service.url + "/v1/billing", headers={"authorization": f"Bearer {key}"}).json()["topups"][0]
+    assert (shown["amount_disputed"], shown["revoked"], shown["remaining"]) == (1000, 20_000_000, 0)
     # the dispute won, the money reinstated: the block comes back
     fake.close_dispute(dispute["id"], "won")
     events_settled(database, fake)
