@@ -69,7 +69,8 @@ class ProfileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     # the name of an environment variable holding comma-separated keys (kept out of the file)
     keys_env: str = ""
     models: tuple[str, ...] = ()  # empty: every model
-    concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0  # per key; 0: no cap
+    # per key; 0: no cap (a slot is a row of upstream_key_leases: bounded so a typo cannot make millions)
+    concurrency: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
     weight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
     prices: Price | None = None  # default for its models
     model_prices: dict[str, Price] = {}
@@ -109,6 +110,13 @@ def resolve(profile: ProfileConfig, environ: dict[str, str] | None = None) -> Pr
     url = profile.base_url or base_url
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"upstream {profile.name!r}: expected an http:// or https:// base_url, got {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not one
+    except ValueError as exc:
+        raise ValueError(f"upstream {profile.name!r}: base_url {url!r} is not a URL ({exc})") from None
+    if not parts.hostname or any(c.isspace() for c in url):
+        raise ValueError(f"upstream {profile.name!r}: base_url {url!r} names no host")
     keys = list(profile.keys)
     if profile.keys_env:
         import os

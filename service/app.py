@@ -33,6 +33,7 @@ from .throttle_gate import refused as throttle_refused
 from .throttle_gate import throttle_gate
 from .upstream_store import PgKeyLeases, UpstreamStore
 from .web import Web, error_page, wants_html
+from .web.pages import FormRequest
 
 log = logging.getLogger("codeplan.app")
 
@@ -76,6 +77,17 @@ def _unstorable_text(request: Request, exc: Exception) -> Response:
     so it is the request's fault, a 400, wherever the text came from (a field, a parameter)."""
     return _shaped(request, 400, "The request contains text the service cannot store "
                    "(a NUL character).", "invalid_text")
+
+
+def _unencodable(request: Request, exc: Exception) -> Response:
+    """A value asyncpg cannot send in its column's type (a number past an integer column):
+    asyncpg refuses it before the query leaves ("invalid input for query argument"), so only a
+    caller's value can cause it. PostgreSQL's own data exceptions are subclasses (a division by
+    zero would be our bug): those stay unexpected."""
+    if type(exc) is not asyncpg.exceptions.DataError:
+        return _unexpected(request, exc)
+    return _shaped(request, 400, "A value in the request is out of the range the service can store.",
+                   "value_out_of_range")
 
 
 def _unexpected(request: Request, exc: Exception) -> Response:
@@ -322,6 +334,7 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
     handlers = {HTTPException: _http_exception, Throttled: _throttled,
                 **{kind: _database_away for kind in db.UNAVAILABLE},
                 asyncpg.exceptions.CharacterNotInRepertoireError: _unstorable_text,
+                asyncpg.exceptions.DataError: _unencodable,
                 Exception: _unexpected}
     throttle = lambda scope: scope["app"].state.auth.throttle  # noqa: E731
     app = CodeplanApp(
@@ -332,6 +345,7 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
                         *usage.routes, *billing_routes.routes, admin.router, openapi.former_admin_schema,
                         ops.healthz, ops.readyz, metrics.metrics],
         template_config=web.templates,
+        request_class=FormRequest,
         lifespan=[lifespan],
         middleware=[throttle_gate(gated, throttle)],
         exception_handlers=handlers,

@@ -11,7 +11,7 @@ import uuid
 import asyncpg
 import msgspec
 
-from bridge.upstreams import ProfileConfig, Router
+from bridge.upstreams import ProfileConfig, Router, resolve
 
 log = logging.getLogger("codeplan.upstreams")
 
@@ -22,6 +22,7 @@ class UpstreamStore:
         self._router = router
         self.configured = configured
         self._last: bytes | None = None
+        self._refused: set[str] = set()  # stored profiles left out, logged once each
 
     async def refresh(self) -> None:
         async with self._pool.acquire() as conn:
@@ -42,11 +43,9 @@ class UpstreamStore:
         for row in profiles:
             if row["definition"] is None or row["name"] in names:
                 continue
-            definition = msgspec.json.decode(row["definition"].encode() if isinstance(row["definition"], str)
-                                             else row["definition"], type=ProfileConfig)
             keys_of = tuple(added.get(row["name"], ()))
-            if keys_of:
-                configs.append(msgspec.structs.replace(definition, keys=keys_of))
+            if keys_of and (definition := self._stored(row["name"], row["definition"], keys_of)) is not None:
+                configs.append(definition)
         enabled = {row["name"]: row["enabled"] for row in profiles}
         frozen = {name: frozenset(fps) for name, fps in disabled.items()}
         signature = msgspec.json.encode([configs, sorted(enabled.items()),
@@ -55,6 +54,19 @@ class UpstreamStore:
             return
         await self._router.replace(configs, enabled, frozen)
         self._last = signature
+
+    def _stored(self, name: str, raw: str | bytes, keys: tuple[str, ...]) -> ProfileConfig | None:
+        """A profile an admin added, or None when it cannot be served (stored by a version that
+        checked less): left out and logged, so one bad row never stops a start-up or a refresh."""
+        try:
+            definition = msgspec.json.decode(raw.encode() if isinstance(raw, str) else raw, type=ProfileConfig)
+            return resolve(msgspec.structs.replace(definition, keys=keys), environ={})
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            if name not in self._refused:
+                self._refused.add(name)
+                log.error("stored upstream profile left out: it cannot be served; fix or delete it",
+                          extra={"upstream": name, "error": str(exc)[:300]})
+            return None
 
     async def run(self, interval: float) -> None:
         while True:

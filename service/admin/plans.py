@@ -20,7 +20,11 @@ from .auth import errors
 from ..credits import ModelCredits, plan_credits
 
 PlanId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_\-]+$")]
-Credits = Annotated[int, msgspec.Meta(gt=0)]
+# bounded by their columns (bigint, integer): a value past them is the caller's 400, not a 500
+Credits = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+Cents = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+Concurrency = Annotated[int, msgspec.Meta(gt=0, le=100_000)]
+PlanName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 Coefficient = Annotated[float, msgspec.Meta(ge=0, le=100000)]
 
 
@@ -39,21 +43,21 @@ class PlanView(msgspec.Struct):
 
 class NewPlan(msgspec.Struct, forbid_unknown_fields=True):
     id: PlanId
-    name: str
+    name: PlanName
     window_credits: Credits
     weekly_credits: Credits
-    monthly_price_cents: Annotated[int, msgspec.Meta(ge=0)]
+    monthly_price_cents: Cents
     models: list[str]
-    max_concurrent: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    max_concurrent: Concurrency | None = None
 
 
 class PlanChange(msgspec.Struct, forbid_unknown_fields=True):
-    name: str | None = None
+    name: PlanName | None = None
     window_credits: Credits | None = None
     weekly_credits: Credits | None = None
-    monthly_price_cents: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    monthly_price_cents: Cents | None = None
     models: list[str] | None = None
-    max_concurrent: Annotated[int, msgspec.Meta(gt=0)] | None = None
+    max_concurrent: Concurrency | None = None
     unlimited_concurrency: bool = False
 
 

@@ -48,7 +48,7 @@ def verify(payload: bytes, header: str | None, secrets: tuple[str, ...],
                               else "no valid signature for this endpoint's secret")
     try:
         event = _event_decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
         raise WebhookRejected("the body is not a Stripe event") from None
     if event.object != "event":
         raise WebhookRejected("the body is not a Stripe event")
@@ -57,8 +57,13 @@ def verify(payload: bytes, header: str | None, secrets: tuple[str, ...],
 
 async def record(db: asyncpg.Pool | asyncpg.Connection, event: wire.Event, payload: bytes) -> bool:
     """Keep the event for the worker. False when it was received before (a redelivery)."""
+    text = payload.decode("utf-8")
+    if "\\u0000" in text:
+        # jsonb holds no NUL, and text a customer gave Stripe may carry one: kept as U+FFFD
+        # (only the event's and its object's ids are ever read from the payload)
+        text = text.replace("\\u0000", "\\ufffd")
     inserted = await db.fetchval(
         "INSERT INTO stripe_events (id, type, created, livemode, payload)"
         " VALUES ($1, $2, to_timestamp($3), $4, $5::jsonb) ON CONFLICT (id) DO NOTHING RETURNING true",
-        event.id, event.type, event.created, event.livemode, payload.decode("utf-8"))
+        event.id, event.type, event.created, event.livemode, text)
     return bool(inserted)

@@ -2,7 +2,7 @@
 stripe_api.py). Unknown fields are ignored, so Stripe adding fields never breaks decoding."""
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Annotated, Generic, TypeVar
 
 import msgspec
 
@@ -215,7 +215,7 @@ class Event(msgspec.Struct):
     again from Stripe before anything is applied (events arrive late and out of order)."""
     id: str
     type: str
-    created: int
+    created: Annotated[int, msgspec.Meta(ge=0, le=10**11)]  # epoch seconds PostgreSQL can hold
     data: EventData
     livemode: bool = False
     object: str = "event"

@@ -17,6 +17,7 @@ import jinja2
 from litestar import Request, Response, Router
 from litestar.config.csrf import CSRFConfig
 from litestar.datastructures import CacheControlHeader
+from litestar.file_system import BaseLocalFileSystem
 from litestar.exceptions import HTTPException
 from litestar.middleware import DefineMiddleware
 from litestar.middleware.csrf import CSRFMiddleware
@@ -93,6 +94,17 @@ def _unexpected(request: Request, exc: Exception) -> Response:
     return error_page(request, 500)
 
 
+class _StaticFiles(BaseLocalFileSystem):
+    """Litestar's local files, where a path the system refuses (a NUL, a name too long, a file
+    taken for a folder) is a file that is not there: a 404, where Litestar answered 500."""
+
+    async def info(self, path, **kwargs):
+        try:
+            return await super().info(path, **kwargs)
+        except (ValueError, OSError):
+            raise FileNotFoundError(path) from None
+
+
 class Web:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -115,7 +127,7 @@ class Web:
             middleware=[DefineMiddleware(CSRFMiddleware, config=self.csrf)],
             exception_handlers={pages.GoTo: _redirect, HTTPException: _http_error, Exception: _unexpected})
         static = create_static_files_router(
-            path="/static", directories=[STATIC], include_in_schema=False,
+            path="/static", directories=[STATIC], include_in_schema=False, file_system=_StaticFiles(),
             cache_control=CacheControlHeader(max_age=86400, public=True))
         return [pages.home, pages_router, static, *sockets.routes]
 

@@ -103,6 +103,18 @@ def render(request: Request, template: str, *, viewer: sessions.Viewer | None, s
                  "notice": context.pop("notice", None), "error": context.pop("error", None), **context})
 
 
+class FormRequest(Request):
+    """Litestar's request, whose form answers a part it cannot decode (bytes not in the part's
+    charset, a charset Python does not know) with a 400 where Litestar raised (a 500): the CSRF
+    middleware reads every page's form before a handler runs (the app's `request_class`)."""
+
+    async def form(self):  # type: ignore[override]
+        try:
+            return await super().form()
+        except (UnicodeDecodeError, LookupError):
+            raise BadForm(detail="The form could not be decoded.") from None
+
+
 async def form_of(request: Request, shape: type[T]) -> T:
     data = await request.form()
     raw = {}
