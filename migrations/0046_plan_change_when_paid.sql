@@ -5,10 +5,13 @@
 -- card declines. 0011 changed the Codeplan plan whenever the subscription was not cancelled, and a
 -- past_due subscription inside its grace period is active here: the subscriber had the bigger
 -- plan unpaid for the whole grace (3 days by default), and could then let dunning cancel it
--- (found by a review, proven against the Stripe fake). Now a plan change is applied only while
--- Stripe says active or trialing; the mirror (stripe_subscriptions) still records the price
--- Stripe holds, and the change is applied by the event that follows the invoice's payment. A
--- downgrade made while past_due likewise waits for the account to be in good standing.
+-- (found by a review, proven against the Stripe fake). Now a change to a larger plan (either
+-- window larger) is applied only while Stripe says active or trialing; the mirror
+-- (stripe_subscriptions) still records the price Stripe holds, and the change is applied by the
+-- event that follows the invoice's payment. A change to a plan no larger applies at once, as
+-- before: a downgrade at a renewal whose payment fails goes to the smaller plan in the grace.
+-- (The hold needs the upgrade to be invoiced at once, `always_invoice`: with Stripe's default
+-- proration the upgrade stays active and is billed at the next renewal; README, Portal set-up.)
 --
 -- Everything else is 0011's function, replaced whole (same signature).
 
@@ -108,10 +111,14 @@ BEGIN
                        OR (p_status = 'past_due' AND mirror.grace_until > now()) THEN 'active'
                      WHEN v_alive THEN 'past_due'
                      ELSE 'canceled' END;
-    -- the plan Stripe has been paid for: a change reaches the windows while Stripe says active
-    -- or trialing; past_due (an upgrade's proration invoice unpaid, with Stripe's default
-    -- payment_behavior) keeps the last plan until it is paid (0046)
-    IF p_status IN ('active', 'trialing') AND mirror.plan_id IS NOT NULL AND mirror.plan_id <> local.plan_id THEN
+    -- the plan Stripe has been paid for: a larger plan reaches the windows only while Stripe says
+    -- active or trialing; past_due (an upgrade's proration invoice unpaid, with Stripe's default
+    -- payment_behavior) keeps the last plan until it is paid. A smaller one applies whatever the
+    -- state (a downgrade at a renewal whose payment fails must not keep the larger plan) (0046)
+    IF v_target <> 'canceled' AND mirror.plan_id IS NOT NULL AND mirror.plan_id <> local.plan_id
+       AND (p_status IN ('active', 'trialing')
+            OR EXISTS (SELECT 1 FROM plans n, plans o WHERE n.id = mirror.plan_id AND o.id = local.plan_id
+                          AND n.window_tokens <= o.window_tokens AND n.weekly_tokens <= o.weekly_tokens)) THEN
         PERFORM 1 FROM subscription_flights f WHERE f.subscription_id = local.id FOR NO KEY UPDATE;
         PERFORM 1 FROM quota_windows w
          WHERE w.subscription_id = local.id AND w.ends_at > now() AND w.kind IN ('5h', 'week')

@@ -303,3 +303,18 @@ def test_an_upgrade_whose_payment_fails_keeps_the_paid_plan_until_it_is_paid(dat
     user.settle()
     assert (user.row()["plan_id"], user.row()["status"]) == ("max", "active")
     assert user.windows() == {"5h": 800_000_000, "week": 4_000_000_000}
+
+
+def test_a_downgrade_at_a_renewal_whose_payment_fails_goes_to_the_smaller_plan(database, fake, service):
+    user = Subscriber(database, fake, service, "max")
+    assert user.chat() == 200
+    lite = fake.client().v1.prices.list({"lookup_keys": ["codeplan_lite_month"]}).data[0]
+    fake.schedule_price(user.stripe_id, lite.id)  # the Portal, set to downgrade at period end
+    user.settle()
+    fake.payment_behavior(user.customer, "decline")
+    fake.advance(32 * DAY)  # the renewal, at lite's price, fails
+    user.settle()
+    assert (user.stripe().status, user.stripe()["items"].data[0].price.lookup_key) == ("past_due", "codeplan_lite_month")
+    # in the grace period on the plan ordered (and billed by the open invoice), not the larger one
+    assert (user.row()["plan_id"], user.row()["status"]) == ("lite", "active")
+    assert user.windows() == {"5h": 40_000_000, "week": 200_000_000}
