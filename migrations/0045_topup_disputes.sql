@@ -82,3 +82,10 @@ LANGUAGE sql AS $$
                                     (SELECT t.amount_disputed FROM topups t
                                       WHERE t.stripe_payment_intent_id = p_payment_intent));
 $$;
+
+-- Dispute and failed-refund events an older process received were marked 'ignored' (it knew no
+-- such type): applied now, once this process's worker reads them (Stripe is read again, so they
+-- apply what holds today). Events an older process still running ignores after this are applied
+-- by the next event of the same dispute or refund.
+UPDATE stripe_events SET state = 'pending', next_attempt_at = now()
+ WHERE state = 'ignored' AND (type LIKE 'charge.dispute.%' OR type = 'refund.failed');

@@ -303,7 +303,7 @@ async def test_a_subscription_has_its_flight_row_from_its_creation(fresh_databas
 async def test_overage_of_a_period_is_metered_in_that_period_when_its_request_outlives_it(fresh_database):
     """A request admitted on one Stripe period's overage window, settled after that period ended
     (a long stream at the renewal): its overage is stamped inside its own period, and a minute's
-    outbox row never holds two periods' usage (migrations/0048)."""
+    outbox row never holds two periods' usage (migrations/0047)."""
     plan = new_plan(fresh_database, 10_000, 1_000_000)
     new_user(fresh_database, plan)
     conn = await asyncpg.connect(fresh_database)

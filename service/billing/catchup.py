@@ -10,8 +10,9 @@ later delivery of such an event is acknowledged as a redelivery.
 
 The cursor (`stripe_catchup.through`) is the newest event's `created` seen; each pass reads from an
 hour before it (an event is timestamped when it happens, and may be listed a little later). The
-first pass reads three days back: what Stripe may still have been retrying. One process reads at a
-time (the cursor row's lock; the others skip the pass).
+first pass reads the 30 days Stripe lists. One process reads at a time (a session advisory lock;
+the others skip the pass), page by page, each event recorded as it is read, in no long transaction:
+a pass that fails half-way has kept what it recorded and starts again from the cursor.
 """
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from .webhooks import record
 log = logging.getLogger("codeplan.billing.catchup")
 
 OVERLAP_SECONDS = 3600
-FIRST_LOOK_BACK_SECONDS = 3 * 86400
+FIRST_LOOK_BACK_SECONDS = 30 * 86400
+_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('codeplan:stripe-catchup', 0))"
+_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('codeplan:stripe-catchup', 0))"
 
 
 class Catchup:
@@ -36,18 +39,24 @@ class Catchup:
 
     async def run_once(self) -> int:
         """Record the events Stripe lists that were never received here; how many."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow("SELECT extract(epoch FROM through)::bigint AS through FROM stripe_catchup"
-                                      " WHERE id = 1 FOR UPDATE SKIP LOCKED")
-            if row is None:
+        missed: list[str] = []
+        async with self._pool.acquire() as conn:
+            if not await conn.fetchval(_LOCK):
                 return 0  # another process is reading
-            since = (int(time.time()) - FIRST_LOOK_BACK_SECONDS if row["through"] is None
-                     else row["through"] - OVERLAP_SECONDS)
-            events = await self._api.events_since(since)
-            missed = [event.id for event, raw in events if await record(conn, event, raw)]
-            newest = max((event.created for event, _ in events), default=None)
-            await conn.execute("UPDATE stripe_catchup SET through = greatest(through, to_timestamp($1)),"
-                               " read_at = now() WHERE id = 1", newest)
+            try:
+                through = await conn.fetchval("SELECT extract(epoch FROM through)::bigint FROM stripe_catchup")
+                since = (int(time.time()) - FIRST_LOOK_BACK_SECONDS if through is None
+                         else through - OVERLAP_SECONDS)
+                newest = None
+                async for page in self._api.event_pages(since):
+                    for event, raw in page:
+                        if await record(conn, event, raw):
+                            missed.append(event.id)
+                        newest = event.created if newest is None else max(newest, event.created)
+                await conn.execute("UPDATE stripe_catchup SET through = greatest(through, to_timestamp($1)),"
+                                   " read_at = now()", newest)
+            finally:
+                await conn.fetchval(_UNLOCK)
         if missed:
             log.warning("stripe events the webhook never delivered, read from Stripe's list",
                         extra={"count": len(missed), "events": missed[:20]})

@@ -13,11 +13,10 @@ first answer to a key for 24 hours, a 500 too, so one key for every attempt woul
 failure of its own until the row was given up. The library's own retries of an attempt share its
 key; a crashed attempt's number is rolled back with it, so its resend replays that attempt's answer.
 
-Stripe remembers identifiers for at least 24 hours. An attempt whose outcome is unknown (a 5xx, a
-timeout, a connection lost) marks the row `uncertain`; an uncertain row that could not be confirmed
-within 23 hours of being frozen is set aside ('failed', logged) rather than risk a second count. A
-row whose every failure proves nothing reached Stripe (a 401 of a rolled key, a 429) is sent for as
-long as Stripe accepts its timestamp.
+Stripe remembers identifiers for at least 24 hours; a row that could not be confirmed within 23
+hours of being frozen is set aside ('failed', logged) rather than risk a second count, whatever its
+attempts met: a 429 or a 401 may follow a lost answer within one attempt (the library's retries),
+and a crashed attempt's record rolls back with it, so no row can be proven never counted.
 """
 from __future__ import annotations
 
@@ -34,15 +33,6 @@ log = logging.getLogger("codeplan.billing.outbox")
 # How long after a minute ends its row is frozen: settlements that began inside the minute have
 # committed by then (a later one is not lost, it opens the minute's next row).
 CLOSE_DELAY_SECONDS = 5
-
-
-def _uncertain(exc: stripe.StripeError) -> bool:
-    """Whether Stripe may have recorded the event although the attempt failed: its endpoint ran
-    and failed (5xx), or the answer was lost on the way (timeouts and lost connections are
-    APIConnectionError; one refused before the request left is too, and counted as unknown)."""
-    if isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError, stripe.RateLimitError)):
-        return False
-    return isinstance(exc, stripe.APIConnectionError) or (exc.http_status or 0) >= 500 or exc.http_status == 409
 
 
 class Outbox:
@@ -66,7 +56,7 @@ class Outbox:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 "SELECT id, stripe_customer_id, event_name, minute, last_at, value, identifier, attempts,"
-                " uncertain AND frozen_at < now() - interval '23 hours' AS too_late,"
+                " frozen_at < now() - interval '23 hours' AS too_late,"
                 " minute < now() - interval '35 days' + interval '1 minute' AS too_old"
                 " FROM meter_outbox WHERE state = 'sending' AND next_attempt_at <= now()"
                 " ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED")
@@ -92,8 +82,8 @@ class Outbox:
                 elif retryable(exc) or isinstance(exc, (stripe.AuthenticationError, stripe.PermissionError)):
                     delay = retry_delay(self._retry_base, row["attempts"], 300.0)
                     await conn.execute(
-                        "UPDATE meter_outbox SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3),"
-                        " uncertain = uncertain OR $4 WHERE id = $1", row["id"], describe(exc), delay, _uncertain(exc))
+                        "UPDATE meter_outbox SET last_error = $2, next_attempt_at = now() + make_interval(secs => $3)"
+                        " WHERE id = $1", row["id"], describe(exc), delay)
                     log.warning("meter event not sent; retried later",
                                 extra={"outbox": row["id"], "error": describe(exc), "retry_in": round(delay, 2)})
                     return True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import msgspec
 
@@ -136,18 +136,19 @@ class StripeAPI:
         return await self._all(lambda after: self._client.v1.disputes.list_async(
             {"payment_intent": payment_intent, "limit": 100, **after}), wire.Dispute)
 
-    async def events_since(self, created: int) -> list[tuple[wire.Event, bytes]]:
-        """Every event Stripe lists created at `created` (epoch seconds) or later, each with its
-        JSON as Stripe sent it (what a webhook would have carried)."""
-        found: list[tuple[wire.Event, bytes]] = []
+    async def event_pages(self, created: int) -> AsyncIterator[list[tuple[wire.Event, bytes]]]:
+        """The events Stripe lists created at `created` (epoch seconds) or later, a page at a time,
+        each with its JSON as Stripe sent it (what a webhook would have carried)."""
         after: dict[str, str] = {}
         while True:
             obj = await self._client.v1.events.list_async({"created": {"gte": created}, "limit": 100, **after})
             page = msgspec.json.decode(obj.last_response.body, type=wire.Page[msgspec.Raw])
-            found.extend((_event.decode(raw), bytes(raw)) for raw in page.data)
-            if not page.has_more or not page.data:
-                return found
-            after = {"starting_after": found[-1][0].id}
+            events = [(_event.decode(raw), bytes(raw)) for raw in page.data]
+            if events:
+                yield events
+            if not page.has_more or not events:
+                return
+            after = {"starting_after": events[-1][0].id}
 
     async def payment_intent(self, ident: str) -> wire.PaymentIntent:
         return await self._decode(self._client.v1.payment_intents.retrieve_async(ident), wire.PaymentIntent)

@@ -183,19 +183,4 @@ def test_a_failure_stripe_keeps_under_its_key_is_not_replayed_for_good(database,
     sends = sends_for(fake, cus)
     assert sends[0]["status"] == 500 and sends[-1]["status"] == 200
     assert len({r["idempotency_key"] for r in sends}) == 2  # the worker's second attempt, a key of its own
-    assert rows(database, cus)[0]["uncertain"]  # a 500: Stripe may have recorded it
 
-
-def test_only_a_row_stripe_may_hold_is_set_aside_after_23_hours(database, fake, service):
-    sure, unsure = customer(fake), customer(fake)
-    idle_outbox(database, fake)
-    now = dt.datetime.now(dt.timezone.utc)
-    for cus, uncertain in ((sure, False), (unsure, True)):
-        row = add(database, cus, 55, now)
-        # frozen a day ago; every attempt since refused before it ran (sure), or one of them lost (unsure)
-        run(query(database, "UPDATE meter_outbox SET state = 'sending', frozen_at = now() - interval '24 hours',"
-                            " attempts = 3, uncertain = $2 WHERE id = $1", row, uncertain))
-    wait_for(lambda: rows(database, sure)[0]["state"] == "sent" and rows(database, unsure)[0]["state"] == "failed",
-             60, what="the sure row sent, the unsure one set aside")
-    assert [e["payload"]["value"] for e in at_stripe(fake, sure)] == ["55"] and at_stripe(fake, unsure) == []
-    assert "identifier window" in rows(database, unsure)[0]["last_error"]

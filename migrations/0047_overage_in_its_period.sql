@@ -6,9 +6,11 @@
 -- period at all when the subscription ended there (cancelled at period end: never invoiced).
 -- And a minute's outbox row could hold both periods' usage, the whole of it stamped with the
 -- later one (found by a review, proven). Now settlement adds overage per overage window, stamped
--- no later than the window's last second (Stripe keeps a renewal's invoice open about an hour for
--- the period's late usage; the outbox sends a row within seconds of its minute's end), and an
--- outbox row holds one period's usage only: `period_start` joins the row's key.
+-- no later than the window's last second while that period's invoice still takes usage (Stripe
+-- keeps a renewal's invoice open about an hour for it; the outbox sends a row within seconds of
+-- its minute's end; after 45 minutes it is stamped when it settles, billed late rather than into
+-- an invoice already final), and an outbox row holds one period's usage only: `period_start`
+-- joins the row's key.
 --
 -- billing_overage_add keeps its four-argument form for older processes (their rows carry no
 -- period, as before). ledger_settle_batch is 0038's, replaced whole (same signature); only its
@@ -193,10 +195,13 @@ BEGIN
         END IF;
     END LOOP;
     FOR r IN
-        -- per overage window, i.e. per billing period (0048): stamped inside the period the
-        -- credits were drawn in, should the request have run past its end
+        -- per overage window, i.e. per billing period (0047): stamped inside the period the
+        -- credits were drawn in, should the request have run past its end, while that period's
+        -- invoice still takes usage (Stripe finalizes a renewal's invoice about an hour after the
+        -- period ends); later, in the period it settles in, rather than in a closed invoice
         SELECT o.subscription_id, sum(o.credits)::bigint AS credits, q.starts_at,
-               least(now(), q.ends_at - interval '1 second') AS at
+               CASE WHEN now() < q.ends_at + interval '45 minutes' THEN least(now(), q.ends_at - interval '1 second')
+                    ELSE now() END AS at
           FROM unnest(o_subscriptions, o_windows, o_credits) AS o(subscription_id, window_id, credits)
           JOIN quota_windows q ON q.id = o.window_id
          GROUP BY o.subscription_id, q.id ORDER BY o.subscription_id, q.id
