@@ -80,11 +80,11 @@ def _unstorable_text(request: Request, exc: Exception) -> Response:
 
 
 def _unencodable(request: Request, exc: Exception) -> Response:
-    """A value asyncpg cannot send in its column's type (a number past an integer column):
-    asyncpg refuses it before the query leaves ("invalid input for query argument"), so only a
-    caller's value can cause it. PostgreSQL's own data exceptions are subclasses (a division by
-    zero would be our bug): those stay unexpected."""
-    if type(exc) is not asyncpg.exceptions.DataError:
+    """A number past its column's type (an int32 or int64 column): asyncpg refuses it before the
+    query leaves ("invalid input for query argument", an OverflowError underneath), and only a
+    caller's value gets that far. Any other encoding failure (a str where an int goes) is our bug,
+    and PostgreSQL's own data exceptions are subclasses: those stay unexpected."""
+    if type(exc) is not asyncpg.exceptions.DataError or not isinstance(exc.__cause__, OverflowError):
         return _unexpected(request, exc)
     return _shaped(request, 400, "A value in the request is out of the range the service can store.",
                    "value_out_of_range")

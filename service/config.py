@@ -65,7 +65,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     upstream_keys: tuple[str, ...] = ()
     upstream_timeout: Seconds = 600.0
     # requests in flight per upstream key at most (Z.ai caps it, 1302); 0 is no cap
-    upstream_concurrency: Annotated[int, msgspec.Meta(ge=0)] = 0
+    upstream_concurrency: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 0
     # ask the upstream for stream usage (stream_options.include_usage): auto asks every upstream
     # but Z.ai's and Zhipu's own hosts, which send it unasked
     upstream_stream_usage: Literal["auto", "ask", "never"] = "auto"
@@ -235,7 +235,7 @@ def _describe(field: str) -> str:
         "db_pool_size": "an integer from 1 to 200",
         "db_dead_after": "a number of seconds from 1 to 3600",
         "max_drains": "a non-negative integer",
-        "upstream_concurrency": "a non-negative integer",
+        "upstream_concurrency": "an integer from 0 to 10000",
         "auth_cache_ttl": "a non-negative number of seconds",
         "responses_websockets": "true or false",
         "max_websockets": "a non-negative integer",

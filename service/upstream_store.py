@@ -60,7 +60,9 @@ class UpstreamStore:
         checked less): left out and logged, so one bad row never stops a start-up or a refresh."""
         try:
             definition = msgspec.json.decode(raw.encode() if isinstance(raw, str) else raw, type=ProfileConfig)
-            return resolve(msgspec.structs.replace(definition, keys=keys), environ={})
+            resolved = resolve(msgspec.structs.replace(definition, keys=keys), environ={})
+            self._refused.discard(name)  # fixed: a later breakage is said again
+            return resolved
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             if name not in self._refused:
                 self._refused.add(name)

@@ -8,11 +8,15 @@ import hashlib
 import hmac
 import json
 import time
+import types
 import uuid
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
+
+from service import app as service_app
 
 from .conftest import query, run, start_bridge
 from .rawhttp import assert_caller_shape, exchange, request
@@ -98,12 +102,30 @@ def test_a_stored_profile_that_cannot_be_served_does_not_stop_a_start(fresh_data
         server.stop()
 
 
+def test_only_a_number_past_its_column_is_the_callers_fault():
+    """asyncpg wraps every encoder failure in one DataError: a number past an int32 or int64
+    column is the caller's (400); a str where an int goes is our bug and stays a 500."""
+    request = types.SimpleNamespace(url=types.SimpleNamespace(path="/admin/plans"))
+    overflow = asyncpg.exceptions.DataError("invalid input for query argument $1: 2147483648 (value out of int32 range)")
+    overflow.__cause__ = OverflowError("value out of int32 range")
+    assert service_app._unencodable(request, overflow).status_code == 400
+    ours = asyncpg.exceptions.DataError("invalid input for query argument $1: 'x' (an integer is required)")
+    ours.__cause__ = TypeError("an integer is required")
+    assert service_app._unencodable(request, ours).status_code == 500
+    server_side = asyncpg.exceptions.DivisionByZeroError("division by zero")
+    assert service_app._unencodable(request, server_side).status_code == 500
+
+
 # ---- the web page ------------------------------------------------------------------------------
 
 UNDECODABLE = {
     "bad-utf8": b'--x\r\nContent-Disposition: form-data; name="email"\r\n\r\n\xff\r\n--x--\r\n',
     "unknown-charset": b'--x\r\nContent-Disposition: form-data; name="lang"\r\n'
                        b'Content-Type: text/plain; charset=nope-42\r\n\r\nen\r\n--x--\r\n',
+    "punycode": b'--x\r\nContent-Disposition: form-data; name="lang"\r\n'
+                b'Content-Type: text/plain; charset=punycode\r\n\r\n\xff\xfe-\r\n--x--\r\n',
+    "charset-with-nul": b'--x\r\nContent-Disposition: form-data; name="lang"\r\n'
+                        b'Content-Type: text/plain; charset="latin1\x00"\r\n\r\nen\r\n--x--\r\n',
 }
 
 

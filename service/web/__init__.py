@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import secrets
@@ -96,13 +97,18 @@ def _unexpected(request: Request, exc: Exception) -> Response:
 
 class _StaticFiles(BaseLocalFileSystem):
     """Litestar's local files, where a path the system refuses (a NUL, a name too long, a file
-    taken for a folder) is a file that is not there: a 404, where Litestar answered 500."""
+    taken for a folder) is a file that is not there: a 404, where Litestar answered 500. Any other
+    failure (permissions, I/O) stays a server's."""
 
     async def info(self, path, **kwargs):
         try:
             return await super().info(path, **kwargs)
-        except (ValueError, OSError):
+        except ValueError:
             raise FileNotFoundError(path) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ENAMETOOLONG):
+                raise FileNotFoundError(path) from None
+            raise
 
 
 class Web:

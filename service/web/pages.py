@@ -105,13 +105,16 @@ def render(request: Request, template: str, *, viewer: sessions.Viewer | None, s
 
 class FormRequest(Request):
     """Litestar's request, whose form answers a part it cannot decode (bytes not in the part's
-    charset, a charset Python does not know) with a 400 where Litestar raised (a 500): the CSRF
+    charset, a charset Python does not know or cannot name) with a 400 where Litestar raised (a
+    500): the CSRF
     middleware reads every page's form before a handler runs (the app's `request_class`)."""
 
     async def form(self):  # type: ignore[override]
         try:
             return await super().form()
-        except (UnicodeDecodeError, LookupError):
+        except KeyError:
+            raise
+        except (ValueError, LookupError):  # UnicodeError is a ValueError; LookupError: no such charset
             raise BadForm(detail="The form could not be decoded.") from None
 
 

@@ -327,3 +327,5 @@ def test_events_the_endpoint_never_received_are_read_from_stripes_list(database,
         assert one(database, "SELECT through IS NOT NULL FROM stripe_catchup")[0]
     finally:
         server.stop()
+    # the reading process gave its claim up (a pass ended, or was cut short by the stop)
+    assert one(database, "SELECT claimed_until IS NULL FROM stripe_catchup")[0]
