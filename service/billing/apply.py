@@ -300,7 +300,8 @@ class EventApplier:
         change = await conn.fetchval("SELECT billing_topup_money_back($1, $2, $3)", charge.payment_intent,
                                      refunded, disputed)
         if change is None:
-            raise Ignored(f"charge {charge.id} is not for a top-up (subscription refunds change no allowance)")
+            raise Ignored(f"charge {charge.id} is not for a top-up (a subscription's refunds and disputes change "
+                          "no allowance)")
         if change:
             log.info("top-up taken back" if change > 0 else "top-up given back", extra={
                 "payment_intent": charge.payment_intent, "amount_refunded": refunded, "amount_disputed": disputed,
