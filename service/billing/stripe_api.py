@@ -74,16 +74,21 @@ class StripeAPI:
         obj = await call
         return msgspec.json.decode(obj.last_response.body, type=type_)
 
-    async def _all(self, page: Callable[[dict[str, str]], Awaitable[Any]], type_: type[T]) -> list[T]:
-        """Every object of a list endpoint, page after page."""
-        found: list[T] = []
+    async def _pages(self, page: Callable[[dict[str, str]], Awaitable[Any]], type_: type[T],
+                     ident: Callable[[T], str] = lambda item: getattr(item, "id")) -> AsyncIterator[list[T]]:
+        """A list endpoint's objects, a page at a time (`ident` names an object for the next page)."""
         after: dict[str, str] = {}
         while True:
             batch = await self._decode(page(after), wire.Page[type_])  # type: ignore[valid-type]
-            found.extend(batch.data)
+            if batch.data:
+                yield batch.data
             if not batch.has_more or not batch.data:
-                return found
-            after = {"starting_after": getattr(batch.data[-1], "id")}
+                return
+            after = {"starting_after": ident(batch.data[-1])}
+
+    async def _all(self, page: Callable[[dict[str, str]], Awaitable[Any]], type_: type[T]) -> list[T]:
+        """Every object of a list endpoint, page after page."""
+        return [item async for batch in self._pages(page, type_) for item in batch]
 
     @staticmethod
     def _options(key: str | None) -> dict[str, Any]:
@@ -139,16 +144,10 @@ class StripeAPI:
     async def event_pages(self, created: int) -> AsyncIterator[list[tuple[wire.Event, bytes]]]:
         """The events Stripe lists created at `created` (epoch seconds) or later, a page at a time,
         each with its JSON as Stripe sent it (what a webhook would have carried)."""
-        after: dict[str, str] = {}
-        while True:
-            obj = await self._client.v1.events.list_async({"created": {"gte": created}, "limit": 100, **after})
-            page = msgspec.json.decode(obj.last_response.body, type=wire.Page[msgspec.Raw])
-            events = [(_event.decode(raw), bytes(raw)) for raw in page.data]
-            if events:
-                yield events
-            if not page.has_more or not events:
-                return
-            after = {"starting_after": events[-1][0].id}
+        async for batch in self._pages(
+                lambda after: self._client.v1.events.list_async({"created": {"gte": created}, "limit": 100, **after}),
+                msgspec.Raw, ident=lambda raw: _event.decode(raw).id):
+            yield [(_event.decode(raw), bytes(raw)) for raw in batch]
 
     async def payment_intent(self, ident: str) -> wire.PaymentIntent:
         return await self._decode(self._client.v1.payment_intents.retrieve_async(ident), wire.PaymentIntent)
