@@ -6,7 +6,11 @@
 2. then, as soon as the event loop is free, one JSON log line per asyncio task with the chain
    of coroutines it is suspended in (outermost first) and the type of the future it waits
    on. A request's task says where that request waits (`asyncio.Task.get_stack` gives only
-   one frame of a suspended coroutine, so the chain is followed through `cr_await`).
+   one frame of a suspended coroutine, so the chain is followed through `cr_await`);
+3. and one line per open HTTP connection with its request's state: a request read but not yet
+   started has no task (uvicorn queues a pipelined one, and stops reading, until the answer
+   before it is complete), and one the server never read shows as reading paused or as an
+   idle connection.
 
 A request that hangs with nothing logged is then placed: a stuck loop shows in (1), a request
 waiting on something that never comes in (2). `codeplan run --workers N` passes the signal on
@@ -40,7 +44,7 @@ def install() -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:
-        for step in (log_tasks, *also):
+        for step in (log_tasks, log_connections, *also):
             try:
                 step()
             except Exception:  # noqa: BLE001 - one failing step must not keep the others
@@ -71,6 +75,29 @@ def log_tasks() -> None:
         chain, awaiting = await_chain(task)
         log.warning("asyncio task", extra={"task": task.get_name(), "chain": " > ".join(chain),
                                            "awaits": awaiting})
+
+
+def log_connections() -> None:
+    """One line per HTTP connection uvicorn's httptools protocol holds open (found through the
+    garbage collector: nothing is kept for this on any request's path), without its headers."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    connections = [o for o in gc.get_objects() if isinstance(o, HttpToolsProtocol)
+                   and getattr(o, "transport", None) is not None]
+    log.warning("http connections", extra={"count": len(connections)})
+    for connection in connections:
+        transport, cycle = connection.transport, connection.cycle
+        state = {"peer": f"{connection.client[0]}:{connection.client[1]}" if connection.client else "",
+                 "closing": transport.is_closing(), "pipelined": len(connection.pipeline),
+                 "reading_paused": connection.flow.read_paused,
+                 "writing_paused": connection.flow.write_paused,
+                 "unsent_bytes": transport.get_write_buffer_size(),
+                 "keep_alive_timer": connection.timeout_keep_alive_task is not None}
+        if cycle is not None:
+            state.update(request=f"{cycle.scope['method']} {cycle.scope['path']}",
+                         body_complete=not cycle.more_body, response_started=cycle.response_started,
+                         response_complete=cycle.response_complete, disconnected=cycle.disconnected)
+        log.warning("http connection", extra=state)
 
 
 def await_chain(task: asyncio.Task) -> tuple[list[str], str]:

@@ -206,9 +206,10 @@ class Server:
             with open(self.log.name, "rb") as log:
                 log.seek(start)
                 text = log.read().decode(errors="replace")
-            listed = stack_lines(text)
-            heads = [entry for entry in listed if entry["msg"] == "asyncio tasks"]
-            if heads and len(listed) - 1 >= heads[0]["count"]:
+            listed = [entry["msg"] for entry in stack_lines(text)]
+            heads = [entry for entry in stack_lines(text) if entry["msg"] == "http connections"]
+            # the tasks' lines, then the connections' (service/stacks.py): all of them are in
+            if heads and listed.count("http connection") >= heads[0]["count"]:
                 return text
         return text + f"\n(no task list in {wait} s: its event loop is held)"
 
@@ -239,6 +240,17 @@ def hang_report(servers: list[Server]) -> str:
         f"{t.get_name()}: {' > '.join(chain)} awaiting {awaits}"
         for t in tasks for chain, awaits in [await_chain(t)]))
     return "\n".join(parts)
+
+
+def client_pools(clients: list) -> str:
+    """The connection pools of `openai` clients (httpx2 under them), as text: each pool's
+    requests and connections, and each connection's state, for a request that hung."""
+    lines = []
+    for number, client in enumerate(clients):
+        pool = client._client._transport._pool
+        lines.append(f"== client {number}: {pool!r}")
+        lines += [f"   {connection.info()}" for connection in pool.connections]
+    return "\n".join(lines)
 
 
 def base_env(**extra: str) -> dict[str, str]:

@@ -19,8 +19,9 @@ import httpx
 import openai
 import pytest
 
-from .conftest import (CODEPLAN, Server, base_env, children, free_port, hang_report, new_plan, new_user, query,
-                       run, settled_query, start_bridge, start_workers, stream_started, wait_settled)
+from .conftest import (CODEPLAN, Server, base_env, children, client_pools, free_port, hang_report, new_plan,
+                       new_user, query, run, settled_query, start_bridge, start_workers, stream_started,
+                       wait_settled)
 
 ADMIN_TOKEN = "test-admin-token-" + "x" * 16
 
@@ -550,16 +551,21 @@ async def test_three_processes_hold_one_allowance_and_one_upstream_key_cap(fresh
                     return 200
                 except openai.APIStatusError as exc:
                     return exc.status_code
-                except openai.APITimeoutError:
-                    # (this failed now and then in CI with nothing logged: the stacks of every
-                    # process, taken while the request still hangs, say where it waits)
-                    hung.append(i % 3)
+                except openai.APITimeoutError as exc:
+                    # (this failed now and then in CI with nothing logged: the stacks and open
+                    # connections of every process, taken while the request still hangs, and
+                    # the clients' connection pools say where it waits)
+                    hung.append(f"{i % 3}: {type(exc.__cause__).__name__}")
                     if len(hung) == 1:
                         print(hang_report(servers + [sim]), file=sys.stderr)
+                        print(client_pools(clients), file=sys.stderr)
                     return 0
-            hung: list[int] = []
-            statuses = await asyncio.gather(*(one(i) for i in range(count)))
-            assert not hung, (f"requests to servers {hung} (of 0-2) got no headers in 120 s; "
+            hung: list[str] = []
+            try:
+                statuses = await asyncio.gather(*(one(i) for i in range(count)))
+            finally:  # closed here, not by the garbage collector on whatever loop runs then
+                await asyncio.gather(*(client.close() for client in clients))
+            assert not hung, (f"requests to servers {hung} (server: what timed out) got no answer in 120 s; "
                               "every process's stacks are in the captured stderr")
             return statuses
 

@@ -1,5 +1,6 @@
-"""SIGUSR1 (service/stacks.py): a running server writes its threads' stacks and then one log
-line per asyncio task with the coroutines it waits in, and goes on serving; a request waiting
+"""SIGUSR1 (service/stacks.py): a running server writes its threads' stacks, then one log line
+per asyncio task with the coroutines it waits in and one per open HTTP connection, and goes on
+serving; a request waiting
 for its upstream is found in its relay; `--workers N` passes the signal to every worker."""
 from __future__ import annotations
 
@@ -51,10 +52,20 @@ def test_a_server_dumps_its_stacks_on_sigusr1_and_goes_on_serving(fresh_database
         # the threads, from faulthandler: written whatever the event loop is doing
         assert "most recent call first" in text and "service/cli.py" in text
         lines = stack_lines(text)
-        assert lines[0]["msg"] == "asyncio tasks" and len(lines) == 1 + lines[0]["count"]
+        tasks = lines[0]["count"]
+        assert lines[0]["msg"] == "asyncio tasks" and [e["msg"] for e in lines[1:tasks + 1]] == ["asyncio task"] * tasks
         # the stream's task, suspended in its relay, reading the upstream
-        relaying = [entry for entry in lines[1:] if "bridge/journey.py" in entry["chain"]]
+        relaying = [entry for entry in lines[1:tasks + 1] if "bridge/journey.py" in entry["chain"]]
         assert len(relaying) == 1 and " _relay" in relaying[0]["chain"], lines
+        # then the HTTP connections: the stream's, its answer started and not complete (its
+        # headers are not logged)
+        connections = lines[tasks + 1:]
+        assert connections[0]["msg"] == "http connections" and len(connections) == 1 + connections[0]["count"]
+        streaming = [e for e in connections[1:] if e.get("request") == "POST /v1/chat/completions"]
+        assert len(streaming) == 1, connections
+        assert streaming[0]["response_started"] and not streaming[0]["response_complete"], streaming
+        assert not streaming[0]["reading_paused"] and streaming[0]["pipelined"] == 0
+        assert key not in text
         assert server.process is not None and server.process.poll() is None
         assert httpx.get(server.url + "/healthz").status_code == 200
         reader.join(30)
