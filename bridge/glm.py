@@ -63,11 +63,15 @@ class ToolEnd(Struct, frozen=True):
 Event = Reasoning | Text | ToolStart | ToolArgs | ToolEnd
 
 STOP, LENGTH, TOOL_CALLS, CONTENT_FILTER = "stop", "length", "tool_calls", "content_filter"
+# GLM's own finish reason when the prompt and the answer filled the model's context window: not
+# `length` (the client's max_tokens), because a coding agent compacts its history on this one
+# and only this one (Codex: `context_length_exceeded`; Anthropic's own stop reason of this name)
+CONTEXT_WINDOW = "model_context_window_exceeded"
 
 
 class Outcome(Struct, frozen=True):
     """How the answer ended. `reason` is set for a complete answer (stop, length, tool_calls,
-    content_filter); `error` for a broken one, which no client may take for a whole answer."""
+    content_filter, model_context_window_exceeded); `error` for a broken one, which no client may take for a whole answer."""
     reason: str | None = None
     error: BridgeError | None = None
 
@@ -207,8 +211,10 @@ class StreamNormalizer:
 
 
 def finish_reason(upstream: str | None, *, tools: bool) -> str:
-    if upstream in ("length", "model_context_window_exceeded"):
+    if upstream == "length":
         return LENGTH
+    if upstream == CONTEXT_WINDOW:
+        return CONTEXT_WINDOW
     if upstream == "sensitive":
         return CONTENT_FILTER
     return TOOL_CALLS if tools else STOP

@@ -100,7 +100,7 @@ def test_an_empty_complete_answer_is_a_retryable_error(finish):
 
 
 @pytest.mark.parametrize("upstream,reason", [
-    ("stop", "stop"), ("length", "length"), ("model_context_window_exceeded", "length"),
+    ("stop", "stop"), ("length", "length"), ("model_context_window_exceeded", "model_context_window_exceeded"),
     ("sensitive", "content_filter"), ("something_new", "stop")])
 def test_finish_reasons_have_one_meaning(upstream, reason):
     normalizer = glm.StreamNormalizer("c_")

@@ -307,7 +307,7 @@ class ChatStream:
 
     def finish(self, reason: str, usage: wire.Usage) -> bytes:
         """The finish chunk, the usage-only last chunk (`choices: []`), then [DONE]."""
-        return (self._chunk(wire.Delta(), reason)
+        return (self._chunk(wire.Delta(), _finish_reason(reason))
                 + sse.frame(_encoder.encode(OutChunk(
                     id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
                     choices=[], usage=out_usage(usage))))
@@ -319,6 +319,11 @@ class ChatStream:
         return sse.frame(_encoder.encode(errors.openai_error(error)))
 
 
+def _finish_reason(reason: str) -> str:
+    """Chat Completions has no finish reason for a full context window: `length`, as before."""
+    return glm.LENGTH if reason == glm.CONTEXT_WINDOW else reason
+
+
 def completion_body(answer: glm.Answer, reason: str, model: str, request_id: str,
                     usage: wire.Usage) -> bytes:
     calls = [wire.ToolCall(id=c.id, type="function", function=wire.FunctionCall(
@@ -328,7 +333,7 @@ def completion_body(answer: glm.Answer, reason: str, model: str, request_id: str
         reasoning_content=answer.reasoning or UNSET, tool_calls=calls or UNSET)
     return _encoder.encode(OutCompletion(
         id="chatcmpl-" + request_id, object="chat.completion", created=int(time.time()),
-        model=model, choices=[OutCompletionChoice(index=0, message=message, finish_reason=reason)],
+        model=model, choices=[OutCompletionChoice(index=0, message=message, finish_reason=_finish_reason(reason))],
         usage=out_usage(usage)))
 
 

@@ -346,7 +346,7 @@ class ErrorEvent(Struct, tag="error", tag_field="type"):
 _encoder = msgspec.json.Encoder()
 
 STOP_REASONS = {glm.STOP: "end_turn", glm.TOOL_CALLS: "tool_use", glm.LENGTH: "max_tokens",
-                glm.CONTENT_FILTER: "refusal"}
+                glm.CONTENT_FILTER: "refusal", glm.CONTEXT_WINDOW: "model_context_window_exceeded"}
 
 
 def _event(name: str, payload: Struct) -> bytes:

@@ -391,6 +391,7 @@ def response_object(context: Context, response_id: str, model: str, status: str,
 # How a finished answer's reason reads in a response: its status and incomplete reason.
 _ENDINGS = {glm.STOP: ("completed", None), glm.TOOL_CALLS: ("completed", None),
             glm.LENGTH: ("incomplete", "max_output_tokens"),
+            glm.CONTEXT_WINDOW: ("incomplete", "max_output_tokens"),
             glm.CONTENT_FILTER: ("incomplete", "content_filter")}
 
 
