@@ -24,14 +24,18 @@ class Answer:
         return f"Answer({self.raw[:400]!r})"
 
 
-def read_answer(sock: socket.socket, timeout: float = 10.0) -> Answer:
-    """Read one response (Content-Length framed, or up to the close)."""
+def read_answer(sock: socket.socket, timeout: float = 10.0, *, head: bool = False) -> Answer:
+    """Read one response (Content-Length framed, or up to the close). An answer to a HEAD
+    (`head`), a 204 or a 304 has no body whatever its headers say (RFC 9112 6.3): it is returned
+    once its head is in, instead of waiting out `timeout` for a body that never comes."""
     sock.settimeout(timeout)
     data = b""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if b"\r\n\r\n" in data:
             answer = Answer(data)
+            if head or answer.status in (204, 304):
+                return answer
             length = answer.headers.get("content-length")
             if length is not None and len(answer.body) >= int(length):
                 return answer
@@ -48,7 +52,7 @@ def read_answer(sock: socket.socket, timeout: float = 10.0) -> Answer:
 def exchange(port: int, data: bytes, timeout: float = 10.0) -> Answer:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(data)
-        return read_answer(sock, timeout)
+        return read_answer(sock, timeout, head=data.startswith(b"HEAD "))
 
 
 def request(method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
