@@ -308,10 +308,47 @@ def test_tool_without_arguments_gets_empty_object():
     assert [o["arguments"] for o in final["output"] if o["type"] == "function_call"] == ["{}"]
 
 
-def test_sensitive_stop_is_incomplete_content_filter():
+def test_sensitive_stop_is_a_failure_codex_does_not_retry():
+    """Codex reads `response.incomplete` as a broken stream and sends the same turn again (each
+    retry billed, each filtered alike); `invalid_prompt` it shows and does not retry (codex-rs
+    codex-api/src/sse/responses.rs)."""
     events, final = stream_of("glm_sensitive.sse")
-    assert events[-1]["type"] == "response.incomplete"
-    assert final["incomplete_details"] == {"reason": "content_filter"} and final["usage"]["output_tokens"] == 3
+    assert events[-1]["type"] == "response.failed" and final["incomplete_details"] is None
+    assert final["error"]["code"] == "invalid_prompt" and "content filter" in final["error"]["message"]
+    assert final["usage"]["output_tokens"] == 3
+
+
+CONTEXT_FULL = [wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="Let me read."))])] + [
+    *call_chunks("read_file", '{"path": "a.py"}', finish=None),
+    wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(), finish_reason="model_context_window_exceeded")],
+               usage=wire.Usage(prompt_tokens=204000, completion_tokens=800, total_tokens=204800))]
+
+
+def test_context_window_full_is_context_length_exceeded_codex_compacts_on():
+    """GLM's `model_context_window_exceeded` finish: Codex compacts only on a response.failed
+    with `context_length_exceeded`; as `response.incomplete` it would retry the same
+    overflowing turn. What was whole (the text) is kept, the call is never reported done."""
+    s = surface({"model": "glm-4.6", "input": "go", "tools": [READ_FILE]})
+    out, _ = translate(CONTEXT_FULL, s.stream("glm-4.6", "w1", 1))
+    events = events_of(out)
+    final = check_stream(events)
+    assert events[-1]["type"] == "response.failed" and final["error"]["code"] == "context_length_exceeded"
+    assert "context window" in final["error"]["message"] and final["incomplete_details"] is None
+    assert [o["type"] for o in final["output"]] == ["message"] and final["usage"]["input_tokens"] == 204000
+    assert s.finished() is None  # a socket does not keep it for a next turn
+
+
+@pytest.mark.parametrize("reason,code", [(glm.CONTEXT_WINDOW, "context_length_exceeded"),
+                                         (glm.CONTENT_FILTER, "invalid_prompt")])
+def test_non_streamed_answers_end_the_same_way(reason, code):
+    events, _ = glm.completion_events(wire.completion_decoder.decode(json.dumps({
+        "id": "x", "choices": [{"finish_reason": "stop", "message": {
+            "role": "assistant", "content": "Part", "tool_calls": [{"id": "c1", "type": "function", "function": {
+                "name": "read_file", "arguments": "{}"}}]}}]}).encode()), "call_n_")
+    body = json.loads(surface({"model": "glm-4.6", "input": "x", "tools": [READ_FILE]}).complete(
+        glm.Answer(events), reason, "glm-4.6", "w2", wire.Usage(prompt_tokens=9, completion_tokens=1, total_tokens=10)))
+    assert (body["status"], body["error"]["code"], body["incomplete_details"]) == ("failed", code, None)
+    assert [o["type"] for o in body["output"]] == ["message"]
 
 
 def test_usage_in_a_trailing_chunk():
@@ -393,6 +430,28 @@ def test_max_tokens_is_incomplete_and_keeps_no_cut_call():
     assert events[-1]["type"] == "response.incomplete"
     assert final["incomplete_details"] == {"reason": "max_output_tokens"}
     assert [o["type"] for o in final["output"]] == ["message"] and final["usage"]["output_tokens"] == 20
+
+
+@pytest.mark.parametrize("finish,kept", [("tool_calls", ["function_call", "message", "function_call"]),
+                                         ("length", ["message"])])
+def test_items_are_done_in_output_order_when_text_follows_a_call(finish, kept):
+    """GLM writes a call, then text, then another call. Codex adds items to its history in the
+    order of their `output_item.done` and replays that order next turn: the text must not be
+    done before the call ahead of it (which is done only once the answer is whole)."""
+    s = surface({"model": "glm-4.6", "input": "go", "tools": [READ_FILE]})
+    chunks = call_chunks("read_file", '{"path": "a.py"}', finish=None, call_id="call_a")
+    chunks.append(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="And then"))]))
+    chunks.append(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content=" the other."))]))
+    second = call_chunks("read_file", '{"path": "b.py"}', finish=finish, call_id="call_b")
+    for chunk in second:
+        for call in chunk.choices[0].delta.tool_calls or ():
+            call.index = 1
+    out, _ = translate(chunks + second, s.stream("glm-4.6", "o1", 1))
+    events = events_of(out)
+    final = check_stream(events)
+    done = [e["output_index"] for e in events if e["type"] == "response.output_item.done"]
+    assert done == sorted(done) and [o["type"] for o in final["output"]] == kept
+    assert final["output"][kept.index("message")]["content"][0]["text"] == "And then the other."
 
 
 def test_an_empty_answer_is_a_failure_codex_retries():

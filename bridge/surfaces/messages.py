@@ -4,7 +4,9 @@
 into a GLM request; `MessagesStream` turns GLM chunks into Anthropic's event stream:
 message_start, content blocks (thinking, text, tool_use) with increasing index, message_delta,
 message_stop. Fields GLM has no use for (cache_control, context_management, output_config,
-future ones) are accepted and dropped, never a 400.
+future ones) and content block types the translator does not know are accepted and dropped,
+never a 400. Text documents and search results reach the model as tagged text; a document GLM
+cannot read (a PDF) is a 400 in the user's own content, and a note in a tool result.
 """
 from __future__ import annotations
 
@@ -26,33 +28,41 @@ SURFACE = "messages"
 
 # ---- requests ---------------------------------------------------------------------------
 
-class ImageSource(Struct):
+class Source(Struct):
+    """An image's or a document's source: `base64` / `url` (images, PDFs), `text` (a plain-text
+    document, its text in `data`), `content` (a document made of blocks), `file` (Files API)."""
     type: str = "base64"
     media_type: str | None = None
     data: str | None = None
     url: str | None = None
-
-
-BlockType = Literal["text", "image", "document", "tool_use", "tool_result", "thinking",
-                    "redacted_thinking", "server_tool_use", "web_search_tool_result", "search_result"]
+    content: str | list["Block"] | None = None
 
 
 class Block(Struct):
-    type: BlockType
+    # Any type: Anthropic adds block types (tool_reference, search_result, ...) and Claude Code
+    # sends them as soon as a beta is on; one the translator does not know is dropped, never a
+    # 400 (it would stay in the history and fail every later turn of the conversation)
+    type: str
     text: str | None = None
     # tool_use
     id: str | None = None
     name: str | None = None
     input: Raw = Raw()
-    # tool_result
+    # tool_result (its content: text, images, documents, tool references); search_result (its
+    # text blocks); a dict only in block types we drop (e.g. code_execution_tool_result)
     tool_use_id: str | None = None
-    content: str | list["Block"] | None = None
+    content: str | list["Block"] | dict | None = None
     is_error: bool | None = None
     # thinking
     thinking: str | None = None
     signature: str | None = None
-    # image
-    source: ImageSource | None = None
+    # image, document; a search_result's source is a string (where the result came from)
+    source: Source | str | None = None
+    # document, search_result
+    title: str | None = None
+    context: str | None = None
+    # tool_reference (tool search): a tool the search found
+    tool_name: str | None = None
 
 
 class Message(Struct):
@@ -130,17 +140,80 @@ def parse_request(body: bytes) -> MessagesRequest:
     return request
 
 
-def _text_of(content: str | list[Block] | None) -> str:
-    if content is None:
-        return ""
+def _text_of(content: str | list[Block] | dict | None) -> str:
+    """System text: its text blocks."""
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        return ""
     return "\n".join(b.text for b in content if b.type == "text" and b.text)
+
+
+def _document_text(block: Block) -> str | None:
+    """A `document` or `search_result` block as text for the model, headed by what the client
+    said about it (title, context, where a search result came from); None for a document GLM
+    cannot read (a PDF, as base64 or a URL, or a Files API file: GLM takes text and images)."""
+    source = block.source
+    if block.type == "search_result":
+        body = _text_of(block.content)
+        origin = source if isinstance(source, str) else None
+    elif isinstance(source, Source) and source.type == "text":
+        body, origin = source.data or "", None
+    elif isinstance(source, Source) and source.type == "content":
+        body, origin = _text_of(source.content), None
+    else:
+        return None
+    # tagged, so the model tells where the document ends and the user's own words begin
+    said = "".join(f' {name}="{value.replace(chr(34), chr(39))}"' for name, value in (
+        ("title", block.title), ("source", origin), ("context", block.context)) if value)
+    return f"<{block.type}{said}>\n{body}\n</{block.type}>"
+
+
+def _result_text(content: str | list[Block] | dict | None) -> str:
+    """A tool result's content as the text of GLM's tool message. It answers a call the model
+    made, so nothing in it is dropped without a trace: a block GLM cannot take leaves a note in
+    its place, or the model would read a search that found nothing, or an empty file."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        return ""
+    parts: list[str] = []
+    for block in content:
+        if block.type == "text":
+            if block.text:
+                parts.append(block.text)
+        elif block.type in ("document", "search_result"):
+            text = _document_text(block)
+            parts.append(text if text is not None else
+                         f"[{_media_type(block)} document{_titled(block)} omitted: this model cannot read it]")
+        elif block.type == "tool_reference":
+            # tool search's answer: Anthropic expands it into the tool's definition; GLM was
+            # sent every tool (deferred ones too), so naming the tool is the whole answer
+            if block.tool_name:
+                parts.append(f"Tool available: {block.tool_name}")
+        elif block.type != "image":  # images in tool results: GLM's tool messages are text
+            parts.append(f"[{block.type} content omitted]")
+    return "\n".join(parts)
+
+
+def _media_type(block: Block) -> str:
+    """What kind of document GLM cannot read, for the message that says so."""
+    source = block.source
+    if not isinstance(source, Source):
+        return "source-less"
+    if source.type == "file":
+        return "Files API"
+    # base64 and URL documents are PDFs unless they say otherwise
+    return "PDF" if source.media_type in (None, "application/pdf") else source.media_type
+
+
+def _titled(block: Block) -> str:
+    return f" '{block.title}'" if block.title else ""
 
 
 def _image_part(block: Block) -> wire.ContentPart | None:
     source = block.source
-    if source is None:
+    if not isinstance(source, Source):
         return None
     if source.type == "url" and source.url:
         url = source.url
@@ -156,15 +229,29 @@ def _image_part(block: Block) -> wire.ContentPart | None:
     return wire.ContentPart(type="image_url", image_url=Raw(msgspec.json.encode({"url": url})))
 
 
-def _user_content(blocks: list[Block]) -> str | list[wire.ContentPart] | None:
+def _user_content(blocks: list[Block], at: int) -> str | list[wire.ContentPart] | None:
+    """A user turn's content but its tool results; block types GLM has no use for are dropped.
+    `at` is the turn's index in `messages`, for the error that names a block."""
     parts: list[wire.ContentPart] = []
-    for block in blocks:
+    for j, block in enumerate(blocks):
         if block.type == "text" and block.text:
             parts.append(wire.ContentPart(type="text", text=block.text))
         elif block.type == "image":
             image = _image_part(block)
             if image is not None:
                 parts.append(image)
+        elif block.type in ("document", "search_result"):
+            text = _document_text(block)
+            if text is None:
+                # the user sent it for the model to read: dropping it would answer without it,
+                # as if read (a document inside a tool result is noted there instead)
+                raise BridgeError(
+                    Kind.invalid_request,
+                    f"messages.{at}.content.{j}: this model cannot read {_media_type(block)} "
+                    "documents; send the document's text (a `text` or `content` source) instead.",
+                    param=f"messages.{at}.content.{j}.source")
+            if text:
+                parts.append(wire.ContentPart(type="text", text=text))
     if not parts:
         return None
     if all(p.type == "text" for p in parts):
@@ -177,7 +264,7 @@ def _messages(request: MessagesRequest) -> list[wire.Message]:
     system = _text_of(request.system) if request.system is not None else ""
     if system:
         out.append(wire.Message(role="system", content=system))
-    for message in request.messages:
+    for i, message in enumerate(request.messages):
         blocks = [Block(type="text", text=message.content)] if isinstance(message.content, str) \
             else message.content
         if message.role == "assistant":
@@ -199,11 +286,11 @@ def _messages(request: MessagesRequest) -> list[wire.Message]:
             # tool results answer the previous assistant turn, so they come first
             for block in blocks:
                 if block.type == "tool_result":
-                    result = _text_of(block.content)
+                    result = _result_text(block.content)
                     if block.is_error:
                         result = "Error: " + result
                     out.append(wire.Message(role="tool", content=result, tool_call_id=block.tool_use_id or ""))
-            rest = _user_content([b for b in blocks if b.type != "tool_result"])
+            rest = _user_content(blocks, i)
             if rest is not None:
                 out.append(wire.Message(role="user", content=rest))
     return out
@@ -425,7 +512,7 @@ class MessagesStream:
 
     def fail(self, error: BridgeError) -> bytes:
         return self._close_block() + _event("error", ErrorEvent(error=ErrorDetail(
-            type=_error_type(error), message=error.message)))
+            type=_error_type(error), message=error_message(error))))
 
 
 def completion_body(answer: glm.Answer, reason: str, model: str, request_id: str,
@@ -478,11 +565,21 @@ class ErrorBody(Struct, tag="error", tag_field="type"):
     error: ErrorDetail
 
 
+def error_message(error: BridgeError) -> str:
+    """An error's message as Claude Code reads it. It compacts the conversation only on an
+    overflow worded as Anthropic's, "prompt is too long" (and reads how far over from
+    ": N tokens > M maximum"), so every context-length error starts so, ours with the numbers
+    and GLM's own (1261, the prompt passed our estimate but not its count) with its text."""
+    if error.kind is not Kind.context_length:
+        return error.message
+    if error.limit is not None and error.requested is not None:
+        return f"prompt is too long: {error.requested} tokens > {error.limit} maximum"
+    return f"prompt is too long: {error.message}"
+
+
 def error_response(error: BridgeError) -> tuple[int, dict[str, str], bytes]:
     kind, status = _TYPES[error.kind], _status(error)
-    message = error.message
-    if error.kind is Kind.context_length and error.limit is not None:
-        message = f"prompt is too long: {error.requested} tokens > {error.limit} maximum"
+    message = error_message(error)
     headers = error.headers()
     if error.retry_after is not None:
         # Claude Code waits out retry-after; a quota reset hours away is said in the message

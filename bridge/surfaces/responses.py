@@ -14,7 +14,8 @@ into a `custom_tool_call` carrying that string. Fields GLM has no use for (`stor
 (docs: clients.md §6.5): `response.created` and `response.in_progress` at once, every output
 item between `output_item.added` and `output_item.done`, text and reasoning in content parts
 with their deltas, and exactly one terminal event: `response.completed` (with usage),
-`response.incomplete` (max tokens, content filter) or `response.failed` (a filled `error`).
+`response.incomplete` (max tokens) or `response.failed` (a filled `error`: a broken answer, or
+one GLM ended on the context window or its content filter, which Codex must not retry).
 A tool call is reported done only once the whole answer is: Codex runs a call from its
 `output_item.done`, so a call cut off by a broken stream or by max tokens must never get one.
 
@@ -391,8 +392,23 @@ def response_object(context: Context, response_id: str, model: str, status: str,
 # How a finished answer's reason reads in a response: its status and incomplete reason.
 _ENDINGS = {glm.STOP: ("completed", None), glm.TOOL_CALLS: ("completed", None),
             glm.LENGTH: ("incomplete", "max_output_tokens"),
-            glm.CONTEXT_WINDOW: ("incomplete", "max_output_tokens"),
-            glm.CONTENT_FILTER: ("incomplete", "content_filter")}
+            glm.CONTEXT_WINDOW: ("failed", None), glm.CONTENT_FILTER: ("failed", None)}
+# Finishes that end the response as failed, with the error Codex acts on. Codex reads
+# `response.incomplete` as a broken stream ("Incomplete response returned, reason: ...") and
+# sends the same turn again, up to stream_max_retries times, each a billed upstream request
+# with the same ending (codex-rs codex-api/src/sse/responses.rs, process_responses_event).
+# `response.failed` is read by its error code: context_length_exceeded is its context-window
+# error, on which it compacts the conversation instead; invalid_prompt is shown and not retried.
+_FAILURES = {
+    glm.CONTEXT_WINDOW: ErrorInfo(
+        "context_length_exceeded",
+        "The conversation filled the model's context window before the answer was finished "
+        "(finish_reason: model_context_window_exceeded); compact or shorten the conversation."),
+    glm.CONTENT_FILTER: ErrorInfo(
+        "invalid_prompt",
+        "The model provider's content filter stopped the answer (finish_reason: sensitive); "
+        "retrying the same request gives the same result, so rephrase it."),
+}
 
 
 def _call_item(kinds: ToolKinds, item_id: str, call_id: str, name: str, arguments: str) -> OutputItem:
@@ -518,6 +534,10 @@ class ResponsesStream:
         self._parts: list[str] = []  # the open reasoning or message text
         self._calls: dict[int, _Call] = {}  # by the normaliser's call index
         self._finished_calls: list[tuple[_Call, str]] = []  # whole, but reported at the end
+        # text and reasoning items whole after a call, held so that items are reported done in
+        # output order: Codex adds them to its history in the order of their `output_item.done`
+        # and replays that order next turn (its output index, kind, text)
+        self._held: list[tuple[int, str, str]] = []
 
     # -- framing
 
@@ -574,19 +594,24 @@ class ResponsesStream:
     def finish(self, reason: str, usage: wire.Usage) -> bytes:
         status, incomplete = _ENDINGS[reason]
         out = self._close()
+        # reported done in output order: (index, call or None, kind, text or arguments). An
+        # answer cut by max tokens, the context window or the filter keeps what was whole: its
+        # text and reasoning, not its calls
+        whole: list[tuple[int, _Call | None, str, str]] = [(i, None, kind, text) for i, kind, text in self._held]
         if status == "completed":
-            for call, arguments in self._finished_calls:
-                out += self._call_done(call, arguments)
-        # an answer cut by max tokens (or the filter) keeps what was whole: its text and
-        # reasoning, not its calls
+            whole += [(call.index, call, "call", arguments) for call, arguments in self._finished_calls]
+        for index, call, kind, text in sorted(whole, key=lambda entry: entry[0]):
+            out += self._call_done(call, text) if call is not None else self._text_item_done(index, kind, text)
         self.status = status
-        terminal = ResponseCompleted if status == "completed" else ResponseIncomplete
-        return out + _event(terminal(response=self._response(status, usage, incomplete=incomplete),
+        terminal = {"completed": ResponseCompleted, "incomplete": ResponseIncomplete,
+                    "failed": ResponseFailed}[status]
+        return out + _event(terminal(response=self._response(status, usage, error=_FAILURES.get(reason),
+                                                             incomplete=incomplete),
                                      sequence_number=self._next()))
 
     def fail(self, error: BridgeError) -> bytes:
-        """A broken answer: `response.failed` with a filled error, and no item in progress
-        reported done (the client retries the turn)."""
+        """A broken answer: `response.failed` with a filled error, and no item in progress (nor
+        one held behind a call) reported done (the client retries the turn)."""
         self.status = "failed"
         code, message = failure(error)
         return _event(ResponseFailed(response=self._response("failed", error=ErrorInfo(code, message)),
@@ -594,8 +619,8 @@ class ResponsesStream:
 
     # -- items
 
-    def _item_id(self, prefix: str) -> str:
-        return f"{prefix}_{self.id.removeprefix('resp_')}_{self._index}"
+    def _item_id(self, prefix: str, index: int | None = None) -> str:
+        return f"{prefix}_{self.id.removeprefix('resp_')}_{self._index if index is None else index}"
 
     def _open_reasoning(self) -> bytes:
         self._open, self._parts = "reasoning", []
@@ -641,36 +666,42 @@ class ResponsesStream:
         return _event(OutputItemAdded(output_index=self._index, item=item, sequence_number=self._next()))
 
     def _close(self) -> bytes:
-        """End the open reasoning or message item (calls end with the answer)."""
+        """End the open reasoning or message item (calls end with the answer); one after a call
+        is held until the call is reported done."""
         kind, self._open = self._open, None
+        if kind not in ("reasoning", "message"):
+            return b""
+        text = "".join(self._parts)
+        if any(call.index < self._index for call in self._calls.values()):
+            self._held.append((self._index, kind, text))
+            return b""
+        return self._text_item_done(self._index, kind, text)
+
+    def _text_item_done(self, index: int, kind: str, text: str) -> bytes:
         if kind == "reasoning":
-            text = "".join(self._parts)
-            item = _reasoning_item(self._item_id("rs"), text, self.context.summary,
+            item = _reasoning_item(self._item_id("rs", index), text, self.context.summary,
                                    self.context.sealed_reasoning)
-            out = _event(ReasoningTextDone(item_id=item.id, output_index=self._index, content_index=0,
+            out = _event(ReasoningTextDone(item_id=item.id, output_index=index, content_index=0,
                                            text=text, sequence_number=self._next()))
-            out += _event(ContentPartDone(item_id=item.id, output_index=self._index, content_index=0,
+            out += _event(ContentPartDone(item_id=item.id, output_index=index, content_index=0,
                                           part=ReasoningText(text=text), sequence_number=self._next()))
             if self.context.summary:
-                out += _event(SummaryTextDone(item_id=item.id, output_index=self._index, summary_index=0,
+                out += _event(SummaryTextDone(item_id=item.id, output_index=index, summary_index=0,
                                               text=text, sequence_number=self._next()))
-                out += _event(SummaryPartDone(item_id=item.id, output_index=self._index, summary_index=0,
+                out += _event(SummaryPartDone(item_id=item.id, output_index=index, summary_index=0,
                                               part=SummaryText(text=text), sequence_number=self._next()))
-            return out + self._item_done(item)
-        if kind == "message":
-            text = "".join(self._parts)
-            item_id = self._item_id("msg")
-            out = _event(OutputTextDone(item_id=item_id, output_index=self._index, content_index=0,
-                                        text=text, sequence_number=self._next()))
-            out += _event(ContentPartDone(item_id=item_id, output_index=self._index, content_index=0,
-                                          part=OutputText(text=text), sequence_number=self._next()))
-            return out + self._item_done(MessageItem(id=item_id, status="completed",
-                                                     content=[OutputText(text=text)]))
-        return b""
+            return out + self._item_done(index, item)
+        item_id = self._item_id("msg", index)
+        out = _event(OutputTextDone(item_id=item_id, output_index=index, content_index=0,
+                                    text=text, sequence_number=self._next()))
+        out += _event(ContentPartDone(item_id=item_id, output_index=index, content_index=0,
+                                      part=OutputText(text=text), sequence_number=self._next()))
+        return out + self._item_done(index, MessageItem(id=item_id, status="completed",
+                                                        content=[OutputText(text=text)]))
 
-    def _item_done(self, item: OutputItem) -> bytes:
-        self.output[self._index] = item
-        return _event(OutputItemDone(output_index=self._index, item=item, sequence_number=self._next()))
+    def _item_done(self, index: int, item: OutputItem) -> bytes:
+        self.output[index] = item
+        return _event(OutputItemDone(output_index=index, item=item, sequence_number=self._next()))
 
     def _call_done(self, call: _Call, arguments: str) -> bytes:
         item = _call_item(self.context.kinds, call.item_id, call.call_id, call.name, arguments)
@@ -833,7 +864,7 @@ class ResponsesSurface:
             output = [o for o in output if isinstance(o, MessageItem | ReasoningItem)]
         self.output = output
         return _encoder.encode(response_object(context, response_id, model, status, output, usage,
-                                               incomplete=incomplete))
+                                               error=_FAILURES.get(reason), incomplete=incomplete))
 
     def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
         self.failure = error

@@ -199,7 +199,7 @@ class ErrorInfo(Struct):
 
 
 class IncompleteDetails(Struct):
-    reason: str  # max_output_tokens | content_filter
+    reason: str  # max_output_tokens (a content filter stop is a failure: see responses._FAILURES)
 
 
 class ReasoningEcho(Struct):
