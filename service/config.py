@@ -354,8 +354,14 @@ def _check_peak(config: Config) -> None:
     import zoneinfo
 
     if config.peak_hours:
-        if peak_window(config.peak_hours) is None:
+        window = peak_window(config.peak_hours)
+        if window is None:
             raise ConfigError(f"{PREFIX}PEAK_HOURS: expected HH:MM-HH:MM, got {config.peak_hours!r}")
+        if window[0] == window[1]:
+            # credit_peak_now() (migrations/0030) reads start >= end as a span over midnight:
+            # equal ends would be peak all day, which nobody writing 14:00-14:00 means
+            raise ConfigError(f"{PREFIX}PEAK_HOURS: start and end are equal ({config.peak_hours!r}); "
+                              "leave it empty for no peak hours")
         try:
             zoneinfo.ZoneInfo(config.peak_zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

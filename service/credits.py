@@ -20,14 +20,21 @@ import msgspec
 
 from bridge import models as bridge_models
 
-Coefficient = Annotated[float, msgspec.Meta(ge=0)]
+# Admission fixes coefficient x peak multiplier on the ledger row, in numeric(12, 6) columns
+# (usage_ledger.coeff_*, migrations/0030): below 10^6. Past it every admission of the model
+# fails at peak hours, so both are bounded where they enter (this file's models, the admin API)
+# with 9,999 x 100 = 999,900 the most they can make.
+MAX_COEFFICIENT = 9_999
+MAX_PEAK_MULTIPLIER = 100
+Coefficient = Annotated[float, msgspec.Meta(ge=0, le=MAX_COEFFICIENT)]
+PeakMultiplier = Annotated[float, msgspec.Meta(ge=1, le=MAX_PEAK_MULTIPLIER)]
 
 
 class Coefficients(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     input: Coefficient = 1.0
     cached: Coefficient = 0.2
     output: Coefficient = 1.0
-    peak_multiplier: Annotated[float, msgspec.Meta(ge=1)] = 1.0
+    peak_multiplier: PeakMultiplier = 1.0
 
 
 class ModelConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

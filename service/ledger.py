@@ -5,8 +5,8 @@
             --sweep-> expired     the process that held it died; settled at what it can prove
 
 Every transition is one call of a guarded SQL function (rules: migrations/0005; the current
-version, with credits, top-ups and overage: migrations/0031, settlement's from 0038,
-admission's from 0039, 0041, 0042 and 0044, the tick's from 0044) in one transaction, so a
+version, with credits, top-ups and overage: migrations/0031, settlement's from 0038 and 0049,
+admission's from 0039, 0041, 0042 and 0044, the tick's from 0049) in one transaction, so a
 replay or a race between two settlers applies it at most once; each takes its locks in one
 order (the subscription's flight row, the entry, the windows by id). Under load, transitions
 that arrive while one call is in flight share the next call (migrations/0004).
@@ -66,6 +66,18 @@ async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
 def _usd(cost: float | None) -> decimal.Decimal | None:
     """A cost for a numeric column, to the nano-dollar."""
     return None if cost is None else decimal.Decimal(f"{cost:.9f}")
+
+
+def _log_unbilled(settles: list[Settlement], unbilled: dict[int, int]) -> None:
+    """Settlements the upstream reported above their hold, billed at the hold (migrations/0049):
+    no allowance is passed, so the excess is the operator's to take up with the upstream. Its
+    counts are on the row, exactly."""
+    for i, credits in unbilled.items():
+        s = settles[i - 1]
+        log.warning("usage reported above the hold was not billed", extra={
+            "entry": str(s.entry_id), "unbilled_credits": credits, "upstream": s.upstream,
+            "upstream_request_id": s.upstream_request_id, "prompt_tokens": s.counts.prompt_tokens,
+            "completion_tokens": s.counts.completion_tokens})
 
 
 def _settle_arguments(settles: list[Settlement]) -> tuple[list, ...]:
@@ -381,6 +393,7 @@ class Ledger:
         # ledger_tick's own statements cost ~0.12 ms a call, which at one request at a time is on
         # every admission's path (bench/PROFILE.md).
         billed: dict[int, int] = {}
+        unbilled: dict[int, int] = {}  # usage the upstream reported above the hold (rare)
         admissions: dict[int, Admission] = {}
         # An abandoned admission's void locks its subscription's flight row whether or not its
         # entry is there yet: the admission may still be waiting for that row in PostgreSQL, and
@@ -393,6 +406,8 @@ class Ledger:
                     "SELECT * FROM ledger_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                     *_settle_arguments(settles))):
                 billed[r["i"]] = r["billed"]
+                if r["unbilled"]:
+                    unbilled[r["i"]] = r["unbilled"]
         elif not settles:
             for r in await _retrying(lambda: self._pool.fetch(
                     "SELECT * FROM ledger_admit_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
@@ -406,8 +421,12 @@ class Ledger:
                     waits_for)):
                 if r["kind"] == "settle":
                     billed[r["i"]] = r["billed"]
+                    if r["unbilled"]:
+                        unbilled[r["i"]] = r["unbilled"]
                 else:
                     admissions[r["i"]] = _admission(r)
+        if unbilled:
+            _log_unbilled(settles, unbilled)
         return ([billed.get(i + 1) for i in range(len(settles))],
                 [admissions[i + 1] for i in range(len(admits))])
 

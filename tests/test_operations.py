@@ -175,9 +175,12 @@ context_window = 1000000
 max_output = 131072
 credits = { input = 6.9, cached = 1.7, output = 24, peak_multiplier = 3 }
 """)
-    # peak all day (start = end): GLM-5.3 counts 3x, GLM-4.6 has no multiplier
+    # peak hours from two hours ago to three hours from now (over midnight when it falls
+    # there): GLM-5.3 counts 3x, GLM-4.6 has no multiplier
+    hour = time.gmtime().tm_hour
     server = start_bridge(fresh_database, simulator.url + "/api/paas/v4", CODEPLAN_MODELS_FILE=models,
-                          CODEPLAN_PEAK_HOURS="00:00-00:00", CODEPLAN_PEAK_ZONE="UTC",
+                          CODEPLAN_PEAK_HOURS=f"{(hour - 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00",
+                          CODEPLAN_PEAK_ZONE="UTC",
                           CODEPLAN_ADMIN_TOKEN=ADMIN_TOKEN)
     try:
         plan = new_plan(fresh_database, window=5_000_000, weekly=20_000_000)

@@ -17,7 +17,7 @@ from bridge.models import CATALOG
 
 from . import audit
 from .auth import errors
-from ..credits import ModelCredits, plan_credits
+from ..credits import Coefficient, ModelCredits, PeakMultiplier, plan_credits
 
 PlanId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_\-]+$")]
 # bounded by their columns (bigint, integer): a value past them is the caller's 400, not a 500
@@ -25,7 +25,6 @@ Credits = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
 Cents = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Concurrency = Annotated[int, msgspec.Meta(gt=0, le=100_000)]
 PlanName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Coefficient = Annotated[float, msgspec.Meta(ge=0, le=100000)]
 
 
 class PlanView(msgspec.Struct):
@@ -65,7 +64,8 @@ class CreditChange(msgspec.Struct, forbid_unknown_fields=True):
     input: Coefficient
     cached: Coefficient
     output: Coefficient
-    peak_multiplier: Annotated[float, msgspec.Meta(ge=1, le=100)] = 1.0
+    # None (or left out): the model's own multiplier (plan_credits.peak_multiplier NULL, migrations/0049)
+    peak_multiplier: PeakMultiplier | None = None
 
 
 _PLAN_SQL = """

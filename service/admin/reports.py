@@ -90,7 +90,7 @@ async def usage_report(request: Request, by: FromQuery[Literal["user", "model", 
 
 _TOP_SQL = """
 SELECT a.id, a.email, s.plan_id, count(*) AS requests,
-       sum(l.prompt_tokens + l.completion_tokens)::bigint AS tokens,
+       sum(l.prompt_tokens::bigint + l.completion_tokens)::bigint AS tokens,  -- widened first: int4 + int4
        sum(l.billed_tokens)::bigint AS credits, coalesce(sum(l.upstream_cost), 0)::float8 AS cost
   FROM usage_ledger l JOIN subscriptions s ON s.id = l.subscription_id JOIN accounts a ON a.id = s.account_id
  WHERE l.state IN ('posted', 'expired') AND l.created_at >= now() - make_interval(hours => $1)
