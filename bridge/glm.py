@@ -11,9 +11,14 @@ What it fixes, once for every surface (chat, messages, responses):
 - every call has an id (synthesized when the upstream gave none) and a name before its first
   argument; a call whose arguments never came gets `"{}"` (AI-SDK clients never run `""`);
 - `stop` with tool calls is `tool_calls`; `sensitive` is `content_filter`;
-  `model_context_window_exceeded` is `length`; `network_error` is a broken answer;
-- a stream that ended properly (a finish reason or `[DONE]`) is complete even without usage;
-  one that just stopped is broken; a complete answer with nothing in it is a retryable error;
+  `model_context_window_exceeded` is its own reason (the client compacts on it; Chat Completions
+  reads it as `length`); `network_error` is a broken answer, and so is an
+  OpenAI-style host's mid-stream `{"error": ...}` chunk (vLLM, SGLang);
+- a stream that ended with a finish reason is complete even without usage; one that just
+  stopped, or said `[DONE]` without ever giving a finish reason, is broken; a complete answer
+  with no text and no tool call (nothing, or reasoning alone) is a retryable error;
+- parallel calls that reuse an `index` with a new `id` (some OpenAI-compatible hosts) stay
+  separate calls;
 - requests: `max_tokens` < 1 refused, sampling values clamped to GLM's ranges, one stop word,
   `tool_choice` auto (all GLM supports);
 - upstream errors: one meaning per Z.ai business code.
@@ -87,10 +92,13 @@ def _broken(message: str, code: str) -> Outcome:
 # ---- the stream --------------------------------------------------------------------------
 
 class _Call:
-    __slots__ = ("id", "name", "parts", "index", "sent")
+    __slots__ = ("id", "given_id", "name", "parts", "index", "sent")
 
     def __init__(self) -> None:
         self.id: str | None = None
+        # the id the upstream gave (never a synthesized one): a fragment with another id at
+        # this call's index is a new call
+        self.given_id: str | None = None
         self.name: str | None = None
         self.parts: list[str] = []
         self.index = -1  # delivery index, once started
@@ -109,9 +117,24 @@ class StreamNormalizer:
         self._started = 0
         self._finish: str | None = None
         self._done = False
-        self.said_anything = False
+        self._failure: wire.ChunkError | None = None
+        # text or a tool call: what makes a turn. Reasoning alone does not (clients.md §9:
+        # Cline fails a turn without either)
+        self._answered = False
 
     def feed(self, chunk: wire.Chunk) -> list[Event]:
+        if self._failure is not None:
+            return []  # the upstream said the answer failed: nothing after that belongs to it
+        # (most chunks carry no `error`: the look is skipped for them)
+        failure = wire.stream_failure(chunk) if chunk.error is not UNSET else None
+        if failure is not None:
+            self._failure = failure
+            # the upstream's own words are for the operator (they may name its hardware or
+            # internals); the client gets a plain retryable failure
+            log.warning("upstream reported an error mid-stream",
+                        extra={"upstream_code": failure.code, "upstream_type": failure.type,
+                               "upstream_message": (failure.message or "")[:200]})
+            return []
         out: list[Event] = []
         for choice in chunk.choices:
             if choice.index:
@@ -133,26 +156,34 @@ class StreamNormalizer:
         self._done = True
 
     def _say(self, event: Reasoning | Text, out: list[Event]) -> None:
-        self.said_anything = True
+        if isinstance(event, Text):
+            self._answered = True
         if self._live is not None or self._held:
             self._held.append(event)
         else:
             out.append(event)
 
     def _fragment(self, fragment: wire.ToolCallDelta, out: list[Event]) -> None:
+        given_id = fragment.id if isinstance(fragment.id, str) and fragment.id else None
         call = self._calls.get(fragment.index)
-        if call is None:
+        if call is None or (given_id is not None and call.given_id is not None and given_id != call.given_id):
+            # a new call; or one that reuses an open call's `index` under another id (parallel
+            # calls each sent whole at index 0 by some OpenAI-compatible hosts): joining them
+            # would give one call with two JSON documents for arguments. The index now names
+            # the new call; the earlier one keeps its place in the delivery order.
             call = self._calls[fragment.index] = _Call()
             self._held.append(call)
-        if isinstance(fragment.id, str) and fragment.id and call.id is None and call.index < 0:
-            call.id = fragment.id
+        if given_id is not None and call.given_id is None:
+            call.given_id = given_id
+            if call.id is None and call.index < 0:
+                call.id = given_id
         function = fragment.function
         if isinstance(function, wire.FunctionDelta):
             if isinstance(function.name, str) and function.name and call.name is None:
                 call.name = function.name
             if isinstance(function.arguments, str) and function.arguments:
                 call.parts.append(function.arguments)
-        self.said_anything = True
+        self._answered = True
         if self._live is None and self._held and self._held[0] is call and call.name is not None:
             self._held.pop(0)
             self._start(call, out)
@@ -197,6 +228,8 @@ class StreamNormalizer:
         return out, self._outcome()
 
     def _outcome(self) -> Outcome:
+        if self._failure is not None:
+            return _broken("The model provider failed mid-answer; please retry.", "upstream_error")
         finish = self._finish
         if finish == "network_error":
             return _broken("The model failed mid-answer (finish_reason: network_error); please retry.",
@@ -205,8 +238,19 @@ class StreamNormalizer:
             return _broken("The model provider's stream broke off before the answer was finished.",
                            "stream_interrupted")
         reason = finish_reason(finish, tools=self._started > 0)
-        if not self.said_anything and reason in (STOP, TOOL_CALLS):
+        # `length`, the context window and the filter stay what they are even with reasoning
+        # alone: the client's cap or the model's window was reached, and a retry would meet the
+        # same end (glm-upstream.md §6: a small cap gives a thinking-only `max_tokens` reply)
+        if not self._answered and (finish is None or reason in (STOP, TOOL_CALLS)):
             return _broken("The model returned an empty answer; please retry.", "empty_response")
+        if finish is None:
+            # `[DONE]` after an answer but no finish reason: GLM, OpenAI, vLLM and SGLang all
+            # give one on the last choice chunk, so the upstream stopped without saying the
+            # answer was whole (an error chunk it sent in a shape we could not read, a proxy
+            # that dropped it). A cut answer taken for a whole one is applied by the client as
+            # is; a retry costs one request.
+            return _broken("The model provider ended the stream without finishing the answer; please retry.",
+                           "stream_unfinished")
         return Outcome(reason=reason)
 
 

@@ -23,6 +23,7 @@ import math
 from collections import OrderedDict
 
 import msgspec
+from msgspec import UNSET
 
 from . import tokens, wire
 
@@ -202,23 +203,56 @@ class Calibration:
         }
 
 
+# The largest count the ledger can hold: its settlement SQL takes int4 arrays.
+MAX_COUNT = 2**31 - 1
+
+
+def _within(n: int) -> int:
+    return 0 if n < 0 else MAX_COUNT if n > MAX_COUNT else n
+
+
+def bounded(usage: wire.Usage) -> wire.Usage:
+    """The upstream's usage with every count within 0..MAX_COUNT. Clamped here, where the
+    upstream's word enters the bridge, and nowhere else, so the client, the calibration and the
+    ledger all see the same numbers: a negative count would lower the totals shown and billed,
+    and one past int4 could never be settled (every tick would fail on it and the entry would
+    stay pending until the sweeper expired it)."""
+    counts = (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+              usage.cached_tokens, usage.reasoning_tokens)
+    if all(0 <= n <= MAX_COUNT for n in counts):
+        return usage  # the usual case: nothing to copy
+    prompt, completion, total, cached, reasoning = map(_within, counts)
+    return wire.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=total,
+        prompt_tokens_details=wire.PromptTokensDetails(cached_tokens=cached)
+        if isinstance(usage.prompt_tokens_details, wire.PromptTokensDetails) else usage.prompt_tokens_details,
+        completion_tokens_details=wire.CompletionTokensDetails(reasoning_tokens=reasoning)
+        if isinstance(usage.completion_tokens_details, wire.CompletionTokensDetails)
+        else usage.completion_tokens_details)
+
+
 class StreamMeter:
     """What the upstream said about usage, and the completion text actually passed on."""
 
-    __slots__ = ("usage", "upstream_id", "_delivered", "_reasoning")
+    __slots__ = ("usage", "upstream_id", "_delivered", "_reasoning", "_failed")
 
     def __init__(self) -> None:
         self.usage: wire.Usage | None = None
         self.upstream_id: str | None = None
         self._delivered: list[str] = []
         self._reasoning: list[str] = []
+        # the upstream reported a failure mid-stream: the normaliser passes nothing on after it
+        # (glm.StreamNormalizer), so nothing after it counts as delivered
+        self._failed = False
 
     def observe(self, chunk: wire.Chunk, *, delivered: bool) -> None:
         if chunk.id and self.upstream_id is None:
             self.upstream_id = chunk.id
         if isinstance(chunk.usage, wire.Usage):
-            self.usage = chunk.usage
-        if not delivered:
+            self.usage = bounded(chunk.usage)
+        if chunk.error is not UNSET and wire.stream_failure(chunk) is not None:
+            self._failed = True
+        if not delivered or self._failed:
             return
         for choice in chunk.choices:
             delta = choice.delta

@@ -146,6 +146,15 @@ class ChunkChoice(Struct):
     finish_reason: str | UnsetType | None = UNSET
 
 
+class ChunkError(Struct):
+    """A failure reported inside a stream, as OpenAI-style servers do (vLLM, SGLang, LiteLLM:
+    `data: {"error": {...}}`, then `[DONE]`). GLM itself never sends one (glm-upstream.md §5.2);
+    every field is optional and `code` is a number (vLLM's HTTP status) or a string (OpenAI's)."""
+    message: str | None = None
+    type: str | None = None
+    code: str | int | None = None
+
+
 class Chunk(Struct, omit_defaults=True):
     """One `data:` line of a GLM stream."""
     id: str = ""
@@ -153,6 +162,8 @@ class Chunk(Struct, omit_defaults=True):
     model: str = ""
     choices: list[ChunkChoice] = msgspec.field(default_factory=list)
     usage: Usage | UnsetType | None = UNSET
+    # an upstream's mid-stream failure: an object, or a bare string from looser hosts
+    error: ChunkError | str | UnsetType | None = UNSET
 
 
 class ResponseMessage(Struct):
@@ -186,6 +197,16 @@ class ErrorDetail(Struct):
 class ErrorBody(Struct):
     """Z.ai's error body: `{"error": {"code": "1302", "message": "..."}}`, `code` a string."""
     error: ErrorDetail = msgspec.field(default_factory=ErrorDetail)
+
+
+def stream_failure(chunk: Chunk) -> ChunkError | None:
+    """The failure a chunk reports, if any (`"error": null` or `""` is none)."""
+    error = chunk.error
+    if isinstance(error, ChunkError):
+        return error
+    if isinstance(error, str) and error:
+        return ChunkError(message=error)
+    return None
 
 
 def present(raw: Raw) -> bool:

@@ -10,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge import glm, sse, wire
-from bridge.errors import BridgeError
+from bridge.errors import BridgeError, Kind
+from bridge.flight import chunks
+from bridge.metering import MAX_COUNT, StreamMeter
 from bridge.surfaces import chat, messages
 
 from .test_translators import _check_block_structure, _tool_calls, glm_chunks, openai_chunks, translate
@@ -73,10 +75,17 @@ def test_a_stream_that_ended_properly_without_usage_is_complete():
     out, meter = translate(_text_chunks("stop", usage=False), chat.ChatStream("glm-4.6", "e1"))
     events = sse.SSEDecoder().feed(out)
     assert events[-1].data == b"[DONE]" and meter.usage is None
+
+
+def test_done_without_a_finish_reason_after_an_answer_is_broken():
+    """GLM (glm-upstream.md §5.2), OpenAI, vLLM and SGLang all end an answer with a finish
+    reason: `[DONE]` without one is an upstream that stopped without saying the answer was whole."""
     normalizer = glm.StreamNormalizer("c_")
     normalizer.feed(_text_chunks(None, usage=False)[0])
-    normalizer.done()  # [DONE] without a finish reason: ended properly all the same
-    assert normalizer.close()[1] == glm.Outcome(reason="stop")
+    normalizer.done()
+    outcome = normalizer.close()[1]
+    assert outcome.error is not None and outcome.error.code == "stream_unfinished"
+    assert outcome.error.kind is Kind.upstream_error  # retryable, like every broken answer
 
 
 @pytest.mark.parametrize("surface", ["chat", "messages"])
@@ -97,6 +106,46 @@ def test_an_empty_complete_answer_is_a_retryable_error(finish):
     normalizer.feed(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content=""), finish_reason=finish)]))
     _, outcome = normalizer.close()
     assert outcome.error is not None and outcome.error.code == "empty_response"
+
+
+def _reasoning_then(finish: str) -> list[wire.Chunk]:
+    return [wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(reasoning_content="Let me think."))]),
+            wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content=""), finish_reason=finish)])]
+
+
+@pytest.mark.parametrize("finish", ["stop", "tool_calls", None])
+def test_a_reasoning_only_answer_is_a_retryable_error(finish):
+    """clients.md §9: never an empty turn (Cline: "did not provide any assistant messages");
+    thinking without text or a call is one, however it ended."""
+    normalizer = glm.StreamNormalizer("c_")
+    events = []
+    for chunk in _reasoning_then(finish):
+        events += normalizer.feed(chunk)
+    normalizer.done()
+    tail, outcome = normalizer.close()
+    assert events + tail == [glm.Reasoning("Let me think.")]  # the thinking still goes out
+    assert outcome.error is not None and outcome.error.code == "empty_response"
+    assert outcome.error.kind is Kind.upstream_error
+
+
+@pytest.mark.parametrize("finish,reason", [
+    ("length", "length"), ("model_context_window_exceeded", "model_context_window_exceeded"),
+    ("sensitive", "content_filter")])
+def test_a_reasoning_only_answer_cut_by_a_limit_keeps_its_reason(finish, reason):
+    """A small max_tokens spent on thinking (glm-upstream.md §6) is a `length` answer, not a
+    retryable error: a retry would meet the same cap."""
+    normalizer = glm.StreamNormalizer("c_")
+    for chunk in _reasoning_then(finish):
+        normalizer.feed(chunk)
+    assert normalizer.close()[1] == glm.Outcome(reason=reason)
+
+
+def test_reasoning_only_reaches_chat_as_an_error_without_done():
+    out, _ = translate(_reasoning_then("stop"), chat.ChatStream("glm-4.6", "r1"))
+    events = sse.SSEDecoder().feed(out)
+    assert events[-1].data != b"[DONE]"
+    assert json.loads(events[-1].data)["error"]["code"] == "empty_response"
+    assert not any(b'"finish_reason":"stop"' in e.data for e in events)
 
 
 @pytest.mark.parametrize("upstream,reason", [
@@ -123,6 +172,152 @@ def test_non_streamed_answers_go_through_the_same_normaliser():
     assert body["choices"][0]["finish_reason"] == "tool_calls"
     body = json.loads(messages.completion_body(answer, outcome.reason, "glm-4.6", "n1", wire.Usage()))
     assert body["stop_reason"] == "tool_use" and body["content"][1]["input"] == {}
+
+
+# ---- an upstream's error chunk mid-stream (vLLM, SGLang: glm-upstream.md §16) ----------------
+
+# vllm/entrypoints/openai/serving_chat.py, chat_completion_stream_generator: a generation that
+# fails after it began sends an error object in place of a chunk, then [DONE]
+VLLM_STREAM = (
+    b'data: {"id":"chatcmpl-v","object":"chat.completion.chunk","created":1,"model":"glm-4.6",'
+    b'"choices":[{"index":0,"delta":{"role":"assistant","content":"Here is the first half"},"finish_reason":null}]}\n\n'
+    b'data: {"error": {"object": "error", "message": "CUDA out of memory", "type": "InternalServerError", '
+    b'"param": null, "code": 500}}\n\n'
+    b'data: [DONE]\n\n')
+
+
+def _relay_raw(pieces: list[bytes]) -> tuple[list[glm.Event], glm.Outcome, StreamMeter]:
+    """What the journey does with upstream bytes (bridge/flight.py `chunks`), sans I/O."""
+    normalizer, decoder, meter = glm.StreamNormalizer("c_"), sse.SSEDecoder(), StreamMeter()
+    events: list[glm.Event] = []
+    for piece in pieces:
+        for chunk in chunks(decoder, piece, normalizer.done):
+            meter.observe(chunk, delivered=True)
+            events += normalizer.feed(chunk)
+    tail, outcome = normalizer.close()
+    return events + tail, outcome, meter
+
+
+@pytest.mark.parametrize("seed", [None, 1, 2, 3])
+def test_an_upstream_error_chunk_breaks_the_answer(seed):
+    pieces = [VLLM_STREAM]
+    if seed is not None:  # split anywhere, as the network delivers it
+        rng = random.Random(seed)
+        cuts = sorted(rng.sample(range(1, len(VLLM_STREAM)), 12))
+        pieces = [VLLM_STREAM[a:b] for a, b in zip([0] + cuts, cuts + [len(VLLM_STREAM)])]
+    events, outcome, meter = _relay_raw(pieces)
+    assert events == [glm.Text("Here is the first half")]
+    assert outcome.error is not None and outcome.error.kind is Kind.upstream_error
+    assert outcome.error.code == "upstream_error" and "CUDA" not in outcome.error.message
+    assert meter.delivered_tokens() > 0 and meter.usage is None  # settled at what was delivered
+
+
+@pytest.mark.parametrize("error", [
+    b'{"message": "boom", "code": "500"}', b'{"message": "boom", "type": "server_error", "code": null}',
+    b'{}', b'"boom"'])
+def test_every_shape_of_error_chunk_breaks_the_answer(error):
+    stream = VLLM_STREAM.replace(VLLM_STREAM.split(b"\n\n")[1], b'data: {"error": ' + error + b"}")
+    _, outcome, _ = _relay_raw([stream])
+    assert outcome.error is not None and outcome.error.code == "upstream_error"
+
+
+def test_a_null_error_field_is_no_error():
+    normalizer = glm.StreamNormalizer("c_")
+    normalizer.feed(wire.chunk_decoder.decode(
+        b'{"error": null, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}'))
+    assert normalizer.close()[1] == glm.Outcome(reason="stop")
+
+
+def test_nothing_after_an_error_chunk_is_delivered_or_counted():
+    tail = (b'data: {"choices":[{"index":0,"delta":{"content":" and more words"},"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":20,"completion_tokens":8,"total_tokens":28}}\n\n')
+    stream = VLLM_STREAM.replace(b"data: [DONE]", tail + b"data: [DONE]")
+    events, outcome, meter = _relay_raw([stream])
+    assert events == [glm.Text("Here is the first half")] and not outcome.complete
+    _, _, before = _relay_raw([VLLM_STREAM])
+    assert meter.delivered_tokens() == before.delivered_tokens()  # counted once, up to the error
+    assert meter.usage is not None and meter.usage.completion_tokens == 8  # usage is still the upstream's word
+
+
+@pytest.mark.parametrize("surface", ["chat", "messages"])
+def test_an_upstream_error_chunk_reaches_each_surface_as_its_error(surface):
+    chunks = [wire.chunk_decoder.decode(e.data) for e in sse.SSEDecoder().feed(VLLM_STREAM)
+              if e.data != b"[DONE]"]
+    translator = chat.ChatStream("glm-4.6", "v1") if surface == "chat" else messages.MessagesStream("glm-4.6", "v1", 1)
+    out, _ = translate(chunks, translator)
+    names = [(e.event, e.data) for e in sse.SSEDecoder().feed(out)]
+    if surface == "chat":
+        assert names[-1][1] != b"[DONE]" and json.loads(names[-1][1])["error"]["code"] == "upstream_error"
+        assert not any(b'"finish_reason":"stop"' in data for _, data in names)
+    else:
+        assert names[-1][0] == "error" and "message_stop" not in [n for n, _ in names]
+        assert not any(b"end_turn" in data for _, data in names)
+
+
+# ---- parallel calls that reuse an index ------------------------------------------------------
+
+def _call(index, id=None, name=None, arguments=None):
+    return wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(tool_calls=[wire.ToolCallDelta(
+        index=index, id=id if id is not None else wire.UNSET, type="function" if id else wire.UNSET,
+        function=wire.FunctionDelta(name=name if name is not None else wire.UNSET,
+                                    arguments=arguments if arguments is not None else wire.UNSET))]))])
+
+
+def _calls_of(chunks: list[wire.Chunk]) -> list[tuple[str, str, str]]:
+    normalizer = glm.StreamNormalizer("call_t_")
+    events = []
+    for chunk in chunks:
+        events += normalizer.feed(chunk)
+    normalizer.done()
+    tail, outcome = normalizer.close()
+    assert outcome.reason == "tool_calls"
+    return [(e.id, e.name, e.arguments) for e in events + tail if isinstance(e, glm.ToolEnd)]
+
+
+_FINISH_CALLS = wire.Chunk(choices=[wire.ChunkChoice(finish_reason="tool_calls")])
+
+
+def test_parallel_calls_reusing_index_zero_stay_two_calls():
+    """LiteLLM's ollama_chat, Gemini adapters: each parallel call sent whole with its own id and
+    name, every one at `index` 0."""
+    assert _calls_of([_call(0, "call_A", "read_file", '{"path":"a.py"}'),
+                      _call(0, "call_B", "read_file", '{"path":"b.py"}'), _FINISH_CALLS]) == [
+        ("call_A", "read_file", '{"path":"a.py"}'), ("call_B", "read_file", '{"path":"b.py"}')]
+
+
+def test_a_reused_index_takes_the_fragments_that_follow_it():
+    assert _calls_of([_call(0, "call_A", "read_file", '{"path":'), _call(0, arguments='"a.py"}'),
+                      _call(0, "call_B", "grep", '{"pattern":'), _call(0, arguments='"x"}'), _FINISH_CALLS]) == [
+        ("call_A", "read_file", '{"path":"a.py"}'), ("call_B", "grep", '{"pattern":"x"}')]
+
+
+def test_an_id_repeated_on_every_fragment_or_given_late_is_one_call():
+    assert _calls_of([_call(0, "call_A", "read_file", '{"path":'), _call(0, "call_A", arguments='"a.py"}'),
+                      _FINISH_CALLS]) == [("call_A", "read_file", '{"path":"a.py"}')]
+    # the call started under a synthesized id; the upstream's id came after: still one call
+    assert _calls_of([_call(0, name="read_file", arguments='{"path":'), _call(0, "call_late", arguments='"a.py"}'),
+                      _FINISH_CALLS]) == [("call_t_0", "read_file", '{"path":"a.py"}')]
+
+
+# ---- usage counts the ledger can hold ---------------------------------------------------------
+
+def test_upstream_counts_are_clamped_where_they_enter():
+    meter = StreamMeter()
+    meter.observe(wire.chunk_decoder.decode(json.dumps({"usage": {
+        "prompt_tokens": 2**40, "completion_tokens": -5, "total_tokens": -1,
+        "prompt_tokens_details": {"cached_tokens": 2**33},
+        "completion_tokens_details": {"reasoning_tokens": -2}}}).encode()), delivered=False)
+    usage = meter.completed_usage()
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens, usage.cached_tokens,
+            usage.reasoning_tokens) == (MAX_COUNT, 0, 0, MAX_COUNT, 0)
+    assert MAX_COUNT == 2**31 - 1  # the ledger's int4 columns and arrays
+
+
+def test_usual_counts_pass_untouched():
+    usage = wire.Usage(prompt_tokens=MAX_COUNT, completion_tokens=0, total_tokens=MAX_COUNT)
+    meter = StreamMeter()
+    meter.observe(wire.Chunk(usage=usage), delivered=False)
+    assert meter.usage is usage  # no copy on the usual path
 
 
 # ---- requests and errors: one meaning on every surface -----------------------------------------
