@@ -1,6 +1,7 @@
 """Who may use the admin API: the operator's token (CODEPLAN_ADMIN_TOKEN), the API key of an
 admin account, or an admin's web session (reads only: a cookie rides along on cross-site
-requests, so changes need a bearer credential). Anyone else known gets 403, strangers 401.
+requests, so changes need a bearer credential). A suspended admin account is no admin. Anyone
+else known gets 403, strangers 401.
 
 A bearer that is not the operator's token is looked up by the application's authenticator, like
 every key: behind the failed-authentication throttle (an address guessing keys here gets 429
@@ -42,8 +43,13 @@ async def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
         principal = await auth.authenticate(credential, connection.client.host if connection.client else None)
         if principal is None:
             raise NotAuthorizedException("Send an admin token or an admin account's API key as a Bearer token.")
-        if not await pool.fetchval("SELECT is_admin FROM accounts WHERE id = $1", principal.account_id):
+        admin = await pool.fetchrow("SELECT is_admin, suspended_at IS NOT NULL AS suspended FROM accounts"
+                                    " WHERE id = $1", principal.account_id)
+        if admin is None or not admin["is_admin"]:
             raise PermissionDeniedException("This key's account is not an administrator.")
+        # suspension withdraws admin rights too: else a suspended admin could restore itself
+        if admin["suspended"]:
+            raise PermissionDeniedException("This key's account is suspended.")
         connection.state.actor = f"account:{principal.account_id}"
         return
     # the web page's session, by its own rules (idle and absolute lifetimes)
@@ -51,6 +57,8 @@ async def admin_only(connection: ASGIConnection, _: BaseRouteHandler) -> None:
     if viewer is not None:
         if not viewer.is_admin:
             raise PermissionDeniedException("This account is not an administrator.")
+        if viewer.suspended:
+            raise PermissionDeniedException("This account is suspended.")
         if connection.scope["method"] not in ("GET", "HEAD"):
             raise PermissionDeniedException("Changes need a bearer credential, not a session cookie.")
         connection.state.actor = f"account:{viewer.account_id}"

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import secrets
 from pathlib import Path
+from typing import Any, Coroutine
 
 import asyncpg
 import jinja2
@@ -38,6 +39,7 @@ log = logging.getLogger("codeplan.web")
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 HOUSEKEEPING_SECONDS = 3600.0
+MAX_BACKGROUND = 64  # jobs a page left running after its answer (reset mails); more are dropped
 
 
 def _asset_version() -> str:
@@ -125,6 +127,7 @@ class Web:
         self.hub: UsageHub | None = None
         self.key_use: KeyUseRecorder | None = None
         self._housekeeping: asyncio.Task | None = None
+        self._background: set[asyncio.Task] = set()
 
     @property
     def route_handlers(self) -> list:
@@ -153,6 +156,23 @@ class Web:
         app.state.usage_hub = self.hub
         self._housekeeping = asyncio.create_task(self._keep_tidy(pool))
 
+    def in_background(self, job: Coroutine[Any, Any, None], what: str) -> None:
+        """Run `job` after the page has answered (so the answer cannot wait on it, nor tell by its
+        time what the job found). Bounded: past MAX_BACKGROUND running jobs, this one is dropped
+        and logged. A failure is logged by its type, never its text (it could quote a link)."""
+        if len(self._background) >= MAX_BACKGROUND:
+            job.close()
+            log.error("background job dropped: too many running", extra={"job": what})
+            return
+        task = asyncio.create_task(job)
+        self._background.add(task)
+
+        def done(finished: asyncio.Task) -> None:
+            self._background.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.error("background job failed", extra={"job": what, "error": type(finished.exception()).__name__})
+        task.add_done_callback(done)
+
     def recorder(self, pool: asyncpg.Pool) -> KeyUseRecorder:
         self.key_use = KeyUseRecorder(pool)
         return self.key_use
@@ -170,6 +190,10 @@ class Web:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self.mailer.close()
         if self.hub is not None:
             await self.hub.stop()
         if self.key_use is not None:

@@ -3,10 +3,16 @@
 Without SMTP nothing is sent: the link goes to the JSON log for the operator, and the page
 tells the user so. The standard library's smtplib runs in a thread: a mail is a handful of
 round trips, rare enough that an async SMTP client would add a dependency for nothing.
+
+Those threads are the mailer's own, few, with a bounded queue: a slow or hanging SMTP server
+(each mail waits up to its timeout) then delays only mail, never asyncio's default executor,
+which the bridge's token counting uses (bridge/metering.py), and a flood of mail fails fast
+instead of piling up.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import smtplib
 import ssl
@@ -47,11 +53,19 @@ def parse_smtp_url(url: str) -> SmtpTarget:
                       password=unquote(parts.password) if parts.password else None)
 
 
+MAIL_THREADS = 4    # SMTP conversations at once (each mostly waits on the network)
+MAX_IN_FLIGHT = 16  # mails delivering or queued; one more is refused at once (MailError)
+
+
 class Mailer:
-    def __init__(self, smtp_url: str, sender: str, timeout: float = 15.0) -> None:
+    def __init__(self, smtp_url: str, sender: str, timeout: float = 15.0, threads: int = MAIL_THREADS,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self._target = parse_smtp_url(smtp_url) if smtp_url else None
         self._sender = sender
         self._timeout = timeout
+        self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="codeplan-mail")
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
 
     @property
     def enabled(self) -> bool:
@@ -62,14 +76,25 @@ class Mailer:
             log.warning("mail not sent: CODEPLAN_SMTP_URL is not set; the link is here",
                         extra={"to": letter.to, "subject": letter.subject, "link": letter.link})
             return
+        if self._in_flight >= self._max_in_flight:
+            # the server is not keeping up: waiting longer would only hold the sender's request
+            log.error("mail not sent: too many mails wait for the SMTP server", extra={"to": letter.to})
+            raise MailError
+        self._in_flight += 1
         try:
-            await asyncio.to_thread(self._deliver, self._target, letter)
+            await asyncio.get_running_loop().run_in_executor(self._threads, self._deliver, self._target, letter)
         except (OSError, smtplib.SMTPException) as exc:
             # the exception's text may quote the server's reply, never our password: still,
             # only its type is logged
             log.error("mail delivery failed", extra={"to": letter.to, "error": type(exc).__name__})
             raise MailError from None
+        finally:
+            self._in_flight -= 1
         log.info("mail sent", extra={"to": letter.to, "subject": letter.subject})
+
+    def close(self) -> None:
+        """Stop taking mail; a delivery under way ends at its own timeout."""
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     def _deliver(self, target: SmtpTarget, letter: Letter) -> None:
         message = EmailMessage()

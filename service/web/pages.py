@@ -211,15 +211,8 @@ def _refusal_text(request: Request, refusal: identity.Refusal) -> str:
     return _(_REFUSALS.get(refusal.code, "The request was not understood."))
 
 
-async def _mail_link(request: Request, account: identity.Account, purpose: str) -> str | None:
-    """Send a verify or reset link; returns a notice code when it could not go."""
-    token = await identity.issue_link(_pool(request), account.id, purpose)
-    if token is None:
-        return "mail_limit"
-    _ = i18n.translator(language(request))
-    # never the request's Host header: a forged one would mail the owner a link to its sender
-    # (config refuses SMTP on every address without CODEPLAN_PUBLIC_URL)
-    base = _web(request).config.base_url
+def _letter(_: Any, base: str, account: identity.Account, purpose: str, token: str) -> Letter:
+    """The verify or reset mail for `token`, in the language `_` translates to."""
     if purpose == "verify":
         link = f"{base}/verify?token={token}"
         subject = _("Check your mail") + " · Codeplan"
@@ -228,11 +221,36 @@ async def _mail_link(request: Request, account: identity.Account, purpose: str) 
         link = f"{base}/reset?token={token}"
         subject = _("Reset your password") + " · Codeplan"
         body = f"{_('Set a new password')}:\n\n{link}\n"
+    return Letter(to=account.email, subject=subject, body=body, link=link)
+
+
+async def _mail_link(request: Request, account: identity.Account, purpose: str) -> str | None:
+    """Send a verify or reset link; returns a notice code when it could not go."""
+    token = await identity.issue_link(_pool(request), account.id, purpose)
+    if token is None:
+        return "mail_limit"
+    # never the request's Host header: a forged one would mail the owner a link to its sender
+    # (config refuses SMTP on every address without CODEPLAN_PUBLIC_URL)
+    letter = _letter(i18n.translator(language(request)), _web(request).config.base_url, account, purpose, token)
     try:
-        await _web(request).mailer.send(Letter(to=account.email, subject=subject, body=body, link=link))
+        await _web(request).mailer.send(letter)
     except MailError:
         return "mail_failed"
     return None
+
+
+async def _mail_reset(pool: asyncpg.Pool, web: "Web", lang: str, email: str) -> None:
+    """/forgot's work, after its answer: a reset link to the account of `email`, if it has one."""
+    account = await identity.find(pool, email)
+    if account is None:
+        return
+    token = await identity.issue_link(pool, account.id, "reset")
+    if token is None:  # this account had its mails for the hour
+        return
+    try:
+        await web.mailer.send(_letter(i18n.translator(lang), web.config.base_url, account, "reset", token))
+    except MailError:  # the mailer logged why; the token is not logged
+        log.warning("reset mail not sent", extra={"account": account.id})
 
 
 # ---- pages: accounts -------------------------------------------------------------------
@@ -336,13 +354,11 @@ async def forgot_page(request: Request) -> Template:
 @post("/forgot", status_code=200)
 async def forgot(request: Request) -> Template:
     form = await form_of(request, EmailForm)
-    account = await identity.find(_pool(request), form.email)
-    problem = None
-    if account is not None:
-        problem = await _mail_link(request, account, "reset")
-    # the same answer whether the account exists or not: the form must not tell who has one
-    return render(request, "forgot.html", viewer=await viewer_of(request), email=form.email.strip(),
-                  sent=True, notice=problem if problem == "mail_failed" else None)
+    # the same answer, at the same time, whether the account exists or not and whether its mail
+    # goes: the form must not tell who has one, so the lookup and the mail run after the answer
+    _web(request).in_background(_mail_reset(_pool(request), _web(request), language(request), form.email),
+                                "reset mail")
+    return render(request, "forgot.html", viewer=await viewer_of(request), email=form.email.strip(), sent=True)
 
 
 @get("/reset")

@@ -25,6 +25,7 @@ class Viewer(msgspec.Struct, frozen=True):
     verified: bool
     is_admin: bool
     token_hash: bytes
+    suspended: bool = False  # an operator stopped this account; it keeps its pages, not admin rights
 
 
 def token_hash(token: str) -> bytes:
@@ -42,6 +43,7 @@ async def create(pool: asyncpg.Pool, account_id: int) -> str:
 
 _LOOKUP = """
 SELECT s.account_id, a.email, a.email_verified_at IS NOT NULL AS verified, a.is_admin,
+       a.suspended_at IS NOT NULL AS suspended,
        s.seen_at < now() - make_interval(secs => $2) AS stale
   FROM web_sessions s JOIN accounts a ON a.id = s.account_id
  WHERE s.token_hash = $1 AND s.expires_at > now()
@@ -61,7 +63,7 @@ async def lookup(pool: asyncpg.Pool, token: str | None) -> Viewer | None:
             "UPDATE web_sessions SET seen_at = now(), expires_at = now() + make_interval(days => $2)"
             " WHERE token_hash = $1", digest, IDLE_DAYS)
     return Viewer(account_id=row["account_id"], email=row["email"], verified=row["verified"],
-                  is_admin=row["is_admin"], token_hash=digest)
+                  is_admin=row["is_admin"], token_hash=digest, suspended=row["suspended"])
 
 
 async def end(pool: asyncpg.Pool, viewer: Viewer) -> None:

@@ -1,6 +1,7 @@
-"""Login throttling: after repeated failures, refuse further tries for a while, per address
-typed (one account guessed from many places) and per client address (many accounts guessed from
-one place). A refused try checks no password, so guessing costs the attacker time, not us CPU.
+"""Login throttling: after repeated failures, refuse further tries for a while, per account (or
+address typed, when it has none: one account guessed from many places) and per client (many
+accounts guessed from one place; an IPv6 client is its /64, as for sign-ups). A refused try checks
+no password, so guessing costs the attacker time, not us CPU.
 
 Sign-ups are limited per client address too (each costs a password hash and an account row).
 """
@@ -12,11 +13,12 @@ import asyncpg
 import msgspec
 
 WINDOW_MINUTES = 15
-PER_ACCOUNT = 5     # failures for one email within the window
-PER_ADDRESS = 20    # failures from one client address within the window
+PER_ACCOUNT = 5     # failures for one account (or address typed, without one) within the window
+PER_ADDRESS = 20    # failures from one client (address_key: IPv4 address, IPv6 /64) within the window
 
+# Both counts of one login's keys; the same rows are what `take_login` adds to.
 _RETRY_AFTER = """
-WITH by_email AS (
+WITH by_account AS (
     SELECT count(*) AS n, max(failed_at) AS last FROM login_failures
      WHERE email = $1 AND failed_at > now() - make_interval(mins => $3)
 ), by_address AS (
@@ -27,24 +29,39 @@ SELECT greatest(
     CASE WHEN e.n >= $4 THEN extract(epoch FROM e.last + make_interval(mins => $3) - now()) END,
     CASE WHEN a.n >= $5 THEN extract(epoch FROM a.last + make_interval(mins => $3) - now()) END
 ) AS seconds
-  FROM by_email e, by_address a
+  FROM by_account e, by_address a
 """
 
 
-async def retry_after(pool: asyncpg.Pool, email: str, address: str) -> int | None:
-    """Seconds until this email may try again from this address, or None when it may now."""
-    seconds = await pool.fetchval(_RETRY_AFTER, email.lower(), address, WINDOW_MINUTES,
-                                  PER_ACCOUNT, PER_ADDRESS)
-    return None if seconds is None or seconds <= 0 else int(seconds) + 1
+def login_key(account_id: int | None, lowered: str) -> str:
+    """What one login's per-account count is kept under: the account when the typed address has
+    one (however it was typed), else the typed text as PostgreSQL's lower() folds it, the folding
+    the account lookup uses (Python's lower() differs, e.g. on 'İ'). The prefixes keep an account
+    and a text from ever sharing a count. The `email` column holds this key."""
+    return f"account:{account_id}" if account_id is not None else "email:" + lowered[:320]
 
 
-async def failed(pool: asyncpg.Pool, email: str, address: str) -> None:
-    await pool.execute("INSERT INTO login_failures (email, address) VALUES ($1, $2)",
-                       email.lower()[:320], address)
+async def take_login(pool: asyncpg.Pool, key: str, address: str) -> int | None:
+    """Count one login attempt as a failure before its password is checked: None when it may go
+    ahead (then `succeeded` takes the count back), else the seconds until it may (the refusal is
+    not counted). Counting first, under one lock per account key and per client, means parallel
+    guesses cannot all pass the check before any failure is written: at most the limit's worth
+    of passwords are hashed per window."""
+    client = address_key(address)
+    async with pool.acquire() as conn, conn.transaction():
+        # always this order (account, then client), so two logins cannot wait on each other
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "codeplan:login:" + key)
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "codeplan:login-from:" + client)
+        seconds = await conn.fetchval(_RETRY_AFTER, key, client, WINDOW_MINUTES, PER_ACCOUNT, PER_ADDRESS)
+        if seconds is not None and seconds > 0:
+            return int(seconds) + 1
+        await conn.execute("INSERT INTO login_failures (email, address) VALUES ($1, $2)", key, client)
+    return None
 
 
-async def succeeded(pool: asyncpg.Pool, email: str) -> None:
-    await pool.execute("DELETE FROM login_failures WHERE email = $1", email.lower())
+async def succeeded(pool: asyncpg.Pool, key: str) -> None:
+    """The right password: the account's failures are forgotten, this attempt's with them."""
+    await pool.execute("DELETE FROM login_failures WHERE email = $1", key)
 
 
 # ---- sign-ups ---------------------------------------------------------------------------
