@@ -357,11 +357,12 @@ def _check_peak(config: Config) -> None:
         window = peak_window(config.peak_hours)
         if window is None:
             raise ConfigError(f"{PREFIX}PEAK_HOURS: expected HH:MM-HH:MM, got {config.peak_hours!r}")
-        if window[0] == window[1]:
+        if window[0] == window[1] and window[0] != dt.time(0):
             # credit_peak_now() (migrations/0030) reads start >= end as a span over midnight:
-            # equal ends would be peak all day, which nobody writing 14:00-14:00 means
+            # equal ends are peak all day, which nobody writing 14:00-14:00 means; all day is
+            # spelt 00:00-00:00 (as it always was)
             raise ConfigError(f"{PREFIX}PEAK_HOURS: start and end are equal ({config.peak_hours!r}); "
-                              "leave it empty for no peak hours")
+                              "write 00:00-00:00 for peak hours all day, or leave it empty for none")
         try:
             zoneinfo.ZoneInfo(config.peak_zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):

@@ -25,15 +25,6 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
 _MIGRATION_LOCK = 0x636F6465706C616E  # "codeplan"
 
 
-# Every session the service opens runs in UTC. Its SQL computes in timestamptz, and in a zone
-# that observes daylight saving `t + n * interval '7 days'` (the weekly window's anchor,
-# migrations/0044) and date_trunc('hour', t) (the Z.ai hourly usage) move by the clock change:
-# a weekly window starting an hour off, its reset in the future or the past. Peak hours name
-# their zone explicitly (credit_settings.peak_zone), days are `AT TIME ZONE 'UTC'`: nothing
-# wants the database's own zone (initdb takes the host's).
-SESSION_SETTINGS = {"TimeZone": "UTC"}
-
-
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Pool connections carry no session state (no SET, LISTEN, advisory lock or cursor), so
     the default reset query (`RESET ALL; UNLISTEN *; ...`), one more round trip on every
@@ -94,7 +85,6 @@ def hear_from_server(conn: asyncpg.Connection, dead_after: float) -> bool:
 async def connect(url: str, *, dead_after: float = DEAD_AFTER, **kwargs: Any) -> asyncpg.Connection:
     """A connection of its own (not the pool's), given up as `hear_from_server` says; opening it
     takes at most `dead_after` seconds."""
-    kwargs["server_settings"] = {**kwargs.get("server_settings", {}), **SESSION_SETTINGS}
     conn = await asyncpg.connect(url, timeout=dead_after, **kwargs)
     try:
         hear_from_server(conn, dead_after)
@@ -115,7 +105,7 @@ async def create_pool(url: str, *, size: int = 10, statement_cache: int = 256,
         # PgBouncer in transaction mode a prepared statement may meet another server
         # connection: CODEPLAN_DB_STATEMENT_CACHE=0 turns the cache off there.
         statement_cache_size=statement_cache,
-        server_settings={"application_name": "codeplan", **SESSION_SETTINGS},
+        server_settings={"application_name": "codeplan"},
         reset=_keep_session, init=init,
         timeout=dead_after,  # opening a connection (asyncpg's default: 60 s)
     )

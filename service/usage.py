@@ -82,17 +82,17 @@ class _WindowState(msgspec.Struct, frozen=True):
     starts_at: dt.datetime | None  # None: no window open; the next request opens one
     ends_at: dt.datetime | None
     tokens: int = 0  # prompt + completion tokens settled in it
-    held: int = 0  # the pending requests' worst case (reserved: their expected cost)
 
     @property
     def remaining(self) -> int:
-        # What admission gives: it requires posted + held + a request's hold <= allowance, so
-        # allowance - posted - reserved would promise room a request fitting it is refused
-        return max(0, self.allowance - self.used - self.held)
+        # What the pending requests are expected to leave, as every view shows them (used +
+        # reserved, remaining: they add up to the allowance). Admission counts their worst case
+        # (held), so while requests are in flight a request that fits this may still be refused.
+        return max(0, self.allowance - self.used - self.reserved)
 
 
 _WINDOWS_SQL = """
-SELECT DISTINCT ON (w.kind) w.kind, w.allowance, w.reserved, w.held, w.posted, w.starts_at, w.ends_at,
+SELECT DISTINCT ON (w.kind) w.kind, w.allowance, w.reserved, w.posted, w.starts_at, w.ends_at,
        -- widened before adding: two int4 counts can pass int4's range in one row
        (SELECT coalesce(sum(l.prompt_tokens::bigint + l.completion_tokens), 0)::bigint FROM usage_ledger l
          WHERE l.subscription_id = w.subscription_id AND l.created_at >= w.starts_at
@@ -147,7 +147,7 @@ async def current_windows(pool: asyncpg.Pool, subscription_id: int) -> tuple[asy
         row = open_windows.get(kind)
         windows.append(_WindowState(kind, allowance, 0, 0, None, None) if row is None else _WindowState(
             kind, row["allowance"], row["posted"], row["reserved"], row["starts_at"], row["ends_at"],
-            row["tokens"], row["held"]))
+            row["tokens"]))
     return plan, windows
 
 
