@@ -78,7 +78,7 @@ def test_block_types_the_translator_does_not_know_are_dropped():
         {"role": "user", "content": "carry on"}]
 
 
-# ---- documents: their text reaches the model; one GLM cannot read is a 400 ---------------------
+# ---- documents: their text reaches the model; one GLM cannot read leaves a note -----------------
 
 def test_text_documents_and_search_results_reach_the_model_with_their_title_and_context():
     sent = _upstream([
@@ -111,16 +111,14 @@ def test_documents_in_a_tool_result_reach_the_model(quick_bridge, database):
     assert "Use create_issue." in text and "PDF document 'manual' omitted" in text
 
 
-def test_a_pdf_the_model_cannot_read_is_a_400_in_anthropic_shape(quick_bridge, database):
+def test_a_pdf_the_model_cannot_read_leaves_a_note_for_it():
     """GLM reads text and images; a PDF the user sent must not be dropped silently (the model
-    would answer as if it had read it)."""
-    with pytest.raises(anthropic.BadRequestError) as caught:
-        _anthropic(quick_bridge, database).messages.create(model="glm-4.6", max_tokens=50, messages=[
-            {"role": "user", "content": [{"type": "text", "text": "summarise"},
-                                         {"type": "document", "source": PDF}]}])
-    error = caught.value.body["error"]
-    assert error["type"] == "invalid_request_error"
-    assert error["message"].startswith("messages.0.content.1: this model cannot read PDF documents")
+    would answer as if it had read it) nor refused (the turn would stay in the client's history
+    and fail every later request): a note stands in its place."""
+    sent = _upstream([{"type": "text", "text": "summarise"},
+                      {"type": "document", "source": PDF, "title": "report"}])
+    assert sent == [{"role": "user", "content":
+                     "summarise\n[PDF document 'report' omitted: this model cannot read it]"}]
 
 
 # ---- overflow on Messages reads as Anthropic's -------------------------------------------------

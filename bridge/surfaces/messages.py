@@ -6,7 +6,7 @@ message_start, content blocks (thinking, text, tool_use) with increasing index, 
 message_stop. Fields GLM has no use for (cache_control, context_management, output_config,
 future ones) and content block types the translator does not know are accepted and dropped,
 never a 400. Text documents and search results reach the model as tagged text; a document GLM
-cannot read (a PDF) is a 400 in the user's own content, and a note in a tool result.
+cannot read (a PDF) leaves a note in its place.
 """
 from __future__ import annotations
 
@@ -184,8 +184,7 @@ def _result_text(content: str | list[Block] | dict | None) -> str:
                 parts.append(block.text)
         elif block.type in ("document", "search_result"):
             text = _document_text(block)
-            parts.append(text if text is not None else
-                         f"[{_media_type(block)} document{_titled(block)} omitted: this model cannot read it]")
+            parts.append(text if text is not None else _unreadable(block))
         elif block.type == "tool_reference":
             # tool search's answer: Anthropic expands it into the tool's definition; GLM was
             # sent every tool (deferred ones too), so naming the tool is the whole answer
@@ -194,6 +193,11 @@ def _result_text(content: str | list[Block] | dict | None) -> str:
         elif block.type != "image":  # images in tool results: GLM's tool messages are text
             parts.append(f"[{block.type} content omitted]")
     return "\n".join(parts)
+
+
+def _unreadable(block: Block) -> str:
+    """The note standing in for a document GLM cannot read."""
+    return f"[{_media_type(block)} document{_titled(block)} omitted: this model cannot read it]"
 
 
 def _media_type(block: Block) -> str:
@@ -229,11 +233,10 @@ def _image_part(block: Block) -> wire.ContentPart | None:
     return wire.ContentPart(type="image_url", image_url=Raw(msgspec.json.encode({"url": url})))
 
 
-def _user_content(blocks: list[Block], at: int) -> str | list[wire.ContentPart] | None:
-    """A user turn's content but its tool results; block types GLM has no use for are dropped.
-    `at` is the turn's index in `messages`, for the error that names a block."""
+def _user_content(blocks: list[Block]) -> str | list[wire.ContentPart] | None:
+    """A user turn's content but its tool results; block types GLM has no use for are dropped."""
     parts: list[wire.ContentPart] = []
-    for j, block in enumerate(blocks):
+    for block in blocks:
         if block.type == "text" and block.text:
             parts.append(wire.ContentPart(type="text", text=block.text))
         elif block.type == "image":
@@ -241,15 +244,12 @@ def _user_content(blocks: list[Block], at: int) -> str | list[wire.ContentPart] 
             if image is not None:
                 parts.append(image)
         elif block.type in ("document", "search_result"):
+            # one GLM cannot read leaves a note, as in a tool result: dropped silently, the model
+            # would answer as if it had read it; refused, the turn would stay in the client's
+            # history and fail every later request of the conversation
             text = _document_text(block)
             if text is None:
-                # the user sent it for the model to read: dropping it would answer without it,
-                # as if read (a document inside a tool result is noted there instead)
-                raise BridgeError(
-                    Kind.invalid_request,
-                    f"messages.{at}.content.{j}: this model cannot read {_media_type(block)} "
-                    "documents; send the document's text (a `text` or `content` source) instead.",
-                    param=f"messages.{at}.content.{j}.source")
+                text = _unreadable(block)
             if text:
                 parts.append(wire.ContentPart(type="text", text=text))
     if not parts:
@@ -264,7 +264,7 @@ def _messages(request: MessagesRequest) -> list[wire.Message]:
     system = _text_of(request.system) if request.system is not None else ""
     if system:
         out.append(wire.Message(role="system", content=system))
-    for i, message in enumerate(request.messages):
+    for message in request.messages:
         blocks = [Block(type="text", text=message.content)] if isinstance(message.content, str) \
             else message.content
         if message.role == "assistant":
@@ -290,7 +290,7 @@ def _messages(request: MessagesRequest) -> list[wire.Message]:
                     if block.is_error:
                         result = "Error: " + result
                     out.append(wire.Message(role="tool", content=result, tool_call_id=block.tool_use_id or ""))
-            rest = _user_content(blocks, i)
+            rest = _user_content(blocks)
             if rest is not None:
                 out.append(wire.Message(role="user", content=rest))
     return out
