@@ -165,19 +165,23 @@ class StreamNormalizer:
 
     def _fragment(self, fragment: wire.ToolCallDelta, out: list[Event]) -> None:
         given_id = fragment.id if isinstance(fragment.id, str) and fragment.id else None
+        function = fragment.function
+        names = isinstance(function, wire.FunctionDelta) and isinstance(function.name, str) and bool(function.name)
         call = self._calls.get(fragment.index)
-        if call is None or (given_id is not None and call.given_id is not None and given_id != call.given_id):
-            # a new call; or one that reuses an open call's `index` under another id (parallel
-            # calls each sent whole at index 0 by some OpenAI-compatible hosts): joining them
-            # would give one call with two JSON documents for arguments. The index now names
-            # the new call; the earlier one keeps its place in the delivery order.
+        if call is None or (names and given_id is not None and call.name is not None
+                            and call.given_id is not None and given_id != call.given_id):
+            # a new call; or one that reuses a named call's `index` under another id and a name
+            # of its own (parallel calls each sent whole at index 0 by some OpenAI-compatible
+            # hosts): joining them would give one call with two JSON documents for arguments.
+            # A fragment with another id but no name goes on with the open call: some hosts put
+            # a new id on every piece of one call (Poolside; mlx-openai-server before its fix).
+            # The index now names the new call; the earlier one keeps its place in the delivery order.
             call = self._calls[fragment.index] = _Call()
             self._held.append(call)
         if given_id is not None and call.given_id is None:
             call.given_id = given_id
             if call.id is None and call.index < 0:
                 call.id = given_id
-        function = fragment.function
         if isinstance(function, wire.FunctionDelta):
             if isinstance(function.name, str) and function.name and call.name is None:
                 call.name = function.name

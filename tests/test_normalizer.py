@@ -299,6 +299,18 @@ def test_an_id_repeated_on_every_fragment_or_given_late_is_one_call():
                       _FINISH_CALLS]) == [("call_t_0", "read_file", '{"path":"a.py"}')]
 
 
+@pytest.mark.parametrize("ids", [
+    ["call_first", "call_second", "call_second", "call_second"],  # Poolside: another id after the name
+    ["id0", "id1", "id2", "id3"],  # mlx-openai-server before its fix: a fresh id on every piece
+])
+def test_new_ids_on_the_pieces_of_one_call_keep_it_one_call(ids):
+    """Some hosts put a different id on the later pieces of the same call: a piece with another
+    id but no name of its own goes on with the open call (only a named one starts a new call)."""
+    pieces = ['{"path": ', '"src/', 'main.py"}']
+    assert _calls_of([_call(0, ids[0], "read_file", ""), *(_call(0, i, arguments=p) for i, p in zip(ids[1:], pieces)),
+                      _FINISH_CALLS]) == [(ids[0], "read_file", '{"path": "src/main.py"}')]
+
+
 # ---- usage counts the ledger can hold ---------------------------------------------------------
 
 def test_upstream_counts_are_clamped_where_they_enter():
