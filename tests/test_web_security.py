@@ -20,7 +20,7 @@ import httpx
 import pytest
 from aiosmtpd.controller import Controller
 
-from service.web import identity, mail, passwords, throttle
+from service.web import identity, mail, pages, passwords, throttle
 
 from .conftest import free_port, query, run, start_bridge
 from .web_support import PASSWORD, Browserish, Inbox, link_in
@@ -159,6 +159,48 @@ def test_parallel_guesses_check_at_most_the_per_account_limit_of_passwords(datab
     outcomes = run(probe())
     assert len(checked) == throttle.PER_ACCOUNT, f"{len(checked)} passwords checked for one account (limit 5)"
     assert sorted(outcomes) == sorted(["bad_credentials"] * 5 + ["throttled"] * 11)
+
+
+def test_logins_waiting_for_one_accounts_lock_leave_the_pool_to_the_ledger(database, monkeypatch):
+    """The web shares its pool with the ledger: logins of one key that wait for another
+    process's hold of its lock wait in this process holding no connection (one of them, in the
+    database, holds one), and that wait is bounded: past it the login is refused for a moment."""
+    async def fast_wrong(password: str, stored: str | None) -> bool:
+        return False
+    monkeypatch.setattr(passwords, "verify_async", fast_wrong)
+
+    async def probe() -> tuple[int, bool, list]:
+        pool = await asyncpg.create_pool(database, min_size=4, max_size=4)
+        other = await asyncpg.connect(database)  # another process, in the middle of a login
+        try:
+            await pool.execute("DELETE FROM login_failures")
+            address = unique_email()
+            account = await _account(pool, address)
+            async with other.transaction():
+                await other.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                                    "codeplan:login:" + throttle.login_key(account, ""))
+                logins = [asyncio.create_task(identity.log_in(pool, address, "wrong", f"10.7.{i}.1"))
+                          for i in range(3)]
+                await asyncio.sleep(0.5)
+                waiting = await other.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND wait_event = 'advisory' AND datname = current_database()")
+                try:
+                    async with pool.acquire(timeout=5) as conn:  # a ledger statement, say
+                        ledger_served = await conn.fetchval("SELECT 1") == 1
+                except asyncio.TimeoutError:
+                    ledger_served = False
+                # held past the bound: the logins are refused for a moment, not kept waiting
+                # (each waits its turn, then the bound: 2 s each)
+                outcomes = await asyncio.wait_for(asyncio.gather(*logins, return_exceptions=True), 30)
+            await pool.execute("DELETE FROM login_failures")
+            return waiting, ledger_served, outcomes
+        finally:
+            await other.close()
+            await pool.close()
+    waiting, ledger_served, outcomes = run(probe())
+    assert waiting == 1 and ledger_served, (waiting, ledger_served)
+    assert all(isinstance(o, identity.Refusal) and o.code == "throttled" and o.retry_after == 1 for o in outcomes), outcomes
 
 
 def test_parallel_guesses_over_http_are_refused_past_the_limit(web, database):
@@ -402,6 +444,15 @@ def test_only_a_single_plain_address_signs_up(typed):
                                    "a_b-c@sub-domain.ex.com", "x@xn--fsqu00a.xn--fiqs8s"])
 def test_plain_addresses_still_sign_up(typed):
     assert identity.normal_email(typed) == typed.strip()
+
+
+@pytest.mark.parametrize("address", ["josé@example.com", "user@bücher.de", "用户@例子.中国", "user@[192.0.2.1]"])
+def test_a_real_address_refused_for_its_letters_is_told_what_is_taken(address):
+    """Real mailboxes in other scripts are refused (one plain ASCII address only): the answer
+    says what is taken, not that the address is not one."""
+    with pytest.raises(identity.Refusal) as refused:
+        identity.normal_email(address)
+    assert "plain ASCII" in pages._REFUSALS[refused.value.code]
 
 
 def test_one_mailbox_gets_one_account_over_http(web, database):

@@ -58,7 +58,8 @@ ZH: dict[str, str] = {
     "Forgot your password?": "忘记密码？",
     "Accounts made by an operator have no password yet: set one with “Forgot your password?”.":
         "由管理员创建的账户还没有密码：请通过“忘记密码？”设置。",
-    "That is not an email address.": "这不是有效的邮箱地址。",
+    "Enter one email address in plain ASCII letters, such as name@example.com.":
+        "请输入一个仅含 ASCII 字符的邮箱地址，例如 name@example.com。",
     "The password needs at least 10 characters.": "密码至少需要 10 个字符。",
     "That password is too long.": "密码太长。",
     "An account with this email exists already. Log in, or reset its password.":

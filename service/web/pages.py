@@ -191,7 +191,8 @@ class LanguageForm(msgspec.Struct):
 
 
 _REFUSALS = {
-    "bad_email": "That is not an email address.",
+    # (a real address in another script is refused too: say what is taken, not "not an address")
+    "bad_email": "Enter one email address in plain ASCII letters, such as name@example.com.",
     "too_short": "The password needs at least 10 characters.",
     "too_long": "That password is too long.",
     "exists": "An account with this email exists already. Log in, or reset its password.",

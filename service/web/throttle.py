@@ -7,7 +7,10 @@ Sign-ups are limited per client address too (each costs a password hash and an a
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+from typing import AsyncIterator
 
 import asyncpg
 import msgspec
@@ -41,6 +44,35 @@ def login_key(account_id: int | None, lowered: str) -> str:
     return f"account:{account_id}" if account_id is not None else "email:" + lowered[:320]
 
 
+class _KeyedLocks:
+    """An asyncio lock per key, kept while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+# This process's logins of one key wait here, holding no connection: the pool is the ledger's
+# too, and a flood of logins for one account must not park its connections in a lock wait.
+_waiting = _KeyedLocks()
+# Another process holding the key's lock longer than this (a slow or vanished peer) gets the
+# login refused for a moment rather than a connection held for as long.
+LOCK_WAIT = "2s"
+
+
 async def take_login(pool: asyncpg.Pool, key: str, address: str) -> int | None:
     """Count one login attempt as a failure before its password is checked: None when it may go
     ahead (then `succeeded` takes the count back), else the seconds until it may (the refusal is
@@ -48,14 +80,21 @@ async def take_login(pool: asyncpg.Pool, key: str, address: str) -> int | None:
     guesses cannot all pass the check before any failure is written: at most the limit's worth
     of passwords are hashed per window."""
     client = address_key(address)
-    async with pool.acquire() as conn, conn.transaction():
-        # always this order (account, then client), so two logins cannot wait on each other
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "codeplan:login:" + key)
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "codeplan:login-from:" + client)
-        seconds = await conn.fetchval(_RETRY_AFTER, key, client, WINDOW_MINUTES, PER_ACCOUNT, PER_ADDRESS)
-        if seconds is not None and seconds > 0:
-            return int(seconds) + 1
-        await conn.execute("INSERT INTO login_failures (email, address) VALUES ($1, $2)", key, client)
+    account_lock, client_lock = "codeplan:login:" + key, "codeplan:login-from:" + client
+    # always this order (account, then client), here and in the database, so two logins cannot
+    # wait on each other
+    async with _waiting.hold(account_lock), _waiting.hold(client_lock):
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'")
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", account_lock)
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", client_lock)
+                seconds = await conn.fetchval(_RETRY_AFTER, key, client, WINDOW_MINUTES, PER_ACCOUNT, PER_ADDRESS)
+                if seconds is not None and seconds > 0:
+                    return int(seconds) + 1
+                await conn.execute("INSERT INTO login_failures (email, address) VALUES ($1, $2)", key, client)
+        except asyncpg.LockNotAvailableError:
+            return 1  # another process's login of this key is stuck: try again in a moment
     return None
 
 
