@@ -78,6 +78,20 @@ def test_block_types_the_translator_does_not_know_are_dropped():
         {"role": "user", "content": "carry on"}]
 
 
+def test_an_image_a_tool_returned_leaves_a_note():
+    """A screenshot tool's answer (Playwright MCP, a browser tool): GLM's tool messages are text,
+    so the image cannot go; a note says it was there."""
+    sent = _upstream([
+        {"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+            {"type": "text", "text": "screenshot taken"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]},
+        {"type": "text", "text": "what do you see?"}], *SEARCHED)
+    assert sent[-2:] == [
+        {"role": "tool", "tool_call_id": "toolu_1",
+         "content": "screenshot taken\n[image omitted: this model reads no images in tool results]"},
+        {"role": "user", "content": "what do you see?"}]
+
+
 # ---- documents: their text reaches the model; one GLM cannot read leaves a note -----------------
 
 def test_text_documents_and_search_results_reach_the_model_with_their_title_and_context():

@@ -190,7 +190,11 @@ def _result_text(content: str | list[Block] | dict | None) -> str:
             # sent every tool (deferred ones too), so naming the tool is the whole answer
             if block.tool_name:
                 parts.append(f"Tool available: {block.tool_name}")
-        elif block.type != "image":  # images in tool results: GLM's tool messages are text
+        elif block.type == "image":
+            # GLM's tool messages are text: a screenshot a tool returned cannot reach the model,
+            # and without a word it would take the tool for one that showed nothing
+            parts.append("[image omitted: this model reads no images in tool results]")
+        else:
             parts.append(f"[{block.type} content omitted]")
     return "\n".join(parts)
 
