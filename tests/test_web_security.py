@@ -125,6 +125,8 @@ def test_a_suspended_admin_loses_the_admin_api_by_key_and_by_session(web, databa
     state = run(query(database, "SELECT suspended_at FROM accounts WHERE id = $1", account_id))[0]
     assert (listing.status_code, restored.status_code, by_cookie.status_code) == (403, 403, 403)
     assert state["suspended_at"] is not None, "the suspended admin restored itself"
+    # and the page no longer calls it an admin
+    assert 'class="badge"' not in client.get("/keys").text
 
 
 # ---- 2. parallel guesses: at most the limit's worth of passwords checked --------------------
