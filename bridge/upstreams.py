@@ -108,15 +108,23 @@ def resolve(profile: ProfileConfig, environ: dict[str, str] | None = None) -> Pr
     start-up error line."""
     base_url, preset_prices = PRESETS.get(profile.preset, ("", {}))
     url = profile.base_url or base_url
+    # a URL with an `@` may carry a password (one holding / ? # ends the authority early, so the
+    # `@` may sit anywhere): it is never quoted, these lines reach logs and the admin API's 400s
+    shown = "(not shown: it may hold a password)" if "@" in url else repr(url)
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"upstream {profile.name!r}: expected an http:// or https:// base_url, got {url!r}")
+        raise ValueError(f"upstream {profile.name!r}: expected an http:// or https:// base_url, got {shown}")
+    if "@" in url:
+        # the profile's URL is shown in the admin API and its host part in /metrics, /readyz
+        # and logs; credentials go in `keys` (sent as the bearer token), never in the URL
+        raise ValueError(f"upstream {profile.name!r}: expected a base_url without user:password@ "
+                         "(the keys go in `keys`); value not shown")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises for a port that is not one
     except ValueError as exc:
-        raise ValueError(f"upstream {profile.name!r}: base_url {url!r} is not a URL ({exc})") from None
+        raise ValueError(f"upstream {profile.name!r}: base_url {shown} is not a URL ({exc})") from None
     if not parts.hostname or any(c.isspace() for c in url):
-        raise ValueError(f"upstream {profile.name!r}: base_url {url!r} names no host")
+        raise ValueError(f"upstream {profile.name!r}: base_url {shown} names no host")
     keys = list(profile.keys)
     if profile.keys_env:
         import os
@@ -651,6 +659,9 @@ def legacy_profile(url: str, keys: tuple[str, ...], *, concurrency: int, stream_
                    preset: str = "") -> ProfileConfig:
     """CODEPLAN_UPSTREAM_URL / _KEYS as one profile, named after its host as logs always did."""
     price = Price(*prices) if prices else None
-    return ProfileConfig(name=name or urllib.parse.urlsplit(url).netloc or "default", preset=preset,  # type: ignore[arg-type]
+    # never from a URL with an `@`: it may carry user:password@ (refused by resolve(), whose
+    # error names the profile, so the name must not carry it either)
+    host = "" if "@" in url else urllib.parse.urlsplit(url).netloc
+    return ProfileConfig(name=name or host or "default", preset=preset,  # type: ignore[arg-type]
                          base_url=url, keys=keys, concurrency=concurrency, stream_usage=stream_usage,  # type: ignore[arg-type]
                          prices=price)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import socket
 import sys
 
@@ -192,6 +193,16 @@ _UNREACHABLE = (TimeoutError, ConnectionError, asyncpg.PostgresConnectionError, 
                 asyncpg.exceptions.InvalidCatalogNameError)
 
 
+def _from_dsn_parser(exc: BaseException) -> bool:
+    """Whether `exc` was raised while asyncpg read the connection URL (its connect_utils)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(os.path.join("asyncpg", "connect_utils.py")):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def run(args: argparse.Namespace) -> int:
     """Every command but the client-side ones (service/cli.py answers those): configuration,
     then the server, a worker, the simulator or a one-shot command against the database."""
@@ -296,6 +307,16 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except config_module.ConfigError as exc:
         print(f"codeplan: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:
+        # asyncpg's DSN parser raises plain ValueErrors (int() of a "port", parse_qs of a
+        # "query") whose text quotes a piece of the URL, which may be the password: one line
+        # with the type only. config.load refuses the URLs known to do it; this is for the rest.
+        # Any other ValueError keeps its traceback.
+        if not _from_dsn_parser(exc):
+            raise
+        print(f"codeplan: configuration error: CODEPLAN_DATABASE_URL: asyncpg cannot read it "
+              f"({type(exc).__name__}); percent-encode any of # / ? @ : in the password", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

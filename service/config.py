@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import urllib.parse
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Literal, Mapping
@@ -284,6 +285,55 @@ def _pairs(field: str, value: str) -> list[dict[str, object]]:
     return parsed
 
 
+def shown_url(url: str) -> str:
+    """A URL as a configuration error line may quote it: in full (repr) unless it may carry a
+    password (any `@`: a password holding `/`, `?` or `#` ends the authority early, so the `@`
+    can sit anywhere), then not at all: an error line is logged and pasted into tickets."""
+    if "@" in url:
+        return "a value with user:password@ (not shown)"
+    return repr(url)
+
+
+def _authority_problem(url: str) -> str | None:
+    """Why a URL with credentials is not one its parsers read as the operator meant, or None.
+
+    asyncpg and urllib split a URL at the first `/`, `?` or `#` after `//`, and asyncpg its
+    authority at the first `@`: a password holding any of those ends up read as a port, a path
+    or a query, and their errors then quote it. The check is on the form only; the message it
+    gives never holds the value."""
+    if "#" in url:
+        return "holds a '#'"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        # asyncpg takes a comma-separated host list, each with its own port; urllib only one
+        for host in parts.netloc.rpartition("@")[2].split(","):
+            port = host.rpartition("]")[2] if host.startswith("[") else host
+            port = port.rpartition(":")[2] if ":" in port else ""
+            if port and not port.isdigit():
+                return "has a port that is not a number"
+        if parts.netloc.count("@") > 1 or "@" in parts.path or "@" in parts.query:
+            return "has an '@' outside user:password@host"
+        if parts.query:
+            urllib.parse.parse_qs(parts.query, strict_parsing=True)
+    except ValueError:
+        return "cannot be parsed"
+    return None
+
+
+def _check_url(field: str, url: str) -> None:
+    problem = _authority_problem(url)
+    if not problem and field == "smtp_url":
+        # service/web/mail.py reads one host and its port (urllib's, which also wants 0-65535)
+        try:
+            urllib.parse.urlsplit(url).port  # noqa: B018 - raises for a port that is not one
+        except ValueError:
+            problem = "has a port that is not a number from 0 to 65535"
+    if problem:
+        raise ConfigError(
+            f"{env_name(field)}: the URL {problem}; percent-encode any of # / ? @ : in the "
+            "user name or password (# is %23, / is %2F, ? is %3F, @ is %40, : is %3A); value not shown")
+
+
 def load(environ: Mapping[str, str] | None = None) -> Config:
     environ = os.environ if environ is None else environ
     raw: dict[str, object] = {}
@@ -315,19 +365,29 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         if not config.upstream_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{PREFIX}UPSTREAM_URL: expected an http:// or https:// base URL, "
-                f"got {config.upstream_url!r}")
+                f"got {shown_url(config.upstream_url)}")
+        if "@" in config.upstream_url:
+            # the profile is named after the URL's host part, shown on /metrics and /readyz
+            # (no credential asked) and in logs: credentials there would be everybody's
+            raise ConfigError(
+                f"{PREFIX}UPSTREAM_URL: expected a base URL without user:password@ (it would show "
+                f"wherever the upstream is named); the keys go in {PREFIX}UPSTREAM_KEYS; value not shown")
         if not config.upstream_keys:
             raise ConfigError(
                 f"{PREFIX}UPSTREAM_KEYS: required when {PREFIX}UPSTREAM_URL is set "
                 "(comma-separated coding-plan keys)")
     if config.public_url and not config.public_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{PREFIX}PUBLIC_URL: expected an http:// or https:// URL, got {config.public_url!r}")
+        raise ConfigError(f"{PREFIX}PUBLIC_URL: expected an http:// or https:// URL, got {shown_url(config.public_url)}")
     if config.database_url and not config.database_url.startswith(("postgres://", "postgresql://")):
         raise ConfigError(
             f"{PREFIX}DATABASE_URL: expected a postgresql:// URL, got a value of another form")
+    if config.database_url:
+        _check_url("database_url", config.database_url)
     if config.smtp_url and not config.smtp_url.startswith(("smtp://", "smtps://")):
         raise ConfigError(
             f"{PREFIX}SMTP_URL: expected smtp://host:port or smtps://host:port, got a value of another form")
+    if config.smtp_url:
+        _check_url("smtp_url", config.smtp_url)
     if config.smtp_url and not config.public_url and config.host in WILDCARD_HOSTS:
         # mailed links (verify, reset) are built from the configured base URL only; on every
         # address there is no one URL to name, and a request's Host header may be anybody's
@@ -440,7 +500,7 @@ def _check_billing(config: Config) -> None:
     for name in ("stripe_api_base",):
         url = getattr(config, name)
         if url and not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{env_name(name)}: expected an http:// or https:// URL, got {url!r}")
+            raise ConfigError(f"{env_name(name)}: expected an http:// or https:// URL, got {shown_url(url)}")
     if not re.fullmatch(r"[a-z]{3}", config.stripe_currency):
         raise ConfigError(f"{env_name('stripe_currency')}: expected a three-letter ISO currency code in "
                           f"lower case (usd), got {config.stripe_currency!r}")

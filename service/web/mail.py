@@ -45,12 +45,19 @@ class SmtpTarget(msgspec.Struct, frozen=True):
 
 
 def parse_smtp_url(url: str) -> SmtpTarget:
-    parts = urlsplit(url)
-    implicit = parts.scheme == "smtps"
-    return SmtpTarget(host=parts.hostname or "localhost", port=parts.port or (465 if implicit else 25),
-                      implicit_tls=implicit,
-                      username=unquote(parts.username) if parts.username else None,
-                      password=unquote(parts.password) if parts.password else None)
+    """config.load has refused the URLs urllib cannot read; should one come here anyway,
+    urllib's own error quotes the "port", which for a password holding # / ? is the password:
+    it is replaced by one without the value."""
+    try:
+        parts = urlsplit(url)
+        implicit = parts.scheme == "smtps"
+        return SmtpTarget(host=parts.hostname or "localhost", port=parts.port or (465 if implicit else 25),
+                          implicit_tls=implicit,
+                          username=unquote(parts.username) if parts.username else None,
+                          password=unquote(parts.password) if parts.password else None)
+    except ValueError:
+        raise ValueError("CODEPLAN_SMTP_URL: not a URL urllib can read (value not shown); "
+                         "percent-encode any of # / ? @ : in the password") from None
 
 
 MAIL_THREADS = 4    # SMTP conversations at once (each mostly waits on the network)
