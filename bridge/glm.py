@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 
 import msgspec
 from msgspec import UNSET, Struct
@@ -349,42 +350,88 @@ def prepare(request: wire.ChatRequest) -> wire.ChatRequest:
 
 _QUOTA_CODES = {"1308", "1310", "1316", "1317", "1318", "1319", "1320", "1321"}
 _AUTH_CODES = {"1000", "1001", "1002", "1003", "1004"}
+# Z.ai's documented meanings of its request-fault codes (glm-upstream.md §7.3), in our words:
+# the caller learns what to fix without the upstream's own text
+_REFUSALS = {
+    "1210": "a parameter is invalid", "1211": "the model does not exist",
+    "1212": "the method is not supported", "1213": "a required field is missing",
+    "1214": "a field is invalid", "1215": "two fields exclude each other",
+    "1220": "the model is not available to the service's upstream account",
+    "1221": "the API is offline", "1222": "the API does not exist",
+}
+# what of an upstream's words the operator's log keeps: a gateway may quote our key, an org id
+# or a balance there, so anything shaped like a credential is blotted before it is written
+_SAID_LIMIT = 300
+_CREDENTIAL_WORD = re.compile(r"(?i)\b(bearer|api[ _-]?key|key|token|secret|password|authorization)([\s:=\"']+)\S+")
+_CREDENTIAL_SHAPE = re.compile(r"[A-Za-z0-9_\-.+/=]{20,}")
+
+
+def _for_log(said: str) -> str:
+    said = _CREDENTIAL_WORD.sub(r"\1\2[redacted]", said)
+    said = _CREDENTIAL_SHAPE.sub("[redacted]", said)
+    return said if len(said) <= _SAID_LIMIT else said[:_SAID_LIMIT] + "…"
 
 
 def upstream_error(status: int, body: bytes, request_id: str) -> BridgeError:
-    """An upstream's error response, with one meaning per Z.ai business code. GLM's own wording
-    is kept where clients match on it; our upstream keys and plan state are never shown."""
+    """An upstream's error response, with one meaning per Z.ai business code. The client gets
+    that meaning in our own fixed words, never the upstream's: behind an OpenAI-compatible
+    gateway (LiteLLM, OpenRouter, a proxy) the text may name the operator's key, organisation
+    or balance, and every user would read it. The upstream's words go to the operator's log."""
     try:
         detail = wire.error_decoder.decode(body).error
         code, message = detail.code, detail.message
     except msgspec.DecodeError:
         code, message = "", ""
-    message = message or f"upstream answered HTTP {status}"
+    if message:
+        log.warning("upstream refused a request", extra={
+            "status": status, "code": code, "request_id": request_id, "upstream_said": _for_log(message)})
+    # a business code is GLM's number; anything else from a gateway is not repeated in a message
+    # (the OpenAI shape carries `code` as it always did)
+    numbered = f"code {code}, " if code.isdigit() and len(code) <= 6 else ""
     if code in ("1113", "1309"):
         return BridgeError(Kind.upstream_billing,
                            f"The model provider refused the request for billing reasons ({code}); "
                            f"this is not retryable. Request id {request_id}.", code=code)
     if code in ("1302", "1303"):
-        return BridgeError(Kind.upstream_rate_limited, message, code=code, retry_after=2)
+        # GLM's documented meanings: 1302 too many requests at once, 1303 too many in a row
+        limit = "concurrency" if code == "1302" else "request rate"
+        return BridgeError(Kind.upstream_rate_limited,
+                           f"The model provider is limiting the service's {limit} ({numbered}HTTP {status}); "
+                           f"retry shortly. Request id {request_id}.", code=code, retry_after=2)
     if code == "1305" or status == 529:
-        return BridgeError(Kind.upstream_overloaded, message, code=code or None, retry_after=5)
+        return BridgeError(Kind.upstream_overloaded,
+                           f"The model provider is temporarily overloaded ({numbered}HTTP {status}); "
+                           f"retry shortly. Request id {request_id}.", code=code or None, retry_after=5)
     if code in _QUOTA_CODES:
         # the service's own upstream plan ran dry: capacity on our side, retry later
         return BridgeError(Kind.upstream_overloaded,
                            f"The service is at capacity; retry shortly. Request id {request_id}.",
                            code=code, retry_after=30)
     if code == "1301":
-        return BridgeError(Kind.content_policy, message, code=code)
+        return BridgeError(Kind.content_policy,
+                           "The model provider's content safety review blocked this request (1301); "
+                           f"rephrase it or remove the flagged content. Request id {request_id}.", code=code)
     if code == "1261":
-        return BridgeError(Kind.context_length, message, code="context_length_exceeded")
+        # worded for every client's overflow matcher: Claude Code's "prompt is too long: " is
+        # prefixed by the Messages surface, Cline's "context window" / "maximum context" and
+        # OpenCode's "exceeds the context window" are here, Codex reads the code
+        return BridgeError(Kind.context_length,
+                           "The prompt exceeds the context window (the model's maximum context length); "
+                           f"compact or shorten the conversation. Request id {request_id}.",
+                           code="context_length_exceeded")
     if status == 401 or code in _AUTH_CODES:
         log.error("upstream rejected our key", extra={"status": status, "code": code})
         return BridgeError(Kind.upstream_error,
                            f"The model provider rejected the service's credentials. Request id {request_id}.")
     if status == 429:
-        return BridgeError(Kind.upstream_rate_limited, message, code=code or None, retry_after=2)
+        return BridgeError(Kind.upstream_rate_limited,
+                           f"The model provider is rate-limiting the service ({numbered}HTTP {status}); "
+                           f"retry shortly. Request id {request_id}.", code=code or None, retry_after=2)
     if 400 <= status < 500:
-        return BridgeError(Kind.invalid_request, message, code=code or None)
+        meaning = _REFUSALS.get(code, "check the model and the request's parameters")
+        return BridgeError(Kind.invalid_request,
+                           f"The model provider rejected the request ({numbered}HTTP {status}): {meaning}. "
+                           f"Request id {request_id}.", code=code or None)
     return BridgeError(Kind.upstream_error,
                        f"The model provider failed (HTTP {status}). Request id {request_id}.",
                        code=code or None)

@@ -35,9 +35,37 @@ _SECRET_HEADER = re.compile(r"^([<>] )(authorization|proxy-authorization|x-api-k
                             re.IGNORECASE)
 
 
+# It also logs every frame, both ways, as "< TEXT '<payload, head and tail>' [n bytes]": a
+# Codex Responses WebSocket's frames are the user's prompt and the model's answer, so a frame
+# is logged as its kind and size only. Every kind: a ping's payload is the peer's choice and a
+# close frame's reason is free text.
+_FRAME_KINDS = ("TEXT", "BINARY", "CONT", "PING", "PONG", "CLOSE")
+_FRAME_LINE = re.compile(r"^([<>]) (TEXT|BINARY|CONT|PING|PONG|CLOSE)\b(?:.*\[(\d+) bytes?\b[^\]]*\]\s*$)?",
+                         re.DOTALL)
+
+
+def _frame(record: logging.LogRecord) -> str | None:
+    """A frame record's line reduced to its direction, kind and size; None if not a frame."""
+    args = record.args
+    if isinstance(args, tuple) and len(args) == 1:
+        frame = args[0]
+        opcode, data = getattr(frame, "opcode", None), getattr(frame, "data", None)
+        if isinstance(data, bytes | bytearray | memoryview) and getattr(opcode, "name", None) in _FRAME_KINDS:
+            return f"{record.msg[:1]} {opcode.name} [{len(data)} bytes]"
+    found = _FRAME_LINE.match(record.getMessage())
+    if found:
+        size = f" [{found.group(3)} bytes]" if found.group(3) else ""
+        return f"{found.group(1)} {found.group(2)}{size}"
+    return None
+
+
 class RedactHeaders(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and record.msg[:1] in "<>":
+            reduced = _frame(record)
+            if reduced is not None:
+                record.msg, record.args = reduced, ()
+                return True
             found = _SECRET_HEADER.match(record.getMessage())
             if found:
                 record.msg, record.args = f"{found.group(1)}{found.group(2)}: [redacted]", ()

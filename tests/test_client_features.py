@@ -13,6 +13,7 @@ import openai
 import pytest
 from websockets.sync.client import connect
 
+from bridge import glm
 from bridge.errors import BridgeError, Kind
 from bridge.surfaces import messages
 
@@ -144,7 +145,9 @@ def test_glm_prompt_too_long_reads_as_prompt_is_too_long(quick_bridge, database)
     with pytest.raises(anthropic.BadRequestError) as caught:
         client.messages.create(model="glm-4.6", max_tokens=100, messages=[
             {"role": "user", "content": [_said("fault=1261", "hi")]}])
-    assert caught.value.body["error"]["message"] == "prompt is too long: Prompt exceeds max length"
+    said = caught.value.body["error"]["message"]
+    # in our words, not the upstream's ("Prompt exceeds max length" is the simulator's)
+    assert said.startswith("prompt is too long: The prompt exceeds the context window") and "max length" not in said
     with pytest.raises(anthropic.APIStatusError) as caught:
         with client.messages.stream(model="glm-4.6", max_tokens=100, messages=[
                 {"role": "user", "content": [_said("fault=1261 header_delay=1", "hi")]}]) as stream:
@@ -156,11 +159,11 @@ def test_glm_prompt_too_long_reads_as_prompt_is_too_long(quick_bridge, database)
 def test_every_context_length_error_starts_as_claude_code_matches():
     ours = BridgeError(Kind.context_length, "This model's maximum context length is 200000 tokens.",
                        limit=200000, requested=210000)
-    glms = BridgeError(Kind.context_length, "Prompt exceeds max length", code="context_length_exceeded")
+    glms = glm.upstream_error(400, json.dumps({"error": {"code": "1261", "message": "m"}}).encode(), "r")
     assert [json.loads(messages.error_response(e)[2])["error"]["message"] for e in (ours, glms)] == [
-        "prompt is too long: 210000 tokens > 200000 maximum", "prompt is too long: Prompt exceeds max length"]
+        "prompt is too long: 210000 tokens > 200000 maximum", f"prompt is too long: {glms.message}"]
     stream = messages.MessagesStream("glm-4.6", "x", 1)
-    assert b"prompt is too long: Prompt exceeds max length" in stream.fail(glms)
+    assert f"prompt is too long: {glms.message}".encode() in stream.fail(glms)
 
 
 # ---- GLM's content filter reaches Codex as a failure it does not retry --------------------------

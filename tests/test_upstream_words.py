@@ -1,0 +1,182 @@
+"""What of an upstream's and a user's words may reach others: an upstream's error text never
+reaches a client (a gateway in front of the model may quote the operator's key, organisation or
+balance there), and a WebSocket frame's payload (the user's prompt, the model's answer) never
+reaches the log, at any level."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from websockets.frames import Frame, Opcode
+from websockets.sync.client import connect
+
+from bridge import glm
+from bridge.errors import Kind
+from bridge.surfaces import chat, messages, responses
+from service.logs import RedactHeaders
+
+from .conftest import free_port, new_user, start_bridge
+
+UPSTREAM_KEY = "sk-CANARYupstreamKey0123456789abcdef"
+ORG = "org-CANARYorganisation"
+SAID = f"API key {UPSTREAM_KEY} of organisation {ORG} has a balance of $3.21 CANARYbalance"
+
+
+# ---- an upstream's error text stays in the operator's log --------------------------------------
+
+# (HTTP status, business code) -> (kind, client status on Chat, code, retry-after): as before the mend
+KINDS = [
+    ((429, "1302"), (Kind.upstream_rate_limited, 429, "1302", 2)),
+    ((429, "1303"), (Kind.upstream_rate_limited, 429, "1303", 2)),
+    ((429, ""), (Kind.upstream_rate_limited, 429, None, 2)),
+    ((429, "1305"), (Kind.upstream_overloaded, 503, "1305", 5)),
+    ((529, ""), (Kind.upstream_overloaded, 503, None, 5)),
+    ((400, "1301"), (Kind.content_policy, 400, "1301", None)),
+    ((400, "1261"), (Kind.context_length, 400, "context_length_exceeded", None)),
+    ((400, "1214"), (Kind.invalid_request, 400, "1214", None)),
+    ((403, "1220"), (Kind.invalid_request, 400, "1220", None)),
+    ((404, ""), (Kind.invalid_request, 400, None, None)),
+    ((422, "anything"), (Kind.invalid_request, 400, "anything", None)),
+    ((429, "1113"), (Kind.upstream_billing, 402, "1113", None)),
+    ((429, "1308"), (Kind.upstream_overloaded, 503, "1308", 30)),
+    ((401, "1002"), (Kind.upstream_error, 502, None, None)),
+    ((500, "500"), (Kind.upstream_error, 502, "500", None)),
+]
+
+
+@pytest.mark.parametrize("upstream, expected", KINDS, ids=[f"{s}-{c or 'none'}" for (s, c), _ in KINDS])
+def test_no_upstream_words_reach_any_surface(upstream, expected, caplog):
+    status, code = upstream
+    body = json.dumps({"error": {"code": code, "message": SAID}}).encode()
+    with caplog.at_level(logging.WARNING, logger="codeplan.glm"):
+        error = glm.upstream_error(status, body, "req-1")
+    assert (error.kind, error.status, error.code, error.retry_after) == expected
+    shown = [error.message, chat.ChatSurface().error(error)[2].decode(),
+             messages.MessagesSurface().error(error)[2].decode(), *responses.failure(error)]
+    for text in shown:
+        assert "CANARY" not in text and "3.21" not in text, text
+    # the operator still reads what the upstream said, blotted where it looks like a credential
+    said = [r for r in caplog.records if getattr(r, "upstream_said", None)]
+    assert said and said[0].levelno == logging.WARNING
+    assert (said[0].status, said[0].code, said[0].request_id) == (status, code, "req-1")
+    assert "CANARYbalance" in said[0].upstream_said
+    assert UPSTREAM_KEY not in said[0].upstream_said and "CANARYupstreamKey" not in said[0].upstream_said
+
+
+def test_upstream_words_in_the_log_are_bounded_and_blotted():
+    long = "Bearer short-key " + "x" * 1000
+    logged = glm._for_log(long)
+    assert "short-key" not in logged and len(logged) <= 301
+    assert "token=abc123" not in glm._for_log("bad token=abc123 here")
+
+
+def test_glm_overflow_still_reads_as_every_client_matches():
+    """GLM's 1261 in our words: Claude Code compacts on "prompt is too long", Cline on
+    "context window" / "maximum context", OpenCode on "exceeds the context window", Codex on the code."""
+    error = glm.upstream_error(400, json.dumps({"error": {"code": "1261", "message": SAID}}).encode(), "r")
+    anthropic = json.loads(messages.MessagesSurface().error(error)[2])["error"]["message"]
+    assert anthropic.startswith("prompt is too long: ")
+    assert "exceeds the context window" in error.message and "maximum context length" in error.message
+    assert responses.failure(error)[0] == "context_length_exceeded"
+    assert json.loads(chat.ChatSurface().error(error)[2])["error"]["code"] == "context_length_exceeded"
+
+
+class _Quoting(BaseHTTPRequestHandler):
+    """An OpenAI-compatible gateway that quotes the key it was sent in its refusals."""
+    status = 403
+    code = "1220"
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        bearer = (self.headers.get("authorization") or "").removeprefix("Bearer ")
+        error = {"message": f"API key {bearer} of organisation {ORG} may not do this", "type": "refused"}
+        if self.code:
+            error["code"] = self.code
+        body = json.dumps({"error": error}).encode()
+        self.send_response(self.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def quoting_upstream():
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Quoting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.mark.parametrize("status, code", [(403, "1220"), (429, ""), (400, "1214"), (404, "")])
+def test_a_gateway_quoting_our_key_is_not_repeated_to_clients(database, quoting_upstream, status, code):
+    _Quoting.status, _Quoting.code = status, code
+    bridge = start_bridge(database, f"http://127.0.0.1:{quoting_upstream.server_address[1]}/v4",
+                          CODEPLAN_UPSTREAM_KEYS=UPSTREAM_KEY)
+    try:
+        key = new_user(database)
+        said = "hi"
+        answers = [
+            httpx.post(bridge.url + "/v1/chat/completions", timeout=30, headers={"authorization": f"Bearer {key}"},
+                       json={"model": "glm-4.6", "messages": [{"role": "user", "content": said}]}),
+            httpx.post(bridge.url + "/v1/messages", timeout=30,
+                       headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                       json={"model": "glm-4.6", "max_tokens": 50, "messages": [{"role": "user", "content": said}]}),
+            httpx.post(bridge.url + "/v1/responses", timeout=30, headers={"authorization": f"Bearer {key}"},
+                       json={"model": "glm-4.6", "input": said}),
+        ]
+    finally:
+        bridge.stop()
+    for answer in answers:
+        assert 400 <= answer.status_code < 600 and answer.json()["error"]["message"], answer.text
+        assert "CANARY" not in answer.text, answer.text
+    out = bridge.output()
+    assert "upstream refused a request" in out and "may not do this" in out  # the log has the words...
+    assert UPSTREAM_KEY not in out  # ...but never the key
+
+
+# ---- WebSocket frames are logged as their kind and size -----------------------------------------
+
+@pytest.mark.parametrize("opcode", list(Opcode), ids=[o.name for o in Opcode])
+@pytest.mark.parametrize("direction", ["<", ">"])
+def test_a_frame_record_keeps_only_its_kind_and_size(opcode, direction):
+    payload = b"\x03\xe8CANARYframe" if opcode is Opcode.CLOSE else b'{"input":"CANARYframe"}'
+    record = logging.LogRecord("uvicorn.error", logging.DEBUG, "", 0, f"{direction} %s",
+                               (Frame(opcode, payload),), None)
+    assert RedactHeaders().filter(record)
+    assert record.getMessage() == f"{direction} {opcode.name} [{len(payload)} bytes]"
+    # and one already put into words (another websockets version, another logger) alike
+    worded = logging.LogRecord("uvicorn.error", logging.INFO, "", 0,
+                               f"{direction} {Frame(opcode, payload)}", (), None)
+    RedactHeaders().filter(worded)
+    assert "CANARY" not in worded.getMessage() and worded.getMessage().startswith(f"{direction} {opcode.name}")
+
+
+def test_debug_log_has_no_websocket_prompt(database, simulator):
+    bridge = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_LOG_LEVEL="debug")
+    try:
+        key = new_user(database)
+        url = bridge.url.replace("http://", "ws://") + "/v1/responses"
+        beta = {"openai-beta": "responses_websockets=2026-02-06"}
+        with connect(url, additional_headers={"authorization": f"Bearer {key}", **beta}) as socket:
+            for create in ({"type": "response.create", "model": "glm-4.6", "input": "CANARYprompt"},
+                           # long, as Codex sends: instructions first, the user's latest words last
+                           {"type": "response.create", "model": "glm-4.6", "instructions": "Be terse. " * 200,
+                            "input": [{"role": "user", "content": "the db password is CANARYtail"}]}):
+                socket.send(json.dumps(create, separators=(",", ":")))
+                while json.loads(socket.recv(timeout=30))["type"] not in (
+                        "response.completed", "response.incomplete", "response.failed", "error"):
+                    pass
+    finally:
+        bridge.stop()
+    out = bridge.output()
+    assert "CANARYprompt" not in out and "CANARYtail" not in out
+    assert '"msg":"< TEXT [' in out and '"msg":"> TEXT [' in out  # frames are still seen, by size
+    assert key not in out  # the handshake's Authorization stays redacted
