@@ -68,6 +68,9 @@ def test_a_dsn_asyncpg_cannot_read_is_one_line_without_the_value(monkeypatch, ca
     bad = config_module.Config(database_url="postgresql://codeplan:LEAKCANARYdsn/rest@127.0.0.1:5432/codeplan",
                                db_dead_after=5)
     monkeypatch.setattr(config_module, "load", lambda environ=None: bad)
+    # (in this process, the command's logging set-up would leave the root logger writing to this
+    # test's captured stderr, closed once it ends, for every later test's threads)
+    monkeypatch.setattr(commands.logs, "setup", lambda level: None)
     assert commands.run(argparse.Namespace(command="migrate")) == 2
     err = capsys.readouterr().err
     assert "LEAKCANARYdsn" not in err
