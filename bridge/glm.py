@@ -362,14 +362,37 @@ _REFUSALS = {
 # what of an upstream's words the operator's log keeps: a gateway may quote our key, an org id
 # or a balance there, so anything shaped like a credential is blotted before it is written
 _SAID_LIMIT = 300
-_CREDENTIAL_WORD = re.compile(r"(?i)\b(bearer|api[ _-]?key|key|token|secret|password|authorization)([\s:=\"']+)\S+")
-_CREDENTIAL_SHAPE = re.compile(r"[A-Za-z0-9_\-.+/=]{20,}")
+# what follows a word that announces a credential (Authorization: Basic x, Bearer x, api_key=x)
+_CREDENTIAL_WORD = re.compile(
+    r"(?i)\b((?:authorization[\s:=\"']+)?(?:bearer|basic)|api[ _-]?key|access[ _-]?token|token|secret|"
+    r"password|passwd|pwd)([\s:=\"']+)[^\s\"',;]+")
+# a URL's password (scheme://user:password@)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@", re.IGNORECASE)
+# a long run of letters and digits both, as keys are: model ids ("meta-llama/Llama-3.1-70B-
+# Instruct"), URLs and words are kept (separators break their runs), and so are request ids
+# (a UUID's groups are shorter)
+_CREDENTIAL_SHAPE = re.compile(r"(?=[A-Za-z0-9_\-+=]*[0-9])(?=[A-Za-z0-9_\-+=]*[A-Za-z])"
+                               r"(?<![A-Za-z0-9_\-+=])[A-Za-z0-9_+=]*(?:-[A-Za-z0-9_+=]+)*")
+
+
+def _blot_run(found: re.Match) -> str:
+    run = found.group(0)
+    # a key is one long piece ("sk-" and its 40 characters); an id is short pieces joined
+    longest = max((len(piece) for piece in run.split("-")), default=0)
+    return "[redacted]" if longest >= 24 else run
 
 
 def _for_log(said: str) -> str:
+    said = _URL_PASSWORD.sub(r"\1[redacted]@", said)
     said = _CREDENTIAL_WORD.sub(r"\1\2[redacted]", said)
-    said = _CREDENTIAL_SHAPE.sub("[redacted]", said)
+    said = _CREDENTIAL_SHAPE.sub(_blot_run, said)
     return said if len(said) <= _SAID_LIMIT else said[:_SAID_LIMIT] + "…"
+
+
+# an overflow in an OpenAI-compatible gateway's words (LiteLLM, vLLM, Fireworks, OpenAI's own):
+# recognised, so the client still gets the overflow it compacts on, in our words
+_OVERFLOW = re.compile(r"(?i)context[ _-]?(length|window)|maximum context|prompt is too long|too many tokens"
+                       r"|tokens? exceed|exceeds? the (model'?s? )?(max|context)")
 
 
 def upstream_error(status: int, body: bytes, request_id: str) -> BridgeError:
@@ -411,7 +434,8 @@ def upstream_error(status: int, body: bytes, request_id: str) -> BridgeError:
         return BridgeError(Kind.content_policy,
                            "The model provider's content safety review blocked this request (1301); "
                            f"rephrase it or remove the flagged content. Request id {request_id}.", code=code)
-    if code == "1261":
+    if code in ("1261", "context_length_exceeded") or (
+            status in (400, 413) and _OVERFLOW.search(message or "") is not None):
         # worded for every client's overflow matcher: Claude Code's "prompt is too long: " is
         # prefixed by the Messages surface, Cline's "context window" / "maximum context" and
         # OpenCode's "exceeds the context window" are here, Codex reads the code

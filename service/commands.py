@@ -316,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
         if not _from_dsn_parser(exc):
             raise
         print(f"codeplan: configuration error: CODEPLAN_DATABASE_URL: asyncpg cannot read it "
-              f"({type(exc).__name__}); percent-encode any of # / ? @ : in the password", file=sys.stderr)
+              f"({type(exc).__name__}; value not shown): check its host, port and query parameters, and "
+              "percent-encode any of # / ? @ : in the user name or password", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -294,13 +294,14 @@ def shown_url(url: str) -> str:
     return repr(url)
 
 
-def _authority_problem(url: str) -> str | None:
+def _authority_problem(url: str, *, last_at: bool = False) -> str | None:
     """Why a URL with credentials is not one its parsers read as the operator meant, or None.
 
     asyncpg and urllib split a URL at the first `/`, `?` or `#` after `//`, and asyncpg its
     authority at the first `@`: a password holding any of those ends up read as a port, a path
     or a query, and their errors then quote it. The check is on the form only; the message it
-    gives never holds the value."""
+    gives never holds the value. `last_at`: the reader splits the user part from the host at
+    the last `@` (urllib, the mailer's), so an `@` in a user name (an address) is read right."""
     if "#" in url:
         return "holds a '#'"
     try:
@@ -311,7 +312,12 @@ def _authority_problem(url: str) -> str | None:
             port = port.rpartition(":")[2] if ":" in port else ""
             if port and not port.isdigit():
                 return "has a port that is not a number"
-        if parts.netloc.count("@") > 1 or "@" in parts.path or "@" in parts.query:
+        if (parts.netloc.count("@") > 1 and not last_at) or "@" in parts.path:
+            return "has an '@' outside user:password@host"
+        # an `@` in the query is a parameter's (user=sa@project.iam) unless a password holding
+        # `?` cut the authority short: then the netloc is user:first-piece, with no `@`, and the
+        # `?` follows it with no path between
+        if "@" in parts.query and "@" not in parts.netloc and ":" in parts.netloc and not parts.path:
             return "has an '@' outside user:password@host"
         if parts.query:
             urllib.parse.parse_qs(parts.query, strict_parsing=True)
@@ -321,7 +327,7 @@ def _authority_problem(url: str) -> str | None:
 
 
 def _check_url(field: str, url: str) -> None:
-    problem = _authority_problem(url)
+    problem = _authority_problem(url, last_at=field == "smtp_url")
     if not problem and field == "smtp_url":
         # service/web/mail.py reads one host and its port (urllib's, which also wants 0-65535)
         try:

@@ -52,9 +52,25 @@ def test_database_url_password_never_printed_at_start_up(password, canary):
     "postgresql://codeplan:p%40ss%2Fw%3Frd%23@db.internal:5432/codeplan",       # encoded: fine
     "postgresql://codeplan:secret@db-1:5432,db-2:5433/codeplan?target_session_attrs=read-write",
     "postgresql://codeplan@[::1]:5432/codeplan",
+    # an @ in a query parameter (Cloud SQL's IAM users), not a password's
+    "postgresql:///codeplan?host=/cloudsql/proj:europe-west1:db&user=codeplan-sa@proj.iam",
+    "postgresql://db.internal:5432/codeplan?user=admin@corp.example&sslmode=require",
 ])
 def test_database_urls_asyncpg_reads_are_accepted(url):
     assert config_module.load({"CODEPLAN_DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize("url, user, password", [
+    # the mailer (urllib) splits the user part at the last @: an address as the user name
+    # (Mailgun's postmaster@domain, Gmail, Office 365), a raw @ in the password
+    ("smtp://postmaster@mg.example.com:s3cretpass@smtp.mailgun.org:587", "postmaster@mg.example.com", "s3cretpass"),
+    ("smtps://me@example.com:app-password@smtp.gmail.com:465", "me@example.com", "app-password"),
+    ("smtp://mailer:p@ssword@smtp.example.com:587", "mailer", "p@ssword"),
+])
+def test_smtp_urls_the_mailer_reads_are_accepted(url, user, password):
+    config = config_module.load({"CODEPLAN_SMTP_URL": url, "CODEPLAN_PUBLIC_URL": "https://codeplan.example"})
+    target = mail.parse_smtp_url(config.smtp_url)
+    assert (target.username, target.password, target.host.startswith("smtp.")) == (user, password, True)
 
 
 def test_the_test_databases_url_is_accepted(database):
@@ -75,8 +91,9 @@ def test_a_dsn_asyncpg_cannot_read_is_one_line_without_the_value(monkeypatch, ca
     err = capsys.readouterr().err
     assert "LEAKCANARYdsn" not in err
     [line] = err.strip().splitlines()
-    assert line == ("codeplan: configuration error: CODEPLAN_DATABASE_URL: asyncpg cannot read it (ValueError); "
-                    "percent-encode any of # / ? @ : in the password")
+    assert line == ("codeplan: configuration error: CODEPLAN_DATABASE_URL: asyncpg cannot read it (ValueError; "
+                    "value not shown): check its host, port and query parameters, and percent-encode any of "
+                    "# / ? @ : in the user name or password")
 
 
 # ---- 2. CODEPLAN_SMTP_URL ----------------------------------------------------------------------

@@ -180,3 +180,51 @@ def test_debug_log_has_no_websocket_prompt(database, simulator):
     assert "CANARYprompt" not in out and "CANARYtail" not in out
     assert '"msg":"< TEXT [' in out and '"msg":"> TEXT [' in out  # frames are still seen, by size
     assert key not in out  # the handshake's Authorization stays redacted
+
+
+# ---- an OpenAI-compatible gateway's overflow, and what the operator's log keeps ----------------
+
+GATEWAY_OVERFLOWS = [
+    # LiteLLM proxy (its code is the status as a string)
+    {"error": {"message": "litellm.ContextWindowExceededError: This model's maximum context length is "
+                          "131072 tokens. However, you requested 250000 tokens.", "type": None, "code": "400"}},
+    # OpenAI's shape, with the code
+    {"error": {"message": "This model's maximum context length is 131072 tokens. However, your messages "
+                          "resulted in 250000 tokens.", "type": "invalid_request_error",
+               "code": "context_length_exceeded"}},
+    # Fireworks-style, no code
+    {"error": {"message": "The prompt is too long: 250000, model maximum context length: 131072",
+               "type": "invalid_request_error"}},
+]
+
+
+@pytest.mark.parametrize("body", GATEWAY_OVERFLOWS)
+def test_a_gateways_overflow_is_still_an_overflow_in_our_words(body):
+    """Only GLM's 1261 was recognised: another upstream's overflow became a plain 400, and Cline,
+    Roo and OpenCode, which compact on overflow wording, stopped compacting."""
+    error = glm.upstream_error(400, json.dumps(body).encode(), "req-1")
+    assert error.kind is Kind.context_length and error.code == "context_length_exceeded"
+    assert "context window" in error.message and "131072" not in error.message
+
+
+@pytest.mark.parametrize("said, secret", [
+    ("login failed for pwd hunter2x", "hunter2x"),
+    ("upstream sent Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+    ("cannot reach postgres://litellm:hunter2pw@db:5432/litellm", "hunter2pw"),
+    ("Incorrect API key provided: sk-proj-abc123def456ghi789jkl012mno345", "abc123def456ghi789jkl012mno345"),
+])
+def test_the_log_blots_credentials_by_word_by_url_and_by_shape(said, secret):
+    assert secret not in glm._for_log(said)
+
+
+@pytest.mark.parametrize("said, kept", [
+    ("The model `meta-llama/Llama-3.1-70B-Instruct` does not exist", "meta-llama/Llama-3.1-70B-Instruct"),
+    ("Invalid model name passed in model=deepseek-ai/DeepSeek-V3.1", "deepseek-ai/DeepSeek-V3.1"),
+    ("litellm.ContextWindowExceededError: too long", "litellm.ContextWindowExceededError"),
+    ("see https://docs.z.ai/api-reference/api-code", "https://docs.z.ai/api-reference/api-code"),
+    ("Missing required key 'messages' in request", "'messages'"),
+    ("request 9f1c2a7e-3b4d-4e5f-8a9b-0c1d2e3f4a5b failed", "9f1c2a7e-3b4d-4e5f-8a9b-0c1d2e3f4a5b"),
+])
+def test_the_log_keeps_what_the_operator_needs(said, kept):
+    """Model ids (the commonest operator mistake), URLs, field names and request ids stay."""
+    assert kept in glm._for_log(said)
