@@ -395,11 +395,27 @@ _OVERFLOW = re.compile(r"(?i)context[ _-]?(length|window)|maximum context|prompt
                        r"|tokens? exceed|exceeds? the (model'?s? )?(max|context)")
 
 
-def upstream_error(status: int, body: bytes, request_id: str) -> BridgeError:
+# the longest wait an upstream's Retry-After may ask of a client (longer: the client may come
+# back sooner and be told again)
+_MOST_WAIT = 60
+
+
+def _asked_wait(retry_after: str | None, default: int) -> int:
+    """The seconds a client is told to wait: the upstream's Retry-After (delta-seconds) when it
+    asks longer than our default, at most _MOST_WAIT."""
+    asked = retry_after.strip() if retry_after else ""
+    if not asked.isdigit():
+        return default
+    return max(default, min(int(asked[:6]), _MOST_WAIT))
+
+
+def upstream_error(status: int, body: bytes, request_id: str, retry_after: str | None = None) -> BridgeError:
     """An upstream's error response, with one meaning per Z.ai business code. The client gets
     that meaning in our own fixed words, never the upstream's: behind an OpenAI-compatible
     gateway (LiteLLM, OpenRouter, a proxy) the text may name the operator's key, organisation
-    or balance, and every user would read it. The upstream's words go to the operator's log."""
+    or balance, and every user would read it. The upstream's words go to the operator's log.
+    `retry_after`: the upstream's Retry-After header, which a rate limit or an overload passes
+    on (the text that said "try again in 20s" is no longer the client's to read)."""
     try:
         detail = wire.error_decoder.decode(body).error
         code, message = detail.code, detail.message
@@ -420,11 +436,13 @@ def upstream_error(status: int, body: bytes, request_id: str) -> BridgeError:
         limit = "concurrency" if code == "1302" else "request rate"
         return BridgeError(Kind.upstream_rate_limited,
                            f"The model provider is limiting the service's {limit} ({numbered}HTTP {status}); "
-                           f"retry shortly. Request id {request_id}.", code=code, retry_after=2)
+                           f"retry shortly. Request id {request_id}.", code=code,
+                           retry_after=_asked_wait(retry_after, 2))
     if code == "1305" or status == 529:
         return BridgeError(Kind.upstream_overloaded,
                            f"The model provider is temporarily overloaded ({numbered}HTTP {status}); "
-                           f"retry shortly. Request id {request_id}.", code=code or None, retry_after=5)
+                           f"retry shortly. Request id {request_id}.", code=code or None,
+                           retry_after=_asked_wait(retry_after, 5))
     if code in _QUOTA_CODES:
         # the service's own upstream plan ran dry: capacity on our side, retry later
         return BridgeError(Kind.upstream_overloaded,
@@ -450,7 +468,8 @@ def upstream_error(status: int, body: bytes, request_id: str) -> BridgeError:
     if status == 429:
         return BridgeError(Kind.upstream_rate_limited,
                            f"The model provider is rate-limiting the service ({numbered}HTTP {status}); "
-                           f"retry shortly. Request id {request_id}.", code=code or None, retry_after=2)
+                           f"retry shortly. Request id {request_id}.", code=code or None,
+                           retry_after=_asked_wait(retry_after, 2))
     if 400 <= status < 500:
         meaning = _REFUSALS.get(code, "check the model and the request's parameters")
         return BridgeError(Kind.invalid_request,

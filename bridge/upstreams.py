@@ -608,7 +608,8 @@ class Router:
             if profile.ask_usage and _refuses_stream_options(response.status, error_body):
                 raise _RefusedStreamOptions()  # resent on the same key and slot
             self._give_back(key, slot)
-            error = glm.upstream_error(response.status, error_body, request_id)
+            error = glm.upstream_error(response.status, error_body, request_id,
+                                       response.headers.get("retry-after"))
             at_once = response.status in (401, 403) or error.code in _QUOTA_CODES
             raise _Failure(error, key_fault=error.kind in _RETRY_ON or at_once, at_once=at_once)
         key.served += 1

@@ -89,6 +89,7 @@ class _Quoting(BaseHTTPRequestHandler):
     """An OpenAI-compatible gateway that quotes the key it was sent in its refusals."""
     status = 403
     code = "1220"
+    retry_after = ""  # a Retry-After header to send, when set
 
     def do_POST(self) -> None:  # noqa: N802
         self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -100,6 +101,8 @@ class _Quoting(BaseHTTPRequestHandler):
         self.send_response(self.status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))
+        if self.retry_after:
+            self.send_header("retry-after", self.retry_after)
         self.end_headers()
         self.wfile.write(body)
 
@@ -140,6 +143,28 @@ def test_a_gateway_quoting_our_key_is_not_repeated_to_clients(database, quoting_
     out = bridge.output()
     assert "upstream refused a request" in out and "may not do this" in out  # the log has the words...
     assert UPSTREAM_KEY not in out  # ...but never the key
+
+
+@pytest.mark.parametrize("header, told", [("20", 20), (None, 2), ("1", 2), ("soon", 2), ("86400", 60)])
+def test_an_upstreams_retry_after_is_passed_on_bounded(header, told):
+    """A rate limit's own words are not the client's any more ("try again in 20s"): its
+    Retry-After header is, when it asks longer than our default, at most a minute."""
+    error = glm.upstream_error(429, b'{"error": {"message": "slow down"}}', "r", header)
+    assert (error.kind, error.retry_after) == (Kind.upstream_rate_limited, told)
+
+
+def test_a_gateways_retry_after_reaches_the_client(database, quoting_upstream):
+    _Quoting.status, _Quoting.code, _Quoting.retry_after = 429, "rate_limit_exceeded", "20"
+    bridge = start_bridge(database, f"http://127.0.0.1:{quoting_upstream.server_address[1]}/v4",
+                          CODEPLAN_UPSTREAM_KEYS=UPSTREAM_KEY)
+    try:
+        key = new_user(database)
+        answer = httpx.post(bridge.url + "/v1/chat/completions", timeout=30, headers={"authorization": f"Bearer {key}"},
+                            json={"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        bridge.stop()
+        _Quoting.retry_after = ""
+    assert answer.status_code == 429 and answer.headers["retry-after"] == "20", (answer.headers, answer.text)
 
 
 # ---- WebSocket frames are logged as their kind and size -----------------------------------------
