@@ -103,16 +103,23 @@ PRESETS: dict[str, tuple[str, dict[str, Price]]] = {
 }
 
 
+def shown_url(url: str) -> str:
+    """A URL as an error line may quote it: in full (repr) unless it may carry a password (any
+    `@`: a password holding `/`, `?` or `#` ends the authority early, so the `@` can sit
+    anywhere), then not at all: error lines reach logs, the admin API's 400s and tickets."""
+    if "@" in url:
+        return "a value with user:password@ (not shown)"
+    return repr(url)
+
+
 def resolve(profile: ProfileConfig, environ: dict[str, str] | None = None) -> ProfileConfig:
     """The profile with its preset applied and its keys read; raises ValueError worded as a
     start-up error line."""
     base_url, preset_prices = PRESETS.get(profile.preset, ("", {}))
     url = profile.base_url or base_url
-    # a URL with an `@` may carry a password (one holding / ? # ends the authority early, so the
-    # `@` may sit anywhere): it is never quoted, these lines reach logs and the admin API's 400s
-    shown = "(not shown: it may hold a password)" if "@" in url else repr(url)
     if not url.startswith(("http://", "https://")):
-        raise ValueError(f"upstream {profile.name!r}: expected an http:// or https:// base_url, got {shown}")
+        raise ValueError(f"upstream {profile.name!r}: expected an http:// or https:// base_url, "
+                         f"got {shown_url(url)}")
     if "@" in url:
         # the profile's URL is shown in the admin API and its host part in /metrics, /readyz
         # and logs; credentials go in `keys` (sent as the bearer token), never in the URL
@@ -122,9 +129,9 @@ def resolve(profile: ProfileConfig, environ: dict[str, str] | None = None) -> Pr
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises for a port that is not one
     except ValueError as exc:
-        raise ValueError(f"upstream {profile.name!r}: base_url {shown} is not a URL ({exc})") from None
+        raise ValueError(f"upstream {profile.name!r}: base_url {url!r} is not a URL ({exc})") from None
     if not parts.hostname or any(c.isspace() for c in url):
-        raise ValueError(f"upstream {profile.name!r}: base_url {shown} names no host")
+        raise ValueError(f"upstream {profile.name!r}: base_url {url!r} names no host")
     keys = list(profile.keys)
     if profile.keys_env:
         import os

@@ -285,15 +285,6 @@ def _pairs(field: str, value: str) -> list[dict[str, object]]:
     return parsed
 
 
-def shown_url(url: str) -> str:
-    """A URL as a configuration error line may quote it: in full (repr) unless it may carry a
-    password (any `@`: a password holding `/`, `?` or `#` ends the authority early, so the `@`
-    can sit anywhere), then not at all: an error line is logged and pasted into tickets."""
-    if "@" in url:
-        return "a value with user:password@ (not shown)"
-    return repr(url)
-
-
 def _authority_problem(url: str, *, last_at: bool = False) -> str | None:
     """Why a URL with credentials is not one its parsers read as the operator meant, or None.
 
@@ -371,7 +362,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
         if not config.upstream_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{PREFIX}UPSTREAM_URL: expected an http:// or https:// base URL, "
-                f"got {shown_url(config.upstream_url)}")
+                f"got {upstreams.shown_url(config.upstream_url)}")
         if "@" in config.upstream_url:
             # the profile is named after the URL's host part, shown on /metrics and /readyz
             # (no credential asked) and in logs: credentials there would be everybody's
@@ -383,7 +374,7 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
                 f"{PREFIX}UPSTREAM_KEYS: required when {PREFIX}UPSTREAM_URL is set "
                 "(comma-separated coding-plan keys)")
     if config.public_url and not config.public_url.startswith(("http://", "https://")):
-        raise ConfigError(f"{PREFIX}PUBLIC_URL: expected an http:// or https:// URL, got {shown_url(config.public_url)}")
+        raise ConfigError(f"{PREFIX}PUBLIC_URL: expected an http:// or https:// URL, got {upstreams.shown_url(config.public_url)}")
     if config.database_url and not config.database_url.startswith(("postgres://", "postgresql://")):
         raise ConfigError(
             f"{PREFIX}DATABASE_URL: expected a postgresql:// URL, got a value of another form")
@@ -506,7 +497,7 @@ def _check_billing(config: Config) -> None:
     for name in ("stripe_api_base",):
         url = getattr(config, name)
         if url and not url.startswith(("http://", "https://")):
-            raise ConfigError(f"{env_name(name)}: expected an http:// or https:// URL, got {shown_url(url)}")
+            raise ConfigError(f"{env_name(name)}: expected an http:// or https:// URL, got {upstreams.shown_url(url)}")
     if not re.fullmatch(r"[a-z]{3}", config.stripe_currency):
         raise ConfigError(f"{env_name('stripe_currency')}: expected a three-letter ISO currency code in "
                           f"lower case (usd), got {config.stripe_currency!r}")

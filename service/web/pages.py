@@ -225,32 +225,31 @@ def _letter(_: Any, base: str, account: identity.Account, purpose: str, token: s
     return Letter(to=account.email, subject=subject, body=body, link=link)
 
 
-async def _mail_link(request: Request, account: identity.Account, purpose: str) -> str | None:
+async def _send_link(pool: asyncpg.Pool, web: "Web", lang: str, account: identity.Account,
+                     purpose: str) -> str | None:
     """Send a verify or reset link; returns a notice code when it could not go."""
-    token = await identity.issue_link(_pool(request), account.id, purpose)
+    token = await identity.issue_link(pool, account.id, purpose)
     if token is None:
         return "mail_limit"
     # never the request's Host header: a forged one would mail the owner a link to its sender
     # (config refuses SMTP on every address without CODEPLAN_PUBLIC_URL)
-    letter = _letter(i18n.translator(language(request)), _web(request).config.base_url, account, purpose, token)
     try:
-        await _web(request).mailer.send(letter)
+        await web.mailer.send(_letter(i18n.translator(lang), web.config.base_url, account, purpose, token))
     except MailError:
         return "mail_failed"
     return None
 
 
+async def _mail_link(request: Request, account: identity.Account, purpose: str) -> str | None:
+    return await _send_link(_pool(request), _web(request), language(request), account, purpose)
+
+
 async def _mail_reset(pool: asyncpg.Pool, web: "Web", lang: str, email: str) -> None:
-    """/forgot's work, after its answer: a reset link to the account of `email`, if it has one."""
+    """/forgot's work, after its answer: a reset link to the account of `email`, if it has one
+    (and its mails for the hour are not spent)."""
     account = await identity.find(pool, email)
-    if account is None:
-        return
-    token = await identity.issue_link(pool, account.id, "reset")
-    if token is None:  # this account had its mails for the hour
-        return
-    try:
-        await web.mailer.send(_letter(i18n.translator(lang), web.config.base_url, account, "reset", token))
-    except MailError:  # the mailer logged why; the token is not logged
+    if account is not None and await _send_link(pool, web, lang, account, "reset") == "mail_failed":
+        # the mailer logged why; the token is not logged
         log.warning("reset mail not sent", extra={"account": account.id})
 
 
