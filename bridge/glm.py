@@ -409,6 +409,27 @@ def _asked_wait(retry_after: str | None, default: int) -> int:
     return max(default, min(int(asked[:6]), _MOST_WAIT))
 
 
+# what may pass as a code: a business code ("1302") or an identifier ("context_length_exceeded");
+# a gateway's free text in the field is not repeated to clients
+_CODE_SHAPE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _error_said(body: bytes) -> tuple[str, str]:
+    """The code and the message of an upstream's error body, in whichever shape it came. A
+    number in `code` is the HTTP status (vLLM, SGLang), not a business code: dropped."""
+    try:
+        said = wire.error_decoder.decode(body)
+    except msgspec.DecodeError:
+        return "", ""
+    detail = said.error
+    if isinstance(detail, wire.ErrorDetail):
+        code, message = detail.code, detail.message
+    else:
+        code, message = said.code, detail or said.message
+    code = code if isinstance(code, str) and _CODE_SHAPE.fullmatch(code) else ""
+    return code, message or ""
+
+
 def upstream_error(status: int, body: bytes, request_id: str, retry_after: str | None = None) -> BridgeError:
     """An upstream's error response, with one meaning per Z.ai business code. The client gets
     that meaning in our own fixed words, never the upstream's: behind an OpenAI-compatible
@@ -416,11 +437,7 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
     or balance, and every user would read it. The upstream's words go to the operator's log.
     `retry_after`: the upstream's Retry-After header, which a rate limit or an overload passes
     on (the text that said "try again in 20s" is no longer the client's to read)."""
-    try:
-        detail = wire.error_decoder.decode(body).error
-        code, message = detail.code, detail.message
-    except msgspec.DecodeError:
-        code, message = "", ""
+    code, message = _error_said(body)
     if message:
         log.warning("upstream refused a request", extra={
             "status": status, "code": code, "request_id": request_id, "upstream_said": _for_log(message)})

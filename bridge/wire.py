@@ -190,13 +190,19 @@ class Completion(Struct, omit_defaults=True):
 
 
 class ErrorDetail(Struct):
-    code: str = ""
-    message: str = ""
+    # a string for Z.ai and OpenAI ("1302", "context_length_exceeded"), null at times for
+    # OpenAI, a number (the HTTP status) for vLLM, SGLang and the servers shaped like them
+    code: str | int | None = None
+    message: str | None = None
 
 
-class ErrorBody(Struct):
-    """Z.ai's error body: `{"error": {"code": "1302", "message": "..."}}`, `code` a string."""
-    error: ErrorDetail = msgspec.field(default_factory=ErrorDetail)
+class ErrorBody(Struct, omit_defaults=True):
+    """An upstream's error body. Z.ai's: `{"error": {"code": "1302", "message": "..."}}`;
+    vLLM's and SGLang's, older and newer: `{"object": "error", "message": "...", "code": 400}`
+    and `{"error": {"message": "...", "code": 400}}`; a bare string from looser hosts."""
+    error: ErrorDetail | str | None = None
+    message: str | None = None
+    code: str | int | None = None
 
 
 def stream_failure(chunk: Chunk) -> ChunkError | None:

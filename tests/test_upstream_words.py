@@ -220,6 +220,17 @@ GATEWAY_OVERFLOWS = [
     # Fireworks-style, no code
     {"error": {"message": "The prompt is too long: 250000, model maximum context length: 131072",
                "type": "invalid_request_error"}},
+    # OpenAI's shape with `code: null`
+    {"error": {"message": "This model's maximum context length is 131072 tokens. However, your messages "
+                          "resulted in 250000 tokens.", "type": "invalid_request_error", "param": "messages",
+               "code": None}},
+    # vLLM and SGLang today: the code is the HTTP status, a number
+    {"error": {"message": "This model's maximum context length is 131072 tokens. However, you requested "
+                          "250000 tokens (249000 in the messages, 1000 in the completion).",
+               "type": "BadRequestError", "param": None, "code": 400}},
+    # vLLM before its `error` envelope (and the servers copied from it): flat
+    {"object": "error", "message": "This model's maximum context length is 131072 tokens. However, you "
+                                   "requested 250000 tokens.", "type": "BadRequestError", "param": None, "code": 400},
 ]
 
 
@@ -253,3 +264,22 @@ def test_the_log_blots_credentials_by_word_by_url_and_by_shape(said, secret):
 def test_the_log_keeps_what_the_operator_needs(said, kept):
     """Model ids (the commonest operator mistake), URLs, field names and request ids stay."""
     assert kept in glm._for_log(said)
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"error": {"message": "m", "code": 400}}, None),  # vLLM's HTTP status is no business code
+    ({"object": "error", "message": "m", "type": "BadRequestError", "code": 404}, None),
+    ({"error": {"message": "m", "code": f"quota of {ORG} is spent"}}, None),  # free text in the field
+    ({"error": {"message": "m", "code": "x" * 65}}, None),
+    ({"error": {"message": "m", "code": "model_not_found"}}, "model_not_found"),
+    ({"error": "a bare string"}, None),
+])
+def test_only_a_code_shaped_code_reaches_the_client(body, code, caplog):
+    """The `code` field went to clients as sent: a gateway may put anything there, and a body
+    whose code was a number (vLLM, SGLang) could not be read at all, so its message, an overflow
+    included, was lost."""
+    with caplog.at_level(logging.WARNING, logger="codeplan.glm"):
+        error = glm.upstream_error(404, json.dumps(body).encode(), "req-1")
+    assert error.kind is Kind.invalid_request and error.code == code
+    assert ORG not in chat.ChatSurface().error(error)[2].decode()
+    assert "upstream refused a request" in caplog.text  # the message was read, for the operator
