@@ -105,7 +105,11 @@ async def create_pool(url: str, *, size: int = 10, statement_cache: int = 256,
         # PgBouncer in transaction mode a prepared statement may meet another server
         # connection: CODEPLAN_DB_STATEMENT_CACHE=0 turns the cache off there.
         statement_cache_size=statement_cache,
-        server_settings={"application_name": "codeplan"},
+        # Sessions in UTC whatever the server's TimeZone: the SQL names its zones (AT TIME ZONE
+        # 'UTC', date_trunc(..., 'UTC'), weeks in seconds, migrations/0050), and this keeps any
+        # calendar arithmetic (an `interval '1 day'`) and any text rendering of a timestamptz
+        # the same in every process and on every host. PgBouncer passes TimeZone through.
+        server_settings={"application_name": "codeplan", "timezone": "UTC"},
         reset=_keep_session, init=init,
         timeout=dead_after,  # opening a connection (asyncpg's default: 60 s)
     )

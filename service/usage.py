@@ -104,9 +104,19 @@ SELECT DISTINCT ON (w.kind) w.kind, w.allowance, w.reserved, w.posted, w.starts_
 """
 
 _PLAN_SQL = """
-SELECT p.id, p.name, p.window_tokens, p.weekly_tokens, p.cached_weight, p.max_concurrent, s.started_at
+SELECT p.id, p.name, p.window_tokens, p.weekly_tokens, p.cached_weight, p.max_concurrent, s.started_at,
+       now() AS now
   FROM subscriptions s JOIN plans p ON p.id = s.plan_id WHERE s.id = $1
 """
+
+WEEK = dt.timedelta(seconds=604_800)
+
+
+def current_week(started_at: dt.datetime, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """The weekly window open at `now`, as admission anchors it (migrations/0050): whole weeks of
+    604,800 seconds since the subscription's start, whatever any time zone says."""
+    start = started_at + WEEK * ((now - started_at) // WEEK)
+    return start, start + WEEK
 
 # settled rows of the period, plus rollups of whole days inside it
 _TOTALS_SQL = """
@@ -139,15 +149,21 @@ async def totals(pool: asyncpg.Pool, subscription_id: int, start: dt.datetime,
 
 
 async def current_windows(pool: asyncpg.Pool, subscription_id: int) -> tuple[asyncpg.Record, list[_WindowState]]:
-    """The plan, and its 5-hour and weekly windows as they stand now."""
+    """The plan, and its 5-hour and weekly windows as they stand now. A week without a row yet
+    (no request since it began) is shown empty with its bounds: the start anchors it, and its
+    reset is known before the first request opens it."""
     plan = await pool.fetchrow(_PLAN_SQL, subscription_id)
     open_windows = {r["kind"]: r for r in await pool.fetch(_WINDOWS_SQL, subscription_id)}
     windows = []
     for kind, allowance in (("5h", plan["window_tokens"]), ("week", plan["weekly_tokens"])):
         row = open_windows.get(kind)
-        windows.append(_WindowState(kind, allowance, 0, 0, None, None) if row is None else _WindowState(
-            kind, row["allowance"], row["posted"], row["reserved"], row["starts_at"], row["ends_at"],
-            row["tokens"]))
+        if row is not None:
+            windows.append(_WindowState(kind, row["allowance"], row["posted"], row["reserved"],
+                                        row["starts_at"], row["ends_at"], row["tokens"]))
+        elif kind == "week":
+            windows.append(_WindowState(kind, allowance, 0, 0, *current_week(plan["started_at"], plan["now"])))
+        else:
+            windows.append(_WindowState(kind, allowance, 0, 0, None, None))
     return plan, windows
 
 
@@ -305,8 +321,9 @@ _TIME = ("yyyy-MM-dd HH:mm:ss, read as UTC, between the years 2000 and 2199; any
          "answered with code 400 in the envelope")
 
 
+# hours in UTC, as they are looked up (the session's TimeZone may be any, a half-hour one too)
 _HOURLY_SQL = """
-SELECT date_trunc('hour', created_at) AS hour, count(*) AS calls, sum(billed_tokens)::bigint AS tokens
+SELECT date_trunc('hour', created_at, 'UTC') AS hour, count(*) AS calls, sum(billed_tokens)::bigint AS tokens
   FROM usage_ledger
  WHERE subscription_id = $1 AND created_at >= $2 AND created_at < $3 AND state IN ('posted', 'expired')
  GROUP BY 1 ORDER BY 1
