@@ -2,9 +2,14 @@
 read only after the key is known, constant headers pre-encoded, no per-request framework
 objects (Litestar still routes; it builds no Request or Response for these paths).
 
-A streamed answer is sent as the journey's iterator yields it; when the client goes away
-(`http.disconnect`), the sending task is cancelled at once, wherever it waits, so the request's
-Flight learns of it immediately (a long silent think must not keep an abandoned upstream busy).
+A streamed answer is sent as the journey's iterator yields it. From the moment the request's body
+is in until its answer is sent, a `Listener` waits for the client to go away (`http.disconnect`)
+and then cancels the request's task at once, wherever it waits: in its admission, for the
+upstream's whole answer, or in a stream. The journey's exit hands the request to its Flight
+(`Flight.client_gone`), which cancels the upstream request or closes its response, so a client
+that gave up never keeps an upstream busy, its key's slot or its plan's concurrency held, nor is
+billed an answer it never got. The listener is one task per request that has read its body (a
+stream had one already): created, run until it waits in `receive`, cancelled at the end.
 """
 from __future__ import annotations
 
@@ -41,8 +46,42 @@ def api_key(headers: list[tuple[bytes, bytes]]) -> str:
     return fallback.decode("latin-1")
 
 
-def body_reader(receive: Receive, limit: int) -> Callable[[], Awaitable[bytes]]:
-    """Reads the request body when asked (after authentication), refusing more than `limit`."""
+class Listener:
+    """Waits, once started (`listen`), for the client to go away; then marks it `gone` and
+    cancels the request's task. Started only when the body is in: before, `receive` is the body
+    reader's, and two readers of one channel would each miss what the other took. `gone` is a
+    flag, not an asyncio.Event: nothing waits on it, and an Event's waiter deque costs ~0.7 KB
+    per open stream."""
+
+    __slots__ = ("receive", "task", "gone", "_listening")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.task = asyncio.current_task()
+        self.gone = False
+        self._listening: asyncio.Future | None = None
+
+    def listen(self) -> None:
+        if self._listening is None:
+            self._listening = asyncio.ensure_future(self._listen())
+
+    async def _listen(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        assert self.task is not None
+        self.task.cancel()
+
+    def stop(self) -> None:
+        if self._listening is not None:
+            self._listening.cancel()
+            self._listening = None
+
+
+def body_reader(receive: Receive, limit: int,
+                then: Callable[[], None] | None = None) -> Callable[[], Awaitable[bytes]]:
+    """Reads the request body when asked (after authentication), refusing more than `limit`;
+    calls `then` once the whole body is in."""
     async def read() -> bytes:
         chunks: list[bytes] = []
         size = 0
@@ -57,6 +96,8 @@ def body_reader(receive: Receive, limit: int) -> Callable[[], Awaitable[bytes]]:
                                   status=413)
             chunks.append(chunk)
             if not message.get("more_body", False):
+                if then is not None:
+                    then()
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
     return read
 
@@ -70,38 +111,24 @@ def _headers(reply: Reply, length: int | None) -> list[tuple[bytes, bytes]]:
     return headers
 
 
-async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
+async def send_reply(reply: Reply, listener: Listener, send: Send) -> None:
+    """Sends the reply; a stream is watched by `listener` (started now if the body was not read)
+    until its end. Raises CancelledError when the client left (`listener.gone`)."""
     if reply.stream is None:
+        listener.stop()  # the answer is whole: nothing left that the client's leaving could stop
         await send({"type": "http.response.start", "status": reply.status,
                     "headers": _headers(reply, len(reply.body))})
         await send({"type": "http.response.body", "body": reply.body, "more_body": False})
         return
     stream = reply.stream
-    task = asyncio.current_task()
-    assert task is not None
-    # a flag, not an asyncio.Event: nothing waits on it, and an Event's waiter deque costs
-    # ~0.7 KB per open stream
-    gone = False
-
-    async def listen() -> None:
-        nonlocal gone
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        task.cancel()
-
-    listener = asyncio.ensure_future(listen())
+    listener.listen()
     try:
         await send({"type": "http.response.start", "status": reply.status, "headers": _headers(reply, None)})
         async for piece in stream:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except asyncio.CancelledError:
-        if not gone:
-            raise
-        task.uncancel()  # the client left: nothing more to do, and this task lives on normally
     finally:
-        listener.cancel()
+        listener.stop()
         # the journey's iterator ends here whatever happened: its Flight settles the request
         with contextlib.suppress(Exception):
             await stream.aclose()
@@ -109,13 +136,23 @@ async def send_reply(reply: Reply, receive: Receive, send: Send) -> None:
 
 async def serve(journey: Journey, surface: Surface, scope: Scope, receive: Receive, send: Send,
                 max_body: int) -> None:
+    listener = Listener(receive)
     if scope["method"] != "POST":
         status, headers, body = surface.error(BridgeError(
             Kind.invalid_request, f"{scope['method']} is not allowed here; send a POST.", status=405))
-        await send_reply(Reply(status=status, headers={**headers, "allow": "POST"}, body=body), receive, send)
+        await send_reply(Reply(status=status, headers={**headers, "allow": "POST"}, body=body), listener, send)
         return
     try:
-        reply = await journey.handle(surface, api_key(scope["headers"]), body_reader(receive, max_body))
+        reply = await journey.handle(surface, api_key(scope["headers"]),
+                                     body_reader(receive, max_body, listener.listen))
+        await send_reply(reply, listener, send)
     except ClientDisconnected:
         return
-    await send_reply(reply, receive, send)
+    except asyncio.CancelledError:
+        if not listener.gone:
+            raise
+        # the client left: its Flight has ended the request (`Journey.handle`, or the stream's
+        # end); nothing more to do, and this task lives on normally
+        listener.task.uncancel()  # type: ignore[union-attr]
+    finally:
+        listener.stop()

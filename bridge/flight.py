@@ -1,11 +1,14 @@
 """One owner per admitted request: a `Flight`, from admission to settlement.
 
-A flight owns the ledger entry, the upstream response (and with it the upstream key's slot), the
-lease keeper, the lifetime cap and the stream meter. Every exit of the journey ends in
-`Flight.end` (or, when the client leaves, `Flight.client_gone`, which may drain first and then
-ends); `end` acts once: it stops the keeper and the cap, gives the response and its slot back,
-decides the settlement from what is known, and hands it to `Flights`, which writes it to the
-ledger, retrying with backoff until it is written or the lease passes to the sweeper.
+A flight owns the ledger entry, the upstream request on its way (`attach`) and then its response
+(and with it the upstream key's slot), the lease keeper, the lifetime cap and the stream meter.
+Every exit of the journey ends in `Flight.end` (or, when the client leaves, `Flight.client_gone`,
+which may drain first and then ends); `end` acts once: it stops the keeper and the cap, cancels
+the upstream request if it has not answered yet, gives the response and its slot back, decides
+the settlement from what is known, and hands it to `Flights`, which writes it to the ledger,
+retrying with backoff until it is written or the lease passes to the sweeper. A journey that
+finds its flight ended under its feet (the cap, the server's shutdown) reads `cause` to tell the
+client why.
 
 The settlement rules (README, "The ledger"):
 - the upstream reported usage: posted at its numbers, whatever else happened;
@@ -39,6 +42,8 @@ access = logging.getLogger("codeplan.access")
 _SETTLE_FIRST_DELAY, _SETTLE_MAX_DELAY = 0.05, 5.0
 # a settlement still unwritten this close to the lease's end is left to the sweeper
 _LEASE_MARGIN = 2.0
+# the cause a flight ends with at its lifetime cap (CODEPLAN_MAX_REQUEST_SECONDS)
+LIFETIME_CAP = "lifetime cap reached"
 
 
 def chunks(decoder: sse.SSEDecoder, data: bytes, on_done=None) -> list[wire.Chunk]:
@@ -60,7 +65,8 @@ def chunks(decoder: sse.SSEDecoder, data: bytes, on_done=None) -> list[wire.Chun
 class Flight:
     __slots__ = ("entry", "entry_text", "entry_hex", "principal", "surface", "model", "shown_model",
                  "prompt_estimate",
-                 "raw_prompt", "kind", "meter", "decoder", "response", "accepted", "status",
+                 "raw_prompt", "kind", "meter", "decoder", "opening", "response", "accepted", "status",
+                 "cause",
                  "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at",
                  "told_overhead_ms", "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap", "_born")
 
@@ -81,6 +87,8 @@ class Flight:
         self.kind = kind
         self.meter = StreamMeter()
         self.decoder = sse.SSEDecoder()
+        # the upstream request until it answers (`attach`); then its response
+        self.opening: asyncio.Future[UpstreamResponse] | None = None
         self.response: UpstreamResponse | None = None
         self.accepted = False  # the upstream answered with a success status
         self.status = 200  # what the client was told
@@ -90,6 +98,7 @@ class Flight:
         self.first_token: float | None = None  # the first answer bytes went to the client
         self.upstream_done: float | None = None
         self.ended_at: float | None = None
+        self.cause: str | None = None  # what ended it (`end`), e.g. LIFETIME_CAP
         # the bridge's own time as the reply's header said it (`Journey.handle`): the access
         # line and the histogram say the same, for a stream too, whose upstream time runs to its end
         self.told_overhead_ms: float | None = None
@@ -110,6 +119,20 @@ class Flight:
         flights.live.add(self)
 
     # ---- what happened ---------------------------------------------------------------------
+
+    def attach(self, opening: "asyncio.Future[UpstreamResponse]") -> None:
+        """The upstream request on its way is the flight's: its response, whenever it arrives,
+        is accepted (or closed at once, should the flight have ended: never leaked with its key's
+        slot), and the flight's end cancels it while it has not answered (the upstream stops
+        working for an entry that is settled already)."""
+        self.opening = opening
+        opening.add_done_callback(self._opened)
+
+    def _opened(self, opening: "asyncio.Future[UpstreamResponse]") -> None:
+        if self.opening is opening:
+            self.opening = None  # answered: not kept for the request's life
+        if not opening.cancelled() and opening.exception() is None:
+            self.accept(opening.result())
 
     def accept(self, response: UpstreamResponse) -> None:
         """The upstream took the request. A response that arrives after the flight ended is
@@ -151,7 +174,12 @@ class Flight:
         if self._ended:
             return
         self._ended = True
+        self.cause = cause
         self._stop_timers()
+        opening = self.opening
+        if opening is not None:  # not answered yet: stopped (one that has, unheard, is closed by `_opened`)
+            self.opening = None
+            opening.cancel()
         self._flights.live.discard(self)
         self.ended_at = time.monotonic()
         if self.upstream_done is None and self.forwarded is not None:
@@ -255,7 +283,7 @@ class Flight:
         self._cap = None
         log.warning("request passed its lifetime cap; settling and closing it",
                     extra={"entry": self.entry_text, "seconds": self._flights.settings.max_request_seconds})
-        self.end("lifetime cap reached")
+        self.end(LIFETIME_CAP)
 
 
 class SettlementWrite:

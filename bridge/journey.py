@@ -21,7 +21,7 @@ import msgspec
 
 from . import depth, glm, wire
 from .errors import BridgeError, Kind
-from .flight import Flight, Flights, chunks, void_abandoned
+from .flight import LIFETIME_CAP, Flight, Flights, chunks, void_abandoned
 from .metering import Calibration, PromptEstimator
 from .metrics import BridgeMetrics, NoMetrics
 from .models import CATALOG, ModelResolver
@@ -112,15 +112,6 @@ def _refused_upstream(flight: Flight, error: BridgeError) -> None:
     flight.end(f"upstream refused: {error.kind.value}")
 
 
-def _attach_when_open(flight: Flight) -> Callable[[asyncio.Future], None]:
-    """Whenever the upstream's response arrives, it belongs to the flight: one that arrives
-    after the flight ended is closed at once, never leaked with its key's slot."""
-    def attach(opening: asyncio.Future) -> None:
-        if not opening.cancelled() and opening.exception() is None:
-            flight.accept(opening.result())
-    return attach
-
-
 class Journey:
     def __init__(self, *, settings: BridgeSettings, auth: KeyAuthority, ledger: LedgerPort,
                  upstream: Upstream, calibration: Calibration | None = None,
@@ -169,8 +160,7 @@ class Journey:
             else:
                 reply = await self._complete(surface, flight, opening)
         except BaseException:
-            opening.cancel()
-            flight.client_gone()
+            flight.client_gone()  # (which cancels the upstream request if it has not answered)
             raise
         flight.told_overhead_ms = flight.overhead_ms()
         reply.headers[OVERHEAD_HEADER] = f"{flight.told_overhead_ms:.2f}"
@@ -319,8 +309,8 @@ class Journey:
             forwarded = time.monotonic()
             opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
         flight.forwarded = forwarded
-        # whenever the upstream's response arrives, it belongs to the flight
-        opening.add_done_callback(_attach_when_open(flight))
+        # the upstream request, and whenever it arrives its response, belong to the flight
+        flight.attach(opening)
         return flight, opening
 
     def _unheard(self, admitting: "asyncio.Future[Admission]", reservation: Reservation) -> None:
@@ -388,10 +378,20 @@ class Journey:
             flight.status = error.status
             _refused_upstream(flight, error)
             return self._error(surface, error)
+        except asyncio.CancelledError:
+            # the flight's end cancelled the upstream request (its cap), not this task's cancel
+            if flight.ended and not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                return self._ended(surface, flight)
+            raise
         flight.accept(response)
         try:
-            completion = wire.completion_decoder.decode(await response.read())
+            body = await response.read()
+            if flight.ended:  # its end closed the response, or came as its last bytes did
+                return self._ended(surface, flight)
+            completion = wire.completion_decoder.decode(body)
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError) as exc:
+            if flight.ended:
+                return self._ended(surface, flight)
             return self._broken(surface, flight, f"upstream failed: {type(exc).__name__}")
         # when its last byte came, which may be before the admission was heard
         flight.upstream_done = response.body_done or time.monotonic()
@@ -414,6 +414,22 @@ class Journey:
                      body=surface.complete(glm.Answer(events), outcome.reason or glm.STOP,
                                            flight.shown_model, flight.entry_hex, usage))
 
+    def _cut(self, flight: Flight) -> BridgeError:
+        """What the client is told when its flight ended while the journey still waited on the
+        upstream (the lifetime cap; the server's shutdown): never that the upstream failed."""
+        if flight.cause == LIFETIME_CAP:
+            return BridgeError(Kind.upstream_timeout, "Request time limit reached: the answer was not finished "
+                               f"within {self.settings.max_request_seconds:g} seconds. Request id {flight.entry}.",
+                               code="request_time_limit")
+        return BridgeError(Kind.unavailable, "The service ended this request before its answer was finished "
+                           f"({flight.cause}). Request id {flight.entry}; please retry.", retry_after=2)
+
+    def _ended(self, surface: Surface, flight: Flight) -> Reply:
+        """A whole answer whose flight ended before it came (settled already, at its end)."""
+        error = self._cut(flight)
+        flight.status = error.status
+        return self._error(surface, error)
+
     def _broken(self, surface: Surface, flight: Flight, cause: str,
                 error: BridgeError | None = None) -> Reply:
         error = error or BridgeError(
@@ -426,6 +442,8 @@ class Journey:
         # a quick refusal keeps its HTTP status; a slow upstream must not keep the client
         # waiting for headers (Kilo gives up after 10 s)
         await asyncio.wait({opening}, timeout=self.settings.header_wait)
+        if flight.ended:  # its cap (or the shutdown) came first
+            return self._ended(surface, flight)
         if opening.done():
             try:
                 flight.accept(opening.result())
@@ -449,6 +467,9 @@ class Journey:
                 yield first or translator.keepalive
                 while not (await asyncio.wait({opening}, timeout=settings.keepalive_interval))[0]:
                     yield translator.keepalive
+                if flight.ended:  # its end (the cap, the shutdown) cancelled the upstream request
+                    yield translator.fail(self._cut(flight))
+                    return
                 try:
                     flight.accept(opening.result())
                 except BridgeError as error:
@@ -484,6 +505,9 @@ class Journey:
                     if piece is not None:
                         yield piece
             except (aiohttp.ClientError, OSError, _UpstreamSilent) as exc:
+                if flight.ended:  # our own end (the cap, the shutdown) closed the response
+                    yield translator.fail(self._cut(flight))
+                    return
                 log.warning("upstream died mid-stream", extra={
                     "entry": flight.entry_text, "upstream": _upstream_name(flight, self._upstream),
                     "error": type(exc).__name__})
@@ -494,7 +518,9 @@ class Journey:
                 return
             tail, outcome = normalizer.close()
             out = translator.feed(tail)
-            if outcome.error is None:
+            if flight.ended:  # cut by its end, not a whole answer
+                out += translator.fail(self._cut(flight))
+            elif outcome.error is None:
                 usage = meter.completed_usage() or self._unreported(flight)
                 out += translator.finish(outcome.reason or glm.STOP, usage)
                 flight.end("complete")
@@ -507,9 +533,7 @@ class Journey:
         finally:
             self.metrics.stream(-1)
             if not flight.ended:
-                if opening is not None:
-                    opening.cancel()
-                flight.client_gone()
+                flight.client_gone()  # (which cancels the upstream request if it has not answered)
 
     @staticmethod
     def _translated(flight: Flight, translator: StreamTranslator, normalizer: glm.StreamNormalizer,
