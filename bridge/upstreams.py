@@ -30,6 +30,7 @@ import collections
 import hashlib
 import logging
 import random
+import re
 import time
 import urllib.parse
 from typing import Annotated, Callable, Hashable, Literal, Protocol
@@ -44,16 +45,24 @@ from .upstream import UpstreamResponse, _refuses_stream_options, asks_for_usage
 
 log = logging.getLogger("codeplan.upstreams")
 
-NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+# the most a price may be, USD per million tokens: far past any model's (Z.ai's dearest is a few
+# dollars), and it keeps a request's cost inside the ledger's upstream_cost numeric(18,9), whose
+# settlement would otherwise fail for ever (service/ledger.py `_usd` is the last guard)
+MAX_PRICE = 100_000.0
+PerMillion = Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)]
+# a key is sent as `Authorization: Bearer <key>`: printable ASCII without spaces. A CR, LF or
+# other control character would inject a header or make aiohttp refuse every request sent with it
+KEY_PATTERN = r"^[\x21-\x7e]+$"
+_KEY = re.compile(KEY_PATTERN)
 
 
 # ---- configuration ---------------------------------------------------------------------------
 
 class Price(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """USD per million tokens."""
-    input: NonNegative = 0.0
-    cached: NonNegative = 0.0
-    output: NonNegative = 0.0
+    """USD per million tokens, at most MAX_PRICE each."""
+    input: PerMillion = 0.0
+    cached: PerMillion = 0.0
+    output: PerMillion = 0.0
 
     def cost(self, prompt: int, cached: int, completion: int) -> float:
         cached = min(max(cached, 0), max(prompt, 0))
@@ -65,7 +74,7 @@ class ProfileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")]
     preset: Literal["", "zai", "zhipu", "zai-coding", "vllm", "sglang", "simulator"] = ""
     base_url: str = ""
-    keys: tuple[Annotated[str, msgspec.Meta(min_length=1)], ...] = ()
+    keys: tuple[Annotated[str, msgspec.Meta(min_length=1, pattern=KEY_PATTERN)], ...] = ()
     # the name of an environment variable holding comma-separated keys (kept out of the file)
     keys_env: str = ""
     models: tuple[str, ...] = ()  # empty: every model
@@ -140,6 +149,11 @@ def resolve(profile: ProfileConfig, environ: dict[str, str] | None = None) -> Pr
         keys += [k.strip() for k in raw.split(",") if k.strip()]
     if not keys:
         raise ValueError(f"upstream {profile.name!r}: no keys (set `keys` or `keys_env`)")
+    # keys_env and CODEPLAN_UPSTREAM_KEYS skip the Struct's pattern: checked here for every source
+    # (the message never shows a key, not even in part)
+    if not all(_KEY.match(k) for k in keys):
+        raise ValueError(f"upstream {profile.name!r}: a key holds a space, a control character or a "
+                         "non-ASCII character (a key is printable ASCII without spaces); value not shown")
     prices = {**preset_prices, **profile.model_prices}
     return msgspec.structs.replace(profile, base_url=url, keys=tuple(keys), keys_env="",
                                    model_prices=prices)
@@ -597,6 +611,16 @@ class Router:
             log.warning("upstream unreachable", extra={"upstream": profile.name, "error": type(exc).__name__})
             raise _Failure(BridgeError(Kind.upstream_error, "The model provider could not be "
                                        f"reached. Request id {request_id}."), key_fault=True) from None
+        except ValueError as exc:
+            # aiohttp refuses to build the request: the URL was checked when the profile was
+            # resolved and the body is ours, so it is the key (a control character in a key
+            # stored by a version that checked less). The key cools down at once and another is
+            # tried; never a 500. Its text is not logged: it may quote the key.
+            self._give_back(key, slot)
+            log.warning("upstream request could not be built with this key", extra={
+                "upstream": profile.name, "key": key.fingerprint, "error": type(exc).__name__})
+            raise _Failure(BridgeError(Kind.upstream_error, "The model provider could not be "
+                                       f"reached. Request id {request_id}."), key_fault=True, at_once=True) from None
         except BaseException:
             self._give_back(key, slot)
             raise

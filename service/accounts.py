@@ -49,18 +49,25 @@ async def create_key(conn: asyncpg.Connection, email: str, name: str = "") -> Ne
     return await _insert_key(conn, account_id, name)
 
 
-async def revoke_key(conn: asyncpg.Connection, prefix: str) -> int:
-    """Revoke the key shown as `prefix`; returns its account. Bridges stop accepting it within
-    their authentication cache's lifetime (CODEPLAN_AUTH_CACHE_TTL)."""
-    rows = await conn.fetch("SELECT id, account_id, revoked_at FROM api_keys WHERE prefix = $1", prefix)
-    if not rows:
-        raise AccountError(f"no key with prefix {prefix!r}")
-    if len(rows) > 1:
-        raise AccountError(f"{len(rows)} keys share prefix {prefix!r}; revoke cannot tell them apart")
-    if rows[0]["revoked_at"] is not None:
-        raise AccountError(f"key {prefix!r} was revoked already")
-    await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", rows[0]["id"])
-    return rows[0]["account_id"]
+async def revoke_key(conn: asyncpg.Connection, prefix: str, actor: str = "cli") -> int:
+    """Revoke the key shown as `prefix` (`codeplan keys revoke`), with its admin_audit row in the
+    same transaction; returns its account. Bridges stop accepting it within their authentication
+    cache's lifetime (CODEPLAN_AUTH_CACHE_TTL)."""
+    from .admin import audit  # the audit's writer; loaded only by the command that revokes
+
+    async with conn.transaction():
+        rows = await conn.fetch("SELECT id, account_id, revoked_at FROM api_keys WHERE prefix = $1 FOR UPDATE",
+                                prefix)
+        if not rows:
+            raise AccountError(f"no key with prefix {prefix!r}")
+        if len(rows) > 1:
+            raise AccountError(f"{len(rows)} keys share prefix {prefix!r}; revoke cannot tell them apart")
+        if rows[0]["revoked_at"] is not None:
+            raise AccountError(f"key {prefix!r} was revoked already")
+        await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", rows[0]["id"])
+        await audit.record(conn, actor, "key.revoke", f"account:{rows[0]['account_id']}",
+                           {"key": prefix, "revoked": False}, {"key": prefix, "revoked": True})
+        return rows[0]["account_id"]
 
 
 async def _insert_key(conn: asyncpg.Connection, account_id: int, name: str = "") -> NewKey:

@@ -324,7 +324,15 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
                 await billing.close()
             await leases.close()
             await router.close()
-            await pool.close()
+            # A database that stopped answering answers no close either, and a task cancelled in
+            # a query holds its connection until the server acknowledges the cancel: the pool
+            # gets a few seconds, then its connections are dropped, so the process exits on time
+            # whatever the database does (everything worth writing was written above).
+            closing = asyncio.ensure_future(pool.close())
+            if (await asyncio.wait({closing}, timeout=5.0))[1]:
+                log.warning("database pool not closed in 5 s; its connections are dropped")
+                pool.terminate()
+                await asyncio.wait({closing}, timeout=1.0)
 
     # the paths that take big bodies from coding tools: a throttled address is refused there
     # before anything else happens (service/throttle_gate.py)
@@ -334,6 +342,9 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
     handlers = {HTTPException: _http_exception, Throttled: _throttled,
                 **{kind: _database_away for kind in db.UNAVAILABLE},
                 asyncpg.exceptions.CharacterNotInRepertoireError: _unstorable_text,
+                # a NUL inside text bound for jsonb (a top-up's reason, an upstream's base_url):
+                # 22P05, not 22021, and the same caller's fault
+                asyncpg.exceptions.UntranslatableCharacterError: _unstorable_text,
                 asyncpg.exceptions.DataError: _unencodable,
                 Exception: _unexpected}
     throttle = lambda scope: scope["app"].state.auth.throttle  # noqa: E731

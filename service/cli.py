@@ -12,6 +12,14 @@ import signal
 import sys
 
 
+# `rollup --older-than-days N`: at least 8 (rows of the last 7 days and 5 hours may belong to a
+# 5-hour or weekly window still open, whose token counts are read from them), at most a century
+# (a cut-off before year 1 is no date: an OverflowError, not a rollup). Checked here, before any
+# configuration or database is touched.
+ROLLUP_MIN_DAYS = 8
+ROLLUP_MAX_DAYS = 36_500
+
+
 def _terminate(signum: int, frame: object) -> None:
     # uvicorn shuts down gracefully on SIGTERM (open streams finish, everything is settled),
     # then re-raises it to the handler it found: with the default one the process would die
@@ -32,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("migrate", help="apply the database migrations")
     commands.add_parser("sweep", help="expire reservations whose process died, once")
     rollup = commands.add_parser("rollup", help="move settled ledger rows into per-day totals")
-    rollup.add_argument("--older-than-days", type=int, default=35)
+    rollup.add_argument("--older-than-days", type=int, default=35,
+                        help=f"from {ROLLUP_MIN_DAYS} to {ROLLUP_MAX_DAYS} (default 35)")
 
     users = commands.add_parser("users", help="manage accounts").add_subparsers(dest="action", required=True)
     create = users.add_parser("create", help="create an account with an active subscription and a key")
@@ -77,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     # ignored, not the default's death
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     args = _parser().parse_args(argv)
+    if args.command == "rollup" and not ROLLUP_MIN_DAYS <= args.older_than_days <= ROLLUP_MAX_DAYS:
+        print(f"codeplan: rollup: --older-than-days must be from {ROLLUP_MIN_DAYS} to {ROLLUP_MAX_DAYS}"
+              f" (got {args.older_than_days}): rows of the last 7 days and 5 hours may belong to a 5-hour"
+              " or weekly window still open, whose token counts are read from them", file=sys.stderr)
+        return 2
     # client-side commands: no server configuration, no database, just the HTTP API
     if args.command in ("usage", "statusline"):
         from . import statusline

@@ -71,7 +71,7 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # but Z.ai's and Zhipu's own hosts, which send it unasked
     upstream_stream_usage: Literal["auto", "ask", "never"] = "auto"
     # the single upstream's prices, USD per million input, cached input, output tokens
-    upstream_prices: tuple[Annotated[float, msgspec.Meta(ge=0)], ...] = ()
+    upstream_prices: tuple[upstreams.PerMillion, ...] = ()
     # a TOML or JSON file of upstream profiles (bridge/upstreams.py), besides or instead of the above
     upstreams_file: str = ""
     # attempts per request across keys and profiles before the first byte
@@ -178,12 +178,15 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     stripe_currency: str = "usd"
     # plan=monthly[/yearly] prices in cents; a plan not named keeps plans.monthly_price_cents
     plan_prices: tuple[PlanPrice, ...] = ()
-    # seconds a past_due subscription keeps its plan while Stripe retries the payment
-    past_due_grace: Annotated[float, msgspec.Meta(ge=0)] = 259200.0
+    # seconds a past_due subscription keeps its plan while Stripe retries the payment; at most 90
+    # days (Stripe's retries end within weeks), and finite: PostgreSQL adds it to now()
+    past_due_grace: Annotated[float, msgspec.Meta(ge=0, le=90 * 86400)] = 259200.0
     # tokens=cents blocks sold as top-ups (the ledger counts a block's tokens as credits), and how
     # long a bought block stays valid
     topup_blocks: tuple[TopupBlock, ...] = ()
-    topup_valid_days: Annotated[int, msgspec.Meta(ge=1)] = 365
+    # at most a century: a block's expiry is now() + this many days in PostgreSQL, whose dates
+    # end in the year 294276 (past that every top-up bought would fail)
+    topup_valid_days: Annotated[int, msgspec.Meta(ge=1, le=36_500)] = 365
     # plans whose windows may be exceeded, billed per credit through a Stripe Billing Meter
     overage_plans: tuple[str, ...] = ()
     overage_cents_per_million: Decimal = Decimal("0")
@@ -241,7 +244,7 @@ def _describe(field: str) -> str:
         "responses_websockets": "true or false",
         "max_websockets": "a non-negative integer",
         "signup_limit": "a non-negative integer",
-        "upstream_prices": "three non-negative numbers, input,cached,output USD per million tokens",
+        "upstream_prices": "three numbers from 0 to 100000, input,cached,output USD per million tokens",
         "upstream_attempts": "an integer from 1 to 10",
         "workers": "an integer from 1 to 64",
         "auth_unknown_ttl": "a non-negative number of seconds",
@@ -250,8 +253,8 @@ def _describe(field: str) -> str:
         "max_connections": "a positive integer",
         "max_json_depth": "an integer from 8 to 128",
         "auth_failure_limit": "a non-negative integer",
-        "past_due_grace": "a non-negative number of seconds",
-        "topup_valid_days": "a whole number of days, at least 1",
+        "past_due_grace": "a number of seconds from 0 to 7776000 (90 days)",
+        "topup_valid_days": "a whole number of days from 1 to 36500",
         "overage_cents_per_million": "a non-negative decimal number of cents",
         "overage_cap_tokens": "a non-negative integer",
         "plan_prices": "plan=monthly[/yearly] prices in cents, comma-separated (pro=3000/30000)",
@@ -407,6 +410,10 @@ def load(environ: Mapping[str, str] | None = None) -> Config:
     return config
 
 
+# names zoneinfo finds in a host's zone files that are not IANA zones PostgreSQL knows
+_HOST_ZONES = frozenset({"localtime", "posixrules"})
+
+
 def _check_peak(config: Config) -> None:
     import zoneinfo
 
@@ -420,11 +427,18 @@ def _check_peak(config: Config) -> None:
             # spelt 00:00-00:00 (as it always was)
             raise ConfigError(f"{PREFIX}PEAK_HOURS: start and end are equal ({config.peak_hours!r}); "
                               "write 00:00-00:00 for peak hours all day, or leave it empty for none")
+        # PostgreSQL applies the zone (credit_peak_now, migrations/0030) with its own list of
+        # IANA names: a name only this host's files give (localtime, posixrules, posix/...) would
+        # pass here and make every chat request fail. The IANA set zoneinfo lists is the one both
+        # know; `localtime` is in it on some hosts (a link in /usr/share/zoneinfo), never in PG's.
         try:
             zoneinfo.ZoneInfo(config.peak_zone)
+            known = config.peak_zone in zoneinfo.available_timezones() and config.peak_zone not in _HOST_ZONES
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(f"{PREFIX}PEAK_ZONE: expected a time zone name such as Asia/Shanghai, "
-                              f"got {config.peak_zone!r}") from None
+            known = False
+        if not known:
+            raise ConfigError(f"{PREFIX}PEAK_ZONE: expected an IANA time zone name such as Asia/Shanghai, "
+                              f"got {config.peak_zone!r}")
 
 
 def peak_window(text: str) -> tuple[dt.time, dt.time] | None:

@@ -63,9 +63,22 @@ async def _retrying(call: Callable[[], Awaitable[Any]]) -> Any:
     raise AssertionError("unreachable")
 
 
+# upstream_cost is numeric(18,9): below a billion dollars
+_USD_LIMIT = decimal.Decimal(10) ** 9
+
+
 def _usd(cost: float | None) -> decimal.Decimal | None:
-    """A cost for a numeric column, to the nano-dollar."""
-    return None if cost is None else decimal.Decimal(f"{cost:.9f}")
+    """A cost for a numeric column, to the nano-dollar; None (unknown) for one the column cannot
+    hold: the cost travels in the settlement's batch, so a value PostgreSQL refuses would fail
+    the settlement, retried for ever (the entry pending, never billed). Prices are bounded
+    (bridge/upstreams.py MAX_PRICE); this is the last guard."""
+    if cost is None:
+        return None
+    usd = decimal.Decimal(f"{cost:.9f}")
+    if not usd.is_finite() or abs(usd) >= _USD_LIMIT:
+        log.warning("upstream cost out of range; recorded as unknown", extra={"cost": str(cost)[:40]})
+        return None
+    return usd
 
 
 def _log_unbilled(settles: list[Settlement], unbilled: dict[int, int]) -> None:

@@ -247,12 +247,17 @@ def test_cli_revokes_a_key(database, bridge):
     revoked = subprocess.run(CODEPLAN + ["keys", "revoke", "--prefix", key[:10]], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert revoked.returncode == 0, revoked.stderr
+    # an operator's revocation is in the audit trail, as the admin API's changes are
+    audit = run(query(database, "SELECT actor, action, after FROM admin_audit WHERE action = 'key.revoke'"
+                                " AND after->>'key' = $1", key[:10]))
+    assert [(a["actor"], a["action"]) for a in audit] == [("cli", "key.revoke")], audit
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=bridge.url + "/v1", api_key=key, max_retries=0).chat.completions.create(
             model="glm-4.6", messages=[{"role": "user", "content": "hi"}])
     again = subprocess.run(CODEPLAN + ["keys", "revoke", "--prefix", key[:10]], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "revoked already" in again.stderr
+    assert len(run(query(database, "SELECT 1 FROM admin_audit WHERE after->>'key' = $1", key[:10]))) == 1
     unknown = subprocess.run(CODEPLAN + ["keys", "revoke", "--prefix", "cp_nothing"], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 1 and "no key with prefix" in unknown.stderr

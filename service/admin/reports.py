@@ -3,7 +3,11 @@ plan against what its traffic cost upstream.
 
 Revenue is the plans' list prices (monthly_price_cents), prorated over the days each
 subscription was live within the period; upstream cost is the sum of the ledger rows' recorded
-costs (their profile's prices) plus the rolled-up days'."""
+costs (their profile's prices) plus the rolled-up days'.
+
+A period of `days` days is whole UTC days: from 00:00 UTC of the day `days` days ago until now.
+`codeplan rollup` moves ledger rows into per-day totals (usage_daily, by UTC day), so both halves
+are cut at the same day boundary: a report reads the same before and after a rollup."""
 from __future__ import annotations
 
 import datetime as dt
@@ -58,7 +62,7 @@ _GROUPS = {
     "day": "to_char(t.day, 'YYYY-MM-DD')",
 }
 
-# settled rows of the period plus the rolled-up days inside it
+# settled rows of the period plus the rolled-up days inside it; $1 is a UTC midnight (_since)
 _USAGE_SQL = """
 WITH t AS (
     SELECT l.subscription_id, (l.created_at AT TIME ZONE 'UTC')::date AS day, l.model, 1 AS requests,
@@ -78,10 +82,21 @@ SELECT {group} AS key, sum(t.requests)::bigint AS requests, sum(t.prompt_tokens)
 """
 
 
+def _since(days: int) -> dt.datetime:
+    """The start of a period of `days` days: 00:00 UTC of the day `days` days ago. The rolled-up
+    rows are kept by UTC day, so the ledger's rows are cut at a day boundary too: cut at the hour,
+    a report would count a part of a day while its rows are in the ledger, and all of it once they
+    are rolled up."""
+    day = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)).date()
+    return dt.datetime.combine(day, dt.time(0), tzinfo=dt.timezone.utc)
+
+
 @get("/reports/usage", responses=errors(400))
 async def usage_report(request: Request, by: FromQuery[Literal["user", "model", "day"]] = "user",
                        days: Days = 30) -> list[UsageRow]:
-    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
+    """Requests, tokens, credits and upstream cost per user, model or day, over the whole UTC
+    days from the day `days` days ago until now (rolled-up days included)."""
+    since = _since(days)
     rows = await request.app.state.pool.fetch(_USAGE_SQL.format(group=_GROUPS[by]), since)
     return [UsageRow(key=str(r["key"]), requests=r["requests"], prompt_tokens=r["prompt"],
                      cached_tokens=r["cached"], completion_tokens=r["completion"], credits=r["credits"],
@@ -141,8 +156,9 @@ SELECT pl.id, coalesce(lv.subs, 0) AS subs,
 
 @get("/reports/margin", responses=errors(400))
 async def margin_report(request: Request, days: Days = 30) -> list[PlanMargin]:
-    """Per plan: list-price revenue prorated over the period, against upstream cost."""
-    since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=days)
+    """Per plan: list-price revenue prorated over the period, against upstream cost. The period
+    is the whole UTC days from the day `days` days ago until now (rolled-up days included)."""
+    since = _since(days)
     out = []
     for r in await request.app.state.pool.fetch(_MARGIN_SQL, since):
         revenue = float(r["revenue"])

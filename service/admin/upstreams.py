@@ -19,11 +19,20 @@ from .auth import errors
 
 
 class NewKey(msgspec.Struct, forbid_unknown_fields=True):
-    key: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    # sent as a bearer token: printable ASCII without spaces (bridge/upstreams.py KEY_PATTERN)
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=upstreams.KEY_PATTERN)]
 
 
 class Switch(msgspec.Struct, forbid_unknown_fields=True):
     enabled: bool
+
+
+async def _current(request: Request) -> None:
+    """This process's profiles brought up to date with the database before a change is decided
+    on them: another process may have added, switched or given keys to one since this one's last
+    refresh (every CODEPLAN_UPSTREAM_REFRESH seconds), and a 404 or 409 from a stale view would
+    contradict the answer the admin just had from that process."""
+    await request.app.state.upstream_store.refresh()
 
 
 def _health(request: Request, name: str) -> ProfileHealth:
@@ -58,13 +67,16 @@ async def add_upstream(request: Request, data: JSONBody[ProfileConfig]) -> Profi
         profile = upstreams.resolve(data, environ={})
     except ValueError as exc:
         raise HTTPException(status_code=400, detail=str(exc)) from None
+    await _current(request)
     if any(p.name == profile.name for p in request.app.state.router.health()):
         raise HTTPException(status_code=409, detail=f"upstream profile {profile.name!r} exists already")
-    definition = msgspec.json.encode(msgspec.structs.replace(profile, keys=())).decode()
+    # on or off is kept in the `enabled` column, the one PATCH switches: the definition's own
+    # flag is stored as true, so a profile added off can be switched on
+    definition = msgspec.json.encode(msgspec.structs.replace(profile, keys=(), enabled=True)).decode()
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         inserted = await conn.fetchval(
-            "INSERT INTO upstream_profiles (name, definition) VALUES ($1, $2::jsonb)"
-            " ON CONFLICT (name) DO NOTHING RETURNING name", profile.name, definition)
+            "INSERT INTO upstream_profiles (name, definition, enabled) VALUES ($1, $2::jsonb, $3)"
+            " ON CONFLICT (name) DO NOTHING RETURNING name", profile.name, definition, profile.enabled)
         if inserted is None:
             raise HTTPException(status_code=409, detail=f"upstream profile {profile.name!r} exists already")
         for key in profile.keys:
@@ -76,14 +88,25 @@ async def add_upstream(request: Request, data: JSONBody[ProfileConfig]) -> Profi
     return _health(request, profile.name)
 
 
-@patch("/upstreams/{name:str}", responses=errors(400, 404))
+@patch("/upstreams/{name:str}", responses=errors(400, 404, 409))
 async def switch_upstream(request: Request, name: FromPath[str], data: JSONBody[Switch]) -> ProfileHealth:
+    await _current(request)
     before = _health(request, name)
+    if data.enabled and any(p.name == name and not p.enabled for p in request.app.state.upstream_store.configured):
+        # the router ANDs the file's flag with the switch: a 200 here would change nothing
+        raise HTTPException(status_code=409, detail=f"upstream profile {name!r} is switched off in "
+                            "CODEPLAN_UPSTREAMS_FILE (enabled = false); switch it on there")
     async with request.app.state.pool.acquire() as conn, conn.transaction():
         await conn.execute(
             "INSERT INTO upstream_profiles (name, enabled) VALUES ($1, $2)"
             " ON CONFLICT (name) DO UPDATE SET enabled = excluded.enabled, updated_at = now()",
             name, data.enabled)
+        if data.enabled:
+            # a profile added off by an earlier version kept `enabled: false` in its definition,
+            # which the router ANDs with this column: an explicit switch on clears it
+            await conn.execute(
+                "UPDATE upstream_profiles SET definition = jsonb_set(definition, '{enabled}', 'true')"
+                " WHERE name = $1 AND definition IS NOT NULL AND definition->'enabled' = 'false'", name)
         await audit.record(conn, request.state.actor, "upstream.enable" if data.enabled else "upstream.disable",
                            f"upstream:{name}", {"enabled": before.enabled}, {"enabled": data.enabled})
     await request.app.state.upstream_store.refresh()
@@ -92,6 +115,7 @@ async def switch_upstream(request: Request, name: FromPath[str], data: JSONBody[
 
 @post("/upstreams/{name:str}/keys", status_code=201, responses=errors(400, 404))
 async def add_key(request: Request, name: FromPath[str], data: JSONBody[NewKey]) -> ProfileHealth:
+    await _current(request)
     _health(request, name)
     fingerprint = upstreams.fingerprint(data.key)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
@@ -108,6 +132,7 @@ async def add_key(request: Request, name: FromPath[str], data: JSONBody[NewKey])
 @patch("/upstreams/{name:str}/keys/{fingerprint:str}", responses=errors(400, 404))
 async def switch_key(request: Request, name: FromPath[str], fingerprint: FromPath[str],
                      data: JSONBody[Switch]) -> ProfileHealth:
+    await _current(request)
     profile = _health(request, name)
     key = next((k for k in profile.keys if k.fingerprint == fingerprint), None)
     if key is None:

@@ -140,12 +140,21 @@ async def restore_user(request: Request, account_id: AccountId) -> UserSummary:
     return await _set_suspended(request, account_id, False)
 
 
-@patch("/users/{account_id:int}", responses=errors(400, 404))
+@patch("/users/{account_id:int}", responses=errors(400, 404, 409))
 async def change_user(request: Request, account_id: AccountId,
                       data: JSONBody[UserChange]) -> UserSummary:
     """Move the account's subscription to another plan (its open windows take the new
-    allowances), or grant or take admin rights."""
+    allowances), or grant or take admin rights. An account without a live subscription gets one
+    on the plan (with the top-ups waiting for it, as a subscription paid through Stripe would).
+    The plan of a subscription paid through Stripe is Stripe's: changing it here is a 409 (the
+    next event from Stripe would put Stripe's back); it changes in Stripe (the Customer Portal, or
+    the Stripe dashboard)."""
     async with request.app.state.pool.acquire() as conn, conn.transaction():
+        # the lock order of every plan change (billing_apply_subscription's too): the account,
+        # the subscription, then its mutex, then its windows by id. Taken first, before the
+        # account is read: two changes at once then see each other's subscription, instead of
+        # both inserting one (subscriptions_one_live)
+        await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE", account_id)
         before = await _one(conn, account_id)
         if data.plan is not None:
             plan = await conn.fetchrow("SELECT id, retired_at FROM plans WHERE id = $1", data.plan)
@@ -154,12 +163,16 @@ async def change_user(request: Request, account_id: AccountId,
             if plan["retired_at"] is not None:
                 raise HTTPException(status_code=400, detail=f"plan {data.plan!r} is retired")
             if before["subscription_id"] is None:
-                await conn.execute("INSERT INTO subscriptions (account_id, plan_id, status)"
-                                   " VALUES ($1, $2, 'active')", account_id, data.plan)
+                await _subscribe(conn, account_id, data.plan)
             else:
-                # the lock order of every plan change (billing_apply_subscription's too): the
-                # account, the subscription, then its mutex, then its windows by id
-                await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE", account_id)
+                paid = await conn.fetchval("SELECT stripe_subscription_id IS NOT NULL FROM subscriptions"
+                                           " WHERE id = $1", before["subscription_id"])
+                if paid and data.plan != before["plan_id"]:
+                    # Codeplan has no way to change a Stripe subscription's item: a plan set here
+                    # would be undone by Stripe's next event for it (migrations/0046)
+                    raise HTTPException(status_code=409, detail=(
+                        f"account {account_id} pays for its plan through Stripe: its plan changes in Stripe "
+                        "(the user's Customer Portal, or the subscription in the Stripe dashboard)"))
                 await conn.execute("UPDATE subscriptions SET plan_id = $2 WHERE id = $1",
                                    before["subscription_id"], data.plan)
                 await conn.execute("INSERT INTO subscription_flights (subscription_id) VALUES ($1)"
@@ -182,6 +195,37 @@ async def change_user(request: Request, account_id: AccountId,
         await audit.record(conn, request.state.actor, "user.change", f"account:{account_id}",
                            audit.row(before), audit.row(after))
         return _summary(after)
+
+
+async def _subscribe(conn: asyncpg.Connection, account_id: int, plan: str) -> None:
+    """A live subscription on `plan` for an account without one (the account row locked), with
+    what the Stripe path gives a new subscription (billing_apply_subscription, migrations/0046):
+    the unexpired top-up windows of its ended subscriptions, and the blocks granted or bought
+    while it had none."""
+    try:
+        subscription = await conn.fetchval(
+            "INSERT INTO subscriptions (account_id, plan_id, status) VALUES ($1, $2, 'active') RETURNING id",
+            account_id, plan)
+    except asyncpg.UniqueViolationError as exc:
+        # Stripe's path does not lock the account first: a subscription it made in between
+        if exc.constraint_name != "subscriptions_one_live":
+            raise
+        raise HTTPException(status_code=409, detail=f"account {account_id} was given a subscription "
+                            "meanwhile; look at it again") from None
+    # top-ups outlive the subscription they were bought under: the ended ones' windows move here
+    # (under each one's mutex, in id order, like billing_apply_subscription)
+    await conn.execute(
+        "SELECT 1 FROM subscription_flights f WHERE f.subscription_id IN ("
+        "  SELECT q.subscription_id FROM quota_windows q JOIN subscriptions s ON s.id = q.subscription_id"
+        "   WHERE s.account_id = $1 AND s.status = 'canceled' AND q.kind = 'topup' AND q.ends_at > now())"
+        " ORDER BY f.subscription_id FOR NO KEY UPDATE", account_id)
+    await conn.execute(
+        "UPDATE quota_windows q SET subscription_id = $2 FROM subscriptions s"
+        " WHERE s.id = q.subscription_id AND s.account_id = $1 AND s.status = 'canceled'"
+        " AND q.kind = 'topup' AND q.ends_at > now()", account_id, subscription)
+    # blocks granted (or bought) while the account had no live subscription
+    await conn.execute("SELECT billing_topup_attach(t.id) FROM topups t WHERE t.account_id = $1"
+                       " AND t.window_id IS NULL AND t.expires_at > now() ORDER BY t.id", account_id)
 
 
 @post("/users/{account_id:int}/topups", status_code=201, responses=errors(400, 404))

@@ -18,7 +18,7 @@ from litestar.params import JSONBody
 
 from bridge.app import api_key
 
-from ..problems import problem, problem_responses
+from ..problems import MEDIA_TYPE, Problem, problem, problem_responses
 from ..strict_input import strict_input
 from ..throttle import GuardedAuthenticator
 from . import stripe  # Stripe's library, loaded on first use (service/billing/__init__.py)
@@ -86,8 +86,10 @@ async def key_holder(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 
 
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 502}
-# what a session endpoint documents besides its URL; 503: billing is off, or the database away
+# what a session endpoint documents besides its URL; 503: billing is off, or the database away;
+# 403: a suspended account may not buy (checkout, top-up)
 _SESSION_ERRORS = problem_responses(400, 401, 404, 409, 429, 502, 503)
+_BUY_ERRORS = problem_responses(400, 401, 403, 404, 409, 429, 502, 503)
 
 
 async def _session(request: Request, make) -> Response:
@@ -99,6 +101,10 @@ async def _session(request: Request, make) -> Response:
     try:
         url = await make(billing, account)
     except BillingError as exc:
+        if exc.kind == "suspended":
+            return Response(msgspec.json.encode(Problem(
+                type="about:blank", title="Account suspended", status=403, code="account_suspended",
+                detail=exc.message)), status_code=403, media_type=MEDIA_TYPE)
         return _problem(_STATUS.get(exc.kind, 400), "Billing request refused", exc.message)
     except stripe.StripeError as exc:
         log.error("stripe request failed", extra={"account": account, "error": describe(exc)})
@@ -109,10 +115,10 @@ async def _session(request: Request, make) -> Response:
 _JSON_API = {"guards": [key_holder], "before_request": strict_input, "tags": ["billing"]}
 
 
-@post("/v1/billing/checkout", status_code=200, responses=_SESSION_ERRORS, **_JSON_API)
+@post("/v1/billing/checkout", status_code=200, responses=_BUY_ERRORS, **_JSON_API)
 async def checkout(request: Request, data: JSONBody[CheckoutRequest]) -> Response[SessionURL]:
     """A Stripe Checkout session for the plan (`interval` month or year): the URL to send the
-    user to."""
+    user to. A suspended account gets 403 (`account_suspended`)."""
     return await _session(request, lambda billing, account: billing.checkout(account, data.plan, data.interval))
 
 
@@ -122,9 +128,10 @@ async def portal(request: Request) -> Response[SessionURL]:
     return await _session(request, lambda billing, account: billing.portal(account))
 
 
-@post("/v1/billing/topup", status_code=200, responses=_SESSION_ERRORS, **_JSON_API)
+@post("/v1/billing/topup", status_code=200, responses=_BUY_ERRORS, **_JSON_API)
 async def topup(request: Request, data: JSONBody[TopupRequest]) -> Response[SessionURL]:
-    """A Stripe Checkout session for a top-up block (by its id or its credits)."""
+    """A Stripe Checkout session for a top-up block (by its id or its credits). A suspended
+    account gets 403 (`account_suspended`)."""
     return await _session(request, lambda billing, account: billing.topup(account, data.block))
 
 

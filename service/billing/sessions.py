@@ -27,7 +27,7 @@ class BillingError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind  # invalid | not_found | conflict | unavailable
+        self.kind = kind  # invalid | not_found | conflict | unavailable | suspended
         self.message = message
 
 
@@ -126,6 +126,7 @@ class Sessions:
         if price is None:
             raise BillingError("invalid", f"plan {plan_id!r} is not sold {'yearly' if interval == 'year' else 'monthly'}"
                                " (the operator runs `codeplan stripe sync` to put plans on sale)")
+        await self._refuse_if_suspended(account_id)
         await self._refuse_if_subscribed(account_id)
         customer = await self.customer(account_id)
         items: list[dict[str, Any]] = [{"price": price["stripe_price_id"], "quantity": 1}]
@@ -197,6 +198,14 @@ class Sessions:
         offered = ", ".join(b.id for b in self._config.topup_blocks) or "none"
         raise BillingError("invalid", f"no top-up block {block_id!r}; blocks (tokens) are: {offered}")
 
+    async def _refuse_if_suspended(self, account_id: int) -> None:
+        """Every request of a suspended account is refused (the ledger's admission): taking its
+        money for a plan or a block it cannot use would be a refund to make. (The portal stays
+        open: to cancel, to see invoices.)"""
+        if await self._pool.fetchval("SELECT suspended_at IS NOT NULL FROM accounts WHERE id = $1", account_id):
+            raise BillingError("suspended", "This account is suspended by the operator; it cannot buy a plan "
+                                            "or a top-up.")
+
     async def topup(self, account_id: int, block_id: str | int) -> str:
         """A Checkout Session in payment mode for one block of tokens."""
         block = self.block(block_id)
@@ -204,6 +213,7 @@ class Sessions:
         if price is None:
             raise BillingError("invalid", f"top-up {block.id} is not on sale yet (the operator runs "
                                "`codeplan stripe sync`)")
+        await self._refuse_if_suspended(account_id)
         if not await self._pool.fetchval(
                 "SELECT 1 FROM subscriptions WHERE account_id = $1 AND status <> 'canceled'", account_id):
             raise BillingError("conflict", "a top-up extends a plan: subscribe to a plan first")

@@ -187,9 +187,20 @@ async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> int:
     return account_id
 
 
-async def promote(conn: asyncpg.Connection, email: str) -> int | None:
-    return await conn.fetchval("UPDATE accounts SET is_admin = true WHERE lower(email) = lower($1)"
-                               " RETURNING id", email.strip())
+async def promote(conn: asyncpg.Connection, email: str, actor: str = "cli") -> int | None:
+    """Make the account an admin (`codeplan users promote`), with its admin_audit row in the same
+    transaction: admin rights are granted nowhere without a trace."""
+    from ..admin import audit  # the audit's writer; loaded only by the command that promotes
+
+    async with conn.transaction():
+        before = await conn.fetchval("SELECT is_admin FROM accounts WHERE lower(email) = lower($1)"
+                                     " FOR NO KEY UPDATE", email.strip())
+        account = await conn.fetchval("UPDATE accounts SET is_admin = true WHERE lower(email) = lower($1)"
+                                      " RETURNING id", email.strip())
+        if account is not None:
+            await audit.record(conn, actor, "user.promote", f"account:{account}",
+                               {"is_admin": before}, {"is_admin": True})
+        return account
 
 
 async def housekeeping(pool: asyncpg.Pool, signup_window: float = 0) -> None:
@@ -200,3 +211,15 @@ async def housekeeping(pool: asyncpg.Pool, signup_window: float = 0) -> None:
     await pool.execute("DELETE FROM web_sessions WHERE expires_at < now()")
     await pool.execute("DELETE FROM login_failures WHERE failed_at < now() - interval '1 day'")
     await pool.execute("DELETE FROM mail_tokens WHERE expires_at < now() - interval '1 day'")
+
+
+async def verified_by_link(pool: asyncpg.Pool, token: str) -> int | None:
+    """The account of a verify link used already (a mail scanner or a link preview opened it
+    first), while the link has not expired and the account's address is confirmed: opening it
+    again is no error. Only verify links: every other link stays single-use."""
+    if not token or len(token) > 128:
+        return None
+    return await pool.fetchval(
+        "SELECT t.account_id FROM mail_tokens t JOIN accounts a ON a.id = t.account_id"
+        " WHERE t.token_hash = $1 AND t.purpose = 'verify' AND t.used_at IS NOT NULL"
+        " AND t.expires_at > now() AND a.email_verified_at IS NOT NULL", _digest(token))
