@@ -197,6 +197,8 @@ ZH: dict[str, str] = {
     "Billing is off on this server (no Stripe keys). Plans are assigned by the operator (codeplan users create --plan).":
         "本服务器未开启计费（没有 Stripe 密钥）。套餐由管理员分配（codeplan users create --plan）。",
     "Billing could not start. Try again in a moment.": "无法开始付款，请稍后再试。",
+    "This account is suspended by the operator: it cannot buy a plan or a top-up.":
+        "此账户已被管理员停用：无法购买套餐或加油包。",
     "Payment received: your plan changes as soon as Stripe confirms it.": "已收到付款：Stripe 确认后套餐将立即生效。",
     # errors
     "Page not found": "页面不存在",

@@ -15,6 +15,9 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
 from litestar.response import Redirect, Template
 
+from bridge import models as bridge_models
+
+from ..billing.sessions import BillingError
 from ..config import WILDCARD_HOSTS
 from . import apikeys, dashboard, i18n, identity, sessions, tools
 from .mail import Letter, MailError
@@ -175,6 +178,8 @@ class ResetForm(msgspec.Struct):
 class KeyForm(msgspec.Struct):
     name: str = ""
     then: str = "keys"
+    # the account's newest key id when the form was drawn (see create_key); empty: not checked
+    after: str = ""
 
 
 class PlanForm(msgspec.Struct):
@@ -338,6 +343,9 @@ async def resend(request: Request) -> Redirect:
 async def verify(request: Request, token: FromQuery[str] = "") -> Template | Redirect:
     account_id = await identity.verify(_pool(request), token)
     if account_id is None:
+        # opened before (a mail scanner, a link preview, another browser): the address is confirmed
+        account_id = await identity.verified_by_link(_pool(request), token)
+    if account_id is None:
         return render(request, "message.html", viewer=await viewer_of(request), status=400,
                       title="Check your mail", error=_refusal_text(request, identity.Refusal("bad_link")))
     viewer = await viewer_of(request)
@@ -410,28 +418,42 @@ async def dashboard_activity(request: Request) -> Template:
     return render(request, "activity.html", viewer=viewer, data=data)
 
 
+def _newest(keys: list[apikeys.KeyRow]) -> int:
+    """The stamp of a key form: the id of the account's newest key (revoked ones too), 0 for none."""
+    return max((k.id for k in keys), default=0)
+
+
+def _keys(request: Request, viewer: sessions.Viewer, keys: list[apikeys.KeyRow], *, status: int = 200,
+          created: apikeys.CreatedKey | None = None, **context: Any) -> Template:
+    return render(request, "keys.html", viewer=viewer, nav="keys", status=status, keys=keys, created=created,
+                  newest_key=_newest(keys), **context)
+
+
 @get("/keys")
 async def keys_page(request: Request, notice: FromQuery[str] = "") -> Template:
     viewer = await require(request)
-    return render(request, "keys.html", viewer=viewer, nav="keys", notice=notice or None,
-                  keys=await apikeys.listing(_pool(request), viewer.account_id), created=None)
+    return _keys(request, viewer, await apikeys.listing(_pool(request), viewer.account_id), notice=notice or None)
 
 
 @post("/keys", status_code=200)
 async def create_key(request: Request) -> Template:
     viewer = await require(request)
     form = await form_of(request, KeyForm)
+    # The new key is shown in this POST's answer, once: reloading that answer sends the form
+    # again. A form carries the newest key id it was drawn with; once a key has been made since,
+    # it is spent, and sending it again only leads to the list (no second key). (Two forms sent
+    # at the same moment may both make a key, as two clicks would.)
+    if form.after and form.after != str(_newest(await apikeys.listing(_pool(request), viewer.account_id))):
+        raise GoTo("/keys")
     try:
         created = await apikeys.create(_pool(request), viewer.account_id, form.name)
     except apikeys.KeyRefusal:
-        return render(request, "keys.html", viewer=viewer, nav="keys", status=409,
-                      keys=await apikeys.listing(_pool(request), viewer.account_id), created=None,
-                      error=i18n.translator(language(request))("This account has too many keys. Revoke one first."))
+        return _keys(request, viewer, await apikeys.listing(_pool(request), viewer.account_id), status=409,
+                     error=i18n.translator(language(request))("This account has too many keys. Revoke one first."))
     log.info("key created on the web", extra={"account": viewer.account_id, "prefix": created.prefix})
     if form.then == "setup":
-        return _setup(request, viewer, created)
-    return render(request, "keys.html", viewer=viewer, nav="keys", created=created,
-                  keys=await apikeys.listing(_pool(request), viewer.account_id))
+        return await _setup(request, viewer, created)
+    return _keys(request, viewer, await apikeys.listing(_pool(request), viewer.account_id), created=created)
 
 
 @post("/keys/{key_id:int}/revoke", status_code=200)
@@ -443,21 +465,27 @@ async def revoke_key(request: Request, key_id: FromPath[int]) -> Redirect:
     return Redirect(f"/keys?notice={'revoked' if done else 'not_revoked'}", status_code=303)
 
 
-def _setup(request: Request, viewer: sessions.Viewer, created: apikeys.CreatedKey | None,
-           notice: str | None = None) -> Template:
+async def _setup(request: Request, viewer: sessions.Viewer, created: apikeys.CreatedKey | None,
+                 notice: str | None = None) -> Template:
     base = public_base(request)
+    pool = _pool(request)
     # Codex speaks only the Responses API: say so while this server does not serve it
     responses = any(route.path == "/v1/responses" for route in request.app.routes)
+    # what Claude Code's own model ids are served by: its window decides Claude Code's settings
+    claude = bridge_models.CATALOG.get(_web(request).config.claude_model.lower())
     return render(request, "setup.html", viewer=viewer, nav="setup", created=created, notice=notice,
                   responses_served=responses,
-                  snippets=tools.snippets(base, created.secret if created else None),
-                  placeholder=tools.PLACEHOLDER)
+                  has_plan=await dashboard.subscription(pool, viewer.account_id) is not None,
+                  newest_key=None if created else _newest(await apikeys.listing(pool, viewer.account_id)),
+                  snippets=tools.snippets(base, created.secret if created else None,
+                                          claude.context_window if claude else None),
+                  placeholder=tools.PLACEHOLDER, statusline_command=tools.STATUSLINE_COMMAND)
 
 
 @get("/setup")
 async def setup_page(request: Request, notice: FromQuery[str] = "") -> Template:
     viewer = await require(request)
-    return _setup(request, viewer, None, notice or None)
+    return await _setup(request, viewer, None, notice or None)
 
 
 @get("/setup/statusline.py", media_type="text/x-python")
@@ -486,6 +514,10 @@ async def _billing_url(request: Request, action: str, *args: object) -> Redirect
         url = getattr(billing, action)(viewer.account_id, *args)
         if inspect.isawaitable(url):
             url = await url
+    except BillingError as exc:
+        if exc.kind != "suspended":
+            raise
+        return Redirect("/billing?notice=suspended", status_code=303)
     except Exception as exc:  # noqa: BLE001 - whatever billing raises, the page says it failed
         log.error("billing call failed", extra={"action": action, "account": viewer.account_id,
                                                 "error": type(exc).__name__})

@@ -29,16 +29,22 @@ def _json(value: object) -> str:
 
 
 # the script is served by this server (GET /setup/statusline.py) and needs only Python 3
-STATUSLINE_COMMAND = "python3 ~/.claude/codeplan-statusline.py"
+STATUSLINE_PATH = "~/.claude/codeplan-statusline.py"
+STATUSLINE_COMMAND = f"python3 {STATUSLINE_PATH}"
+# Claude Code sizes its default model's context at 1,000,000 tokens unless told not to (then
+# 200,000): it must not wait that long to compact when its claude-* ids map to a smaller window
+CLAUDE_CODE_1M = 1_000_000
 
 
-def snippets(base: str, key: str | None) -> list[Snippet]:
+def snippets(base: str, key: str | None, claude_window: int | None = None) -> list[Snippet]:
+    """`claude_window`: the context window of the model Claude Code's claude-* ids are served by
+    (CODEPLAN_CLAUDE_MODEL); None when not known."""
     key = key or PLACEHOLDER
     v1 = f"{base}/v1"
-    claude = {
-        "env": {"ANTHROPIC_BASE_URL": base, "ANTHROPIC_AUTH_TOKEN": key, "API_TIMEOUT_MS": "3000000"},
-        "statusLine": {"type": "command", "command": STATUSLINE_COMMAND},
-    }
+    claude_env = {"ANTHROPIC_BASE_URL": base, "ANTHROPIC_AUTH_TOKEN": key, "API_TIMEOUT_MS": "3000000"}
+    if claude_window is not None and claude_window < CLAUDE_CODE_1M:
+        claude_env["CLAUDE_CODE_DISABLE_1M_CONTEXT"] = "1"
+    claude = {"env": claude_env, "statusLine": {"type": "command", "command": STATUSLINE_COMMAND}}
     opencode = {
         "$schema": "https://opencode.ai/config.json",
         "provider": {"codeplan": {
@@ -58,7 +64,7 @@ def snippets(base: str, key: str | None) -> list[Snippet]:
     return [
         Snippet(id="claude", tool="Claude Code", where="~/.claude/settings.json", language="json",
                 text=_json(claude),
-                shell=f"curl -fsSo ~/.claude/codeplan-statusline.py {base}/setup/statusline.py"),
+                shell=f"curl -fsSo {STATUSLINE_PATH} {base}/setup/statusline.py"),
         Snippet(id="opencode", tool="OpenCode / Kilo", where="opencode.json", language="json",
                 text=_json(opencode)),
         Snippet(id="cline", tool="Cline", where="Settings → API Provider", language="fields",
