@@ -6,7 +6,6 @@ static files, and what runs beside them (the LISTEN hub, the last-used recorder,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import hashlib
 import logging
@@ -29,7 +28,7 @@ from litestar.static_files import create_static_files_router
 from litestar.template.config import TemplateConfig
 
 from ..config import Config
-from . import chart, i18n, identity, pages, sockets
+from . import chart, i18n, identity, live, pages, sockets
 from .keyuse import KeyUseRecorder
 from .live import UsageHub
 from .mail import Mailer
@@ -39,6 +38,7 @@ log = logging.getLogger("codeplan.web")
 HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 HOUSEKEEPING_SECONDS = 3600.0
+STOP_SECONDS = 8.0  # the most `Web.stop` takes, whatever the database does
 MAX_BACKGROUND = 64  # jobs a page left running after its answer (reset mails); more are dropped
 
 
@@ -185,19 +185,34 @@ class Web:
                 log.warning("web housekeeping failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(HOUSEKEEPING_SECONDS)
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = STOP_SECONDS) -> None:
+        """End what runs beside the pages in `timeout` seconds at most, whatever the database
+        does: a task cancelled inside a query waits for the pool to take its connection back,
+        which a database that stopped answering never lets happen (the pool's own bounded close
+        ends those, service/app.py). What is not done in time is left cancelled, not awaited."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+
+        async def within(tasks: list[asyncio.Future], what: str) -> None:
+            if not tasks:
+                return
+            _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+            if pending:
+                for task in pending:
+                    task.cancel()
+                log.warning("web shutdown: not done in time; left behind", extra={"what": what})
+
+        tasks: list[asyncio.Future] = [*self._background]
         if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
-        for task in list(self._background):
+            tasks.append(self._housekeeping)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await within(tasks, "housekeeping and background jobs")
         self.mailer.close()
         if self.hub is not None:
-            await self.hub.stop()
+            await self.hub.stop(timeout=min(live.STOP_TIMEOUT, max(0.0, deadline - loop.time())))
         if self.key_use is not None:
-            await self.key_use.close()
+            await within([asyncio.ensure_future(self.key_use.close())], "last-used writes")
 
 
 async def _shared_secret(pool: asyncpg.Pool, name: str) -> str:

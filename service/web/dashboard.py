@@ -105,13 +105,24 @@ SELECT day, model, sum(billed)::bigint AS tokens FROM (
 ) t GROUP BY day, model
 """
 
-# settled requests, as the live feed counts them (usage.totals); the table below also shows
-# those still in flight and those voided
+# today's settled requests over all the account's subscriptions (a re-subscription the same day
+# keeps the morning's): the page's figure and the live feed's (live.snapshot), this one query.
+# The table below also shows those still in flight and those voided. (A rollup never takes
+# today's rows: it keeps the last 8 days, service/commands.py.)
 _TODAY_SQL = """
 SELECT count(*) AS requests, coalesce(sum(billed_tokens), 0)::bigint AS tokens
-  FROM usage_ledger WHERE subscription_id = ANY($1::bigint[]) AND created_at >= $2
-   AND state IN ('posted', 'expired')
+  FROM usage_ledger
+ WHERE subscription_id = ANY(ARRAY(SELECT id FROM subscriptions WHERE account_id = $1))
+   AND created_at >= $2 AND state IN ('posted', 'expired')
 """
+
+
+async def today_totals(pool: asyncpg.Pool, account_id: int, since: dt.datetime) -> tuple[int, int]:
+    """(requests, billed tokens) settled since `since` (today's start) on any of the account's
+    subscriptions."""
+    row = await pool.fetchrow(_TODAY_SQL, account_id, since)
+    return row["requests"], row["tokens"]
+
 
 _RECENT_SQL = """
 SELECT created_at, model, surface, state, prompt_tokens, completion_tokens, billed_tokens
@@ -156,7 +167,7 @@ async def load(pool: asyncpg.Pool, account_id: int) -> Dashboard:
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     since = today - dt.timedelta(days=CHART_DAYS - 1)
     points = {(r["day"], r["model"]): r["tokens"] for r in await pool.fetch(_DAILY_SQL, ids, since)}
-    today_row = await pool.fetchrow(_TODAY_SQL, ids, today)
+    today_requests, today_tokens = await today_totals(pool, account_id, today)
     recent = [RequestRow(at=iso_utc(r["created_at"]), model=r["model"], surface=r["surface"], state=r["state"],
                          prompt_tokens=r["prompt_tokens"], completion_tokens=r["completion_tokens"],
                          billed_tokens=r["billed_tokens"])
@@ -164,7 +175,7 @@ async def load(pool: asyncpg.Pool, account_id: int) -> Dashboard:
     return Dashboard(
         subscription=sub, meters=await meters(pool, sub.id) if sub else [],
         chart=chart.build(points, today.date(), CHART_DAYS),
-        today_requests=today_row["requests"], today_tokens=today_row["tokens"], recent=recent,
+        today_requests=today_requests, today_tokens=today_tokens, recent=recent,
         extras=await _extras(pool, account_id))
 
 

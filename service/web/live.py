@@ -5,6 +5,12 @@ settles or expires a row. This process keeps one connection listening on that ch
 notification for a subscription somebody watches triggers one read of its figures, pushed to
 every socket of that subscription. Reads are coalesced: a burst of settlements while a read is
 in flight costs one more read, not one per settlement. Nothing polls.
+
+A socket follows its account, not one subscription: a notification for a subscription nobody
+watches, of an account somebody watches (a new subscription after a cancel), tells that
+account's sockets to look up the account's current subscription again (`Watcher.next` gives
+None). Which account a subscription belongs to never changes: it is looked up once per process
+(coalesced, only while some socket watches an account) and kept.
 """
 from __future__ import annotations
 
@@ -20,11 +26,14 @@ import msgspec
 from bridge.journey import iso_utc
 
 from .. import db, usage
+from . import dashboard
 
 log = logging.getLogger("codeplan.live")
 
 CHANNEL = "codeplan_usage"
 UTC = dt.timezone.utc
+STOP_TIMEOUT = 4.0  # seconds `UsageHub.stop` may take, whatever the database does
+ACCOUNT_CACHE = 65_536  # subscriptions whose account is kept (a few MB at most)
 
 
 class LiveWindow(msgspec.Struct):
@@ -56,35 +65,57 @@ class LiveError(msgspec.Struct, tag="error", tag_field="type"):
     message: str
 
 
-async def snapshot(pool: asyncpg.Pool, subscription_id: int) -> LiveUsage:
+async def snapshot(pool: asyncpg.Pool, subscription_id: int, account_id: int | None = None) -> LiveUsage:
+    """The subscription's windows, and today's requests over all its account's subscriptions,
+    as the dashboard counts them (one query: `dashboard.today_totals`)."""
     plan, states = await usage.current_windows(pool, subscription_id)
+    if account_id is None:
+        account_id = await pool.fetchval("SELECT account_id FROM subscriptions WHERE id = $1", subscription_id)
     now = dt.datetime.now(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-    today = await usage.totals(pool, subscription_id, day, day + dt.timedelta(days=1))
+    requests, tokens = await dashboard.today_totals(pool, account_id, day)
     return LiveUsage(
         subscription_id=subscription_id, plan=plan["id"], plan_name=plan["name"],
         windows=[LiveWindow(kind=w.kind, allowance=w.allowance, used=w.used, reserved=w.reserved,
                             remaining=w.remaining, resets_at=iso_utc(w.ends_at) if w.ends_at else None)
                  for w in states],
-        today=LiveToday(requests=sum(t.requests for t in today.values()),
-                        billed_tokens=sum(t.billed_tokens for t in today.values())),
+        today=LiveToday(requests=requests, billed_tokens=tokens),
         at=iso_utc(now))
 
 
 class Watcher:
-    """One socket's view of one subscription: holds only the newest snapshot not yet sent."""
+    """One socket's view of its account's subscription: holds only the newest snapshot not yet
+    sent, and whether the account's current subscription should be looked up again."""
 
-    def __init__(self, subscription_id: int) -> None:
+    def __init__(self, subscription_id: int, account_id: int | None = None) -> None:
         self.subscription_id = subscription_id
-        self._slot: asyncio.Queue[LiveUsage] = asyncio.Queue(maxsize=1)
+        self.account_id = account_id
+        self._value: LiveUsage | None = None
+        self._recheck = False
+        self._wake = asyncio.Event()
 
     def offer(self, value: LiveUsage) -> None:
-        if self._slot.full():
-            self._slot.get_nowait()  # a slow socket skips figures that are already stale
-        self._slot.put_nowait(value)
+        self._value = value  # a slow socket skips figures that are already stale
+        self._wake.set()
 
-    async def next(self) -> LiveUsage:
-        return await self._slot.get()
+    def recheck(self) -> None:
+        self._recheck = True
+        self._wake.set()
+
+    async def next(self) -> LiveUsage | None:
+        """The newest figures not yet sent; or None: another subscription of the account moved,
+        look up which one is the account's now (`UsageHub.move`)."""
+        while True:
+            await self._wake.wait()
+            if self._recheck:
+                self._recheck = False
+                if self._value is None:
+                    self._wake.clear()
+                return None
+            value, self._value = self._value, None
+            self._wake.clear()
+            if value is not None:
+                return value
 
 
 class UsageHub:
@@ -98,6 +129,10 @@ class UsageHub:
         self._dead_after = dead_after
         self._read = read
         self._watchers: dict[int, set[Watcher]] = {}
+        self._accounts: dict[int, set[Watcher]] = {}  # the watchers that follow an account
+        self._account_of: dict[int, int | None] = {}  # subscription -> account, never changes
+        self._unknown: set[int] = set()  # subscriptions whose account is to be looked up
+        self._resolving: asyncio.Task | None = None
         self._dirty: set[int] = set()
         self._reading: dict[int, asyncio.Task] = {}
         self._conn: asyncpg.Connection | None = None
@@ -130,23 +165,37 @@ class UsageHub:
                 continue
             self._conn, delay = conn, 0.5
             self._connected.set()
-            # notifications sent while we were not listening are lost: re-read what is watched
+            # notifications sent while we were not listening are lost: re-read what is watched,
+            # and look up each watched account's subscription again (one may have begun)
             for subscription_id in list(self._watchers):
                 self._changed(subscription_id)
+            for group in list(self._accounts.values()):
+                for watcher in list(group):
+                    watcher.recheck()
             await lost.wait()
             self._conn = None
             if not self._closing:
                 log.warning("live usage: listening connection lost; reconnecting")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Close the listening connection and end the tasks, in `timeout` seconds at most
+        whatever the database does: a server that stopped answering does not answer a close
+        either (its connection is then dropped), and a task stuck in the pool's release is left
+        to the pool's own end (service/app.py)."""
         self._closing = True
-        if self._conn is not None:
-            await self._conn.close()
-        if self._keeper is not None:
-            self._keeper.cancel()
-            await asyncio.gather(self._keeper, return_exceptions=True)
-        for task in list(self._reading.values()):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        conn = self._conn
+        if conn is not None:
+            try:
+                await conn.close(timeout=max(0.1, timeout / 2))
+            except Exception:  # noqa: BLE001 - timed out or broken: dropped either way
+                conn.terminate()
+        tasks = [t for t in (self._keeper, self._resolving, *self._reading.values()) if t is not None]
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -156,15 +205,74 @@ class UsageHub:
             return
         if subscription_id in self._watchers:
             self._changed(subscription_id)
+        elif self._accounts:
+            # maybe a new subscription of an account somebody watches
+            if subscription_id in self._account_of:
+                self._recheck_account(self._account_of[subscription_id])
+            else:
+                self._unknown.add(subscription_id)
+                if self._resolving is None:
+                    self._resolving = asyncio.get_running_loop().create_task(self._resolve())
+
+    def _recheck_account(self, account_id: int | None) -> None:
+        for watcher in list(self._accounts.get(account_id, ())) if account_id is not None else ():
+            watcher.recheck()
+
+    def _remember(self, subscription_id: int, account_id: int | None) -> None:
+        self._account_of[subscription_id] = account_id
+        while len(self._account_of) > ACCOUNT_CACHE:
+            del self._account_of[next(iter(self._account_of))]  # the oldest
+
+    async def _resolve(self) -> None:
+        """Look up the accounts of the subscriptions notified that nobody watches, a batch at a
+        time, and tell the watchers of those accounts."""
+        try:
+            while self._unknown and self._accounts:
+                batch, self._unknown = list(self._unknown), set()
+                try:
+                    rows = await self._pool.fetch(
+                        "SELECT id, account_id FROM subscriptions WHERE id = ANY($1::bigint[])", batch)
+                except (*db.UNAVAILABLE, asyncpg.PostgresError) as exc:
+                    log.warning("live usage: account look-up failed", extra={"error": type(exc).__name__})
+                    return
+                found = {r["id"]: r["account_id"] for r in rows}
+                for subscription_id in batch:
+                    self._remember(subscription_id, found.get(subscription_id))
+                    self._recheck_account(found.get(subscription_id))
+        finally:
+            self._unknown.clear()
+            self._resolving = None
 
     # ---- fan-out -----------------------------------------------------------------------
 
-    def watch(self, subscription_id: int) -> Watcher:
-        watcher = Watcher(subscription_id)
+    def watch(self, subscription_id: int, account_id: int | None = None) -> Watcher:
+        """A watcher of `subscription_id`; with `account_id`, one that is also told when another
+        subscription of that account is notified (`Watcher.next` gives None)."""
+        watcher = Watcher(subscription_id, account_id)
         self._watchers.setdefault(subscription_id, set()).add(watcher)
+        if account_id is not None:
+            self._accounts.setdefault(account_id, set()).add(watcher)
+            self._remember(subscription_id, account_id)
         return watcher
 
+    def move(self, watcher: Watcher, subscription_id: int) -> None:
+        """The watcher now watches `subscription_id` (its account's current one)."""
+        self._drop(watcher)
+        watcher.subscription_id = subscription_id
+        self._watchers.setdefault(subscription_id, set()).add(watcher)
+        if watcher.account_id is not None:
+            self._remember(subscription_id, watcher.account_id)
+
     def unwatch(self, watcher: Watcher) -> None:
+        self._drop(watcher)
+        if watcher.account_id is not None:
+            group = self._accounts.get(watcher.account_id)
+            if group is not None:
+                group.discard(watcher)
+                if not group:
+                    del self._accounts[watcher.account_id]
+
+    def _drop(self, watcher: Watcher) -> None:
         group = self._watchers.get(watcher.subscription_id)
         if group is not None:
             group.discard(watcher)

@@ -9,6 +9,11 @@ The key is looked up by the application's authenticator, like every other key: b
 failed-authentication throttle (service/throttle.py), so a socket is no cheaper way to guess
 keys than a request (an address past its limit is closed with 4429 and no query), and with the
 same cache of principals and of unknown keys.
+
+A socket follows its account: at every change its session (or key) is checked again, and when
+another subscription of the account is notified (a new one after a cancel) the account's
+current subscription is looked up again and the socket moves to it. A database that is away
+closes a socket with 1013 (try again), at the handshake or later, never a crash.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from litestar.exceptions import WebSocketDisconnect
 
 from bridge.app import api_key
 
+from .. import db
 from ..throttle import GuardedAuthenticator, Throttled
 from . import live, sessions
 
@@ -35,6 +41,22 @@ CLOSE_NO_PLAN = 4402
 CLOSE_FORBIDDEN = 4403
 CLOSE_THROTTLED = 4429
 CLOSE_TRY_AGAIN = 1013  # RFC 6455 "Try Again Later": the database is away for a moment
+# what a socket meets when the database is away: a try-again, never an unhandled exception
+DATABASE_AWAY = (*db.UNAVAILABLE, asyncpg.PostgresError)
+
+
+class Refusal(msgspec.Struct, frozen=True):
+    """Why a socket is closed: its close code, its error code, and the message sent before."""
+    close: int
+    code: str
+    message: str
+
+
+UNAVAILABLE = Refusal(CLOSE_TRY_AGAIN, "unavailable",
+                      "The service cannot reach its database right now; reconnect in a few seconds.")
+NO_PLAN = Refusal(CLOSE_NO_PLAN, "no_subscription", "This account has no plan yet.")
+SESSION_ENDED = Refusal(CLOSE_UNAUTHORIZED, "session_ended", "Sign in again.")
+KEY_REVOKED = Refusal(CLOSE_UNAUTHORIZED, "key_revoked", "This API key was revoked.")
 
 
 class AuthMessage(msgspec.Struct, tag="auth", tag_field="type"):
@@ -55,6 +77,11 @@ async def _refuse(socket: WebSocket, code: int, error: str, message: str) -> Non
     await socket.close(code=code, reason=error)
 
 
+async def _database_away(socket: WebSocket, exc: BaseException) -> None:
+    log.warning("live usage: database unavailable", extra={"error": type(exc).__name__})
+    await _refuse(socket, UNAVAILABLE.close, UNAVAILABLE.code, UNAVAILABLE.message)
+
+
 async def _drain(socket: WebSocket) -> None:
     """Read (and ignore) what the client sends, so its leaving is noticed at once."""
     try:
@@ -64,24 +91,50 @@ async def _drain(socket: WebSocket) -> None:
         return
 
 
-async def _pump(socket: WebSocket, subscription_id: int,
-                allowed: Callable[[], Awaitable[bool]] | None = None) -> None:
+async def _pump(socket: WebSocket, account_id: int, subscription_id: int,
+                alive: Callable[[], Awaitable[Refusal | None]]) -> None:
+    """Send the figures of the account's subscription at once and after every change. Before
+    each, `alive()` (the session's or the key's check) may refuse; when another subscription of
+    the account moved, the account's current one is looked up and the socket follows it."""
     hub: live.UsageHub = socket.app.state.usage_hub
     pool: asyncpg.Pool = socket.app.state.pool
-    watcher = hub.watch(subscription_id)
+    watcher = hub.watch(subscription_id, account_id)
     reader = asyncio.create_task(_drain(socket))
+
+    async def verdict(value: live.LiveUsage | None) -> Refusal | None:
+        # (only the database's calls are guarded: a client that left raises OSError too)
+        try:
+            refusal = await alive()
+            if refusal is None and value is None:  # which subscription is the account's now?
+                current = await current_subscription(pool, account_id)
+                if current is None:
+                    return NO_PLAN
+                if current != watcher.subscription_id:
+                    hub.move(watcher, current)
+                    watcher.offer(await live.snapshot(pool, current, account_id))
+            return refusal
+        except DATABASE_AWAY as exc:
+            log.warning("live usage: database unavailable", extra={"error": type(exc).__name__})
+            return UNAVAILABLE
     try:
-        watcher.offer(await live.snapshot(pool, subscription_id))
+        try:
+            watcher.offer(await live.snapshot(pool, subscription_id, account_id))
+        except DATABASE_AWAY as exc:
+            await _database_away(socket, exc)
+            return
         while True:
             getter = asyncio.ensure_future(watcher.next())
             done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
             if reader in done:
                 getter.cancel()
                 return
-            if allowed is not None and not await allowed():
-                await _refuse(socket, CLOSE_UNAUTHORIZED, "key_revoked", "This API key was revoked.")
+            value = getter.result()
+            refusal = await verdict(value)
+            if refusal is not None:
+                await _refuse(socket, refusal.close, refusal.code, refusal.message)
                 return
-            await socket.send_text(msgspec.json.encode(getter.result()).decode())
+            if value is not None:
+                await socket.send_text(msgspec.json.encode(value).decode())
     except WebSocketDisconnect:
         return
     finally:
@@ -101,19 +154,25 @@ async def browser_live(socket: WebSocket) -> None:
         await socket.close(code=CLOSE_FORBIDDEN, reason="cross-origin")
         return
     pool: asyncpg.Pool = socket.app.state.pool
-    viewer = await sessions.lookup(pool, socket.cookies.get(sessions.COOKIE))
     await socket.accept()
+    try:
+        viewer = await sessions.lookup(pool, socket.cookies.get(sessions.COOKIE))
+        subscription_id = None if viewer is None else await current_subscription(pool, viewer.account_id)
+    except DATABASE_AWAY as exc:
+        await _database_away(socket, exc)
+        return
     if viewer is None:
         await _refuse(socket, CLOSE_UNAUTHORIZED, "not_signed_in", "Sign in again.")
         return
-    subscription_id = await current_subscription(pool, viewer.account_id)
     if subscription_id is None:
-        await _refuse(socket, CLOSE_NO_PLAN, "no_subscription", "This account has no plan yet.")
+        await _refuse(socket, NO_PLAN.close, NO_PLAN.code, NO_PLAN.message)
         return
 
-    async def session_alive() -> bool:
-        return await sessions.lookup(pool, socket.cookies.get(sessions.COOKIE)) is not None
-    await _pump(socket, subscription_id, session_alive)
+    async def session_alive() -> Refusal | None:
+        # logged out, or every session ended (a password reset): the page is told to sign in
+        ended = await sessions.lookup(pool, socket.cookies.get(sessions.COOKIE)) is None
+        return SESSION_ENDED if ended else None
+    await _pump(socket, viewer.account_id, subscription_id, session_alive)
 
 
 @websocket("/v1/usage/live")
@@ -139,10 +198,8 @@ async def key_live(socket: WebSocket) -> None:
         await _refuse(socket, CLOSE_THROTTLED, "rate_limit_exceeded", "Too many requests with unknown "
                       f"API keys from your address; retry in {exc.retry_after_header} s.")
         return
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning("live usage: database unavailable", extra={"error": type(exc).__name__})
-        await _refuse(socket, CLOSE_TRY_AGAIN, "unavailable",
-                      "The service cannot reach its database right now; reconnect in a few seconds.")
+    except DATABASE_AWAY as exc:
+        await _database_away(socket, exc)
         return
     if principal is None:
         await _refuse(socket, CLOSE_UNAUTHORIZED, "invalid_api_key", "Invalid API key.")
@@ -154,11 +211,12 @@ async def key_live(socket: WebSocket) -> None:
         return
     key_id = principal.api_key_id
 
-    async def key_alive() -> bool:
+    async def key_alive() -> Refusal | None:
         # by the key's id, not its secret: a revocation closes the socket at the next change,
         # whatever the authenticator's cache still holds
-        return bool(await pool.fetchval("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1", key_id))
-    await _pump(socket, principal.subscription_id, key_alive)
+        alive = await pool.fetchval("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1", key_id)
+        return None if alive else KEY_REVOKED
+    await _pump(socket, principal.account_id, principal.subscription_id, key_alive)
 
 
 routes = [browser_live, key_live]
