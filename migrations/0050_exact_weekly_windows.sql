@@ -38,6 +38,16 @@
 
 DO $$
 BEGIN
+    -- No window may be written while the stored ones are read and moved: an older process
+    -- (still on the old arithmetic, in a zone with daylight saving) admitting now would commit
+    -- an hour-off window after the reading, and the new arithmetic would open a second window
+    -- beside it. Transactions already writing are waited for (their windows are then read);
+    -- later ones wait for this migration's commit, then call the new function. In the ledger's
+    -- order (flight rows, then windows); reads go on (EXCLUSIVE lets ACCESS SHARE through).
+    -- (A call of the old function already running, that has not reached its first lock yet,
+    -- still computes its week the old way: microseconds, and only in such a zone.)
+    LOCK TABLE subscription_flights, quota_windows IN EXCLUSIVE MODE;
+
     -- the weekly windows whose week may still be open, each with its exact start
     CREATE TEMP TABLE week_anchors ON COMMIT DROP AS
     SELECT q.id, q.subscription_id, q.starts_at AS stored, e.exact

@@ -252,3 +252,35 @@ def test_peak_hours_with_equal_ends_stop_start_up_with_one_line(hours):
     assert "00:00-00:00" in message  # it says how to write all day
     config_module.load({"CODEPLAN_PEAK_HOURS": "22:00-02:00"})  # over midnight: still fine
     config_module.load({"CODEPLAN_PEAK_HOURS": "00:00-00:00"})  # all day, as it always was
+
+
+async def test_a_days_costs_the_ledger_accepted_roll_up(fresh_database):
+    """Each row's cost is below 1e9 USD (service/ledger.py `_usd`), but a day's sum of several
+    went into usage_daily's numeric(18,9) too: the rollup, one statement, then failed on every
+    run and rolled up nothing (migrations/0051 widens the daily column)."""
+    import datetime as dt
+
+    from bridge.ports import Counts
+
+    url = fresh_database
+    plan = new_plan(url, window=10**12, weekly=10**12)
+    new_user(url, plan)
+    row = (await query(url, "SELECT s.id, k.id AS key FROM subscriptions s JOIN api_keys k"
+                            " ON k.account_id = s.account_id WHERE s.plan_id = $1", plan))[0]
+    pool = await db.create_pool(url, size=2)
+    try:
+        ledger = Ledger(pool, lease_seconds=60)
+        for _ in range(3):
+            r = Reservation(uuid.uuid4(), row["id"], row["key"], "chat", "glm-4.6", 1, 10, 10)
+            assert (await ledger.admit(r)).admitted
+            # within the bounds: 2^31-1 tokens at the highest price (100,000 USD per million)
+            await ledger.settle(Settlement(r.entry_id, "posted", Counts(prompt_tokens=5, completion_tokens=5),
+                                           False, "t", upstream="u", upstream_cost=4.0e8,
+                                           subscription_id=row["id"]))
+        await query(url, "UPDATE usage_ledger SET created_at = date_trunc('day', now(), 'UTC') - interval '10 days'"
+                         " WHERE subscription_id = $1", row["id"])
+        assert await ledger.rollup(dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=8)) == 3
+        daily = await query(url, "SELECT upstream_cost FROM usage_daily WHERE subscription_id = $1", row["id"])
+        assert [float(d["upstream_cost"]) for d in daily] == [1.2e9]
+    finally:
+        await pool.close()

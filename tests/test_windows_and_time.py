@@ -4,6 +4,7 @@ weekly reset and hours, and a rollup that leaves the open windows' rows alone
 (migrations/0050, service/usage.py, service/db.py, `codeplan rollup`)."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shutil
 import subprocess
@@ -204,6 +205,63 @@ async def _sub_on(url: str, plan: str) -> tuple[int, int]:
     return row["id"], row["key"]
 
 
+async def test_a_window_an_older_process_opens_during_the_upgrade_is_one_of_the_week(pg_url, tmp_path):
+    """The upgrade read the stored windows under no lock: an older process (the old function, a
+    session in a zone with daylight saving) opening the week's window while 0050 ran committed it
+    an hour off after the reading, and the new arithmetic then opened a second window beside it
+    with a whole new allowance. The migration now waits for such a writer, then re-anchors its
+    window."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    await query(pg_url, f"CREATE DATABASE {name}")
+    url = with_database(pg_url, name)
+    before = tmp_path / "migrations"
+    before.mkdir()
+    for path in db.migration_files():
+        if path.name < "0050":
+            shutil.copy(path, before / path.name)
+    await db.migrate(url, before)
+    await query(url, "INSERT INTO plans (id, name, window_tokens, weekly_tokens, cached_weight,"
+                     " monthly_price_cents, models) VALUES ('wk', 'wk', 10000, 10000, 0.2, 0,"
+                     " ARRAY['glm-4.6', 'glm-4.5', 'glm-4.5-air'])")
+    sub, key = await _sub_on(url, "wk")
+    now = (await query(url, "SELECT now() AS n"))[0]["n"]
+    zone, weeks = _zone_that_changed(now, dt.timedelta(hours=3))
+    started = now - weeks * WEEK + dt.timedelta(hours=3)
+    exact = started + (weeks - 1) * WEEK
+    await query(url, "UPDATE subscriptions SET started_at = $1", started)
+
+    old = await _pool_in(url, zone)
+    conn = await old.acquire()
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        # the old process's admission (0044's function), its transaction not committed yet
+        r = _ask(sub, key, 6_000)
+        rows = await conn.fetch(
+            "SELECT * FROM ledger_admit_batch($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],"
+            " $6::integer[], $7::bigint[], $8::bigint[], $9::double precision, $10::boolean[])",
+            [r.entry_id], [sub], [key], ["chat"], ["glm-4.6"], [1], [6000], [6000], 600.0, [False])
+        assert rows[0]["outcome"] == "admitted"
+        upgrade = asyncio.ensure_future(db.migrate(url))  # the upgrade starts meanwhile
+        await asyncio.sleep(1.0)
+        assert not upgrade.done()  # it waits for the writer
+        await tx.commit()
+        await asyncio.wait_for(upgrade, 60)
+    finally:
+        await old.release(conn)
+        await old.close()
+
+    stored = await _weeks(url, sub)
+    assert [(w["starts_at"], w["ends_at"], w["held"]) for w in stored] == [(exact, exact + WEEK, 6000)], (zone, stored)
+    utc = await _pool_in(url, "UTC")
+    try:
+        second = await Ledger(utc, lease_seconds=60).admit(_ask(sub, key, 6_000))
+    finally:
+        await utc.close()
+    # one weekly window, and the week's 10,000 not given twice
+    assert len(await _weeks(url, sub)) == 1 and second.outcome == "window_full"
+
+
 # ---- 2. the refusal with both windows full ---------------------------------------------------
 
 @pytest.mark.parametrize("week_ends_in, kind", [(dt.timedelta(hours=1), "5h"), (dt.timedelta(hours=6), "week")])
@@ -253,7 +311,6 @@ async def test_zai_hours_are_utc_hours_in_a_half_hour_session_time_zone(fresh_da
 def test_zai_hourly_usage_in_a_half_hour_server_time_zone(fresh_database, pg_url, simulator):
     """The whole path, the database's TimeZone Asia/Kolkata (an Indian host's default): the hourly
     chart counts the call its totals count."""
-    import asyncio
     url = fresh_database
     name = url.partition("?")[0].rsplit("/", 1)[1]
     asyncio.run(query(pg_url, f"ALTER DATABASE {name} SET timezone = 'Asia/Kolkata'"))
