@@ -132,6 +132,8 @@ async def send_reply(reply: Reply, listener: Listener, send: Send) -> None:
         # the journey's iterator ends here whatever happened: its Flight settles the request
         with contextlib.suppress(Exception):
             await stream.aclose()
+        if reply.abandon is not None:
+            reply.abandon()  # never started (the client left during the headers' write): ends it
 
 
 async def serve(journey: Journey, surface: Surface, scope: Scope, receive: Receive, send: Send,
@@ -153,6 +155,7 @@ async def serve(journey: Journey, surface: Surface, scope: Scope, receive: Recei
             raise
         # the client left: its Flight has ended the request (`Journey.handle`, or the stream's
         # end); nothing more to do, and this task lives on normally
-        listener.task.uncancel()  # type: ignore[union-attr]
+        if listener.task.uncancel() > 0:  # type: ignore[union-attr]
+            raise  # cancelled by someone else too (the server's shutdown): theirs to finish
     finally:
         listener.stop()

@@ -68,6 +68,10 @@ class Reply(msgspec.Struct):
     media_type: str = "application/json"
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
+    # a stream's flight, told when its sender ends without running the stream to its end: a
+    # generator closed before its first step runs none of its own code, so the client's leaving
+    # while the headers were written would reach nobody (`Flight.client_gone`; a no-op once ended)
+    abandon: Callable[[], None] | None = None
 
 
 class _UpstreamSilent(Exception):
@@ -454,7 +458,7 @@ class Journey:
         translator = surface.stream(flight.shown_model, flight.entry_hex, flight.prompt_estimate)
         return Reply(status=200, media_type=translator.content_type,
                      headers={"cache-control": "no-cache", "x-request-id": flight.entry_text},
-                     stream=self._relay(translator, flight, opening))
+                     stream=self._relay(translator, flight, opening), abandon=flight.client_gone)
 
     async def _relay(self, translator: StreamTranslator, flight: Flight,
                      opening: asyncio.Future | None) -> AsyncIterator[bytes]:

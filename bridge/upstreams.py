@@ -52,8 +52,13 @@ MAX_PRICE = 100_000.0
 PerMillion = Annotated[float, msgspec.Meta(ge=0, le=MAX_PRICE)]
 # a key is sent as `Authorization: Bearer <key>`: printable ASCII without spaces. A CR, LF or
 # other control character would inject a header or make aiohttp refuse every request sent with it
-KEY_PATTERN = r"^[\x21-\x7e]+$"
+KEY_PATTERN = r"^[\x21-\x7e]+\Z"  # \Z: `$` would let a final newline through
 _KEY = re.compile(KEY_PATTERN)
+
+
+def sendable(key: str) -> bool:
+    """Whether a key can be sent as a bearer token (KEY_PATTERN)."""
+    return _KEY.match(key) is not None
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -151,7 +156,7 @@ def resolve(profile: ProfileConfig, environ: dict[str, str] | None = None) -> Pr
         raise ValueError(f"upstream {profile.name!r}: no keys (set `keys` or `keys_env`)")
     # keys_env and CODEPLAN_UPSTREAM_KEYS skip the Struct's pattern: checked here for every source
     # (the message never shows a key, not even in part)
-    if not all(_KEY.match(k) for k in keys):
+    if not all(sendable(k) for k in keys):
         raise ValueError(f"upstream {profile.name!r}: a key holds a space, a control character or a "
                          "non-ASCII character (a key is printable ASCII without spaces); value not shown")
     prices = {**preset_prices, **profile.model_prices}

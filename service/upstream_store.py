@@ -11,7 +11,7 @@ import uuid
 import asyncpg
 import msgspec
 
-from bridge.upstreams import ProfileConfig, Router, resolve
+from bridge.upstreams import ProfileConfig, Router, fingerprint, resolve, sendable
 
 log = logging.getLogger("codeplan.upstreams")
 
@@ -23,6 +23,7 @@ class UpstreamStore:
         self.configured = configured
         self._last: bytes | None = None
         self._refused: set[str] = set()  # stored profiles left out, logged once each
+        self._refused_keys: set[tuple[str, tuple[str, ...]]] = set()  # stored keys left out, likewise
 
     async def refresh(self) -> None:
         async with self._pool.acquire() as conn:
@@ -58,6 +59,17 @@ class UpstreamStore:
     def _stored(self, name: str, raw: str | bytes, keys: tuple[str, ...]) -> ProfileConfig | None:
         """A profile an admin added, or None when it cannot be served (stored by a version that
         checked less): left out and logged, so one bad row never stops a start-up or a refresh."""
+        # a key stored by a version that checked less (a space, a control character) cannot be
+        # sent: it is left out, not the profile with it (its good keys keep serving)
+        unsendable = [fingerprint(k) for k in keys if not sendable(k)]
+        if unsendable:
+            if (name, tuple(unsendable)) not in self._refused_keys:
+                self._refused_keys.add((name, tuple(unsendable)))
+                log.error("stored upstream keys left out: they cannot be sent; delete them",
+                          extra={"upstream": name, "keys": unsendable})
+            keys = tuple(k for k in keys if sendable(k))
+            if not keys:
+                return None
         try:
             definition = msgspec.json.decode(raw.encode() if isinstance(raw, str) else raw, type=ProfileConfig)
             resolved = resolve(msgspec.structs.replace(definition, keys=keys), environ={})

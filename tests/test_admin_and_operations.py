@@ -12,6 +12,7 @@ import zoneinfo
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 
 from bridge import upstreams
@@ -399,3 +400,40 @@ def test_cli_rollup_with_days_out_of_range_says_one_line(database):
         assert "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "--older-than-days" in done.stderr, done.stderr
+
+
+# ---- upstream keys as pasted ------------------------------------------------------------------
+
+PASTED = "abcdef0123456789abcdef0123456789.AbCdEfGhIjKlMnOp\n"  # `cat key.txt`, a JSON string's \n
+
+
+def test_a_key_ending_in_a_newline_is_refused_everywhere_a_key_enters():
+    """The key check was `^[\x21-\x7e]+$`, and `$` matches before a final newline: the commonest
+    control character in a pasted key passed resolve(), the upstreams file and the admin API, and
+    the key then failed at every use (aiohttp refuses the header)."""
+    from bridge.upstreams import ProfileConfig, resolve
+    from service.admin.upstreams import NewKey
+
+    with pytest.raises(ValueError):
+        resolve(ProfileConfig(name="zai", base_url="https://api.z.ai/api/paas/v4", keys=(PASTED,)), environ={})
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(msgspec.json.encode({"name": "zai", "keys": [PASTED]}), type=ProfileConfig)
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(msgspec.json.encode({"key": PASTED}), type=NewKey)
+    assert resolve(ProfileConfig(name="zai", base_url="https://api.z.ai/api/paas/v4", keys=(PASTED.strip(),)),
+                   environ={}).keys == (PASTED.strip(),)
+
+
+def test_one_stored_key_that_cannot_be_sent_leaves_the_profiles_good_keys_serving():
+    """A profile an admin added, holding one key stored by a version that checked less (a
+    zero-width space pasted with it): the whole profile was left out, its good keys with it, and
+    a model only it served answered 502 for every user. Now only that key is left out."""
+    from bridge.upstreams import ProfileConfig
+    from service.upstream_store import UpstreamStore
+
+    store = UpstreamStore(pool=None, router=None, configured=[])  # type: ignore[arg-type]
+    definition = msgspec.json.encode(ProfileConfig(name="gpu", base_url="http://gpu-1:8000/v1", keys=()))
+    good = PASTED.strip()
+    served = store._stored("gpu", definition, (good, "sk-proj-pasted\u200b"))
+    assert served is not None and served.keys == (good,)
+    assert store._stored("gpu", definition, ("sk-proj-pasted\u200b",)) is None  # nothing left to send with
