@@ -9,6 +9,7 @@ import re
 import time
 import types
 import uuid
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -16,6 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from .conftest import TcpProxy, pg_socket, query, run, start_bridge, wait_settled
+from .test_web_browser import browser  # noqa: F401 - the browser fixture
 from .web_support import Browserish
 
 
@@ -226,3 +228,43 @@ def test_sigterm_with_a_database_that_stopped_answering_exits_in_time(database, 
         proxy.thaw()
         server.stop()
         proxy.close()
+
+
+def test_an_old_socket_follows_though_another_socket_watches_the_new_subscription(site, database):
+    """A notification of a watched subscription moved nobody: a tab opened before the account
+    re-subscribed stayed on the old subscription once another socket (a second tab, the IDE's)
+    watched the new one."""
+    client, secret, account = _signed_in(site, database)
+    cookie = f"codeplan_session={client.session}"
+    with ws_connect(_ws(site.url) + "/live", additional_headers={"Cookie": cookie}, origin=site.url) as old_tab:
+        before = _usage(old_tab)
+        new = _resubscribe(database, account)
+        assert new != before["subscription_id"]
+        # a second tab / the IDE's socket, opened after the new subscription began
+        with ws_connect(_ws(site.url) + "/v1/usage/live",
+                        additional_headers={"Authorization": f"Bearer {secret}"}) as ide:
+            assert _usage(ide)["subscription_id"] == new
+            _spend(site.url, secret, database)
+            assert _usage(ide, timeout=10)["subscription_id"] == new
+            pushed = _usage(old_tab, timeout=10)  # the old tab should move to the new subscription
+            assert pushed["subscription_id"] == new, pushed
+
+
+def test_the_dashboard_says_sign_in_again_when_its_session_ends(browser, site, database):  # noqa: F811
+    """The socket closed with session_ended (4401), but the page's script left "Reconnecting…"
+    on screen for ever: it now says why live usage stopped."""
+    client, secret, account = _signed_in(site, database)
+    context = browser.new_context(locale="en-US")
+    try:
+        host = urlsplit(site.url).hostname
+        context.add_cookies([{"name": "codeplan_session", "value": client.session, "domain": host, "path": "/"}])
+        page = context.new_page()
+        page.goto(site.url + "/dashboard")
+        page.wait_for_function("document.querySelector('[data-live-status]').textContent === 'Live'", timeout=15000)
+        run(query(database, "DELETE FROM web_sessions WHERE account_id = $1", account))  # e.g. a password reset
+        _spend(site.url, secret, database)
+        time.sleep(3)
+        shown = page.inner_text("[data-live-status]")
+        assert shown != "Reconnecting…" and "sign in" in page.inner_text("#windows").lower(), shown
+    finally:
+        context.close()

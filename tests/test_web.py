@@ -597,9 +597,9 @@ class RecordingBilling:
 
     async def checkout(self, account_id: int, plan_id: str) -> str:
         self.calls.append(("checkout", account_id, plan_id))
-        if self.fail == "suspended":
+        if self.fail in ("suspended", "conflict"):
             from service.billing.sessions import BillingError
-            raise BillingError("suspended", "suspended")
+            raise BillingError(self.fail, self.fail)
         if self.fail:
             raise ConnectionError("stripe unreachable")
         return f"https://checkout.stripe.test/c/{plan_id}"
@@ -613,7 +613,7 @@ class RecordingBilling:
         return f"https://checkout.stripe.test/t/{block}"
 
 
-@pytest.mark.parametrize("fail", [False, True, "suspended"])
+@pytest.mark.parametrize("fail", [False, True, "suspended", "conflict"])
 def test_billing_buttons_call_the_billing_engine_from_a_session_with_csrf(database, simulator, fail):
     from litestar.testing import TestClient
 
@@ -640,7 +640,7 @@ def test_billing_buttons_call_the_billing_engine_from_a_session_with_csrf(databa
             assert moved.headers["location"] == "/billing?notice=suspended"
             assert "This account is suspended by the operator" in client.get(moved.headers["location"]).text
             return
-        if fail:
+        if fail:  # Stripe away, or the engine refusing (a plan already paid, a block not on sale)
             assert moved.headers["location"] == "/billing?notice=billing_failed"
             assert "Billing could not start" in client.get(moved.headers["location"]).text
             return

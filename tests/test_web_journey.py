@@ -193,7 +193,7 @@ def test_the_terminal_usage_command_runs_the_script_where_the_page_saved_it(site
 def test_sending_the_create_key_form_again_makes_no_second_key(site, smtp, database):
     """The new key is shown in the answer to the form's POST, so reloading that page sent the
     form again and made a second key. A form now carries the newest key id it was drawn with:
-    sent again after it made a key, it leads to the key list and makes none. The key is still
+    sent again after it made a key, it leads back to its page, saying no key was made. The key is still
     shown once, in the first answer."""
     client, address, link = signed_up(site, smtp)
     client.get(link)
@@ -202,8 +202,8 @@ def test_sending_the_create_key_form_again_makes_no_second_key(site, smtp, datab
         first = client.post("/keys", form)
         assert first.status_code == 200 and SECRET.search(first.text)
         again = client.post("/keys", form)  # what a reload of the first answer sends
-        assert again.history and again.history[0].status_code == 303 and again.url.path == "/keys"
-        assert not SECRET.search(again.text)
+        assert again.history and again.history[0].status_code == 303 and again.url.path == page
+        assert not SECRET.search(again.text) and "No key was made" in again.text  # said, not silent
     assert key_count(database, address) == 2
     # a form drawn after those keys makes one
     fresh = {"name": "third", "after": AFTER.search(client.get("/keys").text).group(1)}
@@ -277,14 +277,15 @@ def test_keys_fits_a_phone_once_a_key_exists(browser, site, smtp):  # noqa: F811
 
 def test_reloading_the_new_key_page_makes_no_second_key(browser, site, smtp, database):  # noqa: F811
     """Reloading the page that shows a new key sent the form again and made a second key; now
-    it lands on the key list, the key made once."""
+    it lands back on Setup, saying no key was made: the key made once."""
     context, page, address = browser_sign_up(browser, site, smtp)
     try:
         secret = make_key_on_setup(page)
         assert SECRET.fullmatch(secret)
         page.reload()
         page.wait_for_load_state()
-        assert page.url == site.url + "/keys" and page.locator("#new-key").count() == 0
+        assert page.url == site.url + "/setup?notice=key_form_spent" and page.locator("#new-key").count() == 0
+        assert "No key was made" in page.content()
         assert secret not in page.content()
         assert key_count(database, address) == 1
     finally:

@@ -119,6 +119,9 @@ ZH: dict[str, str] = {
     "Live": "实时",
     "Connecting…": "连接中…",
     "Reconnecting…": "重新连接中…",
+    "Signed out: sign in again to see live usage.": "已退出登录：请重新登录以查看实时用量。",
+    "No plan: live usage starts with one.": "暂无套餐：订阅后即可查看实时用量。",
+    "Live usage stopped: reload the page.": "实时用量已停止：请刷新页面。",
     "Updated": "更新于",
     "Tokens per day, last 30 days (UTC)": "每日 tokens，最近 30 天（UTC）",
     "No usage in the last 30 days.": "最近 30 天没有用量。",
@@ -199,6 +202,8 @@ ZH: dict[str, str] = {
     "Billing could not start. Try again in a moment.": "无法开始付款，请稍后再试。",
     "This account is suspended by the operator: it cannot buy a plan or a top-up.":
         "此账户已被管理员停用：无法购买套餐或加油包。",
+    "No key was made: a key was created since this form was shown (a reload, or another tab). Create one again if you want another.":
+        "未创建密钥：此表单显示后已创建过密钥（页面重新加载或其他标签页）。如需再建一个，请重新创建。",
     "Payment received: your plan changes as soon as Stripe confirms it.": "已收到付款：Stripe 确认后套餐将立即生效。",
     # errors
     "Page not found": "页面不存在",

@@ -205,6 +205,12 @@ class UsageHub:
             return
         if subscription_id in self._watchers:
             self._changed(subscription_id)
+            # the account's sockets still on an older subscription (a tab opened before it
+            # re-subscribed) follow it too, though another socket already watches the new one
+            account_id = self._account_of.get(subscription_id)
+            for watcher in list(self._accounts.get(account_id, ())) if account_id is not None else ():
+                if watcher.subscription_id != subscription_id:
+                    watcher.recheck()
         elif self._accounts:
             # maybe a new subscription of an account somebody watches
             if subscription_id in self._account_of:

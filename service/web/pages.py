@@ -441,10 +441,11 @@ async def create_key(request: Request) -> Template:
     form = await form_of(request, KeyForm)
     # The new key is shown in this POST's answer, once: reloading that answer sends the form
     # again. A form carries the newest key id it was drawn with; once a key has been made since,
-    # it is spent, and sending it again only leads to the list (no second key). (Two forms sent
+    # it is spent, and sending it again leads back to its page, saying so (no second key). (Two forms sent
     # at the same moment may both make a key, as two clicks would.)
     if form.after and form.after != str(_newest(await apikeys.listing(_pool(request), viewer.account_id))):
-        raise GoTo("/keys")
+        # said, not silent: it may be a form of another tab, sent on purpose (then: once more)
+        raise GoTo(f"/{'setup' if form.then == 'setup' else 'keys'}?notice=key_form_spent")
     try:
         created = await apikeys.create(_pool(request), viewer.account_id, form.name)
     except apikeys.KeyRefusal:
@@ -515,9 +516,10 @@ async def _billing_url(request: Request, action: str, *args: object) -> Redirect
         if inspect.isawaitable(url):
             url = await url
     except BillingError as exc:
-        if exc.kind != "suspended":
-            raise
-        return Redirect("/billing?notice=suspended", status_code=303)
+        if exc.kind == "suspended":  # the one refusal the page names: nothing else would help
+            return Redirect("/billing?notice=suspended", status_code=303)
+        log.warning("billing refused", extra={"action": action, "account": viewer.account_id, "kind": exc.kind})
+        return Redirect("/billing?notice=billing_failed", status_code=303)
     except Exception as exc:  # noqa: BLE001 - whatever billing raises, the page says it failed
         log.error("billing call failed", extra={"action": action, "account": viewer.account_id,
                                                 "error": type(exc).__name__})

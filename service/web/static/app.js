@@ -120,8 +120,11 @@
       if (message.type === "usage") show(message);
     };
     socket.onclose = function (event) {
+      // closes that reconnecting will not mend: said, and no "Reconnecting…" left on screen
+      if (event.code === 4401) { status(section.dataset.tSignedOut, false); return; }
+      if (event.code === 4402) { status(section.dataset.tNoPlan, false); return; }
+      if (event.code === 4403) { status(section.dataset.tStopped, false); return; }
       status(section.dataset.tReconnecting, false);
-      if (event.code === 4401 || event.code === 4402 || event.code === 4403) return;  // will not get better
       setTimeout(function () { connect(Math.min(delay * 2, 30000)); }, delay);
     };
   }
