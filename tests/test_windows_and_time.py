@@ -123,10 +123,9 @@ async def test_weekly_allowance_is_one_whatever_the_session_time_zone(fresh_data
         await pool.close()
 
 
-async def test_weekly_windows_stored_off_are_reanchored_by_the_upgrade(pg_url, tmp_path):
-    """The upgrade (migrations/0050): windows the old arithmetic stored an hour off, and a week
-    that already has two windows (one per zone), each become the week's one exact window, its
-    figures and entries (pending ones too) kept; admission then opens no other for that week."""
+async def _database_before_0050(pg_url: str, tmp_path) -> str:
+    """A new database migrated up to 0049 (the old weekly arithmetic), with a plan 'wk' of
+    10,000 credits a window and a week."""
     name = "t_" + uuid.uuid4().hex[:12]
     await query(pg_url, f"CREATE DATABASE {name}")
     url = with_database(pg_url, name)
@@ -139,6 +138,14 @@ async def test_weekly_windows_stored_off_are_reanchored_by_the_upgrade(pg_url, t
     await query(url, "INSERT INTO plans (id, name, window_tokens, weekly_tokens, cached_weight,"
                      " monthly_price_cents, models) VALUES ('wk', 'wk', 10000, 10000, 0.2, 0,"
                      " ARRAY['glm-4.6', 'glm-4.5', 'glm-4.5-air'])")
+    return url
+
+
+async def test_weekly_windows_stored_off_are_reanchored_by_the_upgrade(pg_url, tmp_path):
+    """The upgrade (migrations/0050): windows the old arithmetic stored an hour off, and a week
+    that already has two windows (one per zone), each become the week's one exact window, its
+    figures and entries (pending ones too) kept; admission then opens no other for that week."""
+    url = await _database_before_0050(pg_url, tmp_path)
     twice, once = await _sub_on(url, "wk"), await _sub_on(url, "wk")
     keys = dict([twice, once])
     twice, once = twice[0], once[0]
@@ -211,18 +218,7 @@ async def test_a_window_an_older_process_opens_during_the_upgrade_is_one_of_the_
     an hour off after the reading, and the new arithmetic then opened a second window beside it
     with a whole new allowance. The migration now waits for such a writer, then re-anchors its
     window."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    await query(pg_url, f"CREATE DATABASE {name}")
-    url = with_database(pg_url, name)
-    before = tmp_path / "migrations"
-    before.mkdir()
-    for path in db.migration_files():
-        if path.name < "0050":
-            shutil.copy(path, before / path.name)
-    await db.migrate(url, before)
-    await query(url, "INSERT INTO plans (id, name, window_tokens, weekly_tokens, cached_weight,"
-                     " monthly_price_cents, models) VALUES ('wk', 'wk', 10000, 10000, 0.2, 0,"
-                     " ARRAY['glm-4.6', 'glm-4.5', 'glm-4.5-air'])")
+    url = await _database_before_0050(pg_url, tmp_path)
     sub, key = await _sub_on(url, "wk")
     now = (await query(url, "SELECT now() AS n"))[0]["n"]
     zone, weeks = _zone_that_changed(now, dt.timedelta(hours=3))
