@@ -150,7 +150,7 @@ class Journey:
             parsed = await self._parse(surface.parse, await read_body())
             arriving.stage = "admission"
             flight, opening = await self._admit(surface, principal, parsed.request, parsed.max_tokens,
-                                                arriving)
+                                                parsed.least_answer, arriving)
         except BridgeError as error:
             self._refused(surface, principal, error, started)
             reply = self._error(surface, error)
@@ -253,7 +253,8 @@ class Journey:
         return principal
 
     async def _admit(self, surface: Surface, principal: Principal, request: wire.ChatRequest,
-                     max_tokens: int | None, arriving: _Arriving) -> tuple[Flight, asyncio.Future]:
+                     max_tokens: int | None, least_answer: int | None,
+                     arriving: _Arriving) -> tuple[Flight, asyncio.Future]:
         shown_model = request.model
         model = self._models.resolve(request.model, principal.models)
         request.model = model.id
@@ -267,8 +268,23 @@ class Journey:
                 f"your messages resulted in {prompt} tokens. Please reduce the length of the messages.",
                 param="messages", limit=model.context_window, requested=prompt)
         # the most the upstream may produce: never more than it can
-        request.max_tokens = min(max_tokens or model.max_output, model.max_output,
-                                 model.context_window - prompt)
+        asked = min(max_tokens or model.max_output, model.max_output)
+        room = model.context_window - prompt
+        if least_answer is not None and asked > room:
+            # said, not cut silently (Parsed.least_answer): the client sends it again with a cap
+            # that fits, or, with too little room for any answer, compacts the conversation
+            if room < least_answer:
+                raise BridgeError(
+                    Kind.context_length,
+                    f"This model's maximum context length is {model.context_window} tokens, and a prompt of "
+                    f"{prompt} tokens leaves no room for an answer.", param="messages",
+                    limit=model.context_window - least_answer, requested=prompt)
+            raise BridgeError(
+                Kind.invalid_request,
+                f"input length and `max_tokens` exceed context limit: {prompt} + {asked} > "
+                f"{model.context_window}, decrease input length or `max_tokens` and try again",
+                param="max_tokens")
+        request.max_tokens = min(asked, room)
         entry = uuid.uuid4()
         entry_text = str(entry)
         assert principal.subscription_id is not None
@@ -305,7 +321,7 @@ class Journey:
         if not admission.admitted:
             if opening is not None:
                 _abandon(opening)
-            raise self._refusal(admission)
+            raise self._refusal(admission, held)
         flight = Flight(self.flights, entry=entry, principal=principal, surface=surface.name,
                         model=model.id, shown_model=shown_model, prompt_estimate=prompt,
                         raw_prompt=count.raw, kind=count.kind, started=arriving.started, entry_text=entry_text)
@@ -339,15 +355,21 @@ class Journey:
         else:
             self._room[subscription_id] = room
 
-    def _refusal(self, admission: Admission) -> BridgeError:
+    def _refusal(self, admission: Admission, held: int) -> BridgeError:
         window = "5 hour" if admission.window_kind == "5h" else "weekly"
         if admission.outcome == "window_full":
             assert admission.resets_at is not None
             wait = (admission.resets_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            # Z.ai's words first (status lines read the reset from them); then, when the window
+            # still has room but not this request's worst case (a long conversation's prompt
+            # bound plus the max_tokens a tool always asks), both numbers: a user told only
+            # "limit reached" at 60% used cannot tell that a shorter conversation would go through
+            short = (f" This request may use up to {held} tokens (its prompt and max_tokens); "
+                     f"{admission.room} remain." if admission.room is not None and admission.room > 0 else "")
             return BridgeError(
                 Kind.quota_exhausted,
                 f"Usage limit reached for the {window} window. Your limit will reset at "
-                f"{iso_utc(admission.resets_at)} (UTC).",
+                f"{iso_utc(admission.resets_at)} (UTC).{short}",
                 code="1308" if admission.window_kind == "5h" else "1310", retry_after=max(1.0, wait))
         if admission.outcome == "too_large":
             return BridgeError(

@@ -593,12 +593,26 @@ def error_response(error: BridgeError) -> tuple[int, dict[str, str], bytes]:
     return status, headers, _encoder.encode(ErrorBody(error=ErrorDetail(type=kind, message=message)))
 
 
+# Claude Code, told "input length and `max_tokens` exceed context limit: X + Y > Z", sends the
+# request again with max_tokens Z - X - 1000, if that leaves it at least 3,000 and more than a
+# thinking budget; below that it gives up, and only "prompt is too long" makes it compact
+_RETRY_MARGIN, _FLOOR_OUTPUT = 1000, 3000
+
+
+def least_answer(request: MessagesRequest) -> int:
+    """The least room beside the prompt with which a refused request is sent again (above)."""
+    budget = request.thinking.budget_tokens if request.thinking is not None and \
+        request.thinking.type == "enabled" and request.thinking.budget_tokens else 0
+    return _RETRY_MARGIN + max(_FLOOR_OUTPUT, budget + 1)
+
+
 class MessagesSurface:
     name = SURFACE
 
     def parse(self, body: bytes) -> Parsed:
         request = parse_request(body)
-        return Parsed(to_upstream(request), glm.check_max_tokens(request.max_tokens))
+        return Parsed(to_upstream(request), glm.check_max_tokens(request.max_tokens),
+                      least_answer=least_answer(request) if request.max_tokens is not None else None)
 
     def stream(self, model: str, request_id: str, prompt_estimate: int) -> MessagesStream:
         return MessagesStream(model, request_id, prompt_estimate)
