@@ -294,10 +294,7 @@ async def _serve_frame(socket: WebSocket, journey: Journey, key: str,
         await socket.send_text(session.refused(surface.failure).decode())
         return
     await _relay(socket, reply)
-    try:
-        session.finished(surface)
-    except BridgeError as error:  # the conversation grew past what a socket keeps
-        await socket.send_text(session.refused(error).decode())
+    session.finished(surface)
 
 
 router = Router(path="/", route_handlers=[

@@ -16,6 +16,7 @@ carrying the HTTP status it would have had, which Codex reads like that HTTP ans
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import msgspec
@@ -27,6 +28,8 @@ from .responses import History, Memory, ResponsesStream, ResponsesSurface, as_in
 from .responses_wire import ErrorDetail, Item, ResponsesRequest
 
 BETA = "responses_websockets=2026-02-06"
+log = logging.getLogger("codeplan.responses_socket")
+
 # responses a socket keeps for a later `previous_response_id` (Codex names only the last one)
 KEEP = 4
 
@@ -234,7 +237,14 @@ class SocketSession:
         if done is None or surface.request is None:
             return
         response_id, output = done
-        self.memory.remember(response_id, surface.items + [as_input(item) for item in output])
+        try:
+            self.memory.remember(response_id, surface.items + [as_input(item) for item in output])
+        except BridgeError as error:
+            # Too big to keep. Nothing is said now: the turn's `response.completed` went out, and
+            # Codex reads a frame after it as the answer to its next request. A later turn that
+            # names this response gets previous_response_not_found, and Codex resends it whole.
+            log.info("response socket forgot a conversation too big to keep", extra={"reason": error.message})
+            return
         self._last_request, self._last_response = surface.request, response_id
 
 
