@@ -74,11 +74,6 @@ class Reply(msgspec.Struct):
     abandon: Callable[[], None] | None = None
 
 
-async def _whole(body: bytes) -> AsyncIterator[bytes]:
-    """A stream already whole (a refusal some clients read only in a stream)."""
-    yield body
-
-
 class _UpstreamSilent(Exception):
     pass
 
@@ -595,10 +590,6 @@ class Journey:
     # ---- plumbing --------------------------------------------------------------------------
 
     def _error(self, surface: Surface, error: BridgeError) -> Reply:
-        streamed = surface.streamed_refusal(error)
-        if streamed is not None:
-            return Reply(status=200, media_type="text/event-stream", headers={"cache-control": "no-cache"},
-                         stream=_whole(streamed))
         status, headers, body = surface.error(error)
         return Reply(status=status, headers=headers, body=body)
 

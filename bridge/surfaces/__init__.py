@@ -44,10 +44,6 @@ class Surface(Protocol):
                  usage: wire.Usage) -> bytes: ...
     def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
         """Status, headers and body of an error in this protocol's own shape."""
-    def streamed_refusal(self, error: BridgeError) -> bytes | None:
-        """A refusal this protocol's client reads only inside a stream, as the stream's whole
-        body (Codex compacts on `response.failed` context_length_exceeded, never on a 400); None:
-        an HTTP error as `error` gives it."""
 
 
 def decode_body(decoder: msgspec.json.Decoder, body: bytes) -> T:

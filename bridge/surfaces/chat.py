@@ -356,8 +356,5 @@ class ChatSurface:
                  usage: wire.Usage) -> bytes:
         return completion_body(answer, reason, model, request_id, usage)
 
-    def streamed_refusal(self, error: BridgeError) -> None:
-        return None  # every refusal is an HTTP error here
-
     def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
         return error.status, error.headers(), error_body(error)

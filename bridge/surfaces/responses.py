@@ -38,7 +38,6 @@ import base64
 import binascii
 import math
 import time
-import uuid
 from typing import Iterable
 
 import msgspec
@@ -866,19 +865,6 @@ class ResponsesSurface:
         self.output = output
         return _encoder.encode(response_object(context, response_id, model, status, output, usage,
                                                error=_FAILURES.get(reason), incomplete=incomplete))
-
-    def streamed_refusal(self, error: BridgeError) -> bytes | None:
-        """A streamed request refused for its length (by admission, or by the upstream before
-        its first byte): `response.created` then `response.failed` context_length_exceeded,
-        the one ending Codex compacts on (codex-rs `codex-api/src/sse/responses.rs`); as an
-        HTTP 400, or a socket's error frame, it is an invalid request shown to the user, and
-        every later turn, the compaction's own too, fails the same way."""
-        request, context = self.request, self.context
-        if error.kind is not Kind.context_length or request is None or context is None or not (
-                request.stream or self.socket):
-            return None
-        translator = ResponsesStream(context, request.model, "resp_" + uuid.uuid4().hex)
-        return translator.start() + translator.fail(error)
 
     def error(self, error: BridgeError) -> tuple[int, dict[str, str], bytes]:
         self.failure = error
