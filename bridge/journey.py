@@ -270,20 +270,14 @@ class Journey:
         # the most the upstream may produce: never more than it can
         asked = min(max_tokens or model.max_output, model.max_output)
         room = model.context_window - prompt
-        if least_answer is not None and asked > room:
-            # said, not cut silently (Parsed.least_answer): the client sends it again with a cap
-            # that fits, or, with too little room for any answer, compacts the conversation
-            if room < least_answer:
-                raise BridgeError(
-                    Kind.context_length,
-                    f"This model's maximum context length is {model.context_window} tokens, and a prompt of "
-                    f"{prompt} tokens leaves no room for an answer.", param="messages",
-                    limit=model.context_window - least_answer, requested=prompt)
+        if least_answer is not None and asked > room and room < least_answer:
+            # too little room beside the prompt for any answer the client can take
+            # (Parsed.least_answer): said so, in the words on which it compacts the conversation
             raise BridgeError(
-                Kind.invalid_request,
-                f"input length and `max_tokens` exceed context limit: {prompt} + {asked} > "
-                f"{model.context_window}, decrease input length or `max_tokens` and try again",
-                param="max_tokens")
+                Kind.context_length,
+                f"This model's maximum context length is {model.context_window} tokens, and a prompt of "
+                f"{prompt} tokens leaves no room for an answer.", param="messages",
+                limit=model.context_window - least_answer, requested=prompt)
         request.max_tokens = min(asked, room)
         entry = uuid.uuid4()
         entry_text = str(entry)

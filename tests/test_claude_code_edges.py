@@ -1,6 +1,6 @@
-"""Claude Code at the edges of a long session: the model's context window (its max_tokens must
-fit beside the prompt, or it is told so in the words it acts on) and the plan's window (a request
-whose worst case does not fit the room left is told both numbers)."""
+"""Claude Code at the edges of a long session: the model's context window (a prompt that leaves
+no room for an answer is "prompt is too long", the words it compacts on) and the plan's window (a
+request whose worst case does not fit the room left is told both numbers)."""
 from __future__ import annotations
 
 import random
@@ -15,7 +15,6 @@ from .conftest import new_plan, new_user, wait_settled
 WORDS = ("the function returns a value after it reads the file and checks each line for errors "
          "then we update the test so that it covers the edge case").split()
 WINDOW = 204_800  # glm-4.6's, which claude-* ids are served by
-OVER = re.compile(r"input length and `max_tokens` exceed context limit: (\d+) \+ (\d+) > (\d+)")
 
 
 def _text(n_tokens: int) -> str:
@@ -39,30 +38,32 @@ def _turn(history: str, max_tokens: int, **extra) -> dict:
                          {"role": "user", "content": "[[sim tool=none tokens=50 tps=1000000 ttft=0]] go on"}]}
 
 
-def test_a_max_tokens_that_does_not_fit_beside_the_prompt_is_said_as_claude_code_reads_it(bridge, database):
-    """Near the window the bridge lowered Claude Code's 64000 to the room left, and an answer cut
-    there ended `stop_reason: max_tokens`: Claude Code took it for its own cap, sent the ~200K
-    prompt three more times (each billed) and stopped with "exceeded the 64000 output token
-    maximum", never compacting. Now it is told as Anthropic tells it, and its retry (max_tokens
-    Z - X - 1000, read from the message as the real binary does) goes through; with too little
-    room for any answer, "prompt is too long" makes it compact."""
+def test_a_prompt_that_leaves_no_room_for_an_answer_is_too_long_as_claude_code_reads_it(bridge, database):
+    """Near the window the bridge lowered Claude Code's 64000 to the room left, however little:
+    with ~1,000 tokens left the answer was cut there and ended `stop_reason: max_tokens`, and
+    Claude Code continued it with the whole ~200K prompt three more times (each billed), never
+    compacting. With less room than an answer it can take (3,000 and 1,000 to spare, or more than
+    its thinking budget), it is now told "prompt is too long", on which it compacts (checked with
+    the real Claude Code 2.1.197); with room enough the cap is still lowered, no round trip lost."""
     key = new_user(database)
-    history = _text(190_000)
-    refused = _post(bridge, key, _turn(history, 64_000))
+    roomy = _text(190_000)  # ~15K tokens left: served, the cap lowered
+    served = _post(bridge, key, _turn(roomy, 64_000))
+    assert served.status_code == 200, served.text
+    assert served.json()["stop_reason"] == "end_turn"
+    tight = _text(202_000)  # ~2,500 left
+    refused = _post(bridge, key, _turn(tight, 64_000))
     assert refused.status_code == 400, refused.text
-    said = OVER.search(refused.json()["error"]["message"])
+    said = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", refused.json()["error"]["message"])
     assert said, refused.text
-    prompt, asked, window = map(int, said.groups())
-    assert asked == 64_000 and window == WINDOW and prompt + asked > window
-    retried = _post(bridge, key, _turn(history, window - prompt - 1000))  # what Claude Code sends next
-    assert retried.status_code == 200, retried.text
-    # a thinking budget above the room: no retry could fit, so compact
-    budget = window - prompt  # Claude Code's retry would ask budget + 1 at the least
-    thinking = _post(bridge, key, _turn(history, 64_000, thinking={"type": "enabled", "budget_tokens": budget}))
-    assert thinking.status_code == 400 and thinking.json()["error"]["message"].startswith("prompt is too long: ")
-    # a client that sets no cap, or one that fits, is served as before
-    fits = _post(bridge, key, _turn(history, 2_000))
-    assert fits.status_code == 200, fits.text
+    prompt, limit = map(int, said.groups())
+    assert limit == WINDOW - 4000 and prompt > limit
+    # a thinking budget above the room left: no answer fits beside it either
+    budget = 20_000
+    thinking = _post(bridge, key, _turn(roomy, 64_000, thinking={"type": "enabled", "budget_tokens": budget}))
+    assert thinking.status_code == 400, thinking.text
+    assert thinking.json()["error"]["message"].startswith("prompt is too long: ")
+    # a client whose cap fits is served as before
+    assert _post(bridge, key, _turn(tight, 2_000)).status_code == 200
 
 
 def test_a_request_whose_worst_case_passes_the_room_left_is_told_both(bridge, database):

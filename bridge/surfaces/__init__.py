@@ -13,10 +13,11 @@ T = TypeVar("T")
 
 class Parsed(msgspec.Struct):
     """A client request as a GLM request (model as the client named it), and the client's own
-    output cap (None: the model's). `least_answer`: for a client that must be told when its cap
-    does not fit beside the prompt in the model's window (Anthropic's API refuses such a request,
-    and Claude Code reads a cut answer as its own cap reached and sends it again), the smallest
-    answer it can take a retry with; None: the cap is lowered to the room left, silently."""
+    output cap (None: the model's), lowered to the room the model's window leaves beside the
+    prompt. `least_answer`: for a client that must be told when that room is too small for any
+    answer it can take (Claude Code: an answer cut there ends `max_tokens`, which it continues
+    with the whole prompt again and again, never compacting), the least room it can take;
+    below it the request is a context-length refusal. None: the cap is only lowered."""
     request: wire.ChatRequest
     max_tokens: int | None
     least_answer: int | None = None

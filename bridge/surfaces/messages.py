@@ -593,14 +593,14 @@ def error_response(error: BridgeError) -> tuple[int, dict[str, str], bytes]:
     return status, headers, _encoder.encode(ErrorBody(error=ErrorDetail(type=kind, message=message)))
 
 
-# Claude Code, told "input length and `max_tokens` exceed context limit: X + Y > Z", sends the
-# request again with max_tokens Z - X - 1000, if that leaves it at least 3,000 and more than a
-# thinking budget; below that it gives up, and only "prompt is too long" makes it compact
+# The least answer Claude Code works with: its own floor for a lowered cap is 3,000 tokens (with
+# 1,000 to spare) and more than a thinking budget (its retry after Anthropic's "input length and
+# `max_tokens` exceed context limit"); with less room, "prompt is too long" makes it compact
 _RETRY_MARGIN, _FLOOR_OUTPUT = 1000, 3000
 
 
 def least_answer(request: MessagesRequest) -> int:
-    """The least room beside the prompt with which a refused request is sent again (above)."""
+    """The least room beside the prompt an answer to this request needs (above)."""
     budget = request.thinking.budget_tokens if request.thinking is not None and \
         request.thinking.type == "enabled" and request.thinking.budget_tokens else 0
     return _RETRY_MARGIN + max(_FLOOR_OUTPUT, budget + 1)
