@@ -3,13 +3,15 @@ read only after the key is known, constant headers pre-encoded, no per-request f
 objects (Litestar still routes; it builds no Request or Response for these paths).
 
 A streamed answer is sent as the journey's iterator yields it. From the moment the request's body
-is in until its answer is sent, a `Listener` waits for the client to go away (`http.disconnect`)
+is in (a tenth of a second after, for a whole answer) until its answer is sent, a `Listener`
+waits for the client to go away (`http.disconnect`)
 and then cancels the request's task at once, wherever it waits: in its admission, for the
 upstream's whole answer, or in a stream. The journey's exit hands the request to its Flight
 (`Flight.client_gone`), which cancels the upstream request or closes its response, so a client
 that gave up never keeps an upstream busy, its key's slot or its plan's concurrency held, nor is
-billed an answer it never got. The listener is one task per request that has read its body (a
-stream had one already): created, run until it waits in `receive`, cancelled at the end.
+billed an answer it never got. The listener is one task per stream, and per whole answer that
+takes longer than `LISTEN_AFTER` (until then a timer): created, run until it waits in `receive`,
+cancelled at the end.
 """
 from __future__ import annotations
 
@@ -46,22 +48,37 @@ def api_key(headers: list[tuple[bytes, bytes]]) -> str:
     return fallback.decode("latin-1")
 
 
+# how long a request whose body is in may wait before a listener watches for its client leaving
+# (`Listener.listen_soon`): most answers come sooner, and a timer is a tenth of a task's cost
+LISTEN_AFTER = 0.1
+
+
 class Listener:
     """Waits, once started (`listen`), for the client to go away; then marks it `gone` and
     cancels the request's task. Started only when the body is in: before, `receive` is the body
-    reader's, and two readers of one channel would each miss what the other took. `gone` is a
-    flag, not an asyncio.Event: nothing waits on it, and an Event's waiter deque costs ~0.7 KB
-    per open stream."""
+    reader's, and two readers of one channel would each miss what the other took. A whole
+    answer's request starts it `LISTEN_AFTER` seconds later (`listen_soon`): a task per request
+    cost ~5% of the bridge's CPU per request at c=32 (bench/PROFILE.md), and a client that left
+    meanwhile is seen at once then (its disconnect waits in `receive`). `gone` is a flag, not an
+    asyncio.Event: nothing waits on it, and an Event's waiter deque costs ~0.7 KB per open stream."""
 
-    __slots__ = ("receive", "task", "gone", "_listening")
+    __slots__ = ("receive", "task", "gone", "_listening", "_soon")
 
     def __init__(self, receive: Receive) -> None:
         self.receive = receive
         self.task = asyncio.current_task()
         self.gone = False
         self._listening: asyncio.Future | None = None
+        self._soon: asyncio.TimerHandle | None = None
+
+    def listen_soon(self) -> None:
+        if self._listening is None and self._soon is None:
+            self._soon = asyncio.get_running_loop().call_later(LISTEN_AFTER, self.listen)
 
     def listen(self) -> None:
+        if self._soon is not None:  # called now (a stream's start), or by the timer itself
+            self._soon.cancel()
+            self._soon = None
         if self._listening is None:
             self._listening = asyncio.ensure_future(self._listen())
 
@@ -73,6 +90,9 @@ class Listener:
         self.task.cancel()
 
     def stop(self) -> None:
+        if self._soon is not None:
+            self._soon.cancel()
+            self._soon = None
         if self._listening is not None:
             self._listening.cancel()
             self._listening = None
@@ -146,7 +166,7 @@ async def serve(journey: Journey, surface: Surface, scope: Scope, receive: Recei
         return
     try:
         reply = await journey.handle(surface, api_key(scope["headers"]),
-                                     body_reader(receive, max_body, listener.listen))
+                                     body_reader(receive, max_body, listener.listen_soon))
         await send_reply(reply, listener, send)
     except ClientDisconnected:
         return

@@ -112,8 +112,7 @@ async def test_a_shutdown_cancel_arriving_with_the_client_leaving_is_not_swallow
         pass
     task = asyncio.ensure_future(asgi.serve(WaitingJourney(), ChatSurface(), {"method": "POST", "headers": [(b"authorization", b"Bearer k")]},
                                             inbox.get, send, 1 << 20))
-    for _ in range(10):
-        await asyncio.sleep(0)  # the body is read; the listener waits in receive
+    await asyncio.sleep(asgi.LISTEN_AFTER + 0.05)  # the body is read; the listener waits in receive
     inbox.put_nowait({"type": "http.disconnect"})
     await asyncio.sleep(0)  # the listener runs: gone, task.cancel()
     task.cancel()  # and the server cancels the request's task (graceful-shutdown timeout) in the same pass
