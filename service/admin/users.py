@@ -207,7 +207,8 @@ async def _subscribe(conn: asyncpg.Connection, account_id: int, plan: str) -> No
             "INSERT INTO subscriptions (account_id, plan_id, status) VALUES ($1, $2, 'active') RETURNING id",
             account_id, plan)
     except asyncpg.UniqueViolationError as exc:
-        # Stripe's path does not lock the account first: a subscription it made in between
+        # a writer that does not take the account row first (Stripe's path does) made one in
+        # between: said, never a 500
         if exc.constraint_name != "subscriptions_one_live":
             raise
         raise HTTPException(status_code=409, detail=f"account {account_id} was given a subscription "
