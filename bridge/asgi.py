@@ -9,7 +9,8 @@ and then cancels the request's task at once, wherever it waits: in its admission
 upstream's whole answer, or in a stream. The journey's exit hands the request to its Flight
 (`Flight.client_gone`), which cancels the upstream request or closes its response, so a client
 that gave up never keeps an upstream busy, its key's slot or its plan's concurrency held, nor is
-billed an answer it never got. The listener is one task per stream, and per whole answer that
+billed an answer it never got (but one that leaves in the tenth of a second before a whole answer's
+listener starts, when that answer is done within it: it is settled as answered). The listener is one task per stream, and per whole answer that
 takes longer than `LISTEN_AFTER` (until then a timer): created, run until it waits in `receive`,
 cancelled at the end.
 """

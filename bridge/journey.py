@@ -261,12 +261,15 @@ class Journey:
         glm.prepare(request)
         count = await self._estimator.count_request(request)
         prompt = self.calibration.correct(model.id, count.kind, count.raw)
+        # the most a prompt may be: the window, less the least answer where the client needs one
+        # (said as the limit, so a client compacting by how far over it is makes room for that too)
+        most = max(1, model.context_window - (least_answer or 0))
         if prompt >= model.context_window:
             raise BridgeError(
                 Kind.context_length,
                 f"This model's maximum context length is {model.context_window} tokens. However, "
                 f"your messages resulted in {prompt} tokens. Please reduce the length of the messages.",
-                param="messages", limit=model.context_window, requested=prompt)
+                param="messages", limit=most, requested=prompt)
         # the most the upstream may produce: never more than it can
         asked = min(max_tokens or model.max_output, model.max_output)
         room = model.context_window - prompt
@@ -277,7 +280,7 @@ class Journey:
                 Kind.context_length,
                 f"This model's maximum context length is {model.context_window} tokens, and a prompt of "
                 f"{prompt} tokens leaves no room for an answer.", param="messages",
-                limit=model.context_window - least_answer, requested=prompt)
+                limit=most, requested=prompt)
         request.max_tokens = min(asked, room)
         entry = uuid.uuid4()
         entry_text = str(entry)

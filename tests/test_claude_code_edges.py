@@ -27,6 +27,24 @@ def _text(n_tokens: int) -> str:
     return " ".join(parts)
 
 
+def _sized(bridge, key: str, database: str, want: int, **extra) -> tuple[str, int]:
+    """A history whose turn the bridge counts at about `want` prompt tokens, and that count: the
+    bridge calibrates its counts on the upstream's (bridge/metering.py), so sizes are measured
+    through count_tokens (what admission counts), once earlier requests have settled."""
+    wait_settled(database)
+
+    def counted(history: str) -> int:
+        r = httpx.post(bridge.url + "/v1/messages/count_tokens", timeout=60, json=_turn(history, 64_000, **extra),
+                       headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
+        assert r.status_code == 200, r.text
+        return r.json()["input_tokens"]
+    words = _text(want * 2).split(" ")
+    probe = " ".join(words[:len(words) // 2])
+    keep = round(len(words) // 2 * want / counted(probe))
+    history = " ".join(words[:keep])
+    return history, counted(history)
+
+
 def _post(bridge, key: str, body: dict) -> httpx.Response:
     return httpx.post(bridge.url + "/v1/messages", timeout=180, json=body,
                       headers={"x-api-key": key, "anthropic-version": "2023-06-01"})
@@ -46,20 +64,21 @@ def test_a_prompt_that_leaves_no_room_for_an_answer_is_too_long_as_claude_code_r
     its thinking budget), it is now told "prompt is too long", on which it compacts (checked with
     the real Claude Code 2.1.197); with room enough the cap is still lowered, no round trip lost."""
     key = new_user(database)
-    roomy = _text(190_000)  # ~15K tokens left: served, the cap lowered
+    roomy, counted = _sized(bridge, key, database, WINDOW - 15_000)  # ~15K left: served, the cap lowered
+    assert WINDOW - 16_000 < counted < WINDOW - 14_000, counted
     served = _post(bridge, key, _turn(roomy, 64_000))
     assert served.status_code == 200, served.text
     assert served.json()["stop_reason"] == "end_turn"
-    tight = _text(202_000)  # ~2,500 left
+    tight, counted = _sized(bridge, key, database, WINDOW - 2_500)  # ~2,500 left
+    assert WINDOW - 4_000 < counted < WINDOW - 1_000, counted
     refused = _post(bridge, key, _turn(tight, 64_000))
     assert refused.status_code == 400, refused.text
     said = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", refused.json()["error"]["message"])
     assert said, refused.text
     prompt, limit = map(int, said.groups())
-    assert limit == WINDOW - 4000 and prompt > limit
+    assert limit == WINDOW - 4000 and prompt == counted
     # a thinking budget above the room left: no answer fits beside it either
-    budget = 20_000
-    thinking = _post(bridge, key, _turn(roomy, 64_000, thinking={"type": "enabled", "budget_tokens": budget}))
+    thinking = _post(bridge, key, _turn(roomy, 64_000, thinking={"type": "enabled", "budget_tokens": 20_000}))
     assert thinking.status_code == 400, thinking.text
     assert thinking.json()["error"]["message"].startswith("prompt is too long: ")
     # a client whose cap fits is served as before
@@ -82,3 +101,20 @@ def test_a_request_whose_worst_case_passes_the_room_left_is_told_both(bridge, da
     held, left = map(int, re.search(r"may use up to (\d+) tokens .*; (\d+) remain\.", message).groups())
     assert left < held and 30_000 < left < 45_000, message
     assert _post(bridge, key, _turn("a short history", 2_000)).status_code == 200
+
+
+def test_both_too_long_refusals_give_the_maximum_that_leaves_room_for_an_answer(bridge, database):
+    """A prompt past the window itself was "> 204800 maximum", the other refusal "> 200800":
+    Claude Code, trimming by how far over it is, landed in the second and compacted twice. And a
+    thinking budget past max_tokens (which Anthropic refuses) made the maximum negative."""
+    key = new_user(database)
+    past, counted = _sized(bridge, key, database, WINDOW + 1_500)
+    assert counted >= WINDOW, counted
+    over = _post(bridge, key, _turn(past, 64_000))
+    assert over.status_code == 400, (over.status_code, over.text[:300])
+    said = re.fullmatch(r"prompt is too long: (\d+) tokens > (\d+) maximum", over.json()["error"]["message"])
+    assert said and int(said.group(2)) == WINDOW - 4000, over.text
+    odd = _post(bridge, key, _turn(_text(80_000), 131_072, thinking={"type": "enabled", "budget_tokens": 300_000}))
+    said = re.fullmatch(r"prompt is too long: (\d+) tokens > (-?\d+) maximum", odd.json()["error"]["message"]) \
+        if odd.status_code == 400 else None
+    assert said is None or int(said.group(2)) > 0, odd.text

@@ -603,6 +603,8 @@ def least_answer(request: MessagesRequest) -> int:
     """The least room beside the prompt an answer to this request needs (above)."""
     budget = request.thinking.budget_tokens if request.thinking is not None and \
         request.thinking.type == "enabled" and request.thinking.budget_tokens else 0
+    if request.max_tokens is not None:
+        budget = min(budget, request.max_tokens - 1)  # Anthropic's own rule: thinking inside the cap
     return _RETRY_MARGIN + max(_FLOOR_OUTPUT, budget + 1)
 
 
