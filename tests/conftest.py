@@ -66,6 +66,23 @@ async def query(url: str, sql: str, *args):
         await conn.close()
 
 
+async def database_before(pg_url: str, tmp_path: Path, migration: str) -> str:
+    """A new database migrated up to, not including, `migration` (e.g. "0050"): the state an
+    upgrade by that migration starts from."""
+    import shutil
+
+    name = "t_" + uuid.uuid4().hex[:12]
+    await query(pg_url, f"CREATE DATABASE {name}")
+    url = with_database(pg_url, name)
+    before = tmp_path / f"migrations_before_{migration}"
+    before.mkdir()
+    for path in db.migration_files():
+        if path.name < migration:
+            shutil.copy(path, before / path.name)
+    await db.migrate(url, before)
+    return url
+
+
 def wait_settled(database: str, timeout: float = 15.0) -> None:
     """Settlement follows the response by a moment: wait until nothing is pending."""
     deadline = time.monotonic() + timeout

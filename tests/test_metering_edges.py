@@ -4,7 +4,6 @@ hours with equal ends."""
 from __future__ import annotations
 
 import logging
-import shutil
 import uuid
 
 import msgspec
@@ -19,7 +18,7 @@ from service.admin import plans as admin_plans
 from service.admin import reports
 from service.ledger import Ledger, Usage
 
-from .conftest import new_plan, new_user, query, with_database
+from .conftest import database_before, new_plan, new_user, query
 
 
 class Sub:
@@ -220,15 +219,7 @@ async def test_a_plan_override_without_a_multiplier_inherits_the_models(fresh_da
 
 async def test_overrides_migration_0030_made_inherit_and_those_an_admin_wrote_keep_theirs(pg_url, tmp_path):
     # the database as it stood before 0049, with both kinds of override holding 1
-    name = "t_" + uuid.uuid4().hex[:12]
-    await query(pg_url, f"CREATE DATABASE {name}")
-    url = with_database(pg_url, name)
-    before = tmp_path / "migrations"
-    before.mkdir()
-    for path in db.migration_files():
-        if path.name < "0049":
-            shutil.copy(path, before / path.name)
-    await db.migrate(url, before)
+    url = await database_before(pg_url, tmp_path, "0049")
     for plan in ("copied", "admin"):
         await query(url, "INSERT INTO plans (id, name, window_tokens, weekly_tokens, cached_weight,"
                          " monthly_price_cents, models) VALUES ($1, $1, 1000, 5000, 0.3, 0, ARRAY['glm-4.6'])", plan)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import shutil
 import subprocess
 import uuid
 import zoneinfo
@@ -19,8 +18,8 @@ from bridge.ports import Reservation
 from service import db, usage
 from service.ledger import Ledger, Usage
 
-from .conftest import (CODEPLAN, base_env, new_plan, new_user, query, start_bridge, wait_settled,
-                       with_database)
+from .conftest import (CODEPLAN, base_env, database_before, new_plan, new_user, query, start_bridge,
+                       wait_settled)
 
 UTC = dt.timezone.utc
 WEEK = dt.timedelta(weeks=1)
@@ -126,15 +125,7 @@ async def test_weekly_allowance_is_one_whatever_the_session_time_zone(fresh_data
 async def _database_before_0050(pg_url: str, tmp_path) -> str:
     """A new database migrated up to 0049 (the old weekly arithmetic), with a plan 'wk' of
     10,000 credits a window and a week."""
-    name = "t_" + uuid.uuid4().hex[:12]
-    await query(pg_url, f"CREATE DATABASE {name}")
-    url = with_database(pg_url, name)
-    before = tmp_path / "migrations"
-    before.mkdir()
-    for path in db.migration_files():
-        if path.name < "0050":
-            shutil.copy(path, before / path.name)
-    await db.migrate(url, before)
+    url = await database_before(pg_url, tmp_path, "0050")
     await query(url, "INSERT INTO plans (id, name, window_tokens, weekly_tokens, cached_weight,"
                      " monthly_price_cents, models) VALUES ('wk', 'wk', 10000, 10000, 0.2, 0,"
                      " ARRAY['glm-4.6', 'glm-4.5', 'glm-4.5-air'])")
