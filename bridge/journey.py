@@ -261,9 +261,10 @@ class Journey:
         glm.prepare(request)
         count = await self._estimator.count_request(request)
         prompt = self.calibration.correct(model.id, count.kind, count.raw)
+        asked = min(max_tokens or model.max_output, model.max_output)
         # the most a prompt may be: the window, less the least answer where the client needs one
         # (said as the limit, so a client compacting by how far over it is makes room for that too)
-        most = max(1, model.context_window - (least_answer or 0))
+        most = max(1, model.context_window - min(least_answer or 0, asked))
         if prompt >= model.context_window:
             raise BridgeError(
                 Kind.context_length,
@@ -271,7 +272,6 @@ class Journey:
                 f"your messages resulted in {prompt} tokens. Please reduce the length of the messages.",
                 param="messages", limit=most, requested=prompt)
         # the most the upstream may produce: never more than it can
-        asked = min(max_tokens or model.max_output, model.max_output)
         room = model.context_window - prompt
         if least_answer is not None and asked > room and room < least_answer:
             # too little room beside the prompt for any answer the client can take
