@@ -120,14 +120,14 @@ class Watcher:
 
 class UsageHub:
     def __init__(self, pool: asyncpg.Pool, dsn: str,
-                 read: Callable[[asyncpg.Pool, int], Awaitable[LiveUsage]] = snapshot, *,
+                 read: Callable[[asyncpg.Pool, int], Awaitable[LiveUsage]] | None = None, *,
                  dead_after: float = db.DEAD_AFTER) -> None:
         self._pool = pool
         self._dsn = dsn
         # the listening connection is quiet between notifications: without keepalive probes a
         # vanished host would leave it listening to nothing, for ever (service/db.py)
         self._dead_after = dead_after
-        self._read = read
+        self._read = read or self._snapshot
         self._watchers: dict[int, set[Watcher]] = {}
         self._accounts: dict[int, set[Watcher]] = {}  # the watchers that follow an account
         self._account_of: dict[int, int | None] = {}  # subscription -> account, never changes
@@ -196,6 +196,10 @@ class UsageHub:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+
+    async def _snapshot(self, pool: asyncpg.Pool, subscription_id: int) -> LiveUsage:
+        """`snapshot`, with the subscription's account as this hub knows it (no query for it)."""
+        return await snapshot(pool, subscription_id, self._account_of.get(subscription_id))
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
