@@ -338,11 +338,13 @@ class _RefusedStreamOptions(Exception):
 class _Failure(Exception):
     """One attempt failed: the error for the client, and whether it was our key's fault."""
 
-    def __init__(self, error: BridgeError, *, key_fault: bool, at_once: bool = False) -> None:
+    def __init__(self, error: BridgeError, *, key_fault: bool, at_once: bool = False,
+                 final: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
         self.key_fault = key_fault
         self.at_once = at_once  # cool the key now (credentials, billing, quota), not after 3
+        self.final = final  # no other attempt, whatever its kind
 
 
 # failures another key or upstream may well not meet; never a refusal of the request itself
@@ -494,7 +496,7 @@ class Router:
             except _Failure as failure:
                 last = failure.error
                 self._failed(profile, key, failure)
-                if failure.error.kind not in _RETRY_ON:
+                if failure.final or failure.error.kind not in _RETRY_ON:
                     raise _given_up(failure.error) from None
                 log.warning("upstream attempt failed" + ("; trying another" if attempt + 1 < self._attempts
                                                          else "; no attempts left"), extra={
@@ -611,6 +613,16 @@ class Router:
         assert self._session is not None
         try:
             response = await self._session.post(profile.url, data=body, headers=headers)
+        except aiohttp.SocketTimeoutError:
+            # sent, and silent for the whole read timeout: the upstream is slow, not unreachable,
+            # and may have computed it all. Not the key's fault, and not sent again: another key
+            # would cost as much again after the client has already waited this long.
+            self._give_back(key, slot)
+            waited = self._timeout.sock_read
+            log.warning("upstream answer timed out", extra={"upstream": profile.name, "seconds": waited})
+            raise _Failure(BridgeError(Kind.upstream_timeout, f"The model provider did not start answering "
+                                       f"within {waited:g} seconds. Request id {request_id}."),
+                           key_fault=False, final=True) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._give_back(key, slot)
             log.warning("upstream unreachable", extra={"upstream": profile.name, "error": type(exc).__name__})
