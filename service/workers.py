@@ -83,7 +83,10 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
         for process in running.values():
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
-        await asyncio.wait(keepers, timeout=config.shutdown_timeout + 30)
+        # after its drain a worker settles what is left (15 s at most), stops the live hub and
+        # housekeeping (8 s) and closes its pool (6 s) whatever the database does: 29 s, plus
+        # room for a loaded host, before the supervisor stops waiting for it
+        await asyncio.wait(keepers, timeout=config.shutdown_timeout + 60)
     finally:
         stacks.also.remove(pass_on_dump)
         for task in keepers:
