@@ -218,7 +218,8 @@ class Journey:
             request = await self._parse(parse, await read_body())
             model = self._models.resolve(request.model, principal.models or tuple(CATALOG))
             count = await self._estimator.count_request(request)
-            return Reply(status=200, headers={}), self.calibration.correct(model.id, count.kind, count.raw)
+            return Reply(status=200, headers={}), self.calibration.correct(
+                model.id, count.kind, count.raw, principal.account_id)
         except BridgeError as failure:
             return self._error(surface, failure), None
 
@@ -260,7 +261,7 @@ class Journey:
         request.model = model.id
         glm.prepare(request)
         count = await self._estimator.count_request(request)
-        prompt = self.calibration.correct(model.id, count.kind, count.raw)
+        prompt = self.calibration.correct(model.id, count.kind, count.raw, principal.account_id)
         asked = min(max_tokens or model.max_output, model.max_output)
         # the most a prompt may be: the window, less the least answer where the client needs one
         # (said as the limit, so a client compacting by how far over it is makes room for that too)

@@ -130,19 +130,37 @@ class PromptEstimator:
         return total
 
 
+class _Own:
+    """One account's recent ratios for one model and kind, and their median."""
+    __slots__ = ("ratios", "ratio")
+
+    def __init__(self) -> None:
+        self.ratios: collections.deque[float] = collections.deque(maxlen=Calibration.OWN_SAMPLES)
+        self.ratio: float | None = None
+
+
 class Calibration:
     """The ratio of the upstream's reported prompt tokens to our o200k count, per model and kind
     of text, from recent settlements.
 
-    Robust to any one tenant: the ratio is the median of the last `SAMPLES` observations, of
-    which one account may hold at most `PER_ACCOUNT`, and it stays within [MIN_RATIO, MAX_RATIO].
-    So a tenant sending odd text moves other tenants' estimates by at most a few positions in a
-    sorted list, and never their safety: admission holds the proven bound regardless.
+    An account's estimate follows its own text: once it has `OWN_MIN` settlements of its own for
+    a model and kind, the median of its last `OWN_SAMPLES` is its ratio, whatever other accounts
+    send. A kind is coarse (Tamil and Chinese are both "wide", runs of newlines and code both
+    "ascii", and the upstream counts them very differently), so a shared ratio let one account's
+    16 requests double or halve another's estimate: a prompt that fit refused as too long, an
+    abandoned request billed twice or half its prompt (tests/test_metering_rules.py).
+
+    Before that, the shared ratio: the median of the last `SAMPLES` observations of every
+    account, of which one account may hold at most `PER_ACCOUNT`, within [MIN_RATIO, MAX_RATIO].
+    Neither is ever the account's safety: admission holds the proven bound regardless.
     """
 
     SAMPLES = 256
     PER_ACCOUNT = 16
     MIN_RATIO, MAX_RATIO = 0.5, 3.0
+    OWN_SAMPLES = 16
+    OWN_MIN = 3
+    OWN_KEPT = 10_000  # accounts' series (per model and kind) kept; the least recently seen go
 
     def __init__(self) -> None:
         self._samples: dict[tuple[str, str], collections.deque[tuple[int, float]]] = {}
@@ -152,19 +170,27 @@ class Calibration:
         self._held: dict[tuple[str, str], dict[int, int]] = {}
         self._ratio: dict[tuple[str, str], float] = {}
         self._error: dict[tuple[str, str], tuple[int, float]] = {}
+        self._own: OrderedDict[tuple[int, str, str], _Own] = OrderedDict()
 
-    def ratio(self, model: str, kind: str) -> float:
+    def ratio(self, model: str, kind: str, account_id: int | None = None) -> float:
+        if account_id is not None:
+            own = self._own.get((account_id, model, kind))
+            if own is not None and own.ratio is not None:
+                return own.ratio
         return self._ratio.get((model, kind), 1.0)
 
-    def correct(self, model: str, kind: str, raw: int) -> int:
-        return max(1, math.ceil(raw * self.ratio(model, kind)))
+    def correct(self, model: str, kind: str, raw: int, account_id: int | None = None) -> int:
+        return max(1, math.ceil(raw * self.ratio(model, kind, account_id)))
 
     def observe(self, model: str, kind: str, account_id: int, raw: int, reported: int) -> None:
         if raw <= 0 or reported <= 0:
             return
         key = (model, kind)
         n, error = self._error.get(key, (0, 0.0))
-        self._error[key] = (n + 1, error + abs(self.correct(model, kind, raw) - reported) / reported)
+        estimate = self.correct(model, kind, raw, account_id)  # what this account was told
+        self._error[key] = (n + 1, error + abs(estimate - reported) / reported)
+        sample = reported / raw
+        self._observe_own(account_id, model, kind, sample)
         samples = self._samples.get(key)
         if samples is None:
             samples = self._samples[key] = collections.deque(maxlen=self.SAMPLES)
@@ -177,13 +203,23 @@ class Calibration:
             del samples[i]
         elif len(samples) == self.SAMPLES:
             self._forget(ordered, held, samples[0])  # the deque drops it on the append below
-        sample = reported / raw
         samples.append((account_id, sample))
         bisect.insort(ordered, sample)
         held[account_id] = held.get(account_id, 0) + 1
-        n = len(ordered)
-        ratio = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-        self._ratio[key] = min(max(ratio, self.MIN_RATIO), self.MAX_RATIO)
+        self._ratio[key] = _clamped_median(ordered, self.MIN_RATIO, self.MAX_RATIO)
+
+    def _observe_own(self, account_id: int, model: str, kind: str, sample: float) -> None:
+        key = (account_id, model, kind)
+        own = self._own.get(key)
+        if own is None:
+            own = self._own[key] = _Own()
+            if len(self._own) > self.OWN_KEPT:
+                self._own.popitem(last=False)
+        else:
+            self._own.move_to_end(key)
+        own.ratios.append(sample)
+        if len(own.ratios) >= self.OWN_MIN:
+            own.ratio = _clamped_median(sorted(own.ratios), self.MIN_RATIO, self.MAX_RATIO)
 
     @staticmethod
     def _forget(ordered: list[float], held: dict[int, int], sample: tuple[int, float]) -> None:
@@ -201,6 +237,12 @@ class Calibration:
                                 "mean_abs_error": round(error / n, 4)}
             for (model, kind), (n, error) in sorted(self._error.items())
         }
+
+
+def _clamped_median(ordered: list[float], low: float, high: float) -> float:
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    return min(max(median, low), high)
 
 
 # The largest count the ledger can hold: its settlement SQL takes int4 arrays.

@@ -367,3 +367,68 @@ def test_drains_are_capped_when_many_clients_leave_at_once(database, simulator, 
             [("pending", None)] * 2 + [("posted", "client left")] * 10)
     finally:
         bridge.stop()
+
+
+def test_an_accounts_own_settlements_decide_its_estimate_not_another_accounts():
+    """The ratio is per kind of text, and kinds are coarse: Tamil and Chinese are both "wide".
+    Once an account has a few settlements of its own, its ratio is its own; before that, the
+    shared median (of which one account holds at most 16 samples)."""
+    from bridge.metering import Calibration
+    calibration = Calibration()
+    for _ in range(4):  # the victim's Chinese: the upstream counts 1.4x o200k
+        calibration.observe("glm-4.6", "wide", 1, 1000, 1400)
+    for _ in range(16):  # another account's Tamil: 4x
+        calibration.observe("glm-4.6", "wide", 2, 1000, 4000)
+    assert calibration.correct("glm-4.6", "wide", 1000, 1) == 1400
+    assert calibration.correct("glm-4.6", "wide", 1000, 2) == 3000  # its own, within [0.5, 3]
+    assert calibration.correct("glm-4.6", "wide", 1000, 3) == 3000  # a newcomer: the shared median
+    calibration.observe("glm-4.6", "wide", 3, 1000, 1000)
+    calibration.observe("glm-4.6", "wide", 3, 1000, 1000)
+    assert calibration.correct("glm-4.6", "wide", 1000, 3) == 3000  # two of its own: not yet
+    calibration.observe("glm-4.6", "wide", 3, 1000, 1000)
+    assert calibration.correct("glm-4.6", "wide", 1000, 3) == 1000
+
+
+ZH = ["我们今天在这里讨论代码的结构和测试。", "这个函数返回一个新的列表，其中包含所有元素。",
+      "请检查数据库连接是否正常，然后重新启动服务。", "用户的请求在五小时的窗口内被计算。"]
+TAMIL = "வணக்கம் உலகம் இது ஒரு சோதனை "
+
+
+def test_another_accounts_text_neither_refuses_a_prompt_that_fits_nor_moves_its_count(bridge, database):
+    """Proven by a hunt: 16 requests of Tamil (the simulator counts ~4x o200k) from one account
+    took every account's "wide" ratio to 3, so another's Chinese prompt of ~107K upstream tokens
+    was refused as past the 204,800 window and its count_tokens doubled."""
+    import random
+
+    from bridge import tokens
+    rng = random.Random(5)
+    victim, other = new_user(database), new_user(database)
+
+    def chat(key: str, text: str) -> httpx.Response:
+        return httpx.post(bridge.url + "/v1/chat/completions", headers={"authorization": "Bearer " + key},
+                          json={"model": "glm-4.6", "max_tokens": 16, "messages": [
+                              {"role": "user", "content": f"[[sim tokens=3]] {text} {uuid.uuid4().hex[:8]}"}]},
+                          timeout=120)
+
+    def counted(text: str) -> int:
+        r = httpx.post(bridge.url + "/v1/messages/count_tokens", headers={
+            "x-api-key": victim, "anthropic-version": "2023-06-01"}, timeout=60,
+            json={"model": "glm-4.6", "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 200, r.text
+        return r.json()["input_tokens"]
+
+    def chinese(sentences: int) -> str:
+        return "".join(rng.choice(ZH) for _ in range(sentences))
+
+    for _ in range(4):
+        assert chat(victim, chinese(120)).status_code == 200
+    probe = chinese(120)
+    before = counted(probe)
+    for _ in range(16):
+        assert chat(other, TAMIL * 100).status_code == 200
+    assert counted(probe) <= before * 1.1
+    big = chinese(6_700)  # ~75K o200k tokens, ~107K as the simulator counts them
+    upstream = len(tokens.offline_encoding("cl100k_base").encode_ordinary(big))
+    assert upstream < 204_800 * 0.6
+    answer = chat(victim, big)
+    assert answer.status_code == 200, answer.text[:300]
