@@ -74,6 +74,10 @@ class Reply(msgspec.Struct):
     abandon: Callable[[], None] | None = None
 
 
+# how long the end of a stream is waited for once it said `[DONE]`
+_AFTER_DONE = 1.0
+
+
 class _UpstreamSilent(Exception):
     pass
 
@@ -507,40 +511,81 @@ class Journey:
             opening = None  # done, its result is the flight's: not kept for the stream's life
             normalizer = glm.StreamNormalizer(self._call_prefix(flight))
             meter = flight.meter
-            silence = 0.0
+            said_done = False
+
+            def done() -> None:
+                nonlocal said_done
+                said_done = True
+                normalizer.done()
+            loop = asyncio.get_running_loop()
+            # silence is counted from the upstream's last event, not its last byte (a proxy's
+            # comment pings while its backend hangs are no answer); the client gets a keep-alive
+            # once it has had nothing for the interval, whatever the upstream sent meanwhile
+            heard = told = loop.time()
             try:
                 while True:
                     try:
                         async with asyncio.timeout(settings.keepalive_interval):
                             data = await response.content.readany()
                     except TimeoutError:
-                        silence += settings.keepalive_interval
-                        if silence >= settings.upstream_timeout:
+                        now = loop.time()
+                        if now - heard >= settings.upstream_timeout:
                             raise _UpstreamSilent() from None
+                        told = now
                         yield translator.keepalive
                         continue
                     if not data:
                         break
-                    silence = 0.0
-                    piece = self._translated(flight, translator, normalizer, data)
+                    piece = self._translated(flight, translator, normalizer, data, done)
                     # nothing of this read stays referenced while the stream waits for the next
                     # one: an idle stream holds only its state (bench: idle streams)
                     del data
-                    if piece is not None:
+                    now = loop.time()
+                    if piece is None and not said_done:  # no whole event: comments, or part of one
+                        if now - heard >= settings.upstream_timeout:
+                            raise _UpstreamSilent()
+                        if now - told >= settings.keepalive_interval:
+                            told = now
+                            yield translator.keepalive
+                        continue
+                    heard = now
+                    if piece:
+                        told = now
                         yield piece
+                    if said_done:
+                        # the answer is whole: its end is read a moment (only a body read to its
+                        # end lets the connection be used again), not for as long as the
+                        # upstream keeps it open
+                        if not response.content.at_eof():
+                            try:
+                                async with asyncio.timeout(_AFTER_DONE):
+                                    while await response.content.readany():
+                                        pass
+                            except TimeoutError:
+                                pass
+                        break
             except (aiohttp.ClientError, OSError, _UpstreamSilent) as exc:
                 if flight.ended:  # our own end (the cap, the shutdown) closed the response
                     yield translator.fail(self._cut(flight))
                     return
-                log.warning("upstream died mid-stream", extra={
-                    "entry": flight.entry_text, "upstream": _upstream_name(flight, self._upstream),
-                    "error": type(exc).__name__})
-                flight.end("upstream died mid-stream")
-                yield translator.fail(BridgeError(
-                    Kind.upstream_error, "The model provider's stream broke off before the answer was "
-                    f"finished. Request id {flight.entry}.", code="stream_interrupted"))
-                return
-            tail, outcome = normalizer.close()
+                tail, outcome = normalizer.close()
+                if outcome.error is None:
+                    # its last event was in (the finish reason, and the usage when sent): a
+                    # connection reset after it (a proxy, a load balancer) does not unmake a
+                    # whole answer, which the client would otherwise retry and pay for again
+                    log.info("upstream connection ended after a whole answer", extra={
+                        "entry": flight.entry_text, "error": type(exc).__name__})
+                else:
+                    log.warning("upstream died mid-stream", extra={
+                        "entry": flight.entry_text, "upstream": _upstream_name(flight, self._upstream),
+                        "error": type(exc).__name__})
+                    flight.end("upstream died mid-stream")
+                    yield translator.fail(BridgeError(
+                        Kind.upstream_error, "The model provider's stream broke off before the answer was "
+                        f"finished. Request id {flight.entry}.", code="stream_interrupted"))
+                    return
+            else:
+                tail, outcome = normalizer.close()
             out = translator.feed(tail)
             if flight.ended:  # cut by its end, not a whole answer
                 out += translator.fail(self._cut(flight))
@@ -561,15 +606,17 @@ class Journey:
 
     @staticmethod
     def _translated(flight: Flight, translator: StreamTranslator, normalizer: glm.StreamNormalizer,
-                    data: bytes) -> bytes | None:
-        """What the client gets for the upstream bytes `data`; None when they complete no event."""
+                    data: bytes, done: Callable[[], None]) -> bytes | None:
+        """What the client gets for the upstream bytes `data`: None when they complete no
+        upstream event, b"" when they do but it gives the client nothing."""
         events: list[glm.Event] = []
         meter = flight.meter
-        for chunk in chunks(flight.decoder, data, normalizer.done):
+        got = chunks(flight.decoder, data, done)
+        for chunk in got:
             meter.observe(chunk, delivered=True)
             events += normalizer.feed(chunk)
         if not events:
-            return None
+            return b"" if got else None
         if flight.first_token is None:
             flight.first_token = time.monotonic()
         return translator.feed(events)

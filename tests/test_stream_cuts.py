@@ -1,0 +1,188 @@
+"""How a stream ends when the upstream's connection does something other than close cleanly
+after the answer: reset after its last event (a proxy, a load balancer), kept open after
+`[DONE]`, or kept busy with comment pings while nothing comes. Each case was proven wrong by a
+hunt: the first told the client the answer broke off (it retried and paid twice), the second
+held the client for the whole silence limit, the third left the client without a byte and was
+never taken for silence."""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from .conftest import free_port, new_user, query, run, start_bridge, wait_settled
+
+
+def chunk(delta=None, finish=None, usage=None) -> bytes:
+    body = {"id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1, "model": "glm-4.6",
+            "choices": [{"index": 0, "delta": delta or {}, "finish_reason": finish}]}
+    if usage is not None:
+        body["usage"] = usage
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+USAGE = {"prompt_tokens": 50, "completion_tokens": 7, "total_tokens": 57}
+PIECES = {
+    # GLM's shape: finish_reason and usage on the last chunk, then [DONE]
+    "with_done": [chunk({"role": "assistant", "content": "Hello there, all done."}),
+                  chunk({}, "stop", USAGE), b"data: [DONE]\n\n"],
+    "without_done": [chunk({"role": "assistant", "content": "Hello there, all done."}),
+                     chunk({}, "stop", USAGE)],
+}
+
+
+class _Cut(BaseHTTPRequestHandler):
+    """Chunked transfer encoding, cut without its last (zero) chunk: the connection reset by a
+    proxy or load balancer after the answer's last event."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        said = json.dumps(body["messages"])
+        name = "with_done" if "with_done" in said else "without_done"
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for piece in PIECES[name]:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.flush()
+            time.sleep(0.02)
+        time.sleep(0.1)
+        if "hang" in said:  # the answer is whole ([DONE] sent); the connection is just not closed
+            time.sleep(20)
+        # reset, not the zero chunk
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
+
+
+@pytest.fixture(scope="module")
+def cut_bridge(database):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bridge = start_bridge(database, f"http://127.0.0.1:{server.server_address[1]}/v1", CODEPLAN_UPSTREAM_KEYS="k1")
+    yield bridge
+    bridge.stop()
+    server.shutdown()
+
+
+def _entry(database, key):
+    wait_settled(database)
+    return run(query(database, "SELECT l.* FROM usage_ledger l JOIN api_keys k ON k.id = l.api_key_id"
+                               " WHERE k.prefix = $1 ORDER BY l.created_at DESC LIMIT 1", key[:10]))[0]
+
+
+@pytest.mark.parametrize("name", ["with_done", "without_done"])
+def test_a_whole_answer_cut_after_its_last_event_is_delivered_whole(cut_bridge, database, name):
+    key = new_user(database)
+    answer = httpx.post(cut_bridge.url + "/v1/chat/completions", timeout=60, headers={"authorization": f"Bearer {key}"},
+                        json={"model": "glm-4.6", "stream": True, "messages": [{"role": "user", "content": f"{name} hi"}]})
+    entry = _entry(database, key)
+    print(answer.text)
+    print(entry["state"], entry["prompt_tokens"], entry["completion_tokens"], entry["billed_tokens"], entry["estimated"])
+    assert "[DONE]" in answer.text and '"error"' not in answer.text, (
+        f"the client was told the answer broke off although the upstream finished it "
+        f"(finish_reason stop + usage{' + [DONE]' if name == 'with_done' else ''}); "
+        f"billed {entry['billed_tokens']} at the upstream's usage all the same: {answer.text[-220:]}")
+
+
+@pytest.mark.parametrize("name", ["with_done"])
+def test_messages_whole_answer_cut_after_its_last_event(cut_bridge, database, name):
+    key = new_user(database)
+    answer = httpx.post(cut_bridge.url + "/v1/messages", timeout=60,
+                        headers={"x-api-key": key, "anthropic-version": "2023-06-01"},
+                        json={"model": "glm-4.6", "max_tokens": 100, "stream": True,
+                              "messages": [{"role": "user", "content": f"{name} hi"}]})
+    entry = _entry(database, key)
+    assert "message_stop" in answer.text and "event: error" not in answer.text, (entry["billed_tokens"], answer.text[-300:])
+
+
+def test_a_whole_answer_is_not_held_until_the_upstream_closes(database):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bridge = start_bridge(database, f"http://127.0.0.1:{server.server_address[1]}/v1", CODEPLAN_UPSTREAM_KEYS="k1",
+                          CODEPLAN_KEEPALIVE_INTERVAL="2", CODEPLAN_UPSTREAM_TIMEOUT="6")
+    try:
+        key = new_user(database)
+        started = time.monotonic()
+        answer = httpx.post(bridge.url + "/v1/chat/completions", timeout=60, headers={"authorization": f"Bearer {key}"},
+                            json={"model": "glm-4.6", "stream": True,
+                                  "messages": [{"role": "user", "content": "with_done hang hi"}]})
+        took = time.monotonic() - started
+    finally:
+        bridge.stop()
+        server.shutdown()
+    assert took < 3 and "[DONE]" in answer.text, (f"{took:.1f}s", answer.text[-200:])
+
+
+PING_FOR = 20.0
+
+
+class _Pinging(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        end = time.monotonic() + PING_FOR
+        try:
+            while time.monotonic() < end:
+                self.wfile.write(b": OPENROUTER PROCESSING\n\n")
+                self.wfile.flush()
+                time.sleep(1.0)
+        except OSError:
+            return
+        self.close_connection = True
+
+
+def test_an_upstream_sending_only_comments_is_neither_silent_to_the_client_nor_waited_on_for_ever(database):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Pinging)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bridge = start_bridge(database, f"http://127.0.0.1:{server.server_address[1]}/v1", CODEPLAN_UPSTREAM_KEYS="k1",
+                          CODEPLAN_KEEPALIVE_INTERVAL="2", CODEPLAN_UPSTREAM_TIMEOUT="6")
+    arrivals: list[tuple[float, bytes]] = []
+    try:
+        key = new_user(database)
+        started = time.monotonic()
+        with httpx.stream("POST", bridge.url + "/v1/chat/completions", timeout=60,
+                          headers={"authorization": f"Bearer {key}"},
+                          json={"model": "glm-4.6", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+            for piece in r.iter_raw():
+                arrivals.append((round(time.monotonic() - started, 1), piece[:60]))
+        took = time.monotonic() - started
+    finally:
+        bridge.stop()
+        server.shutdown()
+    print(took, arrivals)
+    gaps = [b[0] - a[0] for a, b in zip([(0.0, b"")] + arrivals, arrivals)]
+    assert max(gaps) < 5 and took < 12, (
+        f"keep-alive 2 s, upstream timeout 6 s: the client's longest wait for a byte was {max(gaps):.1f}s, "
+        f"the stream ended after {took:.1f}s (the upstream pinged for {PING_FOR:.0f}s, sent nothing else): {arrivals}")
