@@ -169,8 +169,11 @@ class Flight:
 
     # ---- the one way out -------------------------------------------------------------------
 
-    def end(self, cause: str) -> None:
-        """Settle at what is known now. Acts once; every later call is a no-op."""
+    def end(self, cause: str, *, refused: bool = False) -> None:
+        """Settle at what is known now. Acts once; every later call is a no-op. `refused`: the
+        upstream failed before any of its answer reached the client (an error as its first
+        event, an empty answer, a whole answer that failed): voided unless it reported usage,
+        as a refusal by status is; the user is not billed for our upstream's failure."""
         if self._ended:
             return
         self._ended = True
@@ -196,7 +199,7 @@ class Flight:
             settlement = Settlement(self.entry, "posted", counts, estimated=False, reason=cause,
                                     upstream_request_id=self.meter.upstream_id, upstream=upstream,
                                     upstream_cost=self._cost(counts), subscription_id=subscription)
-        elif not self.accepted:
+        elif not self.accepted or refused:
             settlement = Settlement(self.entry, "voided", Counts(), estimated=False, reason=cause,
                                     upstream=upstream, subscription_id=subscription)
         else:

@@ -423,6 +423,11 @@ class Journey:
             return self._broken(surface, flight, f"upstream failed: {type(exc).__name__}")
         # when its last byte came, which may be before the admission was heard
         flight.upstream_done = response.body_done or time.monotonic()
+        if not completion.choices and not isinstance(completion.usage, wire.Usage):
+            # a refusal in a 200 (llama-server, LiteLLM, some proxies): told as the refusal it is
+            refusal = glm.upstream_error(200, body, flight.entry_text)
+            if refusal.kind is not Kind.upstream_error:
+                return self._broken(surface, flight, f"upstream refused: {refusal.kind.value}", refusal)
         for choice in completion.choices[:1]:
             message = choice.message
             flight.meter.observe(wire.Chunk(id=completion.id, choices=[wire.ChunkChoice(delta=wire.Delta(
@@ -460,10 +465,12 @@ class Journey:
 
     def _broken(self, surface: Surface, flight: Flight, cause: str,
                 error: BridgeError | None = None) -> Reply:
+        """A whole answer that failed: the client gets an error and none of it, so it is billed
+        only at the usage the upstream reported, if any."""
         error = error or BridgeError(
             Kind.upstream_error, f"The model provider failed to answer. Request id {flight.entry}.")
         flight.status = error.status
-        flight.end(cause)
+        flight.end(cause, refused=True)
         return self._error(surface, error)
 
     async def _stream(self, surface: Surface, flight: Flight, opening: asyncio.Future) -> Reply:
@@ -579,7 +586,7 @@ class Journey:
                     log.warning("upstream died mid-stream", extra={
                         "entry": flight.entry_text, "upstream": _upstream_name(flight, self._upstream),
                         "error": type(exc).__name__})
-                    flight.end("upstream died mid-stream")
+                    flight.end("upstream died mid-stream", refused=not meter.delivered_anything)
                     yield translator.fail(BridgeError(
                         Kind.upstream_error, "The model provider's stream broke off before the answer was "
                         f"finished. Request id {flight.entry}.", code="stream_interrupted"))
@@ -595,7 +602,7 @@ class Journey:
                 flight.end("complete")
             else:
                 out += translator.fail(outcome.error)
-                flight.end(outcome.error.code or "broken")
+                flight.end(outcome.error.code or "broken", refused=not meter.delivered_anything)
             # settled after the answer is out: the client does not wait for the database; a
             # process that dies in between leaves a pending row the sweeper settles
             yield out

@@ -186,3 +186,64 @@ def test_an_upstream_sending_only_comments_is_neither_silent_to_the_client_nor_w
     assert max(gaps) < 5 and took < 12, (
         f"keep-alive 2 s, upstream timeout 6 s: the client's longest wait for a byte was {max(gaps):.1f}s, "
         f"the stream ended after {took:.1f}s (the upstream pinged for {PING_FOR:.0f}s, sent nothing else): {arrivals}")
+
+
+class _RefusingIn200(BaseHTTPRequestHandler):
+    """Refusals inside a 200 (llama-server, LiteLLM and some proxies say errors so): an error as
+    a stream's first event, or a whole answer that is only `{"error": ...}`."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+        if body.get("stream"):
+            out = (b'data: {"error": {"object": "error", "message": "Too many requests", "type": "RateLimitError",'
+                   b' "code": 429}}\n\ndata: [DONE]\n\n')
+            kind = "text/event-stream"
+        else:
+            out = b'{"error": {"code": "1301", "message": "System detected potentially unsafe content"}}'
+            kind = "application/json"
+        self.send_response(200)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+
+@pytest.fixture(scope="module")
+def refusing_bridge(database):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _RefusingIn200)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bridge = start_bridge(database, f"http://127.0.0.1:{server.server_address[1]}/v1", CODEPLAN_UPSTREAM_KEYS="k1")
+    yield bridge
+    bridge.stop()
+    server.shutdown()
+
+
+def test_a_stream_whose_first_event_is_an_error_is_not_billed(refusing_bridge, database):
+    key = new_user(database)
+    answer = httpx.post(refusing_bridge.url + "/v1/chat/completions", timeout=60,
+                        headers={"authorization": f"Bearer {key}"},
+                        json={"model": "glm-4.6", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200 and '"error"' in answer.text and "[DONE]" not in answer.text
+    entry = _entry(database, key)
+    assert (entry["state"], entry["billed_tokens"]) == ("voided", 0)
+
+
+def test_a_whole_answer_that_is_a_refusal_is_told_as_one_and_not_billed(refusing_bridge, database):
+    key = new_user(database)
+    answer = httpx.post(refusing_bridge.url + "/v1/chat/completions", timeout=60,
+                        headers={"authorization": f"Bearer {key}"},
+                        json={"model": "glm-4.6", "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "1301", answer.text
+    assert answer.headers.get("x-should-retry") != "true"
+    entry = _entry(database, key)
+    assert (entry["state"], entry["billed_tokens"]) == ("voided", 0)
