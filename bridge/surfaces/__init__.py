@@ -11,6 +11,15 @@ from ..errors import BridgeError, Kind
 T = TypeVar("T")
 
 
+# The least room beside the prompt worth answering in, for a client that does not say (Chat
+# Completions, Responses): GLM thinks first, often for thousands of tokens, so an answer lowered
+# below this ends `length` with thinking alone, which Cline and Roo resend whole until they give
+# up, OpenCode resends turn after turn at 1 token, and Kilo shows as nothing (each round billed
+# the whole window; proven with their CLIs). Refused instead as a context overflow, each of them
+# compacts or says why. Claude Code's own floor is the same (surfaces/messages.py).
+LEAST_ANSWER = 4000
+
+
 class Parsed(msgspec.Struct):
     """A client request as a GLM request (model as the client named it), and the client's own
     output cap (None: the model's), lowered to the room the model's window leaves beside the

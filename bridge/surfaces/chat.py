@@ -14,7 +14,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 
 from .. import errors, glm, sse, wire
 from ..errors import BridgeError, Kind
-from . import Parsed, decode_body
+from . import LEAST_ANSWER, Parsed, decode_body
 
 SURFACE = "chat"
 
@@ -347,7 +347,8 @@ class ChatSurface:
 
     def parse(self, body: bytes) -> Parsed:
         request = parse_request(body)
-        return Parsed(to_upstream(request), requested_max_tokens(request))
+        asked = requested_max_tokens(request)
+        return Parsed(to_upstream(request), asked, least_answer=min(LEAST_ANSWER, asked or LEAST_ANSWER))
 
     def stream(self, model: str, request_id: str, prompt_estimate: int) -> ChatStream:
         return ChatStream(model, request_id)

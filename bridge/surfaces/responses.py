@@ -45,7 +45,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 
 from .. import glm, sse, wire
 from ..errors import BridgeError, Kind
-from . import Parsed, decode_body
+from . import LEAST_ANSWER, Parsed, decode_body
 from .responses_wire import (
     ArgumentsDelta, ArgumentsDone, ContentPartAdded, ContentPartDone, CustomInputDelta,
     CustomInputDone, CustomToolCallItem, ErrorBody, ErrorDetail, ErrorInfo, FunctionCallItem,
@@ -846,7 +846,8 @@ class ResponsesSurface:
             upstream.stream = True  # a socket only ever streams
         self.request, self.items = request, items
         self.context = context_of(request, kinds)
-        return Parsed(upstream, request.max_output_tokens)
+        asked = request.max_output_tokens
+        return Parsed(upstream, asked, least_answer=min(LEAST_ANSWER, asked or LEAST_ANSWER))
 
     def stream(self, model: str, request_id: str, prompt_estimate: int) -> ResponsesStream:
         assert self.context is not None
