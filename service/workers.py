@@ -66,6 +66,8 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
                 return
             log.error("worker exited; starting another", extra={"worker": index, "code": code})
             await asyncio.sleep(1.0)
+            if stopping.is_set():  # the stop came during the pause: no worker it would not reach
+                return
 
     def pass_on_dump() -> None:  # SIGUSR1 (service/stacks.py): the workers' stacks too
         for process in running.values():
@@ -86,7 +88,16 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
         # after its drain a worker settles what is left (15 s at most), stops the live hub and
         # housekeeping (8 s) and closes its pool (6 s) whatever the database does: 29 s, plus
         # room for a loaded host, before the supervisor stops waiting for it
-        await asyncio.wait(keepers, timeout=config.shutdown_timeout + 60)
+        await asyncio.wait(keepers, timeout=config.shutdown_timeout + 40)
+        # one still running is hung (a blocked loop, a stopped process): killed, not left behind
+        # as an orphan holding the listening socket while the supervisor reports a clean stop
+        hung = [p for p in running.values() if p.returncode is None]
+        for process in hung:
+            log.error("worker did not stop in time; killed", extra={"pid": process.pid})
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        if hung:
+            await asyncio.wait([asyncio.ensure_future(p.wait()) for p in hung], timeout=10)
     finally:
         stacks.also.remove(pass_on_dump)
         for task in keepers:
@@ -94,4 +105,6 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if hung:
+        raise SystemExit(1)  # its open requests were not settled by it: the sweeper's now
 

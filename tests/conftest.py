@@ -319,12 +319,12 @@ def stream_started(server: Server, key: str, content: str) -> tuple[threading.Th
     return reader, received
 
 
-def start_workers(database: str, upstream: str, count: int) -> Server:
+def start_workers(database: str, upstream: str, count: int, **env: str) -> Server:
     """`codeplan run --workers count`, ready once a worker answers /readyz."""
     port = free_port()
     return Server(CODEPLAN + ["run", "--workers", str(count)], base_env(
         CODEPLAN_DATABASE_URL=database, CODEPLAN_PORT=str(port), CODEPLAN_UPSTREAM_URL=upstream,
-        CODEPLAN_UPSTREAM_KEYS="w-key"), port, "/readyz").start()
+        CODEPLAN_UPSTREAM_KEYS="w-key", **env), port, "/readyz").start()
 
 
 def children(pid: int) -> list[int]:

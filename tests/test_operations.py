@@ -4,9 +4,11 @@ metrics, a graceful SIGTERM, and several processes on one database."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import decimal
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -641,5 +643,35 @@ def test_run_with_workers_serves_one_port_and_stops_cleanly(fresh_database, simu
         assert server.process.wait(40) == 0
         assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
     finally:
+        server.stop()
+
+
+def test_a_worker_that_does_not_stop_is_killed_not_left_holding_the_port(fresh_database, simulator):
+    """A worker hung at the stop (here SIGSTOPped: a blocked loop, a stuck call) was left running
+    when the supervisor gave up waiting: an orphan holding the listening socket, connections
+    queued and never answered, while the supervisor exited 0. Now it is killed and the exit is 1."""
+    server = start_workers(fresh_database, simulator.url + "/api/coding/paas/v4", 2,
+                           CODEPLAN_SHUTDOWN_TIMEOUT="1")
+    hung = None
+    try:
+        assert server.process is not None
+        deadline = time.monotonic() + 20
+        while len(workers := children(server.process.pid)) < 2:
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.1)
+        hung = workers[0]
+        os.kill(hung, signal.SIGSTOP)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(90) == 1
+        time.sleep(0.2)
+        stat = Path(f"/proc/{hung}/stat")
+        assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        with pytest.raises(httpx.ConnectError):  # nobody holds the port
+            httpx.get(server.url + "/healthz", timeout=3)
+        assert "worker did not stop in time; killed" in server.output()
+    finally:
+        if hung is not None and Path(f"/proc/{hung}").exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGKILL)
         server.stop()
 
