@@ -180,7 +180,7 @@ async def _refuse(socket: WebSocket, refusal: responses_socket.Refusal) -> None:
 
 async def _relay(socket: WebSocket, reply: Reply) -> None:
     """A turn's answer: each event of its stream as one text frame."""
-    decoder = sse.SSEDecoder()
+    decoder = sse.SSEDecoder(max_line=None)  # our own output: as long as the request allows
     assert reply.stream is not None
     # closing the stream, however the loop ends, settles the turn (a client gone mid-answer
     # included)

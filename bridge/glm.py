@@ -10,10 +10,14 @@ What it fixes, once for every surface (chat, messages, responses):
   call may still receive arguments after the next one began;
 - every call has an id (synthesized when the upstream gave none) and a name before its first
   argument; a call whose arguments never came gets `"{}"` (AI-SDK clients never run `""`);
-- `stop` with tool calls is `tool_calls`; `sensitive` is `content_filter`;
-  `model_context_window_exceeded` is its own reason (the client compacts on it; Chat Completions
-  reads it as `length`); `network_error` is a broken answer, and so is an
-  OpenAI-style host's mid-stream `{"error": ...}` chunk (vLLM, SGLang);
+- `stop` with tool calls is `tool_calls`; `sensitive` (GLM) and `content_filter` (OpenAI-style
+  hosts) are `content_filter`; `model_context_window_exceeded` is its own reason (the client
+  compacts on it; Chat Completions reads it as `length`); `network_error` (GLM), `abort` and
+  `error` (vLLM, SGLang: the engine dropped or failed the request) are a broken answer, and so is
+  an OpenAI-style host's mid-stream `{"error": ...}` chunk; a reason we do not know is logged once
+  and read as `stop`;
+- reasoning comes as `reasoning_content` (GLM, SGLang, vLLM before 2026) or `reasoning` (vLLM
+  since its rename): the same thing, read from either;
 - a stream that ended with a finish reason is complete even without usage; one that just
   stopped, or said `[DONE]` without ever giving a finish reason, is broken; a complete answer
   with no text and no tool call (nothing, or reasoning alone) is a retryable error;
@@ -143,8 +147,11 @@ class StreamNormalizer:
             if isinstance(choice.finish_reason, str) and choice.finish_reason:
                 self._finish = choice.finish_reason
             delta = choice.delta
-            if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
-                self._say(Reasoning(delta.reasoning_content), out)
+            reasoning = delta.reasoning_content
+            if not (isinstance(reasoning, str) and reasoning):
+                reasoning = delta.reasoning  # vLLM's name since late 2025 (wire.Delta)
+            if isinstance(reasoning, str) and reasoning:
+                self._say(Reasoning(reasoning), out)
             if isinstance(delta.content, str) and delta.content:
                 self._say(Text(delta.content), out)
             if isinstance(delta.tool_calls, list):
@@ -234,11 +241,17 @@ class StreamNormalizer:
 
     def _outcome(self) -> Outcome:
         if self._failure is not None:
+            if self._failure.code == "line_too_long":  # our SSE decoder's cap (sse.MAX_LINE)
+                return _broken("The model provider sent an event too large to relay; please retry.",
+                               "line_too_long")
             return _broken("The model provider failed mid-answer; please retry.", "upstream_error")
         finish = self._finish
-        if finish == "network_error":
-            return _broken("The model failed mid-answer (finish_reason: network_error); please retry.",
-                           "network_error")
+        if finish in _BROKEN_FINISH:
+            # the upstream ended the answer unfinished: GLM's inference exception, vLLM's and
+            # SGLang's engine dropping the request (`abort`: preempted, out of KV cache, its
+            # deadline) or failing it (`error`). The client gets an error, never a whole answer
+            return _broken(f"The model failed mid-answer (finish_reason: {finish}); please retry.",
+                           _BROKEN_FINISH[finish])
         if finish is None and not self._done:
             return _broken("The model provider's stream broke off before the answer was finished.",
                            "stream_interrupted")
@@ -259,13 +272,29 @@ class StreamNormalizer:
         return Outcome(reason=reason)
 
 
+# finish reasons that end an answer unfinished, and the code its error carries
+_BROKEN_FINISH = {"network_error": "network_error", "abort": "upstream_abort", "error": "upstream_failed"}
+# finish reasons read as a natural end (`function_call`: OpenAI's older name for a tool call)
+_PLAIN_FINISH = {STOP, TOOL_CALLS, "function_call"}
+# reasons already logged as unknown: each once per process, and only so many (an upstream that
+# puts a new word in every answer must not grow the set without end)
+_UNKNOWN_SEEN: set[str] = set()
+_UNKNOWN_MAX = 64
+
+
 def finish_reason(upstream: str | None, *, tools: bool) -> str:
     if upstream == "length":
         return LENGTH
     if upstream == CONTEXT_WINDOW:
         return CONTEXT_WINDOW
-    if upstream == "sensitive":
+    if upstream in ("sensitive", CONTENT_FILTER):
         return CONTENT_FILTER
+    if upstream is not None and upstream not in _PLAIN_FINISH and len(_UNKNOWN_SEEN) < _UNKNOWN_MAX:
+        said = upstream[:64]  # what is kept and logged of it: an upstream's word, bounded
+        if said not in _UNKNOWN_SEEN:
+            _UNKNOWN_SEEN.add(said)
+            log.warning("upstream gave a finish reason we do not know; read as a natural end",
+                        extra={"finish_reason": said})
     return TOOL_CALLS if tools else STOP
 
 
@@ -279,7 +308,7 @@ def completion_events(completion: wire.Completion, call_id_prefix: str) -> tuple
         events += normalizer.feed(wire.Chunk(choices=[wire.ChunkChoice(
             delta=wire.Delta(
                 content=message.content if isinstance(message.content, str) else UNSET,
-                reasoning_content=message.reasoning_content,
+                reasoning_content=message.reasoning_content,  # or vLLM's `reasoning` (wire.ResponseMessage)
                 tool_calls=[wire.ToolCallDelta(index=i, id=c.id or UNSET, function=wire.FunctionDelta(
                     name=c.function.name, arguments=c.function.arguments)) for i, c in enumerate(calls)]),
             finish_reason=choice.finish_reason or "stop")]))
@@ -358,7 +387,13 @@ _REFUSALS = {
     "1214": "a field is invalid", "1215": "two fields exclude each other",
     "1220": "the model is not available to the service's upstream account",
     "1221": "the API is offline", "1222": "the API does not exist",
+    "1311": "the model is not included in the service's upstream plan",
 }
+# refusals of one model to the upstream account: 1211 no such model, 1220 not entitled, 1311 not
+# in the plan (glm-upstream.md §7.3, §16)
+_MODEL_CODES = {"1211", "1220", "1311"}
+# refusals of the request itself
+_REQUEST_CODES = {"1210", "1212", "1213", "1214", "1215"}
 # what of an upstream's words the operator's log keeps: a gateway may quote our key, an org id
 # or a balance there, so anything shaped like a credential is blotted before it is written
 _SAID_LIMIT = 300
@@ -436,7 +471,13 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
     gateway (LiteLLM, OpenRouter, a proxy) the text may name the operator's key, organisation
     or balance, and every user would read it. The upstream's words go to the operator's log.
     `retry_after`: the upstream's Retry-After header, which a rate limit or an overload passes
-    on (the text that said "try again in 20s" is no longer the client's to read)."""
+    on (the text that said "try again in 20s" is no longer the client's to read).
+
+    `invalid_request` is kept for faults of the user's own request (400, 422, codes 1210-1215):
+    Cline reads any Anthropic invalid_request_error as an overflow and cuts the conversation
+    (clients.md). What the operator's upstream account or deployment refuses is said as such:
+    credentials (401, 403), billing (402), a model it may not serve (1211, 1220, 1311), a
+    deployment that does not answer the path or the model's name (404), a proxy's 408."""
     code, message = _error_said(body)
     if message:
         log.warning("upstream refused a request", extra={
@@ -444,10 +485,11 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
     # a business code is GLM's number; anything else from a gateway is not repeated in a message
     # (the OpenAI shape carries `code` as it always did)
     numbered = f"code {code}, " if code.isdigit() and len(code) <= 6 else ""
-    if code in ("1113", "1309"):
+    if code in ("1113", "1309") or status == 402:
+        # 402: an OpenAI-compatible gateway's "out of credit" (OpenRouter, LiteLLM budgets)
         return BridgeError(Kind.upstream_billing,
-                           f"The model provider refused the request for billing reasons ({code}); "
-                           f"this is not retryable. Request id {request_id}.", code=code)
+                           f"The model provider refused the request for billing reasons ({numbered}HTTP {status}); "
+                           f"this is not retryable. Request id {request_id}.", code=code or None)
     if code in ("1302", "1303"):
         # GLM's documented meanings: 1302 too many requests at once, 1303 too many in a row
         limit = "concurrency" if code == "1302" else "request rate"
@@ -456,10 +498,7 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
                            f"retry shortly. Request id {request_id}.", code=code,
                            retry_after=_asked_wait(retry_after, 2))
     if code == "1305" or status == 529:
-        return BridgeError(Kind.upstream_overloaded,
-                           f"The model provider is temporarily overloaded ({numbered}HTTP {status}); "
-                           f"retry shortly. Request id {request_id}.", code=code or None,
-                           retry_after=_asked_wait(retry_after, 5))
+        return _overloaded(status, numbered, code, request_id, retry_after)
     if code in _QUOTA_CODES:
         # the service's own upstream plan ran dry: capacity on our side, retry later
         return BridgeError(Kind.upstream_overloaded,
@@ -478,7 +517,19 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
                            "The prompt exceeds the context window (the model's maximum context length); "
                            f"compact or shorten the conversation. Request id {request_id}.",
                            code="context_length_exceeded")
-    if status == 401 or code in _AUTH_CODES:
+    if code in _MODEL_CODES:
+        # the upstream account may not use this model: no key's fault, and the same for every
+        # key of it (the router tries another profile serving the model, if any). Not the user's
+        # request fault either: a model not available, as OpenAI says it (404 model_not_found;
+        # Anthropic's not_found_error)
+        return BridgeError(Kind.not_found,
+                           f"The model is not available from the service's model provider ({numbered}HTTP {status}): "
+                           f"{_REFUSALS[code]}. Request id {request_id}.", code="model_not_found")
+    if code in _REQUEST_CODES:
+        return BridgeError(Kind.invalid_request,
+                           f"The model provider rejected the request ({numbered}HTTP {status}): {_REFUSALS[code]}. "
+                           f"Request id {request_id}.", code=code)
+    if status in (401, 403) or code in _AUTH_CODES:
         log.error("upstream rejected our key", extra={"status": status, "code": code})
         return BridgeError(Kind.upstream_error,
                            f"The model provider rejected the service's credentials. Request id {request_id}.")
@@ -487,6 +538,21 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
                            f"The model provider is rate-limiting the service ({numbered}HTTP {status}); "
                            f"retry shortly. Request id {request_id}.", code=code or None,
                            retry_after=_asked_wait(retry_after, 2))
+    if status == 503:
+        # an upstream (or the proxy before it) with no capacity now: its wait passed on
+        return _overloaded(status, numbered, code, request_id, retry_after)
+    if status in (504, 524):
+        # a gateway before the model waited for it and gave up (524: Cloudflare's): the model
+        # may have computed the whole answer. Not sent again (the router's own read timeout)
+        return BridgeError(Kind.upstream_timeout,
+                           f"The model provider timed out before answering (HTTP {status}). "
+                           f"Request id {request_id}.", code=code or None)
+    if status in (404, 408):
+        # 404: a deployment that does not serve this path or model name (vLLM's
+        # --served-model-name, a wrong base URL); 408: a proxy that gave up reading our request
+        return BridgeError(Kind.upstream_error,
+                           f"The model provider could not serve the request (HTTP {status}). "
+                           f"Request id {request_id}.", code=code or None)
     if 400 <= status < 500:
         meaning = _REFUSALS.get(code, "check the model and the request's parameters")
         return BridgeError(Kind.invalid_request,
@@ -495,3 +561,10 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
     return BridgeError(Kind.upstream_error,
                        f"The model provider failed (HTTP {status}). Request id {request_id}.",
                        code=code or None)
+
+
+def _overloaded(status: int, numbered: str, code: str, request_id: str, retry_after: str | None) -> BridgeError:
+    return BridgeError(Kind.upstream_overloaded,
+                       f"The model provider is temporarily overloaded ({numbered}HTTP {status}); "
+                       f"retry shortly. Request id {request_id}.", code=code or None,
+                       retry_after=_asked_wait(retry_after, 5))

@@ -298,9 +298,12 @@ class StreamMeter:
             return
         for choice in chunk.choices:
             delta = choice.delta
-            if isinstance(delta.reasoning_content, str) and delta.reasoning_content:
-                self._delivered.append(delta.reasoning_content)
-                self._reasoning.append(delta.reasoning_content)
+            reasoning = delta.reasoning_content
+            if not (isinstance(reasoning, str) and reasoning):
+                reasoning = delta.reasoning  # vLLM's name for it (wire.Delta), read as glm.py does
+            if isinstance(reasoning, str) and reasoning:
+                self._delivered.append(reasoning)
+                self._reasoning.append(reasoning)
             if isinstance(delta.content, str) and delta.content:
                 self._delivered.append(delta.content)
             if isinstance(delta.tool_calls, list):

@@ -9,10 +9,13 @@ request cost. Presets fill the URL and the published prices of the usual upstrea
 The **router** picks, for each request, a profile serving its model (weighted at random among
 the healthy ones) and a key of it (the least busy, in turn among equals). Before any byte has
 reached the client, a failure that another key or upstream may not meet (a connection failure,
-a 5xx, 429/1302, 1305, our key's billing or credentials) is retried on another key or profile
-with backoff, at most `attempts` times. A key that keeps failing cools down (30 s, doubling
-while it keeps failing) and shows as unhealthy; a cooling key is used only when nothing else is
-left. A request fault (400, content policy, context length) is never retried.
+a 5xx, 429/1302, 1305, a 503, the deployment's 404 or a proxy's 408, our key's billing or
+credentials) is retried on another key or profile with backoff, at most `attempts` times. A key
+that keeps failing cools down (30 s, doubling while it keeps failing) and shows as unhealthy; a
+cooling key is used only when nothing else is left. A request fault (400, content policy,
+context length) is never retried, nor a timeout (ours, or a 504/524 from the upstream's
+gateway: the model may have computed it all). A model the upstream account may not use (1211,
+1220, 1311) cools no key and is tried on another profile serving it, if there is one.
 
 With a per-key cap configured, a request holds a slot of its key until its response ends. In
 one process that is a counter; across processes and hosts it is a lease in PostgreSQL (the
@@ -339,12 +342,15 @@ class _Failure(Exception):
     """One attempt failed: the error for the client, and whether it was our key's fault."""
 
     def __init__(self, error: BridgeError, *, key_fault: bool, at_once: bool = False,
-                 final: bool = False) -> None:
+                 final: bool = False, other_profile: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
         self.key_fault = key_fault
         self.at_once = at_once  # cool the key now (credentials, billing, quota), not after 3
         self.final = final  # no other attempt, whatever its kind
+        # the profile cannot serve this request with any of its keys (a model its account may
+        # not use): tried on another profile serving the model, if there is one; never this one
+        self.other_profile = other_profile
 
 
 # failures another key or upstream may well not meet; never a refusal of the request itself
@@ -496,7 +502,11 @@ class Router:
             except _Failure as failure:
                 last = failure.error
                 self._failed(profile, key, failure)
-                if failure.final or failure.error.kind not in _RETRY_ON:
+                if failure.other_profile and not failure.final:
+                    candidates = [p for p in candidates if p is not profile]
+                    if not candidates:
+                        raise _given_up(failure.error) from None
+                elif failure.final or failure.error.kind not in _RETRY_ON:
                     raise _given_up(failure.error) from None
                 log.warning("upstream attempt failed" + ("; trying another" if attempt + 1 < self._attempts
                                                          else "; no attempts left"), extra={
@@ -658,8 +668,7 @@ class Router:
             self._give_back(key, slot)
             error = glm.upstream_error(response.status, error_body, request_id,
                                        response.headers.get("retry-after"))
-            at_once = response.status in (401, 403) or error.code in _QUOTA_CODES
-            raise _Failure(error, key_fault=error.kind in _RETRY_ON or at_once, at_once=at_once)
+            raise _refusal(response.status, error)
         key.served += 1
         return UpstreamResponse(response, lambda: self._give_back(key, slot), profile.name, price, stream=stream)
 
@@ -690,6 +699,28 @@ class Router:
                 self._on_health(profile.name, key.fingerprint, True, None)
             key.failures = key.trips = 0
             key.cooling_until = 0.0
+
+
+def _refusal(status: int, error: BridgeError) -> _Failure:
+    """An upstream's error status as one attempt's failure: whose fault, and what is tried next."""
+    kind = error.kind
+    if kind is Kind.upstream_timeout:
+        # a gateway before the model (504, 524) waited for it and gave up: as the router's own
+        # read timeout, the model may have computed it all. No key's fault, and not sent again
+        return _Failure(error, key_fault=False, final=True)
+    if kind is Kind.not_found:
+        # a model the profile's upstream account may not use (1211, 1220, 1311): the same for
+        # every key of it, and no key's fault (cooling would take the bridge out of service for
+        # every model: /readyz). Another profile serving the model may
+        return _Failure(error, key_fault=False, other_profile=True)
+    # our key's own trouble, cooled at once: its credentials (a plain 401 or 403), its account's
+    # billing (402, 1113, 1309) or quota
+    at_once = ((status in (401, 403) and kind is Kind.upstream_error)
+               or kind is Kind.upstream_billing or error.code in _QUOTA_CODES)
+    # 404 (a deployment that does not serve the path or model name) and a proxy's 408 are tried
+    # elsewhere, but say nothing of the key
+    key_fault = at_once or (kind in _RETRY_ON and status not in (404, 408))
+    return _Failure(error, key_fault=key_fault, at_once=at_once)
 
 
 def _given_up(error: BridgeError) -> BridgeError:

@@ -137,6 +137,10 @@ class Delta(Struct, omit_defaults=True):
     content: str | UnsetType | None = UNSET
     reasoning_content: str | UnsetType | None = UNSET
     tool_calls: list[ToolCallDelta] | UnsetType | None = UNSET
+    # vLLM's name for `reasoning_content` since Nov 2025 (the old one removed Jan 2026): the same
+    # thing. Read where `reasoning_content` is read, when that one is absent or empty (a vLLM of
+    # the transition sends both, the same text); never written (UNSET, left out)
+    reasoning: str | UnsetType | None = UNSET
 
 
 class ChunkChoice(Struct):
@@ -171,6 +175,14 @@ class ResponseMessage(Struct):
     content: str | None = None
     reasoning_content: str | UnsetType | None = UNSET
     tool_calls: list[ToolCall] | UnsetType | None = UNSET
+    # vLLM's newer name for `reasoning_content` (see Delta): merged into it once decoded, so
+    # every reader of a whole answer sees one field (one message per answer: the cost is nil)
+    reasoning: str | UnsetType | None = UNSET
+
+    def __post_init__(self) -> None:
+        if isinstance(self.reasoning, str) and self.reasoning and not (
+                isinstance(self.reasoning_content, str) and self.reasoning_content):
+            self.reasoning_content = self.reasoning
 
 
 class Choice(Struct):

@@ -150,7 +150,7 @@ def test_reasoning_only_reaches_chat_as_an_error_without_done():
 
 @pytest.mark.parametrize("upstream,reason", [
     ("stop", "stop"), ("length", "length"), ("model_context_window_exceeded", "model_context_window_exceeded"),
-    ("sensitive", "content_filter"), ("something_new", "stop")])
+    ("sensitive", "content_filter"), ("content_filter", "content_filter"), ("something_new", "stop")])
 def test_finish_reasons_have_one_meaning(upstream, reason):
     normalizer = glm.StreamNormalizer("c_")
     normalizer.feed(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content="x"), finish_reason=upstream)]))
@@ -393,7 +393,8 @@ def upstream_streams(draw):
         pieces.append(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(tool_calls=[wire.ToolCallDelta(
             index=index, id=f"id{index}" if name else wire.UNSET, type="function" if name else wire.UNSET,
             function=wire.FunctionDelta(name=name if name else wire.UNSET, arguments=part))]))]))
-    finish = draw(st.sampled_from([None, "stop", "tool_calls", "length", "sensitive", "network_error"]))
+    finish = draw(st.sampled_from([None, "stop", "tool_calls", "length", "sensitive", "network_error",
+                                   "content_filter", "abort", "error"]))
     usage = wire.Usage(prompt_tokens=9, completion_tokens=4, total_tokens=13) if draw(st.booleans()) else wire.UNSET
     if finish is not None:
         pieces.append(wire.Chunk(choices=[wire.ChunkChoice(delta=wire.Delta(content=""), finish_reason=finish)],

@@ -38,13 +38,26 @@ KINDS = [
     ((400, "1301"), (Kind.content_policy, 400, "1301", None)),
     ((400, "1261"), (Kind.context_length, 400, "context_length_exceeded", None)),
     ((400, "1214"), (Kind.invalid_request, 400, "1214", None)),
-    ((403, "1220"), (Kind.invalid_request, 400, "1220", None)),
-    ((404, ""), (Kind.invalid_request, 400, None, None)),
+    ((403, "1214"), (Kind.invalid_request, 400, "1214", None)),  # the code says the request's fault
+    ((400, ""), (Kind.invalid_request, 400, None, None)),
     ((422, "anything"), (Kind.invalid_request, 400, "anything", None)),
+    # the upstream account may not use the model: not the user's request fault (Cline cuts the
+    # conversation on any Anthropic invalid_request_error), a model not available
+    ((403, "1220"), (Kind.not_found, 404, "model_not_found", None)),
+    ((403, "1311"), (Kind.not_found, 404, "model_not_found", None)),
+    ((400, "1211"), (Kind.not_found, 404, "model_not_found", None)),
+    # the operator's side: its deployment (404: vLLM's served-model-name), a proxy (408)
+    ((404, ""), (Kind.upstream_error, 502, None, None)),
+    ((408, ""), (Kind.upstream_error, 502, None, None)),
     ((429, "1113"), (Kind.upstream_billing, 402, "1113", None)),
+    ((402, ""), (Kind.upstream_billing, 402, None, None)),  # a gateway's "out of credit"
     ((429, "1308"), (Kind.upstream_overloaded, 503, "1308", 30)),
     ((401, "1002"), (Kind.upstream_error, 502, None, None)),
+    ((403, ""), (Kind.upstream_error, 502, None, None)),  # our key's credentials
     ((500, "500"), (Kind.upstream_error, 502, "500", None)),
+    ((503, ""), (Kind.upstream_overloaded, 503, None, 5)),
+    ((504, ""), (Kind.upstream_timeout, 504, None, None)),
+    ((524, ""), (Kind.upstream_timeout, 504, None, None)),
 ]
 
 
@@ -151,6 +164,43 @@ def test_an_upstreams_retry_after_is_passed_on_bounded(header, told):
     Retry-After header is, when it asks longer than our default, at most a minute."""
     error = glm.upstream_error(429, b'{"error": {"message": "slow down"}}', "r", header)
     assert (error.kind, error.retry_after) == (Kind.upstream_rate_limited, told)
+
+
+@pytest.mark.parametrize("header, told", [("20", 20), (None, 5), ("86400", 60)])
+def test_an_upstream_503s_retry_after_is_passed_on_bounded(header, told):
+    """An upstream's (or its proxy's) 503 was a plain 502 and its Retry-After dropped: it is
+    an overload, with the wait it asks, as 1305 and 529 are."""
+    error = glm.upstream_error(503, b'{"error": {"message": "no capacity"}}', "r", header)
+    assert (error.kind, error.status, error.retry_after) == (Kind.upstream_overloaded, 503, told)
+    status, headers, _ = messages.MessagesSurface().error(error)
+    assert (status, headers["retry-after"], headers["x-should-retry"]) == (529, str(told), "true")
+
+
+# what each surface calls an operator-side refusal: never the user's invalid_request_error
+OPERATOR_SIDE = [
+    (402, {"error": {"message": "Insufficient credits. Add more using https://openrouter.ai/settings/credits",
+                     "code": 402}}, "billing_error"),
+    (403, {"error": {"code": "1220", "message": "You do not have permission to access this model"}}, "not_found_error"),
+    (403, {"error": {"code": "1311", "message": "model not in plan"}}, "not_found_error"),
+    (403, {"error": {"message": "Forbidden"}}, "api_error"),
+    (404, {"object": "error", "message": "The model `glm-4.6` does not exist.", "type": "NotFoundError",
+           "code": 404}, "api_error"),
+    (408, {"error": {"message": "Request Timeout"}}, "api_error"),
+]
+
+
+@pytest.mark.parametrize("status, body, anthropic", OPERATOR_SIDE,
+                         ids=["402", "403-1220", "403-1311", "403", "404", "408"])
+def test_an_operator_side_refusal_is_not_the_users_invalid_request(status, body, anthropic):
+    """Cline reads any Anthropic invalid_request_error as an overflow and truncates the
+    conversation (clients.md): the operator's billing, credentials, entitlement or deployment is
+    no fault of the user's request, and is not said as one on any surface."""
+    error = glm.upstream_error(status, json.dumps(body).encode(), "r")
+    said = json.loads(messages.MessagesSurface().error(error)[2])["error"]
+    assert said["type"] == anthropic
+    assert json.loads(chat.ChatSurface().error(error)[2])["error"]["type"] != "invalid_request_error" \
+        or error.kind is Kind.not_found  # OpenAI's own model_not_found is a 404 invalid_request_error
+    assert responses.failure(error)[0] != "invalid_prompt" or error.kind is Kind.not_found
 
 
 def test_a_gateways_retry_after_reaches_the_client(database, quoting_upstream):
@@ -279,7 +329,7 @@ def test_only_a_code_shaped_code_reaches_the_client(body, code, caplog):
     whose code was a number (vLLM, SGLang) could not be read at all, so its message, an overflow
     included, was lost."""
     with caplog.at_level(logging.WARNING, logger="codeplan.glm"):
-        error = glm.upstream_error(404, json.dumps(body).encode(), "req-1")
+        error = glm.upstream_error(400, json.dumps(body).encode(), "req-1")
     assert error.kind is Kind.invalid_request and error.code == code
     assert ORG not in chat.ChatSurface().error(error)[2].decode()
     assert "upstream refused a request" in caplog.text  # the message was read, for the operator

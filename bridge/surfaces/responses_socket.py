@@ -222,7 +222,7 @@ class SocketSession:
         self.memory.remember(response_id, surface.items)
         self._last_request, self._last_response = request, response_id
         self.counts.warmups += 1
-        return [event.data for event in sse.SSEDecoder().feed(out)]
+        return [event.data for event in sse.SSEDecoder(max_line=None).feed(out)]
 
     def refused(self, error: BridgeError) -> bytes:
         self.counts.refused += 1
