@@ -32,6 +32,10 @@ INVOICE_EVENTS = {
     "invoice.updated": None, "invoice.voided": None, "invoice.marked_uncollectible": None,
     "invoice.payment_failed": "payment_failed", "invoice.payment_action_required": "action_required"}
 CHECKOUT_EVENTS = {"checkout.session.completed", "checkout.session.async_payment_succeeded"}
+# a customer deleted on Stripe (Dashboard, a GDPR request): the account forgets it
+CUSTOMER_EVENTS = {"customer.deleted"}
+# Stripe's states of a subscription that has ended for good
+ENDED = ("canceled", "incomplete_expired")
 # what of a top-up's payment we keep: refunds, and disputes (chargebacks), which withdraw money
 # without refunding it
 MONEY_BACK_EVENTS = {
@@ -110,6 +114,8 @@ class EventApplier:
                 await self.invoice(conn, invoice.id, invoice.subscription, INVOICE_EVENTS[event.type])
             elif event.type in CHECKOUT_EVENTS:
                 await self.checkout(conn, _ref.decode(raw).id or "")
+            elif event.type in CUSTOMER_EVENTS:
+                await self.customer_deleted(conn, _ref.decode(raw).id or "")
             elif event.type in MONEY_BACK_EVENTS:
                 # a refund's or a dispute's events carry that object (charge.refund.updated a
                 # refund too), charge.refunded the charge
@@ -138,13 +144,21 @@ class EventApplier:
         read from Stripe and the write of what it said are never overtaken by an older read."""
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "stripe:" + stripe_id)
 
-    async def _account(self, conn: asyncpg.Connection, customer: str | None, meta: dict[str, str]) -> int:
+    async def _account(self, conn: asyncpg.Connection, customer: str | None, meta: dict[str, str],
+                       subscription: str | None = None) -> int:
         if customer:
             account = await conn.fetchval("SELECT id FROM accounts WHERE stripe_customer_id = $1", customer)
             if account is not None:
                 return account
+        if subscription:
+            # a subscription we hold already, whose customer the account no longer stores (deleted
+            # on Stripe, customer.deleted applied first): still that account's
+            account = await conn.fetchval("SELECT account_id FROM stripe_subscriptions"
+                                          " WHERE stripe_subscription_id = $1", subscription)
+            if account is not None:
+                return account
         claimed = meta.get("codeplan_account_id", "")
-        if claimed.isdigit() and customer:
+        if claimed.isdigit() and customer and not await self._api.customer_gone(customer):
             # made by our Checkout for this account, before the customer id was stored here
             linked = await conn.fetchval(
                 "UPDATE accounts SET stripe_customer_id = $2 WHERE id = $1 AND stripe_customer_id IS NULL"
@@ -163,7 +177,7 @@ class EventApplier:
         await self._lock(conn, stripe_id)
         sub = await self._api.subscription(stripe_id)
         self._ours(f"subscription {sub.id}", sub.metadata)
-        account = await self._account(conn, sub.customer, sub.metadata)
+        account = await self._account(conn, sub.customer, sub.metadata, sub.id)
         item = sub.plan_item
         plan = await self._plan(conn, item.price) if item else None
         overage = False
@@ -199,19 +213,26 @@ class EventApplier:
         elif outcome == "applied":
             log.info("subscription synced", extra={"subscription": sub.id, "stripe_status": sub.status,
                                                    "plan": plan, "status": row["detail"]})
+        if sub.status in ENDED:
+            # its invoices outlive it on Stripe, open and payable: the worker voids those and
+            # refunds a payment made after its end (ended.py); again at each event naming it
+            await conn.execute(
+                "INSERT INTO ended_subscription_invoices (stripe_subscription_id, account_id) VALUES ($1, $2)"
+                " ON CONFLICT (stripe_subscription_id) DO UPDATE SET state = 'pending', next_attempt_at = now()",
+                sub.id, account)
 
     async def invoice(self, conn: asyncpg.Connection, invoice_id: str, subscription: str | None,
                       problem: str | None) -> None:
         await self._lock(conn, subscription or invoice_id)
         invoice = await self._api.invoice(invoice_id)
         try:
-            account = await self._account(conn, invoice.customer, {})
+            account = await self._account(conn, invoice.customer, {}, invoice.subscription)
         except Ignored:
             if not invoice.subscription:
                 raise
             # our Checkout's subscription whose customer we have not linked yet: sync it first
             await self.subscription(conn, invoice.subscription)
-            account = await self._account(conn, invoice.customer, {})
+            account = await self._account(conn, invoice.customer, {}, invoice.subscription)
         await conn.execute(
             """INSERT INTO billing_invoices AS i (stripe_invoice_id, account_id, stripe_subscription_id, status,
                    billing_reason, amount_due, amount_paid, currency, attempt_count, payment_problem,
@@ -246,13 +267,26 @@ class EventApplier:
         if session.customer and found["stripe_customer_id"] not in (None, session.customer):
             # our sessions are opened for the account's own Customer: this one is another's
             raise Ignored(f"checkout session {session.id} is not account {account}'s customer's")
-        if session.customer:
+        if session.customer and found["stripe_customer_id"] is None and not await self._api.customer_gone(
+                session.customer):
             await conn.execute("UPDATE accounts SET stripe_customer_id = $2 WHERE id = $1 AND stripe_customer_id IS NULL",
                                account, session.customer)
         if session.mode == "subscription" and session.subscription:
             await self.subscription(conn, session.subscription)
         elif session.mode == "payment" and session.payment_status == "paid":
             await self._topup(conn, account, session)
+
+    async def customer_deleted(self, conn: asyncpg.Connection, customer_id: str) -> None:
+        """A customer deleted on Stripe (its subscriptions ended with it, each with its own event):
+        the account that stored it forgets it, so its next purchase makes a new one."""
+        await self._lock(conn, customer_id)
+        if not await self._api.customer_gone(customer_id):
+            raise Ignored(f"customer {customer_id} is not deleted on Stripe")
+        account = await conn.fetchval("UPDATE accounts SET stripe_customer_id = NULL WHERE stripe_customer_id = $1"
+                                      " RETURNING id", customer_id)
+        if account is not None:
+            log.warning("stripe customer deleted; the account's next purchase makes a new one",
+                        extra={"account": account, "customer": customer_id})
 
     async def _topup(self, conn: asyncpg.Connection, account: int, session: wire.CheckoutSession) -> None:
         tokens = session.metadata.get("codeplan_topup_tokens", "")

@@ -15,6 +15,7 @@ from .apply import EventApplier
 from .catalog import Catalog, Line
 from .catchup import Catchup
 from .duplicates import Duplicates
+from .ended import EndedInvoices
 from .outbox import Outbox
 from .sessions import Sessions
 from .state import BillingState, BlockView, account_state
@@ -46,8 +47,9 @@ class Billing:
         self.applier = EventApplier(pool, api, config, retry_base, installation)
         self.outbox = Outbox(pool, api, retry_base)
         self.duplicates = Duplicates(pool, api, installation, retry_base)
-        self.worker = BillingWorker(pool, self.applier, self.outbox, self.duplicates, Catchup(pool, api), poll=poll,
-                                    catchup_every=config.stripe_catchup_seconds)
+        self.ended = EndedInvoices(pool, api, installation, retry_base)
+        self.worker = BillingWorker(pool, self.applier, self.outbox, self.duplicates, Catchup(pool, api), self.ended,
+                                    poll=poll, catchup_every=config.stripe_catchup_seconds)
 
     @classmethod
     async def open(cls, pool: asyncpg.Pool, config: Config, *, retry_base: float = 2.0,

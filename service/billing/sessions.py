@@ -72,8 +72,9 @@ class Sessions:
             yield conn
 
     async def customer(self, account_id: int) -> str:
-        """The account's Stripe Customer, created the first time and stored on the account."""
-        existing = await self._pool.fetchval("SELECT stripe_customer_id FROM accounts WHERE id = $1", account_id)
+        """The account's Stripe Customer, created the first time and stored on the account. One
+        deleted on Stripe since (Dashboard, a GDPR request) is forgotten and a new one made."""
+        existing = await self._stored_customer(account_id)
         if existing:
             return existing
         async with self._serialised("customer", account_id) as conn:
@@ -83,16 +84,34 @@ class Sessions:
             if row["stripe_customer_id"]:
                 return row["stripe_customer_id"]
             # The key is the account's own, so a crash before the update below and a retry
-            # (within Stripe's 24 hours) get the same Customer back, not a second one.
-            customer = await self._api.create_customer(
-                {"email": row["email"], "metadata": {"codeplan_account_id": str(account_id),
-                                                     "codeplan_installation": self._installation}},
-                idempotency_key(self._installation, "customer", account_id))
+            # (within Stripe's 24 hours) get the same Customer back, not a second one. Stripe
+            # replays a key's customer even once it is deleted: a key naming that one asks for
+            # the next (as sessions do, _open_session).
+            params = {"email": row["email"], "metadata": {"codeplan_account_id": str(account_id),
+                                                          "codeplan_installation": self._installation}}
+            key = idempotency_key(self._installation, "customer", account_id)
+            for _ in range(5):
+                customer, replayed = await self._api.create_customer(params, key)
+                if not replayed or not await self._api.customer_gone(customer.id):
+                    break
+                key = f"{key}-after-{customer.id}"[-255:]
+            else:
+                raise BillingError("unavailable", "Stripe kept returning deleted Customers")
             # a webhook may have linked it meanwhile (apply.py): the same Customer either way
             stored = await conn.fetchval(
                 "UPDATE accounts SET stripe_customer_id = coalesce(stripe_customer_id, $2) WHERE id = $1"
                 " RETURNING stripe_customer_id", account_id, customer.id)
             return stored
+
+    async def _stored_customer(self, account_id: int) -> str | None:
+        """The account's stored Customer if Stripe still has it; a deleted one is cleared (where
+        it is still the stored one: a webhook's customer.deleted does the same, apply.py)."""
+        existing = await self._pool.fetchval("SELECT stripe_customer_id FROM accounts WHERE id = $1", account_id)
+        if existing and await self._api.customer_gone(existing):
+            await self._pool.execute("UPDATE accounts SET stripe_customer_id = NULL"
+                                     " WHERE id = $1 AND stripe_customer_id = $2", account_id, existing)
+            return None
+        return existing
 
     async def _price(self, lookup_key: str) -> asyncpg.Record | None:
         return await self._pool.fetchrow(
@@ -181,7 +200,7 @@ class Sessions:
 
     async def portal(self, account_id: int) -> str:
         """A Customer Portal session: card, invoices, plan changes and cancellation on Stripe."""
-        customer = await self._pool.fetchval("SELECT stripe_customer_id FROM accounts WHERE id = $1", account_id)
+        customer = await self._stored_customer(account_id)
         if customer is None:
             if not await self._pool.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id):
                 raise BillingError("not_found", f"no account {account_id}")

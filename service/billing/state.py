@@ -90,7 +90,9 @@ def _iso(value: dt.datetime | None) -> str | None:
 _SUBSCRIPTION_SQL = """
 SELECT s.plan_id, s.status, subscription_refusal(s) AS refusal, m.status AS stripe_status,
        m.current_period_end, coalesce(m.cancel_at_period_end, false) AS cancel_at_period_end,
-       CASE WHEN m.status = 'past_due' THEN m.grace_until END AS grace_until
+       -- no grace runs while only an upgrade's proration is unpaid: the plan paid for is kept (0052)
+       CASE WHEN m.status = 'past_due' AND NOT billing_only_upgrade_unpaid(m.stripe_subscription_id)
+            THEN m.grace_until END AS grace_until
   FROM subscriptions s LEFT JOIN stripe_subscriptions m ON m.subscription_id = s.id
  WHERE s.account_id = $1
  ORDER BY (s.status <> 'canceled') DESC, s.id DESC LIMIT 1
@@ -102,11 +104,16 @@ async def account_state(pool: asyncpg.Pool, account_id: int, *, enabled: bool,
     async with pool.acquire() as conn:
         customer = await conn.fetchval("SELECT stripe_customer_id IS NOT NULL FROM accounts WHERE id = $1", account_id)
         sub = await conn.fetchrow(_SUBSCRIPTION_SQL, account_id)
+        # an ended subscription's open invoice is voided by the worker (ended.py) and a payment
+        # of it refunded: its page to pay is not offered meanwhile
         invoices = await conn.fetch(
-            "SELECT * FROM billing_invoices WHERE account_id = $1 ORDER BY created_at DESC LIMIT 12", account_id)
+            "SELECT i.*, coalesce(m.status IN ('canceled', 'incomplete_expired') AND i.created_at < m.ended_at,"
+            " false) AS subscription_ended"
+            " FROM billing_invoices i LEFT JOIN stripe_subscriptions m ON m.stripe_subscription_id = i.stripe_subscription_id"
+            " WHERE i.account_id = $1 ORDER BY i.created_at DESC LIMIT 12", account_id)
         topups = await conn.fetch(
             "SELECT t.*, coalesce(q.posted, 0) AS used, t.tokens_revoked - coalesce(q.revoke_owed, 0) AS revoked,"
-            " CASE WHEN q.id IS NULL THEN t.tokens - t.tokens_revoked"
+            " CASE WHEN q.id IS NULL THEN CASE WHEN t.expires_at <= now() THEN 0 ELSE t.tokens - t.tokens_revoked END"
             "      WHEN q.ends_at <= now() THEN 0 ELSE greatest(q.allowance - q.posted - q.held, 0) END AS remaining"
             " FROM topups t LEFT JOIN quota_windows q ON q.id = t.window_id"
             " WHERE t.account_id = $1 ORDER BY t.purchased_at DESC LIMIT 20", account_id)
@@ -126,7 +133,9 @@ async def account_state(pool: asyncpg.Pool, account_id: int, *, enabled: bool,
             grace_until=_iso(sub["grace_until"])),
         invoices=[InvoiceView(id=r["stripe_invoice_id"], status=r["status"], amount_due=r["amount_due"],
                               amount_paid=r["amount_paid"], currency=r["currency"], created=iso_utc(r["created_at"]),
-                              payment_problem=r["payment_problem"], hosted_invoice_url=r["hosted_invoice_url"])
+                              payment_problem=r["payment_problem"],
+                              hosted_invoice_url=None if r["status"] == "open" and r["subscription_ended"]
+                              else r["hosted_invoice_url"])
                   for r in invoices],
         topups=[TopupView(tokens=r["tokens"], used=r["used"], remaining=r["remaining"], revoked=r["revoked"],
                           amount=r["amount"], currency=r["currency"], amount_refunded=r["amount_refunded"],

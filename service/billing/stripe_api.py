@@ -96,8 +96,26 @@ class StripeAPI:
 
     # ---- customers and sessions --------------------------------------------------------
 
-    async def create_customer(self, params: dict[str, Any], key: str) -> wire.Customer:
-        return await self._decode(self._client.v1.customers.create_async(params, self._options(key)), wire.Customer)
+    async def create_customer(self, params: dict[str, Any], key: str) -> tuple[wire.Customer, bool]:
+        """The customer, and whether it is Stripe's replay of an earlier answer to this key (the
+        customer as it was then: it may have been deleted since)."""
+        obj = await self._client.v1.customers.create_async(params, self._options(key))
+        replayed = obj.last_response.headers.get("Idempotent-Replayed") == "true"
+        return msgspec.json.decode(obj.last_response.body, type=wire.Customer), replayed
+
+    async def customer(self, ident: str) -> wire.Customer:
+        """The customer as Stripe holds it now (`deleted` once deleted)."""
+        return await self._decode(self._client.v1.customers.retrieve_async(ident), wire.Customer)
+
+    async def customer_gone(self, ident: str) -> bool:
+        """Whether Stripe no longer has customer `ident`: deleted (Stripe still answers it, marked
+        deleted) or unknown to this Stripe account (resource_missing)."""
+        try:
+            return (await self.customer(ident)).deleted
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404 and exc.code == "resource_missing":
+                return True
+            raise
 
     async def create_checkout_session(self, params: dict[str, Any], key: str) -> tuple[wire.CheckoutSession, bool]:
         """The session, and whether it is Stripe's replay of an earlier answer to this key (a
@@ -165,6 +183,10 @@ class StripeAPI:
     async def cancel_subscription(self, ident: str, params: dict[str, Any], key: str) -> wire.Subscription:
         return await self._decode(self._client.v1.subscriptions.cancel_async(ident, params, self._options(key)),
                                   wire.Subscription)
+
+    async def void_invoice(self, ident: str, key: str) -> wire.Invoice:
+        return await self._decode(self._client.v1.invoices.void_invoice_async(ident, None, self._options(key)),
+                                  wire.Invoice)
 
     async def create_refund(self, params: dict[str, Any], key: str) -> wire.Refund:
         return await self._decode(self._client.v1.refunds.create_async(params, self._options(key)), wire.Refund)

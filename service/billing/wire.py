@@ -18,6 +18,8 @@ class Customer(msgspec.Struct):
     id: str
     email: str | None = None
     metadata: dict[str, str] = {}
+    # a customer deleted on Stripe (Dashboard, API) is still retrieved, as {id, object, deleted: true}
+    deleted: bool = False
 
 
 class Product(msgspec.Struct):
@@ -117,6 +119,7 @@ class InvoiceParent(msgspec.Struct):
 
 class StatusTransitions(msgspec.Struct):
     paid_at: int | None = None
+    voided_at: int | None = None
 
 
 class Invoice(msgspec.Struct):

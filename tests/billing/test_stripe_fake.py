@@ -95,3 +95,63 @@ def test_events_are_signed_with_stripes_scheme(fake):
     with pytest.raises(stripe.SignatureVerificationError):
         stripe.Webhook.construct_event(payload, signature_header(payload, [WEBHOOK_SECRET], int(time.time()) - 301),
                                        WEBHOOK_SECRET)
+
+
+def _subscribed(fake, price_amount: int = 700):
+    """A customer with an active monthly subscription, made through a completed Checkout."""
+    client = fake.client()
+    product = client.v1.products.create({"name": "Delete me"})
+    price = client.v1.prices.create({"product": product.id, "currency": "usd", "unit_amount": price_amount,
+                                     "recurring": {"interval": "month"}})
+    customer = client.v1.customers.create({"email": "gone@example.com"})
+    session = client.v1.checkout.sessions.create({
+        "mode": "subscription", "customer": customer.id, "line_items": [{"price": price.id, "quantity": 1}],
+        "success_url": "https://example.com/ok"})
+    fake.complete_checkout(session.id)
+    return client, customer, client.v1.checkout.sessions.retrieve(session.id).subscription, price
+
+
+def test_deleting_a_customer_as_stripe_documents_it(fake):
+    """Permanently deleted, its subscriptions cancelled at once (each with its event), then
+    customer.deleted; retrieving it answers it deleted; any other use finds no such customer."""
+    client, customer, subscription, price = _subscribed(fake)
+    before = len(fake.events())
+    deleted = client.v1.customers.delete(customer.id)
+    assert (deleted.id, deleted.deleted) == (customer.id, True)
+    assert client.v1.subscriptions.retrieve(subscription).status == "canceled"
+    types = [e["type"] for e in fake.events()[before:]]
+    assert types == ["customer.subscription.deleted", "customer.deleted"]
+    assert fake.events()[-1]["data"]["object"]["id"] == customer.id
+    again = httpx.get(f"{fake.url}/v1/customers/{customer.id}", headers={"Authorization": f"Bearer {fake.api_key}"})
+    assert again.status_code == 200 and again.json() == {"id": customer.id, "object": "customer", "deleted": True}
+    with pytest.raises(stripe.InvalidRequestError) as session:
+        client.v1.checkout.sessions.create({
+            "mode": "subscription", "customer": customer.id, "line_items": [{"price": price.id, "quantity": 1}],
+            "success_url": "https://example.com/ok"})
+    assert session.value.code == "resource_missing" and session.value.param == "customer"
+    with pytest.raises(stripe.InvalidRequestError) as portal:
+        client.v1.billing_portal.sessions.create({"customer": customer.id})
+    assert portal.value.code == "resource_missing"
+    with pytest.raises(stripe.InvalidRequestError) as twice:
+        client.v1.customers.delete(customer.id)
+    assert twice.value.http_status == 404 and twice.value.code == "resource_missing"
+
+
+def test_voiding_an_invoice_as_stripe_documents_it(fake):
+    """Only an open (or uncollectible) invoice is voided, for good: it can no longer be paid."""
+    client, customer, subscription, _ = _subscribed(fake)
+    fake.payment_behavior(customer.id, "decline")
+    fake.advance(32 * 86400)  # the renewal is declined: its invoice stays open
+    renewal = [i for i in client.v1.invoices.list({"subscription": subscription}).data if i.status == "open"][0]
+    before = len(fake.events())
+    void = client.v1.invoices.void_invoice(renewal.id)
+    assert void.status == "void" and void.status_transitions.voided_at is not None
+    assert [e["type"] for e in fake.events()[before:]] == ["invoice.voided"]
+    fake.payment_behavior(customer.id, "ok")
+    with pytest.raises(stripe.InvalidRequestError, match="status void"):
+        client.v1.invoices.pay(renewal.id)
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.invoices.void_invoice(renewal.id)
+    paid = [i for i in client.v1.invoices.list({"subscription": subscription}).data if i.status == "paid"][0]
+    with pytest.raises(stripe.InvalidRequestError):
+        client.v1.invoices.void_invoice(paid.id)

@@ -43,8 +43,9 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
 
     table: list[tuple[str, str, Handler]] = [
         ("POST", r"/v1/customers", lambda s, m, p: s.create_customer(p)),
-        ("GET", r"/v1/customers/(?P<id>[^/]+)", get_only(Store.customer)),
+        ("GET", r"/v1/customers/(?P<id>[^/]+)", get_only(Store.retrieve_customer)),
         ("POST", r"/v1/customers/(?P<id>[^/]+)", lambda s, m, p: s.update_customer(m["id"], p)),
+        ("DELETE", r"/v1/customers/(?P<id>[^/]+)", lambda s, m, p: (allow(p, ()), s.delete_customer(m["id"]))[1]),
         ("POST", r"/v1/products", lambda s, m, p: s.create_product(p)),
         ("GET", r"/v1/products", lambda s, m, p: s.list_products(p)),
         ("GET", r"/v1/products/(?P<id>[^/]+)", get_only(Store.product)),
@@ -72,6 +73,7 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
         ("GET", r"/v1/invoices", lambda s, m, p: s.list_invoices(p)),
         ("GET", r"/v1/invoices/(?P<id>[^/]+)", get_only(Store.invoice)),
         ("POST", r"/v1/invoices/(?P<id>[^/]+)/pay", lambda s, m, p: s.pay_invoice(m["id"], p)),
+        ("POST", r"/v1/invoices/(?P<id>[^/]+)/void", lambda s, m, p: s.void_invoice(m["id"], p)),
         ("GET", r"/v1/invoice_payments", lambda s, m, p: s.list_invoice_payments(p)),
         ("GET", r"/v1/invoice_payments/(?P<id>[^/]+)", get_only(Store.invoice_payment)),
         ("GET", r"/v1/payment_intents/(?P<id>[^/]+)", get_only(Store.payment_intent)),

@@ -177,6 +177,7 @@ class Store:
         self.offset = 0  # seconds the account's clock is ahead of the wall clock
         self.objects: dict[str, dict[str, Any]] = {}
         self.customers: dict[str, dict[str, Any]] = {}
+        self.deleted_customers: dict[str, dict[str, Any]] = {}  # what retrieving a deleted one answers
         self.products: dict[str, dict[str, Any]] = {}
         self.prices: dict[str, dict[str, Any]] = {}
         self.lookup_keys: dict[str, str] = {}
@@ -279,6 +280,26 @@ class Store:
         if found is None:
             raise no_such("customer", ident, param)
         return found
+
+    def retrieve_customer(self, ident: str) -> dict[str, Any]:
+        """Unlike other objects, a deleted customer can still be retrieved: `{id, object, deleted}`."""
+        return self.deleted_customers.get(ident) or self.customer(ident)
+
+    def delete_customer(self, ident: str) -> dict[str, Any]:
+        """Permanently deletes a customer (no undo), and immediately cancels its subscriptions, each
+        with its customer.subscription.deleted. Any further operation naming it finds no such
+        customer (retrieving it answers it deleted); its invoices stay as they are."""
+        customer = self.customer(ident)
+        for subscription in list(self.subscriptions.values()):
+            if subscription["customer"] == ident and subscription["status"] not in ("canceled", "incomplete_expired"):
+                self._cancel(subscription, reason="cancellation_requested")
+        del self.customers[ident]
+        self.objects.pop(ident, None)
+        self.payment_behavior.pop(ident, None)
+        deleted = {"id": ident, "object": "customer", "deleted": True}
+        self.deleted_customers[ident] = deleted
+        self.emit("customer.deleted", customer)
+        return deleted
 
     def update_customer(self, ident: str, params: dict[str, Any]) -> dict[str, Any]:
         customer = self.customer(ident)
@@ -1140,6 +1161,26 @@ class Store:
         if outcome == "requires_action":
             raise StripeError(402, "This payment requires additional user action before it can be "
                               "completed successfully.", type="card_error", code="authentication_required")
+        return invoice
+
+    def void_invoice(self, ident: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Marks a finalized invoice void, for good: only an open or uncollectible one. It can no
+        longer be paid; its payment is canceled; invoice.voided."""
+        allow(params, ())
+        invoice = self.invoice(ident)
+        if invoice["status"] not in ("open", "uncollectible"):
+            raise StripeError(400, f"You can only void an open or uncollectible invoice; this invoice is "
+                              f"{invoice['status']}.")
+        now = self.now()
+        invoice.update(status="void", next_payment_attempt=None,
+                       status_transitions=dict(invoice["status_transitions"], voided_at=now))
+        intent = self.payment_intents.get(invoice.get("_payment_intent") or "")
+        if intent is not None and intent["status"] != "succeeded":
+            intent.update(status="canceled", canceled_at=now, cancellation_reason="void_invoice")
+        for payment in invoice["payments"]["data"]:
+            if payment["status"] == "open":
+                payment["status"] = "canceled"
+        self.emit("invoice.voided", self.public(invoice))
         return invoice
 
     def _invoice_payments(self) -> list[dict[str, Any]]:
