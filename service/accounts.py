@@ -23,7 +23,22 @@ class NewKey(msgspec.Struct, frozen=True):
     prefix: str
 
 
+def account_email(email: str) -> str:
+    """The address an operator typed (`codeplan users create`), as the web's sign-up takes one:
+    trimmed, one plain ASCII addr-spec; else an AccountError saying so. Stored unnormalised (a
+    pasted trailing space, a non-ASCII address), it would be an account its owner could never log
+    in to or reset, and the web's sign-up would make a second one for the same mailbox."""
+    from .web.identity import Refusal, normal_email  # the web's one rule for a new account's address
+
+    try:
+        return normal_email(email)
+    except Refusal:
+        raise AccountError(f"{email.strip()!r} is not one plain ASCII email address such as name@example.com"
+                           " (no spaces, quotes, commas or non-ASCII letters)") from None
+
+
 async def create_user(conn: asyncpg.Connection, email: str, plan: str) -> NewKey:
+    email = account_email(email)
     async with conn.transaction():
         if not await conn.fetchval("SELECT 1 FROM plans WHERE id = $1 AND retired_at IS NULL", plan):
             names = ", ".join(r["id"] for r in await conn.fetch(
@@ -43,6 +58,7 @@ async def create_user(conn: asyncpg.Connection, email: str, plan: str) -> NewKey
 
 
 async def create_key(conn: asyncpg.Connection, email: str, name: str = "") -> NewKey:
+    email = email.strip()
     account_id = await conn.fetchval("SELECT id FROM accounts WHERE lower(email) = lower($1)", email)
     if account_id is None:
         raise AccountError(f"no account with email {email!r}")

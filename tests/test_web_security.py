@@ -504,7 +504,8 @@ def test_odd_inputs_never_get_a_500(web, database):
              ("/login", {"email": "İ" * 400, "password": "x" * 12}),
              ("/signup", {"email": "é" * 60 + "@x.yz", "password": "p" * 12}),
              ("/signup", {"email": "x@ex.com,", "password": "p" * 12}),
-             ("/forgot", {"email": "é" * 300}), ("/reset", {"token": "t" * 500, "password": "p" * 12})]
+             ("/forgot", {"email": "é" * 300}), ("/reset", {"token": "t" * 500, "password": "p" * 12}),
+             ("/verify", {"token": "t" * 500}), ("/verify", {"token": ["a", "b"]}), ("/verify", {})]
     for path, data in posts:
         response = raw.post(path, data={**data, "_csrf_token": token}, follow_redirects=False)
         results["POST " + path + " " + repr(data)[:40]] = response.status_code
@@ -522,7 +523,7 @@ def test_reset_ends_all_sessions_and_every_other_link(mail_web):
     address = unique_email()
     count = len(inbox.messages)
     first.sign_up(address)
-    first.get(link_in(inbox.wait_for(address, after=count)))
+    first.confirm(link_in(inbox.wait_for(address, after=count)))
     second = Browserish(mail_web.url)
     assert second.log_in(address).url.path == "/dashboard"
     sessions = [first.session, second.session]

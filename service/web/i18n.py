@@ -81,6 +81,11 @@ ZH: dict[str, str] = {
     "A new link is on its way.": "新的链接已发送。",
     "Your address is confirmed.": "你的邮箱地址已确认。",
     "This link is not valid any more. Ask for a new one.": "此链接已失效，请重新申请。",
+    "Confirm your address": "确认邮箱地址",
+    "Confirm {email} as the address of your Codeplan account.": "确认 {email} 为你的 Codeplan 账户邮箱。",
+    "Confirm my address": "确认我的邮箱",
+    "If you did not sign up at Codeplan, close this page: nothing is confirmed without this button.":
+        "如果你没有注册 Codeplan，请关闭此页面：不点击此按钮就不会确认任何内容。",
     "Reset your password": "重置密码",
     "Enter your account's email. If it exists, we send a link to set a new password.":
         "输入账户的邮箱。如果账户存在，我们会发送一个设置新密码的链接。",
@@ -193,6 +198,11 @@ ZH: dict[str, str] = {
     "Subscribe": "订阅",
     "Change to this plan": "切换到此套餐",
     "Manage billing": "管理账单",
+    "Payment failed": "付款失败",
+    "Your last payment failed: requests are refused until it is paid.": "您最近一次付款失败：付清之前所有请求都会被拒绝。",
+    "Your last payment failed. Pay it before this time (UTC) to keep your plan:": "您最近一次付款失败。请在此时间（UTC）之前付款以保留套餐：",
+    "Pay the invoice": "支付账单",
+    "Or update your payment method in Stripe's billing portal below.": "也可以在下方的 Stripe 账单门户中更新付款方式。",
     "Invoices, payment method and cancellation are in Stripe's billing portal.": "发票、付款方式和取消订阅都在 Stripe 的账单门户中。",
     "Buy a top-up": "购买加油包",
     "A block of tokens used after a window runs out.": "一份在窗口用尽后使用的额外 tokens。",
@@ -202,6 +212,8 @@ ZH: dict[str, str] = {
     "Billing could not start. Try again in a moment.": "无法开始付款，请稍后再试。",
     "This account is suspended by the operator: it cannot buy a plan or a top-up.":
         "此账户已被管理员停用：无法购买套餐或加油包。",
+    "This account is suspended by the operator: its API keys are refused (403 account_suspended) until the operator restores it.":
+        "此账户已被管理员停用：在管理员恢复之前，它的 API 密钥会被拒绝（403 account_suspended）。",
     "No key was made: a key was created since this form was shown (a reload, or another tab). Create one again if you want another.":
         "未创建密钥：此表单显示后已创建过密钥（页面重新加载或其他标签页）。如需再建一个，请重新创建。",
     "Payment received: your plan changes as soon as Stripe confirms it.": "已收到付款：Stripe 确认后套餐将立即生效。",

@@ -137,6 +137,13 @@ async def issue_link(pool: asyncpg.Pool, account_id: int, purpose: str) -> str |
     return token if inserted else None
 
 
+async def withdraw_link(pool: asyncpg.Pool, token: str) -> None:
+    """Take back a link whose mail was not sent (the SMTP server away, the mailer full): nobody
+    can hold it, and it must not count against the account's MAILS_PER_HOUR, or an outage would
+    leave the account without a link for an hour after it ends."""
+    await pool.execute("DELETE FROM mail_tokens WHERE token_hash = $1 AND used_at IS NULL", _digest(token))
+
+
 async def link_account(pool: asyncpg.Pool, token: str, purpose: str) -> int | None:
     """The account a still-valid link is for, without using it up (the reset form's GET)."""
     if not token or len(token) > 128:
@@ -154,7 +161,19 @@ async def _use_link(conn: asyncpg.Connection, token: str, purpose: str) -> int |
         " AND used_at IS NULL AND expires_at > now() RETURNING account_id", _digest(token), purpose)
 
 
+async def verify_link_email(pool: asyncpg.Pool, token: str) -> str | None:
+    """The address a still-valid verify link would confirm, without using it (the page a GET of
+    the link shows: confirming takes a POST, so a mail scanner opening the link confirms nothing)."""
+    if not token or len(token) > 128:
+        return None
+    return await pool.fetchval(
+        "SELECT a.email FROM mail_tokens t JOIN accounts a ON a.id = t.account_id"
+        " WHERE t.token_hash = $1 AND t.purpose = 'verify' AND t.used_at IS NULL AND t.expires_at > now()",
+        _digest(token))
+
+
 async def verify(pool: asyncpg.Pool, token: str) -> int | None:
+    """Use a verify link up and confirm its account's address (the POST of the link's page)."""
     async with pool.acquire() as conn, conn.transaction():
         account_id = await _use_link(conn, token, "verify")
         if account_id is not None:
@@ -165,7 +184,8 @@ async def verify(pool: asyncpg.Pool, token: str) -> int | None:
 
 async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> int:
     """Set a new password through a reset link. The link proves the address, so it also
-    verifies it; every other session of the account ends."""
+    verifies it; every other session of the account ends, and its failed logins are forgotten
+    (a lockout must not refuse the new password for its 15 minutes)."""
     reason = passwords.weakness(password)
     if reason:
         raise Refusal(reason)
@@ -184,6 +204,8 @@ async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> int:
         await sessions.end_all(conn, account_id)
         await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
                            " AND used_at IS NULL", account_id)
+        # the failed logins that locked the account are forgotten: the new password works at once
+        await throttle.forget_account(conn, account_id)
     return account_id
 
 

@@ -116,11 +116,19 @@ class Mailer:
                                                     context=context)
         else:
             client = smtplib.SMTP(target.host, target.port, timeout=self._timeout)
-        with client:
-            client.ehlo()
-            if not target.implicit_tls and client.has_extn("starttls"):
-                client.starttls(context=context)
+        sent = False
+        try:
+            with client:
                 client.ehlo()
-            if target.username:
-                client.login(target.username, target.password or "")
-            client.send_message(message)
+                if not target.implicit_tls and client.has_extn("starttls"):
+                    client.starttls(context=context)
+                    client.ehlo()
+                if target.username:
+                    client.login(target.username, target.password or "")
+                client.send_message(message)
+                sent = True
+        except (OSError, smtplib.SMTPException):
+            # the server took the mail and only the goodbye failed: it was sent (a MailError
+            # takes its link back, pages._send_link)
+            if not sent:
+                raise

@@ -170,6 +170,10 @@ class EmailForm(msgspec.Struct):
     email: str = ""
 
 
+class TokenForm(msgspec.Struct):
+    token: str = ""
+
+
 class ResetForm(msgspec.Struct):
     token: str = ""
     password: str = ""
@@ -241,6 +245,11 @@ async def _send_link(pool: asyncpg.Pool, web: "Web", lang: str, account: identit
     try:
         await web.mailer.send(_letter(i18n.translator(lang), web.config.base_url, account, purpose, token))
     except MailError:
+        # a link nobody received does not count against the hour's mails (MAILS_PER_HOUR)
+        try:
+            await identity.withdraw_link(pool, token)
+        except (OSError, asyncpg.PostgresError) as exc:  # it then counts, as before: the page still answers
+            log.warning("unsent link not taken back", extra={"account": account.id, "error": type(exc).__name__})
         return "mail_failed"
     return None
 
@@ -340,11 +349,26 @@ async def resend(request: Request) -> Redirect:
 
 
 @get("/verify")
-async def verify(request: Request, token: FromQuery[str] = "") -> Template | Redirect:
-    account_id = await identity.verify(_pool(request), token)
+async def verify_page(request: Request, token: FromQuery[str] = "") -> Template | Redirect:
+    """The mailed link's page: a button that confirms (a POST). Opening the link changes nothing,
+    so a mail scanner or a link preview that fetches it confirms no address."""
+    email = await identity.verify_link_email(_pool(request), token)
+    if email is not None:
+        return render(request, "verify.html", viewer=await viewer_of(request), token=token, email=email)
+    return await _verified_by(request, await identity.verified_by_link(_pool(request), token))
+
+
+@post("/verify", status_code=200)
+async def verify(request: Request) -> Template | Redirect:
+    form = await form_of(request, TokenForm)
+    account_id = await identity.verify(_pool(request), form.token)
     if account_id is None:
-        # opened before (a mail scanner, a link preview, another browser): the address is confirmed
-        account_id = await identity.verified_by_link(_pool(request), token)
+        # confirmed already (another tab, another browser): the address is confirmed, no error
+        account_id = await identity.verified_by_link(_pool(request), form.token)
+    return await _verified_by(request, account_id)
+
+
+async def _verified_by(request: Request, account_id: int | None) -> Template | Redirect:
     if account_id is None:
         return render(request, "message.html", viewer=await viewer_of(request), status=400,
                       title="Check your mail", error=_refusal_text(request, identity.Refusal("bad_link")))
@@ -495,11 +519,33 @@ async def statusline_script() -> Response:
                     headers={"content-disposition": 'attachment; filename="codeplan-statusline.py"'})
 
 
+class PaymentProblem(msgspec.Struct):
+    """A Stripe subscription whose payment failed, as the billing page says it: the 402 every
+    tool then gets sends its user here."""
+    refused: bool  # its grace is over: every request is refused
+    grace_until: str | None
+    pay_url: str | None  # the open invoice's hosted page
+
+
+async def _payment_problem(billing, account_id: int) -> PaymentProblem | None:
+    try:
+        state = await billing.state(account_id)
+    except Exception as exc:  # noqa: BLE001 - the page is shown without it
+        log.warning("billing state unavailable", extra={"account": account_id, "error": type(exc).__name__})
+        return None
+    sub = state.subscription
+    if sub is None or (sub.stripe_status not in ("past_due", "unpaid") and sub.refusal not in ("past_due", "unpaid")):
+        return None
+    pay = next((i.hosted_invoice_url for i in state.invoices if i.status == "open" and i.hosted_invoice_url), None)
+    return PaymentProblem(refused=sub.refusal is not None, grace_until=sub.grace_until, pay_url=pay)
+
+
 @get(["/billing", "/plans"])
 async def billing_page(request: Request, notice: FromQuery[str] = "", checkout: FromQuery[str] = "") -> Template:
     viewer = await require(request)
     billing = _billing(request)
     return render(request, "billing.html", viewer=viewer, nav="billing",
+                  payment=await _payment_problem(billing, viewer.account_id) if billing else None,
                   notice=notice or ("paid" if checkout == "success" else None),
                   plans=await dashboard.plans(_pool(request), viewer.account_id),
                   current=await dashboard.subscription(_pool(request), viewer.account_id),
@@ -546,6 +592,6 @@ async def billing_topup(request: Request) -> Redirect:
 
 # `home` shares the path "/" with the bridge's HEAD probe, so it is registered on the app itself:
 # Litestar cannot merge one path from two routers
-routes = [signup_page, signup, login_page, login, logout, welcome, resend, verify, forgot_page,
+routes = [signup_page, signup, login_page, login, logout, welcome, resend, verify_page, verify, forgot_page,
           forgot, reset_page, reset, switch_language, dashboard_page, dashboard_activity, keys_page, create_key, revoke_key,
           setup_page, statusline_script, billing_page, billing_checkout, billing_portal, billing_topup]

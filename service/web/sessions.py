@@ -51,14 +51,16 @@ SELECT s.account_id, a.email, a.email_verified_at IS NOT NULL AS verified, a.is_
 """
 
 
-async def lookup(pool: asyncpg.Pool, token: str | None) -> Viewer | None:
+async def lookup(pool: asyncpg.Pool, token: str | None, touch: bool = True) -> Viewer | None:
+    """The session's viewer, or None; `touch`: a use of the session (a page), which keeps it
+    from ending idle (`seen_at`, written at most hourly)."""
     if not token or len(token) > 128:
         return None
     digest = token_hash(token)
     row = await pool.fetchrow(_LOOKUP, digest, float(_TOUCH_SECONDS), MAX_DAYS)
     if row is None:
         return None
-    if row["stale"]:
+    if touch and row["stale"]:
         await pool.execute(
             "UPDATE web_sessions SET seen_at = now(), expires_at = now() + make_interval(days => $2)"
             " WHERE token_hash = $1", digest, IDLE_DAYS)

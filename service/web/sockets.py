@@ -10,10 +10,12 @@ failed-authentication throttle (service/throttle.py), so a socket is no cheaper 
 keys than a request (an address past its limit is closed with 4429 and no query), and with the
 same cache of principals and of unknown keys.
 
-A socket follows its account: at every change its session (or key) is checked again, and when
-another subscription of the account is notified (a new one after a cancel) the account's
-current subscription is looked up again and the socket moves to it. A database that is away
-closes a socket with 1013 (try again), at the handshake or later, never a crash.
+A socket follows its account: at every change, and every ALIVE_EVERY seconds while none comes
+(so a logout, a password reset or a revocation closes an idle socket within that bound), its
+session (or key) is checked again; and when another subscription of the account is notified (a
+new one after a cancel) the account's current subscription is looked up again and the socket
+moves to it. A database that is away closes a socket with 1013 (try again), at the handshake or
+later, never a crash.
 """
 from __future__ import annotations
 
@@ -36,6 +38,9 @@ from . import live, sessions
 log = logging.getLogger("codeplan.live")
 
 AUTH_TIMEOUT = 10.0
+# An idle socket checks its session (or key) again this often: a logout, a password reset or a
+# revocation closes it within this bound, though no usage arrives (one indexed query per socket).
+ALIVE_EVERY = 15.0
 CLOSE_UNAUTHORIZED = 4401
 CLOSE_NO_PLAN = 4402
 CLOSE_FORBIDDEN = 4403
@@ -94,8 +99,9 @@ async def _drain(socket: WebSocket) -> None:
 async def _pump(socket: WebSocket, account_id: int, subscription_id: int,
                 alive: Callable[[], Awaitable[Refusal | None]]) -> None:
     """Send the figures of the account's subscription at once and after every change. Before
-    each, `alive()` (the session's or the key's check) may refuse; when another subscription of
-    the account moved, the account's current one is looked up and the socket follows it."""
+    each, and every ALIVE_EVERY seconds without one, `alive()` (the session's or the key's
+    check) may refuse; when another subscription of the account moved, the account's current
+    one is looked up and the socket follows it."""
     hub: live.UsageHub = socket.app.state.usage_hub
     pool: asyncpg.Pool = socket.app.state.pool
     watcher = hub.watch(subscription_id, account_id)
@@ -116,30 +122,68 @@ async def _pump(socket: WebSocket, account_id: int, subscription_id: int,
         except DATABASE_AWAY as exc:
             log.warning("live usage: database unavailable", extra={"error": type(exc).__name__})
             return UNAVAILABLE
+
+    async def verdict_alone() -> Refusal | None:
+        # the periodic check of an idle socket: the session or key only, nothing looked up besides
+        try:
+            return await alive()
+        except DATABASE_AWAY as exc:
+            log.warning("live usage: database unavailable", extra={"error": type(exc).__name__})
+            return UNAVAILABLE
     try:
         try:
             watcher.offer(await live.snapshot(pool, subscription_id, account_id))
         except DATABASE_AWAY as exc:
             await _database_away(socket, exc)
             return
-        while True:
-            getter = asyncio.ensure_future(watcher.next())
-            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
+        getter: asyncio.Future | None = None
+        try:
+            while True:
+                if getter is None:
+                    getter = asyncio.ensure_future(watcher.next())
+                done, _ = await asyncio.wait({getter, reader}, timeout=ALIVE_EVERY,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if reader in done:
+                    return
+                if getter in done:
+                    value, getter = getter.result(), None
+                    refusal = await verdict(value)
+                else:  # nothing for ALIVE_EVERY seconds: is the session (or key) still there?
+                    value = None
+                    refusal = await verdict_alone()
+                if refusal is not None:
+                    await _refuse(socket, refusal.close, refusal.code, refusal.message)
+                    return
+                if value is not None:
+                    await socket.send_text(msgspec.json.encode(value).decode())
+        finally:
+            if getter is not None:
                 getter.cancel()
-                return
-            value = getter.result()
-            refusal = await verdict(value)
-            if refusal is not None:
-                await _refuse(socket, refusal.close, refusal.code, refusal.message)
-                return
-            if value is not None:
-                await socket.send_text(msgspec.json.encode(value).decode())
     except WebSocketDisconnect:
         return
     finally:
         hub.unwatch(watcher)
         reader.cancel()
+
+
+def session_check(pool: asyncpg.Pool, token: str | None) -> Callable[[], Awaitable[Refusal | None]]:
+    """`/live`'s `alive()`: its session still there."""
+    async def session_alive() -> Refusal | None:
+        # logged out, or every session ended (a password reset): the page is told to sign in
+        # (not a use of the session: an open tab alone does not keep it from ending when idle)
+        ended = await sessions.lookup(pool, token, touch=False) is None
+        return SESSION_ENDED if ended else None
+    return session_alive
+
+
+def key_check(pool: asyncpg.Pool, key_id: int) -> Callable[[], Awaitable[Refusal | None]]:
+    """`/v1/usage/live`'s `alive()`: its key not revoked."""
+    async def key_alive() -> Refusal | None:
+        # by the key's id, not its secret: a revocation closes the socket at the next change (or
+        # check, ALIVE_EVERY), whatever the authenticator's cache still holds
+        alive = await pool.fetchval("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1", key_id)
+        return None if alive else KEY_REVOKED
+    return key_alive
 
 
 def _same_origin(socket: WebSocket) -> bool:
@@ -168,11 +212,7 @@ async def browser_live(socket: WebSocket) -> None:
         await _refuse(socket, NO_PLAN.close, NO_PLAN.code, NO_PLAN.message)
         return
 
-    async def session_alive() -> Refusal | None:
-        # logged out, or every session ended (a password reset): the page is told to sign in
-        ended = await sessions.lookup(pool, socket.cookies.get(sessions.COOKIE)) is None
-        return SESSION_ENDED if ended else None
-    await _pump(socket, viewer.account_id, subscription_id, session_alive)
+    await _pump(socket, viewer.account_id, subscription_id, session_check(pool, socket.cookies.get(sessions.COOKIE)))
 
 
 @websocket("/v1/usage/live")
@@ -209,14 +249,7 @@ async def key_live(socket: WebSocket) -> None:
         await _refuse(socket, CLOSE_NO_PLAN, "no_subscription",
                       f"This account has no plan: choose one at {base}/billing")
         return
-    key_id = principal.api_key_id
-
-    async def key_alive() -> Refusal | None:
-        # by the key's id, not its secret: a revocation closes the socket at the next change,
-        # whatever the authenticator's cache still holds
-        alive = await pool.fetchval("SELECT revoked_at IS NULL FROM api_keys WHERE id = $1", key_id)
-        return None if alive else KEY_REVOKED
-    await _pump(socket, principal.account_id, principal.subscription_id, key_alive)
+    await _pump(socket, principal.account_id, principal.subscription_id, key_check(pool, principal.api_key_id))
 
 
 routes = [browser_live, key_live]

@@ -103,6 +103,12 @@ async def succeeded(pool: asyncpg.Pool, key: str) -> None:
     await pool.execute("DELETE FROM login_failures WHERE email = $1", key)
 
 
+async def forget_account(conn: asyncpg.Connection | asyncpg.Pool, account_id: int) -> None:
+    """A password set by a reset link: the account's failures are forgotten (not its clients':
+    a client that guessed many accounts stays limited)."""
+    await conn.execute("DELETE FROM login_failures WHERE email = $1", login_key(account_id, ""))
+
+
 # ---- sign-ups ---------------------------------------------------------------------------
 
 class SignupLimit(msgspec.Struct, frozen=True):
