@@ -37,9 +37,8 @@ PIECES = {
 }
 
 
-class _Cut(BaseHTTPRequestHandler):
-    """Chunked transfer encoding, cut without its last (zero) chunk: the connection reset by a
-    proxy or load balancer after the answer's last event."""
+class _Upstream(BaseHTTPRequestHandler):
+    """An upstream on 127.0.0.1: HTTP/1.1, quiet, and a health check the bridge may probe."""
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *a):
@@ -50,6 +49,11 @@ class _Cut(BaseHTTPRequestHandler):
         self.send_header("content-length", "2")
         self.end_headers()
         self.wfile.write(b"ok")
+
+
+class _Cut(_Upstream):
+    """Chunked transfer encoding, cut without its last (zero) chunk: the connection reset by a
+    proxy or load balancer after the answer's last event."""
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
@@ -134,17 +138,8 @@ def test_a_whole_answer_is_not_held_until_the_upstream_closes(database):
 PING_FOR = 20.0
 
 
-class _Pinging(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):
-        pass
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
+class _Pinging(_Upstream):
+    """Only SSE comments, once a second: a proxy's pings while its backend hangs."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -188,19 +183,9 @@ def test_an_upstream_sending_only_comments_is_neither_silent_to_the_client_nor_w
         f"the stream ended after {took:.1f}s (the upstream pinged for {PING_FOR:.0f}s, sent nothing else): {arrivals}")
 
 
-class _RefusingIn200(BaseHTTPRequestHandler):
+class _RefusingIn200(_Upstream):
     """Refusals inside a 200 (llama-server, LiteLLM and some proxies say errors so): an error as
     a stream's first event, or a whole answer that is only `{"error": ...}`."""
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *a):
-        pass
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("content-length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
