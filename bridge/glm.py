@@ -476,7 +476,7 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
     `invalid_request` is kept for faults of the user's own request (400, 422, codes 1210-1215):
     Cline reads any Anthropic invalid_request_error as an overflow and cuts the conversation
     (clients.md). What the operator's upstream account or deployment refuses is said as such:
-    credentials (401, 403), billing (402), a model it may not serve (1211, 1220, 1311), a
+    credentials (401, 1000-1004), billing (402), a model it may not serve (1211, 1220, 1311), a
     deployment that does not answer the path or the model's name (404), a proxy's 408."""
     code, message = _error_said(body)
     if message:
@@ -529,10 +529,17 @@ def upstream_error(status: int, body: bytes, request_id: str, retry_after: str |
         return BridgeError(Kind.invalid_request,
                            f"The model provider rejected the request ({numbered}HTTP {status}): {_REFUSALS[code]}. "
                            f"Request id {request_id}.", code=code)
-    if status in (401, 403) or code in _AUTH_CODES:
+    if status == 401 or code in _AUTH_CODES:
         log.error("upstream rejected our key", extra={"status": status, "code": code})
         return BridgeError(Kind.upstream_error,
                            f"The model provider rejected the service's credentials. Request id {request_id}.")
+    if status == 403:
+        # GLM says a bad key with 401 (1000-1004); a plain 403 comes from what stands before a
+        # model (a gateway's moderation, a WAF) and is about this request, the same on every key:
+        # neither retried nor any key's fault (cooling each key on one user's flagged request
+        # would take the bridge out of service)
+        return BridgeError(Kind.permission, f"The model provider refused this request ({numbered}HTTP 403). "
+                           f"Request id {request_id}.", code=code or None)
     if status == 429:
         return BridgeError(Kind.upstream_rate_limited,
                            f"The model provider is rate-limiting the service ({numbered}HTTP {status}); "

@@ -75,7 +75,7 @@ class Reply(msgspec.Struct):
 
 
 # how long the end of a stream is waited for once it said `[DONE]`
-_AFTER_DONE = 1.0
+_AFTER_DONE = 0.1
 
 
 class _UpstreamSilent(Exception):
@@ -528,15 +528,18 @@ class Journey:
             # silence is counted from the upstream's last event, not its last byte (a proxy's
             # comment pings while its backend hangs are no answer); the client gets a keep-alive
             # once it has had nothing for the interval, whatever the upstream sent meanwhile
+            interval, silent_after = settings.keepalive_interval, settings.upstream_timeout
             heard = told = loop.time()
             try:
                 while True:
+                    # until the client is owed a keep-alive, or the upstream's silence runs out
+                    wait = min(told + interval, heard + silent_after) - loop.time()
                     try:
-                        async with asyncio.timeout(settings.keepalive_interval):
+                        async with asyncio.timeout(wait if wait > 0 else 0):
                             data = await response.content.readany()
                     except TimeoutError:
                         now = loop.time()
-                        if now - heard >= settings.upstream_timeout:
+                        if now - heard >= silent_after:
                             raise _UpstreamSilent() from None
                         told = now
                         yield translator.keepalive
@@ -549,9 +552,9 @@ class Journey:
                     del data
                     now = loop.time()
                     if piece is None and not said_done:  # no whole event: comments, or part of one
-                        if now - heard >= settings.upstream_timeout:
+                        if now - heard >= silent_after:
                             raise _UpstreamSilent()
-                        if now - told >= settings.keepalive_interval:
+                        if now - told >= interval:
                             told = now
                             yield translator.keepalive
                         continue
@@ -559,6 +562,9 @@ class Journey:
                     if piece:
                         told = now
                         yield piece
+                    elif now - told >= interval:  # events that give the client nothing (yet)
+                        told = now
+                        yield translator.keepalive
                     if said_done:
                         # the answer is whole: its end is read a moment (only a body read to its
                         # end lets the connection be used again), not for as long as the

@@ -100,14 +100,26 @@ async def _route(answers: dict[str, tuple[int, dict, dict]], profiles: dict[str,
         await runner.cleanup()
 
 
-@pytest.mark.parametrize("status", [401, 403])
-def test_a_plain_401_or_403_is_our_keys_credentials_tried_on_another_key(status):
-    """A 403 cooled the key at once, yet the request was not tried on the next key: the client
+@pytest.mark.parametrize("status, code", [(401, None), (403, "1002")])
+def test_a_401_or_an_auth_code_is_our_keys_credentials_tried_on_another_key(status, code):
+    """A refused key cooled at once, yet the request was not tried on the next key: the client
     was told 400 invalid_request (Cline then cuts its conversation) for our key's fault."""
-    outcomes, seen, health, _ = asyncio.run(_route({"k1": (status, _refused(message="Forbidden"), {})},
+    outcomes, seen, health, _ = asyncio.run(_route({"k1": (status, _refused(code, message="Forbidden"), {})},
                                                    {"p": ("k1", "k2")}))
     assert outcomes == ["ok"] and seen == ["k1", "k2"]
     assert health["k1"][1] and not health["k2"][1]  # k1 cools at once; k2 answered
+
+
+def test_a_plain_403_refuses_the_request_and_cools_no_key():
+    """GLM says a bad key with 401; a plain 403 is a gateway's moderation or a WAF refusing this
+    request, the same on every key. Taken for our credentials (a review proved it), one user's
+    flagged request cooled every key at once and /readyz said the bridge was out of service."""
+    refusal = (403, _refused(message="Your input was flagged"), {})
+    outcomes, seen, health, usable = asyncio.run(_route({"k1": refusal, "k2": refusal}, {"p": ("k1", "k2")},
+                                                        requests=3))
+    assert all(isinstance(o, BridgeError) and o.kind is Kind.permission and o.status == 403 for o in outcomes)
+    assert len(seen) == 3  # once per request, not on every key
+    assert health == {"k1": (0, False), "k2": (0, False)} and usable
 
 
 @pytest.mark.parametrize("code", ["1220", "1311", "1211"])

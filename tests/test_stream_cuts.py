@@ -232,3 +232,91 @@ def test_a_whole_answer_that_is_a_refusal_is_told_as_one_and_not_billed(refusing
     assert answer.headers.get("x-should-retry") != "true"
     entry = _entry(database, key)
     assert (entry["state"], entry["billed_tokens"]) == ("voided", 0)
+
+
+class _SlowPings(_Upstream):
+    """Comment pings just under the keep-alive interval: each read waited a whole interval
+    afresh, so the client went ~2x the interval without a byte (a review proved it)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        try:
+            for _ in range(4):
+                time.sleep(1.9)  # just under the 2 s keep-alive interval
+                self.wfile.write(b": PROCESSING\n\n")
+                self.wfile.flush()
+            for piece in (chunk({"role": "assistant", "content": "Hi."}), chunk({}, "stop", USAGE), b"data: [DONE]\n\n"):
+                self.wfile.write(piece)
+                self.wfile.flush()
+        except OSError:
+            return
+        self.close_connection = True
+
+
+def test_client_is_kept_alive_within_the_interval_while_upstream_pings(database):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _SlowPings)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bridge = start_bridge(database, f"http://127.0.0.1:{server.server_address[1]}/v1", CODEPLAN_UPSTREAM_KEYS="k1",
+                          CODEPLAN_KEEPALIVE_INTERVAL="2", CODEPLAN_UPSTREAM_TIMEOUT="30")
+    arrivals = []
+    try:
+        key = new_user(database)
+        started = time.monotonic()
+        with httpx.stream("POST", bridge.url + "/v1/chat/completions", timeout=60,
+                          headers={"authorization": f"Bearer {key}"},
+                          json={"model": "glm-4.6", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+            for piece in r.iter_raw():
+                arrivals.append((round(time.monotonic() - started, 2), piece[:40]))
+    finally:
+        bridge.stop()
+        server.shutdown()
+    gaps = [b[0] - a[0] for a, b in zip([(0.0, b"")] + arrivals, arrivals)]
+    assert max(gaps) < 3.0, f"keep-alive interval 2 s; the client waited {max(gaps):.1f}s for a byte: {arrivals}"
+
+
+class _EmptyEvents(_Upstream):
+    """Whole events that give the client nothing (an empty delta, as a tool call held by the
+    normaliser does): `heard` moves, `told` does not, and no keep-alive is ever checked."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        try:
+            for _ in range(5):
+                time.sleep(1.5)
+                self.wfile.write(chunk({}))
+                self.wfile.flush()
+            for piece in (chunk({"role": "assistant", "content": "Hi."}), chunk({}, "stop", USAGE), b"data: [DONE]\n\n"):
+                self.wfile.write(piece)
+                self.wfile.flush()
+        except OSError:
+            return
+        self.close_connection = True
+
+
+def test_client_is_kept_alive_while_upstream_events_give_it_nothing(database):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _EmptyEvents)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    bridge = start_bridge(database, f"http://127.0.0.1:{server.server_address[1]}/v1", CODEPLAN_UPSTREAM_KEYS="k1",
+                          CODEPLAN_KEEPALIVE_INTERVAL="2", CODEPLAN_UPSTREAM_TIMEOUT="30")
+    arrivals = []
+    try:
+        key = new_user(database)
+        started = time.monotonic()
+        with httpx.stream("POST", bridge.url + "/v1/chat/completions", timeout=60,
+                          headers={"authorization": f"Bearer {key}"},
+                          json={"model": "glm-4.6", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+            for piece in r.iter_raw():
+                arrivals.append((round(time.monotonic() - started, 2), piece[:40]))
+    finally:
+        bridge.stop()
+        server.shutdown()
+    gaps = [b[0] - a[0] for a, b in zip([(0.0, b"")] + arrivals, arrivals)]
+    assert max(gaps) < 3.0, f"keep-alive interval 2 s; the client waited {max(gaps):.1f}s for a byte: {arrivals}"

@@ -53,7 +53,8 @@ KINDS = [
     ((402, ""), (Kind.upstream_billing, 402, None, None)),  # a gateway's "out of credit"
     ((429, "1308"), (Kind.upstream_overloaded, 503, "1308", 30)),
     ((401, "1002"), (Kind.upstream_error, 502, None, None)),
-    ((403, ""), (Kind.upstream_error, 502, None, None)),  # our key's credentials
+    ((403, ""), (Kind.permission, 403, None, None)),  # a gateway's or WAF's refusal of this request
+    ((403, "1002"), (Kind.upstream_error, 502, None, None)),  # our key's credentials
     ((500, "500"), (Kind.upstream_error, 502, "500", None)),
     ((503, ""), (Kind.upstream_overloaded, 503, None, 5)),
     ((504, ""), (Kind.upstream_timeout, 504, None, None)),
@@ -182,7 +183,6 @@ OPERATOR_SIDE = [
                      "code": 402}}, "billing_error"),
     (403, {"error": {"code": "1220", "message": "You do not have permission to access this model"}}, "not_found_error"),
     (403, {"error": {"code": "1311", "message": "model not in plan"}}, "not_found_error"),
-    (403, {"error": {"message": "Forbidden"}}, "api_error"),
     (404, {"object": "error", "message": "The model `glm-4.6` does not exist.", "type": "NotFoundError",
            "code": 404}, "api_error"),
     (408, {"error": {"message": "Request Timeout"}}, "api_error"),
@@ -190,7 +190,7 @@ OPERATOR_SIDE = [
 
 
 @pytest.mark.parametrize("status, body, anthropic", OPERATOR_SIDE,
-                         ids=["402", "403-1220", "403-1311", "403", "404", "408"])
+                         ids=["402", "403-1220", "403-1311", "404", "408"])
 def test_an_operator_side_refusal_is_not_the_users_invalid_request(status, body, anthropic):
     """Cline reads any Anthropic invalid_request_error as an overflow and truncates the
     conversation (clients.md): the operator's billing, credentials, entitlement or deployment is

@@ -42,13 +42,19 @@ class EndedInvoices:
     async def run_once(self) -> bool:
         """Settle the next due ended subscription's invoices. False when none is due."""
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT * FROM ended_subscription_invoices WHERE state = 'pending' AND next_attempt_at <= now()"
-                " ORDER BY next_attempt_at LIMIT 1 FOR UPDATE SKIP LOCKED")
-            if row is None:
+            # the subscription's lock first, then its row: the event applier takes them in that
+            # order (it queues the row again under the lock), so the other order deadlocked
+            ident = await conn.fetchval(
+                "SELECT stripe_subscription_id FROM ended_subscription_invoices WHERE state = 'pending'"
+                " AND next_attempt_at <= now() ORDER BY next_attempt_at LIMIT 1")
+            if ident is None:
                 return False
-            ident = row["stripe_subscription_id"]
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", "stripe:" + ident)
+            row = await conn.fetchrow(
+                "SELECT * FROM ended_subscription_invoices WHERE stripe_subscription_id = $1"
+                " AND state = 'pending' AND next_attempt_at <= now() FOR UPDATE SKIP LOCKED", ident)
+            if row is None:
+                return True  # settled by another process meanwhile
             await conn.execute("UPDATE ended_subscription_invoices SET attempts = attempts + 1"
                                " WHERE stripe_subscription_id = $1", ident)
             try:
@@ -86,9 +92,13 @@ class EndedInvoices:
             return 0, 0
         voided = refunded = 0
         for invoice in await self._api.invoices_of(ident):
-            # only an invoice made before the end: one Stripe makes at or after it (the last
-            # period's metered overage, an `invoice_now` cancellation's) bills what was served
-            if invoice.status == "open" and invoice.created < sub.ended_at:
+            # only an invoice made before the end, billing nothing already served: one Stripe
+            # makes at or after it (the last period's metered overage, an `invoice_now`
+            # cancellation's) bills what was served, and so does a renewal's line for the last
+            # period's overage (in arrears, beside the next period's fee): those stay payable,
+            # and a late payment of one is refunded all but what was served
+            served = invoice.served_amount()
+            if invoice.status == "open" and invoice.created < sub.ended_at and served == 0:
                 try:
                     invoice = await self._api.void_invoice(
                         invoice.id, idempotency_key(self._installation, "ended-void", invoice.id))
@@ -101,12 +111,18 @@ class EndedInvoices:
             paid_at = invoice.status_transitions.paid_at
             if (invoice.status == "paid" and invoice.amount_paid > 0 and paid_at is not None
                     and invoice.created < sub.ended_at <= paid_at):
-                refunded += await self._refund(invoice, account)
+                if served is None:
+                    log.error("a payment after its subscription ended not refunded: the invoice's lines "
+                              "could not all be read; refund its unserved part on Stripe",
+                              extra={"subscription": ident, "invoice": invoice.id, "account": account})
+                    continue
+                refunded += await self._refund(invoice, account, invoice.amount_paid - served)
         return voided, refunded
 
-    async def _refund(self, invoice: wire.Invoice, account: int) -> int:
-        """Refund what is left of each payment of `invoice`; the amount refunded now."""
-        refunded = 0
+    async def _refund(self, invoice: wire.Invoice, account: int, owed: int) -> int:
+        """Refund `owed` of `invoice`'s payments, less what they have had refunded already (by an
+        earlier pass, or by the operator): never more than `owed` in all; the amount refunded now."""
+        charges = []
         for paid in await self._api.invoice_payments(invoice.id):
             intent_id = paid.payment.payment_intent
             if paid.status != "paid" or paid.payment.type != "payment_intent" or not intent_id:
@@ -115,14 +131,18 @@ class EndedInvoices:
             if not intent.latest_charge:
                 continue
             charge = await self._api.charge(intent.latest_charge)
-            if charge.status != "succeeded":
+            if charge.status == "succeeded":
+                charges.append((intent_id, charge))
+        todo = owed - sum(charge.amount_refunded for _, charge in charges)
+        refunded = 0
+        for intent_id, charge in charges:
+            give = min(charge.amount - charge.amount_refunded, todo - refunded)
+            if give <= 0:
                 continue
-            left = charge.amount - charge.amount_refunded
-            if left > 0:
-                await self._api.create_refund(
-                    {"payment_intent": intent_id, "amount": left,
-                     "metadata": {"codeplan_account_id": str(account), "codeplan_invoice": invoice.id,
-                                  "codeplan_reason": "paid after its subscription ended"}},
-                    idempotency_key(self._installation, "ended-refund", charge.id, charge.amount_refunded))
-                refunded += left
+            await self._api.create_refund(
+                {"payment_intent": intent_id, "amount": give,
+                 "metadata": {"codeplan_account_id": str(account), "codeplan_invoice": invoice.id,
+                              "codeplan_reason": "paid after its subscription ended"}},
+                idempotency_key(self._installation, "ended-refund", charge.id, charge.amount_refunded))
+            refunded += give
         return refunded

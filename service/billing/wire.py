@@ -122,6 +122,26 @@ class StatusTransitions(msgspec.Struct):
     voided_at: int | None = None
 
 
+# a line whose period ends by its invoice's making (within an hour: Stripe's clocks and ours)
+# billed a period already over; a forward period's line ends a billing interval later
+_SAME_MOMENT = 3600
+
+
+class LinePeriod(msgspec.Struct):
+    start: int = 0
+    end: int = 0
+
+
+class InvoiceLine(msgspec.Struct):
+    amount: int = 0
+    period: LinePeriod = msgspec.field(default_factory=LinePeriod)
+
+
+class InvoiceLines(msgspec.Struct):
+    data: list[InvoiceLine] = []
+    has_more: bool = False
+
+
 class Invoice(msgspec.Struct):
     id: str
     currency: str
@@ -137,6 +157,15 @@ class Invoice(msgspec.Struct):
     hosted_invoice_url: str | None = None
     parent: InvoiceParent | None = None
     status_transitions: StatusTransitions = msgspec.field(default_factory=StatusTransitions)
+    lines: InvoiceLines | None = None
+
+    def served_amount(self) -> int | None:
+        """What the invoice bills for a period already over when it was made: usage in arrears
+        (a renewal carries the last period's metered overage beside the next period's fee). None
+        when its lines are not all here to tell."""
+        if self.lines is None or self.lines.has_more:
+            return None
+        return sum(line.amount for line in self.lines.data if line.period.end <= self.created + _SAME_MOMENT)
 
     @property
     def subscription(self) -> str | None:

@@ -268,9 +268,12 @@ def test_an_invoice_stripe_makes_at_or_after_the_end_is_kept_open():
                                              items=billing_wire.SubscriptionItems(data=[]), ended_at=ended_at)
 
         async def invoices_of(self, ident):
-            return [billing_wire.Invoice(id="in_renewal", currency="usd", created=ended_at - 86_400 * 20, status="open"),
-                    billing_wire.Invoice(id="in_final", currency="usd", created=ended_at, status="open"),
-                    billing_wire.Invoice(id="in_later", currency="usd", created=ended_at + 60, status="open")]
+            def invoice(ident: str, created: int) -> billing_wire.Invoice:  # a month's fee ahead
+                ahead = billing_wire.InvoiceLine(amount=600, period=billing_wire.LinePeriod(created, created + 30 * 86_400))
+                return billing_wire.Invoice(id=ident, currency="usd", created=created, status="open",
+                                            lines=billing_wire.InvoiceLines(data=[ahead]))
+            return [invoice("in_renewal", ended_at - 86_400 * 20), invoice("in_final", ended_at),
+                    invoice("in_later", ended_at + 60)]
 
         async def void_invoice(self, ident, key):
             voided.append(ident)
@@ -278,3 +281,35 @@ def test_an_invoice_stripe_makes_at_or_after_the_end_is_kept_open():
 
     settled = asyncio.run(EndedInvoices(None, Stripe(), "inst", 1.0)._settle("sub_1", 7))
     assert voided == ["in_renewal"] and settled == (1, 0)
+
+
+def test_a_renewal_carrying_served_overage_stays_payable_and_its_late_payment_refunds_the_rest(
+        database, fake, service):
+    """A renewal bills the next period's fee and, in arrears, the last period's metered overage:
+    voided (or refunded in full) after dunning's cancellation, the overage served was given away
+    (a review proved it). It stays payable; a late payment gets back all but the overage."""
+    user = Subscriber(database, fake, service, "pro")
+    fake.client().v1.billing.meter_events.create({
+        "event_name": "codeplan_overage_tokens", "identifier": f"cp-served-{user.customer}",
+        "payload": {"stripe_customer_id": user.customer, "value": "10000000"}})
+    invoice = dunning_cancels(user)
+    ident = invoice["stripe_invoice_id"]
+    renewal = stripe_invoice(fake, ident)
+    usage = sum(line.amount for line in renewal.lines.data if "usage" in (line.description or ""))
+    assert usage == 1500 and renewal.amount_due > usage
+    row = wait_for(lambda: (r := one(database, "SELECT * FROM ended_subscription_invoices"
+                                               " WHERE stripe_subscription_id = $1", user.stripe_id))
+                   and r["state"] != "pending" and r, 30, what="the ended subscription settled")
+    assert (row["state"], row["voided"]) == ("done", 0)
+    assert stripe_invoice(fake, ident).status == "open" and not fake.requests(f"/v1/invoices/{ident}/void")
+    fake.advance(DAY)
+    fake.payment_behavior(user.customer, "ok")
+    paid = fake.client().v1.invoices.pay(ident)
+    user.settle()
+
+    def refunded() -> int:
+        return sum(c["amount_refunded"] for c in fake.objects()["charges"] if c["customer"] == user.customer)
+    wait_for(lambda: refunded() == paid.amount_paid - usage, 60, what="the unserved part refunded")
+    user.settle()
+    time.sleep(2)  # further passes (the refund's own events) refund nothing more
+    assert refunded() == paid.amount_paid - usage
