@@ -257,27 +257,6 @@ class _SlowPings(_Upstream):
         self.close_connection = True
 
 
-def test_client_is_kept_alive_within_the_interval_while_upstream_pings(database):
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _SlowPings)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    bridge = start_bridge(database, f"http://127.0.0.1:{server.server_address[1]}/v1", CODEPLAN_UPSTREAM_KEYS="k1",
-                          CODEPLAN_KEEPALIVE_INTERVAL="2", CODEPLAN_UPSTREAM_TIMEOUT="30")
-    arrivals = []
-    try:
-        key = new_user(database)
-        started = time.monotonic()
-        with httpx.stream("POST", bridge.url + "/v1/chat/completions", timeout=60,
-                          headers={"authorization": f"Bearer {key}"},
-                          json={"model": "glm-4.6", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
-            for piece in r.iter_raw():
-                arrivals.append((round(time.monotonic() - started, 2), piece[:40]))
-    finally:
-        bridge.stop()
-        server.shutdown()
-    gaps = [b[0] - a[0] for a, b in zip([(0.0, b"")] + arrivals, arrivals)]
-    assert max(gaps) < 3.0, f"keep-alive interval 2 s; the client waited {max(gaps):.1f}s for a byte: {arrivals}"
-
-
 class _EmptyEvents(_Upstream):
     """Whole events that give the client nothing (an empty delta, as a tool call held by the
     normaliser does): `heard` moves, `told` does not, and no keep-alive is ever checked."""
@@ -301,8 +280,9 @@ class _EmptyEvents(_Upstream):
         self.close_connection = True
 
 
-def test_client_is_kept_alive_while_upstream_events_give_it_nothing(database):
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _EmptyEvents)
+@pytest.mark.parametrize("upstream", [_SlowPings, _EmptyEvents], ids=["pings", "empty_events"])
+def test_client_is_kept_alive_within_the_interval(database, upstream):
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), upstream)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     bridge = start_bridge(database, f"http://127.0.0.1:{server.server_address[1]}/v1", CODEPLAN_UPSTREAM_KEYS="k1",
                           CODEPLAN_KEEPALIVE_INTERVAL="2", CODEPLAN_UPSTREAM_TIMEOUT="30")
