@@ -46,6 +46,7 @@ ZH: dict[str, str] = {
     "Sign up": "注册",
     "Language": "语言",
     "Admin": "管理员",
+    "Account": "账户",
     "Codeplan: a GLM-4.6 coding plan for the tools you already use.": "Codeplan：在你已有的编程工具里使用 GLM-4.6 编程套餐。",
     # sign up / log in
     "Create your account": "创建账户",
@@ -87,6 +88,22 @@ ZH: dict[str, str] = {
     "If you did not sign up at Codeplan, close this page: nothing is confirmed without this button.":
         "如果你没有注册 Codeplan，请关闭此页面：不点击此按钮就不会确认任何内容。",
     "Reset your password": "重置密码",
+    # account
+    "confirmed": "已确认",
+    "not confirmed yet": "尚未确认",
+    "Change your password": "修改密码",
+    "Current password": "当前密码",
+    "At least 10 characters. Every other browser signed in to this account is signed out.":
+        "至少 10 个字符。此账户在其他浏览器上的登录都会退出。",
+    "Change the password": "修改密码",
+    "The current password is wrong.": "当前密码错误。",
+    "Other browsers": "其他浏览器",
+    "This account is signed in on {count} other browsers or devices.": "此账户已在另外 {count} 个浏览器或设备上登录。",
+    "Sign them all out": "全部退出登录",
+    "This account is signed in on no other browser.": "此账户没有在其他浏览器上登录。",
+    "API keys are not affected: revoke them on the Keys page.": "API 密钥不受影响：请在“密钥”页面吊销。",
+    "Your password is changed. Every other browser is signed out.": "密码已修改，其他浏览器上的登录均已退出。",
+    "Every other browser is signed out.": "其他浏览器上的登录均已退出。",
     "Enter your account's email. If it exists, we send a link to set a new password.":
         "输入账户的邮箱。如果账户存在，我们会发送一个设置新密码的链接。",
     "Send the link": "发送链接",

@@ -209,6 +209,39 @@ async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> int:
     return account_id
 
 
+async def change_password(pool: asyncpg.Pool, viewer: sessions.Viewer, current: str, new: str,
+                          address: str) -> None:
+    """A signed-in person's new password. The current one proves the owner is at the keyboard (a
+    session left open, or a stolen cookie, is not enough to take the account over), and is
+    checked as a login is: counted first under the same throttle, so a session cannot be used to
+    guess it faster than the login form allows. Every other session of the account ends and its
+    unused reset links are spent (whoever had them no longer gets in); this session stays."""
+    reason = passwords.weakness(new)
+    if reason:
+        raise Refusal(reason)
+    key = throttle.login_key(viewer.account_id, "")
+    wait = await throttle.take_login(pool, key, address)
+    if wait is not None:
+        raise Refusal("throttled", retry_after=wait)
+    stored = await pool.fetchval("SELECT password_hash FROM accounts WHERE id = $1", viewer.account_id)
+    if not await passwords.verify_async(current[:passwords.MAX_LENGTH], stored):
+        raise Refusal("wrong_password")
+    await throttle.succeeded(pool, key)
+    hashed = await passwords.hash_async(new)
+    async with pool.acquire() as conn, conn.transaction():
+        # only over the hash that was checked, and only while this session lives: a reset link
+        # used meanwhile (it ends every session) wins, and this change is refused, not applied
+        changed = await conn.fetchval(
+            "UPDATE accounts SET password_hash = $2 WHERE id = $1 AND password_hash = $3"
+            " AND EXISTS (SELECT 1 FROM web_sessions WHERE token_hash = $4 AND account_id = $1)"
+            " RETURNING id", viewer.account_id, hashed, stored, viewer.token_hash)
+        if changed is None:
+            raise Refusal("wrong_password")
+        await sessions.end_others(conn, viewer)
+        await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
+                           " AND used_at IS NULL", viewer.account_id)
+
+
 async def promote(conn: asyncpg.Connection, email: str, actor: str = "cli") -> int | None:
     """Make the account an admin (`codeplan users promote`), with its admin_audit row in the same
     transaction: admin rights are granted nowhere without a trace."""

@@ -179,6 +179,11 @@ class ResetForm(msgspec.Struct):
     password: str = ""
 
 
+class PasswordChange(msgspec.Struct):
+    current: str = ""
+    password: str = ""
+
+
 class KeyForm(msgspec.Struct):
     name: str = ""
     then: str = "keys"
@@ -207,6 +212,7 @@ _REFUSALS = {
     "exists": "An account with this email exists already. Log in, or reset its password.",
     "bad_credentials": "Wrong email or password.",
     "bad_link": "This link is not valid any more. Ask for a new one.",
+    "wrong_password": "The current password is wrong.",
 }
 
 
@@ -415,6 +421,41 @@ async def reset(request: Request) -> Template | Redirect:
                     cookies=[sessions.cookie(token, secure=_secure(request))])
 
 
+# ---- pages: the account ----------------------------------------------------------------
+
+async def _account(request: Request, viewer: sessions.Viewer, *, status: int = 200, **context: Any) -> Template:
+    return render(request, "account.html", viewer=viewer, nav="account", status=status,
+                  others=await sessions.others(_pool(request), viewer), **context)
+
+
+@get("/account")
+async def account_page(request: Request, notice: FromQuery[str] = "") -> Template:
+    viewer = await require(request, verified=False)
+    return await _account(request, viewer, notice=notice or None)
+
+
+@post("/account/password", status_code=200)
+async def change_password(request: Request) -> Template | Redirect:
+    viewer = await require(request, verified=False)
+    form = await form_of(request, PasswordChange)
+    try:
+        await identity.change_password(_pool(request), viewer, form.current, form.password, _address(request))
+    except identity.Refusal as refusal:
+        status = 429 if refusal.code == "throttled" else 400
+        return await _account(request, viewer, status=status, error=_refusal_text(request, refusal),
+                              headers={"retry-after": str(refusal.retry_after)} if refusal.retry_after else None)
+    log.info("password changed on the web", extra={"account": viewer.account_id})
+    return Redirect("/account?notice=password_changed", status_code=303)
+
+
+@post("/account/sessions/end", status_code=200)
+async def end_other_sessions(request: Request) -> Redirect:
+    viewer = await require(request, verified=False)
+    ended = await sessions.end_others(_pool(request), viewer)
+    log.info("other sessions ended on the web", extra={"account": viewer.account_id, "sessions": ended})
+    return Redirect("/account?notice=signed_out_others", status_code=303)
+
+
 # a language cookie is harmless to set from anywhere, and error pages carry no CSRF token
 @post("/lang", status_code=200, exclude_from_csrf=True)
 async def switch_language(request: Request) -> Redirect:
@@ -593,5 +634,6 @@ async def billing_topup(request: Request) -> Redirect:
 # `home` shares the path "/" with the bridge's HEAD probe, so it is registered on the app itself:
 # Litestar cannot merge one path from two routers
 routes = [signup_page, signup, login_page, login, logout, welcome, resend, verify_page, verify, forgot_page,
-          forgot, reset_page, reset, switch_language, dashboard_page, dashboard_activity, keys_page, create_key, revoke_key,
+          forgot, reset_page, reset, account_page, change_password, end_other_sessions, switch_language,
+          dashboard_page, dashboard_activity, keys_page, create_key, revoke_key,
           setup_page, statusline_script, billing_page, billing_checkout, billing_portal, billing_topup]

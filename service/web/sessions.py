@@ -76,6 +76,21 @@ async def end_all(conn: asyncpg.Connection | asyncpg.Pool, account_id: int) -> N
     await conn.execute("DELETE FROM web_sessions WHERE account_id = $1", account_id)
 
 
+async def end_others(conn: asyncpg.Connection | asyncpg.Pool, viewer: Viewer) -> int:
+    """End every session of the viewer's account but the viewer's own: how many ended."""
+    done = await conn.execute("DELETE FROM web_sessions WHERE account_id = $1 AND token_hash <> $2",
+                              viewer.account_id, viewer.token_hash)
+    return int(done.split()[-1])
+
+
+async def others(pool: asyncpg.Pool, viewer: Viewer) -> int:
+    """The account's live sessions besides the viewer's: other browsers still signed in."""
+    return await pool.fetchval(
+        "SELECT count(*) FROM web_sessions WHERE account_id = $1 AND token_hash <> $2"
+        " AND expires_at > now() AND created_at > now() - make_interval(days => $3)",
+        viewer.account_id, viewer.token_hash, MAX_DAYS)
+
+
 def cookie(token: str, *, secure: bool) -> Cookie:
     return Cookie(key=COOKIE, value=token, path="/", httponly=True, secure=secure, samesite="lax",
                   max_age=MAX_DAYS * 86400)
