@@ -254,7 +254,7 @@ def test_no_serious_or_critical_accessibility_violations(browser, site, smtp, ax
     page.get_by_label("Name" if lang == "en-US" else "名称").fill("a11y")
     page.locator("form.row button[type=submit]").click()
     found["/keys (new key)"] = _axe(page, axe_script)
-    for path in ("/dashboard", "/setup", "/billing", "/no-such-page"):
+    for path in ("/dashboard", "/setup", "/billing", "/account", "/no-such-page"):
         page.goto(site.url + path)
         found[path] = _axe(page, axe_script)
     bad = {path: v for path, v in found.items() if v}
