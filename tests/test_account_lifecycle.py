@@ -290,7 +290,7 @@ async def test_an_idle_live_socket_closes_once_its_session_or_key_ended(database
     socket = _FakeSocket(pool, hub)
     try:
         if ended_by == "logout":
-            token = await sessions.create(pool, account_id)
+            token = await sessions.create(pool, account_id, None)
             check = sockets.session_check(pool, token)
         else:
             key_id = (await apikeys.create(pool, account_id, "ide")).id

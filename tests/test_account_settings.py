@@ -199,3 +199,36 @@ def test_a_change_loses_to_a_reset_used_while_it_was_hashed(database, site, smtp
     code, _ = asyncio.run(attempt())
     assert code == "wrong_password"
     assert signed_in(client)
+
+
+def test_a_login_checked_while_the_password_was_reset_makes_no_session(database, site, smtp):
+    """A login's password check takes ~0.1 s; a reset (or a change) committed meanwhile ends
+    every session there is. The login's session is made only while the hash it proved is still
+    the account's, waiting for a change in flight to commit: a thief who knew the old password
+    keeps nothing past the reset (one used to get a session in about every race)."""
+    _, address = member(site, smtp)
+
+    async def race() -> tuple[str | None, bool, str | None]:
+        pool = await asyncpg.create_pool(database, min_size=1, max_size=3)
+        resetting = await asyncpg.connect(database)
+        try:
+            account_id, old = await pool.fetchrow(
+                "SELECT id, password_hash FROM accounts WHERE email = $1", address)
+            transaction = resetting.transaction()
+            await transaction.start()
+            await resetting.execute("UPDATE accounts SET password_hash = 'reset' WHERE id = $1", account_id)
+            await resetting.execute("DELETE FROM web_sessions WHERE account_id = $1", account_id)
+            login = asyncio.create_task(sessions.create(pool, account_id, old))
+            await asyncio.sleep(0.3)
+            waited = not login.done()  # for the reset to commit, not past it
+            await transaction.commit()
+            late = await asyncio.wait_for(login, 10)
+            return late, waited, await sessions.create(pool, account_id, "reset")
+        finally:
+            await resetting.close()
+            await pool.close()
+
+    late, waited, current = asyncio.run(race())
+    assert waited
+    assert late is None
+    assert current is not None  # the password the reset set does sign in

@@ -290,7 +290,7 @@ def test_admin_api_authorization_and_audit(fresh_database, simulator):
         account = run(query(fresh_database, "SELECT account_id FROM api_keys WHERE prefix = $1", user_key[:10]))[0]
         # a web session of that account (service/web/sessions.py makes it as a login does)
         from service.web import sessions
-        session = run(_with_pool(fresh_database, lambda pool: sessions.create(pool, account["account_id"])))
+        session = run(_with_pool(fresh_database, lambda pool: sessions.create(pool, account["account_id"], None)))
         cookies = {"codeplan_session": session}
         assert httpx.get(server.url + "/admin/plans", cookies=cookies).status_code == 403  # not an admin
         promoted = _admin(server, "PATCH", f"/users/{account['account_id']}", json={"is_admin": True})

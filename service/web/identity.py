@@ -36,6 +36,9 @@ class Account(msgspec.Struct, frozen=True):
     id: int
     email: str
     verified: bool
+    # the password hash this person proved (a login) or set (a sign-up, a reset): a session is
+    # made only while it is still the account's (sessions.create)
+    proven_by: str | None = None
 
 
 def normal_email(email: str) -> str:
@@ -85,7 +88,7 @@ async def sign_up(pool: asyncpg.Pool, email: str, password: str, signup_plan: st
                 "INSERT INTO subscriptions (account_id, plan_id, status)"
                 " SELECT $1, id, 'active' FROM plans WHERE id = $2 AND retired_at IS NULL",
                 account_id, signup_plan)
-    return Account(id=account_id, email=email, verified=False)
+    return Account(id=account_id, email=email, verified=False, proven_by=hashed)
 
 
 # The typed address as PostgreSQL folds it comes back with the account (if any): the throttle's
@@ -107,10 +110,14 @@ async def log_in(pool: asyncpg.Pool, email: str, password: str, address: str) ->
     if not ok or row["id"] is None:
         raise Refusal("bad_credentials")
     await throttle.succeeded(pool, key)
-    if passwords.needs_rehash(row["password_hash"]):
-        await pool.execute("UPDATE accounts SET password_hash = $2 WHERE id = $1",
-                           row["id"], await passwords.hash_async(password))
-    return Account(id=row["id"], email=row["email"], verified=row["verified"])
+    proven = row["password_hash"]
+    if passwords.needs_rehash(proven):
+        stronger = await passwords.hash_async(password)
+        # only over the hash checked: a reset or a change meanwhile keeps its own
+        if await pool.fetchval("UPDATE accounts SET password_hash = $2 WHERE id = $1 AND password_hash = $3"
+                               " RETURNING 1", row["id"], stronger, proven):
+            proven = stronger
+    return Account(id=row["id"], email=row["email"], verified=row["verified"], proven_by=proven)
 
 
 async def find(pool: asyncpg.Pool, email: str) -> Account | None:
@@ -182,7 +189,7 @@ async def verify(pool: asyncpg.Pool, token: str) -> int | None:
         return account_id
 
 
-async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> int:
+async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> Account:
     """Set a new password through a reset link. The link proves the address, so it also
     verifies it; every other session of the account ends, and its failed logins are forgotten
     (a lockout must not refuse the new password for its 15 minutes)."""
@@ -206,7 +213,9 @@ async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> int:
                            " AND used_at IS NULL", account_id)
         # the failed logins that locked the account are forgotten: the new password works at once
         await throttle.forget_account(conn, account_id)
-    return account_id
+        row = await conn.fetchrow("SELECT email, email_verified_at IS NOT NULL AS verified FROM accounts"
+                                  " WHERE id = $1", account_id)
+    return Account(id=account_id, email=row["email"], verified=row["verified"], proven_by=hashed)
 
 
 async def change_password(pool: asyncpg.Pool, viewer: sessions.Viewer, current: str, new: str,

@@ -300,7 +300,9 @@ async def signup(request: Request) -> Template | Redirect:
                           headers={"retry-after": str(refusal.retry_after)}, error=_refusal_text(request, refusal))
         return render(request, "signup.html", viewer=None, status=400, email=form.email,
                       error=_refusal_text(request, refusal))
-    token = await sessions.create(_pool(request), account.id)
+    token = await sessions.create(_pool(request), account.id, account.proven_by)
+    if token is None:  # its password changed already (a reset link mailed to the address)
+        return Redirect("/login", status_code=303)
     problem = await _mail_link(request, account, "verify")
     log.info("account signed up", extra={"account": account.id})
     target = "/welcome" if web.mailer.enabled else "/setup"
@@ -327,7 +329,10 @@ async def login(request: Request) -> Template | Redirect:
     old = await viewer_of(request)
     if old is not None:
         await sessions.end(_pool(request), old)
-    token = await sessions.create(_pool(request), account.id)
+    token = await sessions.create(_pool(request), account.id, account.proven_by)
+    if token is None:  # the password was reset or changed while it was checked: it is wrong now
+        return render(request, "login.html", viewer=None, status=400, email=form.email, next=safe_next(form.next),
+                      error=_refusal_text(request, identity.Refusal("bad_credentials")))
     return Redirect(safe_next(form.next), status_code=303, cookies=[sessions.cookie(token, secure=_secure(request))])
 
 
@@ -411,12 +416,14 @@ async def reset_page(request: Request, token: FromQuery[str] = "") -> Template:
 async def reset(request: Request) -> Template | Redirect:
     form = await form_of(request, ResetForm)
     try:
-        account_id = await identity.reset_password(_pool(request), form.token, form.password)
+        account = await identity.reset_password(_pool(request), form.token, form.password)
     except identity.Refusal as refusal:
         return render(request, "reset.html", viewer=None, status=400,
                       token=form.token if refusal.code != "bad_link" else "",
                       error=_refusal_text(request, refusal))
-    token = await sessions.create(_pool(request), account_id)
+    token = await sessions.create(_pool(request), account.id, account.proven_by)
+    if token is None:  # another reset or change came after this one: it signs in there, not here
+        return Redirect("/login", status_code=303)
     return Redirect("/dashboard?notice=password_set", status_code=303,
                     cookies=[sessions.cookie(token, secure=_secure(request))])
 

@@ -32,13 +32,25 @@ def token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-async def create(pool: asyncpg.Pool, account_id: int) -> str:
+async def create(pool: asyncpg.Pool, account_id: int, proven_by: str | None) -> str | None:
+    """A new session for the account, or None when `proven_by` (the password hash the person
+    proved, or just set) is no longer the account's. A password check takes ~0.1 s: a reset or a
+    change committed meanwhile ends every session there is, and one made after it from the old
+    password would outlive it. The share lock waits for such a change to commit and then sees
+    its hash. None for `proven_by`: no password was proven (an operator's tools, tests)."""
     token = secrets.token_urlsafe(32)
-    await pool.execute(
+    if proven_by is None:
+        await pool.execute(
+            "INSERT INTO web_sessions (token_hash, account_id, expires_at)"
+            " VALUES ($1, $2, now() + make_interval(days => $3))",
+            token_hash(token), account_id, IDLE_DAYS)
+        return token
+    made = await pool.fetchval(
         "INSERT INTO web_sessions (token_hash, account_id, expires_at)"
-        " VALUES ($1, $2, now() + make_interval(days => $3))",
-        token_hash(token), account_id, IDLE_DAYS)
-    return token
+        " SELECT $1, a.id, now() + make_interval(days => $3) FROM"
+        " (SELECT id FROM accounts WHERE id = $2 AND password_hash = $4 FOR SHARE) AS a RETURNING 1",
+        token_hash(token), account_id, IDLE_DAYS, proven_by)
+    return token if made else None
 
 
 _LOOKUP = """
