@@ -53,4 +53,9 @@ async def strict_input(request: Request) -> None:
     try:
         msgspec.json.decode(await request.body(), type=field.annotation, strict=True)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise ValidationException(f"Invalid request body: {exc}") from None
+        said = str(exc)
+        if said == "Input data was truncated":
+            # msgspec's words for a body cut short, and for a string ending in an unpaired
+            # \ud800-\udbff escape: the second is a whole body, whose sender looks for no proxy
+            said = "JSON is malformed: the body is cut short, or a string holds an unpaired \\ud800-\\udbff escape"
+        raise ValidationException(f"Invalid request body: {said}") from None

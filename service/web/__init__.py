@@ -58,10 +58,15 @@ def _templates() -> TemplateConfig:
     return TemplateConfig(instance=JinjaTemplateEngine.from_environment(environment))
 
 
+FORM_MAX_BYTES = 64 * 1024
+
+
 def wants_html(request: Request) -> bool:
     """A browser asking for a page (not a tool calling the API): errors become pages too."""
     path = request.url.path
-    if path.startswith(("/v1/", "/api/", "/stripe/", "/healthz")):
+    # the APIs answer in their own shapes whoever asks (an admin browsing the admin API reads
+    # its problem details, not a page about an expired form)
+    if path.startswith(("/v1/", "/api/", "/stripe/", "/admin/", "/schema", "/healthz", "/readyz", "/metrics")):
         return False
     return "text/html" in (request.headers.get("accept") or "")
 
@@ -133,6 +138,9 @@ class Web:
     def route_handlers(self) -> list:
         pages_router = Router(
             path="/", route_handlers=pages.routes,
+            # the largest form is a password (1,024 characters): the CSRF middleware reads a whole
+            # form before it checks the token, so a stranger's body is bounded before it is read
+            request_max_body_size=FORM_MAX_BYTES,
             middleware=[DefineMiddleware(CSRFMiddleware, config=self.csrf)],
             exception_handlers={pages.GoTo: _redirect, HTTPException: _http_error, Exception: _unexpected})
         static = create_static_files_router(
