@@ -20,8 +20,13 @@ from .auth import errors
 from ..credits import Coefficient, ModelCredits, PeakMultiplier, plan_credits
 
 PlanId = Annotated[str, msgspec.Meta(min_length=1, max_length=40, pattern=r"^[a-z0-9_\-]+$")]
-# bounded by their columns (bigint, integer): a value past them is the caller's 400, not a 500
-Credits = Annotated[int, msgspec.Meta(gt=0, le=2**63 - 1)]
+# bounded by their columns (bigint, integer): a value past them is the caller's 400, not a 500.
+# Allowances by less than a bigint: 2^53 - 1, the largest integer every JSON reader (a browser's
+# doubles) reads exactly, ~9 * 10^15 credits, as good as unlimited; and the ledger's sums of a
+# window's figures (posted, held, a request's hold) then stay far below a bigint's 2^63.
+MAX_CREDITS = 2**53 - 1
+Credits = Annotated[int, msgspec.Meta(gt=0, le=MAX_CREDITS,
+                                      description=f"credits, 1 to {MAX_CREDITS} (2^53 - 1: as good as unlimited)")]
 Cents = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 Concurrency = Annotated[int, msgspec.Meta(gt=0, le=100_000)]
 PlanName = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
