@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import time
 import uuid
 from typing import Callable, Coroutine
@@ -46,20 +47,169 @@ _LEASE_MARGIN = 2.0
 LIFETIME_CAP = "lifetime cap reached"
 
 
-def chunks(decoder: sse.SSEDecoder, data: bytes, on_done=None) -> list[wire.Chunk]:
-    """The upstream chunks completed by `data`. A malformed one is skipped (the rest of the
-    stream is still good); the `[DONE]` sentinel calls `on_done`."""
-    out = []
+# ---- the upstream's chunks ------------------------------------------------------------------
+
+# a JSON string's escapes, each taken whole from its backslash: `\\` is one, so a `u` after it is
+# text and a surrogate's escape is found only where it is one (JSON has no backslash outside strings)
+_ESCAPE = re.compile(rb"\\(?:u([0-9A-Fa-f]{4})|.)", re.DOTALL)
+# the key whose value a string is: the bytes before its opening quote
+_KEY = re.compile(rb'"([^"\\]{1,64})"\s*:\s*\Z')
+_ESCAPED_REPLACEMENT = rb"\ufffd"  # U+FFFD as a JSON escape: as long as a surrogate's escape
+# an event that cannot be read: in the shape of an OpenAI-style server's mid-stream failure, so the
+# normaliser ends the answer as broken (glm.StreamNormalizer) and the client is never told it whole
+_UNREADABLE = wire.Chunk(error=wire.ChunkError(
+    message="The model provider sent an event the bridge could not read.", type="unreadable_chunk",
+    code="unreadable_chunk"))
+
+
+def _halves(raw: bytes) -> list[tuple[int, bool]]:
+    """Where `raw` has a UTF-16 surrogate's escape that is not half of a pair: its offset, and
+    whether it is a high half (D800-DBFF, a pair's first) or a low one."""
+    halves: list[tuple[int, bool]] = []
+    high = -1  # a high half's offset, while its low half may come next
+    for found in _ESCAPE.finditer(raw):
+        digits = found.group(1)
+        unit = int(digits, 16) if digits is not None else 0
+        at = found.start()
+        if high >= 0:
+            if 0xDC00 <= unit <= 0xDFFF and at == high + 6:
+                high = -1  # a pair
+                continue
+            halves.append((high, True))
+            high = -1
+        if 0xD800 <= unit <= 0xDBFF:
+            high = at
+        elif 0xDC00 <= unit <= 0xDFFF:
+            halves.append((at, False))
+    if high >= 0:
+        halves.append((high, True))
+    return halves
+
+
+def _escaped(raw: bytes, at: int) -> bool:
+    """Whether the byte at `at` (a quote) follows an odd run of backslashes: text, not an edge."""
+    run = 0
+    while at > run and raw[at - run - 1] == 0x5C:
+        run += 1
+    return run % 2 == 1
+
+
+def _key(raw: bytes, quote: int) -> bytes | None:
+    """The key of the string whose opening quote is at `quote`, if it is an object's value."""
+    found = _KEY.search(raw, max(0, quote - 80), quote)
+    return found.group(1) if found else None
+
+
+def _opening(raw: bytes, at: int) -> int:
+    """The opening quote of the string holding the offset `at`."""
+    quote = raw.rfind(b'"', 0, at)
+    while quote > 0 and _escaped(raw, quote):
+        quote = raw.rfind(b'"', 0, quote)
+    return quote
+
+
+def _decoded(raw: bytes, halves: list[tuple[int, bool]], drop: int = -1) -> wire.Chunk:
+    """The chunk `raw` with its lone halves read as U+FFFD (as a UTF-16 decoder reads them) and
+    the escape at `drop` taken out; `_UNREADABLE` if it still cannot be read."""
+    if halves or drop >= 0:
+        mended = bytearray(raw)
+        for at, _ in halves:
+            mended[at:at + 6] = _ESCAPED_REPLACEMENT  # as long: the offsets hold
+        if drop >= 0:
+            del mended[drop:drop + 6]
+        raw = bytes(mended)
+    try:
+        return wire.chunk_decoder.decode(raw)
+    except msgspec.DecodeError:
+        log.warning("upstream chunk unreadable; the answer ends as broken", extra={"bytes": len(raw)})
+        return _UNREADABLE
+
+
+class _Held:
+    """A chunk whose string ends with a high half: held until the next event says whether that
+    event's first string begins with the low half, under the same key."""
+
+    __slots__ = ("raw", "halves", "key")
+
+    def __init__(self, raw: bytes, halves: list[tuple[int, bool]]) -> None:
+        self.raw = raw
+        self.halves = halves
+        self.key = _key(raw, _opening(raw, halves[-1][0]))
+
+    def pairs_with(self, raw: bytes, first: tuple[int, bool]) -> bool:
+        """Whether `first`, the next chunk's first lone half, is the low half beginning a string
+        of the same key."""
+        at, high = first
+        return (not high and self.key is not None and raw[at - 1:at] == b'"' and not _escaped(raw, at - 1)
+                and _key(raw, at - 1) == self.key)
+
+
+def chunks(decoder: sse.SSEDecoder, data: bytes, on_done: Callable[[], None] | None = None) -> list[wire.Chunk]:
+    """The upstream chunks completed by `data`, sans I/O; the `[DONE]` sentinel calls `on_done`.
+
+    A chunk msgspec refuses is looked at again (then only: an ordinary chunk costs its one decode
+    and one test of an attribute) for a fault an honest upstream's gateway makes: a UTF-16
+    surrogate's escape alone. One that cuts an emoji's escaped pair (`\\ud83d\\ude00`) between
+    two chunks ends a string of one with the high half and begins the same key's string in the
+    next with the low half: the text was valid, only cut, so that chunk is held (on `decoder`,
+    the stream's own) until the next event, and the halves are joined when it begins so. A half
+    alone for good reads as U+FFFD. A chunk that still cannot be read ends the answer as broken
+    (`_UNREADABLE`): skipped, it left a hole in an answer told whole, and billed in full."""
+    out: list[wire.Chunk] = []
     for event in decoder.feed(data):
         if event.data == b"[DONE]":
+            if decoder.held is not None:
+                out.append(_release(decoder))
             if on_done is not None:
                 on_done()
             continue
         try:
-            out.append(wire.chunk_decoder.decode(event.data))
+            chunk = wire.chunk_decoder.decode(event.data)
         except msgspec.DecodeError:
-            log.warning("malformed upstream chunk skipped")
+            _mend(decoder, event.data, out)
+            continue
+        if decoder.held is not None:
+            out.append(_release(decoder))
+        out.append(chunk)
     return out
+
+
+def last_chunks(decoder: sse.SSEDecoder) -> list[wire.Chunk]:
+    """The stream ended: a chunk `chunks` held for an event that never came, its half read as
+    U+FFFD."""
+    return [_release(decoder)] if decoder.held is not None else []
+
+
+def _release(decoder: sse.SSEDecoder) -> wire.Chunk:
+    """The held chunk, its high half alone for good (the next event did not begin with the low)."""
+    held: _Held = decoder.held  # type: ignore[assignment]
+    decoder.held = None
+    log.warning("upstream chunk had a lone surrogate escape; read as U+FFFD")
+    return _decoded(held.raw, held.halves)
+
+
+def _mend(decoder: sse.SSEDecoder, raw: bytes, out: list[wire.Chunk]) -> None:
+    """`raw`, an event msgspec refused, read after all if a surrogate's half alone is why."""
+    halves = _halves(raw)
+    held: _Held | None = decoder.held  # type: ignore[assignment]
+    if held is not None:
+        if halves and held.pairs_with(raw, halves[0]):
+            # the pair, cut in two: its high half leaves the held chunk for this one
+            decoder.held = None
+            high = held.halves[-1][0]
+            out.append(_decoded(held.raw, held.halves[:-1], drop=high))
+            at = halves[0][0]
+            raw = raw[:at] + held.raw[high:high + 6] + raw[at:]
+            halves = [(offset + 6, is_high) for offset, is_high in halves[1:]]
+            log.info("upstream cut a surrogate pair between two chunks; joined")
+        else:
+            out.append(_release(decoder))
+    if halves and halves[-1][1] and raw[halves[-1][0] + 6:halves[-1][0] + 7] == b'"':
+        decoder.held = _Held(raw, halves)  # its string ends with a high half: the next event tells
+        return
+    if halves:
+        log.warning("upstream chunk had a lone surrogate escape; read as U+FFFD")
+    out.append(_decoded(raw, halves))
 
 
 class Flight:
@@ -246,6 +396,9 @@ class Flight:
                         self.meter.observe(chunk, delivered=False)
                     if self.meter.usage is not None:
                         break
+                else:
+                    for chunk in last_chunks(self.decoder):  # (one held for its next event)
+                        self.meter.observe(chunk, delivered=False)
         except (TimeoutError, aiohttp.ClientError, OSError):
             pass
         finally:

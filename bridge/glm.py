@@ -244,6 +244,9 @@ class StreamNormalizer:
             if self._failure.code == "line_too_long":  # our SSE decoder's cap (sse.MAX_LINE)
                 return _broken("The model provider sent an event too large to relay; please retry.",
                                "line_too_long")
+            if self._failure.code == "unreadable_chunk":  # an event no mend could read (flight.chunks)
+                return _broken("The model provider sent an event the bridge could not read; please retry.",
+                               "unreadable_chunk")
             return _broken("The model provider failed mid-answer; please retry.", "upstream_error")
         finish = self._finish
         if finish in _BROKEN_FINISH:
@@ -575,3 +578,54 @@ def _overloaded(status: int, numbered: str, code: str, request_id: str, retry_af
                        f"The model provider is temporarily overloaded ({numbered}HTTP {status}); "
                        f"retry shortly. Request id {request_id}.", code=code or None,
                        retry_after=_asked_wait(retry_after, 5))
+
+
+# ---- a refusal inside a 200 ----------------------------------------------------------------
+
+class _Carried(Struct):
+    """A whole answer's body as far as telling an answer from a refusal needs: the error's
+    fields, and whether choices or usage are there (their contents are not decoded)."""
+    error: wire.ErrorDetail | str | None = None
+    object: str | None = None  # vLLM's and SGLang's older shape: {"object": "error", ...}
+    code: str | int | None = None
+    choices: list[msgspec.Raw] = msgspec.field(default_factory=list)
+    usage: msgspec.Raw = msgspec.Raw(b"")
+
+
+_carried_decoder = msgspec.json.Decoder(_Carried)
+
+
+def _stands_for(code: str | int | None) -> int:
+    """The HTTP status a refusal carried in a 200 would have had: the one its body names (a
+    number in `code` is the HTTP status for vLLM, SGLang and llama-server, a string of one for
+    LiteLLM), 401 for GLM's credential codes (GLM says them with a 401), else 200 (the meaning is
+    in the business code, or nowhere)."""
+    if isinstance(code, str) and len(code) == 3 and code.isascii() and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and 400 <= code <= 599:
+        return code
+    if code in _AUTH_CODES:
+        return 401
+    return 200
+
+
+def carried_refusal(body: bytes, request_id: str) -> tuple[int, BridgeError] | None:
+    """A whole answer that is only a refusal: `{"error": ...}` (or vLLM's older
+    `{"object": "error", ...}`) with no choices and no usage, which llama-server, LiteLLM and
+    some GLM proxies send with status 200. Returns the status it stands for (`_stands_for`) and
+    its error as `upstream_error` reads it with that status, so the router blames, cools and
+    retries as it would for the same refusal with its status; None for anything else (an answer;
+    a body that is not JSON is the answer's reader's to refuse). Most answers cost one substring
+    search: `"error"` stands in an answer only as a key or value (its text escapes its quotes),
+    and one with `"finish_reason": "error"` is decoded here without its choices' contents."""
+    if b'"error"' not in body:
+        return None
+    try:
+        said = _carried_decoder.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if said.choices or wire.present(said.usage) or (not said.error and said.object != "error"):
+        return None
+    detail = said.error
+    status = _stands_for(detail.code if isinstance(detail, wire.ErrorDetail) else said.code)
+    return status, upstream_error(status, body, request_id)

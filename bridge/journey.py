@@ -21,7 +21,7 @@ import msgspec
 
 from . import depth, glm, wire
 from .errors import BridgeError, Kind
-from .flight import LIFETIME_CAP, Flight, Flights, chunks, void_abandoned
+from .flight import LIFETIME_CAP, Flight, Flights, chunks, last_chunks, void_abandoned
 from .metering import Calibration, PromptEstimator
 from .metrics import BridgeMetrics, NoMetrics
 from .models import CATALOG, ModelResolver
@@ -83,8 +83,14 @@ class _UpstreamSilent(Exception):
 
 
 def iso_utc(moment: dt.datetime) -> str:
-    """A window's edge as users read it: UTC, ISO 8601, to the second."""
-    return moment.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A window's edge as users read it: UTC, ISO 8601, to the second, rounded up. A window
+    ends at its opening `now()` plus its length, to the microsecond: cut to the second, the
+    reset told would be up to a second early, a moment when a request is still refused (a
+    status line retrying then is refused once more)."""
+    moment = moment.astimezone(dt.timezone.utc)
+    if moment.microsecond:
+        moment += dt.timedelta(microseconds=1_000_000 - moment.microsecond)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _unavailable(exc: Exception) -> BridgeError:
@@ -423,11 +429,7 @@ class Journey:
             return self._broken(surface, flight, f"upstream failed: {type(exc).__name__}")
         # when its last byte came, which may be before the admission was heard
         flight.upstream_done = response.body_done or time.monotonic()
-        if not completion.choices and not isinstance(completion.usage, wire.Usage):
-            # a refusal in a 200 (llama-server, LiteLLM, some proxies): told as the refusal it is
-            refusal = glm.upstream_error(200, body, flight.entry_text)
-            if refusal.kind is not Kind.upstream_error:
-                return self._broken(surface, flight, f"upstream refused: {refusal.kind.value}", refusal)
+        # (a refusal inside a 200 never comes here: the router failed that attempt, upstreams.py)
         for choice in completion.choices[:1]:
             message = choice.message
             flight.meter.observe(wire.Chunk(id=completion.id, choices=[wire.ChunkChoice(delta=wire.Delta(
@@ -546,7 +548,7 @@ class Journey:
                         continue
                     if not data:
                         break
-                    piece = self._translated(flight, translator, normalizer, data, done)
+                    piece = self._translated(flight, translator, normalizer, chunks(flight.decoder, data, done))
                     # nothing of this read stays referenced while the stream waits for the next
                     # one: an idle stream holds only its state (bench: idle streams)
                     del data
@@ -581,6 +583,7 @@ class Journey:
                 if flight.ended:  # our own end (the cap, the shutdown) closed the response
                     yield translator.fail(self._cut(flight))
                     return
+                held = self._translated(flight, translator, normalizer, last_chunks(flight.decoder)) or b""
                 tail, outcome = normalizer.close()
                 if outcome.error is None:
                     # its last event was in (the finish reason, and the usage when sent): a
@@ -593,13 +596,15 @@ class Journey:
                         "entry": flight.entry_text, "upstream": _upstream_name(flight, self._upstream),
                         "error": type(exc).__name__})
                     flight.end("upstream died mid-stream", refused=not meter.delivered_anything)
-                    yield translator.fail(BridgeError(
+                    yield held + translator.fail(BridgeError(
                         Kind.upstream_error, "The model provider's stream broke off before the answer was "
                         f"finished. Request id {flight.entry}.", code="stream_interrupted"))
                     return
             else:
+                # a chunk held for an event that never came (flight.chunks: a surrogate pair cut there)
+                held = self._translated(flight, translator, normalizer, last_chunks(flight.decoder)) or b""
                 tail, outcome = normalizer.close()
-            out = translator.feed(tail)
+            out = held + translator.feed(tail)
             if flight.ended:  # cut by its end, not a whole answer
                 out += translator.fail(self._cut(flight))
             elif outcome.error is None:
@@ -619,12 +624,11 @@ class Journey:
 
     @staticmethod
     def _translated(flight: Flight, translator: StreamTranslator, normalizer: glm.StreamNormalizer,
-                    data: bytes, done: Callable[[], None]) -> bytes | None:
-        """What the client gets for the upstream bytes `data`: None when they complete no
-        upstream event, b"" when they do but it gives the client nothing."""
+                    got: list[wire.Chunk]) -> bytes | None:
+        """What the client gets for the upstream chunks `got` (those a read completed): None
+        when there are none, b"" when they give the client nothing."""
         events: list[glm.Event] = []
         meter = flight.meter
-        got = chunks(flight.decoder, data, done)
         for chunk in got:
             meter.observe(chunk, delivered=True)
             events += normalizer.feed(chunk)

@@ -39,7 +39,7 @@ class SSEDecoder:
     `[DONE]`; whatever comes after is dropped.
     """
 
-    __slots__ = ("_partial", "_partial_size", "_data", "_size", "_event", "_after_cr", "_max", "_over")
+    __slots__ = ("_partial", "_partial_size", "_data", "_size", "_event", "_after_cr", "_max", "_over", "held")
 
     def __init__(self, max_line: int | None = MAX_LINE) -> None:
         self._partial: list[bytes] = []  # the unfinished line, in pieces
@@ -51,6 +51,10 @@ class SSEDecoder:
         self._after_cr = False
         self._max = max_line
         self._over = False
+        # what the reader of its events keeps from one event to the next, with the stream's own
+        # state (bridge/flight.py `chunks`: a chunk whose string ends with half a surrogate pair);
+        # the framing never looks at it
+        self.held: object = None
 
     def feed(self, chunk: bytes) -> list[Event]:
         if self._over or not chunk:

@@ -100,7 +100,8 @@ class Upstream(Protocol):
 
     async def open(self, request: wire.ChatRequest, request_id: str,
                    account: Hashable = None) -> UpstreamResponse:
-        """Send the request; return the response once its status is a success. Raises
+        """Send the request; return the response once its status is a success (a whole
+        answer's: once its body is in and is not a refusal). Raises
         BridgeError for a refusal or when no upstream can be reached; nothing has reached the
         client at that point. `account` (whose request it is) takes turns with the others for
         scarce upstream slots."""

@@ -10,12 +10,13 @@ The **router** picks, for each request, a profile serving its model (weighted at
 the healthy ones) and a key of it (the least busy, in turn among equals). Before any byte has
 reached the client, a failure that another key or upstream may not meet (a connection failure,
 a 5xx, 429/1302, 1305, a 503, the deployment's 404 or a proxy's 408, our key's billing or
-credentials) is retried on another key or profile with backoff, at most `attempts` times. A key
-that keeps failing cools down (30 s, doubling while it keeps failing) and shows as unhealthy; a
-cooling key is used only when nothing else is left. A request fault (400, content policy,
-context length) is never retried, nor a timeout (ours, or a 504/524 from the upstream's
-gateway: the model may have computed it all). A model the upstream account may not use (1211,
-1220, 1311) cools no key and is tried on another profile serving it, if there is one.
+credentials; each also when a whole answer's 200 carries it as its only body) is retried on
+another key or profile with backoff, at most `attempts` times. A key that keeps failing cools
+down (30 s, doubling while it keeps failing) and shows as unhealthy; a cooling key is used only
+when nothing else is left. A request fault (400, content policy, context length) is never
+retried, nor a timeout (ours, or a 504/524 from the upstream's gateway: the model may have
+computed it all). A model the upstream account may not use (1211, 1220, 1311) cools no key and
+is tried on another profile serving it, if there is one.
 
 With a per-key cap configured, a request holds a slot of its key until its response ends. In
 one process that is a counter; across processes and hosts it is a lease in PostgreSQL (the
@@ -467,7 +468,8 @@ class Router:
 
     async def open(self, request: wire.ChatRequest, request_id: str,
                    account: Hashable = None) -> UpstreamResponse:
-        """Send the request; return the response once its status is a success. Raises
+        """Send the request; return the response once its status is a success (a whole answer's:
+        once its body is in and is not a refusal, `_read_whole`). Raises
         BridgeError when every attempt failed or the request itself was refused. `account`:
         whose request it is, for the turn among waiters when slots are scarce."""
         assert self._session is not None, "Router.start() was not awaited"
@@ -669,8 +671,37 @@ class Router:
             error = glm.upstream_error(response.status, error_body, request_id,
                                        response.headers.get("retry-after"))
             raise _refusal(response.status, error)
+        answer = UpstreamResponse(response, lambda: self._give_back(key, slot), profile.name, price, stream=stream)
+        if not stream:
+            await self._read_whole(answer, request_id)
         key.served += 1
-        return UpstreamResponse(response, lambda: self._give_back(key, slot), profile.name, price, stream=stream)
+        return answer
+
+    async def _read_whole(self, answer: UpstreamResponse, request_id: str) -> None:
+        """A whole answer's body, read here rather than by the journey (whose read then returns
+        it: aiohttp keeps it): a 200 whose body is only a refusal (`glm.carried_refusal`:
+        llama-server, LiteLLM, some GLM proxies) is this attempt's failure, which blames and
+        cools the key and is tried elsewhere exactly as the same refusal with its status would
+        be, before anything reaches the client. Counted a success, a key out of balance (1113)
+        kept its turn for ever, every other request failing with a 402. (A whole answer is
+        accepted when it has come: most upstreams send their status only with the body anyway.)
+        A body that breaks off is not sent again, nor is it the key's fault: the model may have
+        computed it all, as for the read timeout."""
+        try:
+            body = await answer.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            answer.close()
+            log.warning("upstream answer broke off", extra={"upstream": answer.profile, "error": type(exc).__name__})
+            raise _Failure(BridgeError(Kind.upstream_error, "The model provider failed to answer. "
+                                       f"Request id {request_id}."), key_fault=False, final=True) from None
+        except BaseException:
+            answer.close()  # cancelled (the client left, the cap): the slot goes back here, or never
+            raise
+        carried = glm.carried_refusal(body, request_id)
+        if carried is not None:
+            answer.end()  # read to its end: the connection goes back to the pool
+            log.warning("upstream refused inside a 200", extra={"upstream": answer.profile, "status": carried[0]})
+            raise _refusal(*carried)
 
     # ---- health ------------------------------------------------------------------------------
 

@@ -779,7 +779,8 @@ def error_detail(error: BridgeError) -> ErrorDetail:
     if error.kind in (Kind.concurrency, Kind.upstream_rate_limited) and error.retry_after is not None:
         detail.message = f"{message} {_retry_text(error)}"
     if error.kind is Kind.quota_exhausted and error.retry_after is not None:
-        detail.resets_at = int(time.time() + error.retry_after)
+        # rounded up: never a second before the window ends (the moment Codex tells its user)
+        detail.resets_at = math.ceil(time.time() + error.retry_after)
     return detail
 
 
