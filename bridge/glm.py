@@ -136,9 +136,13 @@ class StreamNormalizer:
             self._failure = failure
             # the upstream's own words are for the operator (they may name its hardware or
             # internals); the client gets a plain retryable failure
+            # blotted as a refusal's words are: a gateway may quote our key here too
+            code = failure.code if isinstance(failure.code, int) or (
+                isinstance(failure.code, str) and _CODE_SHAPE.fullmatch(failure.code)) else ""
+            kind = failure.type if isinstance(failure.type, str) and _CODE_SHAPE.fullmatch(failure.type) else ""
             log.warning("upstream reported an error mid-stream",
-                        extra={"upstream_code": failure.code, "upstream_type": failure.type,
-                               "upstream_message": (failure.message or "")[:200]})
+                        extra={"upstream_code": code, "upstream_type": kind,
+                               "upstream_message": _for_log(failure.message or "")})
             return []
         out: list[Event] = []
         for choice in chunk.choices:
@@ -408,14 +412,16 @@ _CREDENTIAL_WORD = re.compile(
 _URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+@", re.IGNORECASE)
 # a long run of letters and digits both, as keys are: model ids ("meta-llama/Llama-3.1-70B-
 # Instruct"), URLs and words are kept (separators break their runs), and so are request ids
-# (a UUID's groups are shorter)
-_CREDENTIAL_SHAPE = re.compile(r"(?=[A-Za-z0-9_\-+=]*[0-9])(?=[A-Za-z0-9_\-+=]*[A-Za-z])"
-                               r"(?<![A-Za-z0-9_\-+=])[A-Za-z0-9_+=]*(?:-[A-Za-z0-9_+=]+)*")
+# (a UUID's groups are shorter). A dot does not break a run: a Z.ai key is `id.secret`, and a
+# run cut at its dot left the 16-character secret under the length that blots a piece
+_CREDENTIAL_SHAPE = re.compile(r"(?=[A-Za-z0-9_\-+=.]*[0-9])(?=[A-Za-z0-9_\-+=.]*[A-Za-z])"
+                               r"(?<![A-Za-z0-9_\-+=.])[A-Za-z0-9_+=.]*(?:-[A-Za-z0-9_+=.]+)*")
 
 
 def _blot_run(found: re.Match) -> str:
     run = found.group(0)
-    # a key is one long piece ("sk-" and its 40 characters); an id is short pieces joined
+    # a key is one long piece ("sk-" and its 40 characters, a Z.ai key's id.secret); an id is
+    # short pieces joined
     longest = max((len(piece) for piece in run.split("-")), default=0)
     return "[redacted]" if longest >= 24 else run
 

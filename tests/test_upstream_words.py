@@ -333,3 +333,36 @@ def test_only_a_code_shaped_code_reaches_the_client(body, code, caplog):
     assert error.kind is Kind.invalid_request and error.code == code
     assert ORG not in chat.ChatSurface().error(error)[2].decode()
     assert "upstream refused a request" in caplog.text  # the message was read, for the operator
+
+
+# Z.ai's key shape (glm-upstream.md section 2): a 32-hex id, a dot, a 16-character secret
+ZAI_KEY = "0f3a9c2e7b1d4e6f8a5c3b2d1e0f9a8b.Q7xLm2Rt9VbN4kPz"
+
+
+@pytest.mark.parametrize("said", [
+    f"Authentication failed for key {ZAI_KEY}",
+    f"invalid credentials {ZAI_KEY}",
+    f"令牌已过期或验证不正确: {ZAI_KEY}",
+])
+def test_the_log_blots_both_halves_of_a_zai_key(said):
+    """The run was cut at the key's dot: the 32-hex id was blotted, the secret half (16
+    characters, under the length that blots a piece) was written to the log."""
+    logged = glm._for_log(said)
+    assert "Q7xLm2Rt9VbN4kPz" not in logged and "0f3a9c2e7b1d4e6f" not in logged, logged
+
+
+def test_an_error_event_mid_stream_is_logged_without_the_key_it_quotes(caplog):
+    """LiteLLM's and vLLM's `data: {"error": ...}` mid-stream: its message was logged as sent,
+    so a gateway quoting the key it was given put our whole upstream key in the log."""
+    from bridge import wire
+
+    normalizer = glm.StreamNormalizer("c_")
+    key = "sk-CANARYupstreamKey" + "7f3a9c" * 4
+    failure = wire.Chunk(error=wire.ChunkError(message=f"Incorrect API key provided: {key}",
+                                               type=f"auth {key}", code=401))
+    with caplog.at_level(logging.WARNING, logger="codeplan.glm"):
+        normalizer.feed(failure)
+    record = next(r for r in caplog.records if r.getMessage() == "upstream reported an error mid-stream")
+    assert "CANARYupstreamKey" not in record.upstream_message + str(record.upstream_type)
+    assert record.upstream_message.startswith("Incorrect API key")  # the words kept, the key not
+    assert record.upstream_code == 401  # vLLM's HTTP status, kept for the operator
