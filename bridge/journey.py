@@ -382,8 +382,9 @@ class Journey:
         if admission.outcome == "too_large":
             return BridgeError(
                 Kind.too_large,
-                f"This request could use more tokens than the whole {window} window allows "
-                f"({admission.allowance}); lower max_tokens or shorten the prompt.", param="max_tokens")
+                f"This request (its prompt and max_tokens) could use more than the whole {window} window "
+                f"({admission.allowance} credits) and any top-up can hold; lower max_tokens or shorten the "
+                f"prompt.", param="max_tokens")
         if admission.outcome == "concurrency":
             return BridgeError(Kind.concurrency,
                                f"Too many requests in flight for this plan (at most {admission.allowance}).",

@@ -143,6 +143,9 @@ def test_a_request_the_plan_and_a_topup_hold_together_is_served(srv, database):
     refused = _chat(srv, key, 8_000)
     assert refused.status_code == 400, refused.text[:400]
     assert refused.json()["error"]["param"] == "max_tokens"
+    # in the unit the allowance is kept in, and saying a top-up was counted too (it said
+    # "tokens", and nothing of the block)
+    assert "(1000 credits) and any top-up can hold" in refused.json()["error"]["message"]
     assert len(run(query(database, "SELECT 1 FROM usage_ledger WHERE subscription_id = $1", sub))) == 1
 
 
