@@ -2,8 +2,9 @@
 
 `usage` and `statusline` are a client's commands: Claude Code runs its status line after every
 update, so they are answered by service/statusline.py (standard library only) before anything
-of the server is imported: ~0.1 s a call where importing the server first took ~0.7 s. Every
-other command is service/commands.py's.
+of the server is imported: ~0.1 s a call where importing the server first took ~0.7 s.
+`stripe outbox retry` is answered here, by service/billing/outbox.py. Every other command is
+service/commands.py's.
 """
 from __future__ import annotations
 
@@ -25,6 +26,58 @@ def _terminate(signum: int, frame: object) -> None:
     # then re-raises it to the handler it found: with the default one the process would die
     # before atexit stops the embedded PostgreSQL. A requested, graceful stop exits 0.
     raise SystemExit(0)
+
+
+def _row_id(value: str) -> int:
+    """A meter_outbox id: a positive bigint (anything else is refused before the database is)."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a row id, a positive integer (got {value!r})") from None
+    if not 1 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"expected a row id, a positive integer (got {value!r})")
+    return number
+
+
+def _stripe_outbox_retry(args: argparse.Namespace) -> int:
+    """`codeplan stripe outbox retry [--id N]`: set-aside meter events sent again where that cannot
+    count them twice (service/billing/outbox.py `redrive` decides and says why not). Exit status 1
+    when a row asked for is left failed, or --id names no failed row."""
+    import asyncio
+
+    from . import commands
+    from . import config as config_module
+    from . import db, logs
+    from .billing.outbox import redrive, redrive_lines
+
+    try:
+        config = config_module.load()
+    except config_module.ConfigError as exc:
+        print(f"codeplan: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(config.log_level)
+
+    async def retry(url: str):
+        await db.migrate(url, dead_after=config.db_dead_after)
+        conn = await db.connect(url, dead_after=config.db_dead_after)
+        try:
+            return await redrive(conn, args.id)
+        finally:
+            await conn.close()
+    try:
+        done = asyncio.run(retry(commands._database_url(config)))
+    except commands._UNREACHABLE as exc:  # one line, never the URL (it may carry a password)
+        reason = (f"the database did not answer in {config.db_dead_after:g} s (CODEPLAN_DB_DEAD_AFTER)"
+                  if isinstance(exc, TimeoutError) else
+                  f"cannot use the database: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+        print(f"codeplan: {reason}", file=sys.stderr)
+        return 1
+    if args.id is not None and not done:
+        print(f"codeplan: no failed meter_outbox row with id {args.id}", file=sys.stderr)
+        return 1
+    for line in redrive_lines(done):
+        print(line)
+    return 0 if all(row.outcome == "resent" for row in done) else 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +113,11 @@ def _parser() -> argparse.ArgumentParser:
     stripe = commands.add_parser("stripe", help="Stripe billing").add_subparsers(dest="action", required=True)
     stripe.add_parser("sync", help="create or update the Stripe Products, Prices and overage meter "
                                    "from the plans table (idempotent)")
+    outbox = stripe.add_parser("outbox", help="the overage meter events' outbox").add_subparsers(
+        dest="outbox_action", required=True)
+    retry = outbox.add_parser("retry", help="send set-aside (failed) meter events again, with the same "
+                                            "identifiers, where that cannot count them twice")
+    retry.add_argument("--id", type=_row_id, default=None, help="only this row of meter_outbox")
     commands.add_parser("usage", help="print this key's windows in one line (CODEPLAN_API_KEY, CODEPLAN_BASE_URL)")
     commands.add_parser("statusline", help="Claude Code's status line: reads its JSON on stdin, prints one line")
 
@@ -96,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import statusline
 
         return statusline.usage_main() if args.command == "usage" else statusline.statusline_main()
+    if args.command == "stripe" and args.action == "outbox":
+        # answered here: service/commands.py's `stripe` is `stripe sync`
+        return _stripe_outbox_retry(args)
     from .commands import run
 
     return run(args)

@@ -173,11 +173,18 @@ class EventApplier:
             plan = await conn.fetchval("SELECT id FROM plans WHERE id = $1", price.metadata["codeplan_plan"])
         return plan
 
-    async def subscription(self, conn: asyncpg.Connection, stripe_id: str, *, depth: int = 0) -> None:
+    async def subscription(self, conn: asyncpg.Connection, stripe_id: str, *, depth: int = 0,
+                           recorded: str | None = None) -> None:
         await self._lock(conn, stripe_id)
         sub = await self._api.subscription(stripe_id)
         self._ours(f"subscription {sub.id}", sub.metadata)
         account = await self._account(conn, sub.customer, sub.metadata, sub.id)
+        if sub.status == "past_due" and sub.latest_invoice and sub.latest_invoice != recorded:
+            # what keeps it past_due decides what is served (only an upgrade's proration unpaid:
+            # the plan paid for, no grace, no change of plan; 0053), and the event of the invoice
+            # that made it past_due may come after this one: it is read now (one more read of
+            # Stripe, for past_due subscriptions only)
+            await self._record_invoice(conn, await self._api.invoice(sub.latest_invoice), account, None)
         item = sub.plan_item
         plan = await self._plan(conn, item.price) if item else None
         overage = False
@@ -233,25 +240,37 @@ class EventApplier:
             # our Checkout's subscription whose customer we have not linked yet: sync it first
             await self.subscription(conn, invoice.subscription)
             account = await self._account(conn, invoice.customer, {}, invoice.subscription)
+        await self._record_invoice(conn, invoice, account, problem)
+        if invoice.subscription:
+            await self.subscription(conn, invoice.subscription, recorded=invoice.id)
+
+    async def _record_invoice(self, conn: asyncpg.Connection, invoice: wire.Invoice, account: int,
+                              problem: str | None) -> None:
+        # whether it bills only an upgrade's proration (the plan paid for stays served while it is
+        # unpaid, billing_only_upgrade_unpaid, 0053) or also a new period (a change of billing
+        # interval: its grace runs). Told by its lines; one with more lines than it carries has
+        # them read (a subscription_update one: the only kind it matters for)
+        prorations_only = invoice.prorations_only()
+        if prorations_only is None and invoice.billing_reason == "subscription_update":
+            prorations_only = invoice.prorations_only(await self._api.invoice_lines(invoice.id))
         await conn.execute(
             """INSERT INTO billing_invoices AS i (stripe_invoice_id, account_id, stripe_subscription_id, status,
                    billing_reason, amount_due, amount_paid, currency, attempt_count, payment_problem,
-                   period_start, period_end, hosted_invoice_url, paid_at, created_at)
+                   period_start, period_end, hosted_invoice_url, paid_at, created_at, prorations_only)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $4 = 'open' THEN $10 END, $11, $12, $13,
-                       $14, $15)
+                       $14, $15, $16)
                ON CONFLICT (stripe_invoice_id) DO UPDATE SET
                    status = excluded.status, amount_due = excluded.amount_due, amount_paid = excluded.amount_paid,
                    attempt_count = excluded.attempt_count, hosted_invoice_url = excluded.hosted_invoice_url,
                    paid_at = excluded.paid_at,
                    payment_problem = CASE WHEN excluded.status = 'open'
                                           THEN coalesce($10, i.payment_problem) END,
+                   prorations_only = coalesce(excluded.prorations_only, i.prorations_only),
                    updated_at = now()""",
             invoice.id, account, invoice.subscription, invoice.status or "draft", invoice.billing_reason,
             invoice.amount_due, invoice.amount_paid, invoice.currency, invoice.attempt_count, problem,
             _ts(invoice.period_start), _ts(invoice.period_end), invoice.hosted_invoice_url,
-            _ts(invoice.status_transitions.paid_at), _ts(invoice.created))
-        if invoice.subscription:
-            await self.subscription(conn, invoice.subscription)
+            _ts(invoice.status_transitions.paid_at), _ts(invoice.created), prorations_only)
 
     async def checkout(self, conn: asyncpg.Connection, session_id: str) -> None:
         await self._lock(conn, session_id)

@@ -152,6 +152,11 @@ class StripeAPI:
     async def invoice(self, ident: str) -> wire.Invoice:
         return await self._decode(self._client.v1.invoices.retrieve_async(ident), wire.Invoice)
 
+    async def invoice_lines(self, ident: str) -> list[wire.InvoiceLine]:
+        """Every line of invoice `ident` (an invoice carries only the first few of them)."""
+        return await self._all(lambda after: self._client.v1.invoices.line_items.list_async(
+            ident, {"limit": 100, **after}), wire.InvoiceLine)
+
     async def charge(self, ident: str) -> wire.Charge:
         return await self._decode(self._client.v1.charges.retrieve_async(ident), wire.Charge)
 

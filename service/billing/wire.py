@@ -77,6 +77,7 @@ class Subscription(msgspec.Struct):
     cancel_at_period_end: bool = False
     cancel_at: int | None = None
     ended_at: int | None = None
+    latest_invoice: str | None = None  # its id (never expanded here)
     metadata: dict[str, str] = {}
 
     @property
@@ -132,9 +133,32 @@ class LinePeriod(msgspec.Struct):
     end: int = 0
 
 
+class LineSource(msgspec.Struct):
+    """A line's `parent.subscription_item_details` or `parent.invoice_item_details` (since
+    2025-03-31.basil the line's `proration` flag lives there)."""
+    proration: bool = False
+
+
+class LineParent(msgspec.Struct):
+    type: str | None = None
+    subscription_item_details: LineSource | None = None
+    invoice_item_details: LineSource | None = None
+
+
 class InvoiceLine(msgspec.Struct):
+    id: str = ""
     amount: int = 0
     period: LinePeriod = msgspec.field(default_factory=LinePeriod)
+    parent: LineParent | None = None
+
+    @property
+    def proration(self) -> bool:
+        """Whether the line prorates a change within a period (the difference between two prices
+        over the time left), rather than billing a period of a price (or its usage)."""
+        if self.parent is None:
+            return False
+        source = self.parent.subscription_item_details or self.parent.invoice_item_details
+        return source is not None and source.proration
 
 
 class InvoiceLines(msgspec.Struct):
@@ -166,6 +190,17 @@ class Invoice(msgspec.Struct):
         if self.lines is None or self.lines.has_more:
             return None
         return sum(line.amount for line in self.lines.data if line.period.end <= self.created + _SAME_MOMENT)
+
+    def prorations_only(self, lines: list[InvoiceLine] | None = None) -> bool | None:
+        """Whether the invoice bills nothing but prorations: a price changed within the period
+        already paid for (an upgrade's difference). An invoice that also bills a period (a change
+        of billing interval or a reset anchor starts a new one at once; a renewal) is not. None
+        when its lines are not all here to tell: read them with `lines` (every line of it)."""
+        if lines is None:
+            if self.lines is None or self.lines.has_more:
+                return None
+            lines = self.lines.data
+        return bool(lines) and all(line.proration for line in lines)
 
     @property
     def subscription(self) -> str | None:

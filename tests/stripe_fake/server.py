@@ -72,6 +72,7 @@ def _routes() -> list[tuple[str, re.Pattern[str], Handler]]:
         ("DELETE", r"/v1/subscriptions/(?P<id>[^/]+)", lambda s, m, p: s.cancel_subscription(m["id"], p)),
         ("GET", r"/v1/invoices", lambda s, m, p: s.list_invoices(p)),
         ("GET", r"/v1/invoices/(?P<id>[^/]+)", get_only(Store.invoice)),
+        ("GET", r"/v1/invoices/(?P<id>[^/]+)/lines", lambda s, m, p: s.list_invoice_lines(m["id"], p)),
         ("POST", r"/v1/invoices/(?P<id>[^/]+)/pay", lambda s, m, p: s.pay_invoice(m["id"], p)),
         ("POST", r"/v1/invoices/(?P<id>[^/]+)/void", lambda s, m, p: s.void_invoice(m["id"], p)),
         ("GET", r"/v1/invoice_payments", lambda s, m, p: s.list_invoice_payments(p)),

@@ -854,7 +854,8 @@ class Store:
                         continue
                     if raw.get("price") and raw["price"] != item["price"]["id"]:
                         new = self.price(raw["price"], f"items[{i}][price]")
-                        previous_price = item["price"]
+                        if item["price"]["recurring"]["usage_type"] == "licensed":
+                            previous_price = item["price"]  # what is prorated: the licensed fee
                         item["price"] = copy.deepcopy(new)
                     if raw.get("quantity"):
                         item["quantity"] = as_int(raw, "quantity", minimum=1)
@@ -867,6 +868,17 @@ class Store:
                                            current["current_period_start"], current["current_period_end"]))
             items = dict(subscription["items"], data=data, total_count=len(data))
             changes["items"] = items
+            if previous_price is not None and self._new_interval(previous_price, data):
+                # a change of billing period starts a new one now (the anchor is reset), invoiced
+                # at once: see _new_period
+                now = self.now()
+                licensed = next(i for i in data if i["price"]["recurring"]["usage_type"] == "licensed")
+                ended = (licensed["current_period_start"], licensed["current_period_end"])
+                recurring = licensed["price"]["recurring"]
+                new_end = period_end(now, recurring["interval"], recurring["interval_count"], 1)
+                for item in data:
+                    item["current_period_start"], item["current_period_end"] = now, new_end
+                changes["billing_cycle_anchor"] = now
         if "cancel_at_period_end" in params:
             changes["cancel_at_period_end"] = bool(as_bool(params, "cancel_at_period_end"))
             changes["cancel_at"] = subscription["items"]["data"][0]["current_period_end"] \
@@ -877,9 +889,44 @@ class Store:
         if "metadata" in params:
             changes["metadata"] = metadata(params, subscription["metadata"])
         self._update(subscription, "customer.subscription.updated", **changes)
-        if previous_price is not None:
+        if previous_price is not None and "billing_cycle_anchor" in changes:
+            self._new_period(subscription, previous_price, proration, *ended)
+        elif previous_price is not None:
             self._prorate(subscription, previous_price, proration)
         return subscription
+
+    @staticmethod
+    def _new_interval(old_price: dict[str, Any], items: list[dict[str, Any]]) -> bool:
+        """Whether the licensed price now bills over another interval than `old_price` did."""
+        new = next(i["price"]["recurring"] for i in items if i["price"]["recurring"]["usage_type"] == "licensed")
+        old = old_price["recurring"]
+        return (old["interval"], old["interval_count"]) != (new["interval"], new["interval_count"])
+
+    def _new_period(self, subscription: dict[str, Any], old_price: dict[str, Any], behaviour: str,
+                    start: int, end: int) -> None:
+        """Stripe, for a change of billing period (month -> year): "updating a subscription generates
+        a new invoice when ... the billing period changes"; the billing cycle anchor is reset to the
+        change (done by the update) and the new period is invoiced at once, billing_reason
+        subscription_update: its full price (not a proration), less a proration credit for the old
+        price's unused time (none with proration_behavior=none), with the usage of the period it
+        cut short (metered, in arrears) and any pending prorations. With the default
+        payment_behavior (allow_incomplete) the update stands whatever the payment: a declined card
+        leaves the subscription past_due."""
+        ident = subscription["id"]
+        now = self.now()
+        item = next(i for i in subscription["items"]["data"] if i["price"]["recurring"]["usage_type"] == "licensed")
+        new_end = item["current_period_end"]
+        self.cycles[ident] = 1
+        lines = []
+        if behaviour != "none" and end > start:
+            remaining = Decimal(max(0, end - now)) / Decimal(end - start)
+            credit = int((Decimal(old_price["unit_amount"] or 0) * remaining).quantize(Decimal(1), ROUND_HALF_UP))
+            lines.append(self._line(old_price, -credit, 1, now, end, f"Unused time on {old_price['id']}",
+                                    proration=True, subscription=ident, item=item["id"]))
+        lines += self._licensed_lines(subscription, now, new_end)
+        lines += self._metered_lines(subscription, start, now)
+        lines += self.pending_items.pop(ident, [])
+        self._pay(self._invoice(subscription, "subscription_update", lines, now, new_end))
 
     def _licensed_price(self, subscription: dict[str, Any]) -> dict[str, Any]:
         return next(i["price"] for i in subscription["items"]["data"]
@@ -889,7 +936,7 @@ class Store:
         if behaviour == "none":
             return
         new_price = self._licensed_price(subscription)
-        item = subscription["items"]["data"][0]
+        item = next(i for i in subscription["items"]["data"] if i["price"]["recurring"]["usage_type"] == "licensed")
         start, end, now = item["current_period_start"], item["current_period_end"], self.now()
         if end <= start:
             return
@@ -897,8 +944,11 @@ class Store:
         lines = []
         for price, sign, text in ((old_price, -1, "Unused time on"), (new_price, 1, "Remaining time on")):
             amount = int((Decimal(price["unit_amount"] or 0) * remaining).quantize(Decimal(1), ROUND_HALF_UP))
-            lines.append(self._line(price, sign * amount, 1, now, end, f"{text} {price['id']}", proration=True))
+            lines.append(self._line(price, sign * amount, 1, now, end, f"{text} {price['id']}", proration=True,
+                                    subscription=subscription["id"], item=item["id"]))
         if behaviour == "always_invoice":
+            # the invoice made at once sweeps up the subscription's pending prorations too
+            lines = self.pending_items.pop(subscription["id"], []) + lines
             invoice = self._invoice(subscription, "subscription_update", lines, now, end)
             self._pay(invoice)
         else:
@@ -948,14 +998,22 @@ class Store:
     # ---- invoices and payments ----------------------------------------------------------
 
     def _line(self, price: dict[str, Any], amount: int, quantity: int | None, start: int, end: int,
-              description: str, proration: bool = False) -> dict[str, Any]:
+              description: str, proration: bool = False, subscription: str | None = None,
+              item: str | None = None) -> dict[str, Any]:
+        """A line as 2025-03-31.basil and later shape it: what generated it is its `parent` (a
+        subscription item; for a proration, the invoice item Stripe made for the item's change),
+        where its `proration` flag lives (no longer on the line itself)."""
         return {"id": self.new_id("il_"), "object": "line_item", "amount": amount,
                 "currency": price["currency"], "description": description, "discount_amounts": [],
-                "discountable": True, "discounts": [], "livemode": False, "metadata": {},
+                "discountable": not proration, "discounts": [], "livemode": False, "metadata": {},
+                "parent": {"invoice_item_details": None, "subscription_item_details": {
+                    "invoice_item": self.new_id("ii_") if proration else None, "proration": proration,
+                    "proration_details": {"credited_items": None}, "subscription": subscription,
+                    "subscription_item": item}, "type": "subscription_item_details"},
                 "period": {"end": end, "start": start},
                 "pricing": {"price_details": {"price": price["id"], "product": price["product"]},
                             "type": "price_details", "unit_amount_decimal": price["unit_amount_decimal"]},
-                "proration": proration, "quantity": quantity}
+                "quantity": quantity}
 
     def _licensed_lines(self, subscription: dict[str, Any], start: int, end: int,
                         trial: bool = False) -> list[dict[str, Any]]:
@@ -967,7 +1025,8 @@ class Store:
             amount = 0 if trial else int(price["unit_amount"] or 0) * (item["quantity"] or 1)
             label = "Trial period for" if trial else f"{item['quantity'] or 1} ×"
             lines.append(self._line(price, amount, item["quantity"], start, end,
-                                    f"{label} {self.products[price['product']]['name']}"))
+                                    f"{label} {self.products[price['product']]['name']}",
+                                    subscription=subscription["id"], item=item["id"]))
         return lines
 
     def _metered_lines(self, subscription: dict[str, Any], start: int, end: int) -> list[dict[str, Any]]:
@@ -982,7 +1041,8 @@ class Store:
             amount = int((Decimal(used) * Decimal(price["unit_amount_decimal"])).quantize(
                 Decimal(1), ROUND_HALF_UP))
             lines.append(self._line(price, amount, used, start, end,
-                                    f"{used} × {self.products[price['product']]['name']} (usage)"))
+                                    f"{used} × {self.products[price['product']]['name']} (usage)",
+                                    subscription=subscription["id"], item=item["id"]))
         return lines
 
     def _invoice(self, subscription: dict[str, Any], reason: str, lines: list[dict[str, Any]],
@@ -1008,7 +1068,11 @@ class Store:
             "effective_at": now, "ending_balance": customer["balance"],
             "hosted_invoice_url": f"{self.base_url}/i/{ident}", "invoice_pdf": f"{self.base_url}/i/{ident}/pdf",
             "issuer": {"type": "self"}, "last_finalization_error": None,
-            "lines": dict(list_object(f"/v1/invoices/{ident}/lines", lines), total_count=len(lines)),
+            # the invoice carries "the first handful" of its lines (a list's default page, 10), the
+            # rest are read from /v1/invoices/{id}/lines (list_invoice_lines)
+            "lines": dict(list_object(f"/v1/invoices/{ident}/lines", lines[:self.INVOICE_LINES],
+                                      has_more=len(lines) > self.INVOICE_LINES), total_count=len(lines)),
+            "_lines": lines,
             "livemode": False, "metadata": {}, "next_payment_attempt": None,
             "number": f"{customer['invoice_prefix']}-{customer['next_invoice_sequence'] - 1:04d}",
             "parent": {"quote_details": None, "subscription_details": {
@@ -1024,6 +1088,26 @@ class Store:
         self.emit("invoice.created", invoice)
         self.emit("invoice.finalized", invoice)
         return invoice
+
+    INVOICE_LINES = 10
+
+    def list_invoice_lines(self, ident: str, params: dict[str, Any]) -> dict[str, Any]:
+        """GET /v1/invoices/{id}/lines: every line of the invoice, in its order, a page at a time."""
+        allow(params, {"limit", "starting_after", "ending_before"})
+        rows = self.invoice(ident)["_lines"]
+        limit = as_int(params, "limit") or 10
+        if not 1 <= limit <= 100:
+            raise invalid("limit", "This value must be between 1 and 100.", "parameter_invalid_integer")
+        ids = [r["id"] for r in rows]
+        for cursor in ("starting_after", "ending_before"):
+            if params.get(cursor) and params[cursor] not in ids:
+                raise no_such("line_item", params[cursor], cursor)
+        if params.get("starting_after"):
+            rows = rows[ids.index(params["starting_after"]) + 1:]
+        elif params.get("ending_before"):
+            rows = rows[:ids.index(params["ending_before"])]
+            return list_object(f"/v1/invoices/{ident}/lines", rows[-limit:], has_more=len(rows) > limit)
+        return list_object(f"/v1/invoices/{ident}/lines", rows[:limit], has_more=len(rows) > limit)
 
     def _payment_intent(self, customer: str, amount: int, currency: str, meta: dict[str, str],
                         description: str) -> dict[str, Any]:
