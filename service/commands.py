@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -45,10 +47,47 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@functools.cache
+def _server_class():
+    """uvicorn's Server, but a forced exit still settles what is open.
+
+    uvicorn stops on SIGTERM or SIGINT: open streams get the graceful deadline, then the app's
+    lifespan shutdown runs, which ends every open flight and settles it (service/ops.py
+    settle_everything). A SIGINT during that drain (a second Ctrl-C, an impatient supervisor) is
+    uvicorn's forced exit: it cuts the drain short, as asked, but it also skips the lifespan
+    shutdown, so the streams' ledger rows were left pending: the allowance held until the
+    sweeper, and the tokens delivered since the last heartbeat never billed. Here the second
+    signal cuts the drain and the lifespan shutdown still runs (itself bounded: 15 s to settle,
+    8 s for the live hub, 6 s for the pool). The way out of a shutdown that hangs even so is a
+    third SIGINT: from the second on SIGINT has its default action, which ends the process at
+    once without asking its (perhaps blocked) loop."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:
+            forced = self.force_exit
+            super().handle_exit(sig, frame)
+            if self.force_exit and not forced:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                log.warning("forced exit: open streams are cut now and settled; another SIGINT kills "
+                            "the process, leaving them to the sweeper")
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets=sockets)
+            # uvicorn skipped the lifespan shutdown when the force came before its drain ended (its
+            # `shutdown_event` is set once that shutdown ran, or the lifespan failed or is off)
+            done = getattr(self.lifespan, "shutdown_event", None)
+            if self.force_exit and done is not None and not done.is_set():
+                await self.lifespan.shutdown()
+
+    return Server
+
+
 def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None):
     """uvicorn with httptools; with `config`, the HTTP limits of service/http_limits.py and the
     graceful shutdown deadline (SIGTERM: open streams get CODEPLAN_SHUTDOWN_TIMEOUT seconds to
-    finish, then they are cut and settled)."""
+    finish, then they are cut and settled; a SIGINT after it cuts them at once, settled all the
+    same: `_server_class`)."""
     import uvicorn
 
     http: object = "httptools"
@@ -63,7 +102,7 @@ def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None)
             max_connections=config.max_connections))
         keep_alive = config.keepalive_timeout
         shutdown_timeout = config.shutdown_timeout
-    return uvicorn.Server(uvicorn.Config(
+    return _server_class()(uvicorn.Config(
         app, loop="none", http=http, lifespan="on" if lifespan else "off", log_config=None,
         access_log=False, timeout_keep_alive=keep_alive, server_header=False,
         # the client's address (the throttles count per address) from X-Forwarded-For only when
@@ -264,7 +303,11 @@ def run(args: argparse.Namespace) -> int:
             async def roll(url: str) -> int:
                 pool = await db.create_pool(url, size=2, dead_after=config.db_dead_after)
                 try:
-                    before = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=args.older_than_days)
+                    # whole UTC days only: the cut is the midnight that starts the day N days
+                    # ago, so no day is split between the ledger and usage_daily (ledger_rollup
+                    # cuts there itself too, migrations/0054)
+                    before = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=args.older_than_days)).replace(
+                        hour=0, minute=0, second=0, microsecond=0)
                     return await Ledger(pool, lease_seconds=config.reservation_lease).rollup(before)
                 finally:
                     await pool.close()

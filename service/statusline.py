@@ -54,10 +54,16 @@ def fetch(base: str, key: str, timeout: float = TIMEOUT) -> dict:
 
 
 def compact(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.1f}".rstrip("0").rstrip(".") + unit
-    return str(int(n))
+    """A count in a few characters: 950, 1.5k, 160M, 1.2B. The unit is chosen on the figure as
+    printed (rounded to a tenth): 999,950 is "1M", never "1000k". (The web pages' figures too:
+    service/web/chart.py uses this one.)"""
+    if abs(n) < 1e3:
+        return str(int(n))
+    for unit, size in (("k", 1e3), ("M", 1e6)):
+        figure = f"{n / size:.1f}"
+        if abs(float(figure)) < 1e3:
+            return figure.rstrip("0").rstrip(".") + unit
+    return f"{n / 1e9:.1f}".rstrip("0").rstrip(".") + "B"
 
 
 def _local_time(iso: str | None, now: dt.datetime) -> str:
@@ -68,14 +74,23 @@ def _local_time(iso: str | None, now: dt.datetime) -> str:
     return moment.strftime("%H:%M" if moment.date() == local_now.date() else "%a %H:%M")
 
 
+def percentage(spent: int, allowance: int, remaining: int) -> int:
+    """The share of a window spent, as a whole percent: 100 only when nothing is left; otherwise
+    rounded down and at most 99, so a window a request still fits never reads full."""
+    if remaining <= 0 or allowance <= 0:
+        return 100
+    return min(99, 100 * spent // allowance)
+
+
 def one_line(report: dict, now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
     parts = [f"Codeplan {report.get('plan', {}).get('id', '?')}"]
     for window in report.get("windows", []):
-        allowance = max(int(window.get("allowance") or 0), 1)
+        allowance = int(window.get("allowance") or 0)
         spent = int(window.get("used") or 0) + int(window.get("reserved") or 0)
+        remaining = int(window.get("remaining") or 0)
         label = "5h" if window.get("kind") == "5h" else "week"
-        text = f"{label} {100 * spent / allowance:.0f}% ({compact(int(window.get('remaining') or 0))} left"
+        text = f"{label} {percentage(spent, allowance, remaining)}% ({compact(remaining)} left"
         reset = _local_time(window.get("resets_at"), now)
         parts.append(text + (f", resets {reset})" if reset else ")"))
     return " · ".join(parts)

@@ -1,11 +1,13 @@
 """The quota API: `GET /v1/usage`, and Z.ai's own monitor endpoints so quota HUDs work unchanged.
 
 Window figures come from `quota_windows` (kept by the ledger's transitions); per-model totals
-from the settled ledger rows of the period plus the per-day rollups of older ones.
+from the settled ledger rows of the period plus the per-day rollups (usage_daily, whole UTC days:
+migrations/0054) of the days that lie wholly inside it.
 """
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from typing import Annotated
 
 import asyncpg
@@ -18,6 +20,7 @@ from bridge.app import api_key
 from bridge.journey import iso_utc
 from bridge.ports import Principal
 
+from . import statusline
 from .credits import ModelCredits, plan_credits
 from .problems import problem, problem_responses
 from .strict_input import strict_input
@@ -118,7 +121,9 @@ def current_week(started_at: dt.datetime, now: dt.datetime) -> tuple[dt.datetime
     start = started_at + WEEK * ((now - started_at) // WEEK)
     return start, start + WEEK
 
-# settled rows of the period, plus rollups of whole days inside it
+# Settled rows of the period, plus the rolled-up days that lie wholly inside it: a rolled-up day
+# has no times left, so one the period only cuts into is not counted (neither whole nor in part;
+# a rollup takes whole UTC days, migrations/0054, so the ledger holds none of its rows either).
 _TOTALS_SQL = """
 SELECT model, sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS prompt_tokens,
        sum(completion_tokens)::bigint AS completion_tokens, sum(cached_tokens)::bigint AS cached_tokens,
@@ -128,24 +133,33 @@ SELECT model, sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS p
            sum(completion_tokens) AS completion_tokens, sum(cached_tokens) AS cached_tokens,
            sum(reasoning_tokens) AS reasoning_tokens, sum(billed_tokens) AS billed_tokens
       FROM usage_ledger
-     WHERE subscription_id = $1 AND created_at >= $2 AND created_at < $3
+     WHERE subscription_id = ANY($1::bigint[]) AND created_at >= $2 AND created_at < $3
        AND state IN ('posted', 'expired')
      GROUP BY model
     UNION ALL
     SELECT model, requests, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, billed_tokens
       FROM usage_daily
-     WHERE subscription_id = $1 AND day >= ($2 AT TIME ZONE 'UTC')::date
-       AND day < ($3 AT TIME ZONE 'UTC')::date
+     WHERE subscription_id = ANY($1::bigint[])
+       AND day::timestamp AT TIME ZONE 'UTC' >= $2 AND (day + 1)::timestamp AT TIME ZONE 'UTC' <= $3
   ) t
  GROUP BY model ORDER BY model
 """
 
 
-async def totals(pool: asyncpg.Pool, subscription_id: int, start: dt.datetime,
-                 end: dt.datetime) -> dict[str, ModelTotals]:
-    rows = await pool.fetch(_TOTALS_SQL, subscription_id, start, end)
+async def _totals(pool: asyncpg.Pool, subscription_ids: Sequence[int], start: dt.datetime,
+                  end: dt.datetime) -> dict[str, ModelTotals]:
+    rows = await pool.fetch(_TOTALS_SQL, list(subscription_ids), start, end)
     return {r["model"]: ModelTotals(**{k: r[k] for k in ModelTotals.__struct_fields__ if k != "credits"},
                                     credits=r["billed_tokens"]) for r in rows}
+
+
+async def totals(pool: asyncpg.Pool, subscription_id: int, start: dt.datetime,
+                 end: dt.datetime) -> dict[str, ModelTotals]:
+    """One subscription's settled usage per model in [start, end)."""
+    return await _totals(pool, [subscription_id], start, end)
+
+
+_ACCOUNT_SUBSCRIPTIONS_SQL = "SELECT id FROM subscriptions WHERE account_id = $1"
 
 
 async def current_windows(pool: asyncpg.Pool, subscription_id: int) -> tuple[asyncpg.Record, list[_WindowState]]:
@@ -178,13 +192,16 @@ async def report(pool: asyncpg.Pool, principal: Principal, estimates: dict) -> U
     day_start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     week_start = day_start - dt.timedelta(days=day_start.weekday())
     tomorrow = day_start + dt.timedelta(days=1)
+    # today and this week are the account's, over all its subscriptions, as the dashboard and the
+    # live feeds count today: a cancel and a new subscription the same day keep the morning's
+    subscriptions = [r["id"] for r in await pool.fetch(_ACCOUNT_SUBSCRIPTIONS_SQL, principal.account_id)]
     return UsageReport(
         plan=Plan(id=plan["id"], name=plan["name"], cached_weight=float(plan["cached_weight"]),
                   max_concurrent=plan["max_concurrent"],
                   credits=await plan_credits(pool, plan["id"], list(principal.models))),
         windows=windows,
-        today=await totals(pool, principal.subscription_id, day_start, tomorrow),
-        week=await totals(pool, principal.subscription_id, week_start, tomorrow),
+        today=await _totals(pool, subscriptions, day_start, tomorrow),
+        week=await _totals(pool, subscriptions, week_start, tomorrow),
         estimates={m: EstimateQuality(**v) for m, v in estimates.items()})
 
 
@@ -203,7 +220,8 @@ def _problem_401() -> Response:
 @get("/v1/usage", responses=problem_responses(401, 402, 429, 503), tags=["usage"],
      summary="The key's plan and windows",
      description="Each window's allowance, used, reserved, remaining and reset (UTC ISO 8601), in "
-                 "credits; per-model totals today and this week; the estimator's measured error.")
+                 "credits; per-model totals today and this week (UTC, over all the account's "
+                 "subscriptions, as the live feed's `today`); the estimator's measured error.")
 async def usage(request: Request) -> Response[UsageReport]:
     principal = await _principal(request)
     if principal is None:
@@ -254,6 +272,19 @@ class ZaiQuotaAnswer(msgspec.Struct):
     data: ZaiQuota | None = None
 
 
+def _reset_ms(ends_at: dt.datetime | None) -> int | None:
+    """A window's end as Z.ai's `nextResetTime`: milliseconds of the whole second at or after it.
+    A window ends at its opening's `now()` plus its length, to the microsecond; a time shown
+    before that would name a moment when a request is still refused by the window (as /v1/usage's
+    `resets_at`, bridge/journey.py `iso_utc`)."""
+    if ends_at is None:
+        return None
+    whole = ends_at.replace(microsecond=0)
+    if whole < ends_at:
+        whole += dt.timedelta(seconds=1)
+    return int(whole.timestamp()) * 1000
+
+
 def _zai(envelope: type, data: object, code: int = 200, msg: str = "Operation successful") -> Response:
     # Z.ai answers HTTP 200 and puts the outcome in the envelope; HUD plugins read `success`
     return Response(msgspec.json.encode(envelope(code=code, msg=msg, success=code == 200, data=data)),
@@ -280,8 +311,9 @@ async def zai_quota_limit(request: Request) -> Response[ZaiQuotaAnswer]:
     for window in windows:
         unit, number = (3, 5) if window.kind == "5h" else (6, 1)
         used = window.used + window.reserved
-        reset = int(window.ends_at.replace(microsecond=0).timestamp() * 1000) if window.ends_at else None
-        percentage = min(100, round(100 * used / window.allowance)) if window.allowance else 100
+        reset = _reset_ms(window.ends_at)
+        # the status line's rule (100 only when nothing is left): HUDs read 100 as the limit reached
+        percentage = statusline.percentage(used, window.allowance, window.remaining)
         limits.append(ZaiLimit(
             type="CREDIT_LIMIT", unit=unit, number=number, percentage=percentage,
             nextResetTime=reset, usage=window.allowance, currentValue=used, remaining=window.remaining,
@@ -321,13 +353,20 @@ _TIME = ("yyyy-MM-dd HH:mm:ss, read as UTC, between the years 2000 and 2199; any
          "answered with code 400 in the envelope")
 
 
-# hours in UTC, as they are looked up (the session's TimeZone may be any, a half-hour one too)
+# Calls and credits per UTC hour and model (hours in UTC, as they are looked up: the session's
+# TimeZone may be any, a half-hour one too). The hours and the totals beside them are both summed
+# from these rows, so the totals are always the sum of the hours shown. Days already rolled up
+# (usage_daily) have no hours, so they are in neither.
 _HOURLY_SQL = """
-SELECT date_trunc('hour', created_at, 'UTC') AS hour, count(*) AS calls, sum(billed_tokens)::bigint AS tokens
+SELECT date_trunc('hour', created_at, 'UTC') AS hour, model, count(*) AS calls,
+       sum(billed_tokens)::bigint AS tokens
   FROM usage_ledger
  WHERE subscription_id = $1 AND created_at >= $2 AND created_at < $3 AND state IN ('posted', 'expired')
- GROUP BY 1 ORDER BY 1
+ GROUP BY 1, 2 ORDER BY 1, 2
 """
+
+# the most hours one answer draws: 31 days
+_MAX_HOURS = 24 * 31
 
 
 # dates a usage query may name: the service did not exist before, and nothing is recorded after
@@ -352,8 +391,10 @@ _ZAI_PARAMETERS = {**_ZAI_OUTAGE, 400: ResponseSpec(ZaiFailure, generate_example
 
 @get("/api/monitor/usage/model-usage", responses=_ZAI_PARAMETERS, tags=["z.ai monitor"], before_request=strict_input,
      summary="Z.ai's usage endpoint",
-     description="Calls and credits per hour between `startTime` and `endTime` (default: the last "
-                 "24 hours), at most 31 days of hours, and the totals per model.")
+     description="Calls and credits per UTC hour between `startTime` and `endTime` (default: the last "
+                 "24 hours), and their totals per model: the totals are the sums of the hours shown. "
+                 "At most 31 days of hours: a longer range is answered for its last 31 days. Days "
+                 "already rolled up (`codeplan rollup`) have no hours and are not counted.")
 async def zai_model_usage(
         request: Request,
         start_time: Annotated[str | None, QueryParameter(name="startTime", description=_TIME)] = None,
@@ -375,24 +416,34 @@ async def zai_model_usage(
                     "yyyy-MM-dd HH:mm:ss, between the years 2000 and 2199")
     if start >= end:
         return _zai(ZaiModelUsageAnswer, None, 400, "startTime must come before endTime")
+    # a range longer than the hours drawn is cut to its last _MAX_HOURS hours (the latest usage
+    # is what a HUD asks a long range for), and the totals are of that range too
+    last_hour = (end - dt.timedelta(microseconds=1)).replace(minute=0, second=0, microsecond=0)
+    first_hour = max(start.replace(minute=0, second=0, microsecond=0),
+                     last_hour - dt.timedelta(hours=_MAX_HOURS - 1))
+    start = max(start, first_hour)
     pool: asyncpg.Pool = request.app.state.pool
-    hourly = {r["hour"]: r for r in await pool.fetch(_HOURLY_SQL, principal.subscription_id, start, end)}
+    hourly: dict[dt.datetime, list[int]] = {}
+    per_model: dict[str, int] = {}
+    for row in await pool.fetch(_HOURLY_SQL, principal.subscription_id, start, end):
+        figures = hourly.setdefault(row["hour"], [0, 0])
+        figures[0] += row["calls"]
+        figures[1] += row["tokens"]
+        per_model[row["model"]] = per_model.get(row["model"], 0) + row["tokens"]
     x_time, calls, tokens = [], [], []
-    hour = start.replace(minute=0, second=0, microsecond=0)
-    while hour < end and len(x_time) < 24 * 31:
-        row = hourly.get(hour)
+    hour = first_hour
+    while hour <= last_hour:
+        hour_calls, hour_tokens = hourly.get(hour, (0, 0))
         x_time.append(hour.strftime("%Y-%m-%d %H:%M"))
-        calls.append(row["calls"] if row else 0)
-        tokens.append(row["tokens"] if row else 0)
+        calls.append(hour_calls)
+        tokens.append(hour_tokens)
         hour += dt.timedelta(hours=1)
-    per_model = await totals(pool, principal.subscription_id, start, end)
     return _zai(ZaiModelUsageAnswer, ZaiModelUsage(
         x_time=x_time, modelCallCount=calls, tokensUsage=tokens,
         totalUsage=ZaiTotalUsage(
-            totalModelCallCount=sum(t.requests for t in per_model.values()),
-            totalTokensUsage=sum(t.billed_tokens for t in per_model.values()),
-            modelSummaryList=[ZaiModelSummary(modelName=m, totalTokens=t.billed_tokens)
-                              for m, t in per_model.items()])))
+            totalModelCallCount=sum(calls), totalTokensUsage=sum(tokens),
+            modelSummaryList=[ZaiModelSummary(modelName=m, totalTokens=t)
+                              for m, t in sorted(per_model.items())])))
 
 
 routes = [usage, zai_quota_limit, zai_model_usage]

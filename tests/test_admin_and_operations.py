@@ -275,7 +275,7 @@ def test_reports_do_not_change_when_rows_are_rolled_up(server, database):
                   _admin(server, "GET", "/reports/margin", params={"days": 1}).json()}
         return usage, margin
     before = reports()
-    moved = run(query(database, "SELECT ledger_rollup(now() - interval '1 day') AS n"))[0]["n"]
+    moved = run(query(database, "SELECT ledger_rollup(now()) AS n"))[0]["n"]  # whole UTC days before today
     assert moved == 1
     assert reports() == before
 

@@ -274,7 +274,7 @@ async def test_rollup_keeps_every_total(env):
     end = start + dt.timedelta(days=1)
     before = await totals(pool, sub, start, end)
     windows_before = await _windows(url)
-    assert await ledger.rollup(dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)) == 4
+    assert await ledger.rollup(end) == 4  # whole UTC days: up to tomorrow's midnight
     assert await totals(pool, sub, start, end) == before
     assert before["glm-4.6"].requests == 2 and before["glm-4.5-air"].prompt_tokens == 12
     assert await _windows(url) == windows_before

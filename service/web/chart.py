@@ -10,6 +10,10 @@ import math
 
 import msgspec
 
+# the axis labels' figures (and the pages' `compact` filter) in the status line's words: one
+# rounding rule for every figure a user reads (it was written twice, and printed "1000k" twice)
+from ..statusline import compact
+
 WIDTH, HEIGHT = 720, 220
 LEFT, RIGHT, TOP, BOTTOM = 56, 8, 12, 28
 # distinguishable with common colour-vision deficiencies, each >= 3:1 against white
@@ -54,14 +58,6 @@ class Chart(msgspec.Struct, frozen=True):
     series: list[Series]
     rows: list[DayRow]
     total: int
-
-
-def compact(n: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            value = n / size
-            return f"{value:.1f}".rstrip("0").rstrip(".") + unit
-    return str(int(n))
 
 
 def _scale(value: int) -> tuple[int, int]:
