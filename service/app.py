@@ -18,13 +18,14 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from bridge import app as bridge_app
 from bridge import shapes
 from bridge.journey import Journey
+from bridge.metrics import BridgeMetrics
 from bridge.upstreams import ProfileConfig, Router as UpstreamRouter
 
 from . import admin, credits, db, memory, metrics, openapi, ops, usage
 from .accounts import Authenticator
 from .billing.engine import Billing, set_overage
 from .billing import load_stripe, routes as billing_routes
-from .config import Config, model_catalog, peak_window, upstream_profiles
+from .config import Config, peak_window, read_model_catalog, upstream_profiles
 from .ledger import Ledger
 from .tick_baton import TickBaton
 from .metrics import PrometheusMetrics
@@ -155,13 +156,16 @@ class CodeplanApp(Litestar):
         await response.to_asgi_response(app=None, request=request)(scope, receive, send)
 
 
-async def _sweeper(ledger: Ledger, interval: float) -> None:
+async def _sweeper(ledger: Ledger, interval: float, bridge_metrics: BridgeMetrics) -> None:
     """Expire what dead processes left pending, and forget old void marks. Survives anything
-    but its cancellation: a failed sweep is logged and the next one tries again."""
+    but its cancellation: a failed sweep is logged and the next one tries again. What an expiry
+    bills is counted like a settlement the bridge writes (`codeplan_credits_total`,
+    `codeplan_tokens_total`): the same metrics object, so the metrics add up to the ledger."""
     while True:
         try:
-            while await ledger.expire_due() > 0:
-                pass
+            while expired := await ledger.expire_due_entries():
+                for entry in expired:
+                    bridge_metrics.usage(entry.model, entry.prompt_tokens, 0, entry.completion_tokens, entry.billed)
             await ledger.forget_void_marks()
         except Exception as exc:  # noqa: BLE001 - logged; the sweeper must not die
             log.warning("sweep failed", extra={"error": type(exc).__name__})
@@ -236,7 +240,8 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         profiles = upstream_profiles(msgspec.structs.replace(
             config, upstream_url=upstream_url or config.upstream_url,
             upstream_keys=upstream_keys or config.upstream_keys))
-    models = model_catalog(config)
+    catalog = read_model_catalog(config)
+    models = catalog.models
     credits.install(models)
     web = Web(config)
 
@@ -244,9 +249,9 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         pool = await db.create_pool(database_url, size=config.db_pool_size,
                                     statement_cache=config.db_statement_cache, dead_after=config.db_dead_after)
-        # a model the models file names (or changes) is the configuration's word
-        configured = {m.id for m in models if m not in credits.DEFAULT_MODELS}
-        await credits.sync(pool, models, configured=configured,
+        # a model the models file names is the configuration's word, even one that says what the
+        # built-in default says (a surcharge taken off again)
+        await credits.sync(pool, models, configured=catalog.from_file,
                            peak=peak_window(config.peak_hours) if config.peak_hours else None,
                            zone=config.peak_zone)
         bridge_metrics = PrometheusMetrics()
@@ -290,7 +295,7 @@ def create_app(config: Config, database_url: str, upstream_url: str = "",
         billing = None if injected is not None else await _billing(pool, config)
         app.state.billing = injected if injected is not None else billing
         await web.start(app, pool, database_url)
-        sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval))
+        sweeper = asyncio.create_task(_sweeper(ledger, config.sweep_interval, bridge_metrics))
         background = [asyncio.create_task(store.run(config.upstream_refresh)),
                       asyncio.create_task(metrics.pool_watcher(pool)),
                       asyncio.create_task(memory.trim_after_bursts(lambda: journey.flights.in_flight)),

@@ -490,13 +490,28 @@ def upstream_profiles(config: Config, simulator_url: str = "") -> list[ProfileCo
     return resolved
 
 
-def model_catalog(config: Config) -> list[ModelConfig]:
-    """The built-in models plus (and overridden by) those of CODEPLAN_MODELS_FILE."""
+class ModelCatalog(msgspec.Struct, frozen=True):
+    models: list[ModelConfig]
+    # the ids CODEPLAN_MODELS_FILE names: their coefficients are the configuration's word and
+    # overwrite what `model_credits` holds, even when they equal the built-in defaults
+    from_file: frozenset[str]
+
+
+def read_model_catalog(config: Config) -> ModelCatalog:
+    """The built-in models plus (and overridden by) those of CODEPLAN_MODELS_FILE, and which
+    ids that file names."""
     models = {m.id: m for m in DEFAULT_MODELS}
+    named: set[str] = set()
     if config.models_file:
         for model in _read_structured("MODELS_FILE", config.models_file, ModelsFile).models:
             models[model.id.lower()] = msgspec.structs.replace(model, id=model.id.lower())
-    return list(models.values())
+            named.add(model.id.lower())
+    return ModelCatalog(models=list(models.values()), from_file=frozenset(named))
+
+
+def model_catalog(config: Config) -> list[ModelConfig]:
+    """The built-in models plus (and overridden by) those of CODEPLAN_MODELS_FILE."""
+    return read_model_catalog(config).models
 
 
 def _check_billing(config: Config) -> None:

@@ -22,6 +22,7 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 import asyncpg
+import msgspec
 
 from bridge.flight import void_abandoned
 from bridge.ports import Admission, Counts, Reservation, Settlement
@@ -361,6 +362,14 @@ def _deliver(future: asyncio.Future, result: Any) -> None:
         future.set_result(result)
 
 
+class ExpiredEntry(msgspec.Struct, frozen=True):
+    """An entry the sweeper expired: what it recorded (no cached tokens: none are proven)."""
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    billed: int
+
+
 class Ledger:
     """The bridge's `LedgerPort`, over the SQL functions of migrations/0031, 0032, 0038, 0039, 0041,
     0042, 0043 and 0044."""
@@ -454,10 +463,22 @@ class Ledger:
         return status == "UPDATE 1"
 
     async def expire_due(self, limit: int = 500) -> int:
-        rows = await _retrying(lambda: self._pool.fetch("SELECT * FROM ledger_expire_due($1)", limit))
+        """Expire up to `limit` entries whose lease ran out; how many (`codeplan sweep`)."""
+        return len(await self.expire_due_entries(limit))
+
+    async def expire_due_entries(self, limit: int = 500) -> list[ExpiredEntry]:
+        """Expire up to `limit` entries whose lease ran out (their process died), each billed at
+        its prompt estimate plus the completion tokens it delivered; what each recorded, for the
+        sweeper to count in the metrics the bridge's settlements move (service/app.py)."""
+        # One statement: the join reads each entry as it was before the function settled it (the
+        # statement's snapshot), which is why it takes the estimate and delivered tokens the
+        # function passed (migrations/0031) rather than the settled columns; the model never changes.
+        rows = await _retrying(lambda: self._pool.fetch(
+            "SELECT l.model, l.prompt_estimate AS prompt, l.delivered_tokens AS completion, e.billed"
+            "  FROM ledger_expire_due($1) e JOIN usage_ledger l ON l.id = e.id", limit))
         if rows:
             log.warning("expired pending reservations", extra={"count": len(rows)})
-        return len(rows)
+        return [ExpiredEntry(r["model"], r["prompt"], r["completion"], r["billed"]) for r in rows]
 
     async def forget_void_marks(self, older_than: float = 86_400.0) -> int:
         """Delete the marks abandoned admissions' voids left (migrations/0044) once no statement
@@ -467,5 +488,6 @@ class Ledger:
         return int(status.split()[-1])
 
     async def rollup(self, before: dt.datetime) -> int:
-        """Move settled rows created before `before` into per-day aggregates; totals unchanged."""
+        """Move settled rows created before the UTC midnight at or before `before` into per-day
+        aggregates (whole UTC days only, migrations/0054); totals unchanged."""
         return await self._pool.fetchval("SELECT ledger_rollup($1)", before)

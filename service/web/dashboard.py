@@ -49,7 +49,10 @@ class RequestRow(msgspec.Struct, frozen=True):
 
 
 class Extra(msgspec.Struct, frozen=True):
-    """A table of the account's extra windows of one kind (top-ups, overage)."""
+    """A table of the account's extra windows of one kind (top-ups, overage). The title and
+    the columns are the English words the page translates; each row holds the figures as digits
+    and the end as UTC ISO 8601, which the page formats as it does the meters' (thousands
+    separators, the viewer's local time)."""
     title: str
     columns: list[str]
     rows: list[list[str]]
@@ -138,6 +141,7 @@ SELECT q.kind, q.allowance, q.posted, q.held, q.starts_at, q.ends_at
  WHERE s.account_id = $1 AND q.kind IN ('topup', 'overage') AND q.ends_at > now()
  ORDER BY q.kind DESC, q.ends_at
 """
+# (i18n.ZH has each; "ends" is the column dashboard.html shows as a time)
 _EXTRA_COLUMNS = ["allowance", "used", "in flight", "remaining", "ends"]
 
 

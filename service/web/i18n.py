@@ -163,6 +163,16 @@ ZH: dict[str, str] = {
     "No requests today.": "今天还没有请求。",
     "Top-ups": "加油包",
     "Overage": "超额用量",
+    # the columns of the top-up and overage tables (dashboard._EXTRA_COLUMNS; "used" and
+    # "remaining" are the meters')
+    "allowance": "额度",
+    "in flight": "进行中",
+    "ends": "到期时间",
+    # a request's state in today's table (usage_ledger.state)
+    "pending": "进行中",
+    "posted": "已入账",
+    "voided": "已作废",
+    "expired": "已过期",
     "Confirm your address to create keys and use your plan.": "确认邮箱地址后才能创建密钥并使用套餐。",
     # keys
     "API keys": "API 密钥",

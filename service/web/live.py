@@ -6,6 +6,13 @@ notification for a subscription somebody watches triggers one read of its figure
 every socket of that subscription. Reads are coalesced: a burst of settlements while a read is
 in flight costs one more read, not one per settlement. Nothing polls.
 
+Figures also change with no settlement, when time passes: a window ends (its use goes, its reset
+is the next one's or none) and `today` starts again at 00:00 UTC. Nothing notifies those, so the
+hub reads a watched subscription again at the moment its last figures sent say the next such
+change comes (`next_change`): one timer per watched subscription, one read for all its sockets.
+A window days away costs a timer re-armed hourly; today's rollover is spread over
+MIDNIGHT_SPREAD seconds by subscription, so the watched subscriptions are not all read at once.
+
 A socket follows its account, not one subscription: a notification for a subscription nobody
 watches, of an account somebody watches (a new subscription after a cancel), tells that
 account's sockets to look up the account's current subscription again (`Watcher.next` gives
@@ -18,6 +25,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import time
 from typing import Awaitable, Callable
 
 import asyncpg
@@ -34,6 +42,16 @@ CHANNEL = "codeplan_usage"
 UTC = dt.timezone.utc
 STOP_TIMEOUT = 4.0  # seconds `UsageHub.stop` may take, whatever the database does
 ACCOUNT_CACHE = 65_536  # subscriptions whose account is kept (a few MB at most)
+# A subscription is read again this long after its figures' next change: `resets_at` is to the
+# second, and the database's clock says when a window ended. It is also the least wait between
+# two such reads of a subscription, should the clocks disagree (a figure whose change is past).
+CHANGE_SLACK = 1.0
+# today's rollover: each subscription read within this many seconds after 00:00 UTC, at its
+# own offset, rather than every watched subscription in the same instant
+MIDNIGHT_SPREAD = 30.0
+# a timer further away than this is re-armed then: the wall clock says when a moment came (a
+# host that slept, a clock set), not the event loop's monotonic one
+LONGEST_NAP = 3600.0
 
 
 class LiveWindow(msgspec.Struct):
@@ -83,6 +101,24 @@ async def snapshot(pool: asyncpg.Pool, subscription_id: int, account_id: int | N
         at=iso_utc(now))
 
 
+def _parse_utc(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def next_change(value: LiveUsage, spread: float = MIDNIGHT_SPREAD) -> dt.datetime | None:
+    """When these figures change with no settlement: the earliest end of a window they show,
+    or the next 00:00 UTC after they were read when `today` counts anything (plus the
+    subscription's offset within `spread` seconds). None: only a settlement changes them."""
+    moments = [_parse_utc(w.resets_at) for w in value.windows if w.resets_at]
+    if value.today.requests or value.today.billed_tokens:
+        # `at` is rounded up to the second (iso_utc): figures read in the last second of a day
+        # say 00:00:00 and still count that day, so the day is the one a second before
+        read_at = _parse_utc(value.at) - dt.timedelta(seconds=1)
+        midnight = read_at.replace(hour=0, minute=0, second=0, microsecond=0) + dt.timedelta(days=1)
+        moments.append(midnight + dt.timedelta(seconds=spread * (value.subscription_id % 1000) / 1000))
+    return min(moments, default=None)
+
+
 class Watcher:
     """One socket's view of its account's subscription: holds only the newest snapshot not yet
     sent, and whether the account's current subscription should be looked up again."""
@@ -121,7 +157,8 @@ class Watcher:
 class UsageHub:
     def __init__(self, pool: asyncpg.Pool, dsn: str,
                  read: Callable[[asyncpg.Pool, int], Awaitable[LiveUsage]] | None = None, *,
-                 dead_after: float = db.DEAD_AFTER) -> None:
+                 dead_after: float = db.DEAD_AFTER, slack: float = CHANGE_SLACK,
+                 spread: float = MIDNIGHT_SPREAD) -> None:
         self._pool = pool
         self._dsn = dsn
         # the listening connection is quiet between notifications: without keepalive probes a
@@ -135,6 +172,11 @@ class UsageHub:
         self._resolving: asyncio.Task | None = None
         self._dirty: set[int] = set()
         self._reading: dict[int, asyncio.Task] = {}
+        # subscription -> (when, wall clock seconds, it is read again for its figures' next
+        # change; the timer), only while somebody watches it
+        self._due: dict[int, tuple[float, asyncio.TimerHandle]] = {}
+        self._slack = slack
+        self._spread = spread
         self._conn: asyncpg.Connection | None = None
         self._keeper: asyncio.Task | None = None
         self._closing = False
@@ -191,6 +233,9 @@ class UsageHub:
                 await conn.close(timeout=max(0.1, timeout / 2))
             except Exception:  # noqa: BLE001 - timed out or broken: dropped either way
                 conn.terminate()
+        for _, timer in self._due.values():
+            timer.cancel()
+        self._due.clear()
         tasks = [t for t in (self._keeper, self._resolving, *self._reading.values()) if t is not None]
         for task in tasks:
             task.cancel()
@@ -288,6 +333,46 @@ class UsageHub:
             group.discard(watcher)
             if not group:
                 del self._watchers[watcher.subscription_id]
+                armed = self._due.pop(watcher.subscription_id, None)
+                if armed is not None:
+                    armed[1].cancel()
+
+    # ---- figures that change with time -------------------------------------------------
+
+    def shown(self, value: LiveUsage) -> None:
+        """A socket was sent `value`: its subscription is read again (once, for all the sockets
+        that watch it) when those figures change by themselves (`next_change`). For every socket but
+        the first that is sent the same figures, the read is armed already: two times parsed and
+        a comparison, nothing more."""
+        subscription_id = value.subscription_id
+        if self._closing or subscription_id not in self._watchers:
+            return
+        moment = next_change(value, self._spread)
+        if moment is None:
+            return
+        when = moment.timestamp() + self._slack
+        armed = self._due.get(subscription_id)
+        if armed is not None:
+            if armed[0] <= when:
+                return  # an earlier read is armed: its figures arm the one after
+            armed[1].cancel()
+        self._arm(subscription_id, when)
+
+    def _arm(self, subscription_id: int, when: float) -> None:
+        # never sooner than `slack` from now: figures whose change is already past (clocks that
+        # disagree, figures read just before the moment) are read again once a `slack`, no more
+        delay = min(max(when - time.time(), self._slack), LONGEST_NAP)
+        timer = asyncio.get_running_loop().call_later(delay, self._due_now, subscription_id)
+        self._due[subscription_id] = (when, timer)
+
+    def _due_now(self, subscription_id: int) -> None:
+        armed = self._due.pop(subscription_id, None)
+        if armed is None or subscription_id not in self._watchers:
+            return
+        if time.time() < armed[0]:  # the end of a long nap, not the moment yet
+            self._arm(subscription_id, armed[0])
+            return
+        self._changed(subscription_id)
 
     @property
     def watching(self) -> int:

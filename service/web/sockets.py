@@ -3,7 +3,9 @@
 `/live`: the signed-in browser's own subscription; the Origin must be this site's, so another
 site cannot open it with the visitor's cookie. `/v1/usage/live`: for plugins and status lines,
 the key in `Authorization: Bearer` / `x-api-key`, or as the first message
-`{"type": "auth", "key": "cp_..."}`. Both send a `usage` message at once and after every change.
+`{"type": "auth", "key": "cp_..."}`. Both send a `usage` message at once and after every change:
+a settlement, and the changes time makes (a window's end, 00:00 UTC for `today`), for which the
+hub reads the figures again when the last ones sent say they come (live.UsageHub.shown).
 
 The key is looked up by the application's authenticator, like every other key: behind the
 failed-authentication throttle (service/throttle.py), so a socket is no cheaper way to guess
@@ -156,6 +158,7 @@ async def _pump(socket: WebSocket, account_id: int, subscription_id: int,
                     return
                 if value is not None:
                     await socket.send_text(msgspec.json.encode(value).decode())
+                    hub.shown(value)  # read again when a window ends or the day does
         finally:
             if getter is not None:
                 getter.cancel()
