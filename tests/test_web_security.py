@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import re
 import socket
 import threading
@@ -338,6 +339,8 @@ class Tarpit:
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
         self.held: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -346,12 +349,22 @@ class Tarpit:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.held.append(conn)
+            with self.lock:
+                if self.closed:  # one accepted as it closed: ended like the others
+                    conn.close()
+                    return
+                self.held.append(conn)
 
     def close(self) -> None:
-        self.sock.close()
-        for conn in self.held:
-            conn.close()
+        # shut down first: a close alone does not wake the thread blocked in accept(), which
+        # went on accepting (and holding, to the mails' 20 s timeout) the mails queued behind
+        with self.lock:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+            for conn in self.held:
+                conn.close()
 
 
 def test_a_hanging_smtp_server_does_not_hold_the_default_executor():
