@@ -91,6 +91,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     admin_token: str = ""
     # on SIGTERM, open streams get this long to finish before they are cut and settled
     shutdown_timeout: Seconds = 30.0
+    # a worker (`--workers N`) still running this long past shutdown_timeout is hung and killed
+    # (its own bounded closing takes 29 s at most)
+    worker_stop_grace: Seconds = 40.0
     # processes sharing the port (`codeplan run --workers N` overrides it)
     workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     simulator_host: str = "127.0.0.1"
@@ -264,7 +267,7 @@ def _describe(field: str) -> str:
         "upstream_timeout", "reservation_lease", "heartbeat_interval", "sweep_interval",
         "drain_timeout", "keepalive_interval", "header_wait", "max_request_seconds", "header_timeout",
         "body_timeout", "keepalive_timeout", "auth_failure_window", "upstream_cooldown",
-        "upstream_lease", "upstream_refresh", "shutdown_timeout", "admission_timeout",
+        "upstream_lease", "upstream_refresh", "shutdown_timeout", "worker_stop_grace", "admission_timeout",
         "billing_retry_seconds", "stripe_catchup_seconds"} else "a valid value")
 
 

@@ -88,7 +88,7 @@ async def supervise(config: Config, database_url: str, sock: socket.socket, simu
         # after its drain a worker settles what is left (15 s at most), stops the live hub and
         # housekeeping (8 s) and closes its pool (6 s) whatever the database does: 29 s, plus
         # room for a loaded host, before the supervisor stops waiting for it
-        await asyncio.wait(keepers, timeout=config.shutdown_timeout + 40)
+        await asyncio.wait(keepers, timeout=config.shutdown_timeout + config.worker_stop_grace)
         # one still running is hung (a blocked loop, a stopped process): killed, not left behind
         # as an orphan holding the listening socket while the supervisor reports a clean stop
         hung = [p for p in running.values() if p.returncode is None]

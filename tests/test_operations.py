@@ -650,8 +650,10 @@ def test_a_worker_that_does_not_stop_is_killed_not_left_holding_the_port(fresh_d
     """A worker hung at the stop (here SIGSTOPped: a blocked loop, a stuck call) was left running
     when the supervisor gave up waiting: an orphan holding the listening socket, connections
     queued and never answered, while the supervisor exited 0. Now it is killed and the exit is 1."""
+    # the supervisor's bound, shortened (40 s past the shutdown timeout by default): the healthy
+    # worker stops well within it, the stopped one is killed at it
     server = start_workers(fresh_database, simulator.url + "/api/coding/paas/v4", 2,
-                           CODEPLAN_SHUTDOWN_TIMEOUT="1")
+                           CODEPLAN_SHUTDOWN_TIMEOUT="1", CODEPLAN_WORKER_STOP_GRACE="6")
     hung = None
     try:
         assert server.process is not None
