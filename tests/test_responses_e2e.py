@@ -417,7 +417,9 @@ def _rss_mb(pid: int) -> int:
 def test_a_socket_is_bounded_and_needs_a_key_that_can_spend(database, simulator):
     """A chain of warm-ups (which never reach the model's context check) cannot grow a socket
     past CODEPLAN_MAX_BODY_BYTES, and a key whose account cannot spend holds no socket at all."""
-    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_MAX_BODY_BYTES="2000000")
+    # the authentication cache's lifetime shortened (5 s by default): waited out below
+    server = start_bridge(database, simulator.url + "/api/coding/paas/v4", CODEPLAN_MAX_BODY_BYTES="2000000",
+                          CODEPLAN_AUTH_CACHE_TTL="1")
     try:
         key = new_user(database)
         blob = "x" * 400_000
@@ -445,7 +447,7 @@ def test_a_socket_is_bounded_and_needs_a_key_that_can_spend(database, simulator)
         # an account that cannot spend: refused at the handshake, told why
         run(query(database, "UPDATE subscriptions SET status = 'canceled' WHERE account_id ="
                             " (SELECT account_id FROM api_keys WHERE prefix = $1)", key[:10]))
-        time.sleep(5.5)  # the authentication cache's lifetime
+        time.sleep(1.5)  # the authentication cache's lifetime (1 s here)
         with pytest.raises(InvalidStatus) as caught:
             connect(ws_url(server), additional_headers={"authorization": f"Bearer {key}", **BETA})
         assert caught.value.response.status_code == 402
