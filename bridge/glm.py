@@ -23,8 +23,12 @@ What it fixes, once for every surface (chat, messages, responses):
   with no text and no tool call (nothing, or reasoning alone) is a retryable error;
 - parallel calls that reuse an `index` with a new `id` (some OpenAI-compatible hosts) stay
   separate calls;
+- a client that asked for one call at most (`parallel_tool_calls: false`, Anthropic's
+  `disable_parallel_tool_use`) gets the first call alone: GLM has no such switch and may call
+  several, so every later call is dropped here, streamed or whole (`one_call`);
 - requests: `max_tokens` < 1 refused, sampling values clamped to GLM's ranges, one stop word,
-  `tool_choice` auto (all GLM supports);
+  `tool_choice` auto (all GLM supports; a client's named tool is the only one the surfaces
+  offer);
 - upstream errors: one meaning per Z.ai business code.
 """
 from __future__ import annotations
@@ -97,9 +101,9 @@ def _broken(message: str, code: str) -> Outcome:
 # ---- the stream --------------------------------------------------------------------------
 
 class _Call:
-    __slots__ = ("id", "given_id", "name", "parts", "index", "sent")
+    __slots__ = ("id", "given_id", "name", "parts", "index", "sent", "dropped")
 
-    def __init__(self) -> None:
+    def __init__(self, dropped: bool = False) -> None:
         self.id: str | None = None
         # the id the upstream gave (never a synthesized one): a fragment with another id at
         # this call's index is a new call
@@ -108,13 +112,18 @@ class _Call:
         self.parts: list[str] = []
         self.index = -1  # delivery index, once started
         self.sent = 0  # parts already delivered
+        # a call after the first when the client asked for one call at most: its fragments are
+        # read (so they join nothing else) and never delivered
+        self.dropped = dropped
 
 
 class StreamNormalizer:
-    """Feed it GLM chunks; it returns clean events. `close()` at the end of the stream."""
+    """Feed it GLM chunks; it returns clean events. `close()` at the end of the stream.
+    `one_call`: the client asked for one tool call at most; later calls are dropped."""
 
-    def __init__(self, call_id_prefix: str) -> None:
+    def __init__(self, call_id_prefix: str, *, one_call: bool = False) -> None:
         self._prefix = call_id_prefix
+        self._one_call = one_call
         self._calls: dict[int, _Call] = {}
         # once a tool call is live, what follows is held in arrival order until the end
         self._held: list[_Call | Reasoning | Text] = []
@@ -126,6 +135,7 @@ class StreamNormalizer:
         # text or a tool call: what makes a turn. Reasoning alone does not (clients.md §9:
         # Cline fails a turn without either)
         self._answered = False
+        self._kept_call = False  # a call was kept (with one_call, the only one)
 
     def feed(self, chunk: wire.Chunk) -> list[Event]:
         if self._failure is not None:
@@ -188,8 +198,19 @@ class StreamNormalizer:
             # A fragment with another id but no name goes on with the open call: some hosts put
             # a new id on every piece of one call (Poolside; mlx-openai-server before its fix).
             # The index now names the new call; the earlier one keeps its place in the delivery order.
-            call = self._calls[fragment.index] = _Call()
-            self._held.append(call)
+            # With one call asked for, a call after the first takes the index all the same (its
+            # later fragments must not join the first) but is never delivered.
+            call = self._calls[fragment.index] = _Call(dropped=self._one_call and self._kept_call)
+            if not call.dropped:
+                self._kept_call = True
+                self._held.append(call)
+        if call.dropped:
+            # only what tells a later call from this one is kept
+            if given_id is not None and call.given_id is None:
+                call.given_id = given_id
+            if names and call.name is None:
+                call.name = function.name  # type: ignore[union-attr]
+            return
         if given_id is not None and call.given_id is None:
             call.given_id = given_id
             if call.id is None and call.index < 0:
@@ -305,9 +326,10 @@ def finish_reason(upstream: str | None, *, tools: bool) -> str:
     return TOOL_CALLS if tools else STOP
 
 
-def completion_events(completion: wire.Completion, call_id_prefix: str) -> tuple[list[Event], Outcome]:
+def completion_events(completion: wire.Completion, call_id_prefix: str, *,
+                      one_call: bool = False) -> tuple[list[Event], Outcome]:
     """A non-streamed answer as the same clean events and outcome a stream would give."""
-    normalizer = StreamNormalizer(call_id_prefix)
+    normalizer = StreamNormalizer(call_id_prefix, one_call=one_call)
     events: list[Event] = []
     for choice in completion.choices[:1]:
         message = choice.message

@@ -27,7 +27,7 @@ from .metrics import BridgeMetrics, NoMetrics
 from .models import CATALOG, ModelResolver
 from .ports import Admission, KeyAuthority, LedgerPort, Principal, Reservation
 from .settings import BridgeSettings
-from .surfaces import StreamTranslator, Surface
+from .surfaces import Parsed, StreamTranslator, Surface
 from .upstream import Upstream, UpstreamResponse
 
 log = logging.getLogger("codeplan.journey")
@@ -170,9 +170,9 @@ class Journey:
             self._arriving.discard(arriving)
         try:
             if parsed.request.stream:
-                reply = await self._stream(surface, flight, opening)
+                reply = await self._stream(surface, flight, opening, parsed)
             else:
-                reply = await self._complete(surface, flight, opening)
+                reply = await self._complete(surface, flight, opening, parsed)
         except BaseException:
             flight.client_gone()  # (which cancels the upstream request if it has not answered)
             raise
@@ -406,7 +406,8 @@ class Journey:
 
     # ---- forward and relay -----------------------------------------------------------------
 
-    async def _complete(self, surface: Surface, flight: Flight, opening: asyncio.Future) -> Reply:
+    async def _complete(self, surface: Surface, flight: Flight, opening: asyncio.Future,
+                        parsed: Parsed) -> Reply:
         try:
             response = await opening
         except BridgeError as error:
@@ -441,7 +442,7 @@ class Journey:
                 delivered=True)
         if isinstance(completion.usage, wire.Usage):
             flight.meter.observe(wire.Chunk(usage=completion.usage), delivered=False)
-        events, outcome = glm.completion_events(completion, self._call_prefix(flight))
+        events, outcome = glm.completion_events(completion, self._call_prefix(flight), one_call=parsed.one_call)
         if outcome.error is not None:
             return self._broken(surface, flight, outcome.error.code or "broken", outcome.error)
         usage = flight.meter.completed_usage() or self._unreported(flight)
@@ -476,7 +477,8 @@ class Journey:
         flight.end(cause, refused=True)
         return self._error(surface, error)
 
-    async def _stream(self, surface: Surface, flight: Flight, opening: asyncio.Future) -> Reply:
+    async def _stream(self, surface: Surface, flight: Flight, opening: asyncio.Future,
+                      parsed: Parsed) -> Reply:
         # a quick refusal keeps its HTTP status; a slow upstream must not keep the client
         # waiting for headers (Kilo gives up after 10 s)
         await asyncio.wait({opening}, timeout=self.settings.header_wait)
@@ -489,13 +491,13 @@ class Journey:
                 flight.status = error.status
                 _refused_upstream(flight, error)
                 return self._error(surface, error)
-        translator = surface.stream(flight.shown_model, flight.entry_hex, flight.prompt_estimate)
+        translator = surface.stream(flight.shown_model, flight.entry_hex, flight.prompt_estimate, parsed)
         return Reply(status=200, media_type=translator.content_type,
                      headers={"cache-control": "no-cache", "x-request-id": flight.entry_text},
-                     stream=self._relay(translator, flight, opening), abandon=flight.client_gone)
+                     stream=self._relay(translator, flight, opening, parsed.one_call), abandon=flight.client_gone)
 
     async def _relay(self, translator: StreamTranslator, flight: Flight,
-                     opening: asyncio.Future | None) -> AsyncIterator[bytes]:
+                     opening: asyncio.Future | None, one_call: bool = False) -> AsyncIterator[bytes]:
         settings = self.settings
         self.metrics.stream(1)
         try:
@@ -519,7 +521,7 @@ class Journey:
             response = flight.response
             assert response is not None
             opening = None  # done, its result is the flight's: not kept for the stream's life
-            normalizer = glm.StreamNormalizer(self._call_prefix(flight))
+            normalizer = glm.StreamNormalizer(self._call_prefix(flight), one_call=one_call)
             meter = flight.meter
             said_done = False
 

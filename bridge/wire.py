@@ -3,8 +3,12 @@
 Decoding is tolerant: unknown fields are ignored, so a new upstream field never breaks us.
 Encoding: a struct uses omit_defaults only where no default carries meaning (UNSET fields are
 always left out); `type: "function"`, `index: 0` or `thinking.type` must reach the wire.
-Fields passed through untouched (tool schemas, image parts) stay `msgspec.Raw`, defaulting
-to an empty Raw (omitted on encode) since Raw cannot be part of a union.
+A tool's schema is passed through untouched as a `msgspec.Raw`. An empty Raw is no JSON value:
+msgspec writes `"key":` and nothing after it unless the Raw is the very default object of its
+field (omit_defaults leaves out that one object, not another empty Raw), and the upstream
+refuses the whole request. So no field of a request sent upstream is an optional Raw: an image
+part and a response format are Structs of their own, and a function's schema, when none is
+given, is the empty object schema (`FunctionDef.__post_init__`).
 """
 from __future__ import annotations
 
@@ -14,10 +18,20 @@ import msgspec
 from msgspec import Raw, Struct, UNSET, UnsetType
 
 
+# a function that takes no arguments (OpenAI lets `parameters` be left out; GLM wants a schema)
+EMPTY_SCHEMA = Raw(b'{"type":"object","properties":{}}')
+
+
 class FunctionDef(Struct, omit_defaults=True):
     name: str
     description: str | UnsetType = UNSET
-    parameters: Raw = Raw()  # passed through untouched; empty when absent
+    parameters: Raw = Raw()  # passed through untouched; absent or null: EMPTY_SCHEMA
+
+    def __post_init__(self) -> None:
+        # an empty Raw would be written as no value at all (`"parameters":`), and `null` is no
+        # schema; EMPTY_SCHEMA is not the field's default object, so it is always written
+        if not present(self.parameters):
+            self.parameters = EMPTY_SCHEMA
 
 
 class Tool(Struct, omit_defaults=True):
@@ -36,10 +50,15 @@ class ToolCall(Struct):
     function: FunctionCall = msgspec.field(default_factory=FunctionCall)
 
 
+class ImageUrl(Struct):
+    url: str  # an https URL or a data: URL
+
+
 class ContentPart(Struct, omit_defaults=True):
+    """A part of a user turn: `text` with its text, or `image_url` with its image."""
     type: str
     text: str | UnsetType = UNSET
-    image_url: Raw = Raw()
+    image_url: ImageUrl | UnsetType = UNSET
 
 
 class Message(Struct, omit_defaults=True):
@@ -68,6 +87,10 @@ class Thinking(Struct):
     type: str = "enabled"
 
 
+class ResponseFormat(Struct):
+    type: str  # "text" or "json_object": all GLM documents (glm-upstream.md §4)
+
+
 class StreamOptions(Struct):
     include_usage: bool = True
 
@@ -87,7 +110,7 @@ class ChatRequest(Struct, omit_defaults=True):
     top_p: float | UnsetType = UNSET
     do_sample: bool | UnsetType = UNSET
     stop: list[str] | UnsetType = UNSET
-    response_format: Raw = Raw()
+    response_format: ResponseFormat | UnsetType = UNSET
     request_id: str | UnsetType = UNSET
     user_id: str | UnsetType = UNSET
 

@@ -217,7 +217,11 @@ def test_string_input_instructions_and_knobs():
                         "temperature": 3, "top_p": 0.5, "reasoning": {"effort": "minimal"},
                         "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
                         "safety_identifier": "user-12345", "tools": [READ_FILE], "tool_choice": "none"})
-    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    # the schema asked of GLM in a system message after the client's own (GLM knows json_object only)
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "system", "content": 'Answer with one JSON object matching this JSON Schema (x): {"type": "object"}'},
+        {"role": "user", "content": "Hello"}]
     assert sent["temperature"] == 1.0 and sent["top_p"] == 0.5  # clamped to GLM's range
     assert sent["thinking"] == {"type": "disabled"} and sent["response_format"] == {"type": "json_object"}
     assert sent["user_id"] == "user-12345" and "tools" not in sent and "stream" not in sent  # false: left out

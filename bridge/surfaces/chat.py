@@ -1,31 +1,39 @@
 """OpenAI Chat Completions <-> GLM chat completions, sans I/O.
 
 `parse_request` reads what Kilo Code, Cline, Roo Code, OpenCode and the openai SDK send, and
-`to_upstream` adapts it to what GLM-4.6 accepts. `ChatStream` takes GLM chunks and gives the
+`to_upstream` adapts it to what GLM-4.6 accepts: a named `tool_choice` offers that tool alone, a
+`json_schema` response format is asked as json_object with the schema told in a system message.
+What a client asks of the answer that GLM cannot give (n > 1, log probabilities, audio out) is a
+400 naming the field, never an answer without it. `ChatStream` takes GLM chunks and gives the
 bytes of an OpenAI stream the tools parse correctly (docs/clients.md §9).
 """
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Raw, Struct, UnsetType
 
 from .. import errors, glm, sse, wire
 from ..errors import BridgeError, Kind
-from . import LEAST_ANSWER, Parsed, decode_body
+from . import LEAST_ANSWER, Parsed, decode_body, with_schema
 
 SURFACE = "chat"
 
 
 # ---- requests ---------------------------------------------------------------------------
 
+class ClientImageUrl(Struct):
+    url: Annotated[str, msgspec.Meta(min_length=1)]
+    # `detail` is accepted and dropped: GLM has no such knob
+
+
 class ClientPart(Struct):
     # input_audio and file parts are refused: GLM takes text and images
     type: Literal["text", "image_url", "refusal"] = "text"
     text: str | UnsetType = UNSET
-    image_url: Raw = Raw()
+    image_url: ClientImageUrl | None = None  # required on an image_url part (_content)
     # cache_control and anything else on a part is accepted and dropped
 
 
@@ -65,6 +73,30 @@ class ClientStreamOptions(Struct):
     include_usage: bool | None = None
 
 
+class ClientNamed(Struct):
+    name: str
+
+
+class ClientToolChoice(Struct):
+    """`{"type": "function", "function": {"name": ...}}`; other kinds (allowed_tools) are read
+    as auto."""
+    type: str
+    function: ClientNamed | None = None
+    custom: ClientNamed | None = None
+
+
+class ClientJsonSchema(Struct):
+    name: str | None = None
+    description: str | None = None
+    schema: Raw = Raw()
+    strict: bool | None = None
+
+
+class ClientResponseFormat(Struct):
+    type: str  # text | json_object | json_schema
+    json_schema: ClientJsonSchema | None = None
+
+
 class ClientChatRequest(Struct):
     model: str
     messages: list[ClientMessage]
@@ -76,36 +108,90 @@ class ClientChatRequest(Struct):
     top_p: float | None = None
     stop: str | list[str] | None = None
     tools: list[ClientTool] | None = None
-    tool_choice: Raw = Raw()  # "auto", "none", "required" or {"type": "function", ...}
+    tool_choice: str | ClientToolChoice | None = None  # none, auto, required or a named function
     parallel_tool_calls: bool | None = None
     thinking: ClientThinking | None = None
     reasoning: ClientReasoning | None = None
     reasoning_effort: str | None = None
-    response_format: Raw = Raw()
+    response_format: ClientResponseFormat | None = None
     user: str | None = None
-    # every other field (seed, n, penalties, prompt_cache_key, chat_template_args...) is ignored
+    # asked of the answer, and GLM has none of it: refused, never answered as if not asked
+    n: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    modalities: list[str] | None = None
+    audio: Raw = Raw()
+    # every other field (seed, penalties, prompt_cache_key, chat_template_args...) is ignored
 
 
 _request_decoder = msgspec.json.Decoder(ClientChatRequest)
 
 
-_TOOL_CHOICES = {b'"none"', b'"auto"', b'"required"'}
+_TOOL_CHOICES = {"none", "auto", "required"}
+_RESPONSE_FORMATS = {"text", "json_object", "json_schema"}
+
+
+def _refuse(message: str, param: str) -> BridgeError:
+    return BridgeError(Kind.invalid_request, message, param=param)
 
 
 def parse_request(body: bytes) -> ClientChatRequest:
     request = decode_body(_request_decoder, body)
     if not request.messages:
-        raise BridgeError(Kind.invalid_request, "`messages` must contain at least one message.",
-                          param="messages")
-    choice = bytes(request.tool_choice).strip()
-    if choice.startswith(b'"') and choice not in _TOOL_CHOICES:
-        raise BridgeError(Kind.invalid_request, "`tool_choice` must be none, auto, required or a "
-                          "function choice.", param="tool_choice")
+        raise _refuse("`messages` must contain at least one message.", "messages")
+    # (an image part without its image is refused where the parts are read, in `_content`)
     for i, tool in enumerate(request.tools or ()):
         if tool.type == "function" and not isinstance(tool.function, ClientFunction):
-            raise BridgeError(Kind.invalid_request, f"`tools[{i}]` is a function tool without its "
-                              "`function`.", param=f"tools[{i}].function")
+            raise _refuse(f"`tools[{i}]` is a function tool without its `function`.", f"tools[{i}].function")
+    choice = request.tool_choice
+    if isinstance(choice, str) and choice not in _TOOL_CHOICES:
+        raise _refuse("`tool_choice` must be none, auto, required or a function choice.", "tool_choice")
+    named = named_tool(request)
+    if named is not None and named not in {t.function.name for t in request.tools or ()
+                                           if isinstance(t.function, ClientFunction)}:
+        raise _refuse(f"`tool_choice` names the tool {named!r}, which is not among the request's `tools`.",
+                      "tool_choice")
+    fmt = request.response_format
+    if fmt is not None and fmt.type not in _RESPONSE_FORMATS:
+        raise _refuse(f"`response_format.type` {fmt.type!r} is not served: text, json_object or json_schema.",
+                      "response_format.type")
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise _refuse("`response_format.json_schema` is required with the type json_schema.",
+                      "response_format.json_schema")
+    _refuse_unserved(request)
     return request
+
+
+def _refuse_unserved(request: ClientChatRequest) -> None:
+    """What a client asks of the answer that GLM cannot give: a 400 naming it, never an answer
+    without it (n=1 and logprobs=false ask nothing and are served)."""
+    if request.n is not None and request.n != 1:
+        raise _refuse("`n` must be 1: this model gives one choice per request.", "n")
+    if request.logprobs:
+        raise _refuse("`logprobs` is not served: this model returns no log probabilities.", "logprobs")
+    if request.top_logprobs:
+        raise _refuse("`top_logprobs` is not served: this model returns no log probabilities.", "top_logprobs")
+    if request.modalities is not None and any(m != "text" for m in request.modalities):
+        raise _refuse("`modalities` may only be [\"text\"]: this model answers in text.", "modalities")
+    if wire.present(request.audio):
+        raise _refuse("`audio` output is not served: this model answers in text.", "audio")
+
+
+def named_tool(request: ClientChatRequest) -> str | None:
+    """The one tool a `tool_choice` object names, if it names one."""
+    choice = request.tool_choice
+    if not isinstance(choice, ClientToolChoice):
+        return None
+    if choice.type == "function":
+        if choice.function is None:
+            raise _refuse("A function `tool_choice` needs `function.name`.", "tool_choice.function")
+        return choice.function.name
+    if choice.type == "custom":
+        # custom tools are not served here (they are not functions): naming one names no tool
+        if choice.custom is None:
+            raise _refuse("A custom `tool_choice` needs `custom.name`.", "tool_choice.custom")
+        return choice.custom.name
+    return None
 
 
 def _thinking(request: ClientChatRequest) -> wire.Thinking | UnsetType:
@@ -124,22 +210,42 @@ def _thinking(request: ClientChatRequest) -> wire.Thinking | UnsetType:
 
 
 _ROLES = {"developer": "system", "function": "tool"}
+# GLM reads images in user turns only; elsewhere the image leaves a note (the model would take a
+# tool that returned a screenshot for one that showed nothing)
+_IMAGE_NOTE = {"tool": "[image omitted: this model reads no images in tool results]"}
+_IMAGE_NOTE_ELSEWHERE = "[image omitted: this model reads images only in user turns]"
 
 
-def _message(message: ClientMessage) -> wire.Message:
+def _content(role: str, content: str | list[ClientPart] | None,
+             at: int) -> str | list[wire.ContentPart] | None:
+    """A turn's content (`messages[at]`) as GLM takes it, each part built by its type (refusal
+    parts dropped); an image part without its image is a request fault."""
+    if not isinstance(content, list):
+        return content
+    parts: list[wire.ContentPart] = []
+    noted = False
+    for j, part in enumerate(content):
+        if part.type == "text":
+            if isinstance(part.text, str):
+                parts.append(wire.ContentPart(type="text", text=part.text))
+        elif part.type == "image_url":
+            if part.image_url is None:
+                raise _refuse(f"`messages[{at}].content[{j}].image_url` is required on an image_url part: "
+                              "an object with the image's `url`.", f"messages[{at}].content[{j}].image_url")
+            if role == "user":
+                parts.append(wire.ContentPart(type="image_url", image_url=wire.ImageUrl(url=part.image_url.url)))
+            else:
+                noted = True
+                parts.append(wire.ContentPart(type="text", text=_IMAGE_NOTE.get(role, _IMAGE_NOTE_ELSEWHERE)))
+    if any(p.type == "image_url" for p in parts):
+        return parts
+    # GLM's text models take a plain string; a note stands apart from the text around it
+    return ("\n" if noted else "").join(p.text for p in parts if isinstance(p.text, str))
+
+
+def _message(message: ClientMessage, at: int) -> wire.Message:
     role = _ROLES.get(message.role, message.role)
-    content: str | list[wire.ContentPart] | None
-    if isinstance(message.content, list):
-        parts = [wire.ContentPart(type=p.type, text=p.text, image_url=p.image_url)
-                 for p in message.content if p.type in ("text", "image_url")]
-        # GLM's text models take a plain string; keep parts only when an image is present
-        if all(p.type == "text" for p in parts):
-            content = "".join(p.text for p in parts if isinstance(p.text, str))
-        else:
-            content = parts
-    else:
-        content = message.content
-    out = wire.Message(role=role, content=content)
+    out = wire.Message(role=role, content=_content(role, message.content, at))
     # GLM wants its reasoning replayed on assistant tool-call turns (clients.md pitfall 5)
     reasoning = message.reasoning_content if isinstance(message.reasoning_content, str) else message.reasoning
     if role == "assistant" and isinstance(reasoning, str) and reasoning:
@@ -156,24 +262,33 @@ def _message(message: ClientMessage) -> wire.Message:
 
 def to_upstream(request: ClientChatRequest) -> wire.ChatRequest:
     upstream = wire.ChatRequest(
-        model=request.model, messages=[_message(m) for m in request.messages],
+        model=request.model, messages=[_message(m, i) for i, m in enumerate(request.messages)],
         stream=bool(request.stream), thinking=_thinking(request))
-    tool_choice_none = bytes(request.tool_choice).strip() == b'"none"'
-    if request.tools and not tool_choice_none:
+    if request.tools and request.tool_choice != "none":
+        # a named tool is the only one offered: GLM's tool_choice is auto alone (glm.prepare),
+        # so the model may still answer in text, but calls no other tool
+        named = named_tool(request)
         upstream.tools = [
             wire.Tool(type="function", function=wire.FunctionDef(
                 name=t.function.name,
                 description=t.function.description if isinstance(t.function.description, str) else UNSET,
-                parameters=t.function.parameters if wire.present(t.function.parameters) else Raw()))
-            for t in request.tools if isinstance(t.function, ClientFunction)]
+                parameters=t.function.parameters))  # absent: the empty schema (wire.FunctionDef)
+            for t in request.tools
+            if isinstance(t.function, ClientFunction) and (named is None or t.function.name == named)]
     if request.temperature is not None:
         upstream.temperature = request.temperature
     if request.top_p is not None:
         upstream.top_p = request.top_p
     if request.stop:
         upstream.stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    if wire.present(request.response_format):
-        upstream.response_format = request.response_format
+    fmt = request.response_format
+    if fmt is not None:
+        # GLM documents text and json_object only (glm-upstream.md §4): a JSON schema is asked
+        # as json_object, and the model is told the schema
+        upstream.response_format = wire.ResponseFormat(type="text" if fmt.type == "text" else "json_object")
+        if fmt.json_schema is not None and fmt.type == "json_schema":
+            with_schema(upstream.messages, fmt.json_schema.schema, fmt.json_schema.name,
+                        fmt.json_schema.description)
     if request.user:
         upstream.user_id = glm.user_id(request.user)
     return upstream
@@ -261,16 +376,21 @@ class ChatStream:
     """Clean events in, OpenAI chat-completion-chunk SSE bytes out.
 
     Every chunk of a stream shares its id, created time and model: that part is encoded once,
-    and each chunk only encodes its delta."""
+    and each chunk only encodes its delta. The usage comes in a last chunk of its own with no
+    choice (`usage_chunk`, OpenAI's `include_usage`, sent unasked too: the coding tools all ask
+    for it, and the README's loop reads it), or, when the client said `include_usage: false`,
+    on the finish chunk as GLM sends it: a client that indexes `choices[0]` of every chunk never
+    meets an empty one."""
 
     content_type = "text/event-stream"
     keepalive = sse.KEEPALIVE
-    __slots__ = ("model", "id", "created", "_sent_role", "_head")
+    __slots__ = ("model", "id", "created", "usage_chunk", "_sent_role", "_head")
 
-    def __init__(self, model: str, request_id: str) -> None:
+    def __init__(self, model: str, request_id: str, *, usage_chunk: bool = True) -> None:
         self.model = model
         self.id = "chatcmpl-" + request_id
         self.created = int(time.time())
+        self.usage_chunk = usage_chunk
         self._sent_role = False
         envelope = _encoder.encode(OutChunk(id=self.id, object="chat.completion.chunk",
                                             created=self.created, model=self.model, choices=[]))
@@ -280,12 +400,17 @@ class ChatStream:
     def start(self) -> bytes:
         return b""
 
-    def _chunk(self, delta: wire.Delta, finish: str | None = None) -> bytes:
+    def _chunk(self, delta: wire.Delta, finish: str | None = None, usage: OutUsage | None = None) -> bytes:
         if not self._sent_role:
             delta.role = "assistant"
             self._sent_role = True
-        tail = b',"finish_reason":null}]}\n\n' if finish is None else \
-            b',"finish_reason":' + _encoder.encode(finish) + b"}]}\n\n"
+        if finish is None:
+            tail = b',"finish_reason":null}]}\n\n'
+        elif usage is None:
+            tail = b',"finish_reason":' + _encoder.encode(finish) + b"}]}\n\n"
+        else:  # the usage on the finish chunk, as GLM sends it (ChatStream)
+            tail = (b',"finish_reason":' + _encoder.encode(finish) + b'}],"usage":' + _encoder.encode(usage)
+                    + b"}\n\n")
         return self._head + _encoder.encode(delta) + tail
 
     def feed(self, events: list[glm.Event]) -> bytes:
@@ -306,7 +431,10 @@ class ChatStream:
         return out
 
     def finish(self, reason: str, usage: wire.Usage) -> bytes:
-        """The finish chunk, the usage-only last chunk (`choices: []`), then [DONE]."""
+        """The finish chunk, the usage-only last chunk (`choices: []`), then [DONE]; without
+        `usage_chunk`, the finish chunk carrying the usage, then [DONE]."""
+        if not self.usage_chunk:
+            return self._chunk(wire.Delta(), _finish_reason(reason), out_usage(usage)) + sse.DONE
         return (self._chunk(wire.Delta(), _finish_reason(reason))
                 + sse.frame(_encoder.encode(OutChunk(
                     id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
@@ -348,10 +476,14 @@ class ChatSurface:
     def parse(self, body: bytes) -> Parsed:
         request = parse_request(body)
         asked = requested_max_tokens(request)
-        return Parsed(to_upstream(request), asked, least_answer=min(LEAST_ANSWER, asked or LEAST_ANSWER))
+        options = request.stream_options
+        return Parsed(to_upstream(request), asked, least_answer=min(LEAST_ANSWER, asked or LEAST_ANSWER),
+                      one_call=request.parallel_tool_calls is False,
+                      usage_chunk=options is None or options.include_usage is not False)
 
-    def stream(self, model: str, request_id: str, prompt_estimate: int) -> ChatStream:
-        return ChatStream(model, request_id)
+    def stream(self, model: str, request_id: str, prompt_estimate: int,
+               parsed: Parsed | None = None) -> ChatStream:
+        return ChatStream(model, request_id, usage_chunk=parsed is None or parsed.usage_chunk)
 
     def complete(self, answer: glm.Answer, reason: str, model: str, request_id: str,
                  usage: wire.Usage) -> bytes:

@@ -80,7 +80,8 @@ class ToolDef(Struct):
 
 class ToolChoice(Struct):
     type: Literal["auto", "any", "tool", "none"] = "auto"
-    name: str | None = None
+    name: str | None = None  # type tool: the one tool the model may call
+    disable_parallel_tool_use: bool | None = None  # true: one tool call at most
 
 
 class ThinkingConfig(Struct):
@@ -234,7 +235,7 @@ def _image_part(block: Block) -> wire.ContentPart | None:
         url = f"data:{source.media_type or 'image/png'};base64,{source.data}"
     else:
         return None
-    return wire.ContentPart(type="image_url", image_url=Raw(msgspec.json.encode({"url": url})))
+    return wire.ContentPart(type="image_url", image_url=wire.ImageUrl(url=url))
 
 
 def _user_content(blocks: list[Block]) -> str | list[wire.ContentPart] | None:
@@ -303,18 +304,32 @@ def _messages(request: MessagesRequest) -> list[wire.Message]:
 def _tools(tools: list[ToolDef] | None) -> list[wire.Tool]:
     return [wire.Tool(type="function", function=wire.FunctionDef(
         name=t.name, description=t.description if t.description else UNSET,
-        parameters=t.input_schema if wire.present(t.input_schema) else Raw(b'{"type":"object","properties":{}}')))
+        parameters=t.input_schema))  # absent: the empty schema (wire.FunctionDef)
         for t in tools or () if t.type in (None, "custom") or wire.present(t.input_schema)]
+
+
+def _named(tools: list[wire.Tool], choice: ToolChoice) -> list[wire.Tool]:
+    """`tool_choice: {"type": "tool", "name": ...}`: that tool alone is offered (GLM's choice is
+    auto alone, glm.prepare: the model may still answer in text, but calls no other tool)."""
+    if not choice.name:
+        raise BridgeError(Kind.invalid_request, "tool_choice.name: a tool choice of type tool needs the tool's name")
+    named = [t for t in tools if isinstance(t.function, wire.FunctionDef) and t.function.name == choice.name]
+    if not named:
+        raise BridgeError(Kind.invalid_request,
+                          f"tool_choice.name: {choice.name!r} is not among the request's tools")
+    return named
 
 
 def to_upstream(request: MessagesRequest) -> wire.ChatRequest:
     upstream = wire.ChatRequest(model=request.model, messages=_messages(request), stream=bool(request.stream))
     if request.thinking is not None:
         upstream.thinking = wire.Thinking(type="disabled" if request.thinking.type == "disabled" else "enabled")
-    choice = request.tool_choice.type if request.tool_choice is not None else "auto"
+    choice = request.tool_choice or ToolChoice()
     tools = _tools(request.tools)
-    if tools and choice != "none":
-        upstream.tools = tools  # tool_choice any/tool: GLM supports only auto (glm.prepare)
+    if choice.type == "tool":
+        tools = _named(tools, choice)
+    if tools and choice.type != "none":
+        upstream.tools = tools  # tool_choice any: GLM supports only auto (glm.prepare)
     if request.temperature is not None:
         upstream.temperature = request.temperature
     if request.top_p is not None:
@@ -613,10 +628,13 @@ class MessagesSurface:
 
     def parse(self, body: bytes) -> Parsed:
         request = parse_request(body)
+        choice = request.tool_choice
         return Parsed(to_upstream(request), glm.check_max_tokens(request.max_tokens),
-                      least_answer=least_answer(request) if request.max_tokens is not None else None)
+                      least_answer=least_answer(request) if request.max_tokens is not None else None,
+                      one_call=choice is not None and choice.disable_parallel_tool_use is True)
 
-    def stream(self, model: str, request_id: str, prompt_estimate: int) -> MessagesStream:
+    def stream(self, model: str, request_id: str, prompt_estimate: int,
+               parsed: Parsed | None = None) -> MessagesStream:
         return MessagesStream(model, request_id, prompt_estimate)
 
     def complete(self, answer: glm.Answer, reason: str, model: str, request_id: str,

@@ -8,7 +8,11 @@ tools become GLM functions. A custom tool takes free text, which GLM functions c
 offered as a function with one string parameter, `input`, and the model's call is turned back
 into a `custom_tool_call` carrying that string. Fields GLM has no use for (`store`, `include`,
 `prompt_cache_key`, `text.verbosity`, `service_tier`, `metadata`, hosted tools such as
-`web_search`, future fields) are accepted and dropped, never a 400.
+`web_search`, future fields) are accepted and dropped, never a 400. What names an object stored
+at OpenAI (`conversation`, `prompt`, and over HTTP `previous_response_id`) is refused: answered
+without it, the model would miss what the client meant it to have. A file (`input_file`, an
+image given by file id) leaves a note where it was. A named `tool_choice` offers that tool
+alone; a `json_schema` text format is asked as json_object with the schema in a system message.
 
 `ResponsesStream` turns the normaliser's clean events into the event stream Codex parses
 (docs: clients.md §6.5): `response.created` and `response.in_progress` at once, every output
@@ -45,7 +49,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 
 from .. import glm, sse, wire
 from ..errors import BridgeError, Kind
-from . import LEAST_ANSWER, Parsed, decode_body
+from . import LEAST_ANSWER, Parsed, decode_body, with_schema
 from .responses_wire import (
     ArgumentsDelta, ArgumentsDone, ContentPartAdded, ContentPartDone, CustomInputDelta,
     CustomInputDone, CustomToolCallItem, ErrorBody, ErrorDetail, ErrorInfo, FunctionCallItem,
@@ -69,6 +73,20 @@ _encoder = msgspec.json.Encoder()
 def parse_request(body: bytes) -> ResponsesRequest:
     request = decode_body(_decoder, body)
     glm.check_max_tokens(request.max_output_tokens, "max_output_tokens")
+    # stored objects Codeplan does not keep: answered without them, the model would miss the
+    # history or the instructions the client meant it to have (as previous_response_id over HTTP)
+    if wire.present(request.conversation):
+        raise BridgeError(Kind.invalid_request, "Conversation not found: Codeplan stores no conversations "
+                          "(`conversation`). Send the whole conversation in `input`.",
+                          param="conversation", code="conversation_not_found")
+    if wire.present(request.prompt):
+        raise BridgeError(Kind.invalid_request, "Prompt not found: Codeplan stores no prompt templates "
+                          "(`prompt`). Send the instructions in `instructions` or `input`.",
+                          param="prompt", code="prompt_not_found")
+    fmt = request.text.format if request.text is not None else None
+    if fmt is not None and fmt.type not in ("text", "json_object", "json_schema"):
+        raise BridgeError(Kind.invalid_request, f"`text.format.type` {fmt.type!r} is not served: text, "
+                          "json_object or json_schema.", param="text.format.type")
     return request
 
 
@@ -115,16 +133,30 @@ def _image_url(part: Part) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _unreadable(part: Part) -> str | None:
+    """The note standing in for a part GLM cannot read (as the Messages surface leaves one for a
+    PDF): a file, or an image given only by its Files API id. Dropped silently, the model would
+    answer as if it had read it; refused, the turn would fail every later request of the
+    conversation. None for a part that is no file or image."""
+    if part.type == "input_file":
+        said = part.filename or part.file_id or part.file_url
+        return f"[file{f' {said!r}' if said else ''} omitted: this model cannot read it]"
+    if part.type == "input_image":
+        said = part.file_id
+        return f"[image{f' {said!r}' if said else ''} omitted: this model cannot read it]"
+    return None
+
+
 def _user_content(parts: str | list[Part] | None) -> str | list[wire.ContentPart]:
     if not isinstance(parts, list):
         return parts or ""
     out: list[wire.ContentPart] = []
     for part in parts:
-        if part.type == "input_image":
-            url = _image_url(part)
-            if url:
-                out.append(wire.ContentPart(type="image_url",
-                                            image_url=Raw(msgspec.json.encode({"url": url}))))
+        url = _image_url(part) if part.type == "input_image" else None
+        if url:
+            out.append(wire.ContentPart(type="image_url", image_url=wire.ImageUrl(url=url)))
+        elif part.type in ("input_image", "input_file"):
+            out.append(wire.ContentPart(type="text", text=_unreadable(part)))
         elif part.text:
             out.append(wire.ContentPart(type="text", text=part.text))
     # GLM's text models take a plain string; parts only when an image is present
@@ -282,6 +314,46 @@ def to_tools(tools: list[Tool] | None) -> tuple[list[wire.Tool], ToolKinds]:
     return out, kinds
 
 
+class ToolChoice(Struct):
+    """A `tool_choice` object: a named function or custom tool; others (allowed_tools, hosted
+    tools, mcp) are read as auto."""
+    type: str
+    name: str | None = None
+
+
+_JSON_OBJECT = wire.ResponseFormat(type="json_object")
+_tool_choice_decoder = msgspec.json.Decoder(ToolChoice)
+
+
+def _tool_choice(raw: bytes) -> ToolChoice:
+    try:
+        return _tool_choice_decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise BridgeError(Kind.invalid_request, f"Invalid `tool_choice`: {exc}", param="tool_choice") from None
+
+
+def _chosen(tools: list[wire.Tool], kinds: ToolKinds, choice: ToolChoice) -> list[wire.Tool]:
+    """A named function or custom tool is the only one offered: GLM's tool_choice is auto alone
+    (glm.prepare), so the model may still answer in text, but calls no other tool. A namespaced
+    function is named by its own name or its flattened one."""
+    if choice.type not in ("function", "custom"):
+        return tools
+    if not choice.name:
+        raise BridgeError(Kind.invalid_request, f"A {choice.type} `tool_choice` needs the tool's `name`.",
+                          param="tool_choice.name")
+
+    def named(name: str) -> bool:
+        inner = kinds.namespaced.get(name)
+        return name == choice.name or (inner is not None and inner[1] == choice.name)
+
+    chosen = [t for t in tools if isinstance(t.function, wire.FunctionDef) and named(t.function.name)
+              and (t.function.name in kinds.custom) == (choice.type == "custom")]
+    if not chosen:
+        raise BridgeError(Kind.invalid_request, f"`tool_choice` names the {choice.type} tool {choice.name!r}, "
+                          "which is not among the request's `tools`.", param="tool_choice")
+    return chosen
+
+
 def _thinking(reasoning: ReasoningConfig | None) -> wire.Thinking | UnsetType:
     if reasoning is None or reasoning.effort is None:
         return UNSET  # GLM's default
@@ -305,15 +377,21 @@ def to_upstream(request: ResponsesRequest, items: list[Item], *,
     upstream = wire.ChatRequest(model=request.model, messages=messages, stream=bool(request.stream),
                                 thinking=_thinking(request.reasoning))
     tools, kinds = to_tools(request.tools)
-    if tools and bytes(request.tool_choice).strip() != b'"none"':
-        upstream.tools = tools  # any other tool_choice: GLM supports only auto (glm.prepare)
+    choice = bytes(request.tool_choice).strip()
+    if choice.startswith(b"{"):
+        tools = _chosen(tools, kinds, _tool_choice(choice))
+    if tools and choice != b'"none"':
+        upstream.tools = tools  # required, allowed_tools: GLM supports only auto (glm.prepare)
     if request.temperature is not None:
         upstream.temperature = request.temperature
     if request.top_p is not None:
         upstream.top_p = request.top_p
     text = request.text
-    if text is not None and text.format is not None and text.format.type in ("json_object", "json_schema"):
-        upstream.response_format = Raw(b'{"type":"json_object"}')  # all GLM offers
+    fmt = text.format if text is not None else None
+    if fmt is not None and fmt.type in ("json_object", "json_schema"):
+        upstream.response_format = _JSON_OBJECT  # all GLM offers (glm-upstream.md §4)
+        if fmt.type == "json_schema":
+            with_schema(upstream.messages, fmt.schema, fmt.name, fmt.description)  # and what it must hold
     user = request.safety_identifier or request.user
     if user:
         upstream.user_id = glm.user_id(user)
@@ -848,9 +926,11 @@ class ResponsesSurface:
         self.request, self.items = request, items
         self.context = context_of(request, kinds)
         asked = request.max_output_tokens
-        return Parsed(upstream, asked, least_answer=min(LEAST_ANSWER, asked or LEAST_ANSWER))
+        return Parsed(upstream, asked, least_answer=min(LEAST_ANSWER, asked or LEAST_ANSWER),
+                      one_call=request.parallel_tool_calls is False)
 
-    def stream(self, model: str, request_id: str, prompt_estimate: int) -> ResponsesStream:
+    def stream(self, model: str, request_id: str, prompt_estimate: int,
+               parsed: Parsed | None = None) -> ResponsesStream:
         assert self.context is not None
         self.translator = ResponsesStream(self.context, model, "resp_" + request_id)
         return self.translator

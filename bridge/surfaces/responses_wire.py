@@ -16,11 +16,16 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 
 class Part(Struct, omit_defaults=True):
     """A content part of a message or of a tool's output: input_text, output_text,
-    input_image, reasoning_text, summary_text, refusal; anything else is skipped."""
+    input_image, input_file, reasoning_text, summary_text, refusal; anything else is skipped."""
     type: str = "input_text"
     text: str | None = None
     refusal: str | None = None
     image_url: Raw = Raw()  # a URL string (Responses) or {"url": ...} (tolerated)
+    # input_image or input_file by the Files API's id; input_file's name or URL (its data, when
+    # given inline, is not decoded: GLM cannot read the file, and the part leaves a note)
+    file_id: str | None = None
+    filename: str | None = None
+    file_url: str | None = None
 
 
 class ShellAction(Struct):
@@ -78,6 +83,11 @@ class ReasoningConfig(Struct, omit_defaults=True):
 
 class TextFormat(Struct, omit_defaults=True):
     type: str = "text"  # text | json_object | json_schema
+    # json_schema: the schema the answer must match (echoed in the response object as sent)
+    name: str | None = None
+    description: str | None = None
+    schema: Raw = Raw()
+    strict: bool | None = None
 
 
 class TextConfig(Struct, omit_defaults=True):
@@ -91,6 +101,10 @@ class ResponsesRequest(Struct, omit_defaults=True):
     instructions: str | list[Item] | None = None
     stream: bool | None = False
     previous_response_id: str | None = None
+    # stored server-side objects (a Conversations API conversation, a prompt template), which
+    # Codeplan does not keep: refused when named (responses.parse_request), never ignored
+    conversation: Raw = Raw()
+    prompt: Raw = Raw()
     tools: list[Tool] | None = None
     tool_choice: Raw = Raw()  # "auto" | "none" | "required" | {"type": ...}
     parallel_tool_calls: bool | None = None
@@ -108,8 +122,8 @@ class ResponsesRequest(Struct, omit_defaults=True):
     safety_identifier: str | None = None
     # Codex's WebSocket warm-up: `generate: false` sets up the conversation without a model call
     generate: bool | None = None
-    # client_metadata, truncation, background, prompt, stream_options and every future field
-    # are ignored
+    # client_metadata, truncation, background, stream_options and every future field are
+    # ignored
 
 
 class LocalShellArguments(Struct, omit_defaults=True):
