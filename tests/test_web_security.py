@@ -313,7 +313,7 @@ def test_reset_hashes_no_password_for_a_made_up_or_used_token(database, monkeypa
             # two resets with one link at once: one sets the password, the other is refused
             results = await asyncio.gather(*(identity.reset_password(pool, token, f"new passphrase {n}")
                                              for n in range(2)), return_exceptions=True)
-            assert sorted(str(r if isinstance(r, int) else r.code) for r in results) == sorted(
+            assert sorted(str(r.id if isinstance(r, identity.Account) else r.code) for r in results) == sorted(
                 [str(account_id), "bad_link"]), results
             with pytest.raises(identity.Refusal):
                 await identity.reset_password(pool, token, "yet another passphrase")
