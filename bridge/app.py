@@ -16,10 +16,11 @@ from litestar.response import Stream
 from litestar.types import Receive, Scope, Send
 
 from . import errors, sse
-from .asgi import serve
+from .asgi import api_key as raw_api_key
+from .asgi import serve, unencoded
 from .errors import BridgeError, Kind
 from .journey import Journey, Reply
-from .models import CATALOG, model_list
+from .models import CATALOG, listed_model, model_list
 from .surfaces import messages as anthropic
 from .surfaces import responses, responses_socket
 from .surfaces.chat import ChatSurface
@@ -31,13 +32,9 @@ _messages = anthropic.MessagesSurface()
 
 
 def api_key(request: ASGIConnection) -> str:
-    """The key from `Authorization: Bearer` or `x-api-key` (Claude Code may send both)."""
-    auth = request.headers.get("authorization")
-    if auth:
-        scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    return (request.headers.get("x-api-key") or "").strip()
+    """The key from `Authorization: Bearer` or `x-api-key`, by the hot paths' one rule
+    (bridge/asgi.py `api_key`): every route, guard and socket reads it so."""
+    return raw_api_key(request.scope["headers"])
 
 
 def respond(reply: Reply) -> Response:
@@ -85,8 +82,12 @@ class InputTokens(msgspec.Struct):
 @post([p + "/count_tokens" for p in MESSAGES_PATHS], status_code=200)
 async def count_tokens(request: Request) -> Response:
     journey: Journey = request.app.state.journey
-    reply, tokens = await journey.count_tokens(_messages, anthropic.count_request, api_key(request),
-                                               request.body)
+
+    async def body() -> bytes:
+        unencoded(request.scope["headers"])  # a compressed body: 415, as on /v1/messages
+        return await request.body()
+
+    reply, tokens = await journey.count_tokens(_messages, anthropic.count_request, api_key(request), body)
     if tokens is None:
         return respond(reply)
     return Response(msgspec.json.encode(InputTokens(input_tokens=tokens)), media_type="application/json")
@@ -95,19 +96,41 @@ async def count_tokens(request: Request) -> Response:
 MODELS_PATHS = ["/v1/models", "/models", "/api/coding/paas/v4/models", "/api/paas/v4/models"]
 
 
+async def _models_of(request: Request) -> tuple[str, ...] | Response:
+    """The key's plan's models; without a key, every model served (tools probe before
+    configuring); an unknown key, a 401."""
+    key = api_key(request)
+    if not key:
+        return tuple(CATALOG)
+    principal = await request.app.state.journey.auth.authenticate(key)
+    if principal is None:
+        return _openai_error(BridgeError(Kind.authentication, "Invalid API key."))
+    return principal.models or tuple(CATALOG)
+
+
 @get(MODELS_PATHS)
 async def models(request: Request) -> Response:
-    """The plan's models; without a key, every model served (tools probe before configuring)."""
-    key = api_key(request)
-    allowed = tuple(CATALOG)
-    if key:
-        principal = await request.app.state.journey.auth.authenticate(key)
-        if principal is None:
-            error = BridgeError(Kind.authentication, "Invalid API key.")
-            return Response(msgspec.json.encode(errors.openai_error(error)), status_code=401,
-                            media_type="application/json")
-        allowed = principal.models or allowed
+    """The plan's models (OpenAI's list; each entry reads as Anthropic's model too)."""
+    allowed = await _models_of(request)
+    if isinstance(allowed, Response):
+        return allowed
     return Response(msgspec.json.encode(model_list(allowed)), media_type="application/json")
+
+
+@get([p + "/{model_id:str}" for p in MODELS_PATHS])
+async def retrieve_model(request: Request, model_id: FromPath[str]) -> Response:
+    """One model of the list (OpenAI's and Anthropic's `models.retrieve`), by its id in any case;
+    one the plan does not serve is a 404 naming it, as OpenAI answers a model one cannot use
+    (not "unknown path": the tool's base URL is right)."""
+    allowed = await _models_of(request)
+    if isinstance(allowed, Response):
+        return allowed
+    info = CATALOG.get(model_id.strip().lower())
+    if info is None or info.id not in allowed:
+        return _openai_error(BridgeError(
+            Kind.not_found, f"The model `{model_id}` does not exist or you do not have access to it. "
+            f"Models: {', '.join(m for m in allowed if m in CATALOG)}", param="model"))
+    return Response(msgspec.json.encode(listed_model(info)), media_type="application/json")
 
 
 @head(["/", "/api/hello"])
@@ -154,7 +177,7 @@ async def stored_response(response_id: FromPath[str]) -> Response:
 
 
 ENDPOINTS = ("POST /v1/chat/completions, POST /v1/messages, POST /v1/messages/count_tokens, "
-             "POST /v1/responses (also as a WebSocket), GET /v1/models")
+             "POST /v1/responses (also as a WebSocket), GET /v1/models, GET /v1/models/{model}")
 
 
 def not_served(method: str, path: str, status: int) -> Response:
@@ -251,9 +274,14 @@ async def response_socket(socket: WebSocket) -> None:
         while (data := await inbox.get()) is not None:
             serving = True
             try:
-                await _serve_frame(socket, journey, key, session, data)
+                cannot_spend = await _serve_frame(socket, journey, key, session, data)
             finally:
                 serving = False
+            if cannot_spend is not None:
+                # its refusal is sent (Codex reads it as the turn's answer); the socket is not
+                # held for turns that would all be refused alike
+                await socket.close(code=1008, reason=cannot_spend)
+                break
     except asyncio.CancelledError:
         if not gone:
             raise
@@ -267,23 +295,37 @@ async def response_socket(socket: WebSocket) -> None:
         log.info("response socket closed", extra=msgspec.structs.asdict(session.counts))
 
 
+def _cannot_spend(error: BridgeError) -> str | None:
+    """Why a refused turn's key cannot spend at all (revoked, its account suspended, its
+    subscription gone or unpaid), as a close reason; None when the next turn may be served (a
+    full window resets, a bad request is the request's)."""
+    if error.kind is Kind.authentication:
+        return "invalid_api_key"
+    if error.code == "account_suspended" or error.kind is Kind.payment_required:
+        return error.code or "payment_required"
+    return None
+
+
 async def _serve_frame(socket: WebSocket, journey: Journey, key: str,
-                       session: responses_socket.SocketSession, data: bytes) -> None:
-    """One frame: a turn through the journey like any request, a warm-up, or an error event."""
+                       session: responses_socket.SocketSession, data: bytes) -> str | None:
+    """One frame: a turn through the journey like any request, a warm-up, or an error event.
+    Returns why the socket must close when the turn was refused because its key cannot spend
+    ("a key that cannot spend holds no socket": the handshake checks what the key's principal
+    says, the admission what the account is now, a suspension included)."""
     surface = responses.ResponsesSurface(session.memory, socket=True)
     try:
         turn = session.read(data)
         if turn.kind == "ignore":
-            return
+            return None
         if turn.kind == "warmup":
             for frame in session.warmup(surface, turn.body, "resp_" + uuid.uuid4().hex):
                 await socket.send_text(frame.decode())
-            return
+            return None
     except BridgeError as error:
         log.info("response socket refused a frame", extra={"status": error.status, "code": error.code,
                                                             "reason": error.message[:200]})
         await socket.send_text(session.refused(error).decode())
-        return
+        return None
 
     async def body() -> bytes:
         return turn.body
@@ -292,10 +334,11 @@ async def _serve_frame(socket: WebSocket, journey: Journey, key: str,
     if reply.stream is None:
         assert surface.failure is not None  # a socket's turns always stream
         await socket.send_text(session.refused(surface.failure).decode())
-        return
+        return _cannot_spend(surface.failure)
     await _relay(socket, reply)
     session.finished(surface)
+    return None
 
 
 router = Router(path="/", route_handlers=[
-    chat_completions, messages, count_tokens, models, hello, create_response, stored_response])
+    chat_completions, messages, count_tokens, models, retrieve_model, hello, create_response, stored_response])

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 from .errors import BridgeError, Kind
 from .journey import Journey, Reply
@@ -36,17 +36,39 @@ class ClientDisconnected(Exception):
     pass
 
 
-def api_key(headers: list[tuple[bytes, bytes]]) -> str:
-    """The key from `Authorization: Bearer` or `x-api-key` (Claude Code may send both)."""
-    fallback = b""
+def api_key(headers: Sequence[tuple[bytes, bytes]]) -> str:
+    """The key from `Authorization: Bearer` or `x-api-key` (Claude Code may send both; the
+    Bearer wins): the first Bearer, else the first `x-api-key`. The one rule of every path, hot
+    or not, and of the throttle in front of them (bridge/app.py reads a framework's request
+    through it), so a request with two credentials is judged alike wherever it goes, never let
+    in on one path and refused on another."""
+    fallback = None
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 return token.strip().decode("latin-1")
-        elif name == b"x-api-key":
-            fallback = value.strip()
-    return fallback.decode("latin-1")
+        elif name == b"x-api-key" and fallback is None:
+            fallback = value
+    return (fallback or b"").strip().decode("latin-1")
+
+
+def unencoded(headers: Sequence[tuple[bytes, bytes]]) -> None:
+    """Refuses (415) a body sent with a Content-Encoding other than `identity`: the body is JSON
+    as sent or nothing, and a compressed one would otherwise be refused as "not valid JSON",
+    sending its caller after JSON that is fine. Not decompressed: no coding tool sends a
+    compressed body to a provider of its own (Codex compresses with zstd only for OpenAI's own
+    provider with a ChatGPT sign-in), and a decoder is one more way for a small body to cost
+    the server its whole body limit."""
+    for name, value in headers:
+        if name == b"content-encoding":
+            codings = [c.strip() for c in value.decode("latin-1").lower().split(",")]
+            codings = [c for c in codings if c and c != "identity"]
+            if codings:
+                raise BridgeError(
+                    Kind.invalid_request, f"The request body is encoded ({', '.join(codings)}, by its "
+                    "Content-Encoding header); send it unencoded: Codeplan reads request bodies as "
+                    "plain JSON only.", code="unsupported_content_encoding", status=415)
 
 
 # how long a request whose body is in may wait before a listener watches for its client leaving
@@ -99,11 +121,13 @@ class Listener:
             self._listening = None
 
 
-def body_reader(receive: Receive, limit: int,
-                then: Callable[[], None] | None = None) -> Callable[[], Awaitable[bytes]]:
-    """Reads the request body when asked (after authentication), refusing more than `limit`;
-    calls `then` once the whole body is in."""
+def body_reader(receive: Receive, limit: int, then: Callable[[], None] | None = None,
+                headers: Sequence[tuple[bytes, bytes]] = ()) -> Callable[[], Awaitable[bytes]]:
+    """Reads the request body when asked (after authentication), refusing more than `limit`,
+    and one with a Content-Encoding (415, `unencoded`: `headers` are the request's) before a
+    byte of it; calls `then` once the whole body is in."""
     async def read() -> bytes:
+        unencoded(headers)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -166,8 +190,9 @@ async def serve(journey: Journey, surface: Surface, scope: Scope, receive: Recei
         await send_reply(Reply(status=status, headers={**headers, "allow": "POST"}, body=body), listener, send)
         return
     try:
-        reply = await journey.handle(surface, api_key(scope["headers"]),
-                                     body_reader(receive, max_body, listener.listen_soon))
+        headers = scope["headers"]
+        reply = await journey.handle(surface, api_key(headers),
+                                     body_reader(receive, max_body, listener.listen_soon, headers))
         await send_reply(reply, listener, send)
     except ClientDisconnected:
         return

@@ -1,6 +1,8 @@
 """The models the plans serve, their limits, and how a client's model id resolves to one."""
 from __future__ import annotations
 
+import datetime as dt
+
 import msgspec
 
 from .errors import BridgeError, Kind
@@ -95,20 +97,17 @@ class ModelList(msgspec.Struct):
 _RELEASED = {"glm-4.6": 1759190400, "glm-4.5": 1753747200, "glm-4.5-air": 1753747200}
 
 
-def model_list(allowed: tuple[str, ...]) -> ModelList:
-    import datetime as dt
+def listed_model(info: ModelInfo) -> ListedModel:
+    """A model as the list shows it, and as `GET /v1/models/{id}` answers it alone."""
+    created = _RELEASED.get(info.id, 1759190400)
+    return ListedModel(
+        id=info.id, object="model", type="model", created=created,
+        created_at=dt.datetime.fromtimestamp(created, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        owned_by="zai", display_name=info.display_name, context_window=info.context_window,
+        context_length=info.context_window, max_output_tokens=info.max_output)
 
-    listed = []
-    for model_id in allowed:
-        info = CATALOG.get(model_id)
-        if info is None:
-            continue
-        created = _RELEASED.get(info.id, 1759190400)
-        listed.append(ListedModel(
-            id=info.id, object="model", type="model", created=created,
-            created_at=dt.datetime.fromtimestamp(created, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            owned_by="zai", display_name=info.display_name, context_window=info.context_window,
-            context_length=info.context_window, max_output_tokens=info.max_output))
+
+def model_list(allowed: tuple[str, ...]) -> ModelList:
+    listed = [listed_model(CATALOG[model_id]) for model_id in allowed if model_id in CATALOG]
     return ModelList(object="list", data=listed, has_more=False,
                      first_id=listed[0].id if listed else None, last_id=listed[-1].id if listed else None)
-

@@ -91,19 +91,25 @@ def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None)
     import uvicorn
 
     http: object = "httptools"
+    ws: object = "auto"
     keep_alive = 75.0
     shutdown_timeout: float | None = None
     if config is not None:
-        from .http_limits import HttpLimits, protocol_class
+        from bridge.app import RESPONSES_PATHS
+
+        from .http_limits import HttpLimits, protocol_class, websocket_protocol_class
 
         http = protocol_class(HttpLimits(
             max_header_bytes=config.max_header_bytes, header_timeout=config.header_timeout,
             max_body_bytes=config.max_body_bytes, body_timeout=config.body_timeout,
             max_connections=config.max_connections))
+        # the body limit for the Responses socket's frames (a turn each) only; the live-usage
+        # sockets' messages are held to 64 KiB (service/http_limits.py)
+        ws = websocket_protocol_class(RESPONSES_PATHS)
         keep_alive = config.keepalive_timeout
         shutdown_timeout = config.shutdown_timeout
     return _server_class()(uvicorn.Config(
-        app, loop="none", http=http, lifespan="on" if lifespan else "off", log_config=None,
+        app, loop="none", http=http, ws=ws, lifespan="on" if lifespan else "off", log_config=None,
         access_log=False, timeout_keep_alive=keep_alive, server_header=False,
         # the client's address (the throttles count per address) from X-Forwarded-For only when
         # it comes from a trusted proxy (CODEPLAN_FORWARDED_ALLOW_IPS, e.g. the load balancer):
@@ -111,7 +117,8 @@ def _uvicorn(app, *, lifespan: bool, config: config_module.Config | None = None)
         proxy_headers=bool(config and config.forwarded_allow_ips),
         forwarded_allow_ips=(config.forwarded_allow_ips if config and config.forwarded_allow_ips else None),
         timeout_graceful_shutdown=shutdown_timeout,
-        # a Responses WebSocket frame carries a whole turn: as large as an HTTP body may be
+        # a Responses WebSocket frame carries a whole turn: as large as an HTTP body may be (on
+        # its paths only, `ws` above)
         ws_max_size=config.max_body_bytes if config is not None else 64 * 1024 * 1024))
 
 

@@ -29,6 +29,17 @@ answer instead of a reset.
 Refusals are counted and logged in one line at most every 10 seconds (the tally since the last
 line), never with a header's content; uvicorn's own warning per malformed request is silenced,
 so a flood of them cannot flood the log (its errors still reach it).
+
+WebSockets: uvicorn applies one message limit (`ws_max_size`) to every socket, and websockets'
+parser buffers a frame whole, up to that limit, before the application sees a byte of it. The
+Responses socket needs the body limit (a frame is a whole turn), but the live-usage sockets take
+a 100-byte `auth` message at most, which they read before the key is known: with the body limit
+there, a stranger's frames made the server hold 32 MB each. `LimitedWebSocketProtocol` (uvicorn's
+own choice, websockets' sans-I/O protocol) starts every socket at `SMALL_WS_MESSAGE` and gives
+the body limit only to the paths that need it, when the upgrade request is read: before any
+byte that follows it (uvicorn hands the protocol the request alone), and a frame parsed before
+would be held to the small limit. A frame over its limit is refused from its header (close
+1009), its payload never read.
 """
 from __future__ import annotations
 
@@ -37,10 +48,13 @@ import http
 import logging
 import time
 from collections import Counter
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
+from urllib.parse import unquote
 
 import msgspec
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request as UpgradeRequest
 
 from bridge import shapes
 
@@ -321,3 +335,33 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 def protocol_class(limits: HttpLimits) -> type[LimitedHttpToolsProtocol]:
     """A protocol class bound to `limits`, for `uvicorn.Config(http=...)`."""
     return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,), {"limits": limits})
+
+
+# what a WebSocket message may hold on a path that does not need more: the live-usage sockets'
+# `auth` message is ~100 bytes, and they read nothing else that matters
+SMALL_WS_MESSAGE = 64 * 1024
+
+
+class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol whose message limit is `SMALL_WS_MESSAGE` but on `large_paths`
+    (uvicorn's `ws_max_size` there). Use `websocket_protocol_class(paths)`."""
+
+    large_paths: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # small until the path says otherwise: a frame parsed before that is held to it
+        self.conn.max_message_size = min(SMALL_WS_MESSAGE, self.config.ws_max_size)
+
+    def handle_connect(self, event: UpgradeRequest) -> None:
+        # the parser takes a frame's limit when the frame's first byte arrives: none has yet
+        # (uvicorn fed this protocol the upgrade request alone)
+        if unquote(event.path.partition("?")[0]) in self.large_paths:
+            self.conn.max_message_size = self.config.ws_max_size
+        super().handle_connect(event)
+
+
+def websocket_protocol_class(large_paths: Iterable[str]) -> type[LimitedWebSocketProtocol]:
+    """A WebSocket protocol class for `uvicorn.Config(ws=...)`, its `ws_max_size` given to
+    `large_paths` only."""
+    return type("LimitedWebSocketProtocol", (LimitedWebSocketProtocol,), {"large_paths": frozenset(large_paths)})

@@ -33,7 +33,9 @@ async def refused(scope: dict, send: Any, gated: frozenset[str], throttle: Calla
     client = scope.get("client")
     address = client[0] if client else None
     calling_client.set(address)
-    if scope["type"] not in ("http", "websocket") or scope["path"] not in gated:
+    # a path under a gated one is gated too: GET /v1/models/{id} costs a key lookup as the list does
+    if scope["type"] not in ("http", "websocket") or (
+            scope["path"] not in gated and scope["path"].rpartition("/")[0] not in gated):
         return False
     gate = throttle(scope)
     if not gate.watching(address):

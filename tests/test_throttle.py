@@ -192,6 +192,7 @@ def test_a_guessing_address_gets_429s_in_each_protocol_and_real_keys_keep_workin
     for path, method, body in (("/v1/chat/completions", "POST", chat), ("/v1/messages", "POST", chat),
                                ("/v1/messages/count_tokens", "POST", chat), ("/v1/usage", "GET", None),
                                ("/v1/responses", "POST", responses), ("/v1/models", "GET", None),
+                               ("/v1/models/glm-4.6", "GET", None),
                                ("/v1/billing/checkout", "POST", b'{"plan": "pro"}'),
                                ("/api/monitor/usage/quota/limit", "GET", None)):
         status, headers, answer = call(throttled_bridge.url + path, method, body, random_key())

@@ -163,8 +163,9 @@ async def change_user(request: Request, account_id: AccountId,
             if plan["retired_at"] is not None:
                 raise HTTPException(status_code=400, detail=f"plan {data.plan!r} is retired")
             if before["subscription_id"] is None:
-                await _subscribe(conn, account_id, data.plan)
+                subscription = await _subscribe(conn, account_id, data.plan)
             else:
+                subscription = before["subscription_id"]
                 paid = await conn.fetchval("SELECT stripe_subscription_id IS NOT NULL FROM subscriptions"
                                            " WHERE id = $1", before["subscription_id"])
                 if paid and data.plan != before["plan_id"]:
@@ -189,6 +190,10 @@ async def change_user(request: Request, account_id: AccountId,
                     " WHERE p.id = $2 AND q.subscription_id = $1 AND q.ends_at > now()"
                     " AND q.kind IN ('5h', 'week')",
                     before["subscription_id"], data.plan)
+            # the live sockets (service/web/live.py) read the figures again when this commits, as
+            # after a settlement: the new allowances (or the account's new subscription) at once,
+            # not at the next settlement
+            await conn.execute("SELECT pg_notify('codeplan_usage', $1)", str(subscription))
         if data.is_admin is not None:
             await conn.execute("UPDATE accounts SET is_admin = $2 WHERE id = $1", account_id, data.is_admin)
         after = await _one(conn, account_id)
@@ -197,11 +202,11 @@ async def change_user(request: Request, account_id: AccountId,
         return _summary(after)
 
 
-async def _subscribe(conn: asyncpg.Connection, account_id: int, plan: str) -> None:
+async def _subscribe(conn: asyncpg.Connection, account_id: int, plan: str) -> int:
     """A live subscription on `plan` for an account without one (the account row locked), with
     what the Stripe path gives a new subscription (billing_apply_subscription, migrations/0046):
     the unexpired top-up windows of its ended subscriptions, and the blocks granted or bought
-    while it had none."""
+    while it had none. Returns its id."""
     try:
         subscription = await conn.fetchval(
             "INSERT INTO subscriptions (account_id, plan_id, status) VALUES ($1, $2, 'active') RETURNING id",
@@ -227,6 +232,7 @@ async def _subscribe(conn: asyncpg.Connection, account_id: int, plan: str) -> No
     # blocks granted (or bought) while the account had no live subscription
     await conn.execute("SELECT billing_topup_attach(t.id) FROM topups t WHERE t.account_id = $1"
                        " AND t.window_id IS NULL AND t.expires_at > now() ORDER BY t.id", account_id)
+    return subscription
 
 
 @post("/users/{account_id:int}/topups", status_code=201, responses=errors(400, 404))

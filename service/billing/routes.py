@@ -53,16 +53,28 @@ class Received(msgspec.Struct):
     duplicate: bool = False
 
 
-@post("/stripe/webhook", status_code=200, include_in_schema=False)
+# Stripe's events are a few KB (an object and what changed in it; its lists come a page at a
+# time): a body past this is not one of theirs. The route's own limit, far below the API's
+# CODEPLAN_MAX_BODY_BYTES: a stranger's post may make the server read and HMAC this much, no more.
+WEBHOOK_MAX_BYTES = 1024 * 1024
+
+
+@post("/stripe/webhook", status_code=200, include_in_schema=False, request_max_body_size=WEBHOOK_MAX_BYTES)
 async def stripe_webhook(request: Request) -> Response:
-    """Verify, record, answer. The effects follow from the queue (worker.py)."""
+    """Verify, record, answer. The effects follow from the queue (worker.py). A post without
+    Stripe's signature header is refused before its body is read; a body over WEBHOOK_MAX_BYTES
+    gets a 413, from its Content-Length before a byte is read, else once it passes the limit."""
     config = request.app.state.config
     if not config.stripe_webhook_secrets:
         return _problem(503, "Stripe webhooks are not configured",
                         "Set STRIPE_WEBHOOK_SECRET to the endpoint's signing secret.")
-    payload = await request.body()
+    signature = request.headers.get("stripe-signature")
+    if not signature:
+        log.warning("stripe webhook rejected", extra={"why": "no Stripe-Signature header"})
+        return _problem(400, "Invalid Stripe webhook", "no Stripe-Signature header")
+    payload = await request.body()  # RequestEntityTooLarge (413) past WEBHOOK_MAX_BYTES
     try:
-        event = verify(payload, request.headers.get("stripe-signature"), config.stripe_webhook_secrets)
+        event = verify(payload, signature, config.stripe_webhook_secrets)
     except WebhookRejected as rejected:
         log.warning("stripe webhook rejected", extra={"why": rejected.reason})
         return _problem(400, "Invalid Stripe webhook", rejected.reason)
