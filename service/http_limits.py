@@ -356,7 +356,9 @@ class LimitedWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: UpgradeRequest) -> None:
         # the parser takes a frame's limit when the frame's first byte arrives: none has yet
         # (uvicorn fed this protocol the upgrade request alone)
-        if unquote(event.path.partition("?")[0]) in self.large_paths:
+        # as the router reads it: Litestar serves `/v1/responses/` as `/v1/responses`
+        path = unquote(event.path.partition("?")[0])
+        if (path.rstrip("/") or "/") in self.large_paths:
             self.conn.max_message_size = self.config.ws_max_size
         super().handle_connect(event)
 
