@@ -232,3 +232,48 @@ def test_a_login_checked_while_the_password_was_reset_makes_no_session(database,
     assert waited
     assert late is None
     assert current is not None  # the password the reset set does sign in
+
+
+def test_a_password_change_and_a_reset_at_once_take_their_locks_in_one_order(fresh_database):
+    """A reset takes its link, then the account, then the sessions; the change took the account,
+    the sessions, then every unused reset link: overlapping, they deadlocked and one page
+    answered 500 (a reviewer's proof). Now the change takes the links first: the one that comes
+    second waits, and is refused for what the first did."""
+
+    async def waits(spy: asyncpg.Connection, count: int) -> None:
+        for _ in range(500):
+            if await spy.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'") >= count:
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"fewer than {count} sessions wait on a lock")
+
+    async def scenario() -> list:
+        pool = await asyncpg.create_pool(fresh_database, min_size=2, max_size=4)
+        spy = await asyncpg.connect(fresh_database)
+        blocker = await asyncpg.connect(fresh_database)
+        try:
+            account = await identity.sign_up(pool, unique_email(), PASSWORD, "lite")
+            mine = await sessions.create(pool, account.id, account.proven_by)
+            other = await sessions.create(pool, account.id, account.proven_by)
+            viewer = await sessions.lookup(pool, mine, touch=False)
+            link = await identity.issue_link(pool, account.id, "reset")
+            # another request of the account holds one of its other sessions for a moment: the
+            # change stops there, holding what it took before
+            hold = blocker.transaction()
+            await hold.start()
+            await blocker.execute("SELECT 1 FROM web_sessions WHERE token_hash = $1 FOR UPDATE",
+                                  sessions.token_hash(other))
+            change = asyncio.create_task(identity.change_password(pool, viewer, PASSWORD, NEW, "127.0.0.8"))
+            await waits(spy, 1)
+            reset = asyncio.create_task(identity.reset_password(pool, link, "a password from the link"))
+            await waits(spy, 2)
+            await hold.rollback()
+            return await asyncio.gather(change, reset, return_exceptions=True)
+        finally:
+            await blocker.close()
+            await spy.close()
+            await pool.close()
+
+    changed, reset = asyncio.run(scenario())
+    assert changed is None, changed
+    assert isinstance(reset, identity.Refusal) and reset.code == "bad_link", reset

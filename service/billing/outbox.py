@@ -140,9 +140,11 @@ class Redriven(msgspec.Struct, frozen=True):
 _FAILED_SQL = f"""
 SELECT o.id, o.stripe_customer_id, o.minute, o.value, o.identifier, o.failure, o.last_error,
        {_TOO_OLD} AS too_old,
-       -- Stripe holds nothing of a row never attempted, or whose only attempt it refused outright
-       -- (a crashed attempt before it shared its idempotency key, and that key got a refusal)
-       o.attempts = 0 OR (o.failure = 'refused' AND o.attempts = 1) AS never_recorded,
+       -- Stripe holds nothing of a row whose only attempt it refused outright (a crashed attempt
+       -- before it shared its idempotency key, and that key got a refusal). `attempts` = 0 proves
+       -- nothing: an attempt's count rolls back with it when the process dies after Stripe
+       -- recorded the event and before the commit, so such a row may have been recorded
+       (o.failure = 'refused' AND o.attempts = 1) AS never_recorded,
        NOT coalesce({_UNCONFIRMABLE}, false) AS remembered,
        coalesce(o.period_start < (SELECT max(m.current_period_start) FROM stripe_subscriptions m
                                    WHERE m.stripe_customer_id = o.stripe_customer_id), false) AS period_over

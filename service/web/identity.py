@@ -238,6 +238,10 @@ async def change_password(pool: asyncpg.Pool, viewer: sessions.Viewer, current: 
     await throttle.succeeded(pool, key)
     hashed = await passwords.hash_async(new)
     async with pool.acquire() as conn, conn.transaction():
+        # the reset links first: a reset takes its link, then the account, then the sessions, and
+        # this takes them in that order too (the other way round the two deadlocked)
+        await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
+                           " AND used_at IS NULL", viewer.account_id)
         # only over the hash that was checked, and only while this session lives: a reset link
         # used meanwhile (it ends every session) wins, and this change is refused, not applied
         changed = await conn.fetchval(
@@ -247,8 +251,6 @@ async def change_password(pool: asyncpg.Pool, viewer: sessions.Viewer, current: 
         if changed is None:
             raise Refusal("wrong_password")
         await sessions.end_others(conn, viewer)
-        await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
-                           " AND used_at IS NULL", viewer.account_id)
 
 
 async def promote(conn: asyncpg.Connection, email: str, actor: str = "cli") -> int | None:
