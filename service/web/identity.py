@@ -189,6 +189,12 @@ async def verify(pool: asyncpg.Pool, token: str) -> int | None:
         return account_id
 
 
+async def _spend_reset_links(conn: asyncpg.Connection, account_id: int) -> None:
+    """The account's unused reset links stop working: its password was just set."""
+    await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
+                       " AND used_at IS NULL", account_id)
+
+
 async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> Account:
     """Set a new password through a reset link. The link proves the address, so it also
     verifies it; every other session of the account ends, and its failed logins are forgotten
@@ -209,8 +215,7 @@ async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> Accou
             "UPDATE accounts SET password_hash = $2, email_verified_at = coalesce(email_verified_at, now())"
             " WHERE id = $1", account_id, hashed)
         await sessions.end_all(conn, account_id)
-        await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
-                           " AND used_at IS NULL", account_id)
+        await _spend_reset_links(conn, account_id)
         # the failed logins that locked the account are forgotten: the new password works at once
         await throttle.forget_account(conn, account_id)
         row = await conn.fetchrow("SELECT email, email_verified_at IS NOT NULL AS verified FROM accounts"
@@ -240,8 +245,7 @@ async def change_password(pool: asyncpg.Pool, viewer: sessions.Viewer, current: 
     async with pool.acquire() as conn, conn.transaction():
         # the reset links first: a reset takes its link, then the account, then the sessions, and
         # this takes them in that order too (the other way round the two deadlocked)
-        await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
-                           " AND used_at IS NULL", viewer.account_id)
+        await _spend_reset_links(conn, viewer.account_id)
         # only over the hash that was checked, and only while this session lives: a reset link
         # used meanwhile (it ends every session) wins, and this change is refused, not applied
         changed = await conn.fetchval(
