@@ -59,7 +59,9 @@ async def create_user(conn: asyncpg.Connection, email: str, plan: str) -> NewKey
 
 async def create_key(conn: asyncpg.Connection, email: str, name: str = "") -> NewKey:
     email = email.strip()
-    account_id = await conn.fetchval("SELECT id FROM accounts WHERE lower(email) = lower($1)", email)
+    # a closed account's placeholder address names it still: it gets no key
+    account_id = await conn.fetchval(
+        "SELECT id FROM accounts WHERE lower(email) = lower($1) AND closed_at IS NULL", email)
     if account_id is None:
         raise AccountError(f"no account with email {email!r}")
     return await _insert_key(conn, account_id, name)

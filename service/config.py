@@ -153,6 +153,9 @@ class Config(msgspec.Struct, kw_only=True, frozen=True):
     # sign-ups one client address (IPv6: its /64) may make per signup_window; 0: no limit
     signup_limit: Annotated[int, msgspec.Meta(ge=0)] = 10
     signup_window: Seconds = 3600.0
+    # an account made by the sign-up whose address nobody confirmed in this many days, holding
+    # nothing (no usage, payment, admin rights or audit), is deleted; 0: never. Only with mail on.
+    unverified_days: Annotated[int, msgspec.Meta(ge=0, le=36_500)] = 7
     # signs CSRF tokens; empty: one made once and kept in the database (shared by all processes)
     secret_key: str = ""
     # HTTP limits (service/http_limits.py), far above what any coding tool sends: Claude Code's
@@ -247,6 +250,7 @@ def _describe(field: str) -> str:
         "responses_websockets": "true or false",
         "max_websockets": "a non-negative integer",
         "signup_limit": "a non-negative integer",
+        "unverified_days": "a whole number of days from 0 to 36500 (0: never)",
         "upstream_prices": "three numbers from 0 to 100000, input,cached,output USD per million tokens",
         "upstream_attempts": "an integer from 1 to 10",
         "workers": "an integer from 1 to 64",

@@ -27,6 +27,9 @@ class UserSummary(msgspec.Struct):
     suspended: bool
     is_admin: bool
     created_at: dt.datetime
+    # closed by its owner (the web's Account page): its row stays for the ledger, invoices and the
+    # audit; its address is a placeholder (closed-<id>@closed.invalid), its keys revoked
+    closed: bool = False
 
 
 class KeyView(msgspec.Struct):
@@ -70,7 +73,7 @@ class Granted(msgspec.Struct):
 
 
 _USER_SQL = """
-SELECT a.id, a.email, a.is_admin, a.suspended_at, a.created_at, s.id AS subscription_id,
+SELECT a.id, a.email, a.is_admin, a.suspended_at, a.created_at, a.closed_at, s.id AS subscription_id,
        s.plan_id, s.status
   FROM accounts a
   LEFT JOIN subscriptions s ON s.account_id = a.id AND s.status <> 'canceled'
@@ -80,7 +83,7 @@ SELECT a.id, a.email, a.is_admin, a.suspended_at, a.created_at, s.id AS subscrip
 def _summary(row: asyncpg.Record) -> UserSummary:
     return UserSummary(id=row["id"], email=row["email"], plan=row["plan_id"], status=row["status"],
                        suspended=row["suspended_at"] is not None, is_admin=row["is_admin"],
-                       created_at=row["created_at"])
+                       created_at=row["created_at"], closed=row["closed_at"] is not None)
 
 
 async def _one(conn, account_id: int) -> asyncpg.Record:
@@ -156,6 +159,9 @@ async def change_user(request: Request, account_id: AccountId,
         # both inserting one (subscriptions_one_live)
         await conn.execute("SELECT 1 FROM accounts WHERE id = $1 FOR NO KEY UPDATE", account_id)
         before = await _one(conn, account_id)
+        if data.plan is not None and before["closed_at"] is not None:
+            # its keys are revoked and nobody signs in to it: a plan would be paid for by nobody
+            raise HTTPException(status_code=409, detail=f"account {account_id} is closed")
         if data.plan is not None:
             plan = await conn.fetchrow("SELECT id, retired_at FROM plans WHERE id = $1", data.plan)
             if plan is None:

@@ -188,7 +188,10 @@ class Web:
     async def _keep_tidy(self, pool: asyncpg.Pool) -> None:
         while True:
             try:
-                await identity.housekeeping(pool, self.config.signup_window)
+                # unconfirmed accounts expire only where an address can be confirmed: without
+                # mail nobody's is, and none is required
+                await identity.housekeeping(pool, self.config.signup_window,
+                                            self.config.unverified_days if self.mailer.enabled else 0)
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("web housekeeping failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(HOUSEKEEPING_SECONDS)

@@ -104,6 +104,44 @@ ZH: dict[str, str] = {
     "API keys are not affected: revoke them on the Keys page.": "API 密钥不受影响：请在“密钥”页面吊销。",
     "Your password is changed. Every other browser is signed out.": "密码已修改，其他浏览器上的登录均已退出。",
     "Every other browser is signed out.": "其他浏览器上的登录均已退出。",
+    # account: a new address, closing
+    "Change your email address": "更改邮箱地址",
+    "New email address": "新邮箱地址",
+    "We mail a link to the new address; the address changes once it is confirmed there. The old address is told.":
+        "我们会向新地址发送一个链接；在那里确认后，地址才会更改。旧地址会收到通知。",
+    "Send the confirmation link": "发送确认链接",
+    "We sent a link to the new address. Your address changes once you open it and confirm.":
+        "我们已向新地址发送了一个链接。打开并确认后，你的地址才会更改。",
+    "Your address is changed and confirmed.": "你的邮箱地址已更改并确认。",
+    "That is this account's address already.": "这已经是此账户的邮箱地址。",
+    "Another account uses this address already.": "另一个账户已在使用此地址。",
+    "This address belongs to another account now: it was taken after the link was sent. Your address is unchanged.":
+        "此地址现在属于另一个账户：它在链接发出后被占用了。你的邮箱地址没有更改。",
+    "Confirm your new address": "确认新邮箱地址",
+    "Make {email} the address of your Codeplan account.": "将 {email} 设为你的 Codeplan 账户邮箱。",
+    "Confirm the new address": "确认新地址",
+    "If you did not ask for this, close this page: nothing changes without this button.":
+        "如果这不是你本人的操作，请关闭此页面：不点击此按钮就不会有任何更改。",
+    "Someone asked to make {email} the address of a Codeplan account. Open the link and confirm to do so; it is valid for 48 hours. If it was not you, ignore this mail: nothing changes.":
+        "有人请求将 {email} 设为某个 Codeplan 账户的邮箱。打开链接并确认即可完成更改，48 小时内有效。如果不是你本人，请忽略此邮件：不会有任何更改。",
+    "Your address is being changed": "你的邮箱地址正在更改",
+    "Your Codeplan account's address is being changed to {email}: it changes once a link mailed there is confirmed. If this wasn't you, change your password now and sign out every other browser, on the Account page:":
+        "你的 Codeplan 账户邮箱正在更改为 {email}：发往该地址的链接被确认后即生效。如果这不是你本人的操作，请立即在“账户”页面修改密码并退出其他浏览器上的登录：",
+    "Close your account": "关闭账户",
+    "Closing is final: every API key stops working, every browser is signed out, a plan given by the operator ends, and the address is free for a new account. Usage and invoices are kept.":
+        "关闭后无法恢复：所有 API 密钥停止工作，所有浏览器退出登录，管理员分配的套餐结束，邮箱地址可用于注册新账户。用量和发票记录会保留。",
+    "A plan paid through Stripe is canceled in the billing portal first (Plans & billing).":
+        "通过 Stripe 付费的套餐需要先在账单门户中取消（套餐与账单）。",
+    "Type your email address to confirm": "输入你的邮箱地址以确认",
+    "Close the account": "关闭此账户",
+    "Type this account's email address to confirm.": "请输入此账户的邮箱地址以确认。",
+    "This account's plan is paid through Stripe: cancel it in the billing portal first (Plans & billing), then close the account.":
+        "此账户的套餐通过 Stripe 付费：请先在账单门户中取消（套餐与账单），再关闭账户。",
+    "Your account is closed": "你的账户已关闭",
+    "You are signed out. The account's API keys no longer work, and its address is free for a new account.":
+        "你已退出登录。此账户的 API 密钥已失效，其邮箱地址可用于注册新账户。",
+    "Your Codeplan account ({email}) is closed: its API keys no longer work, every browser is signed out, and the address is free for a new account. If this wasn't you, write to the operator of this service.":
+        "你的 Codeplan 账户（{email}）已关闭：其 API 密钥已失效，所有浏览器均已退出登录，该邮箱地址可用于注册新账户。如果这不是你本人的操作，请联系本服务的管理员。",
     "Enter your account's email. If it exists, we send a link to set a new password.":
         "输入账户的邮箱。如果账户存在，我们会发送一个设置新密码的链接。",
     "Send the link": "发送链接",

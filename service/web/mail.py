@@ -1,4 +1,5 @@
-"""Mail for address verification and password resets, over SMTP (`CODEPLAN_SMTP_URL`).
+"""Mail for address verification, password resets, a new address and its notices, over SMTP
+(`CODEPLAN_SMTP_URL`).
 
 Without SMTP nothing is sent: the link goes to the JSON log for the operator, and the page
 tells the user so. The standard library's smtplib runs in a thread: a mail is a handful of
@@ -33,7 +34,7 @@ class Letter(msgspec.Struct, frozen=True):
     to: str
     subject: str
     body: str
-    link: str  # the one action the mail carries, also what the log shows without SMTP
+    link: str  # the one action the mail carries, also what the log shows without SMTP; "" for a notice
 
 
 class SmtpTarget(msgspec.Struct, frozen=True):
@@ -80,8 +81,12 @@ class Mailer:
 
     async def send(self, letter: Letter) -> None:
         if self._target is None:
-            log.warning("mail not sent: CODEPLAN_SMTP_URL is not set; the link is here",
-                        extra={"to": letter.to, "subject": letter.subject, "link": letter.link})
+            if letter.link:
+                log.warning("mail not sent: CODEPLAN_SMTP_URL is not set; the link is here",
+                            extra={"to": letter.to, "subject": letter.subject, "link": letter.link})
+            else:  # a notice (an address being changed, an account closed): nothing to act on
+                log.info("mail not sent: CODEPLAN_SMTP_URL is not set", extra={"to": letter.to,
+                                                                                "subject": letter.subject})
             return
         if self._in_flight >= self._max_in_flight:
             # the server is not keeping up: waiting longer would only hold the sender's request

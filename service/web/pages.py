@@ -184,6 +184,16 @@ class PasswordChange(msgspec.Struct):
     password: str = ""
 
 
+class EmailChangeForm(msgspec.Struct):
+    email: str = ""
+    password: str = ""  # the current one
+
+
+class CloseForm(msgspec.Struct):
+    password: str = ""
+    confirm: str = ""  # the account's address, typed
+
+
 class KeyForm(msgspec.Struct):
     name: str = ""
     then: str = "keys"
@@ -213,7 +223,18 @@ _REFUSALS = {
     "bad_credentials": "Wrong email or password.",
     "bad_link": "This link is not valid any more. Ask for a new one.",
     "wrong_password": "The current password is wrong.",
+    "same_email": "That is this account's address already.",
+    "email_taken": "Another account uses this address already.",
+    "email_taken_since": "This address belongs to another account now: it was taken after the link was sent. "
+                         "Your address is unchanged.",
+    "mail_limit": "Too many mails were sent in the last hour. Try again later.",
+    "confirm_mismatch": "Type this account's email address to confirm.",
+    "stripe_live": "This account's plan is paid through Stripe: cancel it in the billing portal first "
+                   "(Plans & billing), then close the account.",
 }
+# the status a refusal answers with, when not 400
+_REFUSAL_STATUS = {"throttled": 429, "signup_throttled": 429, "mail_limit": 429, "stripe_live": 409,
+                   "email_taken_since": 409}
 
 
 def _refusal_text(request: Request, refusal: identity.Refusal) -> str:
@@ -258,6 +279,35 @@ async def _send_link(pool: asyncpg.Pool, web: "Web", lang: str, account: identit
             log.warning("unsent link not taken back", extra={"account": account.id, "error": type(exc).__name__})
         return "mail_failed"
     return None
+
+
+def _change_letter(_: Any, base: str, change: identity.EmailChange) -> Letter:
+    """The link that confirms a new address, mailed to that address."""
+    link = f"{base}/email/confirm?token={change.token}"
+    text = _("Someone asked to make {email} the address of a Codeplan account. Open the link and confirm to do so; it is valid for 48 hours. If it was not you, ignore this mail: nothing changes.")
+    return Letter(to=change.new_email, subject=_("Confirm your new address") + " · Codeplan",
+                  body=f"{text.format(email=change.new_email)}\n\n{link}\n", link=link)
+
+
+def _changing_letter(_: Any, base: str, change: identity.EmailChange) -> Letter:
+    """The notice to the old address: no link that acts, only where to change the password."""
+    text = _("Your Codeplan account's address is being changed to {email}: it changes once a link mailed there is confirmed. If this wasn't you, change your password now and sign out every other browser, on the Account page:")
+    return Letter(to=change.old_email, subject=_("Your address is being changed") + " · Codeplan",
+                  body=f"{text.format(email=change.new_email)}\n\n{base}/account\n", link="")
+
+
+def _closed_letter(_: Any, closed: identity.Closed) -> Letter:
+    text = _("Your Codeplan account ({email}) is closed: its API keys no longer work, every browser is signed out, and the address is free for a new account. If this wasn't you, write to the operator of this service.")
+    return Letter(to=closed.email, subject=_("Your account is closed") + " · Codeplan",
+                  body=f"{text.format(email=closed.email)}\n", link="")
+
+
+async def _notify(web: "Web", letter: Letter, account_id: int) -> None:
+    """A notice (no link): sent after the page's answer; a failure is logged, nothing else."""
+    try:
+        await web.mailer.send(letter)
+    except MailError:
+        log.warning("notice mail not sent", extra={"account": account_id})
 
 
 async def _mail_link(request: Request, account: identity.Account, purpose: str) -> str | None:
@@ -455,6 +505,88 @@ async def change_password(request: Request) -> Template | Redirect:
     return Redirect("/account?notice=password_changed", status_code=303)
 
 
+async def _refused(request: Request, viewer: sessions.Viewer, refusal: identity.Refusal, **context: Any) -> Template:
+    return await _account(request, viewer, status=_REFUSAL_STATUS.get(refusal.code, 400),
+                          error=_refusal_text(request, refusal),
+                          headers={"retry-after": str(refusal.retry_after)} if refusal.retry_after else None,
+                          **context)
+
+
+@post("/account/email", status_code=200)
+async def change_email(request: Request) -> Template | Redirect:
+    """Ask to move the account to a new address: a link to it, a notice to the old one. Nothing
+    changes until the link is confirmed (confirm_email_change_page, confirm_email_change)."""
+    viewer = await require(request, verified=False)
+    form = await form_of(request, EmailChangeForm)
+    web = _web(request)
+    try:
+        change = await identity.change_email(
+            _pool(request), viewer, form.email, form.password, _address(request),
+            identity.SignupLimit(_address(request), web.config.signup_limit, web.config.signup_window))
+    except identity.Refusal as refusal:
+        return await _refused(request, viewer, refusal, email_typed=form.email.strip()[:320])
+    _ = i18n.translator(language(request))
+    # never the request's Host header: the configured base URL, as for every mailed link
+    try:
+        await web.mailer.send(_change_letter(_, web.config.base_url, change))
+    except MailError:
+        # nobody received it: it does not count against the hour's mails, and nothing is announced
+        try:
+            await identity.withdraw_link(_pool(request), change.token)
+        except (OSError, asyncpg.PostgresError) as exc:
+            log.warning("unsent link not taken back", extra={"account": viewer.account_id,
+                                                              "error": type(exc).__name__})
+        return Redirect("/account?notice=mail_failed", status_code=303)
+    web.in_background(_notify(web, _changing_letter(_, web.config.base_url, change), viewer.account_id),
+                      "address change notice")
+    log.info("address change asked on the web", extra={"account": viewer.account_id})
+    return Redirect(f"/account?notice={'email_link_sent' if web.mailer.enabled else 'email_link_logged'}",
+                    status_code=303)
+
+
+@get("/email/confirm")
+async def confirm_email_change_page(request: Request, token: FromQuery[str] = "") -> Template:
+    """The mailed link's page: a button that confirms (a POST). Opening the link changes nothing,
+    so a mail scanner or a link preview that fetches it moves no account."""
+    email = await identity.email_change_target(_pool(request), token)
+    if email is None:
+        return render(request, "message.html", viewer=await viewer_of(request), status=400,
+                      title="Confirm your new address", error=_refusal_text(request, identity.Refusal("bad_link")))
+    return render(request, "email_confirm.html", viewer=await viewer_of(request), token=token, email=email)
+
+
+@post("/email/confirm", status_code=200)
+async def confirm_email_change(request: Request) -> Template | Redirect:
+    form = await form_of(request, TokenForm)
+    try:
+        account_id = await identity.confirm_email_change(_pool(request), form.token)
+    except identity.Refusal as refusal:
+        return render(request, "message.html", viewer=await viewer_of(request),
+                      status=_REFUSAL_STATUS.get(refusal.code, 400), title="Confirm your new address",
+                      error=_refusal_text(request, refusal))
+    log.info("address changed on the web", extra={"account": account_id})
+    viewer = await viewer_of(request)
+    if viewer is None or viewer.account_id != account_id:
+        return Redirect("/login?next=/account&notice=email_changed", status_code=303)
+    return Redirect("/account?notice=email_changed", status_code=303)
+
+
+@post("/account/close", status_code=200)
+async def close_account(request: Request) -> Template:
+    """Close the account for good (identity.close_account); this browser is signed out and told so."""
+    viewer = await require(request, verified=False)
+    form = await form_of(request, CloseForm)
+    try:
+        closed = await identity.close_account(_pool(request), viewer, form.password, form.confirm, _address(request))
+    except identity.Refusal as refusal:
+        return await _refused(request, viewer, refusal)
+    log.info("account closed on the web", extra={"account": closed.account_id})
+    web = _web(request)
+    web.in_background(_notify(web, _closed_letter(i18n.translator(language(request)), closed), closed.account_id),
+                      "closed account notice")
+    return render(request, "closed.html", viewer=None, cookies=[sessions.cleared(secure=_secure(request))])
+
+
 @post("/account/sessions/end", status_code=200)
 async def end_other_sessions(request: Request) -> Redirect:
     viewer = await require(request, verified=False)
@@ -641,6 +773,7 @@ async def billing_topup(request: Request) -> Redirect:
 # `home` shares the path "/" with the bridge's HEAD probe, so it is registered on the app itself:
 # Litestar cannot merge one path from two routers
 routes = [signup_page, signup, login_page, login, logout, welcome, resend, verify_page, verify, forgot_page,
-          forgot, reset_page, reset, account_page, change_password, end_other_sessions, switch_language,
+          forgot, reset_page, reset, account_page, change_password, end_other_sessions, change_email,
+          confirm_email_change_page, confirm_email_change, close_account, switch_language,
           dashboard_page, dashboard_activity, keys_page, create_key, revoke_key,
           setup_page, statusline_script, billing_page, billing_checkout, billing_portal, billing_topup]

@@ -2,6 +2,7 @@
 
 The cookie is HttpOnly, SameSite=Lax, and Secure when the public URL is https. A stolen
 database gives no usable cookie; logging out, or resetting the password, ends sessions at once.
+A closed account has no session: none is made for it, and none is found for it.
 """
 from __future__ import annotations
 
@@ -39,16 +40,20 @@ async def create(pool: asyncpg.Pool, account_id: int, proven_by: str | None) -> 
     password would outlive it. The share lock waits for such a change to commit and then sees
     its hash. None for `proven_by`: no password was proven (an operator's tools, tests)."""
     token = secrets.token_urlsafe(32)
+    # never for a closed account (identity.close_account): it ends every session and the
+    # password with it, and the share lock waits for a close in flight too
     if proven_by is None:
-        await pool.execute(
+        made = await pool.fetchval(
             "INSERT INTO web_sessions (token_hash, account_id, expires_at)"
-            " VALUES ($1, $2, now() + make_interval(days => $3))",
+            " SELECT $1, a.id, now() + make_interval(days => $3) FROM"
+            " (SELECT id FROM accounts WHERE id = $2 AND closed_at IS NULL FOR SHARE) AS a RETURNING 1",
             token_hash(token), account_id, IDLE_DAYS)
-        return token
+        return token if made else None
     made = await pool.fetchval(
         "INSERT INTO web_sessions (token_hash, account_id, expires_at)"
         " SELECT $1, a.id, now() + make_interval(days => $3) FROM"
-        " (SELECT id FROM accounts WHERE id = $2 AND password_hash = $4 FOR SHARE) AS a RETURNING 1",
+        " (SELECT id FROM accounts WHERE id = $2 AND password_hash = $4 AND closed_at IS NULL FOR SHARE) AS a"
+        " RETURNING 1",
         token_hash(token), account_id, IDLE_DAYS, proven_by)
     return token if made else None
 
@@ -60,6 +65,7 @@ SELECT s.account_id, a.email, a.email_verified_at IS NOT NULL AS verified, a.is_
   FROM web_sessions s JOIN accounts a ON a.id = s.account_id
  WHERE s.token_hash = $1 AND s.expires_at > now()
    AND s.created_at > now() - make_interval(days => $3)
+   AND a.closed_at IS NULL
 """
 
 
