@@ -20,9 +20,9 @@ class Problem(msgspec.Struct, omit_defaults=True):
     code: str | None = None
 
 
-def problem(status: int, title: str, detail: str | None = None) -> Response:
+def problem(status: int, title: str, detail: str | None = None, code: str | None = None) -> Response:
     return Response(msgspec.json.encode(Problem(type="about:blank", title=title, status=status,
-                                                 detail=detail)),
+                                                 detail=detail, code=code)),
                     status_code=status, media_type=MEDIA_TYPE)
 
 

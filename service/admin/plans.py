@@ -1,8 +1,8 @@
 """Plans: list, create, change allowances, prices, models and credit coefficients, retire.
 
 A plan's allowances are in credits per 5-hour window and per week (migrations/0030); a change
-reaches its subscriptions' open windows at once (`plan_apply_allowances`, under the ledger's
-lock order)."""
+reaches its subscriptions' open windows, and their live sockets, at once (`plan_apply_allowances`,
+under the ledger's lock order; migrations/0056)."""
 from __future__ import annotations
 
 from typing import Annotated
@@ -130,6 +130,9 @@ async def change_plan(request: Request, plan_id: FromPath[str],
     if data.models is not None:
         _check_models(data.models)
     async with request.app.state.pool.acquire() as conn, conn.transaction():
+        # the plan's row first (the lock its UPDATE takes, a statement earlier): the allowances
+        # read are the ones this change replaces, whatever another change does meanwhile
+        await conn.execute("SELECT 1 FROM plans WHERE id = $1 FOR NO KEY UPDATE", plan_id)
         before = await _one(conn, plan_id)
         await conn.execute(
             "UPDATE plans SET name = coalesce($2, name), window_tokens = coalesce($3, window_tokens),"
@@ -138,7 +141,10 @@ async def change_plan(request: Request, plan_id: FromPath[str],
             " max_concurrent = CASE WHEN $8 THEN NULL ELSE coalesce($7, max_concurrent) END WHERE id = $1",
             plan_id, data.name, data.window_credits, data.weekly_credits, data.monthly_price_cents,
             data.models, data.max_concurrent, data.unlimited_concurrency)
-        if data.window_credits is not None or data.weekly_credits is not None:
+        # only an allowance that changes reaches the windows: plan_apply_allowances tells the live
+        # feed of every subscription whose figures it moves, and with nothing changed none moved
+        if data.window_credits not in (None, before["window_tokens"]) \
+                or data.weekly_credits not in (None, before["weekly_tokens"]):
             await conn.execute("SELECT plan_apply_allowances($1)", plan_id)
         after = await _one(conn, plan_id)
         await audit.record(conn, request.state.actor, "plan.change", f"plan:{plan_id}",
