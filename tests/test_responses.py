@@ -176,7 +176,7 @@ CODEX_BODY = {
 def test_codex_request_becomes_one_glm_request():
     sent = glm_request(CODEX_BODY)
     roles = [m["role"] for m in sent["messages"]]
-    assert roles == ["system", "user", "user", "assistant", "tool", "tool", "assistant", "tool",
+    assert roles == ["system", "user", "user", "assistant", "tool", "tool", "user", "assistant", "tool",
                      "assistant", "tool"]
     assert sent["messages"][0] == {"role": "system", "content": "You are Codex."}
     image_turn = sent["messages"][2]["content"]
@@ -188,15 +188,20 @@ def test_codex_request_becomes_one_glm_request():
     assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in turn["tool_calls"]] == [
         ("c1", "exec_command", "{\"cmd\":\"cat a\"}"), ("c2", "agents__spawn", "{}")]
     assert sent["messages"][4] == {"role": "tool", "content": "a = 1", "tool_call_id": "c1"}
-    assert sent["messages"][5] == {"role": "tool", "content": "spawned", "tool_call_id": "c2"}
+    # a tool's image: marked in its text, shown in a user message after the turn's tool messages
+    assert sent["messages"][5] == {"role": "tool", "content": "spawned\n[image: shown in the message after "
+                                   "the tool results]", "tool_call_id": "c2"}
+    assert sent["messages"][6] == {"role": "user", "content": [
+        {"type": "text", "text": "The image output by tool call c2:"},
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}
     # someone else's encrypted reasoning is dropped; a custom call carries its text as `input`
-    custom = sent["messages"][6]
+    custom = sent["messages"][7]
     assert custom["content"] is None and "reasoning_content" not in custom
     assert json.loads(custom["tool_calls"][0]["function"]["arguments"]) == {"input": "*** Begin Patch\n*** End Patch"}
-    shell = sent["messages"][8]["tool_calls"][0]
+    shell = sent["messages"][9]["tool_calls"][0]
     assert (shell["id"], shell["function"]["name"]) == ("c4", "local_shell")
     assert json.loads(shell["function"]["arguments"]) == {"command": ["ls", "-a"], "timeout_ms": 1000}
-    assert sent["messages"][9] == {"role": "tool", "content": "a\nb", "tool_call_id": "c4"}
+    assert sent["messages"][10] == {"role": "tool", "content": "a\nb", "tool_call_id": "c4"}
     # tools: hosted ones dropped, the rest as GLM functions
     tools = {t["function"]["name"]: t["function"] for t in sent["tools"]}
     assert list(tools) == ["exec_command", "agents__spawn", "apply_patch", "local_shell"]

@@ -1,8 +1,9 @@
 """OpenAI Chat Completions <-> GLM chat completions, sans I/O.
 
 `parse_request` reads what Kilo Code, Cline, Roo Code, OpenCode and the openai SDK send, and
-`to_upstream` adapts it to what GLM-4.6 accepts: a named `tool_choice` offers that tool alone, a
-`json_schema` response format is asked as json_object with the schema told in a system message.
+`to_upstream` adapts it to what GLM-4.6 accepts: a named `tool_choice` offers that tool alone, an
+`allowed_tools` one the tools it lists, a `json_schema` response format is asked as json_object
+with the schema told in a system message.
 What a client asks of the answer that GLM cannot give (n > 1, log probabilities, audio out) is a
 400 naming the field, never an answer without it. `ChatStream` takes GLM chunks and gives the
 bytes of an OpenAI stream the tools parse correctly (docs/clients.md §9).
@@ -77,12 +78,25 @@ class ClientNamed(Struct):
     name: str
 
 
+class ClientNamedTool(Struct):
+    """A tool of an allowed_tools list: `{"type": "function", "function": {"name": ...}}`."""
+    type: str = "function"
+    function: ClientNamed | None = None
+    custom: ClientNamed | None = None
+
+
+class ClientAllowedTools(Struct):
+    mode: str | None = None  # auto | required
+    tools: list[ClientNamedTool] | None = None
+
+
 class ClientToolChoice(Struct):
-    """`{"type": "function", "function": {"name": ...}}`; other kinds (allowed_tools) are read
-    as auto."""
+    """`{"type": "function", "function": {"name": ...}}`, or `{"type": "allowed_tools",
+    "allowed_tools": {"mode": ..., "tools": [...]}}`; other kinds are read as auto."""
     type: str
     function: ClientNamed | None = None
     custom: ClientNamed | None = None
+    allowed_tools: ClientAllowedTools | None = None
 
 
 class ClientJsonSchema(Struct):
@@ -146,11 +160,8 @@ def parse_request(body: bytes) -> ClientChatRequest:
     choice = request.tool_choice
     if isinstance(choice, str) and choice not in _TOOL_CHOICES:
         raise _refuse("`tool_choice` must be none, auto, required or a function choice.", "tool_choice")
-    named = named_tool(request)
-    if named is not None and named not in {t.function.name for t in request.tools or ()
-                                           if isinstance(t.function, ClientFunction)}:
-        raise _refuse(f"`tool_choice` names the tool {named!r}, which is not among the request's `tools`.",
-                      "tool_choice")
+    if isinstance(choice, ClientToolChoice):
+        _check_offered(request)
     fmt = request.response_format
     if fmt is not None and fmt.type not in _RESPONSE_FORMATS:
         raise _refuse(f"`response_format.type` {fmt.type!r} is not served: text, json_object or json_schema.",
@@ -192,6 +203,61 @@ def named_tool(request: ClientChatRequest) -> str | None:
             raise _refuse("A custom `tool_choice` needs `custom.name`.", "tool_choice.custom")
         return choice.custom.name
     return None
+
+
+_ALLOWED_MODES = {"auto", "required"}
+
+
+def allowed_tools(request: ClientChatRequest) -> list[str] | None:
+    """The tools an `allowed_tools` choice lets the model call, by name; None for any other
+    choice. Its mode is served as the plain choice of that name is (`required`: GLM's choice is
+    auto alone, glm.prepare); an empty list or a tool without its name is a request fault."""
+    choice = request.tool_choice
+    if not isinstance(choice, ClientToolChoice) or choice.type != "allowed_tools":
+        return None
+    allowed = choice.allowed_tools
+    if allowed is None:
+        raise _refuse("An allowed_tools `tool_choice` needs `allowed_tools`: its `mode` and `tools`.",
+                      "tool_choice.allowed_tools")
+    if allowed.mode not in _ALLOWED_MODES:
+        raise _refuse(f"`tool_choice.allowed_tools.mode` must be auto or required, not {allowed.mode!r}.",
+                      "tool_choice.allowed_tools.mode")
+    if not allowed.tools:
+        raise _refuse("`tool_choice.allowed_tools.tools` must list at least one tool.",
+                      "tool_choice.allowed_tools.tools")
+    names: list[str] = []
+    for i, tool in enumerate(allowed.tools):
+        named = tool.custom if tool.type == "custom" else tool.function
+        if named is None:
+            raise _refuse(f"`tool_choice.allowed_tools.tools[{i}]` needs its tool's name "
+                          f"(`{'custom' if tool.type == 'custom' else 'function'}.name`).",
+                          f"tool_choice.allowed_tools.tools[{i}]")
+        names.append(named.name)
+    return names
+
+
+def offered(request: ClientChatRequest) -> frozenset[str] | None:
+    """The names of the tools a `tool_choice` object limits the model to (a named tool, an
+    allowed_tools list); None: every tool of the request."""
+    named = named_tool(request)
+    if named is not None:
+        return frozenset((named,))
+    allowed = allowed_tools(request)
+    return frozenset(allowed) if allowed is not None else None
+
+
+def _check_offered(request: ClientChatRequest) -> None:
+    """A tool_choice object naming a tool the request does not define is a 400 naming it: the
+    client would believe the model had a tool it never had."""
+    defined = {t.function.name for t in request.tools or () if isinstance(t.function, ClientFunction)}
+    named = named_tool(request)
+    if named is not None and named not in defined:
+        raise _refuse(f"`tool_choice` names the tool {named!r}, which is not among the request's `tools`.",
+                      "tool_choice")
+    for i, name in enumerate(allowed_tools(request) or ()):
+        if name not in defined:
+            raise _refuse(f"`tool_choice.allowed_tools` allows the tool {name!r}, which is not among the "
+                          "request's `tools`.", f"tool_choice.allowed_tools.tools[{i}]")
 
 
 def _thinking(request: ClientChatRequest) -> wire.Thinking | UnsetType:
@@ -265,16 +331,16 @@ def to_upstream(request: ClientChatRequest) -> wire.ChatRequest:
         model=request.model, messages=[_message(m, i) for i, m in enumerate(request.messages)],
         stream=bool(request.stream), thinking=_thinking(request))
     if request.tools and request.tool_choice != "none":
-        # a named tool is the only one offered: GLM's tool_choice is auto alone (glm.prepare),
-        # so the model may still answer in text, but calls no other tool
-        named = named_tool(request)
+        # a named tool, or an allowed_tools list, is all that is offered: GLM's tool_choice is
+        # auto alone (glm.prepare), so the model may still answer in text, but calls no other tool
+        limited = offered(request) if isinstance(request.tool_choice, ClientToolChoice) else None
         upstream.tools = [
             wire.Tool(type="function", function=wire.FunctionDef(
                 name=t.function.name,
                 description=t.function.description if isinstance(t.function.description, str) else UNSET,
                 parameters=t.function.parameters))  # absent: the empty schema (wire.FunctionDef)
             for t in request.tools
-            if isinstance(t.function, ClientFunction) and (named is None or t.function.name == named)]
+            if isinstance(t.function, ClientFunction) and (limited is None or t.function.name in limited)]
     if request.temperature is not None:
         upstream.temperature = request.temperature
     if request.top_p is not None:

@@ -11,8 +11,11 @@ into a `custom_tool_call` carrying that string. Fields GLM has no use for (`stor
 `web_search`, future fields) are accepted and dropped, never a 400. What names an object stored
 at OpenAI (`conversation`, `prompt`, and over HTTP `previous_response_id`) is refused: answered
 without it, the model would miss what the client meant it to have. A file (`input_file`, an
-image given by file id) leaves a note where it was. A named `tool_choice` offers that tool
-alone; a `json_schema` text format is asked as json_object with the schema in a system message.
+image given by file id) leaves a note where it was. A tool's output may hold images (Codex's
+`view_image`): a tool message takes none, so they are shown in a user message right after the
+turn's tool messages, each captioned with its call. A named `tool_choice` offers that tool
+alone, an `allowed_tools` one the tools it lists; a `json_schema` text format is asked as
+json_object with the schema in a system message.
 
 `ResponsesStream` turns the normaliser's clean events into the event stream Codex parses
 (docs: clients.md §6.5): `response.created` and `response.in_progress` at once, every output
@@ -147,14 +150,22 @@ def _unreadable(part: Part) -> str | None:
     return None
 
 
+def _image(part: Part) -> wire.ContentPart | None:
+    """An input_image the model can be shown, as the part GLM reads an image in; None for any
+    other part, or an image given only by its Files API id. A user's images and a tool's go
+    through here alike: what one model is shown, the other is."""
+    url = _image_url(part) if part.type == "input_image" else None
+    return wire.ContentPart(type="image_url", image_url=wire.ImageUrl(url=url)) if url else None
+
+
 def _user_content(parts: str | list[Part] | None) -> str | list[wire.ContentPart]:
     if not isinstance(parts, list):
         return parts or ""
     out: list[wire.ContentPart] = []
     for part in parts:
-        url = _image_url(part) if part.type == "input_image" else None
-        if url:
-            out.append(wire.ContentPart(type="image_url", image_url=wire.ImageUrl(url=url)))
+        image = _image(part)
+        if image is not None:
+            out.append(image)
         elif part.type in ("input_image", "input_file"):
             out.append(wire.ContentPart(type="text", text=_unreadable(part)))
         elif part.text:
@@ -163,6 +174,37 @@ def _user_content(parts: str | list[Part] | None) -> str | list[wire.ContentPart
     if all(p.type == "text" for p in out):
         return "\n".join(p.text for p in out if isinstance(p.text, str))
     return out
+
+
+_TEXT_PARTS = ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text")
+# where a tool's image was in its text (a tool message takes no image: it follows the turn's
+# tool messages in a user message), so the text reads as the tool wrote it
+_IMAGE_MARK = "[image: shown in the message after the tool results]"
+
+
+def _tool_output(output: str | list[Part] | None, call_id: str, shown: list[wire.ContentPart]) -> str:
+    """A tool's output as its tool message's text. GLM reads images in user turns alone: each
+    image the output holds is added to `shown`, after a caption naming the call, for the user
+    message that follows the turn's tool messages (dropped, the model would answer as if the
+    tool had shown nothing). A file, or an image given only by its id, leaves its note."""
+    if not isinstance(output, list):
+        return output or ""
+    texts: list[str] = []
+    images: list[wire.ContentPart] = []
+    for part in output:
+        image = _image(part)
+        if image is not None:
+            images.append(image)
+            texts.append(_IMAGE_MARK)
+        elif part.type in ("input_image", "input_file"):
+            texts.append(_unreadable(part) or "")
+        elif part.type in _TEXT_PARTS and (part.text or part.refusal):
+            texts.append(part.text if part.text is not None else part.refusal or "")
+    if images:
+        said = "The image" if len(images) == 1 else f"The {len(images)} images"
+        shown.append(wire.ContentPart(type="text", text=f"{said} output by tool call {call_id}:"))
+        shown.extend(images)
+    return "\n".join(texts)
 
 
 def _reasoning_of(item: Item) -> str | None:
@@ -199,6 +241,10 @@ def _call_of(item: Item) -> wire.ToolCall | None:
                          function=wire.FunctionCall(name=name, arguments=arguments))
 
 
+_CALLS = ("function_call", "custom_tool_call", "local_shell_call")
+_OUTPUTS = ("function_call_output", "custom_tool_call_output", "local_shell_call_output")
+
+
 def to_messages(instructions: str | list[Item] | None, items: Iterable[Item]) -> list[wire.Message]:
     """The conversation as GLM turns. Consecutive calls (and the text before them) form one
     assistant turn; a reasoning item's text rides on the assistant turn that follows it."""
@@ -209,6 +255,9 @@ def to_messages(instructions: str | list[Item] | None, items: Iterable[Item]) ->
         items = [*instructions, *items]
     reasoning: str | None = None
     open_turn: wire.Message | None = None  # the assistant turn calls may still join
+    # the images of the tool outputs since the last turn: shown in a user message once the
+    # turn's tool messages end (a user message between them would break the call's answers)
+    shown: list[wire.ContentPart] = []
 
     def assistant(content: str | None) -> wire.Message:
         nonlocal reasoning
@@ -221,6 +270,9 @@ def to_messages(instructions: str | list[Item] | None, items: Iterable[Item]) ->
 
     for item in items:
         kind = item.type
+        if shown and (kind == "message" or kind in _CALLS):
+            out.append(wire.Message(role="user", content=shown))
+            shown = []
         if kind == "message":
             role = item.role or "user"
             if role == "assistant":
@@ -233,7 +285,7 @@ def to_messages(instructions: str | list[Item] | None, items: Iterable[Item]) ->
                 out.append(wire.Message(role="user", content=_user_content(item.content)))
         elif kind == "reasoning":
             reasoning = _reasoning_of(item) or reasoning
-        elif kind in ("function_call", "custom_tool_call", "local_shell_call"):
+        elif kind in _CALLS:
             call = _call_of(item)
             assert call is not None
             if open_turn is None or reasoning:
@@ -243,11 +295,14 @@ def to_messages(instructions: str | list[Item] | None, items: Iterable[Item]) ->
                 if open_turn.content == "":
                     open_turn.content = None
             open_turn.tool_calls.append(call)
-        elif kind in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
+        elif kind in _OUTPUTS:
             open_turn = None
-            out.append(wire.Message(role="tool", content=_text(item.output),
-                                    tool_call_id=item.call_id or item.id or ""))
+            call_id = item.call_id or item.id or ""
+            out.append(wire.Message(role="tool", content=_tool_output(item.output, call_id, shown),
+                                    tool_call_id=call_id))
         # item_reference, web_search_call, compaction items...: nothing GLM can use
+    if shown:
+        out.append(wire.Message(role="user", content=shown))
     return out
 
 
@@ -314,15 +369,26 @@ def to_tools(tools: list[Tool] | None) -> tuple[list[wire.Tool], ToolKinds]:
     return out, kinds
 
 
-class ToolChoice(Struct):
-    """A `tool_choice` object: a named function or custom tool; others (allowed_tools, hosted
-    tools, mcp) are read as auto."""
+class AllowedTool(Struct):
+    """A tool of an allowed_tools choice: `{"type": "function", "name": ...}`, a custom tool by
+    its name, `{"type": "local_shell"}`, a namespace by its name, a hosted tool by its type."""
     type: str
     name: str | None = None
+    namespace: str | None = None
+
+
+class ToolChoice(Struct):
+    """A `tool_choice` object: a named function or custom tool, or `allowed_tools` (a `mode` and
+    the `tools` the model may call); others (hosted tools, mcp) are read as auto."""
+    type: str
+    name: str | None = None
+    mode: str | None = None
+    tools: list[AllowedTool] | None = None
 
 
 _JSON_OBJECT = wire.ResponseFormat(type="json_object")
 _tool_choice_decoder = msgspec.json.Decoder(ToolChoice)
+_ALLOWED_MODES = ("auto", "required")
 
 
 def _tool_choice(raw: bytes) -> ToolChoice:
@@ -332,26 +398,70 @@ def _tool_choice(raw: bytes) -> ToolChoice:
         raise BridgeError(Kind.invalid_request, f"Invalid `tool_choice`: {exc}", param="tool_choice") from None
 
 
+def _named(tools: list[wire.Tool], kinds: ToolKinds, kind: str, name: str) -> list[wire.Tool]:
+    """The function (or custom tool) of this name among the tools; a namespaced function is
+    named by its own name or its flattened one."""
+    def named(flat: str) -> bool:
+        inner = kinds.namespaced.get(flat)
+        return flat == name or (inner is not None and inner[1] == name)
+
+    return [t for t in tools if isinstance(t.function, wire.FunctionDef) and named(t.function.name)
+            and (t.function.name in kinds.custom) == (kind == "custom")]
+
+
 def _chosen(tools: list[wire.Tool], kinds: ToolKinds, choice: ToolChoice) -> list[wire.Tool]:
-    """A named function or custom tool is the only one offered: GLM's tool_choice is auto alone
-    (glm.prepare), so the model may still answer in text, but calls no other tool. A namespaced
-    function is named by its own name or its flattened one."""
+    """A named function or custom tool is the only one offered, an allowed_tools choice's tools
+    the only ones: GLM's tool_choice is auto alone (glm.prepare), so the model may still answer
+    in text, but calls no other tool."""
+    if choice.type == "allowed_tools":
+        return _allowed(tools, kinds, choice)
     if choice.type not in ("function", "custom"):
         return tools
     if not choice.name:
         raise BridgeError(Kind.invalid_request, f"A {choice.type} `tool_choice` needs the tool's `name`.",
                           param="tool_choice.name")
-
-    def named(name: str) -> bool:
-        inner = kinds.namespaced.get(name)
-        return name == choice.name or (inner is not None and inner[1] == choice.name)
-
-    chosen = [t for t in tools if isinstance(t.function, wire.FunctionDef) and named(t.function.name)
-              and (t.function.name in kinds.custom) == (choice.type == "custom")]
+    chosen = _named(tools, kinds, choice.type, choice.name)
     if not chosen:
         raise BridgeError(Kind.invalid_request, f"`tool_choice` names the {choice.type} tool {choice.name!r}, "
                           "which is not among the request's `tools`.", param="tool_choice")
     return chosen
+
+
+def _allowed(tools: list[wire.Tool], kinds: ToolKinds, choice: ToolChoice) -> list[wire.Tool]:
+    """The tools of the request an allowed_tools choice lists, in the request's order. Its mode
+    is served as the plain choice of that name is (`required`: GLM's choice is auto alone); a
+    tool it lists that the request does not define is a 400 naming it. A hosted tool (web_search,
+    mcp...) is never offered to GLM (to_tools), so allowing one allows nothing GLM can call."""
+    if choice.mode not in _ALLOWED_MODES:
+        raise BridgeError(Kind.invalid_request, "An allowed_tools `tool_choice` needs `mode` auto or required, "
+                          f"not {choice.mode!r}.", param="tool_choice.mode")
+    if not choice.tools:
+        raise BridgeError(Kind.invalid_request, "An allowed_tools `tool_choice` must list at least one tool "
+                          "in `tools`.", param="tool_choice.tools")
+    keep: set[str] = set()
+    for i, entry in enumerate(choice.tools):
+        if entry.type in ("function", "custom"):
+            name = _flat(entry.namespace, entry.name or "")
+            found = _named(tools, kinds, entry.type, name) if entry.name else None
+            said = f"{entry.type} tool {name!r}"
+        elif entry.type == "namespace":
+            found = [t for t in tools if isinstance(t.function, wire.FunctionDef)
+                     and kinds.namespaced.get(t.function.name, ("",))[0] == entry.name] if entry.name else None
+            said = f"namespace {entry.name!r}"
+        elif entry.type == "local_shell":
+            found = [t for t in tools if kinds.local_shell and isinstance(t.function, wire.FunctionDef)
+                     and t.function.name == LOCAL_SHELL]
+            said = "local_shell tool"
+        else:
+            continue  # a hosted tool
+        if found is None:
+            raise BridgeError(Kind.invalid_request, f"`tool_choice.tools[{i}]` needs the tool's `name`.",
+                              param=f"tool_choice.tools[{i}]")
+        if not found:
+            raise BridgeError(Kind.invalid_request, f"`tool_choice` allows the {said}, which is not among the "
+                              "request's `tools`.", param=f"tool_choice.tools[{i}]")
+        keep.update(t.function.name for t in found if isinstance(t.function, wire.FunctionDef))
+    return [t for t in tools if isinstance(t.function, wire.FunctionDef) and t.function.name in keep]
 
 
 def _thinking(reasoning: ReasoningConfig | None) -> wire.Thinking | UnsetType:
@@ -381,7 +491,7 @@ def to_upstream(request: ResponsesRequest, items: list[Item], *,
     if choice.startswith(b"{"):
         tools = _chosen(tools, kinds, _tool_choice(choice))
     if tools and choice != b'"none"':
-        upstream.tools = tools  # required, allowed_tools: GLM supports only auto (glm.prepare)
+        upstream.tools = tools  # required (or an allowed_tools mode): GLM has only auto (glm.prepare)
     if request.temperature is not None:
         upstream.temperature = request.temperature
     if request.top_p is not None:
