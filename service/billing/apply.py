@@ -227,6 +227,21 @@ class EventApplier:
                 "INSERT INTO ended_subscription_invoices (stripe_subscription_id, account_id) VALUES ($1, $2)"
                 " ON CONFLICT (stripe_subscription_id) DO UPDATE SET state = 'pending', next_attempt_at = now()",
                 sub.id, account)
+        else:
+            # an upgrade's proration invoice made in a period now over prorates a plan served only
+            # once it is paid, so never in that period: the worker voids it if it is open, refunds a
+            # payment of it that landed after the period's end (prorations.py). Each such invoice
+            # is queued once, when its subscription's period is seen to have moved past it (open),
+            # or when it is seen paid since (0058).
+            await conn.execute(
+                "INSERT INTO stale_proration_invoices (stripe_invoice_id, stripe_subscription_id, account_id)"
+                " SELECT i.stripe_invoice_id, i.stripe_subscription_id, i.account_id FROM billing_invoices i"
+                " JOIN stripe_subscriptions m ON m.stripe_subscription_id = i.stripe_subscription_id"
+                " WHERE i.stripe_subscription_id = $1 AND i.billing_reason = 'subscription_update'"
+                "   AND i.prorations_only AND i.created_at < m.current_period_start"
+                "   AND (i.status IN ('open', 'uncollectible')"
+                "        OR (i.status = 'paid' AND i.amount_paid > 0 AND i.paid_at >= m.current_period_start))"
+                " ON CONFLICT (stripe_invoice_id) DO NOTHING", sub.id)
 
     async def invoice(self, conn: asyncpg.Connection, invoice_id: str, subscription: str | None,
                       problem: str | None) -> None:

@@ -21,10 +21,10 @@ the operator. No account row is locked while Stripe answers.
 from __future__ import annotations
 
 import logging
-
 import asyncpg
 
 from . import stripe, wire  # stripe: loaded on first use (service/billing/__init__.py)
+from .refunds import refund_invoice
 from .stripe_api import StripeAPI, describe, idempotency_key, retry_delay, retryable
 
 log = logging.getLogger("codeplan.billing.ended")
@@ -120,29 +120,5 @@ class EndedInvoices:
         return voided, refunded
 
     async def _refund(self, invoice: wire.Invoice, account: int, owed: int) -> int:
-        """Refund `owed` of `invoice`'s payments, less what they have had refunded already (by an
-        earlier pass, or by the operator): never more than `owed` in all; the amount refunded now."""
-        charges = []
-        for paid in await self._api.invoice_payments(invoice.id):
-            intent_id = paid.payment.payment_intent
-            if paid.status != "paid" or paid.payment.type != "payment_intent" or not intent_id:
-                continue
-            intent = await self._api.payment_intent(intent_id)
-            if not intent.latest_charge:
-                continue
-            charge = await self._api.charge(intent.latest_charge)
-            if charge.status == "succeeded":
-                charges.append((intent_id, charge))
-        todo = owed - sum(charge.amount_refunded for _, charge in charges)
-        refunded = 0
-        for intent_id, charge in charges:
-            give = min(charge.amount - charge.amount_refunded, todo - refunded)
-            if give <= 0:
-                continue
-            await self._api.create_refund(
-                {"payment_intent": intent_id, "amount": give,
-                 "metadata": {"codeplan_account_id": str(account), "codeplan_invoice": invoice.id,
-                              "codeplan_reason": "paid after its subscription ended"}},
-                idempotency_key(self._installation, "ended-refund", charge.id, charge.amount_refunded))
-            refunded += give
-        return refunded
+        return await refund_invoice(self._api, self._installation, invoice, account, owed,
+                                    purpose="ended-refund", reason="paid after its subscription ended")

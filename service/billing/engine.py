@@ -16,6 +16,7 @@ from .catalog import Catalog, Line
 from .catchup import Catchup
 from .duplicates import Duplicates
 from .ended import EndedInvoices
+from .prorations import StaleProrations
 from .outbox import Outbox
 from .sessions import Sessions
 from .state import BillingState, BlockView, account_state
@@ -48,8 +49,9 @@ class Billing:
         self.outbox = Outbox(pool, api, retry_base)
         self.duplicates = Duplicates(pool, api, installation, retry_base)
         self.ended = EndedInvoices(pool, api, installation, retry_base)
+        self.stale_prorations = StaleProrations(pool, api, installation, retry_base)
         self.worker = BillingWorker(pool, self.applier, self.outbox, self.duplicates, Catchup(pool, api), self.ended,
-                                    poll=poll, catchup_every=config.stripe_catchup_seconds)
+                                    self.stale_prorations, poll=poll, catchup_every=config.stripe_catchup_seconds)
 
     @classmethod
     async def open(cls, pool: asyncpg.Pool, config: Config, *, retry_base: float = 2.0,

@@ -90,8 +90,9 @@ def _iso(value: dt.datetime | None) -> str | None:
 _SUBSCRIPTION_SQL = """
 SELECT s.plan_id, s.status, subscription_refusal(s) AS refusal, m.status AS stripe_status,
        m.current_period_end, coalesce(m.cancel_at_period_end, false) AS cancel_at_period_end,
-       -- no grace runs while only an upgrade's proration is unpaid: the plan paid for is kept (0052)
-       CASE WHEN m.status = 'past_due' AND NOT billing_only_upgrade_unpaid(m.stripe_subscription_id)
+       -- no grace runs while only an upgrade's proration is unpaid, or nothing at all: the plan
+       -- paid for is kept (0052, 0058)
+       CASE WHEN m.status = 'past_due' AND billing_arrears(m.stripe_subscription_id)
             THEN m.grace_until END AS grace_until
   FROM subscriptions s LEFT JOIN stripe_subscriptions m ON m.subscription_id = s.id
  WHERE s.account_id = $1
@@ -105,10 +106,12 @@ async def account_state(pool: asyncpg.Pool, account_id: int, *, enabled: bool,
         customer = await conn.fetchval("SELECT stripe_customer_id IS NOT NULL FROM accounts WHERE id = $1", account_id)
         sub = await conn.fetchrow(_SUBSCRIPTION_SQL, account_id)
         # an ended subscription's open invoice is voided by the worker (ended.py) and a payment
-        # of it refunded: its page to pay is not offered meanwhile
+        # of it refunded, and so is an upgrade's proration invoice made in a period now over
+        # (prorations.py): neither page to pay is offered meanwhile
         invoices = await conn.fetch(
-            "SELECT i.*, coalesce(m.status IN ('canceled', 'incomplete_expired') AND i.created_at < m.ended_at,"
-            " false) AS subscription_ended"
+            "SELECT i.*, coalesce(m.status IN ('canceled', 'incomplete_expired') AND i.created_at < m.ended_at"
+            "                     OR i.billing_reason = 'subscription_update' AND i.prorations_only"
+            "                        AND i.created_at < m.current_period_start, false) AS not_payable"
             " FROM billing_invoices i LEFT JOIN stripe_subscriptions m ON m.stripe_subscription_id = i.stripe_subscription_id"
             " WHERE i.account_id = $1 ORDER BY i.created_at DESC LIMIT 12", account_id)
         topups = await conn.fetch(
@@ -134,7 +137,7 @@ async def account_state(pool: asyncpg.Pool, account_id: int, *, enabled: bool,
         invoices=[InvoiceView(id=r["stripe_invoice_id"], status=r["status"], amount_due=r["amount_due"],
                               amount_paid=r["amount_paid"], currency=r["currency"], created=iso_utc(r["created_at"]),
                               payment_problem=r["payment_problem"],
-                              hosted_invoice_url=None if r["status"] == "open" and r["subscription_ended"]
+                              hosted_invoice_url=None if r["status"] in ("open", "uncollectible") and r["not_payable"]
                               else r["hosted_invoice_url"])
                   for r in invoices],
         topups=[TopupView(tokens=r["tokens"], used=r["used"], remaining=r["remaining"], revoked=r["revoked"],

@@ -5,6 +5,8 @@
 - freezes closed minutes of the overage outbox and sends them (outbox.py);
 - cancels and refunds a second subscription an account paid for (duplicates.py);
 - voids an ended subscription's open invoices and refunds one paid after its end (ended.py);
+- voids an upgrade's proration invoice whose period is over and refunds one paid after it
+  (prorations.py);
 - ends the plan of past_due subscriptions whose grace period ran out;
 - reads Stripe's list of events for any the webhook endpoint missed (catchup.py).
 
@@ -22,6 +24,7 @@ from .apply import EventApplier
 from .catchup import Catchup
 from .duplicates import Duplicates
 from .ended import EndedInvoices
+from .prorations import StaleProrations
 from .outbox import Outbox
 
 log = logging.getLogger("codeplan.billing.worker")
@@ -29,7 +32,8 @@ log = logging.getLogger("codeplan.billing.worker")
 
 class BillingWorker:
     def __init__(self, pool: asyncpg.Pool, applier: EventApplier, outbox: Outbox, duplicates: Duplicates,
-                 catchup: Catchup, ended: EndedInvoices | None = None, *, poll: float = 1.0,
+                 catchup: Catchup, ended: EndedInvoices | None = None,
+                 stale: StaleProrations | None = None, *, poll: float = 1.0,
                  catchup_every: float = 600.0) -> None:
         self._pool = pool
         self._applier = applier
@@ -37,6 +41,7 @@ class BillingWorker:
         self._duplicates = duplicates
         self._catchup = catchup
         self._ended = ended
+        self._stale = stale
         self._poll = poll
         self._catchup_every = catchup_every
         self._wake = asyncio.Event()
@@ -81,6 +86,8 @@ class BillingWorker:
                 while await self._duplicates.run_once():
                     pass
                 while self._ended is not None and await self._ended.run_once():
+                    pass
+                while self._stale is not None and await self._stale.run_once():
                     pass
             except Exception as exc:  # noqa: BLE001
                 log.warning("billing tick failed", extra={"error": type(exc).__name__})
