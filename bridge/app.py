@@ -19,7 +19,7 @@ from . import errors, sse
 from .asgi import api_key as raw_api_key
 from .asgi import serve, unencoded
 from .errors import BridgeError, Kind
-from .journey import Journey, Reply
+from .journey import Journey, Reply, account_suspended
 from .models import CATALOG, listed_model, model_list
 from .surfaces import messages as anthropic
 from .surfaces import responses, responses_socket
@@ -233,6 +233,9 @@ async def response_socket(socket: WebSocket) -> None:
         elif principal.subscription_id is None:
             # a key that cannot spend holds no socket (nor its memory): it is told why, at once
             refusal = responses_socket.no_subscription(settings.public_url + "/billing")
+        elif principal.suspended:
+            # told as its HTTP requests are (their admission's 403), not after a first turn
+            refusal = responses_socket.refusal_for(account_suspended())
     if refusal is not None:
         await _refuse(socket, refusal)
         return

@@ -212,10 +212,25 @@ def _mend(decoder: sse.SSEDecoder, raw: bytes, out: list[wire.Chunk]) -> None:
     out.append(_decoded(raw, halves))
 
 
+class Taken:
+    """A stream request's response while the router still waits for its first event, told by
+    the router (bridge/upstreams.py `stream_taken`): the upstream took the request and works on it,
+    so a flight that ends now pays the prompt, as one whose client left before the first token
+    always did. None before, and again once that attempt failed at its first event."""
+
+    __slots__ = ("response",)
+
+    def __init__(self) -> None:
+        self.response: UpstreamResponse | None = None
+
+    def __call__(self, response: UpstreamResponse | None) -> None:
+        self.response = response
+
+
 class Flight:
     __slots__ = ("entry", "entry_text", "entry_hex", "principal", "surface", "model", "shown_model",
                  "prompt_estimate",
-                 "raw_prompt", "kind", "meter", "decoder", "opening", "response", "accepted", "status",
+                 "raw_prompt", "kind", "meter", "decoder", "opening", "taken", "response", "accepted", "status",
                  "cause",
                  "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at",
                  "told_overhead_ms", "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap", "_born")
@@ -239,12 +254,14 @@ class Flight:
         self.decoder = sse.SSEDecoder()
         # the upstream request until it answers (`attach`); then its response
         self.opening: asyncio.Future[UpstreamResponse] | None = None
+        self.taken: Taken | None = None  # (a stream's, `attach`)
         self.response: UpstreamResponse | None = None
         self.accepted = False  # the upstream answered with a success status
         self.status = 200  # what the client was told
         self.started = started
         self.forwarded: float | None = None
-        self.opened: float | None = None  # the upstream's status arrived (`UpstreamResponse.arrived`)
+        # the upstream's answer arrived (`UpstreamResponse.arrived`: its status; a stream's first event)
+        self.opened: float | None = None
         self.first_token: float | None = None  # the first answer bytes went to the client
         self.upstream_done: float | None = None
         self.ended_at: float | None = None
@@ -270,12 +287,14 @@ class Flight:
 
     # ---- what happened ---------------------------------------------------------------------
 
-    def attach(self, opening: "asyncio.Future[UpstreamResponse]") -> None:
+    def attach(self, opening: "asyncio.Future[UpstreamResponse]", taken: Taken | None = None) -> None:
         """The upstream request on its way is the flight's: its response, whenever it arrives,
         is accepted (or closed at once, should the flight have ended: never leaked with its key's
         slot), and the flight's end cancels it while it has not answered (the upstream stops
-        working for an entry that is settled already)."""
+        working for an entry that is settled already). `taken`: what the router tells of a
+        stream taken before it is accepted (`Taken`)."""
         self.opening = opening
+        self.taken = taken
         opening.add_done_callback(self._opened)
 
     def _opened(self, opening: "asyncio.Future[UpstreamResponse]") -> None:
@@ -340,7 +359,9 @@ class Flight:
         if self.response is not None:
             self.response.end()
         usage = self.meter.completed_usage()
-        response = self.response
+        # the response the upstream answers with; or, for a stream it took whose first event had
+        # not come (the router's, which its cancellation closes), the one it was working on
+        response = self.response or (self.taken.response if self.taken is not None else None)
         upstream = response.profile if response is not None else None
         subscription = self.principal.subscription_id
         if usage is not None:
@@ -348,8 +369,8 @@ class Flight:
                             usage.reasoning_tokens)
             settlement = Settlement(self.entry, "posted", counts, estimated=False, reason=cause,
                                     upstream_request_id=self.meter.upstream_id, upstream=upstream,
-                                    upstream_cost=self._cost(counts), subscription_id=subscription)
-        elif not self.accepted or refused:
+                                    upstream_cost=self._cost(response, counts), subscription_id=subscription)
+        elif response is None or refused:
             settlement = Settlement(self.entry, "voided", Counts(), estimated=False, reason=cause,
                                     upstream=upstream, subscription_id=subscription)
         else:
@@ -357,12 +378,13 @@ class Flight:
             counts = Counts(estimate.prompt_tokens, estimate.completion_tokens)
             settlement = Settlement(self.entry, "posted", counts, estimated=True, reason=cause,
                                     upstream_request_id=self.meter.upstream_id, upstream=upstream,
-                                    upstream_cost=self._cost(counts), subscription_id=subscription)
+                                    upstream_cost=self._cost(response, counts), subscription_id=subscription)
         self._flights.settle(self, settlement, usage)
 
-    def _cost(self, counts: Counts) -> float | None:
+    @staticmethod
+    def _cost(response: UpstreamResponse | None, counts: Counts) -> float | None:
         """What the upstream charges for these counts, at the answering profile's prices."""
-        price = self.response.price if self.response is not None else None
+        price = response.price if response is not None else None
         if price is None:
             return None
         return price.cost(counts.prompt_tokens, counts.cached_tokens, counts.completion_tokens)
@@ -377,7 +399,8 @@ class Flight:
         response = self.response
         if (response is None or self.meter.usage is not None or not self.meter.delivered_anything
                 or flights.drains >= flights.settings.max_drains):
-            self.end("client left before the upstream answered" if response is None
+            taken = response is not None or (self.taken is not None and self.taken.response is not None)
+            self.end("client left before the upstream answered" if not taken
                      else "client left" if self.meter.delivered_anything
                      else "client left before the first token")
             return

@@ -21,7 +21,7 @@ import msgspec
 
 from . import depth, glm, wire
 from .errors import BridgeError, Kind
-from .flight import LIFETIME_CAP, Flight, Flights, chunks, last_chunks, void_abandoned
+from .flight import LIFETIME_CAP, Flight, Flights, Taken, chunks, last_chunks, void_abandoned
 from .metering import Calibration, PromptEstimator
 from .metrics import BridgeMetrics, NoMetrics
 from .models import CATALOG, ModelResolver
@@ -29,6 +29,7 @@ from .ports import Admission, KeyAuthority, LedgerPort, Principal, Reservation
 from .settings import BridgeSettings
 from .surfaces import Parsed, StreamTranslator, Surface
 from .upstream import Upstream, UpstreamResponse
+from .upstreams import stream_taken
 
 log = logging.getLogger("codeplan.journey")
 access = logging.getLogger("codeplan.access")
@@ -116,6 +117,13 @@ def _abandon(opening: asyncio.Future) -> None:
         if not done.cancelled() and done.exception() is None:
             done.result().close()
     opening.add_done_callback(close)
+
+
+def account_suspended() -> BridgeError:
+    """How a suspended account is refused: an operator's decision (admin API), not a billing
+    state. Said by a request's admission, and by the Responses socket's handshake (bridge/app.py)."""
+    return BridgeError(Kind.permission, "This account is suspended; contact the service's operator.",
+                       code="account_suspended")
 
 
 def _refused_upstream(flight: Flight, error: BridgeError) -> None:
@@ -306,6 +314,7 @@ class Journey:
         # byte reaches the client before it has; a refusal cancels the upstream). Near the edge,
         # where a refusal is likely, admission comes first.
         room = self._room.get(principal.subscription_id)
+        taken = Taken() if request.stream else None
         opening: asyncio.Future | None = None
         admitting: asyncio.Future[Admission] | None = None
         forwarded: float | None = None
@@ -315,7 +324,7 @@ class Journey:
             arriving.admitting_since = time.monotonic()
             if room is not None and room >= 2 * held:
                 forwarded = arriving.admitting_since  # the same moment: one clock read
-                opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
+                opening = self._forward(request, entry_text, principal.account_id, taken)
             admission = await admitting
         except BaseException as exc:
             if opening is not None:
@@ -335,11 +344,24 @@ class Journey:
                         raw_prompt=count.raw, kind=count.kind, started=arriving.started, entry_text=entry_text)
         if opening is None:
             forwarded = time.monotonic()
-            opening = asyncio.ensure_future(self._upstream.open(request, entry_text, principal.account_id))
+            opening = self._forward(request, entry_text, principal.account_id, taken)
         flight.forwarded = forwarded
         # the upstream request, and whenever it arrives its response, belong to the flight
-        flight.attach(opening)
+        flight.attach(opening, taken)
         return flight, opening
+
+    def _forward(self, request: wire.ChatRequest, entry_text: str, account: int,
+                 taken: Taken | None) -> asyncio.Future[UpstreamResponse]:
+        """The upstream request, on its way in a task of its own. A stream's tells `taken` once an
+        upstream took it, before the router has its first event (bridge/upstreams.py
+        `stream_taken`, set for the task only: it copies the context it is made in)."""
+        if taken is None:
+            return asyncio.ensure_future(self._upstream.open(request, entry_text, account))
+        token = stream_taken.set(taken)
+        try:
+            return asyncio.ensure_future(self._upstream.open(request, entry_text, account))
+        finally:
+            stream_taken.reset(token)
 
     def _unheard(self, admitting: "asyncio.Future[Admission]", reservation: Reservation) -> None:
         """The request went away while its admission was pending: still pending, the admission
@@ -396,9 +418,7 @@ class Journey:
                                "please retry in a few seconds.", retry_after=2)
         state = admission.detail or "inactive"
         if state == "suspended":
-            # an operator's decision (admin API), not a billing state
-            return BridgeError(Kind.permission, "This account is suspended; contact the service's "
-                               "operator.", code="account_suspended")
+            return account_suspended()
         return BridgeError(Kind.payment_required,
                            f"This account's subscription is {state.replace('_', ' ')} and cannot be used "
                            f"until billing is resolved at {self.settings.public_url}/billing.",
@@ -479,9 +499,13 @@ class Journey:
 
     async def _stream(self, surface: Surface, flight: Flight, opening: asyncio.Future,
                       parsed: Parsed) -> Reply:
-        # a quick refusal keeps its HTTP status; a slow upstream must not keep the client
-        # waiting for headers (Kilo gives up after 10 s)
-        await asyncio.wait({opening}, timeout=self.settings.header_wait)
+        # a quick refusal keeps its HTTP status (a stream's is said by its status or its first
+        # event: the router accepts a stream at its first event, bridge/upstreams.py); a slow
+        # upstream must not keep the client waiting for headers (Kilo gives up after 10 s), nor
+        # without a byte past the keep-alive interval (an upstream that sends its headers at once
+        # and then only comment pings while it queues)
+        settings = self.settings
+        await asyncio.wait({opening}, timeout=min(settings.header_wait, settings.keepalive_interval))
         if flight.ended:  # its cap (or the shutdown) came first
             return self._ended(surface, flight)
         if opening.done():
@@ -502,11 +526,17 @@ class Journey:
         self.metrics.stream(1)
         try:
             first = translator.start()
+            # when the client last got a byte of its answer; none yet: its wait counts from its
+            # request (a stream is accepted at its first event, which may have come after a while
+            # of comment pings or nothing, bridge/upstreams.py `_first_event`)
+            said_at = flight.started
             if flight.response is None:
                 # the client gets its headers now; the upstream has not answered yet
                 yield first or translator.keepalive
+                said_at = time.monotonic()
                 while not (await asyncio.wait({opening}, timeout=settings.keepalive_interval))[0]:
                     yield translator.keepalive
+                    said_at = time.monotonic()
                 if flight.ended:  # its end (the cap, the shutdown) cancelled the upstream request
                     yield translator.fail(self._cut(flight))
                     return
@@ -518,6 +548,7 @@ class Journey:
                     return
             elif first:
                 yield first
+                said_at = time.monotonic()
             response = flight.response
             assert response is not None
             opening = None  # done, its result is the flight's: not kept for the stream's life
@@ -534,7 +565,8 @@ class Journey:
             # comment pings while its backend hangs are no answer); the client gets a keep-alive
             # once it has had nothing for the interval, whatever the upstream sent meanwhile
             interval, silent_after = settings.keepalive_interval, settings.upstream_timeout
-            heard = told = loop.time()
+            heard = loop.time()
+            told = heard - (time.monotonic() - said_at)
             try:
                 while True:
                     # until the client is owed a keep-alive, or the upstream's silence runs out

@@ -24,6 +24,10 @@ class Principal(msgspec.Struct, frozen=True):
     models: tuple[str, ...]
     # the subscription's state as billing knows it ("active", "past_due", ...); None: none
     standing: str | None = None
+    # an operator suspended the account (admin API). Its requests are refused at their admission,
+    # which reads the account itself; the Responses socket, which has no admission before its
+    # first turn, refuses its handshake on this (as fresh as the key's authentication)
+    suspended: bool = False
 
 
 class Reservation(msgspec.Struct, frozen=True):

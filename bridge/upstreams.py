@@ -10,13 +10,13 @@ The **router** picks, for each request, a profile serving its model (weighted at
 the healthy ones) and a key of it (the least busy, in turn among equals). Before any byte has
 reached the client, a failure that another key or upstream may not meet (a connection failure,
 a 5xx, 429/1302, 1305, a 503, the deployment's 404 or a proxy's 408, our key's billing or
-credentials; each also when a whole answer's 200 carries it as its only body) is retried on
-another key or profile with backoff, at most `attempts` times. A key that keeps failing cools
-down (30 s, doubling while it keeps failing) and shows as unhealthy; a cooling key is used only
-when nothing else is left. A request fault (400, content policy, context length) is never
-retried, nor a timeout (ours, or a 504/524 from the upstream's gateway: the model may have
-computed it all). A model the upstream account may not use (1211, 1220, 1311) cools no key and
-is tried on another profile serving it, if there is one.
+credentials; each also when a whole answer's 200 carries it as its only body, or a stream's as
+its first event) is retried on another key or profile with backoff, at most `attempts` times. A
+key that keeps failing cools down (30 s, doubling while it keeps failing) and shows as
+unhealthy; a cooling key is used only when nothing else is left. A request fault (400, content
+policy, context length) is never retried, nor a timeout (ours, or a 504/524 from the upstream's
+gateway: the model may have computed it all). A model the upstream account may not use (1211,
+1220, 1311) cools no key and is tried on another profile serving it, if there is one.
 
 With a per-key cap configured, a request holds a slot of its key until its response ends. In
 one process that is a counter; across processes and hosts it is a lease in PostgreSQL (the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import hashlib
 import logging
 import random
@@ -42,7 +43,7 @@ from typing import Annotated, Callable, Hashable, Literal, Protocol
 import aiohttp
 import msgspec
 
-from . import glm, wire
+from . import glm, sse, wire
 from .errors import BridgeError, Kind
 from .metrics import BridgeMetrics, NoMetrics
 from .upstream import UpstreamResponse, _refuses_stream_options, asks_for_usage
@@ -63,6 +64,16 @@ _KEY = re.compile(KEY_PATTERN)
 def sendable(key: str) -> bool:
     """Whether a key can be sent as a bearer token (KEY_PATTERN)."""
     return _KEY.match(key) is not None
+
+
+# A stream on its way is accepted at its first event (`Router._first_event`), but the upstream
+# took it, and works on it, from its success status on: a client that leaves in between still
+# pays the prompt, as one that leaves before the first token always did. So whoever opens a stream
+# may set this, around creating the task that opens it (bridge/journey.py), to be told the
+# response once an upstream took the request, and None when that attempt then fails after all
+# (its first event a refusal: another key is tried, or none).
+stream_taken: contextvars.ContextVar[Callable[[UpstreamResponse | None], None] | None] = \
+    contextvars.ContextVar("stream_taken", default=None)
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -359,6 +370,13 @@ _RETRY_ON = {Kind.upstream_error, Kind.upstream_rate_limited, Kind.upstream_over
              Kind.upstream_billing, Kind.upstream_timeout}
 _QUOTA_CODES = {"1113", "1308", "1309", "1310", "1316", "1317", "1318", "1319", "1320", "1321"}
 _FAILURES_BEFORE_COOLING = 3
+# A stream's first event is looked for this many bytes at a time, and in this many bytes at most
+# (`_look`): a GLM chunk is a few hundred bytes and a refusal fewer, while a fast upstream's first
+# read may hold its whole answer, which the relay decodes anyway (decoded whole, a 3.6 KB answer
+# cost the look ~45 us, against ~9 us in steps of 512). A first line longer than the most is no
+# refusal: it is the relay's (whose decoder ends the stream at sse.MAX_LINE), not held twice.
+_PEEK_STEP = 512
+_PEEK_MAX = 65536
 _MAX_TRIPS = 5  # cool-downs double up to 2^5 times the base
 
 
@@ -469,7 +487,8 @@ class Router:
     async def open(self, request: wire.ChatRequest, request_id: str,
                    account: Hashable = None) -> UpstreamResponse:
         """Send the request; return the response once its status is a success (a whole answer's:
-        once its body is in and is not a refusal, `_read_whole`). Raises
+        once its body is in and is not a refusal, `_read_whole`; a stream's: once its first
+        event is in and is not a refusal, `_first_event`). Raises
         BridgeError when every attempt failed or the request itself was refused. `account`:
         whose request it is, for the turn among waiters when slots are scarce."""
         assert self._session is not None, "Router.start() was not awaited"
@@ -672,10 +691,78 @@ class Router:
                                        response.headers.get("retry-after"))
             raise _refusal(response.status, error)
         answer = UpstreamResponse(response, lambda: self._give_back(key, slot), profile.name, price, stream=stream)
-        if not stream:
+        if stream:
+            taken = stream_taken.get()
+            if taken is not None:
+                taken(answer)
+            try:
+                await self._first_event(answer, request_id)
+            except _Failure:
+                if taken is not None:
+                    taken(None)
+                raise
+        else:
             await self._read_whole(answer, request_id)
         key.served += 1
         return answer
+
+    async def _first_event(self, answer: UpstreamResponse, request_id: str) -> None:
+        """A stream is a success once its first event is not a refusal. GLM says a key out of
+        balance (1113) or a rate limit (1302) as a 200 stream whose first event is
+        `{"error": ...}`; counted a success at its headers, such a key kept its turn for ever and
+        the request was not tried elsewhere, though nothing had reached the client. So the first
+        event is read here: one that `glm.carried_refusal` reads as a refusal the router would
+        blame a key for or try elsewhere (`_routed`) is this attempt's failure, exactly as the
+        same refusal with its status; any other first event (an answer's, a refusal of the
+        request itself) is the relay's, and the bytes read for it are handed on untouched
+        (`_ReadAhead`). The read is the relay's first read, made earlier: the answer is
+        accepted when its first event has come (`arrived`), so the wait for it is the
+        upstream's, not the bridge's. Comment pings before it do not count: the whole wait is
+        bounded by the read timeout, as the relay bounds an upstream's silence between events.
+        The look is bounded too (`_PEEK_MAX` bytes): a first line longer is no refusal."""
+        content = answer.content
+        decoder = sse.SSEDecoder()
+        try:
+            data = await content.readany()
+            events, looked = _look(decoder, data, 0)
+            if data and not events and looked < _PEEK_MAX:
+                # (rare) comments first, or an event cut across reads: read on for one
+                read = [data]
+                async with asyncio.timeout(self._timeout.sock_read):
+                    while not events and looked < _PEEK_MAX and (data := await content.readany()):
+                        read.append(data)
+                        events, looked = _look(decoder, data, looked)
+                data = b"".join(read)
+        except (aiohttp.SocketTimeoutError, TimeoutError):
+            answer.close()
+            waited = self._timeout.sock_read
+            log.warning("upstream stream sent no event in time", extra={"upstream": answer.profile, "seconds": waited})
+            raise _Failure(BridgeError(Kind.upstream_timeout, f"The model provider did not start answering "
+                                       f"within {waited:g} seconds. Request id {request_id}."),
+                           key_fault=False, final=True) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            # broke off before its first event: as a whole answer that breaks off (`_read_whole`),
+            # not sent again, and no key's fault
+            answer.close()
+            log.warning("upstream stream broke off before its first event",
+                        extra={"upstream": answer.profile, "error": type(exc).__name__})
+            raise _Failure(BridgeError(Kind.upstream_error, "The model provider failed to answer. "
+                                       f"Request id {request_id}."), key_fault=False, final=True) from None
+        except BaseException:
+            answer.close()  # cancelled (the client left, the cap): the slot goes back here, or never
+            raise
+        if events:
+            carried = glm.carried_refusal(events[0].data, request_id)
+            if carried is not None:
+                failure = _refusal(*carried)
+                if _routed(failure):
+                    answer.end()  # read to its end, the connection goes back to the pool; else closed
+                    log.warning("upstream refused as a stream's first event",
+                                extra={"upstream": answer.profile, "status": carried[0]})
+                    raise failure
+        answer.arrived = time.monotonic()
+        if data:
+            answer.content = _ReadAhead(answer, data)  # type: ignore[assignment]
 
     async def _read_whole(self, answer: UpstreamResponse, request_id: str) -> None:
         """A whole answer's body, read here rather than by the journey (whose read then returns
@@ -752,6 +839,53 @@ def _refusal(status: int, error: BridgeError) -> _Failure:
     # elsewhere, but say nothing of the key
     key_fault = at_once or (kind in _RETRY_ON and status not in (404, 408))
     return _Failure(error, key_fault=key_fault, at_once=at_once)
+
+
+def _look(decoder: sse.SSEDecoder, data: bytes, looked: int) -> tuple[list[sse.Event], int]:
+    """The events whole once `data` is fed to `decoder`, fed `_PEEK_STEP` bytes at a time and
+    stopped at the first whole event or at `_PEEK_MAX` bytes fed in all (`looked`: so far)."""
+    at = 0
+    while at < len(data) and looked < _PEEK_MAX:
+        step = data[at:at + _PEEK_STEP]
+        at += len(step)
+        looked += len(step)
+        events = decoder.feed(step)
+        if events:
+            return events, looked
+    return [], looked
+
+
+def _routed(failure: _Failure) -> bool:
+    """Whether a refusal that came as a stream's first event is the attempt's failure: one the
+    router blames a key for, or tries on another key or profile. A refusal of the request
+    itself (content policy, a bad parameter) or a gateway's timeout is the relay's to tell, as
+    it was."""
+    return (failure.key_fault or failure.other_profile
+            or (not failure.final and failure.error.kind in _RETRY_ON))
+
+
+class _ReadAhead:
+    """A stream's content with the bytes the router read for its first event in front of it:
+    the first read returns them, and puts the response's own content back, so the relay reads
+    exactly the upstream's stream, no byte lost or doubled, and each later read costs what it
+    did. (What the relay and a drain use: `readany`, `at_eof`.)"""
+
+    __slots__ = ("_answer", "_ahead", "_content")
+
+    def __init__(self, answer: UpstreamResponse, ahead: bytes) -> None:
+        self._answer = answer
+        self._ahead = ahead
+        self._content = answer.content
+
+    async def readany(self) -> bytes:
+        self._answer.content = self._content
+        if self._ahead:
+            ahead, self._ahead = self._ahead, b""
+            return ahead
+        return await self._content.readany()  # (a reader that kept this object)
+
+    def at_eof(self) -> bool:
+        return not self._ahead and self._content.at_eof()
 
 
 def _given_up(error: BridgeError) -> BridgeError:

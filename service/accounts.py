@@ -100,8 +100,9 @@ async def _insert_key(conn: asyncpg.Connection, account_id: int, name: str = "")
 # failed payment) must be told why, never "invalid key". Admission decides whether it may spend.
 _AUTH_SQL = """
 SELECT k.id AS api_key_id, k.account_id, s.id AS subscription_id, s.plan_id, s.status,
-       coalesce(p.models, '{}') AS models
+       coalesce(p.models, '{}') AS models, a.suspended_at IS NOT NULL AS suspended
   FROM api_keys k
+  JOIN accounts a ON a.id = k.account_id
   LEFT JOIN subscriptions s ON s.account_id = k.account_id AND s.status <> 'canceled'
   LEFT JOIN plans p ON p.id = s.plan_id
  WHERE k.secret_hash = $1 AND k.revoked_at IS NULL
@@ -141,11 +142,14 @@ class Authenticator:
         principal = None if row is None else Principal(
             account_id=row["account_id"], api_key_id=row["api_key_id"],
             subscription_id=row["subscription_id"], plan_id=row["plan_id"],
-            models=tuple(row["models"]), standing=row["status"])
+            models=tuple(row["models"]), standing=row["status"], suspended=row["suspended"])
         # Unknown keys are not cached: a flood of made-up keys must not evict real ones. Nor
         # is a key whose account has no subscription yet: the one who just paid must not wait
-        # for the cache to learn it.
-        if self._ttl > 0 and principal is not None and principal.subscription_id is not None:
+        # for the cache to learn it. Nor a suspended account's: restored, its Responses socket
+        # connects at once, as its HTTP requests are served at once (their admission reads the
+        # account itself).
+        if (self._ttl > 0 and principal is not None and principal.subscription_id is not None
+                and not principal.suspended):
             if len(self._cache) > 100_000:
                 self._cache.clear()
             self._cache[digest] = (now + self._ttl, principal)

@@ -218,7 +218,8 @@ def test_a_stream_whose_first_event_is_an_error_is_not_billed(refusing_bridge, d
     answer = httpx.post(refusing_bridge.url + "/v1/chat/completions", timeout=60,
                         headers={"authorization": f"Bearer {key}"},
                         json={"model": "glm-4.6", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-    assert answer.status_code == 200 and '"error"' in answer.text and "[DONE]" not in answer.text
+    # routed as the same refusal with its status (bridge/upstreams.py `_first_event`): a 429
+    assert answer.status_code == 429 and '"error"' in answer.text and "[DONE]" not in answer.text
     entry = _entry(database, key)
     assert (entry["state"], entry["billed_tokens"]) == ("voided", 0)
 

@@ -9,10 +9,11 @@ only the items that came after it, so the socket keeps its latest responses' con
 (a few, in memory, gone with the socket). Codex may warm a socket up with `generate: false`: the
 conversation is set up and a response id handed back, no model is called.
 
-A refusal before the first turn is an HTTP answer to the upgrade: 401 for a bad key, 426 for a
-client this transport cannot serve (turned off, full, or another protocol version), on which
-Codex falls back to HTTP at once. A request refused later comes back as an `error` frame
-carrying the HTTP status it would have had, which Codex reads like that HTTP answer.
+A refusal before the first turn is an HTTP answer to the upgrade: 401 for a bad key, 402 for an
+account with no subscription, 403 for a suspended one, 426 for a client this transport cannot
+serve (turned off, full, or another protocol version), on which Codex falls back to HTTP at once.
+A request refused later comes back as an `error` frame carrying the HTTP status it would have
+had, which Codex reads like that HTTP answer.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from msgspec import Struct
 
 from .. import depth, glm, sse, wire
 from ..errors import BridgeError, Kind
-from .responses import History, Memory, ResponsesStream, ResponsesSurface, as_input, error_detail
+from .responses import (History, Memory, ResponsesStream, ResponsesSurface, as_input, error_detail,
+                        error_response)
 from .responses_wire import ErrorDetail, Item, ResponsesRequest
 
 BETA = "responses_websockets=2026-02-06"
@@ -115,6 +117,13 @@ def bad_key() -> Refusal:
 def no_subscription(billing_url: str) -> Refusal:
     return _refusal(402, f"This account has no active subscription. Choose a plan at {billing_url}.",
                     "no_subscription", "insufficient_quota")
+
+
+def refusal_for(error: BridgeError) -> Refusal:
+    """A refusal of the key, for the upgrade, in the very status and body an HTTP request with it
+    gets (POST /v1/responses): a suspended account (`journey.account_suspended`)."""
+    status, _, body = error_response(error)
+    return Refusal(status, error.message, body)
 
 
 class Gate:
