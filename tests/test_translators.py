@@ -163,7 +163,7 @@ def test_chat_request_adapted_to_what_glm_accepts():
     body = {
         "model": "GLM-4.6", "stream": True, "stream_options": {"include_usage": False},
         "max_completion_tokens": 500, "reasoning_effort": "high", "parallel_tool_calls": False,
-        "tool_choice": {"type": "function", "function": {"name": "read"}}, "stop": ["END", "STOP"],
+        "tool_choice": {"type": "function", "function": {"name": "read"}}, "stop": ["END"],
         "prompt_cache_key": "abc", "chat_template_args": {"x": 1}, "seed": 7, "n": 1, "user": "u",
         "messages": [
             {"role": "developer", "content": [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]},
@@ -324,7 +324,7 @@ def test_messages_request_translation():
                    {"type": "text", "text": "Be careful.", "cache_control": {"type": "ephemeral"}}],
         "thinking": {"type": "adaptive"}, "output_config": {"effort": "high"},
         "context_management": {"edits": []}, "metadata": {"user_id": "{\"session\": 1}"},
-        "stop_sequences": ["</done>", "</end>"], "tool_choice": {"type": "any"},
+        "stop_sequences": ["</done>"], "tool_choice": {"type": "any"},
         "some_future_field": {"x": 1},
         "tools": [{"name": "Read", "description": "Read a file", "input_schema": {
             "type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"]}},

@@ -186,6 +186,9 @@ def _refuse_unserved(request: ClientChatRequest) -> None:
         raise _refuse("`modalities` may only be [\"text\"]: this model answers in text.", "modalities")
     if wire.present(request.audio):
         raise _refuse("`audio` output is not served: this model answers in text.", "audio")
+    if isinstance(request.stop, list) and len(set(request.stop)) > 1:
+        # GLM stops at one word at most (glm.prepare): the others would be ignored in silence
+        raise _refuse("`stop` may hold one sequence: this model stops at one stop sequence at most.", "stop")
 
 
 def named_tool(request: ClientChatRequest) -> str | None:

@@ -2,11 +2,14 @@
 
 `to_upstream` turns what Claude Code (and the Anthropic providers of Cline, Roo, OpenCode) send
 into a GLM request; `MessagesStream` turns GLM chunks into Anthropic's event stream:
-message_start, content blocks (thinking, text, tool_use) with increasing index, message_delta,
-message_stop. Fields GLM has no use for (cache_control, context_management, output_config,
-future ones) and content block types the translator does not know are accepted and dropped,
-never a 400. Text documents and search results reach the model as tagged text; a document GLM
-cannot read (a PDF) leaves a note in its place.
+message_start, content blocks (thinking, text, tool_use: its input whole, at the call's end)
+with increasing index, message_delta, message_stop. Fields GLM has no use for (cache_control,
+context_management, future ones) and content block types the translator does not know are
+accepted and dropped, never a 400. Text documents and search results reach the model as tagged
+text; a document or an image GLM cannot read (a PDF, a Files API image) leaves a note in its
+place. Asked of the answer and honoured: a JSON schema (`output_config.format`, as json_object
+with the schema told), Anthropic's own client tools (bash, the text editor, memory: offered
+with their published input schemas).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from msgspec import UNSET, Raw, Struct, UnsetType
 
 from .. import glm, sse, wire
 from ..errors import BridgeError, Kind
-from . import Parsed, decode_body
+from . import Parsed, decode_body, with_schema
 
 SURFACE = "messages"
 
@@ -36,6 +39,7 @@ class Source(Struct):
     data: str | None = None
     url: str | None = None
     content: str | list["Block"] | None = None
+    file_id: str | None = None
 
 
 class Block(Struct):
@@ -72,10 +76,14 @@ class Message(Struct):
 
 
 class ToolDef(Struct):
-    name: str
+    # toolsets (computer_toolset_*, browser_toolset_*, mcp_toolset) carry no name: `_tools`
+    # drops them, as it drops the server tools; a custom tool without one is refused there
+    name: str | None = None
     description: str | None = None
     input_schema: Raw = Raw()
-    type: str | None = None  # server tools (web_search...) have a type and no schema
+    # custom tools: absent or "custom"; Anthropic-defined ones a versioned type (bash_20250124,
+    # web_search_20250305...) and no schema (`_tools`)
+    type: str | None = None
 
 
 class ToolChoice(Struct):
@@ -85,12 +93,25 @@ class ToolChoice(Struct):
 
 
 class ThinkingConfig(Struct):
-    type: Literal["enabled", "disabled", "adaptive"] = "enabled"
+    # between_tools: think before each tool call and after each result; GLM thinks where it
+    # will, so it is asked as enabled, as adaptive is
+    type: Literal["enabled", "disabled", "adaptive", "between_tools"] = "enabled"
     budget_tokens: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class Metadata(Struct):
     user_id: str | None = None
+
+
+class OutputFormat(Struct):
+    type: str  # json_schema, the one type Anthropic defines; any other is refused (_check_format)
+    schema: Raw = Raw()
+
+
+class OutputConfig(Struct):
+    format: OutputFormat | None = None
+    # `effort` (low ... max) is accepted and ignored: GLM has no switch for it, and it asks
+    # how hard to work, not what the answer must be (Claude Code sends it with every request)
 
 
 class MessagesRequest(Struct):
@@ -106,8 +127,9 @@ class MessagesRequest(Struct):
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
     metadata: Metadata | None = None
-    # top_k, cache_control, context_management, output_config, service_tier and any
-    # future field are accepted and dropped
+    output_config: OutputConfig | None = None
+    # top_k, cache_control, context_management, service_tier and any future field are
+    # accepted and dropped
 
 
 class CountTokensRequest(Struct):
@@ -117,6 +139,7 @@ class CountTokensRequest(Struct):
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoice | None = None
     thinking: ThinkingConfig | None = None
+    output_config: OutputConfig | None = None  # its schema is told the model: it counts
 
 
 _decoder = msgspec.json.Decoder(MessagesRequest)
@@ -135,9 +158,28 @@ def _check(messages: list[Message]) -> None:
                                       f"messages.{i}.content.{j}.text: a text block needs its text")
 
 
+def _check_format(config: OutputConfig | None) -> None:
+    """Structured output: a JSON schema is honoured (`to_upstream`); any other format type, or
+    one without its schema, is refused, never answered as if not asked."""
+    fmt = config.format if config is not None else None
+    if fmt is None:
+        return
+    if fmt.type != "json_schema":
+        raise BridgeError(Kind.invalid_request, f"output_config.format.type: {fmt.type!r} is not served: "
+                          "json_schema is", param="output_config.format.type")
+    if not wire.present(fmt.schema):
+        raise BridgeError(Kind.invalid_request, "output_config.format.schema: a json_schema format needs "
+                          "its schema", param="output_config.format.schema")
+
+
 def parse_request(body: bytes) -> MessagesRequest:
     request = decode_body(_decoder, body)
     _check(request.messages)
+    _check_format(request.output_config)
+    if request.stop_sequences and len(set(request.stop_sequences)) > 1:
+        # GLM stops at one word at most (glm.prepare): the others would be ignored in silence
+        raise BridgeError(Kind.invalid_request, "stop_sequences: this model stops at one stop sequence at most",
+                          param="stop_sequences")
     return request
 
 
@@ -220,6 +262,12 @@ def _titled(block: Block) -> str:
     return f" '{block.title}'" if block.title else ""
 
 
+def _unshown(block: Block) -> str:
+    """The note standing in for an image GLM cannot be shown."""
+    said = block.source.file_id if isinstance(block.source, Source) else None
+    return f"[image{f' {said!r}' if said else ''} omitted: this model cannot read it]"
+
+
 def _image_part(block: Block) -> wire.ContentPart | None:
     source = block.source
     if not isinstance(source, Source):
@@ -245,9 +293,10 @@ def _user_content(blocks: list[Block]) -> str | list[wire.ContentPart] | None:
         if block.type == "text" and block.text:
             parts.append(wire.ContentPart(type="text", text=block.text))
         elif block.type == "image":
+            # one GLM cannot be shown (a Files API id: the bridge has no Files API) leaves a
+            # note, as an unreadable document does, and as on Responses
             image = _image_part(block)
-            if image is not None:
-                parts.append(image)
+            parts.append(image if image is not None else wire.ContentPart(type="text", text=_unshown(block)))
         elif block.type in ("document", "search_result"):
             # one GLM cannot read leaves a note, as in a tool result: dropped silently, the model
             # would answer as if it had read it; refused, the turn would stay in the client's
@@ -301,20 +350,103 @@ def _messages(request: MessagesRequest) -> list[wire.Message]:
     return out
 
 
+def _object(properties: dict, required: list[str]) -> Raw:
+    return Raw(msgspec.json.encode({"type": "object", "properties": properties, "required": required}))
+
+
+_STRING, _LINE = {"type": "string"}, {"type": "integer"}
+_RANGE = {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2,
+          "description": "view: the first and last line to show, from 1; -1 for the last: to the end"}
+
+
+def _editor(undo: bool, insert_text: str) -> tuple[str, Raw]:
+    """The text editor (Anthropic's docs, text-editor-tool): view, create, str_replace, insert,
+    and undo_edit in the versions before Claude 4. Its insert takes its text in `new_str` in the
+    published schema of those versions, in `insert_text` in the Claude 4 ones (what Claude
+    sends and the docs now say: anthropics/anthropic-sdk-python#1155)."""
+    commands = ["view", "create", "str_replace", "insert"] + (["undo_edit"] if undo else [])
+    description = ("View, create and edit plain-text files. view: a file with line numbers, or a "
+                   "directory's files; create: write file_text to a new file; str_replace: replace "
+                   "old_str, which must appear exactly once, with new_str; insert: add "
+                   f"{insert_text} after line insert_line (0: the top of the file)"
+                   + ("; undo_edit: revert the file's last edit." if undo else "."))
+    properties = {"command": {"type": "string", "enum": commands},
+                  "path": {**_STRING, "description": "file or directory"}, "file_text": _STRING,
+                  "old_str": _STRING, "new_str": _STRING, "insert_line": _LINE, "view_range": _RANGE}
+    properties[insert_text] = _STRING
+    return description, _object(properties, ["command", "path"])
+
+
+_BASH = ("Run a command in a persistent bash session (its state lasts between calls).", _object({
+    "command": {**_STRING, "description": "The bash command to run. Required unless the tool is being restarted."},
+    "restart": {"type": "boolean", "description": "true restarts the session; otherwise leave it out."}}, []))
+_OLD_EDITOR, _EDITOR = _editor(True, "new_str"), _editor(False, "insert_text")
+_MEMORY = ("Your memory directory, /memories, kept across conversations: view it (or a file, "
+           "view_range for some lines), create a file with file_text, str_replace old_str with "
+           "new_str, insert insert_text after line insert_line, delete a file or directory, "
+           "rename old_path to new_path.", _object({
+               "command": {"type": "string", "enum": ["view", "create", "str_replace", "insert", "delete", "rename"]},
+               "path": {**_STRING, "description": "under /memories"}, "view_range": _RANGE,
+               "file_text": _STRING, "old_str": _STRING, "new_str": _STRING, "insert_line": _LINE,
+               "insert_text": _STRING, "old_path": _STRING, "new_path": _STRING}, ["command"]))
+
+# Anthropic-defined client tools (the client runs them; the model calls them by name, with
+# inputs of a schema Anthropic publishes and keeps on its side): each is offered GLM as a function
+# of that schema. Their names are fixed (the SDK's ToolUnionParam); the request's own is used.
+_CLIENT_TOOLS: dict[str, tuple[str, tuple[str, Raw]]] = {
+    "bash_20241022": ("bash", _BASH), "bash_20250124": ("bash", _BASH),
+    "text_editor_20241022": ("str_replace_editor", _OLD_EDITOR),
+    "text_editor_20250124": ("str_replace_editor", _OLD_EDITOR),
+    "text_editor_20250429": ("str_replace_based_edit_tool", _EDITOR),
+    "text_editor_20250728": ("str_replace_based_edit_tool", _EDITOR),
+    "memory_20250818": ("memory", _MEMORY),
+}
+# Anthropic-defined tools Anthropic runs itself (any version): dropped, the model answers
+# without them (Claude Code sends web_search with every request, and the advisor)
+_SERVER_TOOLS = ("web_search_", "web_fetch_", "code_execution_", "tool_search_tool_", "advisor_", "mcp_toolset")
+
+
+def _server(tool: ToolDef) -> bool:
+    return tool.type is not None and tool.type.startswith(_SERVER_TOOLS)
+
+
 def _tools(tools: list[ToolDef] | None) -> list[wire.Tool]:
-    return [wire.Tool(type="function", function=wire.FunctionDef(
-        name=t.name, description=t.description if t.description else UNSET,
-        parameters=t.input_schema))  # absent: the empty schema (wire.FunctionDef)
-        for t in tools or () if t.type in (None, "custom") or wire.present(t.input_schema)]
+    """The tools GLM is offered: the client's own (with an input_schema) as they are, Anthropic's
+    client tools with their schema; server tools and nameless toolsets dropped. A versioned type
+    this bridge does not know is refused: dropped, the model would answer without a tool the
+    client meant it to have (computer use, a version newer than this table)."""
+    out: list[wire.Tool] = []
+    for i, t in enumerate(tools or ()):
+        if t.type in (None, "custom") or wire.present(t.input_schema):
+            if not t.name:
+                raise BridgeError(Kind.invalid_request, f"tools.{i}.name: a custom tool needs its name",
+                                  param=f"tools.{i}.name")
+            out.append(wire.Tool(type="function", function=wire.FunctionDef(
+                name=t.name, description=t.description if t.description else UNSET,
+                parameters=t.input_schema)))  # absent: the empty schema (wire.FunctionDef)
+        elif t.type in _CLIENT_TOOLS:
+            name, (description, schema) = _CLIENT_TOOLS[t.type]
+            out.append(wire.Tool(type="function", function=wire.FunctionDef(
+                name=t.name or name, description=description, parameters=schema)))
+        elif not (_server(t) or t.name is None):
+            raise BridgeError(Kind.invalid_request, f"tools.{i}.type: {t.type!r} is not served. Served: custom "
+                              f"tools (with an input_schema) and {', '.join(sorted(_CLIENT_TOOLS))}; server "
+                              "tools (web search, web fetch, code execution...) are answered without",
+                              param=f"tools.{i}.type")
+    return out
 
 
-def _named(tools: list[wire.Tool], choice: ToolChoice) -> list[wire.Tool]:
+def _named(tools: list[wire.Tool], choice: ToolChoice, declared: list[ToolDef] | None) -> list[wire.Tool]:
     """`tool_choice: {"type": "tool", "name": ...}`: that tool alone is offered (GLM's choice is
     auto alone, glm.prepare: the model may still answer in text, but calls no other tool)."""
     if not choice.name:
         raise BridgeError(Kind.invalid_request, "tool_choice.name: a tool choice of type tool needs the tool's name")
     named = [t for t in tools if isinstance(t.function, wire.FunctionDef) and t.function.name == choice.name]
     if not named:
+        server = next((t for t in declared or () if t.name == choice.name and _server(t)), None)
+        if server is not None:
+            raise BridgeError(Kind.invalid_request, f"tool_choice.name: {choice.name!r} is a server tool "
+                              f"({server.type}) this service does not run", param="tool_choice.name")
         raise BridgeError(Kind.invalid_request,
                           f"tool_choice.name: {choice.name!r} is not among the request's tools")
     return named
@@ -327,7 +459,7 @@ def to_upstream(request: MessagesRequest) -> wire.ChatRequest:
     choice = request.tool_choice or ToolChoice()
     tools = _tools(request.tools)
     if choice.type == "tool":
-        tools = _named(tools, choice)
+        tools = _named(tools, choice, request.tools)
     if tools and choice.type != "none":
         upstream.tools = tools  # tool_choice any: GLM supports only auto (glm.prepare)
     if request.temperature is not None:
@@ -338,6 +470,12 @@ def to_upstream(request: MessagesRequest) -> wire.ChatRequest:
         upstream.stop = request.stop_sequences
     if request.metadata is not None and request.metadata.user_id:
         upstream.user_id = glm.user_id(request.metadata.user_id)
+    fmt = request.output_config.format if request.output_config is not None else None
+    if fmt is not None:
+        # GLM documents text and json_object alone (glm-upstream.md §4): a JSON schema is asked
+        # as json_object, and the model is told the schema (as on Chat and Responses)
+        upstream.response_format = wire.ResponseFormat(type="json_object")
+        with_schema(upstream.messages, fmt.schema)
     return upstream
 
 
@@ -345,9 +483,11 @@ def count_request(body: bytes) -> wire.ChatRequest:
     """count_tokens takes the same prompt fields as a message request, without max_tokens."""
     request = decode_body(_count_decoder, body)
     _check(request.messages)
+    _check_format(request.output_config)
     return to_upstream(MessagesRequest(model=request.model, messages=request.messages,
                                        system=request.system, tools=request.tools,
-                                       tool_choice=request.tool_choice, thinking=request.thinking))
+                                       tool_choice=request.tool_choice, thinking=request.thinking,
+                                       output_config=request.output_config))
 
 
 # ---- responses --------------------------------------------------------------------------
@@ -516,10 +656,17 @@ class MessagesStream:
                 out += _event("content_block_delta", BlockDelta(index=self._index, delta=TextDelta(text=event.text)))
             elif isinstance(event, glm.ToolStart):
                 out += self._open_block("tool_use", ToolUseStart(id=event.id, name=event.name))
-            elif isinstance(event, glm.ToolArgs):
-                out += _event("content_block_delta", BlockDelta(
-                    index=self._index, delta=JsonDelta(partial_json=event.text)))
             elif isinstance(event, glm.ToolEnd):
+                # the input goes whole, at the call's end (ToolArgs are not relayed): a call's
+                # arguments that turn out no JSON object (cut, or not JSON) would fail the
+                # client (the anthropic SDK raises on them), and what was sent cannot be taken
+                # back; as `completion_body`, the client gets `{}` then. Claude Code behind a
+                # custom base URL takes whole inputs anyway (no fine-grained tool streaming,
+                # clients.md §5.3) and runs a tool at its block's end; the block's start (the
+                # tool's name) still goes out at once, and the journey keeps the client pinged
+                # while the arguments come
+                out += _event("content_block_delta", BlockDelta(
+                    index=self._index, delta=JsonDelta(partial_json=tool_input(event.arguments))))
                 out += self._close_block()
         return out
 
@@ -534,6 +681,19 @@ class MessagesStream:
             type=_error_type(error), message=error_message(error))))
 
 
+_input_decoder = msgspec.json.Decoder(dict[str, Raw])  # an object's members left unread
+
+
+def tool_input(arguments: str) -> str:
+    """A tool call's arguments as its `input`: as the model gave them when they are a JSON
+    object, else `{}` (Anthropic's input is always an object)."""
+    try:
+        _input_decoder.decode(arguments)
+    except msgspec.DecodeError:  # ValidationError too: JSON, but no object
+        return "{}"
+    return arguments
+
+
 def completion_body(answer: glm.Answer, reason: str, model: str, request_id: str,
                     usage: wire.Usage) -> bytes:
     content: list[dict] = []
@@ -543,12 +703,8 @@ def completion_body(answer: glm.Answer, reason: str, model: str, request_id: str
     if answer.text:
         content.append({"type": "text", "text": answer.text})
     for call in answer.calls:
-        try:
-            arguments = msgspec.json.decode(call.arguments or "{}")
-        except msgspec.DecodeError:
-            arguments = {}
         content.append({"type": "tool_use", "id": call.id, "name": call.name,
-                        "input": arguments if isinstance(arguments, dict) else {}})
+                        "input": Raw(tool_input(call.arguments))})  # the stream's rule (above)
     return _encoder.encode(OutMessage(
         id="msg_" + request_id, type="message", role="assistant", model=model, content=content,
         stop_reason=STOP_REASONS[reason], stop_sequence=None, usage=out_usage(usage)))
