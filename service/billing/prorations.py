@@ -17,6 +17,13 @@ change of billing interval cuts a period short), what was paid is refunded in fu
 the upgrade was served from then, and it is kept). Until it is voided, the billing state does not
 offer its page (state.py).
 
+Not when a change of billing interval cut the period short (month to year while the upgrade was
+unpaid): Stripe's switch invoice credits the unused rest of the period at the upgraded price, as
+though it had been paid. Voided whole, the customer keeps that credit for days never paid; left
+to be paid, it charges the upgraded price for days only the paid plan was served. Only part of it
+is owed, which no void or refund here can say: the row is left `failed` and an error logged for
+the operator, who credits the unserved part on Stripe (a credit note on the invoice).
+
 As ended.py does for an ended subscription's invoices, and with its refund: every call carries an
 idempotency key naming what it does, what is done is read back from Stripe before it is asked
 again (a voided invoice, a charge refunded), the row is claimed `FOR UPDATE SKIP LOCKED` under the
@@ -35,6 +42,10 @@ from .refunds import refund_invoice
 from .stripe_api import StripeAPI, describe, idempotency_key, retry_delay, retryable
 
 log = logging.getLogger("codeplan.billing.prorations")
+
+
+class _CutShort(Exception):
+    """The invoice's period was cut short by a change of billing interval: the operator's."""
 
 
 class StaleProrations:
@@ -65,6 +76,14 @@ class StaleProrations:
                                " WHERE stripe_invoice_id = $1", ident)
             try:
                 voided, refunded = await self._settle(ident, subscription, row["account_id"])
+            except _CutShort as cut:
+                await conn.execute("UPDATE stale_proration_invoices SET state = 'failed', last_error = $2"
+                                   " WHERE stripe_invoice_id = $1", ident, str(cut))
+                log.error("an upgrade's proration invoice whose period a change of billing interval cut short is "
+                          "left open: credit its unserved part on Stripe (a credit note on the invoice)",
+                          extra={"invoice": ident, "subscription": subscription, "account": row["account_id"],
+                                 "reason": str(cut)})
+                return True
             except stripe.StripeError as exc:
                 if retryable(exc) or isinstance(exc, stripe.AuthenticationError):
                     delay = retry_delay(self._retry_base, row["attempts"], 3600.0)
@@ -107,7 +126,14 @@ class StaleProrations:
             return False, 0  # bills a period too, or prorates the current one: not this worker's
         # its period's end: where its lines end, unless the period was cut short (a change of
         # billing interval starts a new one at once)
-        over_at = min(max(line.period.end for line in lines), item.current_period_start)
+        lines_end = max(line.period.end for line in lines)
+        over_at = min(lines_end, item.current_period_start)
+        paid_late = invoice.status == "paid" and (invoice.status_transitions.paid_at or 0) >= over_at
+        if over_at < lines_end and (invoice.status in ("open", "uncollectible") or paid_late):
+            # the switch credited the rest at the upgraded price (module docstring): neither a
+            # void nor a refund in full is right, only the operator can settle it
+            raise _CutShort("a change of billing interval cut its period short; the switch credited the "
+                            "rest at the upgraded price")
         voided = False
         if invoice.status in ("open", "uncollectible"):
             try:
