@@ -722,20 +722,23 @@ class Router:
         The look is bounded too (`_PEEK_MAX` bytes): a first line longer is no refusal."""
         content = answer.content
         decoder = sse.SSEDecoder()
+        # one deadline for the whole look, not one per read: pings each just inside the read
+        # timeout would otherwise hold it for twice that (aiohttp bounds the first read itself)
+        waited = self._timeout.sock_read
+        deadline = None if waited is None else asyncio.get_running_loop().time() + waited
         try:
             data = await content.readany()
             events, looked = _look(decoder, data, 0)
             if data and not events and looked < _PEEK_MAX:
                 # (rare) comments first, or an event cut across reads: read on for one
                 read = [data]
-                async with asyncio.timeout(self._timeout.sock_read):
+                async with asyncio.timeout_at(deadline):
                     while not events and looked < _PEEK_MAX and (data := await content.readany()):
                         read.append(data)
                         events, looked = _look(decoder, data, looked)
                 data = b"".join(read)
         except (aiohttp.SocketTimeoutError, TimeoutError):
             answer.close()
-            waited = self._timeout.sock_read
             log.warning("upstream stream sent no event in time", extra={"upstream": answer.profile, "seconds": waited})
             raise _Failure(BridgeError(Kind.upstream_timeout, f"The model provider did not start answering "
                                        f"within {waited:g} seconds. Request id {request_id}."),
