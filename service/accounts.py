@@ -90,19 +90,26 @@ async def revoke_key(conn: asyncpg.Connection, prefix: str, actor: str = "cli") 
 
 async def _insert_key(conn: asyncpg.Connection, account_id: int, name: str = "") -> NewKey:
     key = keys.new_key()
-    await conn.execute(
-        "INSERT INTO api_keys (account_id, prefix, secret_hash, name) VALUES ($1, $2, $3, $4)",
+    # only while the account is open: a close committed since create_key found it revoked the
+    # keys there were and would never see this one. The share lock waits for a close in flight
+    # and then reads its closed_at (as the web's sessions.create and apikeys.create do).
+    made = await conn.fetchval(
+        "INSERT INTO api_keys (account_id, prefix, secret_hash, name) SELECT a.id, $2, $3, $4"
+        " FROM (SELECT id FROM accounts WHERE id = $1 AND closed_at IS NULL FOR SHARE) a RETURNING 1",
         account_id, keys.visible_prefix(key), keys.key_hash(key), name)
+    if made is None:
+        raise AccountError("account is closed: it gets no key")
     return NewKey(account_id=account_id, key=key, prefix=keys.visible_prefix(key))
 
 
 # A key is found whatever its subscription's state: an account that cannot spend (no plan, a
 # failed payment) must be told why, never "invalid key". Admission decides whether it may spend.
+# A closed account's key is no key (a close revokes them all; this holds should one be left).
 _AUTH_SQL = """
 SELECT k.id AS api_key_id, k.account_id, s.id AS subscription_id, s.plan_id, s.status,
        coalesce(p.models, '{}') AS models, a.suspended_at IS NOT NULL AS suspended
   FROM api_keys k
-  JOIN accounts a ON a.id = k.account_id
+  JOIN accounts a ON a.id = k.account_id AND a.closed_at IS NULL
   LEFT JOIN subscriptions s ON s.account_id = k.account_id AND s.status <> 'canceled'
   LEFT JOIN plans p ON p.id = s.plan_id
  WHERE k.secret_hash = $1 AND k.revoked_at IS NULL

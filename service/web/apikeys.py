@@ -42,15 +42,23 @@ async def listing(pool: asyncpg.Pool, account_id: int) -> list[KeyRow]:
 
 
 async def create(pool: asyncpg.Pool, account_id: int, name: str) -> CreatedKey:
+    """A new key, made only while the account is open (KeyRefusal 'account_closed': a close
+    committed after the page checked its session revoked the keys there were, and would never
+    see this one); 'too_many_keys' past MAX_LIVE_KEYS. The share lock waits for a close in
+    flight and then reads its closed_at, as sessions.create does."""
     name = " ".join(name.split())[:MAX_NAME]
     secret = keys.new_key()
     key_id = await pool.fetchval(
         """INSERT INTO api_keys (account_id, prefix, secret_hash, name)
-           SELECT $1, $2, $3, $4
+           SELECT a.id, $2, $3, $4
+             FROM (SELECT id FROM accounts WHERE id = $1 AND closed_at IS NULL FOR SHARE) a
             WHERE (SELECT count(*) FROM api_keys WHERE account_id = $1 AND revoked_at IS NULL) < $5
            RETURNING id""",
         account_id, keys.visible_prefix(secret), keys.key_hash(secret), name, MAX_LIVE_KEYS)
     if key_id is None:
+        # which of the two (a refusal only: a close is never undone, so closed now is closed then)
+        if not await pool.fetchval("SELECT 1 FROM accounts WHERE id = $1 AND closed_at IS NULL", account_id):
+            raise KeyRefusal("account_closed")
         raise KeyRefusal("too_many_keys")
     return CreatedKey(id=key_id, prefix=keys.visible_prefix(secret), name=name, secret=secret)
 

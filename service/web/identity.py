@@ -197,6 +197,39 @@ async def link_account(pool: asyncpg.Pool, token: str, purpose: str) -> int | No
         " AND a.closed_at IS NULL", _digest(token), purpose)
 
 
+# The lock order of everything done to an account: its links (`_lock_links`), the account, its
+# sessions, its keys, its subscriptions (billing's order after the account). The links are taken
+# in one order, by token_hash: a close spends them all, a reset or a change of address uses its
+# own and spends the others, a password change spends the reset links; taken one as found and the
+# others in scan order, two of these on one account deadlocked (one page a 500).
+
+async def _lock_links(conn: asyncpg.Connection, account_id: int) -> list[bytes]:
+    """Lock the account's open links, in token_hash order (as `_expire_one` locks them all):
+    first in any transaction that touches more than one of them. Returns them; a transaction
+    spends only these (`_spend`): a link issued since, locked by its own user first, would be
+    taken out of order. Used and expired ones are left alone (nothing writes them again but the
+    housekeeping's delete)."""
+    return [r["token_hash"] for r in await conn.fetch(
+        "SELECT token_hash FROM mail_tokens WHERE account_id = $1 AND used_at IS NULL AND expires_at > now()"
+        " ORDER BY token_hash FOR UPDATE", account_id)]
+
+
+async def _spend(conn: asyncpg.Connection, locked: list[bytes], purpose: str | None = None) -> None:
+    """The links `_lock_links` locked (of `purpose`, or all) stop working."""
+    await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE token_hash = ANY($1::bytea[])"
+                       " AND used_at IS NULL AND ($2::text IS NULL OR purpose = $2)", locked, purpose)
+
+
+async def _link_owner(conn: asyncpg.Connection, token: str, purpose: str) -> int | None:
+    """The account a link names, read without a lock: a transaction that starts from a link
+    locks the account's links (`_lock_links`) with it, and then uses the link (`_use_link`,
+    which checks it again: one used or expired meanwhile is refused there)."""
+    if not token or len(token) > 128:
+        return None
+    return await conn.fetchval("SELECT account_id FROM mail_tokens WHERE token_hash = $1 AND purpose = $2",
+                               _digest(token), purpose)
+
+
 async def _use_link(conn: asyncpg.Connection, token: str, purpose: str) -> int | None:
     if not token or len(token) > 128:
         return None
@@ -222,6 +255,7 @@ async def verify_link_email(pool: asyncpg.Pool, token: str) -> str | None:
 async def verify(pool: asyncpg.Pool, token: str) -> int | None:
     """Use a verify link up and confirm its account's address (the POST of the link's page)."""
     async with pool.acquire() as conn, conn.transaction():
+        # one link, then the account (the order above): it spends no other, so it locks no other
         account_id = await _use_link(conn, token, "verify")
         if account_id is not None:
             await conn.execute("UPDATE accounts SET email_verified_at = coalesce(email_verified_at, now())"
@@ -230,9 +264,9 @@ async def verify(pool: asyncpg.Pool, token: str) -> int | None:
 
 
 async def _spend_reset_links(conn: asyncpg.Connection, account_id: int) -> None:
-    """The account's unused reset links stop working: its password was just set."""
-    await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND purpose = 'reset'"
-                       " AND used_at IS NULL", account_id)
+    """The account's unused reset links stop working: its password was just set. The links
+    first, in their order (`_lock_links`)."""
+    await _spend(conn, await _lock_links(conn, account_id), "reset")
 
 
 async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> Account:
@@ -248,14 +282,17 @@ async def reset_password(pool: asyncpg.Pool, token: str, password: str) -> Accou
         raise Refusal("bad_link")
     hashed = await passwords.hash_async(password)
     async with pool.acquire() as conn, conn.transaction():
+        # the account's links, in their order, before this one is used (the order above)
+        owner = await _link_owner(conn, token, "reset")
+        locked = await _lock_links(conn, owner) if owner is not None else []
         account_id = await _use_link(conn, token, "reset")
         if account_id is None:  # used (or expired) while the password was hashed
             raise Refusal("bad_link")
+        await _spend(conn, locked, "reset")
         await conn.execute(
             "UPDATE accounts SET password_hash = $2, email_verified_at = coalesce(email_verified_at, now())"
             " WHERE id = $1", account_id, hashed)
         await sessions.end_all(conn, account_id)
-        await _spend_reset_links(conn, account_id)
         # the failed logins that locked the account are forgotten: the new password works at once
         await throttle.forget_account(conn, account_id)
         row = await conn.fetchrow("SELECT email, email_verified_at IS NOT NULL AS verified FROM accounts"
@@ -291,8 +328,8 @@ async def change_password(pool: asyncpg.Pool, viewer: sessions.Viewer, current: 
     stored = await _proven(pool, viewer, current, address)
     hashed = await passwords.hash_async(new)
     async with pool.acquire() as conn, conn.transaction():
-        # the reset links first: a reset takes its link, then the account, then the sessions, and
-        # this takes them in that order too (the other way round the two deadlocked)
+        # the links first, in their order, then the account, then the sessions (the order above:
+        # a reset takes them so; the other way round the two deadlocked)
         await _spend_reset_links(conn, viewer.account_id)
         # only over the hash that was checked, and only while this session lives: a reset link
         # used meanwhile (it ends every session) wins, and this change is refused, not applied
@@ -367,17 +404,23 @@ async def confirm_email_change(pool: asyncpg.Pool, token: str) -> int:
     the link stays unused). Every other open link of the account is spent: reset and verify
     links went to the old address, other change links to other addresses. Returns the account.
 
-    The lock order of a reset and a close: the links, then the account."""
+    The lock order of a reset and a close: the account's links (all, in their order), then the
+    account."""
     if not token or len(token) > 128:
         raise Refusal("bad_link")
     async with pool.acquire() as conn, conn.transaction():
+        owner = await _link_owner(conn, token, "email_change")
+        if owner is None:
+            raise Refusal("bad_link")
+        locked = await _lock_links(conn, owner)
+        # checked again under the locks: used (or expired) meanwhile, it is refused
         link = await conn.fetchrow(
             "UPDATE mail_tokens t SET used_at = now() FROM accounts a WHERE t.token_hash = $1"
             " AND t.purpose = 'email_change' AND t.used_at IS NULL AND t.expires_at > now()"
             " AND a.id = t.account_id AND a.closed_at IS NULL RETURNING t.account_id, t.new_email", _digest(token))
         if link is None:
             raise Refusal("bad_link")
-        await _spend_links(conn, link["account_id"])
+        await _spend(conn, locked)
         try:
             # the case-blind unique index decides, also against a sign-up committed a moment ago
             # (the transaction, and with it the link's use, is rolled back)
@@ -394,9 +437,9 @@ async def confirm_email_change(pool: asyncpg.Pool, token: str) -> int:
 
 
 async def _spend_links(conn: asyncpg.Connection, account_id: int) -> None:
-    """Every unused link of the account stops working (whatever its purpose)."""
-    await conn.execute("UPDATE mail_tokens SET used_at = now() WHERE account_id = $1 AND used_at IS NULL",
-                       account_id)
+    """Every unused link of the account stops working (whatever its purpose); locked in their
+    order first (`_lock_links`)."""
+    await _spend(conn, await _lock_links(conn, account_id))
 
 
 # ---- closing ----------------------------------------------------------------------------
@@ -428,8 +471,9 @@ async def close_account(pool: asyncpg.Pool, viewer: sessions.Viewer, current: st
     stored = await _proven(pool, viewer, current, address)
     account_id = viewer.account_id
     async with pool.acquire() as conn, conn.transaction():
-        # the lock order of a reset and a password change: the links, the account, the
-        # sessions; then the keys, and the subscriptions (billing's order after the account)
+        # the lock order of a reset, a change of address and a password change: the links (in
+        # their order), the account, the sessions; then the keys, and the subscriptions
+        # (billing's order after the account)
         await _spend_links(conn, account_id)
         row = await conn.fetchrow("SELECT email, password_hash, closed_at FROM accounts WHERE id = $1"
                                   " FOR NO KEY UPDATE", account_id)
@@ -526,8 +570,9 @@ async def _expire_one(conn: asyncpg.Connection, account_id: int, days: int) -> i
     if not await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
                                f"codeplan:expire-unverified:{account_id}"):
         return 0  # another process is on it
-    # the order of a reset, a change and a close: the links, the account, the sessions; then
-    # the keys, the subscriptions and their admission mutexes (the admin's and billing's order)
+    # the order of a reset, a change and a close: the links (all of them, used ones too: they go
+    # with the account; in `_lock_links`' order), the account, the sessions; then the keys,
+    # the subscriptions and their admission mutexes (the admin's and billing's order)
     await conn.execute("SELECT 1 FROM mail_tokens WHERE account_id = $1 ORDER BY token_hash FOR UPDATE", account_id)
     if await conn.fetchval("SELECT 1 FROM accounts WHERE id = $1 FOR UPDATE", account_id) is None:
         return 0  # deleted by another process since it was found

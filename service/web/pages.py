@@ -652,7 +652,9 @@ async def create_key(request: Request) -> Template:
         raise GoTo(f"/{'setup' if form.then == 'setup' else 'keys'}?notice=key_form_spent")
     try:
         created = await apikeys.create(_pool(request), viewer.account_id, form.name)
-    except apikeys.KeyRefusal:
+    except apikeys.KeyRefusal as refusal:
+        if refusal.code == "account_closed":  # closed in another tab since `require`: signed out
+            raise GoTo(f"/login?next=/{'setup' if form.then == 'setup' else 'keys'}") from None
         return _keys(request, viewer, await apikeys.listing(_pool(request), viewer.account_id), status=409,
                      error=i18n.translator(language(request))("This account has too many keys. Revoke one first."))
     log.info("key created on the web", extra={"account": viewer.account_id, "prefix": created.prefix})
