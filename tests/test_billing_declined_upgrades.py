@@ -124,8 +124,8 @@ def test_a_forgiven_upgrade_leaves_the_plan_paid_for_served(database, fake, serv
     assert user.chat() == 200
     assert billing_state(service, user)["subscription"]["grace_until"] is None
 
-    # a renewal that fails afterwards is owed: the grace runs (counted, as ever, from the first
-    # failure while past_due) and ends in a suspension
+    # a renewal that fails afterwards is owed: the grace runs (counted from the renewal's failure,
+    # 0059) and ends in a suspension
     fake.payment_behavior(user.customer, "decline")
     fake.advance(26 * DAY)
     user.settle()

@@ -214,6 +214,15 @@ class EventApplier:
                 " VALUES ($1, $2, $3) ON CONFLICT (stripe_subscription_id) DO NOTHING", sub.id, account, row["detail"])
             log.error("two live Stripe subscriptions for one account; the second is cancelled and refunded",
                       extra={"account": account, "subscription": sub.id, "other": row["detail"]})
+        elif outcome == "closed":
+            # paid after the account was closed (a Checkout opened before, its page payable for 24
+            # hours): never served (billing_apply_subscription, 0059); the worker cancels it and
+            # refunds what it charged, as a duplicate's (duplicates.py)
+            await conn.execute(
+                "INSERT INTO duplicate_subscriptions (stripe_subscription_id, account_id, reason)"
+                " VALUES ($1, $2, 'account_closed') ON CONFLICT (stripe_subscription_id) DO NOTHING", sub.id, account)
+            log.warning("subscription for a closed account; it is cancelled and refunded",
+                        extra={"account": account, "subscription": sub.id, "stripe_status": sub.status})
         elif outcome == "unknown_plan":
             log.error("subscription to a price that maps to no plan",
                       extra={"subscription": sub.id, "price": row["detail"]})
@@ -264,16 +273,19 @@ class EventApplier:
         # whether it bills only an upgrade's proration (the plan paid for stays served while it is
         # unpaid, billing_only_upgrade_unpaid, 0053) or also a new period (a change of billing
         # interval: its grace runs). Told by its lines; one with more lines than it carries has
-        # them read (a subscription_update one: the only kind it matters for)
+        # them read (a subscription_update one: the only kind it matters for). When it was first
+        # seen owed (unpaid_since, our clock) is where a grace over it starts (0059): Stripe
+        # attempts an invoice when it finalizes it, so that is its first failure
         prorations_only = invoice.prorations_only()
         if prorations_only is None and invoice.billing_reason == "subscription_update":
             prorations_only = invoice.prorations_only(await self._api.invoice_lines(invoice.id))
         await conn.execute(
             """INSERT INTO billing_invoices AS i (stripe_invoice_id, account_id, stripe_subscription_id, status,
                    billing_reason, amount_due, amount_paid, currency, attempt_count, payment_problem,
-                   period_start, period_end, hosted_invoice_url, paid_at, created_at, prorations_only)
+                   period_start, period_end, hosted_invoice_url, paid_at, created_at, prorations_only,
+                   unpaid_since)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $4 = 'open' THEN $10 END, $11, $12, $13,
-                       $14, $15, $16)
+                       $14, $15, $16, CASE WHEN $4 IN ('open', 'uncollectible') THEN now() END)
                ON CONFLICT (stripe_invoice_id) DO UPDATE SET
                    status = excluded.status, amount_due = excluded.amount_due, amount_paid = excluded.amount_paid,
                    attempt_count = excluded.attempt_count, hosted_invoice_url = excluded.hosted_invoice_url,
@@ -281,6 +293,7 @@ class EventApplier:
                    payment_problem = CASE WHEN excluded.status = 'open'
                                           THEN coalesce($10, i.payment_problem) END,
                    prorations_only = coalesce(excluded.prorations_only, i.prorations_only),
+                   unpaid_since = coalesce(i.unpaid_since, excluded.unpaid_since),
                    updated_at = now()""",
             invoice.id, account, invoice.subscription, invoice.status or "draft", invoice.billing_reason,
             invoice.amount_due, invoice.amount_paid, invoice.currency, invoice.attempt_count, problem,
@@ -334,6 +347,23 @@ class EventApplier:
             intent = await self._api.payment_intent(session.payment_intent)
             if intent.latest_charge:
                 refunded, disputed = await self._not_kept(await self._api.charge(intent.latest_charge))
+        # the account's lock, as billing_apply_subscription and identity.close_account take it: a
+        # block paid after the close (a Checkout opened before it) is never granted, and its payment
+        # is refunded by the worker as a duplicate subscription's are (duplicates.py). One granted
+        # before the close (this event delivered again) stays as it is.
+        closed = await conn.fetchval("SELECT closed_at IS NOT NULL FROM accounts WHERE id = $1 FOR NO KEY UPDATE",
+                                     account)
+        if closed and not await conn.fetchval("SELECT 1 FROM topups WHERE stripe_checkout_session_id = $1",
+                                              session.id):
+            if not session.payment_intent:
+                raise Ignored(f"payment {session.id} for closed account {account} names no payment intent")
+            await conn.execute(
+                "INSERT INTO duplicate_subscriptions (stripe_subscription_id, account_id, reason, stripe_object)"
+                " VALUES ($1, $2, 'account_closed', 'payment_intent') ON CONFLICT (stripe_subscription_id) DO NOTHING",
+                session.payment_intent, account)
+            log.warning("top-up paid for a closed account; it is refunded",
+                        extra={"account": account, "session": session.id, "payment_intent": session.payment_intent})
+            return
         inserted = await conn.fetchval(
             "INSERT INTO topups (account_id, tokens, amount, currency, expires_at, stripe_checkout_session_id,"
             " stripe_payment_intent_id) VALUES ($1, $2, $3, $4, now() + make_interval(days => $5), $6, $7)"

@@ -98,10 +98,13 @@ async def key_holder(connection: ASGIConnection, _: BaseRouteHandler) -> None:
 
 
 _STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "unavailable": 502}
+# the refusals that name the account's own state, each with a code of its own
+_ACCOUNT_REFUSALS = {"suspended": ("Account suspended", "account_suspended"),
+                     "closed": ("Account closed", "account_closed")}
 # what a session endpoint documents besides its URL; 503: billing is off, or the database away;
-# 403: a suspended account may not buy (checkout, top-up)
-_SESSION_ERRORS = problem_responses(400, 401, 404, 409, 429, 502, 503)
-_BUY_ERRORS = problem_responses(400, 401, 403, 404, 409, 429, 502, 503)
+# 403: a suspended account may not buy (checkout, top-up), a closed one may open nothing
+_SESSION_ERRORS = problem_responses(400, 401, 403, 404, 409, 429, 502, 503)
+_BUY_ERRORS = _SESSION_ERRORS
 
 
 async def _session(request: Request, make) -> Response:
@@ -113,10 +116,11 @@ async def _session(request: Request, make) -> Response:
     try:
         url = await make(billing, account)
     except BillingError as exc:
-        if exc.kind == "suspended":
+        if exc.kind in _ACCOUNT_REFUSALS:
+            title, code = _ACCOUNT_REFUSALS[exc.kind]
             return Response(msgspec.json.encode(Problem(
-                type="about:blank", title="Account suspended", status=403, code="account_suspended",
-                detail=exc.message)), status_code=403, media_type=MEDIA_TYPE)
+                type="about:blank", title=title, status=403, code=code, detail=exc.message)),
+                status_code=403, media_type=MEDIA_TYPE)
         return _problem(_STATUS.get(exc.kind, 400), "Billing request refused", exc.message)
     except stripe.StripeError as exc:
         log.error("stripe request failed", extra={"account": account, "error": describe(exc)})
@@ -130,20 +134,21 @@ _JSON_API = {"guards": [key_holder], "before_request": strict_input, "tags": ["b
 @post("/v1/billing/checkout", status_code=200, responses=_BUY_ERRORS, **_JSON_API)
 async def checkout(request: Request, data: JSONBody[CheckoutRequest]) -> Response[SessionURL]:
     """A Stripe Checkout session for the plan (`interval` month or year): the URL to send the
-    user to. A suspended account gets 403 (`account_suspended`)."""
+    user to. A suspended account gets 403 (`account_suspended`), a closed one 403 (`account_closed`)."""
     return await _session(request, lambda billing, account: billing.checkout(account, data.plan, data.interval))
 
 
 @post("/v1/billing/portal", status_code=200, responses=_SESSION_ERRORS, **_JSON_API)
 async def portal(request: Request) -> Response[SessionURL]:
-    """A Stripe customer portal session for the key's account: the URL to send the user to."""
+    """A Stripe customer portal session for the key's account: the URL to send the user to. A
+    closed account gets 403 (`account_closed`)."""
     return await _session(request, lambda billing, account: billing.portal(account))
 
 
 @post("/v1/billing/topup", status_code=200, responses=_BUY_ERRORS, **_JSON_API)
 async def topup(request: Request, data: JSONBody[TopupRequest]) -> Response[SessionURL]:
     """A Stripe Checkout session for a top-up block (by its id or its credits). A suspended
-    account gets 403 (`account_suspended`)."""
+    account gets 403 (`account_suspended`), a closed one 403 (`account_closed`)."""
     return await _session(request, lambda billing, account: billing.topup(account, data.block))
 
 

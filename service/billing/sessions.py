@@ -27,7 +27,7 @@ class BillingError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind  # invalid | not_found | conflict | unavailable | suspended
+        self.kind = kind  # invalid | not_found | conflict | unavailable | suspended | closed
         self.message = message
 
 
@@ -145,7 +145,7 @@ class Sessions:
         if price is None:
             raise BillingError("invalid", f"plan {plan_id!r} is not sold {'yearly' if interval == 'year' else 'monthly'}"
                                " (the operator runs `codeplan stripe sync` to put plans on sale)")
-        await self._refuse_if_suspended(account_id)
+        await self._refuse_if_closed_or_suspended(account_id)
         await self._refuse_if_subscribed(account_id)
         customer = await self.customer(account_id)
         items: list[dict[str, Any]] = [{"price": price["stripe_price_id"], "quantity": 1}]
@@ -200,6 +200,7 @@ class Sessions:
 
     async def portal(self, account_id: int) -> str:
         """A Customer Portal session: card, invoices, plan changes and cancellation on Stripe."""
+        await self._refuse_if_closed_or_suspended(account_id, suspended=False)
         customer = await self._stored_customer(account_id)
         if customer is None:
             if not await self._pool.fetchval("SELECT 1 FROM accounts WHERE id = $1", account_id):
@@ -217,11 +218,19 @@ class Sessions:
         offered = ", ".join(b.id for b in self._config.topup_blocks) or "none"
         raise BillingError("invalid", f"no top-up block {block_id!r}; blocks (tokens) are: {offered}")
 
-    async def _refuse_if_suspended(self, account_id: int) -> None:
-        """Every request of a suspended account is refused (the ledger's admission): taking its
-        money for a plan or a block it cannot use would be a refund to make. (The portal stays
-        open: to cancel, to see invoices.)"""
-        if await self._pool.fetchval("SELECT suspended_at IS NOT NULL FROM accounts WHERE id = $1", account_id):
+    async def _refuse_if_closed_or_suspended(self, account_id: int, *, suspended: bool = True) -> None:
+        """A closed account never signs in or uses a key again: a plan, a block or a Portal session
+        opened for it would charge for nothing (a key a bridge still holds, a page loaded before the
+        close, may still ask). Every request of a suspended account is refused (the ledger's
+        admission): taking its money for a plan or a block it cannot use would be a refund to make
+        (the portal stays open to it, `suspended=False`: to cancel, to see invoices). What is paid
+        all the same, through a Checkout opened before the close, is undone (duplicates.py)."""
+        row = await self._pool.fetchrow("SELECT closed_at IS NOT NULL AS closed, suspended_at IS NOT NULL AS suspended"
+                                        " FROM accounts WHERE id = $1", account_id)
+        if row is not None and row["closed"]:
+            raise BillingError("closed", "This account is closed; it cannot buy a plan or a top-up, or open the "
+                                         "billing portal.")
+        if suspended and row is not None and row["suspended"]:
             raise BillingError("suspended", "This account is suspended by the operator; it cannot buy a plan "
                                             "or a top-up.")
 
@@ -232,7 +241,7 @@ class Sessions:
         if price is None:
             raise BillingError("invalid", f"top-up {block.id} is not on sale yet (the operator runs "
                                "`codeplan stripe sync`)")
-        await self._refuse_if_suspended(account_id)
+        await self._refuse_if_closed_or_suspended(account_id)
         if not await self._pool.fetchval(
                 "SELECT 1 FROM subscriptions WHERE account_id = $1 AND status <> 'canceled'", account_id):
             raise BillingError("conflict", "a top-up extends a plan: subscribe to a plan first")

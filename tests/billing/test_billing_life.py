@@ -219,10 +219,14 @@ def test_a_declined_upgrade_keeps_the_paid_plan_after_the_grace(database, fake, 
         row = user.row()
         assert (row["plan_id"], row["status"], row["refusal"]) == ("lite", "active", None), dict(row)
         assert user.chat() == 200
-        # the renewal fails too: a month unpaid, and the grace (already over) suspends the subscription
+        # the renewal fails too: a month unpaid, with a grace of its own counted from its failure
+        # (0059), and suspended once that is over
         fake.advance(32 * DAY)
         user.settle()
-        wait_for(lambda: user.row()["status"] == "past_due", 30, what="suspension once the renewal is unpaid")
+        assert user.row()["status"] == "active"
+        settled_query(database, "UPDATE stripe_subscriptions SET grace_until = now() - interval '1 second'"
+                                " WHERE stripe_subscription_id = $1 RETURNING 1", user.stripe_id)
+        wait_for(lambda: user.row()["status"] == "past_due", 30, what="suspension once the renewal's grace is over")
         assert user.row()["refusal"] == "past_due"
     finally:
         fake.settings(after_retries="canceled")
