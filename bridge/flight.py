@@ -230,7 +230,7 @@ class Taken:
 class Flight:
     __slots__ = ("entry", "entry_text", "entry_hex", "principal", "surface", "model", "shown_model",
                  "prompt_estimate",
-                 "raw_prompt", "kind", "meter", "decoder", "opening", "taken", "response", "accepted", "status",
+                 "raw_prompt", "kind", "meter", "decoder", "opening", "taken", "response", "status",
                  "cause",
                  "started", "forwarded", "opened", "first_token", "upstream_done", "ended_at",
                  "told_overhead_ms", "lease_deadline", "_flights", "_ended", "_draining", "_keeper", "_cap", "_born")
@@ -256,7 +256,6 @@ class Flight:
         self.opening: asyncio.Future[UpstreamResponse] | None = None
         self.taken: Taken | None = None  # (a stream's, `attach`)
         self.response: UpstreamResponse | None = None
-        self.accepted = False  # the upstream answered with a success status
         self.status = 200  # what the client was told
         self.started = started
         self.forwarded: float | None = None
@@ -312,7 +311,6 @@ class Flight:
             response.close()
             return
         self.response = response
-        self.accepted = True
         self.opened = response.arrived  # not now: it may have waited for the admission
 
     def estimated_usage(self) -> wire.Usage:
