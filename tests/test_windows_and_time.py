@@ -197,9 +197,15 @@ async def test_weekly_windows_stored_off_are_reanchored_by_the_upgrade(pg_url, t
 
 
 async def _sub_on(url: str, plan: str) -> tuple[int, int]:
-    new_user(url, plan)
-    row = (await query(url, "SELECT s.id, k.id AS key FROM subscriptions s JOIN api_keys k"
-                            " ON k.account_id = s.account_id ORDER BY s.id DESC LIMIT 1"))[0]
+    """A subscription and a key on a database migrated only so far: in plain SQL of that schema
+    (accounts.create_user writes what later migrations add)."""
+    row = (await query(url, """
+        WITH a AS (INSERT INTO accounts (email) VALUES ($1) RETURNING id),
+             s AS (INSERT INTO subscriptions (account_id, plan_id, status) SELECT id, $2, 'active' FROM a
+                   RETURNING id, account_id),
+             k AS (INSERT INTO api_keys (account_id, prefix, secret_hash)
+                   SELECT id, 'cp_old', sha256(convert_to($1, 'UTF8')) FROM a RETURNING id)
+        SELECT s.id, k.id AS key FROM s, k""", f"{uuid.uuid4().hex[:10]}@example.com", plan))[0]
     return row["id"], row["key"]
 
 
